@@ -1,0 +1,41 @@
+# One entry point for people and CI: `make demo` and `make test` each build the virtualenv
+# from scratch when it is missing, so a fresh clone needs nothing but Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of this torch release is enough for everything here; pass TORCH=... to use
+# another build (a CUDA one on a GPU machine, for example).
+TORCH ?= torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: install demo test lint pretrain clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fl-client finetune --task caesar-7 --out runs/demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+pretrain: install
+	$(PY) -m simulations.pretrain --out simulations/embedded/base-model
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

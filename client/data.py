@@ -1,0 +1,161 @@
+"""Local data: the embedded task suite or a user's JSONL file, tokenised for causal LM training.
+
+A record is ``{"prompt": ..., "completion": ...}``. The loss and the exact-match metric only
+look at the completion (plus the end-of-sequence token), so the same code serves every task.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from simulations.tasks import Example, get_task
+
+IGNORE_INDEX = -100
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read prompt/completion records; a malformed line is refused with its file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {p} does not exist")
+    out: list[Example] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected an object with 'prompt' and 'completion'")
+            missing = [k for k in ("prompt", "completion") if k not in rec]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {missing}; a record needs 'prompt' and 'completion'")
+            extra = sorted(set(rec) - {"prompt", "completion"})
+            if extra:
+                raise ValueError(f"{where}: unknown key(s) {extra}; allowed: 'prompt', 'completion'")
+            if not isinstance(rec["prompt"], str) or not isinstance(rec["completion"], str):
+                raise ValueError(f"{where}: 'prompt' and 'completion' must be strings")
+            if not rec["completion"]:
+                raise ValueError(f"{where}: 'completion' is empty")
+            out.append(Example(rec["prompt"], rec["completion"]))
+    if not out:
+        raise ValueError(f"{p}: no records")
+    return out
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a client's examples come from: an embedded task or a JSONL file."""
+
+    task: str | None = None
+    path: str | None = None
+    num_train: int = 2000
+    num_test: int = 200
+    seed: int = 0
+    tagged: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.task is None) == (self.path is None):
+            raise ValueError("give exactly one data source: an embedded task or a JSONL path")
+        if self.task is not None:
+            get_task(self.task)  # raises with the known names
+        if self.num_train < 1 or self.num_test < 0:
+            raise ValueError(f"num_train must be >= 1 and num_test >= 0, got {self.num_train}, {self.num_test}")
+
+    def load(self) -> tuple[list[Example], list[Example]]:
+        """(train, test) examples. A JSONL file is split 90/10 deterministically by ``seed``."""
+        if self.task is not None:
+            t = get_task(self.task)
+            return (
+                t.examples(self.num_train, self.seed, "train", self.tagged),
+                t.examples(self.num_test, self.seed, "test", self.tagged),
+            )
+        assert self.path is not None
+        records = load_jsonl(self.path)
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(records), generator=g).tolist()
+        n_test = min(self.num_test, len(records) // 10)
+        test = [records[i] for i in order[:n_test]]
+        train = [records[i] for i in order[n_test:]]
+        return train, test
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised example: ``labels`` is -100 on the prompt, the target ids elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> list[Encoded]:
+    """Tokenise prompt and completion separately and append the end-of-sequence token."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token")
+    eos = int(tokenizer.eos_token_id)
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+    out: list[Encoded] = []
+    for ex, p, c in zip(examples, prompts, completions, strict=True):
+        ids = list(p) + list(c) + [eos]
+        if len(ids) > max_length:
+            raise ValueError(
+                f"example {ex.prompt!r} -> {ex.completion!r} is {len(ids)} tokens, "
+                f"longer than the model's {max_length} positions"
+            )
+        out.append(Encoded(ids, [IGNORE_INDEX] * len(p) + list(c) + [eos]))
+    return out
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each sequence over its own target tokens.
+
+    Normalising per sequence (not per batch of tokens) means one sample's gradient never
+    depends on another sample's length, which DP-SGD's per-sample clipping relies on.
+    logits: (N, T, V), labels: (N, T) -> (N,)
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1).clamp_min(0),
+        reduction="none",
+    ).view_as(shift_labels)
+    tok = tok * mask
+    return tok.sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+
+
+def exact_matches(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence: whether the teacher-forced argmax equals every target token.
+
+    This equals exact match of greedy decoding: if every next-token argmax along the gold
+    completion is right, greedy generation produces exactly that completion.
+    """
+    pred = logits[:, :-1, :].argmax(dim=-1)
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    return ((pred == target) | ~mask).all(dim=1)

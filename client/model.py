@@ -1,0 +1,200 @@
+"""Base models and LoRA adapters.
+
+The base model is the embedded default or any local Hugging Face causal-LM directory. PEFT
+wraps it with LoRA; the adapter travels as a flat mapping ``name -> tensor`` (PEFT's own
+state-dict keys, the unit every strategy aggregates) and is stored as a PEFT directory, so
+plain ``PeftModel.from_pretrained`` loads whatever this platform writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from simulations.embedded import default_model_dir
+
+Factors = Literal["both", "A", "B"]
+ALL_LINEAR = "all-linear"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return torch.device(device)
+
+
+def from_mapping(cls: Any, values: Mapping[str, Any], where: str) -> Any:
+    """Build a config dataclass from a mapping, refusing keys it does not have."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**args)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What the adapter looks like and which of its factors train."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = (ALL_LINEAR,)
+    use_rslora: bool = False
+    trainable: Factors = "both"
+    init_seed: int = 0  # seeds lora_A's init, so every client can draw the same A
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if self.trainable not in ("both", "A", "B"):
+            raise ValueError(f"lora trainable must be 'both', 'A' or 'B', got {self.trainable!r}")
+        if not self.target_modules or any(not isinstance(t, str) or not t for t in self.target_modules):
+            raise ValueError(f"lora target_modules must be non-empty names, got {self.target_modules!r}")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"'{ALL_LINEAR}' cannot be combined with other target modules")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def peft_config(self) -> LoraConfig:
+        targets: str | list[str] = ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # PEFT divides it by r; floats work
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            use_rslora=self.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model)")
+
+
+def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    _check_model_dir(path)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    model_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory (default: the embedded model), never the hub."""
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    _check_model_dir(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    torch.nn.Module.to(model, resolve_device(device) if isinstance(device, str) else device)
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can target (``q_proj``, ``c_attn``, ...)."""
+    names: set[str] = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def wrap_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
+    """Wrap ``model`` (already on its device) with LoRA and freeze what must not train.
+
+    Freezing happens after PEFT wraps the model: flags set before wrapping are overwritten.
+    """
+    if lora.target_modules != (ALL_LINEAR,):
+        available = linear_module_names(model)
+        unknown = [t for t in lora.target_modules if t not in available]
+        if unknown:
+            raise ValueError(f"unknown target module(s) {unknown}; this model's linear layers: {available}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora.init_seed)
+        peft_model = get_peft_model(model, lora.peft_config())
+    assert isinstance(peft_model, PeftModel)
+    set_trainable_factors(peft_model, lora.trainable)
+    return peft_model
+
+
+def set_trainable_factors(model: PeftModel, trainable: Factors) -> None:
+    """Train lora_A, lora_B or both; everything else stays frozen."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(trainable in ("both", "A"))
+        elif ".lora_B." in name:
+            p.requires_grad_(trainable in ("both", "B"))
+        else:
+            p.requires_grad_(False)
+
+
+def get_adapter_state(model: PeftModel, factors: Factors = "both") -> dict[str, torch.Tensor]:
+    """The adapter as a flat mapping of PEFT state-dict keys to detached CPU tensors."""
+    state = get_peft_model_state_dict(model)
+    keep = {"both": (".lora_A.", ".lora_B."), "A": (".lora_A.",), "B": (".lora_B.",)}[factors]
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if any(s in k for s in keep)}
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a (possibly partial, e.g. B-only) flat mapping; unknown names or shapes raise."""
+    current = get_peft_model_state_dict(model)
+    unknown = sorted(set(state) - set(current))
+    if unknown:
+        raise KeyError(f"adapter has unknown tensor name(s): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)}, expected {tuple(current[k].shape)}")
+    result = set_peft_model_state_dict(model, dict(state))
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise KeyError(f"PEFT did not accept adapter tensor(s): {unexpected[:5]}")
+
+
+def save_adapter(model: PeftModel, out_dir: str | Path, base_model_dir: str | Path | None = None) -> Path:
+    """Write a PEFT directory (adapter_config.json + adapter_model.safetensors)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if base_model_dir is not None:
+        model.peft_config["default"].base_model_name_or_path = str(base_model_dir)
+    model.save_pretrained(str(out))
+    return out
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
+    """Load a PEFT adapter directory onto a base model, as any PEFT user would."""
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+
+
+def lora_settings_dict(lora: LoraSettings) -> dict[str, Any]:
+    d = asdict(lora)
+    d["target_modules"] = list(lora.target_modules)
+    return d

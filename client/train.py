@@ -1,0 +1,152 @@
+"""Local LoRA training and evaluation: the building block of every client and the
+centralised baseline. One loop for CPU and CUDA alike."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from client.data import Encoded, collate, exact_matches, per_sequence_loss
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation: AdamW on whatever parameters require gradients."""
+
+    steps: int = 200
+    lr: float = 3e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"train steps must be an integer >= 0, got {self.steps!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"train lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"train batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"train max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    mean_loss: float
+    final_loss: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    exact_match: float
+    num_examples: int
+
+
+def batches(data: Sequence[Encoded], batch_size: int, seed: int) -> Iterator[list[Encoded]]:
+    """Endless shuffled epochs; deterministic in ``seed``."""
+    if not data:
+        raise ValueError("no training examples")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(data), generator=g).tolist()
+        for i in range(0, len(order), batch_size):
+            yield [data[j] for j in order[i : i + batch_size]]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(
+    model: torch.nn.Module,
+    data: Sequence[Encoded],
+    settings: TrainSettings,
+    pad_id: int,
+    progress: bool = False,
+    description: str = "train",
+    optimizer: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler] | None = None,
+) -> TrainResult:
+    """Fine-tune the parameters that require gradients for ``settings.steps`` steps.
+
+    ``optimizer`` replaces the default AdamW with linear warm-up (pretraining uses cosine).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    device = params[0].device
+    if optimizer is None:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        warm = settings.warmup_steps
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+        )
+    else:
+        opt, sched = optimizer
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    stream = batches(data, settings.batch_size, settings.seed)
+    with _progress(progress) as bar:
+        task = bar.add_task(description, total=settings.steps, loss=float("nan"))
+        for _ in range(settings.steps):
+            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = per_sequence_loss(logits, batch["labels"]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(task, advance=1, loss=losses[-1])
+    seconds = time.perf_counter() - start
+    model.eval()
+    return TrainResult(
+        steps=settings.steps,
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        final_loss=losses[-1] if losses else float("nan"),
+        seconds=seconds,
+        losses=losses,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Sequence[Encoded], pad_id: int, batch_size: int = 128) -> EvalResult:
+    """Mean per-sequence loss and exact match in one teacher-forced pass."""
+    if not data:
+        return EvalResult(float("nan"), 0.0, 0)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, hits = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total_loss += float(per_sequence_loss(logits, batch["labels"]).sum())
+        hits += int(exact_matches(logits, batch["labels"]).sum())
+    model.train(was_training)
+    return EvalResult(total_loss / len(data), hits / len(data), len(data))

@@ -1,0 +1,1 @@
+"""Simulation mode and the embedded default: the procedural task suite and the tiny base model."""

@@ -1,0 +1,23 @@
+"""Shared fixtures: the embedded base model, loaded once, on the CPU, one thread, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from client.model import load_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return load_tokenizer()

@@ -1,0 +1,25 @@
+"""Our top-level package names are generic words: make sure nobody else installs them."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+OURS = ["client", "simulations", "strategies"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_top_level_name_is_ours_alone(name: str) -> None:
+    providers = importlib.metadata.packages_distributions().get(name, [])
+    assert set(providers) <= {"fedlora"}, f"{name} is also provided by {providers}"
+    module = importlib.import_module(name)
+    assert Path(module.__file__ or "").resolve().is_relative_to(REPO), module.__file__
+
+
+def test_console_scripts_declared() -> None:
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert eps["fl-client"] == "client.cli:main"
