@@ -1,0 +1,164 @@
+"""The Flower ClientApp: local LoRA training and evaluation on this node's data.
+
+Simulation keeps worker processes alive, so the base model, the PEFT wrapper and the encoded
+data are cached per process; in deployment every message starts a fresh process and the
+cache simply misses. The global adapter arrives in each message and is the only thing that
+changes between messages.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from client.data import Encoded, encode
+from client.federation import FederationConfig
+from client.model import (
+    Factors,
+    get_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    set_adapter_state,
+    set_trainable_factors,
+    wrap_lora,
+)
+from client.train import TrainSettings, evaluate, train
+from simulations.embedded import default_model_dir
+from strategies.algorithms import (
+    ALGORITHMS,
+    BASE_DELTA_SUFFIX,
+    adapter_part,
+    shared_a_state,
+    truncate_for_client,
+)
+
+app = ClientApp()
+
+
+@dataclass
+class LocalSetup:
+    """What a node keeps between messages when its process lives on (simulation)."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    scaling: float
+    pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
+    data: dict[int, tuple[list[Encoded], list[Encoded]]] = field(default_factory=dict)
+
+
+_CACHE: dict[tuple[object, ...], LocalSetup] = {}
+
+
+def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Encoded], list[Encoded]]:
+    torch.set_num_threads(cfg.threads)
+    defaults = ALGORITHMS[cfg.strategy].defaults
+    rank = cfg.client_rank(partition)
+    lora = cfg.lora_settings(rank, cfg.alpha_for(defaults.alpha))
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
+    key = (str(model_dir), lora)
+    setup = _CACHE.get(key)
+    if setup is None:
+        tokenizer = load_tokenizer(model_dir)
+        model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
+        setup = LocalSetup(model, tokenizer, lora.scaling)
+        _CACHE[key] = setup
+    if partition not in setup.data:
+        train_ex, test_ex = cfg.data_spec(partition).load()
+        max_len = int(getattr(setup.model.config, "max_position_embeddings", 2048))
+        setup.data[partition] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
+    train_data, test_data = setup.data[partition]
+    return setup, train_data, test_data
+
+
+def _modules(model: PeftModel) -> dict[str, torch.nn.Module]:
+    return dict(model.named_modules())
+
+
+def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Tensor], rank: int) -> None:
+    """Put the downloaded global state into the local model, the way the strategy ships it."""
+    adapter = adapter_part(state)
+    if cfg.strategy == "ffa-lora":  # B only: A is rebuilt from the shared seed
+        adapter = {**shared_a_state(get_adapter_state(setup.model, "A"), cfg.seed), **adapter}
+    elif cfg.strategy == "flexlora":  # the global SVD, truncated to this client's rank
+        adapter = truncate_for_client(adapter, rank, setup.scaling)
+    set_adapter_state(setup.model, adapter)
+    deltas = {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
+    if deltas or setup.pristine:
+        modules = _modules(setup.model)
+        for name in set(deltas) | set(setup.pristine):
+            weight = cast(Tensor, modules[name].base_layer.weight)  # type: ignore[union-attr]
+            if name not in setup.pristine:
+                setup.pristine[name] = weight.detach().clone()
+            base = setup.pristine[name]
+            with torch.no_grad():
+                weight.copy_(base + deltas[name].to(base.dtype) if name in deltas else base)
+
+
+def _node(context: Context) -> tuple[FederationConfig, int]:
+    cfg = FederationConfig.from_run_config(context.run_config)
+    partition = int(context.node_config.get("partition-id", 0))
+    return cfg, partition
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train the factors the server asks for, starting from the global adapter."""
+    started = time.perf_counter()
+    cfg, partition = _node(context)
+    setup, train_data, _ = _setup(cfg, partition)
+    round_config = msg.content.config_records["config"]
+    server_round = int(round_config["server-round"])  # type: ignore[arg-type]
+    factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
+    rank = cfg.client_rank(partition)
+    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), rank)
+    set_trainable_factors(setup.model, factors)
+    settings = TrainSettings(
+        steps=int(round_config["local-steps"]),  # type: ignore[arg-type]
+        lr=float(round_config["lr"]),  # type: ignore[arg-type]
+        batch_size=cfg.batch_size,
+        seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition,
+    )
+    result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
+    tensors = get_adapter_state(setup.model, factors)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(train_data),
+            "train-loss": result.mean_loss,
+            "train-loss-final": result.final_loss,
+            "lora-scaling": setup.scaling,
+            "lora-rank": rank,
+            "partition-id": partition,
+            "seconds": time.perf_counter() - started,
+            "pid": os.getpid(),
+        }
+    )
+    return Message(RecordDict({"arrays": ArrayRecord(tensors), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Exact match and loss of the global adapter on this node's test split."""
+    cfg, partition = _node(context)
+    setup, _, test_data = _setup(cfg, partition)
+    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), cfg.client_rank(partition))
+    res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
+    metrics = MetricRecord(
+        {
+            "num-examples": res.num_examples,
+            "eval-loss": res.loss,
+            "exact-match": res.exact_match,
+            "partition-id": partition,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

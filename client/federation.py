@@ -1,0 +1,171 @@
+"""The federated run's configuration: one frozen object built from Flower's run config.
+
+Server app and client app read the same Flower run config (``[tool.flwr.app.config]`` plus
+``--run-config`` overrides); both validate it here, once, into :class:`FederationConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, cast
+
+from client.data import DataSpec
+from client.model import ALL_LINEAR, LoraSettings
+from simulations.tasks import get_task
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Validated run configuration (field names are the run-config keys in snake case)."""
+
+    strategy: str = "fedavg-lora"
+    num_rounds: int = 3
+    num_clients: int = 4
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_replies: int = 1
+    local_steps: int = 20
+    lr: float = 0.0
+    lr_decay: float = 1.0
+    batch_size: int = 32
+    lora_rank: int = 8
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ALL_LINEAR
+    lora_rslora: bool = False
+    flexlora_ranks: str = ""
+    lora_fair_lambda: float = 0.01
+    tasks: str = "adddigit-4,rotate-2,repeat-3,sort-desc"
+    tagged: bool = True
+    num_train: int = 2000
+    num_test: int = 100
+    seed: int = 0
+    model_dir: str = ""
+    run_dir: str = "runs/sim"
+    round_timeout: float = 600.0
+    max_reply_mb: float = 256.0
+    threads: int = 1
+    audit_save_updates: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{_key(name)} must be an integer >= 1, got {v!r}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{_key(name)} must be in (0, 1], got {v!r}")
+        for name in ("lr", "lora_alpha", "lora_fair_lambda"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{_key(name)} must be a finite number >= 0, got {v!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr-decay must be in (0, 1], got {self.lr_decay!r}")
+        if self.round_timeout <= 0 or self.max_reply_mb <= 0:
+            raise ValueError("round-timeout and max-reply-mb must be > 0")
+        if self.num_train < 1 or self.num_test < 1:
+            raise ValueError(f"num-train and num-test must be >= 1, got {self.num_train}, {self.num_test}")
+        for t in self.task_list:
+            get_task(t)  # raises with the known names
+        if self.model_dir and not (Path(self.model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"model-dir {self.model_dir} does not exist or has no config.json")
+        # imported here: strategies.flower imports flwr, which the CLI need not load to validate
+        from strategies.flower import strategy_class
+
+        strategy_class(self.strategy)  # raises with the known names
+        ranks = self.flexlora_rank_list
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"flexlora-ranks must be positive integers, got {self.flexlora_ranks!r}")
+        LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha or 1.0, dropout=self.lora_dropout)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Build from Flower's run config; unknown keys are refused with the allowed ones."""
+        known = {_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ValueError(f"run config: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = known[key]
+            default = getattr(cls, name)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"run config: {key} must be true or false, got {value!r}")
+            elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif not isinstance(value, type(default)) or isinstance(value, bool):
+                raise ValueError(f"run config: {key} must be a {type(default).__name__}, got {value!r}")
+            values[name] = value
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def task_list(self) -> list[str]:
+        tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ValueError("tasks must name at least one embedded task")
+        return tasks
+
+    @property
+    def flexlora_rank_list(self) -> list[int]:
+        try:
+            return [int(r) for r in self.flexlora_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"flexlora-ranks must be comma-separated integers, got {self.flexlora_ranks!r}") from None
+
+    def lr_for(self, default: float) -> float:
+        return self.lr or default
+
+    def alpha_for(self, default: float) -> float:
+        return self.lora_alpha or default
+
+    def client_rank(self, partition: int) -> int:
+        """A client's LoRA rank: FlexLoRA cycles through ``flexlora-ranks``, others share one."""
+        ranks = self.flexlora_rank_list
+        return ranks[partition % len(ranks)] if self.strategy == "flexlora" and ranks else self.lora_rank
+
+    def max_rank(self) -> int:
+        return max([self.lora_rank, *self.flexlora_rank_list]) if self.strategy == "flexlora" else self.lora_rank
+
+    def lora_settings(self, rank: int, alpha: float) -> LoraSettings:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(
+            rank=rank,
+            alpha=alpha,
+            dropout=self.lora_dropout,
+            target_modules=targets,
+            use_rslora=self.lora_rslora,
+            init_seed=self.seed,
+        )
+
+    def data_spec(self, partition: int) -> DataSpec:
+        """Partition p trains on task p mod len(tasks); its examples are its own (seeded by p)."""
+        tasks = self.task_list
+        return DataSpec(
+            task=tasks[partition % len(tasks)],
+            num_train=self.num_train,
+            num_test=self.num_test,
+            seed=self.seed * 100_003 + partition,
+            tagged=self.tagged,
+        )
+
+
+def _key(field_name: str) -> str:
+    """Run-config key of a field: kebab case; ``audit_save_updates`` is ``audit.save-updates``."""
+    if field_name == "audit_save_updates":
+        return "audit.save-updates"
+    return field_name.replace("_", "-")
+
+
+#: Flower run-config defaults: every key a run may override. 0 for lr / lora-alpha means
+#: "the strategy's own tuned default".
+DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
+    _key(f.name): cast(bool | int | float | str, f.default) for f in fields(FederationConfig)
+}

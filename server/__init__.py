@@ -1,0 +1,1 @@
+"""The server role: the Flower ServerApp, the run directory, and (later) `fl-server`."""

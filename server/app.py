@@ -1,0 +1,114 @@
+"""The Flower ServerApp: builds the strategy named in the run config and lets Flower run it.
+
+The same app serves simulation and deployment. Each round's diagnostics and evaluation go to
+``metrics.jsonl`` and the global adapter to ``checkpoints/round-N`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from client.federation import FederationConfig
+from client.model import get_adapter_state, load_base_model, wrap_lora
+from server.run_dir import RunDirectory, append_jsonl
+from simulations.embedded import default_model_dir
+from strategies.algorithms import ALGORITHMS
+from strategies.flower import LoraStrategy, create
+from strategies.lora_fair import LoraFairConfig
+
+app = ServerApp()
+
+
+def algorithm_kwargs(cfg: FederationConfig, scaling: float, fan_in_fan_out: bool) -> dict[str, Any]:
+    """Constructor arguments of the run's algorithm, from the run config."""
+    kwargs: dict[str, Any] = {"scaling": scaling, "seed": cfg.seed}
+    if cfg.strategy == "lora-fair":
+        kwargs["fair"] = LoraFairConfig(lam=cfg.lora_fair_lambda)
+    elif cfg.strategy == "fedex-lora":
+        kwargs["fan_in_fan_out"] = fan_in_fan_out
+    elif cfg.strategy == "flexlora":
+        kwargs["max_rank"] = cfg.max_rank()
+    return kwargs
+
+
+class RoundWriter:
+    """Flower's ``evaluate_fn`` hook: after each round, append metrics and checkpoint."""
+
+    def __init__(self, run_dir: RunDirectory, strategy: LoraStrategy, cfg: FederationConfig) -> None:
+        self.run_dir = run_dir
+        self.strategy = strategy
+        self.cfg = cfg
+        self.started = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        state = arrays.to_torch_state_dict()
+        extra = {"server-round": server_round, "strategy": self.cfg.strategy}
+        self.run_dir.checkpoint(server_round, state, extra)
+        if server_round == 0:
+            return None
+        rec = self.strategy.rounds.get(server_round)
+        row: dict[str, Any] = {"round": server_round, "elapsed": round(time.perf_counter() - self.started, 3)}
+        if rec is not None:
+            row |= {
+                "train": rec.train,
+                "evaluate": rec.evaluate,
+                "per-client": {str(k): v for k, v in rec.per_client.items()},
+                "dropped": {str(k): v for k, v in rec.reasons.items()},
+                "failed": rec.failed,
+            }
+        append_jsonl(self.run_dir.metrics_path, row)
+        return None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured federated LoRA training and write the run directory."""
+    cfg = FederationConfig.from_run_config(context.run_config)
+    algo_cls = ALGORITHMS[cfg.strategy]
+    lr = cfg.lr_for(algo_cls.defaults.lr)
+    alpha = cfg.alpha_for(algo_cls.defaults.alpha)
+    # FlexLoRA keeps its global state at scaling 1 (B absorbs s), so its PEFT files use alpha = r.
+    rank = cfg.max_rank()
+    lora = cfg.lora_settings(rank, float(rank) if cfg.strategy == "flexlora" else alpha)
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
+    model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
+    fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))
+    scaling = cfg.lora_settings(rank, alpha).scaling
+    run_dir = RunDirectory(cfg.run_dir, model, model_dir)
+    resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling}
+    run_dir.write_config(resolved)
+    strategy = create(
+        cfg.strategy,
+        algorithm_kwargs(cfg, scaling, fan_in_fan_out),
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=cfg.num_clients,
+        min_replies=cfg.min_replies,
+        max_reply_bytes=int(cfg.max_reply_mb * 2**20),
+        on_accepted_reply=run_dir.audit_reply if cfg.audit_save_updates else None,
+        lr=lr,
+        lr_decay=cfg.lr_decay,
+    )
+    initial = strategy.algorithm.initial_state(get_adapter_state(model))
+    log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({"local-steps": cfg.local_steps}),
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=RoundWriter(run_dir, strategy, cfg),
+    )
+    final = result.arrays if len(result.arrays) else ArrayRecord(initial)
+    out = run_dir.save_global(final.to_torch_state_dict(), run_dir.root / "adapters" / "global")
+    log(INFO, "fedlora: final global adapter written to %s", out)

@@ -1,0 +1,94 @@
+"""The run directory: everything a user gets from a federated run, written atomically.
+
+runs/<name>/
+  config.json                 resolved run configuration
+  metrics.jsonl               one line per round (train diagnostics, evaluation, rejections)
+  checkpoints/round-N/        the global adapter after round N (PEFT directory) + strategy state
+  audit/round-N/              with audit.save-updates: every accepted reply, tensors + weight
+  adapters/global/            the final global adapter (PEFT directory)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from safetensors.torch import save_file
+from torch import Tensor
+
+from client.model import save_adapter, set_adapter_state
+from strategies.algorithms import BASE_DELTA_SUFFIX, adapter_part
+
+BASE_DELTA_FILE = "base_delta.safetensors"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one line and fsync it: a line is either fully there or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class RunDirectory:
+    """Writes one run's directory. ``model`` is a PEFT model used only to save adapters."""
+
+    def __init__(self, root: str | Path, model: PeftModel, base_model_dir: Path) -> None:
+        self.root = Path(root)
+        self.model = model
+        self.base_model_dir = base_model_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        write_json_atomic(self.root / "config.json", dict(config))
+
+    def save_global(self, state: Mapping[str, Tensor], out: Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """A PEFT directory for ``state``, built in a temporary sibling and renamed into place."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        set_adapter_state(self.model, adapter_part(state))
+        save_adapter(self.model, tmp, base_model_dir=self.base_model_dir)
+        deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
+        if deltas:  # FedEx-LoRA: the residual folded into the base weights
+            save_file(deltas, str(tmp / BASE_DELTA_FILE))
+        if extra is not None:
+            write_json_atomic(tmp / "strategy_state.json", dict(extra))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+    def checkpoint(self, server_round: int, state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> Path:
+        return self.save_global(state, self.root / "checkpoints" / f"round-{server_round}", extra)
+
+    def audit_reply(self, server_round: int, node_id: int, tensors: Mapping[str, Tensor], weight: float) -> None:
+        """One accepted reply as safetensors, its weight in the file's metadata."""
+        d = self.root / "audit" / f"round-{server_round}"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"node-{node_id}.safetensors"
+        tmp = d / f".{path.name}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"num-examples": repr(weight)})
+        os.replace(tmp, path)

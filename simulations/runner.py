@@ -1,0 +1,679 @@
+"""Run a Flower app as a simulation on a private SuperLink bound to 127.0.0.1.
+
+Why this route: ``flwr.simulation.run_simulation`` is deprecated and passes no run config,
+and the in-process path needs private Flower API. So we start ``flower-superlink
+--simulation`` ourselves on a free loopback port with an isolated ``FLWR_HOME``, submit with
+``flwr run --run-config FILE``, follow ``flwr log --stream`` (it ends when the run
+finishes), read the final status with ``flwr ls`` and always tear everything down.
+
+The app directory holds only a generated ``pyproject.toml`` (see :func:`write_app_dir`):
+``flwr run`` ships the whole directory as a FAB, which drops ``*.safetensors`` and would
+shadow our installed packages, so the app code is imported from the environment of the
+SuperLink (our virtualenv plus ``SimulationRequest.pythonpath``). The same directory and
+run-config file work by hand: ``flwr run APP_DIR CONNECTION --run-config run_config.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any
+
+import tomli_w  # a dependency of flwr itself
+
+ConfigValue = bool | int | float | str
+
+PUBLISHER = "fedlora"
+CONNECTION = "local-sim"  # name of the SuperLink connection in the run's own FLWR_HOME
+RUN_TAG_VAR = "FEDLORA_SIM_TAG"  # env marker that every process of one run inherits
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?$")
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")  # flwr's APP_VERSION_PATTERN
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_COMPONENT_RE = re.compile(rf"^{_DOTTED}:{_DOTTED}$")
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The runner owns these: a caller overriding them would break isolation or teardown.
+_RESERVED_ENV = frozenset({"FLWR_HOME", "RAY_TMPDIR", "RAY_ADDRESS", RUN_TAG_VAR})
+
+_SUPERLINK_START_TIMEOUT = 60.0
+_CLI_TIMEOUT = 60.0  # one `flwr run|ls|stop` call; each takes ~1 s
+_STATUS_POLL = 0.5
+_TEARDOWN_GRACE = 10.0  # for processes to leave on their own before SIGKILL
+_LOG_TAIL_LINES = 40
+
+
+class SimulationError(RuntimeError):
+    """The simulation machinery (SuperLink, `flwr` CLI) failed, as opposed to the app."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationRequest:
+    """Everything one simulation run needs; validated here, once, with clear messages.
+
+    ``default_config`` becomes ``[tool.flwr.app.config]``; keys may be dotted
+    (``"audit.save-updates"``), which Flower hands to the apps under the same dotted key.
+    ``overrides`` must name known keys with values of the default's type (an ``int`` is
+    accepted for a ``float`` default). ``pythonpath`` entries are prepended to
+    ``PYTHONPATH`` for every process of the run, so the apps can live outside the venv.
+    """
+
+    components: tuple[str, str]  # ("pkg.module:server_app", "pkg.module:client_app")
+    app_name: str
+    default_config: Mapping[str, ConfigValue]
+    overrides: Mapping[str, ConfigValue] = field(default_factory=dict)
+    num_supernodes: int
+    client_num_cpus: int = 1
+    ray_num_cpus: int | None = None
+    timeout: float
+    workdir: Path
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    pythonpath: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        components = _checked_components(self.components)
+        _check_app_name(self.app_name)
+        defaults = _checked_defaults(self.default_config)
+        overrides = _checked_overrides(defaults, self.overrides)
+        _check_count("num_supernodes", self.num_supernodes)
+        _check_count("client_num_cpus", self.client_num_cpus)
+        if self.ray_num_cpus is not None:
+            _check_count("ray_num_cpus", self.ray_num_cpus)
+            if self.ray_num_cpus < self.client_num_cpus:
+                raise ValueError(
+                    f"ray_num_cpus={self.ray_num_cpus} < client_num_cpus={self.client_num_cpus}: "
+                    "no ClientApp could ever be scheduled and the run would hang"
+                )
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
+            raise ValueError(f"timeout must be a number of seconds, got {self.timeout!r}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {self.timeout!r}")
+        env = dict(self.extra_env)
+        bad = sorted(k for k, v in env.items() if not (isinstance(k, str) and isinstance(v, str)))
+        if bad:
+            raise ValueError(f"extra_env keys and values must be strings; bad entries: {bad}")
+        reserved = sorted(_RESERVED_ENV & env.keys())
+        if reserved:
+            raise ValueError(f"extra_env must not set {reserved}: the runner owns them to isolate and stop the run")
+        # Store immutable, normalised copies: a frozen request must not change under us.
+        object.__setattr__(self, "components", components)
+        object.__setattr__(self, "default_config", MappingProxyType(defaults))
+        object.__setattr__(self, "overrides", MappingProxyType(overrides))
+        object.__setattr__(self, "timeout", float(self.timeout))
+        object.__setattr__(self, "workdir", Path(self.workdir))
+        object.__setattr__(self, "extra_env", MappingProxyType(env))
+        object.__setattr__(self, "pythonpath", tuple(Path(p) for p in self.pythonpath))
+
+
+@dataclass(frozen=True)
+class SimulationOutcome:
+    """What happened: Flower's final status plus where to look for details.
+
+    ``status`` is Flower's ``finished:completed|failed|stopped`` (``stopped`` after our
+    timeout); ``status_details`` carries the app's exception text on failure.
+    """
+
+    run_id: int
+    status: str
+    status_details: str
+    seconds: float
+    log_path: Path
+    superlink_log_path: Path
+    timed_out: bool
+    leftover_pids_killed: tuple[int, ...]
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_app_name(name: str) -> None:
+    if not (isinstance(name, str) and _NAME_RE.match(name)):
+        raise ValueError(
+            f"app_name {name!r} is not a valid Flower project name: use letters, digits, '-' and '_', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def _checked_components(components: Iterable[str]) -> tuple[str, str]:
+    parts = tuple(components)
+    if len(parts) != 2:
+        raise ValueError(f"components must be (serverapp, clientapp), got {parts!r}")
+    for role, ref in zip(("serverapp", "clientapp"), parts, strict=True):
+        if not (isinstance(ref, str) and _COMPONENT_RE.match(ref)):
+            raise ValueError(f"{role} component {ref!r} must look like 'package.module:attribute'")
+    return parts[0], parts[1]
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _checked_defaults(config: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
+    """Return a plain copy of the default run config, or raise on keys/values Flower would mangle."""
+    flat = dict(config)
+    for key, value in flat.items():
+        if not (isinstance(key, str) and all(_KEY_PART_RE.match(part) for part in key.split("."))):
+            raise ValueError(
+                f"run-config key {key!r} is not valid: use letters, digits, '-' and '_', with '.' between "
+                "nesting levels (e.g. 'audit.save-updates')"
+            )
+        if not isinstance(value, bool | int | float | str):
+            raise ValueError(f"run-config key {key!r}: value {value!r} is not a bool, int, float or str")
+    for key in flat:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if prefix in flat:
+                raise ValueError(f"run-config keys {prefix!r} and {key!r} clash: {prefix!r} cannot be a value and a table")
+    return flat
+
+
+def _checked_overrides(
+    defaults: Mapping[str, ConfigValue], overrides: Mapping[str, ConfigValue]
+) -> dict[str, ConfigValue]:
+    """Return overrides coerced to the defaults' types; unknown keys and wrong types raise."""
+    unknown = sorted(str(k) for k in overrides if k not in defaults)
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}")
+    checked: dict[str, ConfigValue] = {}
+    for key, value in overrides.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ValueError(
+                f"run-config key {key!r} expects {type(default).__name__} (default {default!r}), "
+                f"got {type(value).__name__} {value!r}"
+            )
+        checked[key] = value
+    return checked
+
+
+def _nested(flat: Mapping[str, ConfigValue]) -> dict[str, Any]:
+    """Turn dotted keys into TOML tables; Flower flattens them back to the same dotted keys."""
+    root: dict[str, Any] = {}
+    for key, value in flat.items():
+        *tables, leaf = key.split(".")
+        node = root
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[leaf] = value
+    return root
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_app_dir(
+    app_dir: Path,
+    *,
+    app_name: str,
+    components: tuple[str, str],
+    default_config: Mapping[str, ConfigValue],
+    version: str = "1.0.0",
+    publisher: str = PUBLISHER,
+) -> Path:
+    """Write a Flower app directory that holds only ``pyproject.toml`` and return it.
+
+    Only the config goes into the FAB; the code comes from the installed packages (or
+    ``PYTHONPATH``), so weights and our modules are never copied or shadowed. The
+    directory must be empty or hold a previous ``pyproject.toml``: anything else in it
+    would be shipped by ``flwr run``.
+    """
+    components = _checked_components(components)
+    _check_app_name(app_name)
+    _check_app_name(publisher)
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"version {version!r} must look like '1.2.3'")
+    defaults = _checked_defaults(default_config)
+    app_dir = Path(app_dir)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in app_dir.iterdir() if p.name != "pyproject.toml")
+    if others:
+        raise ValueError(f"{app_dir} must hold only the generated pyproject.toml (flwr run ships it all); found {others}")
+    project = {
+        "project": {
+            "name": app_name,
+            "version": version,
+            "description": "Generated by simulations.runner: config only, the code is imported from the environment",
+            "license": "Apache-2.0",
+            "dependencies": ["flwr[simulation]>=1.41"],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": publisher,
+                    "components": {"serverapp": components[0], "clientapp": components[1]},
+                    "config": _nested(defaults),
+                }
+            }
+        },
+    }
+    path = app_dir / "pyproject.toml"
+    path.write_text(tomli_w.dumps(project), encoding="utf-8")
+    return app_dir
+
+
+def write_run_config(path: Path, overrides: Mapping[str, ConfigValue]) -> Path:
+    """Write overrides as a TOML file for ``flwr run --run-config FILE`` (no shell quoting)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(_nested(_checked_defaults(overrides))), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_simulation_app(
+    request: SimulationRequest, on_log_line: Callable[[str], None] | None = None
+) -> SimulationOutcome:
+    """Run one simulation end to end and always tear it down.
+
+    ``on_log_line`` receives each line of the run's log (ANSI colours stripped) as it
+    arrives, in the calling thread; the same lines go to ``workdir/logs/run.log``. After
+    ``request.timeout`` seconds the run is stopped (``flwr stop``) and the outcome says
+    ``timed_out``. Raises :class:`SimulationError` when the SuperLink or ``flwr`` CLI fails.
+    """
+    started = time.monotonic()
+    deadline = started + request.timeout
+    bin_dir = _flower_bin_dir()
+    workdir = request.workdir.resolve()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    paths = _LogPaths(
+        superlink=logs / "superlink.log", run=logs / "run.log", cli=logs / "flwr-cli.log"
+    )
+    app_dir = write_app_dir(
+        workdir / "app",
+        app_name=request.app_name,
+        components=request.components,
+        default_config=request.default_config,
+    )
+    run_config = write_run_config(workdir / "run_config.toml", request.overrides)
+    home = workdir / "flwr_home"
+    home.mkdir(exist_ok=True)
+    tag = uuid.uuid4().hex
+    # Ray's session dir holds AF_UNIX sockets (paths < 108 bytes) and is never deleted by
+    # Ray: keep it per run, short, and remove it ourselves.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="flr", dir=_short_tmp_root()))
+    env = _child_env(request, bin_dir=bin_dir, home=home, ray_tmp=ray_tmp, tag=tag)
+    cli = _FlowerCli(bin_dir=bin_dir, env=env, log_path=paths.cli)
+    superlink: subprocess.Popen[bytes] | None = None
+    try:
+        for attempt in range(3):
+            port = _free_port()
+            superlink = _start_superlink(bin_dir, env, port, paths.superlink)
+            if _wait_healthy(superlink, port, min(deadline, time.monotonic() + _SUPERLINK_START_TIMEOUT), paths):
+                break
+            if attempt < 2 and "address already in use" in _tail(paths.superlink).lower():
+                continue  # lost the race for the free port
+            raise SimulationError(_describe(f"SuperLink exited with code {superlink.returncode} at start", paths))
+        _write_connection(home, port)
+        run_id = _submit(cli, request, app_dir, run_config, paths)
+        ended = _follow_logs(cli, run_id, superlink, deadline, paths, on_log_line)
+        status = _wait_finished(cli, run_id, superlink, deadline, paths) if ended else None
+        timed_out = status is None
+        if status is None:
+            # The sampling wait for nodes never times out: stop the run, teardown kills the rest.
+            cli.call(["stop", str(run_id), CONNECTION], timeout=15.0)
+            status = _read_status_quietly(cli, run_id)
+    finally:
+        if superlink is not None:
+            _stop_superlink(superlink)
+        leftovers = _kill_tagged(tag, grace=_TEARDOWN_GRACE)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return SimulationOutcome(
+        run_id=run_id,
+        status=status[0],
+        status_details=status[1],
+        seconds=time.monotonic() - started,
+        log_path=paths.run,
+        superlink_log_path=paths.superlink,
+        timed_out=timed_out,
+        leftover_pids_killed=leftovers,
+    )
+
+
+@dataclass(frozen=True)
+class _LogPaths:
+    superlink: Path
+    run: Path
+    cli: Path
+
+
+@dataclass(frozen=True)
+class _FlowerCli:
+    """The ``flwr`` CLI against the run's own FLWR_HOME; every call is appended to a log."""
+
+    bin_dir: Path
+    env: Mapping[str, str]
+    log_path: Path
+
+    def call(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
+        """Run ``flwr ARGS``; None if it did not answer within ``timeout`` seconds."""
+        cmd = [str(self.bin_dir / "flwr"), *args]
+        try:
+            done = subprocess.run(
+                cmd,
+                env=dict(self.env),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            self._record(f"$ flwr {' '.join(args)}\n(no answer within {timeout:.0f} s)\n")
+            return None
+        self._record(f"$ flwr {' '.join(args)}\n[exit {done.returncode}]\n{done.stdout}{done.stderr}\n")
+        return done
+
+    def _record(self, text: str) -> None:
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(text)
+
+
+def _flower_bin_dir() -> Path:
+    """The bin dir of this interpreter's environment: the SuperLink spawns Flower tools by name."""
+    bin_dir = Path(sys.executable).parent
+    missing = [n for n in ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation") if not (bin_dir / n).exists()]
+    if missing:
+        raise SimulationError(f"{bin_dir} lacks {missing}: install flwr[simulation] in the environment of {sys.executable}")
+    return bin_dir
+
+
+def _short_tmp_root() -> str:
+    return "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
+
+
+def _child_env(request: SimulationRequest, *, bin_dir: Path, home: Path, ray_tmp: Path, tag: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _RESERVED_ENV}
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # trims the wait before flwr-simulation starts
+            "RAY_TMPDIR": str(ray_tmp),
+            "RAY_DEDUP_LOGS": "0",  # otherwise Ray folds look-alike lines of different clients
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONUNBUFFERED": "1",  # `flwr log` prints without flushing: we read it line by line
+            RUN_TAG_VAR: tag,
+        }
+    )
+    env.update(request.extra_env)
+    env["PATH"] = os.pathsep.join(p for p in (str(bin_dir), env.get("PATH", "")) if p)
+    extra = [str(p.resolve()) for p in request.pythonpath]
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join([*extra, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    # The CLI talks HTTP to 127.0.0.1: never through a proxy from the caller's environment.
+    for var in ("NO_PROXY", "no_proxy"):
+        env[var] = ",".join(p for p in (env.get(var, ""), "127.0.0.1,localhost") if p)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_superlink(bin_dir: Path, env: Mapping[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        str(bin_dir / "flower-superlink"),
+        "--insecure",  # loopback only: the control API has no login in open-source Flower
+        "--simulation",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], port: int, deadline: float, paths: _LogPaths) -> bool:
+    """True once /health answers, False if the SuperLink exited first."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        if proc.poll() is not None:
+            return False
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise SimulationError(_describe(f"SuperLink on port {port} did not become healthy in time", paths))
+        time.sleep(0.1)
+
+
+def _write_connection(home: Path, port: int) -> None:
+    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
+    (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+
+def _submit(
+    cli: _FlowerCli, request: SimulationRequest, app_dir: Path, run_config: Path, paths: _LogPaths
+) -> int:
+    federation = f"num-supernodes={request.num_supernodes} client-resources-num-cpus={request.client_num_cpus}"
+    if request.ray_num_cpus is not None:
+        federation += f" init-args-num-cpus={request.ray_num_cpus}"
+    args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--federation-config", federation]
+    done = cli.call([*args, "--format", "json"], timeout=_CLI_TIMEOUT)
+    if done is None:
+        raise SimulationError(_describe("`flwr run` did not answer", paths))
+    payload = _json_object(done.stdout)
+    if done.returncode != 0 or not payload.get("success") or not payload.get("run-id"):
+        reason = payload.get("error-message") or (done.stdout + done.stderr).strip()
+        raise SimulationError(_describe(f"`flwr run` failed (exit {done.returncode}): {reason}", paths))
+    return int(payload["run-id"])
+
+
+def _follow_logs(
+    cli: _FlowerCli,
+    run_id: int,
+    superlink: subprocess.Popen[bytes],
+    deadline: float,
+    paths: _LogPaths,
+    on_log_line: Callable[[str], None] | None,
+) -> bool:
+    """Copy ``flwr log --stream`` to the run log and the callback; False if the deadline hit first."""
+    cmd = [str(cli.bin_dir / "flwr"), "log", str(run_id), CONNECTION, "--stream"]
+    lines: queue.Queue[str | None] = queue.Queue()
+    with paths.cli.open("a", encoding="utf-8") as cli_log:
+        cli_log.write(f"$ flwr log {run_id} {CONNECTION} --stream  (stdout -> {paths.run.name})\n")
+        cli_log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            env=dict(cli.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=cli_log,
+            text=True,
+            errors="replace",
+        )
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    try:
+        with paths.run.open("a", encoding="utf-8") as run_log:
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    return True  # the stream ends when the run is finished
+                if line:
+                    text = _ANSI_RE.sub("", line).rstrip("\r\n")
+                    run_log.write(text + "\n")
+                    run_log.flush()
+                    if on_log_line is not None:
+                        on_log_line(text)
+                if superlink.poll() is not None:
+                    raise SimulationError(_describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths))
+                if time.monotonic() > deadline:
+                    return False
+    finally:
+        _end(proc)
+        reader.join(timeout=5.0)
+        proc.stdout.close()
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in iter(stream.readline, ""):
+        lines.put(line)
+    lines.put(None)
+
+
+def _wait_finished(
+    cli: _FlowerCli, run_id: int, superlink: subprocess.Popen[bytes], deadline: float, paths: _LogPaths
+) -> tuple[str, str] | None:
+    """Flower's final (status, details); None if the run is not finished by the deadline."""
+    while True:
+        if superlink.poll() is not None:
+            raise SimulationError(_describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths))
+        status = _read_status(cli, run_id)
+        if status is None:
+            raise SimulationError(_describe(f"`flwr ls` could not report run {run_id}", paths))
+        if status[0].startswith("finished"):
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(_STATUS_POLL)
+
+
+def _read_status(cli: _FlowerCli, run_id: int) -> tuple[str, str] | None:
+    done = cli.call(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=_CLI_TIMEOUT)
+    if done is None or done.returncode != 0:
+        return None
+    runs = _json_object(done.stdout).get("runs") or []
+    if not runs:
+        return None
+    return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
+
+
+def _read_status_quietly(cli: _FlowerCli, run_id: int) -> tuple[str, str]:
+    return _read_status(cli, run_id) or ("unknown", "`flwr ls` gave no status after the run was stopped")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """The JSON object the CLI printed with ``--format json`` ({} if there is none)."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            value = json.loads(text[start:])
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+# --------------------------------------------------------------------------- teardown
+
+
+def _end(proc: subprocess.Popen[Any], wait: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _stop_superlink(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the SuperLink stops its SuperExec, and flwr-simulation exits with its parent."""
+    _end(proc, wait=20.0)
+
+
+def _kill_tagged(tag: str, grace: float) -> tuple[int, ...]:
+    """SIGKILL every process still carrying this run's tag after ``grace`` seconds.
+
+    Ray's raylet, GCS and workers are re-parented when flwr-simulation exits and some
+    ignore SIGTERM; the inherited env tag finds them wherever they ended up.
+    """
+    deadline = time.monotonic() + grace
+    pids = _pids_with_env(RUN_TAG_VAR, tag)
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = _pids_with_env(RUN_TAG_VAR, tag)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tuple(sorted(pids))
+
+
+def _pids_with_env(key: str, value: str) -> set[int]:
+    """PIDs whose environment holds ``key=value`` (Linux /proc; zombies have an empty environ)."""
+    needle = f"{key}={value}".encode()
+    me = os.getpid()
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if needle in Path("/proc", entry, "environ").read_bytes().split(b"\0"):
+                found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(_ANSI_RE.sub("", text).splitlines()[-lines:])
+
+
+def _describe(what: str, paths: _LogPaths) -> str:
+    parts = [what]
+    for path in (paths.superlink, paths.cli, paths.run):
+        tail = _tail(path)
+        if tail:
+            parts.append(f"--- {path} (last lines) ---\n{tail}")
+    return "\n".join(parts)

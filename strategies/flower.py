@@ -1,0 +1,366 @@
+"""Flower Message-API strategies for federated LoRA, and the name -> class registry.
+
+Flower owns the round loop (``Strategy.start``); :class:`LoraStrategy` overrides only what
+differs from FedAvg: what clients download and train each round, and how replies are
+validated and aggregated (streaming, by the method's :class:`~strategies.algorithms.LoraAlgorithm`).
+One subclass per method fixes the algorithm, so a strategy is chosen by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, ClassVar, cast
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
+
+from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
+from strategies.algorithms import (
+    FedExLora,
+    FedSvd,
+    FfaLora,
+    FlexLora,
+    LoraAlgorithm,
+    LoraFair,
+    Reply,
+    RoLora,
+    update_norm,
+)
+from strategies.validation import TensorSpec, check_reply, payload_bytes
+
+#: called for every accepted reply: (round, node id, tensors, num_examples)
+ReplyHook = Callable[[int, int, Mapping[str, Tensor], float], None]
+
+
+@dataclass
+class RoundRecord:
+    """What the server learned in one round, for the run's metrics file."""
+
+    server_round: int
+    sampled: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    declined: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)  # node id -> why it was dropped
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    per_client: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> eval metrics
+    failed: str | None = None  # why the round kept the previous global adapter
+
+
+class LoraStrategy(FedAvg):
+    """FedAvg's sampling and loop, with LoRA-aware download, validation and aggregation.
+
+    Parameters
+    ----------
+    algorithm
+        The method's server-side math.
+    lr, lr_decay
+        Clients' learning rate in round t is ``lr * lr_decay**(t - 1)``; default lr: the
+        method's tuned default.
+    min_replies
+        Fewest valid replies that make a round; with fewer, the previous global adapter is
+        kept and the round is recorded as failed.
+    max_reply_bytes
+        Replies whose tensors exceed this many bytes are dropped (None: no limit).
+    on_accepted_reply
+        Hook for audit trails: sees every reply that passed validation.
+    """
+
+    algorithm_cls: ClassVar[type[LoraAlgorithm]] = LoraAlgorithm
+
+    def __init__(
+        self,
+        algorithm: LoraAlgorithm,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        min_replies: int = 1,
+        max_reply_bytes: int | None = None,
+        on_accepted_reply: ReplyHook | None = None,
+        lr: float | None = None,
+        lr_decay: float = 1.0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+        )
+        if not isinstance(algorithm, self.algorithm_cls):
+            want, got = self.algorithm_cls.__name__, type(algorithm).__name__
+            raise TypeError(f"{type(self).__name__} needs a {want}, got {got}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+        self.algorithm = algorithm
+        self.lr = lr if lr is not None else algorithm.defaults.lr
+        if not self.lr > 0 or not 0 < lr_decay <= 1:
+            raise ValueError(f"lr must be > 0 and lr_decay in (0, 1], got {self.lr}, {lr_decay}")
+        self.lr_decay = lr_decay
+        self.min_replies = min_replies
+        self.max_reply_bytes = max_reply_bytes
+        self.on_accepted_reply = on_accepted_reply
+        self.rounds: dict[int, RoundRecord] = {}
+        self._state: dict[str, Tensor] | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── LoRA method: %s (scaling %s)", self.algorithm.name, self.algorithm.scaling)
+        super().summary()
+
+    def _record(self, server_round: int) -> RoundRecord:
+        return self.rounds.setdefault(server_round, RoundRecord(server_round))
+
+    # -- training -----------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        state = dict(arrays.to_torch_state_dict())
+        self._state = state  # what this round's replies are trained from
+        download = self.algorithm.download(server_round, state)
+        config["train-factors"] = self.algorithm.trained_factors(server_round)
+        config["lr"] = self.lr * self.lr_decay ** (server_round - 1)  # the schedule lives on the server
+        messages = list(super().configure_train(server_round, ArrayRecord(download), config, grid))
+        rec = self._record(server_round)
+        rec.sampled = len(messages)
+        rec.bytes_sent = len(messages) * payload_bytes(download)
+        return messages
+
+    def _expected(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
+        keys = self.algorithm.expected_reply_keys(server_round, state)
+        specs = {}
+        for k in keys:
+            shape = tuple(state[k].shape)
+            if isinstance(self.algorithm, FlexLora):  # ranks differ between clients
+                shape = (-1, shape[1]) if k.endswith(LORA_A_SUFFIX) else (shape[0], -1)
+            specs[k] = TensorSpec(shape, state[k].dtype)
+        return specs
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, fold the good ones into the method's accumulator, finish."""
+        if self._state is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        new_state, summary = self.aggregate_train_from(server_round, replies, self._state)
+        arrays = ArrayRecord(_contiguous(new_state)) if new_state is not None else None
+        return arrays, MetricRecord(cast(dict[str, Any], {k: v for k, v in summary.items() if math.isfinite(v)}))
+
+    def aggregate_train_from(
+        self, server_round: int, replies: Iterable[Message], state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor] | None, dict[str, float]]:
+        """Aggregate ``replies`` against the global ``state`` they were trained from."""
+        rec = self._record(server_round)
+        algo = self.algorithm
+        expected = self._expected(server_round, state)
+        acc = algo.new_accumulator(server_round)
+        total_examples, loss_sum = 0.0, 0.0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            reason, reply, metrics = self._parse(msg, expected)
+            if reason == "declined":
+                rec.declined += 1
+                rec.reasons[node] = str(metrics.get("status", "declined"))
+                log(WARNING, "round %s: node %s declined: %s", server_round, node, rec.reasons[node])
+                continue
+            if reason is None:
+                assert reply is not None
+                try:
+                    acc.add(algo.reply_modules(state, reply), reply.num_examples)
+                except ValueError as err:
+                    reason = str(err)
+            if reason is not None:
+                rec.rejected += 1
+                rec.reasons[node] = reason
+                log(WARNING, "round %s: rejected reply of node %s: %s", server_round, node, reason)
+                continue
+            assert reply is not None
+            rec.accepted += 1
+            rec.bytes_received += payload_bytes(reply.tensors)
+            total_examples += reply.num_examples
+            loss_sum += reply.num_examples * float(metrics.get("train-loss", math.nan))
+            if self.on_accepted_reply is not None:
+                self.on_accepted_reply(server_round, node, reply.tensors, reply.num_examples)
+        summary: dict[str, float] = {
+            "sampled": rec.sampled,
+            "accepted": rec.accepted,
+            "rejected": rec.rejected,
+            "declined": rec.declined,
+            "bytes-sent": rec.bytes_sent,
+            "bytes-received": rec.bytes_received,
+        }
+        if rec.accepted < self.min_replies:
+            rec.failed = (
+                f"only {rec.accepted} valid replies (fewer than min-replies={self.min_replies}); "
+                "keeping the previous global adapter"
+            )
+            log(WARNING, "round %s failed: %s", server_round, rec.failed)
+            rec.train = summary
+            return None, summary
+        new_state, diagnostics = algo.finish(server_round, acc, state)
+        summary |= {
+            "num-examples": total_examples,
+            "train-loss": loss_sum / total_examples,
+            "update-norm": update_norm(state, new_state),
+            **diagnostics,
+        }
+        rec.train = summary
+        return new_state, summary
+
+    def _parse(
+        self, msg: Message, expected: Mapping[str, TensorSpec]
+    ) -> tuple[str | None, Reply | None, dict[str, Any]]:
+        """(reason to drop or None, the reply, its metrics). ``"declined"`` is not an error."""
+        if msg.has_error():
+            return f"client error: {msg.error.reason}", None, {}
+        content = msg.content
+        metrics: dict[str, Any] = dict(content.metric_records.get("metrics", {}))
+        if metrics.get("declined", 0):
+            return "declined", None, metrics
+        if "arrays" not in content.array_records:
+            return "reply has no 'arrays' record", None, metrics
+        n = metrics.get("num-examples")
+        if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+            return f"num-examples must be a positive number, got {n!r}", None, metrics
+        try:
+            tensors = dict(content.array_records["arrays"].to_torch_state_dict())
+        except (TypeError, ValueError) as err:
+            return f"arrays cannot be read as tensors: {err}", None, metrics
+        reason = check_reply(tensors, expected, self.max_reply_bytes)
+        if reason is not None:
+            return reason, None, metrics
+        scaling = self.algorithm.scaling
+        if isinstance(self.algorithm, FlexLora):
+            s = metrics.get("lora-scaling")
+            if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
+                return f"lora-scaling must be a positive number, got {s!r}", None, metrics
+            scaling = float(s)
+            ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(LORA_A_SUFFIX)}
+            ranks |= {t.shape[1] for k, t in tensors.items() if k.endswith(LORA_B_SUFFIX)}
+            if len(ranks) != 1 or not 1 <= next(iter(ranks)) <= self.algorithm.max_rank:
+                return f"ranks {sorted(ranks)} must be one value in 1..{self.algorithm.max_rank}", None, metrics
+        return None, Reply(tensors, float(n), scaling), metrics
+
+    # -- evaluation ---------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        download = self.algorithm.download(server_round, arrays.to_torch_state_dict())
+        return super().configure_evaluate(server_round, ArrayRecord(download), config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted means, plus the spread across clients and each client's numbers."""
+        rec = self._record(server_round)
+        rows: dict[int, dict[str, float]] = {}
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content.metric_records:
+                continue
+            m = {k: float(v) for k, v in msg.content.metric_records["metrics"].items() if isinstance(v, int | float)}
+            if m.get("num-examples", 0) > 0:
+                rows[msg.metadata.src_node_id] = m
+        if not rows:
+            return None
+        total = sum(r["num-examples"] for r in rows.values())
+        out: dict[str, float] = {"num-examples": total, "clients": len(rows)}
+        for key in ("eval-loss", "exact-match"):
+            vals = [r[key] for r in rows.values() if key in r]
+            if len(vals) == len(rows):
+                out[key] = sum(r[key] * r["num-examples"] for r in rows.values()) / total
+                out[f"{key}-min"] = min(vals)
+                out[f"{key}-max"] = max(vals)
+        rec.evaluate, rec.per_client = out, rows
+        return MetricRecord(cast(dict[str, Any], out))
+
+
+def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+class FedAvgLora(LoraStrategy):
+    """FedAvg-LoRA (FedIT): average A and B separately; logs the aggregation error."""
+
+    algorithm_cls = LoraAlgorithm
+
+
+class FfaLoraStrategy(LoraStrategy):
+    """FFA-LoRA: frozen seeded A, B-only training and upload."""
+
+    algorithm_cls = FfaLora
+
+
+class LoraFairStrategy(LoraStrategy):
+    """LoRA-FAIR: FedAvg-LoRA plus the server-side correction of B."""
+
+    algorithm_cls = LoraFair
+
+
+class FedExLoraStrategy(LoraStrategy):
+    """FedEx-LoRA: exact aggregation, residual folded into the base weights."""
+
+    algorithm_cls = FedExLora
+
+
+class RoLoraStrategy(LoraStrategy):
+    """RoLoRA: alternate B and A rounds."""
+
+    algorithm_cls = RoLora
+
+
+class FedSvdStrategy(LoraStrategy):
+    """FedSVD: B-only training, SVD re-factorisation each round."""
+
+    algorithm_cls = FedSvd
+
+
+class FlexLoraStrategy(LoraStrategy):
+    """FlexLoRA: heterogeneous client ranks."""
+
+    algorithm_cls = FlexLora
+
+
+STRATEGIES: dict[str, type[LoraStrategy]] = {}
+
+
+def register(name: str, cls: type[LoraStrategy]) -> None:
+    """Add a strategy under ``name``; a name can be registered once."""
+    if name in STRATEGIES:
+        raise ValueError(f"strategy {name!r} is already registered")
+    STRATEGIES[name] = cls
+
+
+def strategy_class(name: str) -> type[LoraStrategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}") from None
+
+
+def create(name: str, algorithm_kwargs: Mapping[str, Any], **strategy_kwargs: Any) -> LoraStrategy:
+    """The strategy registered as ``name``, with its algorithm built from ``algorithm_kwargs``."""
+    cls = strategy_class(name)
+    return cls(cls.algorithm_cls(**algorithm_kwargs), **strategy_kwargs)
+
+
+for _cls in (
+    FedAvgLora,
+    FfaLoraStrategy,
+    LoraFairStrategy,
+    FedExLoraStrategy,
+    RoLoraStrategy,
+    FedSvdStrategy,
+    FlexLoraStrategy,
+):
+    register(_cls.algorithm_cls.name, _cls)
+
+__all__ = ["STRATEGIES", "LoraStrategy", "RoundRecord", "create", "register", "strategy_class"]
