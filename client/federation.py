@@ -38,6 +38,8 @@ class FederationConfig:
     lora_rslora: bool = False
     flexlora_ranks: str = ""
     lora_fair_lambda: float = 0.01
+    lora_fair_solver: str = "iterative"
+    lora_fair_steps: int = 1000
     tasks: str = "adddigit-4,rotate-2,repeat-3,sort-desc"
     tagged: bool = True
     num_train: int = 2000
@@ -63,6 +65,10 @@ class FederationConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{_key(name)} must be a finite number >= 0, got {v!r}")
+        if self.lora_fair_solver not in ("iterative", "closed-form"):
+            raise ValueError(f"lora-fair-solver must be 'iterative' or 'closed-form', got {self.lora_fair_solver!r}")
+        if self.lora_fair_steps < 0:
+            raise ValueError(f"lora-fair-steps must be >= 0, got {self.lora_fair_steps!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr-decay must be in (0, 1], got {self.lr_decay!r}")
         if self.round_timeout <= 0 or self.max_reply_mb <= 0:

@@ -30,7 +30,13 @@ def algorithm_kwargs(cfg: FederationConfig, scaling: float, fan_in_fan_out: bool
     """Constructor arguments of the run's algorithm, from the run config."""
     kwargs: dict[str, Any] = {"scaling": scaling, "seed": cfg.seed}
     if cfg.strategy == "lora-fair":
-        kwargs["fair"] = LoraFairConfig(lam=cfg.lora_fair_lambda)
+        closed = cfg.lora_fair_solver == "closed-form"
+        kwargs["fair"] = LoraFairConfig(
+            lam=cfg.lora_fair_lambda,
+            solver="closed_form" if closed else "iterative",
+            objective="squared" if closed else "cosine",
+            steps=cfg.lora_fair_steps,
+        )
     elif cfg.strategy == "fedex-lora":
         kwargs["fan_in_fan_out"] = fan_in_fan_out
     elif cfg.strategy == "flexlora":

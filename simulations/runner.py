@@ -11,6 +11,11 @@ The app directory holds only a generated ``pyproject.toml`` (see :func:`write_ap
 shadow our installed packages, so the app code is imported from the environment of the
 SuperLink (our virtualenv plus ``SimulationRequest.pythonpath``). The same directory and
 run-config file work by hand: ``flwr run APP_DIR CONNECTION --run-config run_config.toml``.
+
+Everything listens on 127.0.0.1 only (the SuperLink, and Ray, which otherwise binds every
+interface without authentication). Every process of a run inherits a unique env tag; the
+teardown, and a watchdog if this process is killed before its ``finally``, SIGKILL
+whatever still carries it. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -52,12 +57,12 @@ _COMPONENT_RE = re.compile(rf"^{_DOTTED}:{_DOTTED}$")
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The runner owns these: a caller overriding them would break isolation or teardown.
-_RESERVED_ENV = frozenset({"FLWR_HOME", "RAY_TMPDIR", "RAY_ADDRESS", RUN_TAG_VAR})
+_RESERVED_ENV = frozenset({"FLWR_HOME", "RAY_TMPDIR", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", RUN_TAG_VAR})
 
 _SUPERLINK_START_TIMEOUT = 60.0
 _CLI_TIMEOUT = 60.0  # one `flwr run|ls|stop` call; each takes ~1 s
 _STATUS_POLL = 0.5
-_TEARDOWN_GRACE = 10.0  # for processes to leave on their own before SIGKILL
+_TEARDOWN_GRACE = 5.0  # for processes to leave on their own before SIGKILL
 _LOG_TAIL_LINES = 40
 
 
@@ -74,6 +79,7 @@ class SimulationRequest:
     ``overrides`` must name known keys with values of the default's type (an ``int`` is
     accepted for a ``float`` default). ``pythonpath`` entries are prepended to
     ``PYTHONPATH`` for every process of the run, so the apps can live outside the venv.
+    ``timeout`` counts from the call until the run is stopped; teardown adds a few seconds.
     """
 
     components: tuple[str, str]  # ("pkg.module:server_app", "pkg.module:client_app")
@@ -91,7 +97,7 @@ class SimulationRequest:
     def __post_init__(self) -> None:
         components = _checked_components(self.components)
         _check_app_name(self.app_name)
-        defaults = _checked_defaults(self.default_config)
+        defaults = _checked_flat_config(self.default_config)
         overrides = _checked_overrides(defaults, self.overrides)
         _check_count("num_supernodes", self.num_supernodes)
         _check_count("client_num_cpus", self.client_num_cpus)
@@ -128,7 +134,8 @@ class SimulationOutcome:
     """What happened: Flower's final status plus where to look for details.
 
     ``status`` is Flower's ``finished:completed|failed|stopped`` (``stopped`` after our
-    timeout); ``status_details`` carries the app's exception text on failure.
+    timeout); ``status_details`` carries the app's exception text on failure (Flower says
+    ``"N/A"`` on success). ``seconds`` is the wall time of the whole call, teardown included.
     """
 
     run_id: int
@@ -148,10 +155,10 @@ class SimulationOutcome:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_app_name(name: str) -> None:
+def _check_app_name(name: str, label: str = "app_name") -> None:
     if not (isinstance(name, str) and _NAME_RE.match(name)):
         raise ValueError(
-            f"app_name {name!r} is not a valid Flower project name: use letters, digits, '-' and '_', "
+            f"{label} {name!r} is not a valid Flower project name: use letters, digits, '-' and '_', "
             "starting and ending with a letter or digit"
         )
 
@@ -171,8 +178,8 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _checked_defaults(config: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
-    """Return a plain copy of the default run config, or raise on keys/values Flower would mangle."""
+def _checked_flat_config(config: Mapping[str, ConfigValue]) -> dict[str, ConfigValue]:
+    """Return a plain copy of a flat run config, or raise on keys/values Flower would mangle."""
     flat = dict(config)
     for key, value in flat.items():
         if not (isinstance(key, str) and all(_KEY_PART_RE.match(part) for part in key.split("."))):
@@ -187,7 +194,9 @@ def _checked_defaults(config: Mapping[str, ConfigValue]) -> dict[str, ConfigValu
         for i in range(1, len(parts)):
             prefix = ".".join(parts[:i])
             if prefix in flat:
-                raise ValueError(f"run-config keys {prefix!r} and {key!r} clash: {prefix!r} cannot be a value and a table")
+                raise ValueError(
+                    f"run-config keys {prefix!r} and {key!r} clash: {prefix!r} cannot be a value and a table"
+                )
     return flat
 
 
@@ -252,15 +261,17 @@ def write_app_dir(
     """
     components = _checked_components(components)
     _check_app_name(app_name)
-    _check_app_name(publisher)
+    _check_app_name(publisher, "publisher")
     if not _VERSION_RE.match(version):
         raise ValueError(f"version {version!r} must look like '1.2.3'")
-    defaults = _checked_defaults(default_config)
+    defaults = _checked_flat_config(default_config)
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in app_dir.iterdir() if p.name != "pyproject.toml")
     if others:
-        raise ValueError(f"{app_dir} must hold only the generated pyproject.toml (flwr run ships it all); found {others}")
+        raise ValueError(
+            f"{app_dir} must hold only the generated pyproject.toml (flwr run ships it all); found {others}"
+        )
     project = {
         "project": {
             "name": app_name,
@@ -288,7 +299,7 @@ def write_run_config(path: Path, overrides: Mapping[str, ConfigValue]) -> Path:
     """Write overrides as a TOML file for ``flwr run --run-config FILE`` (no shell quoting)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(_nested(_checked_defaults(overrides))), encoding="utf-8")
+    path.write_text(tomli_w.dumps(_nested(_checked_flat_config(overrides))), encoding="utf-8")
     return path
 
 
@@ -311,9 +322,9 @@ def run_simulation_app(
     workdir = request.workdir.resolve()
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    paths = _LogPaths(
-        superlink=logs / "superlink.log", run=logs / "run.log", cli=logs / "flwr-cli.log"
-    )
+    paths = _LogPaths(superlink=logs / "superlink.log", run=logs / "run.log", cli=logs / "flwr-cli.log")
+    for path in (paths.superlink, paths.run, paths.cli, logs / "teardown.log"):
+        path.unlink(missing_ok=True)  # a reused workdir must not mix two runs' logs
     app_dir = write_app_dir(
         workdir / "app",
         app_name=request.app_name,
@@ -327,22 +338,24 @@ def run_simulation_app(
     # Ray's session dir holds AF_UNIX sockets (paths < 108 bytes) and is never deleted by
     # Ray: keep it per run, short, and remove it ourselves.
     ray_tmp = Path(tempfile.mkdtemp(prefix="flr", dir=_short_tmp_root()))
-    env = _child_env(request, bin_dir=bin_dir, home=home, ray_tmp=ray_tmp, tag=tag)
-    cli = _FlowerCli(bin_dir=bin_dir, env=env, log_path=paths.cli)
+    reaper: subprocess.Popen[bytes] | None = None
     superlink: subprocess.Popen[bytes] | None = None
     try:
+        reaper = _start_reaper(tag, logs / "teardown.log", ray_tmp)
+        env = _child_env(request, bin_dir=bin_dir, home=home, ray_tmp=ray_tmp, tag=tag)
+        cli = _FlowerCli(bin_dir=bin_dir, env=env, log_path=paths.cli)
         for attempt in range(3):
             port = _free_port()
-            superlink = _start_superlink(bin_dir, env, port, paths.superlink)
-            if _wait_healthy(superlink, port, min(deadline, time.monotonic() + _SUPERLINK_START_TIMEOUT), paths):
+            link = superlink = _start_superlink(bin_dir, env, port, paths.superlink)
+            if _wait_healthy(link, port, min(deadline, time.monotonic() + _SUPERLINK_START_TIMEOUT), paths):
                 break
             if attempt < 2 and "address already in use" in _tail(paths.superlink).lower():
                 continue  # lost the race for the free port
-            raise SimulationError(_describe(f"SuperLink exited with code {superlink.returncode} at start", paths))
+            raise SimulationError(_describe(f"SuperLink exited with code {link.returncode} at start", paths))
         _write_connection(home, port)
-        run_id = _submit(cli, request, app_dir, run_config, paths)
-        ended = _follow_logs(cli, run_id, superlink, deadline, paths, on_log_line)
-        status = _wait_finished(cli, run_id, superlink, deadline, paths) if ended else None
+        run_id = _submit(cli, request, app_dir, run_config, deadline, paths)
+        ended = _follow_logs(cli, run_id, link, deadline, paths, on_log_line)
+        status = _wait_finished(cli, run_id, link, deadline, paths) if ended else None
         timed_out = status is None
         if status is None:
             # The sampling wait for nodes never times out: stop the run, teardown kills the rest.
@@ -351,8 +364,10 @@ def run_simulation_app(
     finally:
         if superlink is not None:
             _stop_superlink(superlink)
-        leftovers = _kill_tagged(tag, grace=_TEARDOWN_GRACE)
+        leftovers = _kill_tagged(tag, grace=_TEARDOWN_GRACE, log_path=logs / "teardown.log")
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        if reaper is not None:
+            _release_reaper(reaper)
     return SimulationOutcome(
         run_id=run_id,
         status=status[0],
@@ -408,9 +423,13 @@ class _FlowerCli:
 def _flower_bin_dir() -> Path:
     """The bin dir of this interpreter's environment: the SuperLink spawns Flower tools by name."""
     bin_dir = Path(sys.executable).parent
-    missing = [n for n in ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation") if not (bin_dir / n).exists()]
+    missing = [
+        n for n in ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation") if not (bin_dir / n).exists()
+    ]
     if missing:
-        raise SimulationError(f"{bin_dir} lacks {missing}: install flwr[simulation] in the environment of {sys.executable}")
+        raise SimulationError(
+            f"{bin_dir} lacks {missing}: install flwr[simulation] in the environment of {sys.executable}"
+        )
     return bin_dir
 
 
@@ -429,7 +448,10 @@ def _child_env(request: SimulationRequest, *, bin_dir: Path, home: Path, ray_tmp
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # trims the wait before flwr-simulation starts
             "RAY_TMPDIR": str(ray_tmp),
             "RAY_DEDUP_LOGS": "0",  # otherwise Ray folds look-alike lines of different clients
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # a 0-GPU client keeps CUDA_VISIBLE_DEVICES as is
+            # Ray's GCS, raylet and workers listen on every interface by default, without
+            # authentication; with "clusters" off Ray uses 127.0.0.1 for all of them.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "PYTHONUNBUFFERED": "1",  # `flwr log` prints without flushing: we read it line by line
             RUN_TAG_VAR: tag,
         }
@@ -489,19 +511,20 @@ def _write_connection(home: Path, port: int) -> None:
 
 
 def _submit(
-    cli: _FlowerCli, request: SimulationRequest, app_dir: Path, run_config: Path, paths: _LogPaths
+    cli: _FlowerCli, request: SimulationRequest, app_dir: Path, run_config: Path, deadline: float, paths: _LogPaths
 ) -> int:
     federation = f"num-supernodes={request.num_supernodes} client-resources-num-cpus={request.client_num_cpus}"
     if request.ray_num_cpus is not None:
         federation += f" init-args-num-cpus={request.ray_num_cpus}"
     args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--federation-config", federation]
-    done = cli.call([*args, "--format", "json"], timeout=_CLI_TIMEOUT)
+    budget = min(_CLI_TIMEOUT, deadline - time.monotonic())
+    done = cli.call([*args, "--format", "json"], timeout=max(budget, 1.0))
     if done is None:
-        raise SimulationError(_describe("`flwr run` did not answer", paths))
+        raise SimulationError(_describe(f"`flwr run` did not answer within {max(budget, 1.0):.0f} s", paths))
     payload = _json_object(done.stdout)
     if done.returncode != 0 or not payload.get("success") or not payload.get("run-id"):
-        reason = payload.get("error-message") or (done.stdout + done.stderr).strip()
-        raise SimulationError(_describe(f"`flwr run` failed (exit {done.returncode}): {reason}", paths))
+        reason = str(payload.get("error-message") or (done.stdout + done.stderr)).strip()
+        raise SimulationError(_describe(f"`flwr run` failed: {reason}", paths))
     return int(payload["run-id"])
 
 
@@ -547,7 +570,9 @@ def _follow_logs(
                     if on_log_line is not None:
                         on_log_line(text)
                 if superlink.poll() is not None:
-                    raise SimulationError(_describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths))
+                    raise SimulationError(
+                        _describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths)
+                    )
                 if time.monotonic() > deadline:
                     return False
     finally:
@@ -624,7 +649,53 @@ def _stop_superlink(proc: subprocess.Popen[bytes]) -> None:
     _end(proc, wait=20.0)
 
 
-def _kill_tagged(tag: str, grace: float) -> tuple[int, ...]:
+def _start_reaper(tag: str, log_path: Path, ray_tmp: Path) -> subprocess.Popen[bytes]:
+    """Start a watchdog that tears the run down if this process dies before its ``finally``.
+
+    Python runs no ``finally`` when killed by a signal (a ``timeout`` wrapper, CI, a closed
+    shell); flwr-simulation and its Ray workers then outlive the SuperLink and keep
+    computing. The reaper sits in its own session (group kills miss it) and blocks on its
+    stdin: EOF without our ``done`` line means we died, so it kills the tagged processes.
+    """
+    env = {k: v for k, v in os.environ.items() if k != RUN_TAG_VAR}
+    cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "--reap", tag, str(log_path), str(ray_tmp)]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _release_reaper(reaper: subprocess.Popen[bytes]) -> None:
+    assert reaper.stdin is not None
+    try:
+        reaper.stdin.write(b"done\n")
+        reaper.stdin.close()
+    except OSError:
+        pass  # it is gone already
+    try:
+        reaper.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+        reaper.wait()
+
+
+def _reap_when_orphaned(tag: str, log_path: Path, ray_tmp: Path) -> None:
+    """The reaper's body: wait for EOF; unless told ``done``, SIGTERM then SIGKILL the run."""
+    if sys.stdin.buffer.read().strip() == b"done":
+        return
+    pids = _pids_with_env(RUN_TAG_VAR, tag)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"runner died without teardown: SIGTERM {sorted(pids)}\n")
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)  # lets the SuperLink stop its SuperExec
+        except OSError:  # already gone
+            pass
+    _kill_tagged(tag, grace=_TEARDOWN_GRACE, log_path=log_path)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_tagged(tag: str, grace: float, log_path: Path) -> tuple[int, ...]:
     """SIGKILL every process still carrying this run's tag after ``grace`` seconds.
 
     Ray's raylet, GCS and workers are re-parented when flwr-simulation exits and some
@@ -635,12 +706,24 @@ def _kill_tagged(tag: str, grace: float) -> tuple[int, ...]:
     while pids and time.monotonic() < deadline:
         time.sleep(0.2)
         pids = _pids_with_env(RUN_TAG_VAR, tag)
+    if pids:
+        with log_path.open("a", encoding="utf-8") as log:
+            for pid in sorted(pids):
+                log.write(f"SIGKILL {pid}: {_cmdline(pid)}\n")
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except OSError:  # already gone
             pass
     return tuple(sorted(pids))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path("/proc", str(pid), "cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:300]
 
 
 def _pids_with_env(key: str, value: str) -> set[int]:
@@ -677,3 +760,7 @@ def _describe(what: str, paths: _LogPaths) -> str:
         if tail:
             parts.append(f"--- {path} (last lines) ---\n{tail}")
     return "\n".join(parts)
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--reap":
+    _reap_when_orphaned(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))

@@ -71,12 +71,19 @@ def test_split_accepts_keys_in_any_order() -> None:
         (lambda f: f.pop(f"{V}.lora_A.weight"), "v_proj.lora_B.weight' has no matching"),
         (lambda f: f.update({f"{Q}.lora_B.weight": torch.zeros(6, 3)}), "rank mismatch in module"),
         (lambda f: f.update({f"{Q}.lora_A.weight": torch.zeros(4, 8, 1)}), "must be a matrix"),
-        (lambda f: f.update({"base_model.model.lm_head.weight": torch.zeros(2)}), "lm_head.weight' is not"),
-        (lambda f: f.update({f"{Q}.lora_A.default.weight": torch.zeros(4, 8)}), "not a LoRA factor"),
+        (
+            lambda f: f.update({"base_model.model.lm_head.weight": torch.zeros(2)}),
+            "lm_head.weight' is not",
+        ),
+        (
+            lambda f: f.update({f"{Q}.lora_A.default.weight": torch.zeros(4, 8)}),
+            "not a LoRA factor",
+        ),
     ],
 )
 def test_split_rejects_bad_adapters_naming_the_key(
-    mutate: Callable[[dict[str, torch.Tensor]], object], message: str
+    mutate: Callable[[dict[str, torch.Tensor]], object],
+    message: str,
 ) -> None:
     flat = _flat()
     mutate(flat)
@@ -116,7 +123,7 @@ def test_client_proportions() -> None:
     assert client_proportions([1, 3]) == [0.25, 0.75]
     assert client_proportions([0, 2]) == [0.0, 1.0]
     for bad in ([0, 0], [-1, 2], [math.inf, 1], [math.nan, 1]):
-        with pytest.raises(ValueError, match="client weight|positive sum"):
+        with pytest.raises(ValueError, match=r"client weight|positive sum"):
             client_proportions(bad)
 
 
@@ -144,7 +151,10 @@ def test_init_lora_A_matches_peft_default_init() -> None:
             super().__init__()
             self.q_proj = nn.Linear(12, 10)
 
-    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        Tiny(),
+        peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"]),
+    )
     flat = peft.get_peft_model_state_dict(model)
     modules = split_adapter(flat, 2.0)
     (name,) = modules

@@ -1,4 +1,4 @@
-"""Streaming accumulators: same results as the one-shot functions, constant state, safe rejection."""
+"""Streaming accumulators: one-shot results, constant state, rejection that changes nothing."""
 
 from __future__ import annotations
 
@@ -37,10 +37,17 @@ SHAPES = {"q": (8, 3, 6), "v": (5, 2, 7)}  # module -> (d_out, r, d_in)
 
 
 def clients(
-    seed: int, k: int, *, same_a: bool = False, same_b: bool = False, dtype: torch.dtype = F64
+    seed: int,
+    k: int,
+    *,
+    same_a: bool = False,
+    same_b: bool = False,
+    dtype: torch.dtype = F64,
 ) -> tuple[list[dict[str, LoraFactors]], list[float]]:
     g = torch.Generator().manual_seed(seed)
-    shared = {m: (torch.randn(r, di, generator=g), torch.randn(do, r, generator=g)) for m, (do, r, di) in SHAPES.items()}
+    shared = {}
+    for m, (do, r, di) in SHAPES.items():
+        shared[m] = (torch.randn(r, di, generator=g), torch.randn(do, r, generator=g))
     out = []
     for _ in range(k):
         modules = {}
@@ -53,8 +60,10 @@ def clients(
 
 
 def same_factors(x: dict[str, LoraFactors], y: dict[str, LoraFactors]) -> bool:
-    return set(x) == set(y) and all(
-        torch.equal(x[m].A, y[m].A) and torch.equal(x[m].B, y[m].B) and x[m].scaling == y[m].scaling for m in x
+    if set(x) != set(y):
+        return False
+    return all(torch.equal(x[m].A, y[m].A) and torch.equal(x[m].B, y[m].B) for m in x) and all(
+        x[m].scaling == y[m].scaling for m in x
     )
 
 
@@ -107,7 +116,8 @@ def test_product_based_streaming_equals_one_shot() -> None:
     assert aggregation_error_from_sums(sums) == aggregation_error(cs, ws)
     # the product accumulator's A_bar, B_bar are FedAvg-LoRA's, bit for bit
     avg = fedavg_lora_aggregate(cs, ws)
-    assert all(torch.equal(sums[m].A_bar, avg[m].A) and torch.equal(sums[m].B_bar, avg[m].B) for m in SHAPES)
+    for m in SHAPES:
+        assert torch.equal(sums[m].A_bar, avg[m].A) and torch.equal(sums[m].B_bar, avg[m].B)
 
     dacc = DeltaSumAccumulator()
     for c, w in zip(cs, ws, strict=True):
@@ -174,9 +184,28 @@ def bad_replies(good: dict[str, LoraFactors]) -> list[tuple[dict[str, LoraFactor
     return [
         ({"q": q}, 1.0, r"missing \['v'\]"),
         ({**good, "k": q}, 1.0, r"unexpected \['k'\]"),
-        ({**good, "q": LoraFactors(A=torch.zeros(3, 5, dtype=F64), B=q.B, scaling=2.0)}, 1.0, "module 'q': layer shape 8 x 5"),
-        ({**good, "q": LoraFactors(A=torch.zeros(2, 6, dtype=F64), B=torch.zeros(8, 2, dtype=F64), scaling=2.0)}, 1.0, "module 'q': rank 2"),
-        ({**good, "q": LoraFactors(A=q.A.float(), B=q.B.float(), scaling=2.0)}, 1.0, "module 'q': dtype"),
+        (
+            {**good, "q": LoraFactors(A=torch.zeros(3, 5, dtype=F64), B=q.B, scaling=2.0)},
+            1.0,
+            "module 'q': layer shape 8 x 5",
+        ),
+        (
+            {
+                **good,
+                "q": LoraFactors(
+                    A=torch.zeros(2, 6, dtype=F64),
+                    B=torch.zeros(8, 2, dtype=F64),
+                    scaling=2.0,
+                ),
+            },
+            1.0,
+            "module 'q': rank 2",
+        ),
+        (
+            {**good, "q": LoraFactors(A=q.A.float(), B=q.B.float(), scaling=2.0)},
+            1.0,
+            "module 'q': dtype",
+        ),
         ({**good, "q": LoraFactors(A=q.A, B=q.B, scaling=4.0)}, 1.0, "module 'q': scaling 4.0"),
         (good, -1.0, "non-negative"),
         (good, math.nan, "finite"),
@@ -215,7 +244,17 @@ def test_mixed_rank_accumulator_checks_layer_shapes_only() -> None:
     other_rank = {m: LoraFactors(A=f.A[:1], B=f.B[:, :1], scaling=7.0) for m, f in cs[1].items()}
     acc.add(other_rank, ws[1])  # different rank and scaling: fine
     with pytest.raises(ValueError, match="module 'q': layer shape 8 x 5"):
-        acc.add({**cs[1], "q": LoraFactors(A=torch.zeros(3, 5, dtype=F64), B=torch.zeros(8, 3, dtype=F64), scaling=1.0)}, 1.0)
+        acc.add(
+            {
+                **cs[1],
+                "q": LoraFactors(
+                    A=torch.zeros(3, 5, dtype=F64),
+                    B=torch.zeros(8, 3, dtype=F64),
+                    scaling=1.0,
+                ),
+            },
+            1.0,
+        )
     assert acc.result()["q"].rank_bound == 4 and acc.result()["q"].max_rank == 3
 
 
@@ -260,7 +299,13 @@ def test_error_sketch_is_exact_when_as_wide_as_the_layer() -> None:
 def test_error_sketch_estimates_within_its_stated_accuracy() -> None:
     g = torch.Generator().manual_seed(12)
     cs = [
-        {"m": LoraFactors(A=torch.randn(4, 30, generator=g, dtype=F64), B=torch.randn(40, 4, generator=g, dtype=F64), scaling=1.0)}
+        {
+            "m": LoraFactors(
+                A=torch.randn(4, 30, generator=g, dtype=F64),
+                B=torch.randn(40, 4, generator=g, dtype=F64),
+                scaling=1.0,
+            )
+        }
         for _ in range(5)
     ]
     ws = [1.0, 2.0, 3.0, 4.0, 5.0]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -68,13 +68,13 @@ def failing_main(grid: Grid, context: Context) -> None:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(cast(int, msg.content.config_records["config"]["server-round"]))
     rc = context.run_config
     _write_json(
         Path(str(rc["out-dir"])) / f"client-{partition}-round-{server_round}.json",
         {"run_config": dict(rc), "num-partitions": int(context.node_config["num-partitions"])},
     )
-    w = msg.content["arrays"]["w"].numpy()
+    w = msg.content.array_records["arrays"]["w"].numpy()
     new_w = w + float(rc["lr"]) * (partition + 1)
     reply = RecordDict(
         {
