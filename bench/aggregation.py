@@ -1,6 +1,6 @@
 """Aggregation benchmark: streaming memory and time per reply, and LoRA-FAIR's two solvers.
 
-Run ``python bench/aggregation.py`` (about 4 minutes on two cores) or ``--quick`` (a smaller
+Run ``python bench/aggregation.py`` (about 2 minutes on two idle cores) or ``--quick`` (smaller
 adapter and LoRA-FAIR module, about half a minute). Absolute figures first, then one
 ``ratio <name> = <value>`` line per ratio.
 
@@ -38,10 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from strategies import (  # noqa: E402
+from strategies import (
     ErrorSketch,
     FactorSumAccumulator,
     ProductSumAccumulator,
+    aggregation_error_from_sums,
     init_lora_A,
     lora_fair_correction_closed_form,
     lora_fair_correction_iterative,
@@ -49,11 +50,10 @@ from strategies import (  # noqa: E402
     split_adapter,
 )
 
-SKETCH_SIZE = 64  # width of the aggregation-error sketch the FedAvg-LoRA server keeps
+SKETCH_SIZE = 128  # width of the aggregation-error sketch the FedAvg-LoRA server keeps
 METHODS = {
-    "fedavg": "A and B running sums (float64) + aggregation-error sketch, as the server runs it",
-    "fedavg-nodiag": "A and B running sums only",
-    "ffa": "B running sums; A checked bit-identical and passed through",
+    "fedavg": "A and B running sums (float64) + aggregation-error sketch (m = 128)",
+    "ffa": "B running sums (float64); A checked bit-identical and passed through",
 }
 
 
@@ -62,7 +62,8 @@ METHODS = {
 
 def module_names(layers: int) -> list[str]:
     """PEFT names of LoRA on q_proj and v_proj of a Llama-style model."""
-    return [f"base_model.model.model.layers.{i}.self_attn.{p}_proj" for i in range(layers) for p in ("q", "v")]
+    prefix = "base_model.model.model.layers"
+    return [f"{prefix}.{i}.self_attn.{p}_proj" for i in range(layers) for p in ("q", "v")]
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,18 @@ class Simulation:
     def make(cls, layers: int, width: int, rank: int, pool: int = 3) -> Simulation:
         g = torch.Generator().manual_seed(7)
         names = module_names(layers)
-        start = {m: (init_lora_A((rank, width), 0, m), torch.randn(width, rank, generator=g) * 1e-2) for m in names}
+        start = {}
+        for m in names:
+            start[m] = (
+                init_lora_A((rank, width), 0, m),
+                torch.randn(width, rank, generator=g) * 1e-2,
+            )
         drifts = [
             {
-                m: (torch.randn(rank, width, generator=g) * (0.3 / math.sqrt(width)), torch.randn(width, rank, generator=g) * 1e-2)
+                m: (
+                    torch.randn(rank, width, generator=g) * (0.3 / math.sqrt(width)),
+                    torch.randn(width, rank, generator=g) * 1e-2,
+                )
                 for m in names
             }
             for _ in range(pool)
@@ -102,7 +111,8 @@ class Simulation:
             flat: dict[str, torch.Tensor] = {}
             for name, (a0, b0) in self.start.items():
                 d_a, d_b = self.drifts[k % pool][name][0], self.drifts[(k + 1) % pool][name][1]
-                flat[f"{name}.lora_A.weight"] = a0.clone() if shared_a else torch.add(a0, d_a, alpha=a_coef)
+                a = a0.clone() if shared_a else torch.add(a0, d_a, alpha=a_coef)
+                flat[f"{name}.lora_A.weight"] = a
                 flat[f"{name}.lora_B.weight"] = torch.add(b0, d_b, alpha=b_coef)
             yield flat
 
@@ -136,7 +146,13 @@ def tensor_mb(*objs: object) -> float:
     return total / 2**20
 
 
-def worker(method: str, n: int, layers: int, width: int, rank: int) -> dict[str, float | bool | str]:
+def worker(
+    method: str,
+    n: int,
+    layers: int,
+    width: int,
+    rank: int,
+) -> dict[str, float | bool | str]:
     """Aggregate ``n`` simulated replies with ``method``; report time and memory."""
     torch.set_num_threads(2)
     scaling, weight = 2.0, 100.0
@@ -178,11 +194,37 @@ def worker(method: str, n: int, layers: int, width: int, rank: int) -> dict[str,
     }
 
 
-def measure(method: str, n: int, layers: int, width: int, rank: int) -> dict[str, float | bool | str]:
+def measure(
+    method: str,
+    n: int,
+    layers: int,
+    width: int,
+    rank: int,
+) -> dict[str, float | bool | str]:
     cmd = [sys.executable, __file__, "--worker", method, str(n), str(layers), str(width), str(rank)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result: dict[str, float | bool | str] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+# --- the error sketch against the exact error ---------------------------------------------
+
+
+def sketch_accuracy(modules: int, width: int, rank: int, clients: int) -> tuple[float, float]:
+    """Exact FedAvg-LoRA aggregation error (dense T) and the sketch's estimate, same replies."""
+    sim = Simulation.make(modules // 2, width, rank)
+    exact_acc, sums, sketch = (
+        ProductSumAccumulator(),
+        FactorSumAccumulator(),
+        ErrorSketch(SKETCH_SIZE),
+    )
+    for k, flat in enumerate(sim.replies(clients, shared_a=False)):
+        reply = split_adapter(flat, 2.0)
+        for acc in (exact_acc, sums, sketch):
+            acc.add(reply, 10.0 + k)
+    return aggregation_error_from_sums(exact_acc.result()).overall, sketch.estimate(
+        sums.result(),
+    ).overall
 
 
 # --- LoRA-FAIR ---------------------------------------------------------------------------
@@ -208,25 +250,49 @@ def lora_fair_bench(width: int, rank: int, clients: int, steps: int) -> dict[str
         db_closed = lora_fair_correction_closed_form(target, a_bar, b_bar, lam)
         closed_times.append(time.perf_counter() - start)
     start = time.perf_counter()
-    db_iter = lora_fair_correction_iterative(target, a_bar, b_bar, lam, objective="cosine", steps=steps, lr=0.01)
+    db_iter = lora_fair_correction_iterative(
+        target,
+        a_bar,
+        b_bar,
+        lam,
+        objective="cosine",
+        steps=steps,
+        lr=0.01,
+    )
     iter_time = time.perf_counter() - start
 
     t_sq = float((target * target).sum())
     out = {"closed_s": statistics.median(closed_times), "iterative_s": iter_time}
     for label, db in (("zero", torch.zeros_like(b_bar)), ("closed", db_closed), ("iter", db_iter)):
         out[f"cos_{label}"] = float(lora_fair_objective(target, a_bar, b_bar, db, lam, "cosine"))
-        out[f"sq_{label}"] = float(lora_fair_objective(target, a_bar, b_bar, db, lam, "squared")) / t_sq
+        sq = float(lora_fair_objective(target, a_bar, b_bar, db, lam, "squared"))
+        out[f"sq_{label}"] = sq / t_sq
     return out
 
 
 # --- main --------------------------------------------------------------------------------
 
 
+def print_cell(method: str, n: int, runs: list[dict[str, float | bool | str]]) -> dict[str, float]:
+    """One table row: medians over the runs, and the spread of the memory growth."""
+    keys = ("aggregate_s", "state_mb", "baseline_mb", "peak_mb", "growth_mb")
+    med = {key: statistics.median(float(r[key]) for r in runs) for key in keys}
+    growths = [float(r["growth_mb"]) for r in runs]
+    note = "" if all(r["peak_reset"] for r in runs) else "  (peak not reset: includes start-up)"
+    row = (
+        f"{method:<8}{n:>8}{1000 * med['aggregate_s'] / n:>10.2f}{med['aggregate_s']:>9.2f}",
+        f"{med['state_mb']:>10.1f}{med['baseline_mb']:>13.0f}{med['peak_mb']:>9.0f}",
+        f"{med['growth_mb']:>11.0f}  [{min(growths):.0f}, {max(growths):.0f}]{note}",
+    )
+    print("".join(row), flush=True)
+    return med
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller adapter and module; about half a minute")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per memory cell (median reported)")
-    parser.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "LAYERS", "WIDTH", "RANK"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes; about half a minute")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per memory cell (median)")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         method, n, layers, width, rank = args.worker
@@ -235,58 +301,66 @@ def main() -> None:
 
     torch.set_num_threads(2)
     layers, width, rank = (8, 1024, 16) if args.quick else (32, 4096, 16)
-    counts = [10, 100, 1000]
     fair_width, fair_steps = (1024, 200) if args.quick else (4096, 1000)
     reply_mb = 2 * len(module_names(layers)) * rank * width * 4 / 2**20
-    print(f"# aggregation benchmark{' --quick: reduced sizes, memory growth near RSS noise' if args.quick else ''}")
+    quick = " --quick: reduced sizes, memory growth near RSS noise" if args.quick else ""
+    print(f"# aggregation benchmark{quick}")
     print(
         f"adapter: rank {rank} on q_proj, v_proj of {layers} layers, width {width}, fp32: "
         f"{2 * layers} modules, {reply_mb:.1f} MB per reply; torch {torch.__version__}, 2 threads"
     )
     for method, what in METHODS.items():
         print(f"  {method}: {what}")
-    print(f"memory: peak RSS growth over the baseline in a fresh process, median of {args.repeats} runs [min, max]")
+    print(f"memory: peak RSS over the baseline, fresh process, median of {args.repeats} [min, max]")
     print()
-    print(
-        f"{'method':<14}{'replies':>8}{'ms/reply':>10}{'total s':>9}{'state MB':>10}"
-        f"{'baseline MB':>13}{'peak MB':>9}{'growth MB':>11}  [min, max]"
-    )
+    header = ("method", "replies", "ms/reply", "total s", "state MB", "baseline MB", "peak MB")
+    widths = (8, 8, 10, 9, 10, 13, 9)
+    cols = [f"{h:>{w}}" for h, w in zip(header, widths, strict=True)]
+    print(f"{header[0]:<{widths[0]}}" + "".join(cols[1:]) + "  growth MB  [min, max]")
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for method in METHODS:
-        for n in counts:
+        for n in (10, 100, 1000):
             runs = [measure(method, n, layers, width, rank) for _ in range(args.repeats)]
-            med = {key: statistics.median(float(r[key]) for r in runs) for key in ("aggregate_s", "state_mb", "baseline_mb", "peak_mb", "growth_mb", "error_estimate")}
-            lo, hi = min(float(r["growth_mb"]) for r in runs), max(float(r["growth_mb"]) for r in runs)
-            cells[(method, n)] = med
-            note = "" if all(r["peak_reset"] for r in runs) else "  (peak not reset: includes start-up)"
-            print(
-                f"{method:<14}{n:>8}{1000 * med['aggregate_s'] / n:>10.2f}{med['aggregate_s']:>9.2f}{med['state_mb']:>10.1f}"
-                f"{med['baseline_mb']:>13.0f}{med['peak_mb']:>9.0f}{med['growth_mb']:>11.0f}  [{lo:.0f}, {hi:.0f}]{note}",
-                flush=True,
-            )
-    live = 2 * reply_mb + reply_mb + reply_mb  # float64 sums of A and B, one reply, the fp32 result
-    print(f"expected live tensors for fedavg: float64 sums {2 * reply_mb:.0f} MB + reply in flight {reply_mb:.0f} MB + result {reply_mb:.0f} MB = {live:.0f} MB at most")
-    print(f"FedAvg-LoRA aggregation error of the simulated round, sketch estimate at 1000 replies: {cells[('fedavg', 1000)]['error_estimate']:.4f}")
+            cells[(method, n)] = print_cell(method, n, runs)
+    live = 4 * reply_mb  # float64 sums of A and B, one reply in flight, the fp32 result
+    print(
+        f"live tensors for fedavg at most: float64 sums {2 * reply_mb:.0f} MB + reply in flight "
+        f"{reply_mb:.0f} MB + fp32 result {reply_mb:.0f} MB = {live:.0f} MB"
+    )
+    exact, estimate = sketch_accuracy(16, 1024, rank, 10)
+    print(
+        f"error sketch vs exact (16 modules 1024 x 1024, rank {rank}, 10 drifting clients): "
+        f"exact {exact:.5f}, sketch {estimate:.5f} ({100 * (estimate / exact - 1):+.1f}%)"
+    )
     print()
 
     fair = lora_fair_bench(fair_width, rank, clients=6, steps=fair_steps)
-    print(f"LoRA-FAIR: one {fair_width} x {fair_width} module, rank {rank}, 6 clients, lambda 0.01, float64 server sums")
-    print(f"  closed form (squared-error variant, r x r solve): {1000 * fair['closed_s']:.1f} ms, median of 9")
-    print(f"  iterative (paper's cosine objective, {fair_steps} SGD steps at lr 0.01 from dB = 0): {fair['iterative_s']:.2f} s")
-    print("  objective values reached               dB = 0      closed form   iterative")
-    print(f"  cosine  1 - mean col cos + lam|dB|^2    {fair['cos_zero']:.6f}    {fair['cos_closed']:.6f}      {fair['cos_iter']:.6f}")
-    print(f"  squared (|T - (B+dB)A|^2 + lam|dB|^2) / |T|^2  {fair['sq_zero']:.6f}  {fair['sq_closed']:.6f}      {fair['sq_iter']:.6f}")
+    size = f"{fair_width} x {fair_width}"
+    print(f"LoRA-FAIR: one {size} module, rank {rank}, 6 clients, lambda 0.01, float64 sums")
+    closed_ms, iter_s = 1000 * fair["closed_s"], fair["iterative_s"]
+    print(f"  closed form (squared-error variant, r x r solve): {closed_ms:.1f} ms, median of 9")
+    print(
+        f"  iterative (paper's cosine objective, {fair_steps} SGD steps, lr 0.01): {iter_s:.2f} s",
+    )
+    print(f"  {'objective reached':<36}{'dB = 0':>10}{'closed':>10}{'iterative':>10}")
+    for label, key in (
+        ("1 - mean column cos + lam |dB|^2", "cos"),
+        ("sq. error + lam |dB|^2, / |T|^2", "sq"),
+    ):
+        values = [fair[f"{key}_{x}"] for x in ("zero", "closed", "iter")]
+        print(f"  {label:<36}" + "".join(f"{v:>10.6f}" for v in values))
     print()
 
     def ratio(method: str, key: str) -> float:
         return cells[(method, 1000)][key] / cells[(method, 10)][key]
 
+    cos_ratio = fair["cos_closed"] / fair["cos_iter"]
     print(f"ratio fedavg_state_1000_vs_10 = {ratio('fedavg', 'state_mb'):.3f}")
     print(f"ratio ffa_memory_1000_vs_10 = {ratio('ffa', 'growth_mb'):.3f}")
-    print(f"ratio fedavg_nodiag_memory_1000_vs_10 = {ratio('fedavg-nodiag', 'growth_mb'):.3f}")
     print(f"ratio fedavg_memory_1000_vs_10 = {ratio('fedavg', 'growth_mb'):.3f}")
-    print(f"ratio lora_fair_cosine_objective_closed_vs_iterative = {fair['cos_closed'] / fair['cos_iter']:.4f}")
-    print(f"ratio lora_fair_closed_vs_iterative_speed = {fair['iterative_s'] / fair['closed_s']:.1f}")
+    print(f"ratio error_sketch_vs_exact = {estimate / exact:.4f}")
+    print(f"ratio lora_fair_cosine_objective_closed_vs_iterative = {cos_ratio:.4f}")
+    print(f"ratio lora_fair_closed_vs_iterative_speed = {iter_s / fair['closed_s']:.1f}")
 
 
 if __name__ == "__main__":

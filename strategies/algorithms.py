@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, join_adapter, split_adapter
-from strategies.diagnostics import aggregation_error_from_sums
+from strategies.diagnostics import ErrorSketch, aggregation_error_from_sums
 from strategies.fedex_lora import fedex_lora_from_sums
 from strategies.fedsvd import fedsvd_from_sums
 from strategies.ffa_lora import init_lora_A
@@ -35,7 +35,22 @@ from strategies.streaming import (
 )
 
 Factors = Literal["both", "A", "B"]
-Accumulator = FactorSumAccumulator | ProductSumAccumulator | DeltaSumAccumulator
+
+
+class SketchedFactorSum:
+    """FedAvg-LoRA's constant-memory accumulator: running sums of A and B plus an
+    :class:`~strategies.diagnostics.ErrorSketch` of sum_k p_k B_k A_k for the error diagnostic."""
+
+    def __init__(self, sketch_size: int = 128) -> None:
+        self.sums = FactorSumAccumulator("both")
+        self.sketch = ErrorSketch(sketch_size)
+
+    def add(self, modules: Mapping[str, LoraFactors], weight: float) -> None:
+        self.sums.add(modules, weight)  # validates first: a bad reply touches neither
+        self.sketch.add(modules, weight)
+
+
+Accumulator = FactorSumAccumulator | ProductSumAccumulator | DeltaSumAccumulator | SketchedFactorSum
 BASE_DELTA_SUFFIX = ".base_delta"
 
 
@@ -86,6 +101,9 @@ class LoraAlgorithm:
 
     The base class is FedAvg-LoRA; other methods override what differs. ``scaling`` is the
     LoRA scaling s shared by all clients; ``seed`` the run seed (FFA-LoRA's shared A).
+    ``exact_error`` keeps the dense sum_k p_k B_k A_k per module for the exact aggregation
+    error; by default a constant-size sketch estimates it (exact when a layer is at most
+    128 wide), so the server's memory stays that of two factor sums.
     """
 
     name: ClassVar[str] = "fedavg-lora"
@@ -93,7 +111,7 @@ class LoraAlgorithm:
     #: whether it needs each client's own product B_k A_k (no secure aggregation then)
     product_based: ClassVar[bool] = True
 
-    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = True) -> None:
+    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False) -> None:
         if not math.isfinite(scaling) or scaling <= 0:
             raise ValueError(f"scaling must be finite and > 0, got {scaling}")
         self.scaling = scaling
@@ -119,7 +137,7 @@ class LoraAlgorithm:
     def new_accumulator(self, server_round: int) -> Accumulator:
         if self.exact_error:
             return ProductSumAccumulator()
-        return FactorSumAccumulator("both")
+        return SketchedFactorSum()
 
     def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
         """Per-module factors of a reply; factors the client did not train come from ``state``."""
@@ -138,7 +156,10 @@ class LoraAlgorithm:
             }
             err = aggregation_error_from_sums(sums)
             return join_adapter(factors), {"aggregation-error": err.overall}
-        assert isinstance(acc, FactorSumAccumulator)
+        if isinstance(acc, SketchedFactorSum):
+            averaged = acc.sums.result()
+            return join_adapter(averaged), {"aggregation-error": acc.sketch.estimate(averaged).overall}
+        assert isinstance(acc, FactorSumAccumulator)  # exact methods: nothing to diagnose
         return join_adapter(acc.result()), {}
 
 
@@ -182,7 +203,7 @@ class LoraFair(LoraAlgorithm):
     defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
 
     def __init__(
-        self, scaling: float, seed: int = 0, exact_error: bool = True, fair: LoraFairConfig | None = None
+        self, scaling: float, seed: int = 0, exact_error: bool = False, fair: LoraFairConfig | None = None
     ) -> None:
         super().__init__(scaling, seed, exact_error)
         self.fair = fair if fair is not None else LoraFairConfig()
@@ -212,7 +233,7 @@ class FedExLora(LoraAlgorithm):
     name = "fedex-lora"
     defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
 
-    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = True, fan_in_fan_out: bool = False) -> None:
+    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False, fan_in_fan_out: bool = False) -> None:
         super().__init__(scaling, seed, exact_error)
         self.fan_in_fan_out = fan_in_fan_out
 
@@ -283,7 +304,7 @@ class FlexLora(LoraAlgorithm):
     name = "flexlora"
     defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
 
-    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = True, max_rank: int = 8) -> None:
+    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False, max_rank: int = 8) -> None:
         super().__init__(scaling, seed, exact_error)
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")

@@ -138,25 +138,27 @@ def lora_fair_correction_iterative(
         else:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
 
+        # Shapes below are for one module; a leading batch dimension (modules of one shape,
+        # stacked) is carried along: the summed loss has independent per-module gradients.
         if objective == "cosine":
-            t_norm = torch.linalg.vector_norm(T, dim=0).clamp_min(COSINE_EPS)  # d_in
-            bt_t = B_bar.T @ T  # r x d_in, the fixed part of (B_bar + dB)^T T
+            t_norm = torch.linalg.vector_norm(T, dim=-2).clamp_min(COSINE_EPS)  # d_in
+            bt_t = B_bar.mT @ T  # r x d_in, the fixed part of (B_bar + dB)^T T
 
             def loss_fn() -> Tensor:
                 b = B_bar + dB  # d_out x r
-                num = ((bt_t + dB.T @ T) * A_bar).sum(dim=0)  # d_in: <T_j, B a_j>
-                p_sq = ((b.T @ b @ A_bar) * A_bar).sum(dim=0)  # d_in: ||B a_j||^2
+                num = ((bt_t + dB.mT @ T) * A_bar).sum(dim=-2)  # d_in: <T_j, B a_j>
+                p_sq = ((b.mT @ b @ A_bar) * A_bar).sum(dim=-2)  # d_in: ||B a_j||^2
                 p_norm = p_sq.clamp_min(COSINE_EPS**2).sqrt()
                 cos: Tensor = num / (t_norm * p_norm)
-                return 1.0 - cos.mean() + lam * (dB * dB).sum()
+                return -cos.mean(dim=-1).sum() + lam * (dB * dB).sum()
 
         elif objective == "squared":
-            t_at = T @ A_bar.T  # d_out x r
-            aat = A_bar @ A_bar.T  # r x r
+            t_at = T @ A_bar.mT  # d_out x r
+            aat = A_bar @ A_bar.mT  # r x r
 
             def loss_fn() -> Tensor:
                 b = B_bar + dB
-                return -2.0 * (b * t_at).sum() + ((b.T @ b) * aat).sum() + lam * (dB * dB).sum()
+                return -2.0 * (b * t_at).sum() + ((b.mT @ b) * aat).sum() + lam * (dB * dB).sum()
 
         else:
             raise ValueError(f"objective must be 'cosine' or 'squared', got {objective!r}")
@@ -164,7 +166,7 @@ def lora_fair_correction_iterative(
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn()
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()  # type: ignore[no-untyped-call,unused-ignore]
             opt.step()
     return dB.detach()
 
@@ -194,9 +196,21 @@ def lora_fair_from_sums(
     would return it.
     """
     cfg = config if config is not None else LoraFairConfig()
+    corrections: dict[str, Tensor] = {}
+    if cfg.solver == "iterative":
+        # one batched solve per module shape: a model has few distinct shapes, many modules
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
+        for name, ps in sums.items():
+            groups.setdefault((tuple(ps.T.shape), tuple(ps.A_bar.shape)), []).append(name)
+        for names in groups.values():
+            stacked = [torch.stack([getattr(sums[n], f) for n in names]) for f in ("T", "A_bar", "B_bar")]
+            dBs = lora_fair_correction(stacked[0], stacked[1], stacked[2], cfg)
+            corrections.update(zip(names, dBs.unbind(0), strict=True))
+    else:
+        corrections = {n: lora_fair_correction(ps.T, ps.A_bar, ps.B_bar, cfg) for n, ps in sums.items()}
     out: dict[str, LoraFactors] = {}
     for name, ps in sums.items():
-        dB = lora_fair_correction(ps.T, ps.A_bar, ps.B_bar, cfg)
+        dB = corrections[name]
         if not bool(torch.isfinite(dB).all()):
             raise ValueError(f"module {name!r}: LoRA-FAIR correction is not finite (lower lr?)")
         b = (ps.B_bar + dB).to(ps.dtype)

@@ -422,7 +422,7 @@ def test_fedex_with_peft_merge_conv1d() -> None:
             self.c_attn = conv1d(5, 5)
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.c_attn(x)  # type: ignore[no-any-return]
+            return self.c_attn(x)
 
     d, r = 5, 2
     clients, weights = random_clients(
@@ -647,3 +647,27 @@ def test_results_come_back_in_the_replies_dtype() -> None:
     ):
         assert out["q"].A.dtype == torch.float32 and out["q"].B.dtype == torch.float32
     assert fedex_lora_aggregate(clients, weights).base_deltas["q"].dtype == torch.float32
+
+
+def test_lora_fair_batched_solve_equals_per_module_solves() -> None:
+    """Modules of one shape are solved as one batch; each must get its own solution."""
+    from strategies.lora_fair import LoraFairConfig, lora_fair_correction_iterative, lora_fair_from_sums
+    from strategies.streaming import ProductSums
+
+    g = torch.Generator().manual_seed(11)
+    sums = {
+        f"m{i}": ProductSums(
+            A_bar=torch.randn(3, d_in, generator=g, dtype=torch.float64),
+            B_bar=torch.randn(d_out, 3, generator=g, dtype=torch.float64),
+            T=torch.randn(d_out, d_in, generator=g, dtype=torch.float64),
+            scaling=2.0,
+            dtype=torch.float64,
+        )
+        for i, (d_out, d_in) in enumerate([(5, 4), (5, 4), (7, 4), (5, 4)])
+    }
+    cfg = LoraFairConfig(lam=0.01, steps=50)
+    batched = lora_fair_from_sums(sums, cfg)
+    for name, ps in sums.items():
+        dB = lora_fair_correction_iterative(ps.T, ps.A_bar, ps.B_bar, 0.01, steps=50)
+        torch.testing.assert_close(batched[name].B, ps.B_bar + dB, rtol=1e-12, atol=1e-12)
+        assert not torch.equal(dB, torch.zeros_like(dB))

@@ -266,12 +266,12 @@ def test_result_is_final_and_needs_weight() -> None:
     acc.add(cs[0], 0.0)
     with pytest.raises(ValueError, match="weights sum to zero"):
         acc.result()
-    acc = ProductSumAccumulator()
-    acc.add(cs[0], ws[0])
-    first = acc.result()
-    assert acc.result() is first
+    products = ProductSumAccumulator()
+    products.add(cs[0], ws[0])
+    first = products.result()
+    assert products.result() is first
     with pytest.raises(ValueError, match="already taken"):
-        acc.add(cs[1], ws[1])
+        products.add(cs[1], ws[1])
     with pytest.raises(ValueError, match="trained must be"):
         FactorSumAccumulator("AB")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="got 2 client adapters but 1 weights"):
