@@ -196,7 +196,14 @@ def shared_a_state(adapter: Mapping[str, Tensor], seed: int) -> dict[str, Tensor
     return out
 
 
-class LoraFair(LoraAlgorithm):
+class _ProductMethod(LoraAlgorithm):
+    """Methods that need sum_k p_k B_k A_k itself, not just the factor sums."""
+
+    def new_accumulator(self, server_round: int) -> Accumulator:
+        return ProductSumAccumulator()
+
+
+class LoraFair(_ProductMethod):
     """LoRA-FAIR: FedAvg-LoRA plus the server's correction of B; clients restart from it."""
 
     name = "lora-fair"
@@ -207,9 +214,6 @@ class LoraFair(LoraAlgorithm):
     ) -> None:
         super().__init__(scaling, seed, exact_error)
         self.fair = fair if fair is not None else LoraFairConfig()
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return ProductSumAccumulator()
 
     def finish(
         self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
@@ -223,7 +227,7 @@ class LoraFair(LoraAlgorithm):
         }
 
 
-class FedExLora(LoraAlgorithm):
+class FedExLora(_ProductMethod):
     """FedEx-LoRA: exact; the residual T - B_bar A_bar is folded into the frozen base weights.
 
     The state carries the accumulated base-weight delta of every module, which clients add
@@ -236,9 +240,6 @@ class FedExLora(LoraAlgorithm):
     def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False, fan_in_fan_out: bool = False) -> None:
         super().__init__(scaling, seed, exact_error)
         self.fan_in_fan_out = fan_in_fan_out
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return ProductSumAccumulator()
 
     def finish(
         self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]

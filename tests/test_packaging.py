@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-OURS = ["client", "simulations", "strategies"]
+OURS = ["client", "server", "simulations", "strategies"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +23,20 @@ def test_top_level_name_is_ours_alone(name: str) -> None:
 def test_console_scripts_declared() -> None:
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
     assert eps["fl-client"] == "client.cli:main"
+
+
+def test_strategies_import_no_other_package_of_ours() -> None:
+    """Dependencies point one way: the math and strategies never reach into client/server."""
+    import ast
+
+    others = {"client", "server", "simulations", "hub", "privacy"}
+    for path in (REPO / "strategies").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in others, f"{path.name} imports {name}"
