@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from client.data import Encoded, encode
+from client.data import Encoded, collate, encode
 from client.federation import FederationConfig
 from client.model import (
     Factors,
@@ -33,7 +33,10 @@ from client.model import (
     set_trainable_factors,
     wrap_lora,
 )
-from client.train import TrainSettings, evaluate, train
+from client.train import TrainResult, TrainSettings, evaluate, train
+from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.ledger import PrivacyLedger
+from privacy.planning import default_delta
 from simulations.embedded import default_model_dir
 from strategies.algorithms import (
     ALGORITHMS,
@@ -111,9 +114,40 @@ def _node(context: Context) -> tuple[FederationConfig, int]:
     return cfg, partition
 
 
+def _reply(
+    msg: Message,
+    metrics: dict[str, int | float],
+    tensors: Mapping[str, Tensor] | None = None,
+    status: str | None = None,
+) -> Message:
+    content = RecordDict({"metrics": MetricRecord(dict(metrics))})
+    if tensors is not None:
+        content["arrays"] = ArrayRecord(dict(tensors))
+    if status is not None:
+        content["status"] = ConfigRecord({"reason": status})
+    return Message(content, reply_to=msg)
+
+
+def _train_private(
+    setup: LocalSetup, cfg: FederationConfig, data: list[Encoded], settings: TrainSettings, sigma: float
+) -> TrainResult:
+    """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients."""
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    pad = int(setup.tokenizer.pad_token_id)
+    dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=cfg.dp_max_grad_norm)
+    with dp_sgd(setup.model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, settings.seed) as pt:
+        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
+        return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the factors the server asks for, starting from the global adapter."""
+    """Train the factors the server asks for, starting from the global adapter.
+
+    With DP on, the client's lifetime ledger decides first whether it may take part at all,
+    and is charged before the reply leaves: a crash after the charge over-reports, never under.
+    """
     started = time.perf_counter()
     cfg, partition = _node(context)
     setup, train_data, _ = _setup(cfg, partition)
@@ -121,29 +155,64 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = int(round_config["server-round"])  # type: ignore[arg-type]
     factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
     rank = cfg.client_rank(partition)
-    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), rank)
-    set_trainable_factors(setup.model, factors)
     settings = TrainSettings(
         steps=int(round_config["local-steps"]),  # type: ignore[arg-type]
         lr=float(round_config["lr"]),  # type: ignore[arg-type]
         batch_size=cfg.batch_size,
+        max_grad_norm=None if cfg.dp_enabled else TrainSettings.max_grad_norm,
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition,
     )
-    result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
-    tensors = get_adapter_state(setup.model, factors)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(train_data),
-            "train-loss": result.mean_loss,
-            "train-loss-final": result.final_loss,
-            "lora-scaling": setup.scaling,
-            "lora-rank": rank,
-            "partition-id": partition,
-            "seconds": time.perf_counter() - started,
-            "pid": os.getpid(),
-        }
-    )
-    return Message(RecordDict({"arrays": ArrayRecord(tensors), "metrics": metrics}), reply_to=msg)
+    privacy: dict[str, int | float] = {}
+    ledger: PrivacyLedger | None = None
+    if cfg.dp_enabled:
+        node_dir = context.node_config.get("state-dir")
+        ledger = PrivacyLedger(cfg.client_state_dir(partition, str(node_dir) if node_dir else None))
+        sigma = float(round_config["dp-noise-multiplier"])  # type: ignore[arg-type]
+        q = sample_rate(cfg.batch_size, len(train_data))
+        delta = cfg.dp_delta or default_delta(len(train_data))
+        spent = ledger.epsilon(delta, cfg.dp_accountant)
+        privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
+        if ledger.is_charged(context.run_id, server_round):
+            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status="round already charged")
+        if cfg.dp_max_epsilon:
+            over, projected = ledger.would_exceed(
+                cfg.dp_max_epsilon, delta, cfg.dp_accountant, sigma, q, settings.steps
+            )
+            if over:
+                reason = (
+                    f"privacy budget: this round would take epsilon from {spent:.3f} to {projected:.3f}, "
+                    f"past dp.max-epsilon = {cfg.dp_max_epsilon}"
+                )
+                return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
+    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), rank)
+    set_trainable_factors(setup.model, factors)
+    if ledger is not None:
+        result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]))
+        ledger.charge(
+            context.run_id,
+            server_round,
+            privacy["noise-multiplier"],
+            privacy["sample-rate"],
+            settings.steps,
+            accountant=cfg.dp_accountant,
+            delta=privacy["delta"],
+        )
+        privacy["epsilon"] = ledger.epsilon(privacy["delta"], cfg.dp_accountant)
+        privacy["dp-steps"] = sum(steps for _, _, steps in ledger.history())
+    else:
+        result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
+    metrics: dict[str, int | float] = {
+        "num-examples": len(train_data),
+        "train-loss": result.mean_loss,
+        "train-loss-final": result.final_loss,
+        "lora-scaling": setup.scaling,
+        "lora-rank": rank,
+        "partition-id": partition,
+        "seconds": time.perf_counter() - started,
+        "pid": os.getpid(),
+        **privacy,
+    }
+    return _reply(msg, metrics, get_adapter_state(setup.model, factors))
 
 
 @app.evaluate()

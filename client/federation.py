@@ -51,6 +51,14 @@ class FederationConfig:
     max_reply_mb: float = 256.0
     threads: int = 1
     audit_save_updates: bool = False
+    state_dir: str = ""
+    dp_enabled: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 8.0
+    dp_delta: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_max_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
@@ -87,6 +95,17 @@ class FederationConfig:
         if any(r < 1 for r in ranks):
             raise ValueError(f"flexlora-ranks must be positive integers, got {self.flexlora_ranks!r}")
         LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha or 1.0, dropout=self.lora_dropout)
+        for name in ("dp_noise_multiplier", "dp_max_epsilon"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{_key(name)} must be a finite number >= 0, got {v!r}")
+        if not self.dp_target_epsilon > 0 or not self.dp_max_grad_norm > 0:
+            raise ValueError("dp.target-epsilon and dp.max-grad-norm must be > 0")
+        if not 0 <= self.dp_delta < 1:
+            raise ValueError(f"dp.delta must be in [0, 1) (0: derived from num-train), got {self.dp_delta!r}")
+        from privacy.accounting import check_accountant
+
+        check_accountant(self.dp_accountant)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -151,6 +170,15 @@ class FederationConfig:
             init_seed=self.seed,
         )
 
+    def client_state_dir(self, partition: int, node_state_dir: str | None = None) -> Path:
+        """Where a client keeps its lifetime privacy ledger: the node's own directory in
+        deployment, ``<state-dir>/partition-<p>`` in simulation (default under the run dir).
+        Point several runs at one state-dir and their epsilon composes."""
+        if node_state_dir:
+            return Path(node_state_dir)
+        root = Path(self.state_dir) if self.state_dir else Path(self.run_dir) / "client-state"
+        return root / f"partition-{partition}"
+
     def data_spec(self, partition: int) -> DataSpec:
         """Partition p trains on task p mod len(tasks); its examples are its own (seeded by p)."""
         tasks = self.task_list
@@ -163,10 +191,15 @@ class FederationConfig:
         )
 
 
+_SECTIONS = ("audit_", "dp_")
+
+
 def _key(field_name: str) -> str:
-    """Run-config key of a field: kebab case; ``audit_save_updates`` is ``audit.save-updates``."""
-    if field_name == "audit_save_updates":
-        return "audit.save-updates"
+    """Run-config key of a field: kebab case, with a dotted section (``dp_max_grad_norm`` is
+    ``dp.max-grad-norm``, ``audit_save_updates`` is ``audit.save-updates``)."""
+    for section in _SECTIONS:
+        if field_name.startswith(section):
+            return section[:-1] + "." + field_name[len(section) :].replace("_", "-")
     return field_name.replace("_", "-")
 
 

@@ -88,10 +88,13 @@ def train(
     progress: bool = False,
     description: str = "train",
     optimizer: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler] | None = None,
+    batch_stream: Iterator[dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Fine-tune the parameters that require gradients for ``settings.steps`` steps.
 
-    ``optimizer`` replaces the default AdamW with linear warm-up (pretraining uses cosine).
+    ``optimizer`` replaces the default AdamW with linear warm-up (pretraining uses cosine);
+    ``batch_stream`` replaces the shuffled epochs over ``data`` (DP-SGD's Poisson batches).
+    Wrappers such as DP-SGD supply both and leave this loop as it is.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -108,11 +111,11 @@ def train(
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
-    stream = batches(data, settings.batch_size, settings.seed)
+    stream = batch_stream or (collate(b, pad_id) for b in batches(data, settings.batch_size, settings.seed))
     with _progress(progress) as bar:
         task = bar.add_task(description, total=settings.steps, loss=float("nan"))
         for _ in range(settings.steps):
-            batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
+            batch = {k: v.to(device) for k, v in next(stream).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = per_sequence_loss(logits, batch["labels"]).mean()
             opt.zero_grad(set_to_none=True)

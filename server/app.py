@@ -7,7 +7,8 @@ The same app serves simulation and deployment. Each round's diagnostics and eval
 from __future__ import annotations
 
 import time
-from logging import INFO
+from dataclasses import asdict
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.federation import FederationConfig
 from client.model import get_adapter_state, load_base_model, wrap_lora
-from server.run_dir import RunDirectory, append_jsonl
+from privacy.dp import sample_rate
+from privacy.planning import default_delta, delta_warning, plan_noise
+from server.run_dir import RunDirectory, append_jsonl, write_json_atomic
 from simulations.embedded import default_model_dir
 from strategies.algorithms import ALGORITHMS
 from strategies.flower import LoraStrategy, create
@@ -66,11 +69,36 @@ class RoundWriter:
                 "train": rec.train,
                 "evaluate": rec.evaluate,
                 "per-client": {str(k): v for k, v in rec.per_client.items()},
+                "per-client-train": {str(k): v for k, v in rec.clients_train.items()},
                 "dropped": {str(k): v for k, v in rec.reasons.items()},
                 "failed": rec.failed,
             }
         append_jsonl(self.run_dir.metrics_path, row)
         return None
+
+
+def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> float:
+    """The noise multiplier for the whole run, calibrated once before training starts.
+
+    From the target epsilon over the planned rounds, the expected participation rate and
+    every client's local steps at q = batch / local examples; an explicit
+    ``dp.noise-multiplier`` wins. The plan is logged and written to the run directory.
+    """
+    q = sample_rate(cfg.batch_size, cfg.num_train)
+    delta = cfg.dp_delta or default_delta(cfg.num_train)
+    warning = delta_warning(delta, cfg.num_train)
+    if warning:
+        log(WARNING, "fedlora: %s", warning)
+    plan = plan_noise(
+        cfg.dp_target_epsilon, delta, cfg.num_rounds, cfg.fraction_train, cfg.local_steps, q, cfg.dp_accountant
+    )
+    sigma = cfg.dp_noise_multiplier or plan.noise_multiplier
+    log(INFO, "fedlora: privacy plan\n%s\nnoise multiplier used: %s", plan.describe(), sigma)
+    write_json_atomic(
+        run_dir.root / "privacy_plan.json",
+        {**asdict(plan), "noise_multiplier_used": sigma, "max_grad_norm": cfg.dp_max_grad_norm},
+    )
+    return sigma
 
 
 @app.main()
@@ -105,13 +133,16 @@ def main(grid: Grid, context: Context) -> None:
         lr_decay=cfg.lr_decay,
     )
     initial = strategy.algorithm.initial_state(get_adapter_state(model))
+    train_config = ConfigRecord({"local-steps": cfg.local_steps})
+    if cfg.dp_enabled:
+        train_config["dp-noise-multiplier"] = plan_privacy(cfg, run_dir)
     log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
         num_rounds=cfg.num_rounds,
         timeout=cfg.round_timeout,
-        train_config=ConfigRecord({"local-steps": cfg.local_steps}),
+        train_config=train_config,
         evaluate_config=ConfigRecord({}),
         evaluate_fn=RoundWriter(run_dir, strategy, cfg),
     )

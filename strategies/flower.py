@@ -53,6 +53,7 @@ class RoundRecord:
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> eval metrics
+    clients_train: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> train metrics
     failed: str | None = None  # why the round kept the previous global adapter
 
 
@@ -113,6 +114,7 @@ class LoraStrategy(FedAvg):
         self.max_reply_bytes = max_reply_bytes
         self.on_accepted_reply = on_accepted_reply
         self.rounds: dict[int, RoundRecord] = {}
+        self.excluded: set[int] = set()  # nodes that declined (privacy budget): not sampled again
         self._state: dict[str, Tensor] | None = None
 
     def summary(self) -> None:
@@ -131,7 +133,11 @@ class LoraStrategy(FedAvg):
         download = self.algorithm.download(server_round, state)
         config["train-factors"] = self.algorithm.trained_factors(server_round)
         config["lr"] = self.lr * self.lr_decay ** (server_round - 1)  # the schedule lives on the server
-        messages = list(super().configure_train(server_round, ArrayRecord(download), config, grid))
+        messages = [
+            m
+            for m in super().configure_train(server_round, ArrayRecord(download), config, grid)
+            if m.metadata.dst_node_id not in self.excluded
+        ]
         rec = self._record(server_round)
         rec.sampled = len(messages)
         rec.bytes_sent = len(messages) * payload_bytes(download)
@@ -172,6 +178,7 @@ class LoraStrategy(FedAvg):
             if reason == "declined":
                 rec.declined += 1
                 rec.reasons[node] = str(metrics.get("status", "declined"))
+                self.excluded.add(node)  # it will decline again: stop sampling it in this run
                 log(WARNING, "round %s: node %s declined: %s", server_round, node, rec.reasons[node])
                 continue
             if reason is None:
@@ -187,6 +194,7 @@ class LoraStrategy(FedAvg):
                 continue
             assert reply is not None
             rec.accepted += 1
+            rec.clients_train[node] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             rec.bytes_received += payload_bytes(reply.tensors)
             total_examples += reply.num_examples
             loss_sum += reply.num_examples * float(metrics.get("train-loss", math.nan))
@@ -209,6 +217,9 @@ class LoraStrategy(FedAvg):
             rec.train = summary
             return None, summary
         new_state, diagnostics = algo.finish(server_round, acc, state)
+        epsilons = [m["epsilon"] for m in rec.clients_train.values() if "epsilon" in m]
+        if epsilons:  # a maximum, never Flower's weighted mean of epsilons
+            summary["epsilon-max"] = max(epsilons)
         summary |= {
             "num-examples": total_examples,
             "train-loss": loss_sum / total_examples,
@@ -222,11 +233,14 @@ class LoraStrategy(FedAvg):
         self, msg: Message, expected: Mapping[str, TensorSpec]
     ) -> tuple[str | None, Reply | None, dict[str, Any]]:
         """(reason to drop or None, the reply, its metrics). ``"declined"`` is not an error."""
-        if msg.has_error():
-            return f"client error: {msg.error.reason}", None, {}
+        if msg.has_error():  # the last line of a client's traceback says what went wrong
+            lines = [ln.strip() for ln in str(msg.error.reason).splitlines() if ln.strip()]
+            return f"client error: {(lines[-1] if lines else '')[:300]}", None, {}
         content = msg.content
         metrics: dict[str, Any] = dict(content.metric_records.get("metrics", {}))
         if metrics.get("declined", 0):
+            status = content.config_records.get("status")
+            metrics["status"] = str(status["reason"]) if status is not None and "reason" in status else "declined"
             return "declined", None, metrics
         if "arrays" not in content.array_records:
             return "reply has no 'arrays' record", None, metrics

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-OURS = ["client", "server", "simulations", "strategies"]
+OURS = ["client", "privacy", "server", "simulations", "strategies"]
 REPO = Path(__file__).resolve().parents[1]
 
 
