@@ -18,6 +18,9 @@ from typing import cast
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -141,7 +144,15 @@ def _train_private(
         return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
 
-@app.train()
+def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side fixed clipping, only when the server's DP wrapper asked for it."""
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[client_level_clipping_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the factors the server asks for, starting from the global adapter.
 

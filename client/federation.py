@@ -16,6 +16,9 @@ from client.data import DataSpec
 from client.model import ALL_LINEAR, LoraSettings
 from simulations.tasks import get_task
 
+#: strategies Flower's fixed-clipping DP wrappers can wrap soundly (see dp.client-level)
+CLIENT_LEVEL_DP_STRATEGIES = frozenset({"fedavg-lora"})
+
 
 @dataclass(frozen=True)
 class FederationConfig:
@@ -59,6 +62,9 @@ class FederationConfig:
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
     dp_max_epsilon: float = 0.0
+    dp_client_level: str = "off"
+    dp_client_noise_multiplier: float = 1.0
+    dp_client_clipping_norm: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
@@ -103,6 +109,20 @@ class FederationConfig:
             raise ValueError("dp.target-epsilon and dp.max-grad-norm must be > 0")
         if not 0 <= self.dp_delta < 1:
             raise ValueError(f"dp.delta must be in [0, 1) (0: derived from num-train), got {self.dp_delta!r}")
+        if self.dp_client_level not in ("off", "server-side", "client-side"):
+            raise ValueError(
+                f"dp.client-level must be 'off', 'server-side' or 'client-side', got {self.dp_client_level!r}"
+            )
+        if self.dp_client_level != "off":
+            if self.strategy not in CLIENT_LEVEL_DP_STRATEGIES:
+                raise ValueError(
+                    f"dp.client-level works with {sorted(CLIENT_LEVEL_DP_STRATEGIES)} only, not {self.strategy!r}: "
+                    "Flower's fixed-clipping wrappers clip each reply against the full global state and add noise "
+                    "to the plain average, so they need clients that send every tensor they download and a server "
+                    "that only averages (B-only replies, products and base-weight residuals break that)"
+                )
+            if not self.dp_client_noise_multiplier > 0 or not self.dp_client_clipping_norm > 0:
+                raise ValueError("dp.client-noise-multiplier and dp.client-clipping-norm must be > 0")
         from privacy.accounting import check_accountant
 
         check_accountant(self.dp_accountant)

@@ -15,9 +15,15 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
 
 from client.federation import FederationConfig
 from client.model import get_adapter_state, load_base_model, wrap_lora
+from privacy.accounting import compute_epsilon
 from privacy.dp import sample_rate
 from privacy.planning import default_delta, delta_warning, plan_noise
 from server.run_dir import RunDirectory, append_jsonl, write_json_atomic
@@ -64,6 +70,14 @@ class RoundWriter:
             return None
         rec = self.strategy.rounds.get(server_round)
         row: dict[str, Any] = {"round": server_round, "elapsed": round(time.perf_counter() - self.started, 3)}
+        if self.cfg.dp_client_level != "off":
+            completed = sum(1 for r in self.strategy.rounds.values() if r.failed is None and r.accepted)
+            delta = self.cfg.dp_delta or default_delta(self.cfg.num_clients)
+            row["client-level-dp"] = {
+                "epsilon": compute_epsilon([(self.cfg.dp_client_noise_multiplier, 1.0, completed)], delta),
+                "delta": delta,
+                "privacy-unit": "client",
+            }
         if rec is not None:
             row |= {
                 "train": rec.train,
@@ -99,6 +113,42 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> float:
         {**asdict(plan), "noise_multiplier_used": sigma, "max_grad_norm": cfg.dp_max_grad_norm},
     )
     return sigma
+
+
+def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir: RunDirectory) -> Strategy:
+    """Flower's own fixed-clipping DP wrapper around our strategy, when asked for.
+
+    Its privacy unit is a whole client's dataset (client-level DP): each round is a Gaussian
+    mechanism on the average of m clipped updates (noise sigma * C / m), composed over the
+    rounds without subsampling amplification, as Flower's accountant does. We account it
+    ourselves (Flower's accountant refuses aggregations other than FedAvg's) and never mix it
+    with the sample-level epsilon of DP-SGD.
+    """
+    if cfg.dp_client_level == "off":
+        return strategy
+    m = max(1, int(cfg.num_clients * cfg.fraction_train))
+    wrapper = (
+        DifferentialPrivacyServerSideFixedClipping
+        if cfg.dp_client_level == "server-side"
+        else DifferentialPrivacyClientSideFixedClipping
+    )
+    delta = cfg.dp_delta or default_delta(cfg.num_clients)
+    write_json_atomic(
+        run_dir.root / "client_level_dp.json",
+        {
+            "privacy-unit": "one client's whole dataset (client-level DP)",
+            "clipping": cfg.dp_client_level,
+            "noise-multiplier": cfg.dp_client_noise_multiplier,
+            "clipping-norm": cfg.dp_client_clipping_norm,
+            "sampled-clients": m,
+            "delta": delta,
+            "epsilon-after-planned-rounds": compute_epsilon(
+                [(cfg.dp_client_noise_multiplier, 1.0, cfg.num_rounds)], delta, cfg.dp_accountant
+            ),
+            "accountant": cfg.dp_accountant,
+        },
+    )
+    return wrapper(strategy, cfg.dp_client_noise_multiplier, cfg.dp_client_clipping_norm, m)
 
 
 @app.main()
@@ -137,7 +187,8 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.dp_enabled:
         train_config["dp-noise-multiplier"] = plan_privacy(cfg, run_dir)
     log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
-    result = strategy.start(
+    runner = with_client_level_dp(strategy, cfg, run_dir)
+    result = runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
         num_rounds=cfg.num_rounds,

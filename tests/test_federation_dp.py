@@ -77,3 +77,46 @@ def test_lifetime_ledgers_compose_across_runs_and_enforce_the_cap(tmp_path: Path
 
     fresh = PrivacyLedger(tmp_path / "elsewhere")
     assert fresh.epsilon(delta, "rdp") == 0.0  # a new state directory starts at zero
+
+
+@pytest.mark.parametrize("clipping", ["server-side", "client-side"])
+def test_client_level_dp_through_flower_wrappers(tmp_path: Path, clipping: str) -> None:
+    """Flower's fixed-clipping wrapper around FedAvg-LoRA: the global adapter is the average of
+    the (clipped) replies plus Gaussian noise of std sigma * C / m, and its client-level epsilon
+    is reported apart from any sample-level epsilon."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sigma, clip = 0.01, 0.5
+    run_dir, rows = _run(
+        tmp_path,
+        "cl",
+        strategy="fedavg-lora",
+        **{
+            "num-rounds": 1,
+            "dp.enabled": False,
+            "dp.client-level": clipping,
+            "dp.client-noise-multiplier": sigma,
+            "dp.client-clipping-norm": clip,
+            "audit.save-updates": True,
+        },
+    )
+    info = json.loads((run_dir / "client_level_dp.json").read_text())
+    assert info["privacy-unit"].startswith("one client's whole dataset")
+    eps = compute_epsilon([(sigma, 1.0, 1)], info["delta"], "rdp")
+    assert rows[0]["client-level-dp"]["epsilon"] == pytest.approx(eps) and "epsilon-max" not in rows[0]["train"]
+
+    start = load_file(str(run_dir / "checkpoints" / "round-0" / "adapter_model.safetensors"))
+    final = load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
+    replies, weights = [], []
+    for f in sorted((run_dir / "audit" / "round-1").glob("node-*.safetensors")):
+        replies.append(load_file(str(f)))
+        with safe_open(str(f), "pt") as h:
+            weights.append(float(h.metadata()["num-examples"]))
+    assert len(replies) == 3 and len(set(weights)) == 1  # Flower's wrappers need uniform weights
+    for reply in replies:  # each update was clipped to C (within float rounding)
+        norm = torch.sqrt(sum(((reply[k] - start[k]).double() ** 2).sum() for k in reply))
+        assert norm <= clip * (1 + 1e-4)
+    noise = torch.cat([(final[k] - sum(r[k] for r in replies) / 3).flatten() for k in final])
+    assert float(noise.std()) == pytest.approx(sigma * clip / 3, rel=0.1)
