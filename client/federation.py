@@ -16,6 +16,26 @@ from client.data import DataSpec
 from client.model import ALL_LINEAR, LoraSettings
 from simulations.tasks import get_task
 
+#: methods whose server needs each client's own product B_k A_k
+PRODUCT_BASED_STRATEGIES = frozenset({"lora-fair", "fedex-lora", "flexlora"})
+
+
+def secure_aggregation_refusal(strategy: str) -> str:
+    """Why ``secure-aggregation = true`` is refused for ``strategy`` (it always is, today)."""
+    if strategy in PRODUCT_BASED_STRATEGIES:
+        return (
+            f"secure-aggregation cannot work with {strategy!r}: its server needs each client's own product "
+            "B_k A_k (or s_k B_k A_k), which secure aggregation hides by design; use a sum-only strategy "
+            "(fedavg-lora, ffa-lora, rolora, fedsvd)"
+        )
+    return (
+        f"secure-aggregation is not available for {strategy!r} with Flower's Message API: Flower 1.41 ships "
+        "SecAgg+ only as a legacy workflow (flwr.server.workflow.SecAggPlusWorkflow with secaggplus_mod), which "
+        "requires a LegacyContext and a legacy Strategy.aggregate_fit, not Message-API strategies such as "
+        "fedlora's; fedlora refuses rather than aggregate in the clear"
+    )
+
+
 #: strategies Flower's fixed-clipping DP wrappers can wrap soundly (see dp.client-level)
 CLIENT_LEVEL_DP_STRATEGIES = frozenset({"fedavg-lora"})
 
@@ -65,6 +85,7 @@ class FederationConfig:
     dp_client_level: str = "off"
     dp_client_noise_multiplier: float = 1.0
     dp_client_clipping_norm: float = 1.0
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
@@ -123,6 +144,8 @@ class FederationConfig:
                 )
             if not self.dp_client_noise_multiplier > 0 or not self.dp_client_clipping_norm > 0:
                 raise ValueError("dp.client-noise-multiplier and dp.client-clipping-norm must be > 0")
+        if self.secure_aggregation:
+            raise ValueError(secure_aggregation_refusal(self.strategy))
         from privacy.accounting import check_accountant
 
         check_accountant(self.dp_accountant)
