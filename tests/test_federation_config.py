@@ -38,7 +38,7 @@ def test_bad_values_are_refused(overrides: dict, message: str) -> None:
 def test_client_level_dp_only_where_the_math_allows() -> None:
     ok = {"dp.client-level": "server-side", "strategy": "fedavg-lora"}
     assert FederationConfig.from_run_config(ok).dp_client_level == "server-side"
-    with pytest.raises(ValueError, match="dp.client-level works with \\['fedavg-lora'\\] only, not 'ffa-lora'"):
+    with pytest.raises(ValueError, match=r"dp\.client-level works with \['fedavg-lora'\] only, not 'ffa-lora'"):
         FederationConfig.from_run_config({**ok, "strategy": "ffa-lora"})
 
 
@@ -50,7 +50,7 @@ def test_secure_aggregation_refused_for_product_based_methods(strategy: str) -> 
 
 @pytest.mark.parametrize("strategy", ["fedavg-lora", "ffa-lora", "rolora", "fedsvd"])
 def test_secure_aggregation_refused_with_the_flower_reason_for_sum_methods(strategy: str) -> None:
-    with pytest.raises(ValueError, match="SecAgg\\+ only as a legacy workflow"):
+    with pytest.raises(ValueError, match=r"SecAgg\+ only as a legacy workflow"):
         FederationConfig.from_run_config({"secure-aggregation": True, "strategy": strategy})
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+from opacus_reference import opacus_reference
 
 from privacy.ledger import LEDGER_FILE, LedgerConflictError, LedgerError, PrivacyLedger
 
@@ -27,15 +26,6 @@ pytestmark = [
 DELTA = 1e-5
 SIGMA, Q, STEPS = 1.0, 0.016, 30
 FORK = multiprocessing.get_context("fork")
-
-
-def opacus_reference(steps: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon as an Opacus training loop would report it: one ``step()`` per DP-SGD step."""
-    acc: IAccountant = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    for sigma, q, n in steps:
-        for _ in range(n):
-            acc.step(noise_multiplier=sigma, sample_rate=q)
-    return float(acc.get_epsilon(delta))
 
 
 def charge(
