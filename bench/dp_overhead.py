@@ -30,10 +30,18 @@ for consecutive batches, the first step of each block is dropped (warm-up), and 
 is the median over all kept steps of that mode.
 
 Peak memory: each (model, factors, mode) runs in its own fresh process, builds the model and
-the batches, records RSS as the baseline, resets the peak (``/proc/self/clear_refs``), runs a
-few fixed-batch steps (entering ``dp_sgd`` included for DP) and reports ``VmHWM`` - baseline:
-the training's activations, gradients, optimizer state, Opacus' per-sample gradients, and
-whatever glibc's heap keeps. Median of several runs, interleaved plain / DP.
+the batches, warms up with one single-example step in each mode (lazy imports, thread pools
+and kernels: the same in every process), records RSS as the baseline, resets the peak
+(``/proc/self/clear_refs``), runs a few fixed-batch steps (entering ``dp_sgd`` included for
+DP) and reports ``VmHWM`` - baseline. Two allocator settings:
+
+- live: ``MALLOC_MMAP_THRESHOLD_=65536``, so every large tensor is its own mapping, returned
+  to the OS when freed: the peak tracks the tensors alive at once (activations, gradients,
+  optimizer state, Opacus' per-sample gradients). Reproducible; the headline ratios;
+- default glibc: what a client process sees, plus whatever the heap keeps after freeing,
+  which grows from step to step by up to hundreds of MB and varies from run to run.
+
+Median of several runs per cell, plain and DP interleaved.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -77,7 +86,7 @@ MODES = ("plain", "dp")
 def build(kind: str, trainable: Factors) -> tuple[torch.nn.Module, list[Encoded], int, int]:
     """(LoRA-wrapped model, encoded examples, pad id, base parameter count)."""
     tokenizer = load_tokenizer()
-    pad = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
+    pad = int(tokenizer.pad_token_id)
     torch.manual_seed(0)
     if kind == "embedded":
         base: Any = load_base_model()
@@ -94,7 +103,7 @@ def build(kind: str, trainable: Factors) -> tuple[torch.nn.Module, list[Encoded]
             max_position_embeddings=64,
             tie_word_embeddings=True,
             pad_token_id=pad,
-            eos_token_id=int(tokenizer.eos_token_id),  # type: ignore[arg-type]
+            eos_token_id=int(tokenizer.eos_token_id),
             bos_token_id=None,
         )
         base = LlamaForCausalLM(config)
@@ -221,6 +230,9 @@ def memory_worker(kind: str, trainable: Factors, mode: str, steps: int) -> dict[
     torch.set_num_threads(1)
     model, data, pad, _ = build(kind, trainable)
     fixed = fixed_batches(data, pad, steps)
+    tiny = [collate(data[:1], pad)]
+    for warm in MODES:  # identical in every process, whatever mode it measures
+        run_block(model, data, pad, warm, 1, 0, tiny)
     baseline = status_mb("VmRSS")
     reset_ok = reset_peak()
     run_block(model, data, pad, mode, steps, 0, fixed)
@@ -228,9 +240,13 @@ def memory_worker(kind: str, trainable: Factors, mode: str, steps: int) -> dict[
     return {"baseline_mb": baseline, "peak_mb": peak, "growth_mb": peak - baseline, "peak_reset": reset_ok}
 
 
-def spawn(*args: str) -> dict[str, Any]:
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
+
+
+def spawn(*args: str, allocator: str = "default") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", *args]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | ALLOCATORS[allocator]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -253,7 +269,7 @@ def main() -> None:
 
     # (repetitions, kept steps per block) per model; memory runs per cell, steps per run
     plan = {"embedded": (3, 6), "20m": (2, 2)} if args.quick else {"embedded": (6, 10), "20m": (4, 3)}
-    mem_repeats, mem_steps = (1, 2) if args.quick else (3, 3)
+    mem_repeats, mem_steps = (1, 2) if args.quick else (2, 3)
     quick = " --quick: fewer repetitions, noisier" if args.quick else ""
     print(f"# DP-SGD overhead benchmark{quick}")
     print(
@@ -291,41 +307,47 @@ def main() -> None:
             print(f"{kind:<10}{trainable:<9}{setting:<8}{''.join(cells)}{ratio:>9.3f}  {shape[0]:>13}  {shape[1]:>13}")
     print()
 
-    memory: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for kind in MODELS:
-        for trainable in FACTORS:
-            for rep in range(mem_repeats):
-                for mode in MODES if rep % 2 == 0 else MODES[::-1]:
-                    run = spawn("memory", kind, trainable, mode, str(mem_steps))
-                    memory.setdefault((kind, trainable, mode), []).append(run)
-    print(
-        f"peak memory over the built model's RSS, fresh process, {mem_steps} fixed-batch steps, "
-        f"median of {mem_repeats} [min, max]"
-    )
-    print(f"{'model':<10}{'factors':<9}{'mode':<7}{'baseline MB':>12}{'peak MB':>9}{'growth MB':>11}  [min, max]")
-    growth: dict[tuple[str, str, str], float] = {}
-    for (kind, trainable, mode), runs in memory.items():
-        g = [float(r["growth_mb"]) for r in runs]
-        base = statistics.median(float(r["baseline_mb"]) for r in runs)
-        peak = statistics.median(float(r["peak_mb"]) for r in runs)
-        growth[(kind, trainable, mode)] = statistics.median(g)
-        note = "" if all(r["peak_reset"] for r in runs) else "  (peak not reset: includes start-up)"
+    allocators = ("live",) if args.quick else ("live", "default")
+    growth: dict[tuple[str, str, str, str], float] = {}
+    for allocator in allocators:
+        memory: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for kind in MODELS:
+            for trainable in FACTORS:
+                for rep in range(mem_repeats):
+                    for mode in MODES if rep % 2 == 0 else MODES[::-1]:
+                        run = spawn("memory", kind, trainable, mode, str(mem_steps), allocator=allocator)
+                        memory.setdefault((kind, trainable, mode), []).append(run)
         print(
-            f"{kind:<10}{trainable:<9}{mode:<7}{base:>12.0f}{peak:>9.0f}{statistics.median(g):>11.1f}"
-            f"  [{min(g):.1f}, {max(g):.1f}]{note}"
+            f"peak memory ({allocator} allocator) over the warmed-up process's RSS, fresh process, "
+            f"{mem_steps} fixed-batch steps, median of {mem_repeats} [min, max]"
         )
-    print()
+        print(f"{'model':<10}{'factors':<9}{'mode':<7}{'baseline MB':>12}{'peak MB':>9}{'growth MB':>11}  [min, max]")
+        for (kind, trainable, mode), runs in memory.items():
+            g = [float(r["growth_mb"]) for r in runs]
+            base = statistics.median(float(r["baseline_mb"]) for r in runs)
+            peak = statistics.median(float(r["peak_mb"]) for r in runs)
+            growth[(allocator, kind, trainable, mode)] = statistics.median(g)
+            note = "" if all(r["peak_reset"] for r in runs) else "  (peak not reset: includes start-up)"
+            print(
+                f"{kind:<10}{trainable:<9}{mode:<7}{base:>12.0f}{peak:>9.0f}{statistics.median(g):>11.1f}"
+                f"  [{min(g):.1f}, {max(g):.1f}]{note}"
+            )
+        print()
 
     def time_ratio(kind: str, trainable: str, setting: str) -> float:
         med = timing[(kind, trainable)]["median_s"]
         return float(med[f"dp_{setting}"] / med[f"plain_{setting}"])
 
-    def memory_ratio(kind: str, trainable: str) -> float:
-        return growth[(kind, trainable, "dp")] / growth[(kind, trainable, "plain")]
+    def memory_ratio(kind: str, trainable: str, allocator: str = "live") -> float:
+        return growth[(allocator, kind, trainable, "dp")] / growth[(allocator, kind, trainable, "plain")]
 
     for kind in MODELS:
         print(f"ratio dp_step_time_end_to_end_{kind} = {time_ratio(kind, 'both', 'e2e'):.3f}")
         print(f"ratio dp_step_time_end_to_end_ffa_{kind} = {time_ratio(kind, 'B', 'e2e'):.3f}")
+    if "default" in allocators:
+        for kind in MODELS:
+            print(f"ratio dp_peak_memory_default_malloc_{kind} = {memory_ratio(kind, 'both', 'default'):.3f}")
+            print(f"ratio dp_peak_memory_default_malloc_ffa_{kind} = {memory_ratio(kind, 'B', 'default'):.3f}")
     for kind in MODELS:
         print(f"ratio dp_step_time_ffa_{kind} = {time_ratio(kind, 'B', 'fixed'):.3f}")
         print(f"ratio dp_peak_memory_ffa_{kind} = {memory_ratio(kind, 'B'):.3f}")

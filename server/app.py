@@ -6,6 +6,7 @@ The same app serves simulation and deployment. Each round's diagnostics and eval
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from logging import INFO, WARNING
@@ -26,6 +27,7 @@ from client.model import get_adapter_state, load_base_model, wrap_lora
 from privacy.accounting import compute_epsilon
 from privacy.dp import sample_rate
 from privacy.planning import default_delta, delta_warning, plan_noise
+from privacy.report import headline, write_privacy_report
 from server.run_dir import RunDirectory, append_jsonl, write_json_atomic
 from simulations.embedded import default_model_dir
 from strategies.algorithms import ALGORITHMS
@@ -166,7 +168,7 @@ def main(grid: Grid, context: Context) -> None:
     fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))
     scaling = cfg.lora_settings(rank, alpha).scaling
     run_dir = RunDirectory(cfg.run_dir, model, model_dir)
-    resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling}
+    resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling, "run-id": context.run_id}
     run_dir.write_config(resolved)
     strategy = create(
         cfg.strategy,
@@ -200,3 +202,5 @@ def main(grid: Grid, context: Context) -> None:
     final = result.arrays if len(result.arrays) else ArrayRecord(initial)
     out = run_dir.save_global(final.to_torch_state_dict(), run_dir.root / "adapters" / "global")
     log(INFO, "fedlora: final global adapter written to %s", out)
+    paths = write_privacy_report(run_dir.root)
+    log(INFO, "fedlora: %s; privacy report %s", headline(json.loads(paths.json.read_text())), paths.markdown)

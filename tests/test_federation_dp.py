@@ -60,6 +60,9 @@ def test_lifetime_ledgers_compose_across_runs_and_enforce_the_cap(tmp_path: Path
     assert rows1[-1]["train"]["epsilon-max"] == pytest.approx(two_rounds, rel=1e-9)
     assert all(r["train"]["accepted"] == 3 for r in rows1)
     assert rows1[0]["train"]["epsilon-max"] < rows1[1]["train"]["epsilon-max"] <= 6.0 + 0.01
+    report = json.loads((run1 / "report" / "privacy.json").read_text())  # written by the server at the end
+    assert (run1 / "report" / "privacy.html").is_file() and (run1 / "report" / "privacy.md").is_file()
+    assert max(c["epsilon"] for c in report["clients"]) == pytest.approx(two_rounds, rel=1e-9)
 
     # a second run on the same client state: epsilon composes; the cap admits one more round only
     three = compute_epsilon([(sigma, q, 18)], delta, "rdp")

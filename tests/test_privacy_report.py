@@ -173,6 +173,16 @@ def test_corrupt_ledger_is_an_error_not_zero(tmp_path: Path) -> None:
         write_privacy_report(run_dir)
 
 
+def test_unnoised_round_reports_infinite_epsilon(tmp_path: Path) -> None:
+    """sigma = 0 released a raw gradient: epsilon is infinite, and JSON (which has no infinity) says "inf"."""
+    run_dir = make_run(tmp_path)
+    PrivacyLedger(run_dir / "client-state" / "partition-2").charge(RUN, 2, 0.0, Q, 1, accountant="rdp", delta=DELTA)
+    paths = write_privacy_report(run_dir)
+    report = json.loads(paths.json.read_text())
+    assert report["clients"][2]["epsilon"] == "inf" and report["epsilon_max"] == "inf"
+    assert "max inf" in paths.markdown.read_text()
+
+
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = make_run(tmp_path)
     assert main(["report", str(run_dir)]) == 0
