@@ -216,25 +216,31 @@ def dirichlet(labels: Sequence[str], spec: PartitionSpec, rng: np.random.Generat
     A draw that leaves some client with no example at all is redrawn, up to MAX_RESAMPLES times;
     then a ValueError names alpha, the number of clients and the pool size.
     """
-    c = spec.num_clients
     weights = client_weights(spec, rng)
-    groups = _groups(labels)
+    groups = list(_groups(labels).values())
     for _ in range(MAX_RESAMPLES):
-        per_client: list[list[int]] = [[] for _ in range(c)]
-        for idx in groups.values():
-            p = rng.dirichlet(np.full(c, spec.alpha)) * weights
-            if p.sum() <= 0:  # every component underflowed (tiny alpha): nobody gets this task
-                break
-            for client, part in enumerate(_deal(idx, largest_remainder(len(idx), p), rng)):
-                per_client[client].extend(part)
-        else:
-            if all(per_client):
-                return per_client
+        per_client = _dirichlet_draw(groups, spec.num_clients, spec.alpha, weights, rng)
+        if per_client is not None and all(per_client):
+            return per_client
     raise ValueError(
         f"dirichlet(alpha={spec.alpha}) left at least one of {spec.num_clients} clients empty in "
         f"{MAX_RESAMPLES} draws over {len(labels)} examples in {len(groups)} task(s); "
         "raise alpha, use fewer clients or more examples per task"
     )
+
+
+def _dirichlet_draw(
+    groups: Sequence[Sequence[int]], num_clients: int, alpha: float, weights: np.ndarray, rng: np.random.Generator
+) -> list[list[int]] | None:
+    """One draw of the classic label-skew split; None when a proportion vector degenerates."""
+    per_client: list[list[int]] = [[] for _ in range(num_clients)]
+    for idx in groups:
+        p = rng.dirichlet(np.full(num_clients, alpha)) * weights  # (num_clients,)
+        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # tiny alpha can underflow every component
+            return None
+        for client, part in enumerate(_deal(idx, largest_remainder(len(idx), p), rng)):
+            per_client[client].extend(part)
+    return per_client
 
 
 def tasks_per_client(labels: Sequence[str], spec: PartitionSpec, rng: np.random.Generator) -> list[list[int]]:
@@ -405,7 +411,9 @@ def partition_tasks(spec: PartitionSpec) -> Partition:
     labels = [t for t in spec.tasks for _ in range(n)]
     partition = _to_partition(labels, partition_indices(labels, spec), spec, source="embedded")
     # Global index g of the concatenated pool is example g % n of its task's own pool.
-    clients = tuple(tuple(Share(s.task, tuple(g % n for g in s.indices)) for s in shares) for shares in partition.clients)
+    clients = tuple(
+        tuple(Share(s.task, tuple(g % n for g in s.indices)) for s in shares) for shares in partition.clients
+    )
     return Partition(spec=spec, source="embedded", clients=clients)
 
 
