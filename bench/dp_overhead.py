@@ -1,8 +1,9 @@
 """DP-SGD overhead benchmark: step time and peak memory of DP-SGD (Opacus) against plain LoRA.
 
-Run ``python bench/dp_overhead.py`` (about 6 minutes on two cores) or ``--quick`` (about
-1.5 minutes, fewer repetitions). Absolute figures first, then one ``ratio <name> = <value>``
-line per ratio, the four headline ratios last.
+Run ``python bench/dp_overhead.py`` (about 6 minutes on two idle cores) or ``--quick`` (about
+1.5 minutes: fewer repetitions, noisier; live-allocator memory of trainable=both only).
+Absolute figures first, then one ``ratio <name> = <value>`` line per ratio, the four headline
+ratios last.
 
 Two models, both wrapped with LoRA r = 8 on all linear layers, 1 torch thread, batch 32 of
 ``rotate-2`` examples (512 of them, so DP's Poisson rate is q = 32 / 512):
@@ -26,8 +27,9 @@ Two figures per mode:
 
 Timing runs in one fresh process per model and trainable-factor setting; plain and DP blocks
 are interleaved (order alternating), a step's time is the gap between the loop's requests
-for consecutive batches, the first step of each block is dropped (warm-up), and each figure
-is the median over all kept steps of that mode.
+for consecutive batches, one untimed warm-up block per mode precedes the timed ones, and each
+figure is the median over all timed steps of that mode (entering ``dp_sgd``, once per round,
+is not part of a step).
 
 Peak memory: each (model, factors, mode) runs in its own fresh process, builds the model and
 the batches, warms up with one single-example step in each mode (lazy imports, thread pools
@@ -204,15 +206,17 @@ def time_worker(kind: str, trainable: Factors, reps: int, steps: int) -> dict[st
     block_medians: dict[str, list[float]] = {}
     shapes: dict[str, list[tuple[int, int]]] = {}
     blocks = [(m, s) for s in ("e2e", "fixed") for m in MODES]
+    for mode, setting in blocks:  # warm-up: first calls, lazy imports, kernels; not timed
+        run_block(model, data, pad, mode, 1, 999, fixed if setting == "fixed" else None)
     for rep in range(reps):
         order = blocks if rep % 2 == 0 else blocks[::-1]
         for mode, setting in order:
             key = f"{mode}_{setting}"
-            stream = run_block(model, data, pad, mode, steps + 1, 1000 + rep, fixed if setting == "fixed" else None)
-            kept = stream.step_times(stream.stamps.pop())[1:]  # drop the warm-up step
+            stream = run_block(model, data, pad, mode, steps, 1000 + rep, fixed if setting == "fixed" else None)
+            kept = stream.step_times(stream.stamps.pop())
             times.setdefault(key, []).extend(kept)
             block_medians.setdefault(key, []).append(statistics.median(kept))
-            shapes.setdefault(key, []).extend(stream.shapes[1:])
+            shapes.setdefault(key, []).extend(stream.shapes)
     return {
         "base_params": base_params,
         "lora_params": lora_params,
@@ -267,8 +271,8 @@ def main() -> None:
             print(json.dumps(memory_worker(kind, trainable, rest[0], int(rest[1]))))
         return
 
-    # (repetitions, kept steps per block) per model; memory runs per cell, steps per run
-    plan = {"embedded": (3, 6), "20m": (2, 2)} if args.quick else {"embedded": (6, 10), "20m": (4, 3)}
+    # (repetitions, timed steps per block) per model; memory runs per cell, steps per run
+    plan = {"embedded": (3, 5), "20m": (3, 2)} if args.quick else {"embedded": (6, 10), "20m": (5, 3)}
     mem_repeats, mem_steps = (1, 2) if args.quick else (2, 3)
     quick = " --quick: fewer repetitions, noisier" if args.quick else ""
     print(f"# DP-SGD overhead benchmark{quick}")
@@ -289,7 +293,7 @@ def main() -> None:
         print(
             f"model {kind}: {t['base_params']:,} base parameters; trainable LoRA parameters "
             f"{lora['both']:,} (both), {lora['B']:,} (B only); {reps} interleaved repetitions x "
-            f"{steps} kept steps per mode"
+            f"{steps} timed steps per mode"
         )
     print()
     print("step time, median ms [min, max of block medians]; mean batch x width of the timed steps")
@@ -308,11 +312,12 @@ def main() -> None:
     print()
 
     allocators = ("live",) if args.quick else ("live", "default")
+    mem_factors = FACTORS[:1] if args.quick else FACTORS
     growth: dict[tuple[str, str, str, str], float] = {}
     for allocator in allocators:
         memory: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for kind in MODELS:
-            for trainable in FACTORS:
+            for trainable in mem_factors:
                 for rep in range(mem_repeats):
                     for mode in MODES if rep % 2 == 0 else MODES[::-1]:
                         run = spawn("memory", kind, trainable, mode, str(mem_steps), allocator=allocator)
@@ -350,7 +355,8 @@ def main() -> None:
             print(f"ratio dp_peak_memory_default_malloc_ffa_{kind} = {memory_ratio(kind, 'B', 'default'):.3f}")
     for kind in MODELS:
         print(f"ratio dp_step_time_ffa_{kind} = {time_ratio(kind, 'B', 'fixed'):.3f}")
-        print(f"ratio dp_peak_memory_ffa_{kind} = {memory_ratio(kind, 'B'):.3f}")
+        if "B" in mem_factors:
+            print(f"ratio dp_peak_memory_ffa_{kind} = {memory_ratio(kind, 'B'):.3f}")
     for kind in MODELS:
         print(f"ratio dp_step_time_{kind} = {time_ratio(kind, 'both', 'fixed'):.3f}")
     for kind in MODELS:

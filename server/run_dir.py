@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from client.model import save_adapter, set_adapter_state
-from strategies.algorithms import BASE_DELTA_SUFFIX, adapter_part
+from strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
 BASE_DELTA_FILE = "base_delta.safetensors"
 
@@ -84,11 +84,12 @@ class RunDirectory:
     def checkpoint(self, server_round: int, state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> Path:
         return self.save_global(state, self.root / "checkpoints" / f"round-{server_round}", extra)
 
-    def audit_reply(self, server_round: int, node_id: int, tensors: Mapping[str, Tensor], weight: float) -> None:
-        """One accepted reply as safetensors, its weight in the file's metadata."""
+    def audit_reply(self, server_round: int, node_id: int, reply: Reply) -> None:
+        """One accepted reply as safetensors; its weight and LoRA scaling in the file's metadata."""
         d = self.root / "audit" / f"round-{server_round}"
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"node-{node_id}.safetensors"
         tmp = d / f".{path.name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"num-examples": repr(weight)})
+        metadata = {"num-examples": repr(reply.num_examples), "scaling": repr(reply.scaling)}
+        save_file({k: v.contiguous() for k, v in reply.tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)

@@ -34,8 +34,8 @@ from strategies.algorithms import (
 )
 from strategies.validation import TensorSpec, check_reply, payload_bytes
 
-#: called for every accepted reply: (round, node id, tensors, num_examples)
-ReplyHook = Callable[[int, int, Mapping[str, Tensor], float], None]
+#: called for every accepted reply: (round, node id, the reply as aggregated)
+ReplyHook = Callable[[int, int, Reply], None]
 
 
 @dataclass
@@ -199,7 +199,7 @@ class LoraStrategy(FedAvg):
             total_examples += reply.num_examples
             loss_sum += reply.num_examples * float(metrics.get("train-loss", math.nan))
             if self.on_accepted_reply is not None:
-                self.on_accepted_reply(server_round, node, reply.tensors, reply.num_examples)
+                self.on_accepted_reply(server_round, node, reply)
         summary: dict[str, float] = {
             "sampled": rec.sampled,
             "accepted": rec.accepted,

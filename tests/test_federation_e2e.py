@@ -14,10 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from client.federation import DEFAULT_RUN_CONFIG
+from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
+from server.app import algorithm_kwargs
 from simulations.embedded import default_model_dir
 from simulations.runner import SimulationRequest, run_simulation_app
 from strategies.adapter import split_adapter
+from strategies.algorithms import ALGORITHMS, Reply
 from strategies.fedavg_lora import fedavg_lora_aggregate
 from strategies.flower import STRATEGIES
 
@@ -99,6 +101,43 @@ def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
         assert all(0 < r["train"]["aggregation-error"] < 1 for r in rows)
     if strategy == "flexlora":
         assert all("truncation-error" in r["train"] for r in rows)
+    _check_recompute_from_files(run_dir, strategy, server_round=3)
+
+
+def _checkpoint(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """A global state as the server held it: the PEFT adapter plus FedEx-LoRA's base deltas."""
+    d = run_dir / "checkpoints" / name
+    state = _state(d)
+    if (d / "base_delta.safetensors").is_file():
+        state |= load_file(str(d / "base_delta.safetensors"))
+    return state
+
+
+def _check_recompute_from_files(run_dir: Path, strategy: str, server_round: int) -> None:
+    """An outsider's recomputation: the round's audit replies and the previous checkpoint,
+    through the same math, give the round's checkpoint."""
+    config = json.loads((run_dir / "config.json").read_text())
+    cfg = FederationConfig.from_run_config({k: v for k, v in config.items() if k in DEFAULT_RUN_CONFIG})
+    algorithm = ALGORITHMS[strategy](**algorithm_kwargs(cfg, config["scaling"], fan_in_fan_out=False))
+    previous = _checkpoint(run_dir, f"round-{server_round - 1}")
+    acc = algorithm.new_accumulator(server_round)
+    for f in sorted((run_dir / "audit" / f"round-{server_round}").glob("node-*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            meta = handle.metadata()
+        reply = Reply(load_file(str(f)), float(meta["num-examples"]), float(meta["scaling"]))
+        acc.add(algorithm.reply_modules(previous, reply), reply.num_examples)
+    recomputed, _ = algorithm.finish(server_round, acc, previous)
+    saved = _checkpoint(run_dir, f"round-{server_round}")
+    assert recomputed.keys() == saved.keys()
+    for key in saved:
+        if key.endswith(".lora_A.weight"):  # compare the update each module adds: B A (SVD signs are free)
+            module = key[: -len(".lora_A.weight")]
+            b_key = module + ".lora_B.weight"
+            torch.testing.assert_close(
+                recomputed[b_key] @ recomputed[key], saved[b_key] @ saved[key], rtol=1e-4, atol=1e-6
+            )
+        elif not key.endswith(".lora_B.weight"):
+            torch.testing.assert_close(recomputed[key], saved[key], rtol=1e-4, atol=1e-6)
 
 
 def _audit(run_dir: Path, server_round: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
