@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from procmem import reset_peak, status_mb
 
 from strategies import (
     ErrorSketch,
@@ -118,20 +119,6 @@ class Simulation:
 
 
 # --- one measurement, in a fresh process -------------------------------------------------
-
-
-def status_mb(field: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) / 2**10 if match else math.nan
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def tensor_mb(*objs: object) -> float:

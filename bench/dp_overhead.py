@@ -51,9 +51,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -66,6 +64,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from procmem import reset_peak, status_mb
 
 from client.data import Encoded, collate, encode
 from client.model import Factors, LoraSettings, load_base_model, load_tokenizer, wrap_lora
@@ -180,20 +180,6 @@ def run_block(
 
 
 # --- workers (fresh processes) ---------------------------------------------------------------
-
-
-def status_mb(field: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) / 2**10 if match else math.nan
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def time_worker(kind: str, trainable: Factors, reps: int, steps: int) -> dict[str, Any]:

@@ -116,9 +116,9 @@ def train(
         task = bar.add_task(description, total=settings.steps, loss=float("nan"))
         for _ in range(settings.steps):
             batch = {k: v.to(device) for k, v in next(stream).items()}
+            opt.zero_grad(set_to_none=True)  # before the forward: DP-SGD's per-sample grads go too
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = per_sequence_loss(logits, batch["labels"]).mean()
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
