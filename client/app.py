@@ -25,7 +25,7 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from client.data import Encoded, collate, encode
+from client.data import DataSpec, Encoded, collate, encode
 from client.federation import FederationConfig
 from client.model import (
     Factors,
@@ -60,7 +60,7 @@ class LocalSetup:
     tokenizer: PreTrainedTokenizerBase
     scaling: float
     pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
-    data: dict[int, tuple[list[Encoded], list[Encoded]]] = field(default_factory=dict)
+    data: dict[DataSpec, tuple[list[Encoded], list[Encoded]]] = field(default_factory=dict)
 
 
 _CACHE: dict[tuple[object, ...], LocalSetup] = {}
@@ -79,11 +79,12 @@ def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Enco
         model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
         setup = LocalSetup(model, tokenizer, lora.scaling)
         _CACHE[key] = setup
-    if partition not in setup.data:
-        train_ex, test_ex = cfg.data_spec(partition).load()
+    spec = cfg.data_spec(partition)
+    if spec not in setup.data:
+        train_ex, test_ex = spec.load()
         max_len = int(getattr(setup.model.config, "max_position_embeddings", 2048))
-        setup.data[partition] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
-    train_data, test_data = setup.data[partition]
+        setup.data[spec] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
+    train_data, test_data = setup.data[spec]
     return setup, train_data, test_data
 
 
