@@ -93,22 +93,9 @@ def build(kind: str, trainable: Factors) -> tuple[torch.nn.Module, list[Encoded]
     if kind == "embedded":
         base: Any = load_base_model()
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from simulations.pretrain import make_model
 
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=384,
-            intermediate_size=1536,
-            num_hidden_layers=8,
-            num_attention_heads=6,
-            num_key_value_heads=6,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-            pad_token_id=pad,
-            eos_token_id=int(tokenizer.eos_token_id),
-            bos_token_id=None,
-        )
-        base = LlamaForCausalLM(config)
+        base = make_model(len(tokenizer), seed=0, hidden=384, intermediate=1536, layers=8, heads=6)
     base_params = sum(p.numel() for p in base.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

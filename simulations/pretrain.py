@@ -32,15 +32,18 @@ def make_tokenizer() -> ByT5Tokenizer:
     return ByT5Tokenizer(extra_ids=0)
 
 
-def make_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
-    """Llama with rotary positions: at this size it learns the suite far faster than GPT-2."""
+def make_model(
+    vocab_size: int, seed: int, hidden: int = 128, intermediate: int = 336, layers: int = 4, heads: int = 4
+) -> LlamaForCausalLM:
+    """Llama with rotary positions: at the default size (the embedded model) it learns the suite
+    far faster than GPT-2; benchmarks build larger variants of the same family."""
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=336,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True,
         pad_token_id=0,
