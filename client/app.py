@@ -88,10 +88,6 @@ def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Enco
     return setup, train_data, test_data
 
 
-def _modules(model: PeftModel) -> dict[str, torch.nn.Module]:
-    return dict(model.named_modules())
-
-
 def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Tensor], rank: int) -> None:
     """Put the downloaded global state into the local model, the way the strategy ships it."""
     adapter = adapter_part(state)
@@ -102,9 +98,9 @@ def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Te
     set_adapter_state(setup.model, adapter)
     deltas = {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
     if deltas or setup.pristine:
-        modules = _modules(setup.model)
+        modules = dict(setup.model.named_modules())
         for name in set(deltas) | set(setup.pristine):
-            weight = cast(Tensor, modules[name].base_layer.weight)  # type: ignore[union-attr]
+            weight = cast(Tensor, modules[name].base_layer.weight)
             if name not in setup.pristine:
                 setup.pristine[name] = weight.detach().clone()
             base = setup.pristine[name]

@@ -69,9 +69,7 @@ def dp_sgd(
     The model's hooks are removed on exit, so a model cached across messages (simulation)
     can be wrapped again next round with other trainable factors.
     """
-    frozen_with_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-    if frozen_with_grad:
-        model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # stale gradients of a cached model must not leak into step one
     model.train()  # Opacus validates training mode; a cached model may come back from evaluation
     q = sample_rate(batch_size, len(dataset))
     generator = torch.Generator().manual_seed(seed)
@@ -86,7 +84,6 @@ def dp_sgd(
     engine = PrivacyEngine(accountant="rdp")  # its own accountant goes unused: the ledger charges
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
         private_model, private_opt, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,

@@ -161,3 +161,13 @@ def test_rolora_alternates_and_rejects_a_changed_frozen_factor() -> None:
     new, s = strategy.aggregate_train_from(1, [_reply(1, b_only)], state)
     assert new is not None and s["accepted"] == 1
     assert all(torch.equal(new[k], state[k]) for k in KEYS if ".lora_A." in k)
+
+
+def test_fedavg_error_sketch_equals_exact_error_on_narrow_modules() -> None:
+    """The constant-memory sketch is exact when a layer is at most its width (128) wide."""
+    state = _adapter(0)
+    replies = [_reply(i, _adapter(i)) for i in (1, 2, 3)]
+    _, sketched = create("fedavg-lora", {"scaling": 1.0}).aggregate_train_from(1, replies, state)
+    _, exact = create("fedavg-lora", {"scaling": 1.0, "exact_error": True}).aggregate_train_from(1, replies, state)
+    assert exact["aggregation-error"] > 0.05
+    assert sketched["aggregation-error"] == pytest.approx(exact["aggregation-error"], rel=1e-6)
