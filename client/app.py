@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,7 +25,8 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from client.data import DataSpec, Encoded, collate, encode
+from client.data import Encoded, collate, encode
+from client.datasets import client_examples
 from client.federation import FederationConfig
 from client.model import (
     Factors,
@@ -33,6 +34,7 @@ from client.model import (
     load_base_model,
     load_tokenizer,
     set_adapter_state,
+    set_base_deltas,
     set_trainable_factors,
     wrap_lora,
 )
@@ -43,8 +45,8 @@ from privacy.planning import default_delta
 from simulations.embedded import default_model_dir
 from strategies.algorithms import (
     ALGORITHMS,
-    BASE_DELTA_SUFFIX,
     adapter_part,
+    base_deltas,
     shared_a_state,
     truncate_for_client,
 )
@@ -60,10 +62,13 @@ class LocalSetup:
     tokenizer: PreTrainedTokenizerBase
     scaling: float
     pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
-    data: dict[DataSpec, tuple[list[Encoded], list[Encoded]]] = field(default_factory=dict)
+    data: OrderedDict[tuple[object, ...], tuple[list[Encoded], list[Encoded]]] = field(default_factory=OrderedDict)
 
 
 _CACHE: dict[tuple[object, ...], LocalSetup] = {}
+#: encoded datasets kept per process: a worker serving thousands of virtual clients keeps the
+#: most recent ones only, so memory does not grow with the number of clients it has served
+DATA_CACHE_SIZE = 64
 
 
 def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Encoded], list[Encoded]]:
@@ -79,12 +84,16 @@ def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Enco
         model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
         setup = LocalSetup(model, tokenizer, lora.scaling)
         _CACHE[key] = setup
-    spec = cfg.data_spec(partition)
-    if spec not in setup.data:
-        train_ex, test_ex = spec.load()
+    data_key = (*cfg.data_key(), partition)
+    if data_key in setup.data:
+        setup.data.move_to_end(data_key)
+    else:
+        train_ex, test_ex = client_examples(cfg, partition)
         max_len = int(getattr(setup.model.config, "max_position_embeddings", 2048))
-        setup.data[spec] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
-    train_data, test_data = setup.data[spec]
+        setup.data[data_key] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
+        while len(setup.data) > DATA_CACHE_SIZE:
+            setup.data.popitem(last=False)
+    train_data, test_data = setup.data[data_key]
     return setup, train_data, test_data
 
 
@@ -96,16 +105,7 @@ def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Te
     elif cfg.strategy == "flexlora":  # the global SVD, truncated to this client's rank
         adapter = truncate_for_client(adapter, rank, setup.scaling)
     set_adapter_state(setup.model, adapter)
-    deltas = {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
-    if deltas or setup.pristine:
-        modules = dict(setup.model.named_modules())
-        for name in set(deltas) | set(setup.pristine):
-            weight = cast(Tensor, modules[name].base_layer.weight)
-            if name not in setup.pristine:
-                setup.pristine[name] = weight.detach().clone()
-            base = setup.pristine[name]
-            with torch.no_grad():
-                weight.copy_(base + deltas[name].to(base.dtype) if name in deltas else base)
+    set_base_deltas(setup.model, base_deltas(state), setup.pristine)
 
 
 def _node(context: Context) -> tuple[FederationConfig, int]:
@@ -158,7 +158,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     """
     started = time.perf_counter()
     cfg, partition = _node(context)
-    setup, train_data, _ = _setup(cfg, partition)
+    setup, train_data, test_data = _setup(cfg, partition)
     round_config = msg.content.config_records["config"]
     server_round = int(round_config["server-round"])  # type: ignore[arg-type]
     factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
@@ -177,7 +177,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         ledger = PrivacyLedger(cfg.client_state_dir(partition, str(node_dir) if node_dir else None))
         sigma = float(round_config["dp-noise-multiplier"])  # type: ignore[arg-type]
         q = sample_rate(cfg.batch_size, len(train_data))
-        delta = cfg.dp_delta or default_delta(len(train_data))
+        run_delta = round_config.get("dp-delta")  # the run's one delta, from the server's plan
+        delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp_delta or default_delta(len(train_data))
         spent = ledger.epsilon(delta, cfg.dp_accountant)
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
         if ledger.is_charged(context.run_id, server_round):
@@ -209,6 +210,10 @@ def train_handler(msg: Message, context: Context) -> Message:
         privacy["dp-steps"] = sum(steps for _, _, steps in ledger.history())
     else:
         result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
+    local: dict[str, int | float] = {}
+    if test_data:  # the locally trained adapter on this client's own test split: what personalising would give
+        res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
+        local = {"local-exact-match": res.exact_match, "local-eval-loss": res.loss}
     metrics: dict[str, int | float] = {
         "num-examples": len(train_data),
         "train-loss": result.mean_loss,
@@ -218,6 +223,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         "partition-id": partition,
         "seconds": time.perf_counter() - started,
         "pid": os.getpid(),
+        **local,
         **privacy,
     }
     return _reply(msg, metrics, get_adapter_state(setup.model, factors))

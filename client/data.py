@@ -19,12 +19,13 @@ from simulations.tasks import Example, get_task
 IGNORE_INDEX = -100
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Read prompt/completion records; a malformed line is refused with its file and line."""
+def read_jsonl(path: str | Path) -> list[tuple[Example, str | None]]:
+    """Read prompt/completion records, each with its optional ``task`` label (used to split one
+    file into non-IID clients); a malformed line is refused with its file and line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file {p} does not exist")
-    out: list[Example] = []
+    out: list[tuple[Example, str | None]] = []
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -39,17 +40,25 @@ def load_jsonl(path: str | Path) -> list[Example]:
             missing = [k for k in ("prompt", "completion") if k not in rec]
             if missing:
                 raise ValueError(f"{where}: missing key(s) {missing}; a record needs 'prompt' and 'completion'")
-            extra = sorted(set(rec) - {"prompt", "completion"})
+            extra = sorted(set(rec) - {"prompt", "completion", "task"})
             if extra:
-                raise ValueError(f"{where}: unknown key(s) {extra}; allowed: 'prompt', 'completion'")
+                raise ValueError(f"{where}: unknown key(s) {extra}; allowed: 'prompt', 'completion', 'task'")
             if not isinstance(rec["prompt"], str) or not isinstance(rec["completion"], str):
                 raise ValueError(f"{where}: 'prompt' and 'completion' must be strings")
             if not rec["completion"]:
                 raise ValueError(f"{where}: 'completion' is empty")
-            out.append(Example(rec["prompt"], rec["completion"]))
+            task = rec.get("task")
+            if task is not None and (not isinstance(task, str) or not task):
+                raise ValueError(f"{where}: 'task' must be a non-empty string")
+            out.append((Example(rec["prompt"], rec["completion"]), task))
     if not out:
         raise ValueError(f"{p}: no records")
     return out
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """The examples of a JSONL file (see :func:`read_jsonl`)."""
+    return [ex for ex, _ in read_jsonl(path)]
 
 
 @dataclass(frozen=True)
@@ -80,13 +89,15 @@ class DataSpec:
                 t.examples(self.num_test, self.seed, "test", self.tagged),
             )
         assert self.path is not None
-        records = load_jsonl(self.path)
-        g = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(records), generator=g).tolist()
-        n_test = min(self.num_test, len(records) // 10)
-        test = [records[i] for i in order[:n_test]]
-        train = [records[i] for i in order[n_test:]]
-        return train, test
+        return split_train_test(load_jsonl(self.path), self.num_test, self.seed)
+
+
+def split_train_test(records: Sequence[Example], num_test: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded shuffle, then at most ``num_test`` and at most 10% of the records held out for testing."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(records), generator=g).tolist()
+    n_test = min(num_test, len(records) // 10)
+    return [records[i] for i in order[n_test:]], [records[i] for i in order[:n_test]]
 
 
 @dataclass(frozen=True)

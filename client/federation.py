@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
-from client.data import DataSpec
 from client.model import ALL_LINEAR, LoraSettings
+from simulations.partitioners import PartitionSpec
 from simulations.tasks import get_task
 
 #: methods whose server needs each client's own product B_k A_k
@@ -67,6 +67,12 @@ class FederationConfig:
     tagged: bool = True
     num_train: int = 2000
     num_test: int = 100
+    data_path: str = ""
+    partition_scheme: str = "tasks-per-client"
+    partition_alpha: float = 0.5
+    partition_tasks_per_client: int = 1
+    partition_size_skew: float = 0.0
+    server_eval: bool = True
     seed: int = 0
     model_dir: str = ""
     run_dir: str = "runs/sim"
@@ -86,6 +92,7 @@ class FederationConfig:
     dp_client_noise_multiplier: float = 1.0
     dp_client_clipping_norm: float = 1.0
     secure_aggregation: bool = False
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
@@ -112,6 +119,17 @@ class FederationConfig:
             raise ValueError(f"num-train and num-test must be >= 1, got {self.num_train}, {self.num_test}")
         for t in self.task_list:
             get_task(t)  # raises with the known names
+        if self.data_path and not Path(self.data_path).exists():
+            raise FileNotFoundError(f"data-path {self.data_path} does not exist (a JSONL file or a directory of them)")
+        if self.data_path and Path(self.data_path).is_dir():
+            files = self.client_files()
+            if len(files) != self.num_clients:
+                raise ValueError(
+                    f"data-path {self.data_path} holds {len(files)} .jsonl file(s) but num-clients is "
+                    f"{self.num_clients}: a directory gives one file per client"
+                )
+        if not self.data_path or Path(self.data_path).is_file():
+            self.partition_spec()  # validates scheme, alpha, sizes and feasibility, naming the problem
         if self.model_dir and not (Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model-dir {self.model_dir} does not exist or has no config.json")
         # imported here: strategies.flower imports flwr, which the CLI need not load to validate
@@ -222,19 +240,36 @@ class FederationConfig:
         root = Path(self.state_dir) if self.state_dir else Path(self.run_dir) / "client-state"
         return root / f"partition-{partition}"
 
-    def data_spec(self, partition: int) -> DataSpec:
-        """Partition p trains on task p mod len(tasks); its examples are its own (seeded by p)."""
-        tasks = self.task_list
-        return DataSpec(
-            task=tasks[partition % len(tasks)],
-            num_train=self.num_train,
-            num_test=self.num_test,
-            seed=self.seed * 100_003 + partition,
-            tagged=self.tagged,
+    def client_files(self) -> list[Path]:
+        """With ``data-path`` a directory: its ``*.jsonl`` files, sorted by name; client p gets file p."""
+        return sorted(Path(self.data_path).glob("*.jsonl"))
+
+    def partition_spec(self) -> PartitionSpec:
+        """How the pool is split among the clients.
+
+        On the embedded suite every task's pool holds ``num_clients * num_train / len(tasks)``
+        examples, so ``num-train`` is the mean client size; a user's single JSONL file is split
+        by its records' ``task`` labels.
+        """
+        embedded = not self.data_path
+        tasks = tuple(self.task_list) if embedded else ()
+        return PartitionSpec(
+            scheme=self.partition_scheme,
+            num_clients=self.num_clients,
+            alpha=self.partition_alpha,
+            tasks_per_client=self.partition_tasks_per_client,
+            size_skew=self.partition_size_skew,
+            seed=self.seed,
+            tasks=tasks,
+            examples_per_task=math.ceil(self.num_clients * self.num_train / len(tasks)) if embedded else 1,
         )
 
+    def data_key(self) -> tuple[object, ...]:
+        """Everything that decides the clients' data: a cache key for one process."""
+        return (self.data_path, self.partition_spec(), self.num_test, self.tagged)
 
-_SECTIONS = ("audit_", "dp_")
+
+_SECTIONS = ("audit_", "dp_", "partition_")
 
 
 def _key(field_name: str) -> str:

@@ -176,6 +176,25 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
         raise KeyError(f"PEFT did not accept adapter tensor(s): {unexpected[:5]}")
 
 
+def set_base_deltas(model: PeftModel, deltas: Mapping[str, torch.Tensor], pristine: dict[str, torch.Tensor]) -> None:
+    """Make each named LoRA layer's base weight ``pristine + delta`` (FedEx-LoRA's residual).
+
+    ``pristine`` keeps the original weights of every layer ever touched, so a later state with
+    other (or no) deltas restores them exactly instead of adding residuals up.
+    """
+    if not deltas and not pristine:
+        return
+    modules = dict(model.named_modules())
+    for name in set(deltas) | set(pristine):
+        weight = modules[name].base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        if name not in pristine:
+            pristine[name] = weight.detach().clone()
+        base = pristine[name]
+        with torch.no_grad():
+            weight.copy_(base + deltas[name].to(base.dtype) if name in deltas else base)
+
+
 def save_adapter(model: PeftModel, out_dir: str | Path, base_model_dir: str | Path | None = None) -> Path:
     """Write a PEFT directory (adapter_config.json + adapter_model.safetensors)."""
     out = Path(out_dir)

@@ -147,10 +147,15 @@ def _train_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, dict[str, 
 # ------------------------------------------------------------------------------------------ computing
 
 
-def run_delta(config: Mapping[str, Any]) -> float:
-    """The delta every epsilon is stated at: ``dp.delta``, or derived from ``num-train`` exactly as the run did."""
+def run_delta(config: Mapping[str, Any], plan: Mapping[str, Any] | None = None) -> float:
+    """The delta every epsilon is stated at: ``dp.delta``, else the plan's (derived from the smallest
+    client, which every client then uses), else derived from ``num-train`` as older runs did."""
     explicit = float(config.get("dp.delta", 0.0) or 0.0)
-    return explicit if explicit > 0 else default_delta(int(config["num-train"]))
+    if explicit > 0:
+        return explicit
+    if plan and float(plan.get("delta", 0.0) or 0.0) > 0:
+        return float(plan["delta"])
+    return default_delta(int(config["num-train"]))
 
 
 def _number(value: float) -> float | str:
@@ -171,7 +176,7 @@ def build_report(run: RunRecords) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "strategy": cfg.get("strategy"),
         "dp_enabled": bool(cfg.get("dp.enabled", False)),
-        "rounds_completed": len(run.rows),
+        "rounds_completed": len({int(r["round"]) for r in run.rows if int(r["round"]) > 0}),
     }
     if run.client_level is not None:
         report["client_level_dp"] = {
@@ -182,9 +187,9 @@ def build_report(run: RunRecords) -> dict[str, Any]:
         report["statement"] = DP_OFF
         return report
 
-    delta = run_delta(cfg)
-    accountant = str(cfg.get("dp.accountant", "rdp"))
     plan = run.plan or {}
+    delta = run_delta(cfg, plan)
+    accountant = str(cfg.get("dp.accountant", "rdp"))
     c = cfg.get("dp.max-grad-norm", plan.get("max_grad_norm"))
     by_partition: dict[int, list[dict[str, Any]]] = {}
     for partition, metrics in _train_rows(run.rows):

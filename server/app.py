@@ -13,6 +13,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -22,19 +23,24 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from client.datasets import build_partition, client_train_sizes, server_eval_sets
 from client.federation import FederationConfig
-from client.model import get_adapter_state, load_base_model, wrap_lora
+from client.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
 from privacy.accounting import compute_epsilon
 from privacy.dp import sample_rate
 from privacy.planning import default_delta, delta_warning, plan_noise
 from privacy.report import headline, write_privacy_report
-from server.run_dir import RunDirectory, append_jsonl, write_json_atomic
+from server.evaluation import ServerEvaluator
+from server.run_dir import ResumeError, RunDirectory, append_jsonl, write_json_atomic
 from simulations.embedded import default_model_dir
+from simulations.partitioners import read_partition_manifest, write_partition_manifest
+from simulations.plots import write_client_table, write_training_plots
 from strategies.algorithms import ALGORITHMS
 from strategies.flower import LoraStrategy, create
 from strategies.lora_fair import LoraFairConfig
 
 app = ServerApp()
+PARTITION_FILE = "partition.json"
 
 
 def algorithm_kwargs(cfg: FederationConfig, scaling: float, fan_in_fan_out: bool) -> dict[str, Any]:
@@ -56,30 +62,42 @@ def algorithm_kwargs(cfg: FederationConfig, scaling: float, fan_in_fan_out: bool
 
 
 class RoundWriter:
-    """Flower's ``evaluate_fn`` hook: after each round, append metrics and checkpoint."""
+    """Flower's ``evaluate_fn`` hook: after each round, append metrics, then checkpoint.
 
-    def __init__(self, run_dir: RunDirectory, strategy: LoraStrategy, cfg: FederationConfig) -> None:
+    The metrics row goes first: a checkpoint on disk implies its row is there too, so a
+    resume from the newest checkpoint drops only rows of rounds it will run again.
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        strategy: LoraStrategy,
+        cfg: FederationConfig,
+        evaluator: ServerEvaluator | None = None,
+        elapsed_before: float = 0.0,
+    ) -> None:
         self.run_dir = run_dir
         self.strategy = strategy
         self.cfg = cfg
-        self.started = time.perf_counter()
+        self.evaluator = evaluator
+        self.started = time.perf_counter() - elapsed_before
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += self.strategy.round_offset
+        if server_round and server_round == self.strategy.round_offset:
+            return None  # the checkpoint this resumed run started from
         state = arrays.to_torch_state_dict()
-        extra = {"server-round": server_round, "strategy": self.cfg.strategy}
-        self.run_dir.checkpoint(server_round, state, extra)
-        if server_round == 0:
-            return None
-        rec = self.strategy.rounds.get(server_round)
         row: dict[str, Any] = {"round": server_round, "elapsed": round(time.perf_counter() - self.started, 3)}
-        if self.cfg.dp_client_level != "off":
-            completed = sum(1 for r in self.strategy.rounds.values() if r.failed is None and r.accepted)
+        if self.cfg.dp_client_level != "off" and server_round:
+            done = self.strategy.round_offset
+            done += sum(1 for r in self.strategy.rounds.values() if r.failed is None and r.accepted)
             delta = self.cfg.dp_delta or default_delta(self.cfg.num_clients)
             row["client-level-dp"] = {
-                "epsilon": compute_epsilon([(self.cfg.dp_client_noise_multiplier, 1.0, completed)], delta),
+                "epsilon": compute_epsilon([(self.cfg.dp_client_noise_multiplier, 1.0, done)], delta),
                 "delta": delta,
                 "privacy-unit": "client",
             }
+        rec = self.strategy.rounds.get(server_round)
         if rec is not None:
             row |= {
                 "train": rec.train,
@@ -89,32 +107,54 @@ class RoundWriter:
                 "dropped": {str(k): v for k, v in rec.reasons.items()},
                 "failed": rec.failed,
             }
+        if self.evaluator:
+            row["server-eval"] = self.evaluator(state)
         append_jsonl(self.run_dir.metrics_path, row)
+        self.run_dir.checkpoint(server_round, state, {"server-round": server_round, "strategy": self.cfg.strategy})
         return None
 
 
-def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> float:
+def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, float]:
     """The noise multiplier for the whole run, calibrated once before training starts.
 
     From the target epsilon over the planned rounds, the expected participation rate and
     every client's local steps at q = batch / local examples; an explicit
-    ``dp.noise-multiplier`` wins. The plan is logged and written to the run directory.
+    ``dp.noise-multiplier`` wins. The plan is logged and written to the run directory; a
+    resumed run reads it back instead of calibrating again. Returns (sigma, delta): one delta
+    for every client of the run, so their epsilons are comparable.
     """
-    q = sample_rate(cfg.batch_size, cfg.num_train)
-    delta = cfg.dp_delta or default_delta(cfg.num_train)
-    warning = delta_warning(delta, cfg.num_train)
+    plan_path = run_dir.root / "privacy_plan.json"
+    if cfg.resume and plan_path.is_file():
+        stored = json.loads(plan_path.read_text())
+        log(INFO, "fedlora: resumed run keeps its privacy plan: noise multiplier %s", stored["noise_multiplier_used"])
+        return float(stored["noise_multiplier_used"]), float(stored["delta"])
+    smallest = min(client_train_sizes(cfg))  # the largest sampling rate bounds every client's epsilon
+    q = sample_rate(cfg.batch_size, smallest)
+    delta = cfg.dp_delta or default_delta(smallest)
+    warning = delta_warning(delta, smallest)
     if warning:
         log(WARNING, "fedlora: %s", warning)
     plan = plan_noise(
         cfg.dp_target_epsilon, delta, cfg.num_rounds, cfg.fraction_train, cfg.local_steps, q, cfg.dp_accountant
     )
     sigma = cfg.dp_noise_multiplier or plan.noise_multiplier
-    log(INFO, "fedlora: privacy plan\n%s\nnoise multiplier used: %s", plan.describe(), sigma)
-    write_json_atomic(
-        run_dir.root / "privacy_plan.json",
-        {**asdict(plan), "noise_multiplier_used": sigma, "max_grad_norm": cfg.dp_max_grad_norm},
+    log(
+        INFO,
+        "fedlora: privacy plan for the smallest client (%s examples)\n%s\nnoise multiplier used: %s",
+        smallest,
+        plan.describe(),
+        sigma,
     )
-    return sigma
+    write_json_atomic(
+        plan_path,
+        {
+            **asdict(plan),
+            "noise_multiplier_used": sigma,
+            "max_grad_norm": cfg.dp_max_grad_norm,
+            "smallest_client_examples": smallest,
+        },
+    )
+    return sigma, delta
 
 
 def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir: RunDirectory) -> Strategy:
@@ -153,10 +193,49 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
     return wrapper(strategy, cfg.dp_client_noise_multiplier, cfg.dp_client_clipping_norm, m)
 
 
+#: resolved-config keys a resumed run may change
+RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "round-timeout"})
+
+
+def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict[str, Any]) -> None:
+    """Refuse to mix two runs in one directory; on resume, refuse a different configuration."""
+    stored_path = run_dir.root / "config.json"
+    if not cfg.resume:
+        if run_dir.metrics_path.exists():
+            raise ValueError(
+                f"run directory {run_dir.root} already holds a run: resume it (resume = true, fl-sim --resume) "
+                "or choose another run-dir"
+            )
+        return
+    if not stored_path.is_file():
+        raise ResumeError(f"cannot resume {run_dir.root}: it has no config.json")
+    stored = json.loads(stored_path.read_text())
+    changed = sorted(
+        k for k in set(stored) | set(resolved) if k not in RESUME_MAY_CHANGE and stored.get(k) != resolved.get(k)
+    )
+    if changed:
+        diff = ", ".join(f"{k}: {stored.get(k)!r} -> {resolved.get(k)!r}" for k in changed)
+        raise ResumeError(f"cannot resume {run_dir.root} with a different configuration ({diff})")
+
+
+def write_partition(run_dir: RunDirectory, cfg: FederationConfig) -> None:
+    """Write (or, on resume, check) who holds which examples."""
+    split = build_partition(cfg)
+    if split is None:
+        return
+    path = run_dir.root / PARTITION_FILE
+    if cfg.resume and path.is_file():
+        if read_partition_manifest(path) != split:
+            raise ResumeError(f"{path} differs from the split this code computes from the config; cannot resume")
+        return
+    write_partition_manifest(path, split)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured federated LoRA training and write the run directory."""
     cfg = FederationConfig.from_run_config(context.run_config)
+    torch.set_num_threads(cfg.threads)
     algo_cls = ALGORITHMS[cfg.strategy]
     lr = cfg.lr_for(algo_cls.defaults.lr)
     alpha = cfg.alpha_for(algo_cls.defaults.alpha)
@@ -169,6 +248,15 @@ def main(grid: Grid, context: Context) -> None:
     scaling = cfg.lora_settings(rank, alpha).scaling
     run_dir = RunDirectory(cfg.run_dir, model, model_dir)
     resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling, "run-id": context.run_id}
+    prepare_run_dir(run_dir, cfg, resolved)
+    write_partition(run_dir, cfg)
+    done, elapsed_before = 0, 0.0
+    if cfg.resume:
+        done, initial, _ = run_dir.latest_checkpoint()
+        dropped = run_dir.truncate_metrics(done)
+        rows = [json.loads(ln) for ln in run_dir.metrics_path.read_text().splitlines() if ln.strip()]
+        elapsed_before = float(rows[-1].get("elapsed", 0.0)) if rows else 0.0
+        log(INFO, "fedlora: resuming %s after round %s (%s later metrics rows dropped)", run_dir.root, done, dropped)
     run_dir.write_config(resolved)
     strategy = create(
         cfg.strategy,
@@ -183,24 +271,36 @@ def main(grid: Grid, context: Context) -> None:
         on_accepted_reply=run_dir.audit_reply if cfg.audit_save_updates else None,
         lr=lr,
         lr_decay=cfg.lr_decay,
+        round_offset=done,
     )
-    initial = strategy.algorithm.initial_state(get_adapter_state(model))
+    if not cfg.resume:
+        initial = strategy.algorithm.initial_state(get_adapter_state(model))
     train_config = ConfigRecord({"local-steps": cfg.local_steps})
     if cfg.dp_enabled:
-        train_config["dp-noise-multiplier"] = plan_privacy(cfg, run_dir)
+        sigma, delta = plan_privacy(cfg, run_dir)
+        train_config["dp-noise-multiplier"], train_config["dp-delta"] = sigma, delta
     log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
-    runner = with_client_level_dp(strategy, cfg, run_dir)
-    result = runner.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout,
-        train_config=train_config,
-        evaluate_config=ConfigRecord({}),
-        evaluate_fn=RoundWriter(run_dir, strategy, cfg),
-    )
-    final = result.arrays if len(result.arrays) else ArrayRecord(initial)
+    evaluator = ServerEvaluator(model, load_tokenizer(model_dir), server_eval_sets(cfg))
+    writer = RoundWriter(run_dir, strategy, cfg, evaluator, elapsed_before)
+    final = ArrayRecord(initial)
+    if cfg.num_rounds > done:
+        result = with_client_level_dp(strategy, cfg, run_dir).start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=cfg.num_rounds - done,
+            timeout=cfg.round_timeout,
+            train_config=train_config,
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=writer,
+        )
+        final = result.arrays if len(result.arrays) else final
     out = run_dir.save_global(final.to_torch_state_dict(), run_dir.root / "adapters" / "global")
     log(INFO, "fedlora: final global adapter written to %s", out)
     paths = write_privacy_report(run_dir.root)
     log(INFO, "fedlora: %s; privacy report %s", headline(json.loads(paths.json.read_text())), paths.markdown)
+    try:  # derived from files already written: a plotting problem must not fail a finished run
+        for path in [*write_training_plots(run_dir.root), *write_client_table(run_dir.root)]:
+            log(INFO, "fedlora: wrote %s", path)
+    except Exception as err:
+        why = f"{type(err).__name__}: {err}"
+        log(WARNING, "fedlora: training plots not written (%s); `fl-sim report %s` retries", why, run_dir.root)

@@ -3,9 +3,12 @@
 runs/<name>/
   config.json                 resolved run configuration
   metrics.jsonl               one line per round (train diagnostics, evaluation, rejections)
-  checkpoints/round-N/        the global adapter after round N (PEFT directory) + strategy state
+  partition.json              who holds which examples (simulation)
+  checkpoints/round-N/        the global adapter after round N (PEFT directory) + the exact
+                              strategy state (state.safetensors) a resumed run starts from
   audit/round-N/              with audit.save-updates: every accepted reply, tensors + weight
   adapters/global/            the final global adapter (PEFT directory)
+  report/                     privacy report, training plots, per-client table
 """
 
 from __future__ import annotations
@@ -19,13 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from client.model import save_adapter, set_adapter_state
 from strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
 BASE_DELTA_FILE = "base_delta.safetensors"
+STATE_FILE = "state.safetensors"
+STRATEGY_STATE_FILE = "strategy_state.json"
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be resumed; the message says why."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -75,7 +84,8 @@ class RunDirectory:
         if deltas:  # FedEx-LoRA: the residual folded into the base weights
             save_file(deltas, str(tmp / BASE_DELTA_FILE))
         if extra is not None:
-            write_json_atomic(tmp / "strategy_state.json", dict(extra))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
+            write_json_atomic(tmp / STRATEGY_STATE_FILE, dict(extra))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -83,6 +93,35 @@ class RunDirectory:
 
     def checkpoint(self, server_round: int, state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> Path:
         return self.save_global(state, self.root / "checkpoints" / f"round-{server_round}", extra)
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, Tensor], dict[str, Any]]:
+        """(round, exact global state, strategy state) of the newest complete checkpoint."""
+        done = []
+        for d in (self.root / "checkpoints").glob("round-*"):
+            suffix = d.name.removeprefix("round-")
+            if suffix.isdigit() and (d / STATE_FILE).is_file() and (d / STRATEGY_STATE_FILE).is_file():
+                done.append((int(suffix), d))
+        if not done:
+            raise ResumeError(f"{self.root} has no complete checkpoint (checkpoints/round-N/{STATE_FILE}) to resume")
+        server_round, d = max(done)
+        extra = json.loads((d / STRATEGY_STATE_FILE).read_text())
+        return server_round, dict(load_file(str(d / STATE_FILE))), extra
+
+    def truncate_metrics(self, last_round: int) -> int:
+        """Drop metrics rows after ``last_round`` (written after the checkpoint a resume starts
+        from) and rewrite the file atomically; returns how many rows were dropped."""
+        if not self.metrics_path.exists():
+            return 0
+        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if int(json.loads(ln).get("round", 0)) <= last_round]
+        if len(keep) != len(lines):
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".metrics.")
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(ln + "\n" for ln in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.metrics_path)
+        return len(lines) - len(keep)
 
     def audit_reply(self, server_round: int, node_id: int, reply: Reply) -> None:
         """One accepted reply as safetensors; its weight and LoRA scaling in the file's metadata."""

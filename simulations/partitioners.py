@@ -31,6 +31,7 @@ RNG) except :func:`write_partition_manifest` / :func:`read_partition_manifest`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -361,8 +362,11 @@ class Partition:
         }
 
 
+@functools.lru_cache(maxsize=64)
 def embedded_pool(task: str, spec: PartitionSpec, tagged: bool = False) -> list[Example]:
-    """The one training pool of an embedded task that every client's share indexes into."""
+    """The one training pool of an embedded task that every client's share indexes into.
+
+    Cached: a simulation worker serves many clients of one split. Callers must not mutate it."""
     return get_task(task).examples(spec.examples_per_task, seed=spec.seed, split="train", tagged=tagged)
 
 

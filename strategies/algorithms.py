@@ -89,6 +89,11 @@ def adapter_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))}
 
 
+def base_deltas(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """FedEx-LoRA's base-weight residuals of a global state, by module name."""
+    return {k[: -len(BASE_DELTA_SUFFIX)]: v for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
+
+
 def update_norm(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> float:
     """Frobenius norm of the change of the global state (all tensors together)."""
     total = 0.0

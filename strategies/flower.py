@@ -74,6 +74,9 @@ class LoraStrategy(FedAvg):
         Replies whose tensors exceed this many bytes are dropped (None: no limit).
     on_accepted_reply
         Hook for audit trails: sees every reply that passed validation.
+    round_offset
+        Rounds already done before this start (a resumed run): Flower counts its loop from 1,
+        the strategy, the clients and the records see ``round_offset + i``.
     """
 
     algorithm_cls: ClassVar[type[LoraAlgorithm]] = LoraAlgorithm
@@ -92,6 +95,7 @@ class LoraStrategy(FedAvg):
         on_accepted_reply: ReplyHook | None = None,
         lr: float | None = None,
         lr_decay: float = 1.0,
+        round_offset: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -110,6 +114,9 @@ class LoraStrategy(FedAvg):
         if not self.lr > 0 or not 0 < lr_decay <= 1:
             raise ValueError(f"lr must be > 0 and lr_decay in (0, 1], got {self.lr}, {lr_decay}")
         self.lr_decay = lr_decay
+        if round_offset < 0:
+            raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        self.round_offset = round_offset
         self.min_replies = min_replies
         self.max_reply_bytes = max_reply_bytes
         self.on_accepted_reply = on_accepted_reply
@@ -128,6 +135,7 @@ class LoraStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         state = dict(arrays.to_torch_state_dict())
         self._state = state  # what this round's replies are trained from
         download = self.algorithm.download(server_round, state)
@@ -159,6 +167,7 @@ class LoraStrategy(FedAvg):
         """Validate each reply, fold the good ones into the method's accumulator, finish."""
         if self._state is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        server_round += self.round_offset
         new_state, summary = self.aggregate_train_from(server_round, replies, self._state)
         arrays = ArrayRecord(_contiguous(new_state)) if new_state is not None else None
         return arrays, MetricRecord(cast(dict[str, Any], {k: v for k, v in summary.items() if math.isfinite(v)}))
@@ -166,13 +175,17 @@ class LoraStrategy(FedAvg):
     def aggregate_train_from(
         self, server_round: int, replies: Iterable[Message], state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor] | None, dict[str, float]]:
-        """Aggregate ``replies`` against the global ``state`` they were trained from."""
+        """Aggregate ``replies`` against the global ``state`` they were trained from.
+
+        Replies are taken in the order of the clients' partition ids, not of their arrival, so
+        the floating-point sums, and with them a resumed run, are reproducible bit for bit.
+        """
         rec = self._record(server_round)
         algo = self.algorithm
         expected = self._expected(server_round, state)
         acc = algo.new_accumulator(server_round)
         total_examples, loss_sum = 0.0, 0.0
-        for msg in replies:
+        for msg in sorted(replies, key=_arrival_free_order):
             node = msg.metadata.src_node_id
             reason, reply, metrics = self._parse(msg, expected)
             if reason == "declined":
@@ -270,11 +283,13 @@ class LoraStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         download = self.algorithm.download(server_round, arrays.to_torch_state_dict())
         return super().configure_evaluate(server_round, ArrayRecord(download), config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted means, plus the spread across clients and each client's numbers."""
+        server_round += self.round_offset
         rec = self._record(server_round)
         rows: dict[int, dict[str, float]] = {}
         for msg in replies:
@@ -295,6 +310,16 @@ class LoraStrategy(FedAvg):
                 out[f"{key}-max"] = max(vals)
         rec.evaluate, rec.per_client = out, rows
         return MetricRecord(cast(dict[str, Any], out))
+
+
+def _arrival_free_order(msg: Message) -> tuple[float, int]:
+    """Sort key of a reply: its client's partition id (when it reports one), then its node id."""
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return math.inf, node
+    metrics = msg.content.metric_records.get("metrics")
+    value = metrics.get("partition-id") if metrics is not None else None
+    return (float(value) if isinstance(value, int | float) else math.inf), node
 
 
 def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
 from server.app import algorithm_kwargs
+from simulations.cli import simulate
 from simulations.embedded import default_model_dir
-from simulations.runner import SimulationRequest, run_simulation_app
 from strategies.adapter import split_adapter
 from strategies.algorithms import ALGORITHMS, Reply
 from strategies.fedavg_lora import fedavg_lora_aggregate
@@ -39,24 +40,20 @@ SMALL = {
 
 
 def run_federation(tmp_path: Path, strategy: str, **overrides: object) -> Path:
+    """One run through ``fl-sim``'s own path (validation, run config, simulation runtime)."""
     run_dir = tmp_path / "run"
-    request = SimulationRequest(
-        components=("server.app:app", "client.app:app"),
-        app_name="fedlora",
-        default_config=DEFAULT_RUN_CONFIG,
-        overrides={**SMALL, "strategy": strategy, "run-dir": str(run_dir), **overrides},
-        num_supernodes=3,
-        timeout=400,
-        workdir=tmp_path / "work",
-    )
-    outcome = run_simulation_app(request)
+    config = {**SMALL, "strategy": strategy, "run-dir": str(run_dir), **overrides}
+    outcome = simulate(config, console=Console(quiet=True), quiet=True, timeout=400)
     assert outcome.completed, f"{outcome.status}: {outcome.status_details}\nlog: {outcome.log_path.read_text()[-3000:]}"
     assert outcome.leftover_pids_killed == ()
     return run_dir
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The rounds' rows (round 0 holds only the server's evaluation of the base model)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["round"] == 0 and set(rows[0]["server-eval"]) == set(SMALL["tasks"].split(","))
+    return rows[1:]
 
 
 def _state(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -84,6 +81,9 @@ def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
         assert torch.isfinite(model(input_ids=ids).logits).all()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["strategy"] == strategy and config["lr"] > 0
+    for name in ("partition.json", "report/privacy.md", "report/training.png", "report/clients.csv"):
+        assert (run_dir / name).is_file(), name
+    assert all(0 <= m["local-exact-match"] <= 1 for m in rows[-1]["per-client-train"].values())
 
     state = _state(final)
     if strategy == "ffa-lora":  # A never moves: bit-identical to round 0

@@ -1,0 +1,99 @@
+"""Each virtual client's examples, from the run config: the one place both apps and ``fl-sim`` ask.
+
+Three sources, chosen by ``data-path``:
+
+- empty: the embedded suite, split by :mod:`simulations.partitioners` (IID, Dirichlet over
+  tasks, k tasks per client, optional size skew); a client's test examples follow its own
+  mix of tasks, so its evaluation measures what it cares about;
+- a JSONL file: its records split the same way, by their optional ``task`` label, then each
+  client's share split 90/10 into train and test;
+- a directory of JSONL files: client p takes the p-th file by name (its own data, as in
+  deployment).
+
+Everything is a pure function of the config and cached per process, so the server, every
+simulation worker and ``fl-sim`` compute the same split without exchanging it; the server
+writes it to the run directory for the record.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from client.data import load_jsonl, read_jsonl, split_train_test
+from client.federation import FederationConfig
+from simulations.partitioners import Partition, PartitionSpec, largest_remainder, partition_examples, partition_tasks
+from simulations.tasks import Example, get_task
+
+#: seed offset of the server's per-task evaluation sets (disjoint from every client's test seed)
+SERVER_EVAL_SEED = 7_777_777
+
+
+@functools.lru_cache(maxsize=4)
+def _embedded_partition(spec: PartitionSpec) -> Partition:
+    return partition_tasks(spec)
+
+
+@functools.lru_cache(maxsize=2)
+def _file_partition(path: str, mtime_ns: int, spec: PartitionSpec) -> tuple[tuple[Example, ...], Partition]:
+    del mtime_ns  # part of the cache key only: an edited file is read again
+    records = read_jsonl(path)
+    labels = [task or "data" for _, task in records]
+    if spec.scheme != "iid" and len(set(labels)) == 1:
+        raise ValueError(
+            f"partition.scheme = {spec.scheme!r} splits {path} by its records' 'task' labels, but every record "
+            "has the same label (or none): add a 'task' key to the records or use partition.scheme = 'iid'"
+        )
+    return tuple(ex for ex, _ in records), partition_examples(labels, spec)
+
+
+def build_partition(cfg: FederationConfig) -> Partition | None:
+    """The run's split of the pool among clients; None when each client brings its own file."""
+    if cfg.data_path and Path(cfg.data_path).is_dir():
+        return None
+    spec = cfg.partition_spec()
+    if not cfg.data_path:
+        return _embedded_partition(spec)
+    return _file_partition(cfg.data_path, Path(cfg.data_path).stat().st_mtime_ns, spec)[1]
+
+
+def client_examples(cfg: FederationConfig, partition: int) -> tuple[list[Example], list[Example]]:
+    """(train, test) examples of virtual client ``partition``."""
+    if not 0 <= partition < cfg.num_clients:
+        raise ValueError(f"partition-id {partition} out of range: the run has num-clients = {cfg.num_clients}")
+    client_seed = cfg.seed * 100_003 + partition
+    if cfg.data_path and Path(cfg.data_path).is_dir():
+        return split_train_test(load_jsonl(cfg.client_files()[partition]), cfg.num_test, client_seed)
+    split = build_partition(cfg)
+    assert split is not None
+    if cfg.data_path:
+        records = _file_partition(cfg.data_path, Path(cfg.data_path).stat().st_mtime_ns, cfg.partition_spec())[0]
+        return split_train_test(split.client_examples(partition, records), cfg.num_test, client_seed)
+    train = split.client_examples(partition, tagged=cfg.tagged)
+    shares = split.clients[partition]
+    counts = largest_remainder(cfg.num_test, np.array([s.count for s in shares], dtype=np.float64))
+    test: list[Example] = []
+    for share, n in zip(shares, counts, strict=True):
+        test.extend(get_task(share.task).examples(int(n), client_seed, "test", cfg.tagged))
+    return train, test
+
+
+def server_eval_sets(cfg: FederationConfig) -> dict[str, list[Example]]:
+    """Per task of the embedded pool, ``num-test`` fresh test examples for the server's own
+    evaluation of the global adapter (before training and after every round); none for user data."""
+    if cfg.data_path or not cfg.server_eval:
+        return {}
+    seed = cfg.seed * 100_003 + SERVER_EVAL_SEED
+    return {t: get_task(t).examples(cfg.num_test, seed, "test", cfg.tagged) for t in cfg.task_list}
+
+
+def client_train_sizes(cfg: FederationConfig) -> list[int]:
+    """Every client's number of training examples, without building their datasets."""
+    if cfg.data_path and Path(cfg.data_path).is_dir():
+        return [len(client_examples(cfg, p)[0]) for p in range(cfg.num_clients)]
+    split = build_partition(cfg)
+    assert split is not None
+    sizes = [split.client_size(p) for p in range(cfg.num_clients)]
+    return sizes if not cfg.data_path else [n - min(cfg.num_test, n // 10) for n in sizes]

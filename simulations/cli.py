@@ -1,0 +1,486 @@
+"""``fl-sim``: federated LoRA with many virtual clients on Flower's simulation runtime.
+
+It runs the same server and client apps as a deployment (``server.app:app``,
+``client.app:app``) through a real SuperLink on 127.0.0.1 and Flower's Ray backend, one
+virtual client per partition. Every option is a key of the apps' run config, so a run is
+reproducible with ``flwr run --run-config`` too (``--print-run-config`` shows it).
+
+    fl-sim                       the main job: federated DP LoRA over non-IID clients
+    fl-sim --resume DIR          continue an interrupted run from its last checkpoint
+    fl-sim compare ...           strategies x seeds (+ centralised baseline) on one split
+    fl-sim report DIR            rewrite a run's plots, client table and privacy report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+#: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
+#: on 2 CPU cores (see README). Explicit options override these.
+MAIN_JOB: dict[str, Any] = {
+    "strategy": "ffa-lora",
+    "num-clients": 8,
+    "num-rounds": 8,
+    "local-steps": 20,
+    "partition.scheme": "tasks-per-client",
+    "partition.tasks-per-client": 2,
+    "tasks": "adddigit-4,rotate-2,repeat-3,sort-desc",
+    "num-train": 1000,
+    "num-test": 100,
+    "dp.enabled": True,
+    "dp.target-epsilon": 8.0,
+    "run-dir": "runs/sim",
+}
+
+#: option name -> run-config key, for the options that are plain values
+_OPTION_KEYS: dict[str, str] = {
+    "strategy": "strategy",
+    "rounds": "num-rounds",
+    "clients": "num-clients",
+    "local_steps": "local-steps",
+    "lr": "lr",
+    "lr_decay": "lr-decay",
+    "batch_size": "batch-size",
+    "rank": "lora-rank",
+    "lora_alpha": "lora-alpha",
+    "targets": "lora-targets",
+    "epsilon": "dp.target-epsilon",
+    "delta": "dp.delta",
+    "noise_multiplier": "dp.noise-multiplier",
+    "max_grad_norm": "dp.max-grad-norm",
+    "max_epsilon": "dp.max-epsilon",
+    "accountant": "dp.accountant",
+    "partition": "partition.scheme",
+    "dirichlet_alpha": "partition.alpha",
+    "tasks_per_client": "partition.tasks-per-client",
+    "size_skew": "partition.size-skew",
+    "tasks": "tasks",
+    "num_train": "num-train",
+    "num_test": "num-test",
+    "seed": "seed",
+    "model": "model-dir",
+    "data": "data-path",
+    "min_replies": "min-replies",
+    "round_timeout": "round-timeout",
+    "state_dir": "state-dir",
+}
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by a single run and ``compare`` (all map onto run-config keys)."""
+    g = p.add_argument_group("federation")
+    g.add_argument("--strategy", help="aggregation strategy (default ffa-lora; fl-sim --list-strategies)")
+    g.add_argument("--rounds", type=int, help="federated rounds (default 8)")
+    g.add_argument("--clients", type=int, help="virtual clients (default 8)")
+    g.add_argument("--clients-per-round", type=int, help="clients sampled per round (default: all)")
+    g.add_argument("--local-steps", type=int, help="local optimizer steps per round (default 20)")
+    g.add_argument("--lr", type=float, help="client learning rate (default: the strategy's tuned one)")
+    g.add_argument("--lr-decay", type=float, help="per-round learning-rate factor (default 1)")
+    g.add_argument("--batch-size", type=int, help="local batch size (default 32)")
+    g.add_argument("--min-replies", type=int, help="fewest valid replies that make a round (default 1)")
+    g.add_argument("--round-timeout", type=float, help="seconds a round waits for replies (default 600)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the strategy's)")
+    g.add_argument("--targets", help="comma-separated target modules or all-linear (default)")
+    g = p.add_argument_group("privacy")
+    dp = g.add_mutually_exclusive_group()
+    dp.add_argument("--dp", dest="dp", action="store_true", default=None, help="DP-SGD on every client (default)")
+    dp.add_argument("--no-dp", dest="dp", action="store_false", help="train without differential privacy")
+    g.add_argument("--epsilon", type=float, help="target epsilon per client over the whole run (default 8)")
+    g.add_argument("--delta", type=float, help="delta (default: 1/n^1.1 of the smallest client)")
+    g.add_argument("--noise-multiplier", type=float, help="fixed noise multiplier instead of a target epsilon")
+    g.add_argument("--max-grad-norm", type=float, help="per-example clipping norm (default 1)")
+    g.add_argument("--max-epsilon", type=float, help="lifetime budget: a client declines past it")
+    g.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
+    g.add_argument("--state-dir", help="where client ledgers live (default RUN_DIR/client-state)")
+    g = p.add_argument_group("data")
+    schemes = ["iid", "dirichlet", "tasks-per-client"]
+    g.add_argument("--partition", choices=schemes, help="how the pool is split (default tasks-per-client)")
+    g.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (default 0.5; smaller: more skew)")
+    g.add_argument("--tasks-per-client", type=int, help="tasks per client for --partition tasks-per-client (default 2)")
+    g.add_argument("--size-skew", type=float, help="lognormal sigma of client sizes (default 0: equal)")
+    g.add_argument("--tasks", help="comma-separated embedded tasks making up the pool")
+    g.add_argument("--num-train", type=int, help="mean training examples per client (default 1000)")
+    g.add_argument("--num-test", type=int, help="test examples per client (default 100)")
+    g.add_argument("--data", help="a JSONL file split by us, or a directory with one JSONL file per client")
+    g.add_argument("--model", help="a local Hugging Face model directory (default: the embedded model)")
+    g.add_argument("--seed", type=int, help="seeds the split, the adapters and local training (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--run-config", action="append", default=[], help="extra run-config 'key=value' pairs")
+    g.add_argument("--config", type=Path, help="a TOML file of run-config keys (options override it)")
+    g.add_argument("--timeout", type=float, default=3600.0, help="stop the whole run after this many seconds")
+    g.add_argument("--verbose", action="store_true", help="stream Flower's log")
+    g.add_argument("--quiet", action="store_true", help="no progress display; errors and a one-line result only")
+
+
+def _parse_value(text: str) -> bool | int | float | str:
+    """A ``--run-config`` value the way TOML would read it; bare words are strings."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if not isinstance(value, bool | int | float | str):
+        raise ValueError(f"run-config value {text!r} must be a bool, number or string")
+    return value
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        out |= _flatten(v, key + ".") if isinstance(v, dict) else {key: v}
+    return out
+
+
+def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB) -> dict[str, Any]:
+    """The run config of a run: ``base``, then ``--config``, then options (last wins)."""
+    values = dict(base)
+    if args.config is not None:
+        if not args.config.is_file():
+            raise FileNotFoundError(f"config file {args.config} does not exist")
+        try:
+            values |= _flatten(tomllib.loads(args.config.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{args.config}: not valid TOML ({e})") from None
+    for pair in args.run_config:
+        for item in pair.split():
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--run-config expects key=value pairs, got {item!r}")
+            values[key] = _parse_value(text)
+    for option, key in _OPTION_KEYS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            values[key] = value
+    if args.dp is not None:
+        values["dp.enabled"] = args.dp
+    out = getattr(args, "out", None)
+    if out is not None:
+        values["run-dir"] = str(out)
+    per_round = getattr(args, "clients_per_round", None)
+    if per_round is not None:
+        n = int(values.get("num-clients", 1))
+        if not 1 <= per_round <= n:
+            raise ValueError(f"--clients-per-round {per_round} must be between 1 and the number of clients ({n})")
+        values["fraction-train"] = values["fraction-evaluate"] = per_round / n
+    return values
+
+
+def validate(run_config: Mapping[str, Any]) -> Any:
+    """Everything that can be checked before any process starts: config, split, data files."""
+    from client.datasets import build_partition, client_examples
+    from client.federation import FederationConfig
+
+    cfg = FederationConfig.from_run_config(run_config)
+    if cfg.num_clients * cfg.fraction_train < 1 - 1e-9:
+        raise ValueError(f"fraction-train {cfg.fraction_train} of {cfg.num_clients} clients samples nobody; raise it")
+    build_partition(cfg)  # a split that leaves a client empty, or an unreadable file, fails here
+    if cfg.data_path:
+        client_examples(cfg, 0)
+    return cfg
+
+
+# -------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Follows ``metrics.jsonl`` while the run goes and prints one line per finished round."""
+
+    def __init__(self, console: Console, run_dir: Path, rounds: int, start_round: int = 0) -> None:
+        self.console = console
+        self.path = run_dir / "metrics.jsonl"
+        self.rounds = rounds
+        self.seen = start_round
+        self.start_round = start_round
+        self.t0: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        if not self.path.exists():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            r = int(row.get("round", 0))
+            if r == self.start_round and self.t0 is None:
+                self.t0 = float(row.get("elapsed", 0.0))  # round 0 (or the resumed round): the clock's origin
+            if r > self.seen:
+                self.seen = r
+                self.console.print(self.describe(row), soft_wrap=True)
+
+    def describe(self, row: Mapping[str, Any]) -> str:
+        r = int(row["round"])
+        train, ev = row.get("train") or {}, row.get("evaluate") or {}
+        parts = [f"round {r}/{self.rounds}"]
+        parts.append(
+            f"clients {int(train.get('accepted', 0))}/{int(train.get('sampled', 0))} replied"
+            + (f", {int(train['rejected'])} rejected" if train.get("rejected") else "")
+            + (f", {int(train['declined'])} declined" if train.get("declined") else "")
+        )
+        if "train-loss" in train:
+            parts.append(f"loss {train['train-loss']:.3f}")
+        if "exact-match" in ev:
+            parts.append(f"exact match {ev['exact-match']:.3f}")
+        if "epsilon-max" in train:
+            parts.append(f"max ε {train['epsilon-max']:.2f}")
+        if row.get("failed"):
+            parts.append(f"[red]failed: {row['failed']}[/red]")
+        elapsed = float(row.get("elapsed", 0.0))  # the server's clock: excludes start-up
+        if self.t0 is None:
+            self.t0 = elapsed if r == self.start_round else 0.0
+        done = r - self.start_round
+        left = (self.rounds - r) * (elapsed - self.t0) / done if done > 0 else 0.0
+        parts.append(f"{_clock(elapsed)} elapsed, ~{_clock(left)} left")
+        return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+# -------------------------------------------------------------------------------- running
+
+
+def simulate(
+    run_config: Mapping[str, Any],
+    *,
+    console: Console,
+    quiet: bool = False,
+    verbose: bool = False,
+    timeout: float = 3600.0,
+    on_log_line: Callable[[str], None] | None = None,
+) -> Any:
+    """Validate, run on the simulation runtime, and return the runner's outcome."""
+    from client.federation import DEFAULT_RUN_CONFIG
+    from simulations.runner import SimulationRequest, run_simulation_app
+
+    cfg = validate(run_config)
+    run_dir = Path(cfg.run_dir).resolve()
+    overrides = {k: v for k, v in run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
+    overrides["run-dir"] = str(run_dir)
+    if cfg.state_dir:
+        overrides["state-dir"] = str(Path(cfg.state_dir).resolve())
+    if cfg.model_dir:
+        overrides["model-dir"] = str(Path(cfg.model_dir).resolve())
+    if cfg.data_path:
+        overrides["data-path"] = str(Path(cfg.data_path).resolve())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    request = SimulationRequest(
+        components=("server.app:app", "client.app:app"),
+        app_name="fedlora",
+        default_config=DEFAULT_RUN_CONFIG,
+        overrides=overrides,
+        num_supernodes=cfg.num_clients,
+        timeout=timeout,
+        workdir=run_dir / "sim",
+        pythonpath=(Path(__file__).resolve().parent.parent,),
+    )
+
+    def log_line(line: str) -> None:
+        if verbose:
+            console.print(line, markup=False, highlight=False)
+        if on_log_line is not None:
+            on_log_line(line)
+
+    start_round = _last_round(run_dir) if cfg.resume else 0
+    if quiet:
+        return run_simulation_app(request, log_line)
+    with Progress(console, run_dir, cfg.num_rounds, start_round):
+        return run_simulation_app(request, log_line)
+
+
+def _last_round(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rounds = [int(json.loads(ln).get("round", 0)) for ln in path.read_text().splitlines() if ln.strip()]
+    return max(rounds, default=0)
+
+
+def resume_config(run_dir: Path) -> dict[str, Any]:
+    """The run config of an interrupted run, from its ``config.json``, marked to resume."""
+    from client.federation import DEFAULT_RUN_CONFIG
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json (nothing to resume)")
+    stored = json.loads(path.read_text())
+    config = {k: v for k, v in stored.items() if k in DEFAULT_RUN_CONFIG}
+    return config | {"resume": True, "run-dir": str(run_dir)}
+
+
+def summary(run_dir: Path) -> list[str]:
+    """What a user wants to read when a run ends: per-task accuracy before and after, epsilon
+    per client, and where the adapter and the reports are."""
+    from simulations.plots import load_rounds
+
+    rows = load_rounds(run_dir)
+    lines: list[str] = []
+    first = next((r["server-eval"] for r in rows if r.get("server-eval")), None)
+    last = next((r["server-eval"] for r in reversed(rows) if r.get("server-eval")), None)
+    if first and last:
+        lines.append("exact match per task (server test sets), before -> after:")
+        for task in last:
+            before = first.get(task, {}).get("exact-match", float("nan"))
+            lines.append(f"  {task:<14} {before:.2f} -> {last[task]['exact-match']:.2f}")
+    ev = next((r["evaluate"] for r in reversed(rows) if r.get("evaluate")), None)
+    if ev:
+        lines.append(
+            f"clients' own test splits: exact match {ev['exact-match']:.3f} "
+            f"(min {ev.get('exact-match-min', float('nan')):.2f}, max {ev.get('exact-match-max', float('nan')):.2f})"
+        )
+    privacy = run_dir / "report" / "privacy.json"
+    if privacy.is_file():
+        report = json.loads(privacy.read_text())
+        if report.get("dp_enabled"):
+            eps = ", ".join(f"{c['partition']}: {c['epsilon']:.2f}" for c in report.get("clients", []))
+            lines.append(f"epsilon per client (delta {report.get('delta')}): {eps}")
+        else:
+            lines.append("differential privacy: off")
+    for label, rel in (
+        ("global adapter", "adapters/global"),
+        ("privacy report", "report/privacy.md"),
+        ("training plots", "report/training.png"),
+        ("per-client table", "report/clients.md"),
+        ("metrics", "metrics.jsonl"),
+    ):
+        if (run_dir / rel).exists():
+            lines.append(f"{label + ':':<18}{run_dir / rel}")
+    return lines
+
+
+# -------------------------------------------------------------------------------- commands
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-sim",
+        description="Federated LoRA fine-tuning with virtual clients on Flower's simulation runtime. "
+        "With no options: the main job (DP FFA-LoRA, 8 non-IID clients holding 2 of 4 tasks each, 8 rounds, "
+        "epsilon 8). "
+        "Subcommands: 'fl-sim compare --help', 'fl-sim report DIR'.",
+    )
+    p.add_argument("--out", type=Path, help="run directory (default runs/sim)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--print-run-config", action="store_true", help="print the run config as TOML and exit")
+    p.add_argument("--list-strategies", action="store_true", help="list the registered strategies and exit")
+    add_run_options(p)
+    return p
+
+
+def _to_toml(config: Mapping[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    return "\n".join(f'"{k}" = {fmt(v)}' if "." in k else f"{k} = {fmt(v)}" for k, v in sorted(config.items()))
+
+
+def cmd_run(argv: Sequence[str], console: Console) -> int:
+    args = _run_parser().parse_args(argv)
+    if args.list_strategies:
+        from strategies.flower import STRATEGIES
+
+        console.print("\n".join(sorted(STRATEGIES)))
+        return 0
+    if args.resume is not None:
+        run_config = resume_config(args.resume.resolve())
+        if args.round_timeout is not None:
+            run_config["round-timeout"] = args.round_timeout
+    else:
+        run_config = run_config_from(args)
+    if args.print_run_config:
+        validate(run_config)
+        console.print(_to_toml(run_config), markup=False, highlight=False)
+        return 0
+    run_dir = Path(str(run_config["run-dir"]))
+    if args.resume is None and (run_dir / "metrics.jsonl").exists():
+        if not args.force:
+            raise ValueError(
+                f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
+                "pick another --out, or pass --force to delete it"
+            )
+        shutil.rmtree(run_dir)
+    if not args.quiet:
+        console.print(f"fl-sim: {run_config.get('strategy', 'fedavg-lora')} -> {run_dir}")
+    try:
+        outcome = simulate(run_config, console=console, quiet=args.quiet, verbose=args.verbose, timeout=args.timeout)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]; continue with: fl-sim --resume {run_dir}")
+        return 130
+    if not outcome.completed:
+        console.print(f"[red]run {outcome.status}[/red]: {outcome.status_details}", markup=True)
+        console.print(f"log: {outcome.log_path}; continue with: fl-sim --resume {run_dir}")
+        return 1
+    lines = summary(run_dir.resolve())
+    if args.quiet:
+        console.print(f"fl-sim: completed in {outcome.seconds:.0f} s -> {run_dir}", markup=False)
+    else:
+        console.print(f"[green]completed[/green] in {outcome.seconds:.0f} s")
+        console.print("\n".join(lines), markup=False, highlight=False)
+    return 0
+
+
+def cmd_report(argv: Sequence[str], console: Console) -> int:
+    p = argparse.ArgumentParser(prog="fl-sim report", description="Rewrite a run directory's reports and plots.")
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    from privacy.report import write_privacy_report
+    from simulations.plots import write_client_table, write_training_plots
+
+    if not (args.run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a run directory: no metrics.jsonl")
+    privacy = write_privacy_report(args.run_dir)
+    paths = [privacy.json, privacy.markdown, privacy.html, *write_training_plots(args.run_dir)]
+    paths += write_client_table(args.run_dir)
+    console.print("\n".join(str(p) for p in paths), markup=False)
+    console.print("\n".join(summary(args.run_dir)), markup=False, highlight=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = Console(soft_wrap=True)
+    commands: dict[str, Callable[[Sequence[str], Console], int]] = {"report": cmd_report}
+    try:
+        from simulations.compare import cmd_compare
+
+        commands["compare"] = cmd_compare
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:], console)
+        return cmd_run(argv, console)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        Console(stderr=True, soft_wrap=True).print(f"fl-sim: error: {err}", markup=False, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

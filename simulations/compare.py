@@ -1,0 +1,129 @@
+"""``fl-sim compare``: several strategies on the same splits over several seeds, plus the pooled baseline.
+
+Each run is an ordinary ``fl-sim`` run directory under ``OUT/runs/<strategy>/lr-<lr>/seed-<s>``,
+so a comparison that is interrupted continues where it stopped (finished runs are kept,
+unfinished ones resumed). Seed s fixes the split, the initial adapter and local training for
+every strategy alike. The table (``compare.md``/``.csv``) reports means and spreads over
+seeds and calls a difference smaller than the spread a tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from simulations.cli import MAIN_JOB, add_run_options, resume_config, run_config_from, simulate, validate
+
+DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-sim compare",
+        description="Run strategies x seeds on the same splits (and a centralised LoRA baseline on the pooled "
+        "data), then write compare.md, compare.csv and compare.png. Run options as for fl-sim; each strategy "
+        "runs at its own tuned learning rate unless --lr or --lr-grid says otherwise.",
+    )
+    p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=f"comma-separated (default {DEFAULT_STRATEGIES})")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
+    p.add_argument(
+        "--lr-grid", help="comma-separated multipliers of each strategy's tuned lr (e.g. 0.5,1,2); best reported"
+    )
+    p.add_argument("--no-centralised", action="store_true", help="skip the pooled-data baseline")
+    p.add_argument("--target", type=float, default=0.5, help="exact match for 'rounds to reach' (default 0.5)")
+    p.add_argument("--title", help="title of the table and plot")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
+    add_run_options(p)
+    return p
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run config of every federated run of the comparison, validated before any starts."""
+    from strategies.algorithms import ALGORITHMS
+
+    base = run_config_from(args, MAIN_JOB)
+    base["fraction-evaluate"] = 1.0  # every client evaluates: the comparison's metric
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise ValueError("--strategies names no strategy")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        grid = [float(m) for m in args.lr_grid.split(",")] if args.lr_grid else [1.0]
+    except ValueError:
+        raise ValueError(f"--lr-grid must be comma-separated numbers, got {args.lr_grid!r}") from None
+    if any(not m > 0 for m in grid):
+        raise ValueError(f"--lr-grid multipliers must be > 0, got {args.lr_grid!r}")
+    first_seed = int(base.get("seed", 0))
+    runs = []
+    for strategy in strategies:
+        if strategy not in ALGORITHMS:
+            raise ValueError(f"unknown strategy {strategy!r}; registered: {', '.join(sorted(ALGORITHMS))}")
+        tuned = float(base["lr"]) if base.get("lr") else ALGORITHMS[strategy].defaults.lr
+        for lr in sorted({round(tuned * m, 10) for m in grid}):
+            for seed in range(first_seed, first_seed + args.seeds):
+                run_dir = args.out / "runs" / strategy / f"lr-{lr:g}" / f"seed-{seed}"
+                runs.append(base | {"strategy": strategy, "lr": lr, "seed": seed, "run-dir": str(run_dir)})
+    for config in runs[:: args.seeds]:
+        validate(config)
+    return runs
+
+
+def cmd_compare(argv: Sequence[str], console: Console) -> int:
+    from client.federation import FederationConfig
+    from simulations.centralised import run_centralised
+    from simulations.compare_report import load_run_result, write_compare
+
+    args = _parser().parse_args(argv)
+    runs = plan_runs(args)
+    dirs: list[Path] = []
+    console.print(f"fl-sim compare: {len(runs)} federated runs -> {args.out}")
+    for i, config in enumerate(runs, start=1):
+        run_dir = Path(config["run-dir"])
+        dirs.append(run_dir)
+        label = f"[{i}/{len(runs)}] {config['strategy']} lr {config['lr']:g} seed {config['seed']}"
+        if (run_dir / "adapters" / "global").is_dir():
+            console.print(f"{label}: done before, kept", markup=False)
+            continue
+        if (run_dir / "metrics.jsonl").exists():
+            config = resume_config(run_dir)
+        outcome = simulate(config, console=console, quiet=True, verbose=args.verbose, timeout=args.timeout)
+        if not outcome.completed:
+            raise RuntimeError(f"{label} {outcome.status}: {outcome.status_details} (log: {outcome.log_path})")
+        result = load_run_result(run_dir, args.target)
+        console.print(f"{label}: exact match {result.final_exact_match:.3f} ({outcome.seconds:.0f} s)", markup=False)
+    if not args.no_centralised:
+        seeds = sorted({int(c["seed"]) for c in runs})
+        for seed in seeds:
+            run_dir = args.out / "runs" / "centralised" / f"seed-{seed}"
+            dirs.append(run_dir)
+            if (run_dir / "adapters" / "global").is_dir():
+                continue
+            base = {k: v for k, v in runs[0].items() if k not in ("lr",)} | {"seed": seed, "strategy": "fedavg-lora"}
+            base["run-dir"] = str(run_dir)
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a partial pooled run is cheap to redo
+            run_centralised(FederationConfig.from_run_config(base), run_dir)
+            result = load_run_result(run_dir, args.target)
+            console.print(f"centralised seed {seed}: exact match {result.final_exact_match:.3f}", markup=False)
+    results = [load_run_result(d, args.target) for d in dirs]
+    title = args.title or _title(runs[0])
+    paths = write_compare(args.out, results, title, args.target)
+    md = next((p for p in paths if p.suffix == ".md"), None)
+    if md is not None:
+        console.print(md.read_text(), markup=False, highlight=False)
+    console.print("\n".join(str(p) for p in paths), markup=False)
+    return 0
+
+
+def _title(config: dict[str, Any]) -> str:
+    split = str(config.get("partition.scheme", "tasks-per-client"))
+    if split == "dirichlet":
+        split += f"({config.get('partition.alpha', 0.5)})"
+    dp = f"DP epsilon {config.get('dp.target-epsilon')}" if config.get("dp.enabled") else "no DP"
+    return f"{config.get('num-clients')} clients, {split}, {config.get('num-rounds')} rounds, {dp}"

@@ -1,0 +1,120 @@
+"""``fl-sim`` as a user runs it: bad input refused before anything starts, an interrupted run
+resumed to the same adapter bit for bit, and ``compare`` producing its table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simulations.cli import MAIN_JOB, main
+
+FL_SIM = [sys.executable, "-m", "simulations.cli"]
+TINY = [
+    "--clients", "3", "--local-steps", "4", "--num-train", "64", "--num-test", "16",
+    "--tasks", "adddigit-4,rotate-2,repeat-3", "--partition", "tasks-per-client",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'"),
+        (["--clients", "4", "--clients-per-round", "5"], "--clients-per-round 5 must be between 1 and"),
+        (["--clients", "2", "--tasks-per-client", "1"], "cover only 2 of 4 tasks"),
+        (["--clients", "500", "--num-train", "1", "--partition", "dirichlet"], "left at least one of 500 clients"),
+        (["--run-config", "secure-aggregation=true", "--strategy", "lora-fair"], "secure-aggregation cannot work"),
+        (["--run-config", "colour=blue"], "unknown key(s) ['colour']"),
+        (["--epsilon", "-1"], "dp.target-epsilon"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err.replace("\n", " "), err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_unparseable_jsonl_and_existing_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "data.jsonl"
+    bad.write_text('{"prompt": "a:", "completion": "b", "task": "t"}\n{"prompt": \n')
+    assert main(["--data", str(bad), "--partition", "iid", "--clients", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "data.jsonl:2: not valid JSON" in capsys.readouterr().err
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert main(["--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"round": 1}\n'  # nothing lost
+
+
+def test_print_run_config_round_trips_through_flower_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--print-run-config", "--rounds", "3", "--no-dp", "--run-config", "lora-rank=4"]) == 0
+    text = capsys.readouterr().out
+    assert "num-rounds = 3" in text and '"dp.enabled" = false' in text and "lora-rank = 4" in text
+    assert '"partition.scheme" = "tasks-per-client"' in text
+    assert set(MAIN_JOB) <= {line.split(" = ")[0].strip('"') for line in text.splitlines()}
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
+
+
+@pytest.mark.flower
+def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
+    """Ctrl-C after round 2 of 4, ``fl-sim --resume``: the same final adapter as one straight run."""
+    common = [*TINY, "--rounds", "4", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
+    straight = tmp_path / "straight"
+    subprocess.run([*FL_SIM, *common, "--out", str(straight)], check=True, timeout=400)
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([*FL_SIM, *common, "--out", str(broken)])
+    deadline = time.monotonic() + 300
+    while not (broken / "checkpoints" / "round-2" / "state.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before round 2"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert not (broken / "adapters" / "global").exists()
+    done = max(int(p.name.split("-")[1]) for p in (broken / "checkpoints").glob("round-*"))
+    assert 2 <= done < 4
+
+    subprocess.run([*FL_SIM, "--resume", str(broken), "--quiet"], check=True, timeout=400)
+    a, b = _adapter(straight), _adapter(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(ln) for ln in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # rows of the repeated round were replaced
+    plan = json.loads((broken / "privacy_plan.json").read_text())
+    assert plan == json.loads((straight / "privacy_plan.json").read_text())
+    report = json.loads((broken / "report" / "privacy.json").read_text())
+    assert report["rounds_completed"] == 4 and report["epsilon_max"] <= 8.0 + 1e-6
+
+
+@pytest.mark.flower
+def test_compare_writes_the_table_and_keeps_finished_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    argv = [*TINY, "--rounds", "2", "--no-dp", "--strategies", "fedavg-lora,ffa-lora", "--seeds", "2"]
+    argv += ["--out", str(out), "--target", "0.3"]
+    assert main(["compare", *argv]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert {r["strategy"] for r in rows} == {"fedavg-lora", "ffa-lora", "centralised"}
+    assert {r["verdict"] for r in rows} <= {"best", "tie", "worse", "reference"}
+    assert sum(r["verdict"] == "best" for r in rows) == 1
+    assert (out / "compare.md").read_text().count("|") > 10 and (out / "compare.png").stat().st_size > 1000
+    runs = list(csv.DictReader((out / "compare_runs.csv").open()))
+    assert len(runs) == 6  # 2 strategies x 2 seeds + 2 centralised
+    stamp = (out / "runs" / "ffa-lora" / "lr-0.01" / "seed-1" / "metrics.jsonl").stat().st_mtime
+    started = time.monotonic()
+    assert main(["compare", *argv]) == 0  # everything done before: kept, only the table is rewritten
+    assert time.monotonic() - started < 30
+    assert (out / "runs" / "ffa-lora" / "lr-0.01" / "seed-1" / "metrics.jsonl").stat().st_mtime == stamp
