@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/fl-client finetune --task caesar-7 --out runs/demo
+	$(VENV)/bin/fl-sim --force
 
 lint: install
 	$(VENV)/bin/ruff check .

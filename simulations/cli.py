@@ -121,6 +121,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", type=Path, help="a TOML file of run-config keys (options override it)")
     g.add_argument("--timeout", type=float, default=3600.0, help="stop the whole run after this many seconds")
     g.add_argument("--verbose", action="store_true", help="stream Flower's log")
+    g.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray gives each virtual client (default 1)")
+    g.add_argument(
+        "--ray-address", help="run the virtual clients on an existing Ray cluster ('auto' or HOST:PORT), not locally"
+    )
     g.add_argument("--quiet", action="store_true", help="no progress display; errors and a one-line result only")
 
 
@@ -277,6 +281,8 @@ def simulate(
     verbose: bool = False,
     timeout: float = 3600.0,
     on_log_line: Callable[[str], None] | None = None,
+    cpus_per_client: int = 1,
+    ray_address: str | None = None,
 ) -> Any:
     """Validate, run on the simulation runtime, and return the runner's outcome."""
     from client.federation import DEFAULT_RUN_CONFIG
@@ -299,6 +305,8 @@ def simulate(
         default_config=DEFAULT_RUN_CONFIG,
         overrides=overrides,
         num_supernodes=cfg.num_clients,
+        client_num_cpus=cpus_per_client,
+        ray_address=ray_address,
         timeout=timeout,
         workdir=run_dir / "sim",
         pythonpath=(Path(__file__).resolve().parent.parent,),

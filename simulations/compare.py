@@ -92,7 +92,15 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
             continue
         if (run_dir / "metrics.jsonl").exists():
             config = resume_config(run_dir)
-        outcome = simulate(config, console=console, quiet=True, verbose=args.verbose, timeout=args.timeout)
+        outcome = simulate(
+            config,
+            console=console,
+            quiet=True,
+            verbose=args.verbose,
+            timeout=args.timeout,
+            cpus_per_client=args.cpus_per_client,
+            ray_address=args.ray_address,
+        )
         if not outcome.completed:
             raise RuntimeError(f"{label} {outcome.status}: {outcome.status_details} (log: {outcome.log_path})")
         result = load_run_result(run_dir, args.target)

@@ -89,6 +89,7 @@ class SimulationRequest:
     num_supernodes: int
     client_num_cpus: int = 1
     ray_num_cpus: int | None = None
+    ray_address: str | None = None  # an existing (multi-node) Ray cluster, e.g. "auto" or "10.0.0.5:6379"
     timeout: float
     workdir: Path
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -108,6 +109,8 @@ class SimulationRequest:
                     f"ray_num_cpus={self.ray_num_cpus} < client_num_cpus={self.client_num_cpus}: "
                     "no ClientApp could ever be scheduled and the run would hang"
                 )
+        if self.ray_address is not None and not re.fullmatch(r"[A-Za-z0-9_.:/-]+", self.ray_address):
+            raise ValueError(f"ray_address must look like 'auto' or 'HOST:PORT', got {self.ray_address!r}")
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
             raise ValueError(f"timeout must be a number of seconds, got {self.timeout!r}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
@@ -516,6 +519,8 @@ def _submit(
     federation = f"num-supernodes={request.num_supernodes} client-resources-num-cpus={request.client_num_cpus}"
     if request.ray_num_cpus is not None:
         federation += f" init-args-num-cpus={request.ray_num_cpus}"
+    if request.ray_address is not None:
+        federation += f' init-args-address="{request.ray_address}"'
     args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--federation-config", federation]
     budget = min(_CLI_TIMEOUT, deadline - time.monotonic())
     done = cli.call([*args, "--format", "json"], timeout=max(budget, 1.0))

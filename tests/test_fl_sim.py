@@ -73,7 +73,8 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.flower
 def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
     """Ctrl-C after round 2 of 4, ``fl-sim --resume``: the same final adapter as one straight run."""
-    common = [*TINY, "--rounds", "4", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
+    # rounds long enough (a few seconds) that the interrupt lands before round 4 ends
+    common = [*TINY, "--rounds", "4", "--local-steps", "30", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
     straight = tmp_path / "straight"
     subprocess.run([*FL_SIM, *common, "--out", str(straight)], check=True, timeout=400)
 
