@@ -129,14 +129,14 @@ def _reply(
 
 
 def _train_private(
-    setup: LocalSetup, cfg: FederationConfig, data: list[Encoded], settings: TrainSettings, sigma: float
+    setup: LocalSetup, cfg: FederationConfig, data: list[Encoded], settings: TrainSettings, sigma: float, seed: int
 ) -> TrainResult:
     """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients."""
     params = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     pad = int(setup.tokenizer.pad_token_id)
     dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=cfg.dp_max_grad_norm)
-    with dp_sgd(setup.model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, settings.seed) as pt:
+    with dp_sgd(setup.model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
         constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
         return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
@@ -174,6 +174,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     ledger: PrivacyLedger | None = None
     if cfg.dp_enabled:
         node_dir = context.node_config.get("state-dir")
+        # the ledger's key for this run: the first run id of a resumed run, so a round trained
+        # again after an interruption is recognised as the same round
+        ledger_run = str(round_config.get("ledger-run", context.run_id))
         ledger = PrivacyLedger(cfg.client_state_dir(partition, str(node_dir) if node_dir else None))
         sigma = float(round_config["dp-noise-multiplier"])  # type: ignore[arg-type]
         q = sample_rate(cfg.batch_size, len(train_data))
@@ -181,9 +184,15 @@ def train_handler(msg: Message, context: Context) -> Message:
         delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp_delta or default_delta(len(train_data))
         spent = ledger.epsilon(delta, cfg.dp_accountant)
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
-        if ledger.is_charged(context.run_id, server_round):
-            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status="round already charged")
-        if cfg.dp_max_epsilon:
+        charged = ledger.charged_entry(ledger_run, server_round)
+        if charged is not None and (charged.noise_multiplier, charged.sample_rate, charged.steps) != (
+            sigma,
+            q,
+            settings.steps,
+        ):
+            reason = f"round {server_round} of run {ledger_run} was already charged with other DP parameters"
+            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
+        if cfg.dp_max_epsilon and charged is None:  # a replayed round releases nothing new
             over, projected = ledger.would_exceed(
                 cfg.dp_max_epsilon, delta, cfg.dp_accountant, sigma, q, settings.steps
             )
@@ -196,9 +205,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), rank)
     set_trainable_factors(setup.model, factors)
     if ledger is not None:
-        result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]))
-        ledger.charge(
-            context.run_id,
+        # secret DP randomness by default; from the public config only when asked for (research replays)
+        dp_seed = ledger.dp_seed(ledger_run, server_round) if cfg.dp_secret_noise else settings.seed
+        result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]), dp_seed)
+        ledger.charge(  # idempotent: a replayed round (same seed, same output) is charged once
+            ledger_run,
             server_round,
             privacy["noise-multiplier"],
             privacy["sample-rate"],

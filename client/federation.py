@@ -88,6 +88,7 @@ class FederationConfig:
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
     dp_max_epsilon: float = 0.0
+    dp_secret_noise: bool = True
     dp_client_level: str = "off"
     dp_client_noise_multiplier: float = 1.0
     dp_client_clipping_norm: float = 1.0

@@ -19,6 +19,7 @@ raises :class:`LedgerError` with the path: a ledger never silently resets to zer
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -41,6 +42,8 @@ from privacy.accounting import (
 
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = "privacy_ledger.lock"
+SECRET_FILE = "dp_secret"  # 32 random bytes that never leave the state directory
+SECRET_BYTES = 32
 LEDGER_FORMAT = "fedlora-privacy-ledger"
 LEDGER_VERSION = 1
 CHARGED = "charged"
@@ -179,6 +182,41 @@ class PrivacyLedger:
     def is_charged(self, run_id: str | int, server_round: int) -> bool:
         """Whether this round of this run is already in the ledger."""
         return any(entry.key == (str(run_id), server_round) for entry in self.entries())
+
+    def charged_entry(self, run_id: str | int, server_round: int) -> LedgerEntry | None:
+        """The charge of this round of this run, if there is one."""
+        return next((e for e in self.entries() if e.key == (str(run_id), server_round)), None)
+
+    def dp_seed(self, run_id: str | int, server_round: int) -> int:
+        """A 63-bit seed for one round's DP randomness (Poisson sampling and noise), secret to this client.
+
+        The server knows the run config, so randomness seeded from it alone could be replayed and
+        the noise subtracted; this seed also mixes in a secret drawn once from ``os.urandom`` and
+        kept in the state directory. The same (run, round) gives the same seed, so a round that
+        is trained again (a retried message, a resumed run) releases the identical result: the
+        same mechanism output, which costs nothing more and is charged once.
+        """
+        digest = hashlib.sha256(self._secret() + f"|{run_id}|{server_round}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def _secret(self) -> bytes:
+        path = self.state_dir / SECRET_FILE
+        if not path.exists():
+            self._ensure_state_dir()
+            with self._locked():
+                if not path.exists():
+                    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(os.urandom(SECRET_BYTES))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.chmod(tmp, 0o600)
+                    os.replace(tmp, path)
+                    _fsync_dir(self.state_dir)
+        secret = path.read_bytes()
+        if len(secret) != SECRET_BYTES:
+            raise LedgerError(f"{path}: DP secret has {len(secret)} bytes, expected {SECRET_BYTES}; refusing to guess")
+        return secret
 
     def epsilon(self, delta: float, accountant: str = "rdp") -> float:
         """Lifetime epsilon at ``delta``: the composition of every round of every run charged here."""

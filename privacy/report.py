@@ -89,7 +89,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` as written; a malformed line names the file and line."""
     if not path.is_file():
         raise ReportError(f"{path}: missing; is {path.parent} a fedlora run directory?")
     rows: list[dict[str, Any]] = []
@@ -118,7 +119,7 @@ def load_run(run_dir: Path | str) -> RunRecords:
     if not root.is_dir():
         raise ReportError(f"{root}: run directory does not exist")
     config = _read_json(root / CONFIG_FILE)
-    rows = _read_metrics(root / METRICS_FILE)
+    rows = read_metrics(root / METRICS_FILE)
     dp_enabled = bool(config.get("dp.enabled", False))
     plan = _read_json(root / PLAN_FILE) if dp_enabled else None
     states = state_root(root, config)

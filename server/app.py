@@ -194,7 +194,7 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
 
 
 #: resolved-config keys a resumed run may change
-RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "round-timeout"})
+RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout"})
 
 
 def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict[str, Any]) -> None:
@@ -249,6 +249,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(cfg.run_dir, model, model_dir)
     resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling, "run-id": context.run_id}
     prepare_run_dir(run_dir, cfg, resolved)
+    if cfg.resume:  # the run keeps its first id (the clients' ledgers key rounds by it)
+        stored = json.loads((run_dir.root / "config.json").read_text())
+        resolved["run-id"] = stored["run-id"]
+        resolved["resumed-as"] = [*stored.get("resumed-as", []), context.run_id]
     write_partition(run_dir, cfg)
     done, elapsed_before = 0, 0.0
     if cfg.resume:
@@ -275,7 +279,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     if not cfg.resume:
         initial = strategy.algorithm.initial_state(get_adapter_state(model))
-    train_config = ConfigRecord({"local-steps": cfg.local_steps})
+    train_config = ConfigRecord({"local-steps": cfg.local_steps, "ledger-run": str(resolved["run-id"])})
     if cfg.dp_enabled:
         sigma, delta = plan_privacy(cfg, run_dir)
         train_config["dp-noise-multiplier"], train_config["dp-delta"] = sigma, delta

@@ -29,6 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from privacy.report import ReportError, read_metrics
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PARTITION_FILE = "partition.json"
@@ -70,19 +72,15 @@ def load_rounds(run_dir: Path | str) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {path.parent} a fedlora run directory?")
+    try:
+        rows = read_metrics(path)
+    except ReportError as error:
+        raise ValueError(str(error)) from None
     by_round: dict[int, dict[str, Any]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({error})") from None
-        if not isinstance(row, dict) or "round" not in row:
-            raise ValueError(f"{path}, line {lineno}: expected a JSON object with a 'round'")
+    for lineno, row in enumerate(rows, start=1):
         r = row["round"]
         if isinstance(r, bool) or not isinstance(r, int | float) or r != int(r) or r < 0:
-            raise ValueError(f"{path}, line {lineno}: 'round' must be a non-negative integer, got {r!r}")
+            raise ValueError(f"{path}, row {lineno}: 'round' must be a non-negative integer, got {r!r}")
         row["round"] = int(r)
         by_round[int(r)] = row
     return [by_round[r] for r in sorted(by_round)]

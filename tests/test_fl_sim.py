@@ -75,6 +75,8 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Pat
     """Ctrl-C after round 2 of 4, ``fl-sim --resume``: the same final adapter as one straight run."""
     # rounds long enough (a few seconds) that the interrupt lands before round 4 ends
     common = [*TINY, "--rounds", "4", "--local-steps", "30", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
+    # DP randomness from the public config, so two separate runs (two client secrets) can match
+    common += ["--run-config", "dp.secret-noise=false"]
     straight = tmp_path / "straight"
     subprocess.run([*FL_SIM, *common, "--out", str(straight)], check=True, timeout=400)
 
@@ -98,7 +100,12 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Pat
     plan = json.loads((broken / "privacy_plan.json").read_text())
     assert plan == json.loads((straight / "privacy_plan.json").read_text())
     report = json.loads((broken / "report" / "privacy.json").read_text())
-    assert report["rounds_completed"] == 4 and report["epsilon_max"] <= 8.0 + 1e-6
+    straight_report = json.loads((straight / "report" / "privacy.json").read_text())
+    # the round trained again after the interrupt replays the same output and is charged once
+    assert report["rounds_completed"] == 4 and report["epsilon_max"] == pytest.approx(straight_report["epsilon_max"])
+    assert report["epsilon_max"] <= 8.0 + 1e-6
+    config = json.loads((broken / "config.json").read_text())
+    assert len(config["resumed-as"]) == 1 and config["run-id"] != config["resumed-as"][0]
 
 
 @pytest.mark.flower

@@ -290,3 +290,16 @@ def test_would_exceed_at_the_cap(tmp_path: Path) -> None:
     assert PrivacyLedger(tmp_path / "new").would_exceed(0.0, DELTA, "prv", SIGMA, Q, 1)[0]
     # projecting charges nothing
     assert ledger.epsilon(DELTA) == spent
+
+
+def test_dp_seed_is_secret_per_state_dir_and_stable_per_round(tmp_path: Path) -> None:
+    a, b = PrivacyLedger(tmp_path / "a"), PrivacyLedger(tmp_path / "b")
+    seed = a.dp_seed("run-1", 3)
+    assert seed == a.dp_seed("run-1", 3) == PrivacyLedger(tmp_path / "a").dp_seed("run-1", 3)
+    assert len({seed, a.dp_seed("run-1", 4), a.dp_seed("run-2", 3), b.dp_seed("run-1", 3)}) == 4
+    assert 0 <= seed < 2**63
+    secret = tmp_path / "a" / "dp_secret"
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
+    secret.write_bytes(b"short")
+    with pytest.raises(LedgerError, match="DP secret has 5 bytes"):
+        a.dp_seed("run-1", 3)

@@ -137,7 +137,7 @@ def test_load_rounds_names_file_and_line_of_a_malformed_line(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3: not valid JSON"):
         load_rounds(run)
     (run / "metrics.jsonl").write_text('{"elapsed": 1}\n')
-    with pytest.raises(ValueError, match=r"line 1: expected a JSON object with a 'round'"):
+    with pytest.raises(ValueError, match=r"line 1: expected an object with a 'round'"):
         load_rounds(run)
 
 
