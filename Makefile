@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/fl-sim --force
+	rm -rf runs/sim  # the demo starts afresh, its synthetic clients' ledgers included
+	$(VENV)/bin/fl-sim
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -515,6 +515,7 @@ def main() -> None:
         "--retries", type=int, default=2, help="re-runs of a run during which other processes were busy"
     )
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for an idle machine per run")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories and logs")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "sim_scale.txt")
     args = parser.parse_args()
     sizes = [10, 100] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -542,7 +543,7 @@ def main() -> None:
     print(text, end="")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
-    if all(r.ok for r in results):
+    if all(r.ok for r in results) and not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         print(f"# run directories and logs kept in {tmp}")

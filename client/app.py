@@ -8,6 +8,8 @@ changes between messages.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections import OrderedDict
@@ -141,6 +143,18 @@ def _train_private(
         return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
 
+def round_digest(msg: Message, round_config: ConfigRecord, num_examples: int) -> str:
+    """What a round is trained from: the downloaded arrays, the round's config and the data size."""
+    h = hashlib.sha256()
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().contiguous().cpu().numpy().tobytes())
+    h.update(json.dumps({k: str(v) for k, v in round_config.items()}, sort_keys=True).encode())
+    h.update(str(num_examples).encode())
+    return h.hexdigest()
+
+
 def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's client-side fixed clipping, only when the server's DP wrapper asked for it."""
     config = msg.content.config_records.get("config")
@@ -184,13 +198,14 @@ def train_handler(msg: Message, context: Context) -> Message:
         delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp_delta or default_delta(len(train_data))
         spent = ledger.epsilon(delta, cfg.dp_accountant)
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
+        if not 0 < delta < 1 / len(train_data):
+            reason = f"dp-delta {delta} from the server is not below 1/n = 1/{len(train_data)} for this client's data"
+            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
+        digest = round_digest(msg, round_config, len(train_data))
         charged = ledger.charged_entry(ledger_run, server_round)
-        if charged is not None and (charged.noise_multiplier, charged.sample_rate, charged.steps) != (
-            sigma,
-            q,
-            settings.steps,
-        ):
-            reason = f"round {server_round} of run {ledger_run} was already charged with other DP parameters"
+        if charged is not None and ledger.round_input(ledger_run, server_round) != digest:
+            # only an exact replay (same input, same secret seed, same output) may be released again
+            reason = f"round {server_round} of run {ledger_run} was already charged for another input"
             return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
         if cfg.dp_max_epsilon and charged is None:  # a replayed round releases nothing new
             over, projected = ledger.would_exceed(
@@ -206,8 +221,15 @@ def train_handler(msg: Message, context: Context) -> Message:
     set_trainable_factors(setup.model, factors)
     if ledger is not None:
         # secret DP randomness by default; from the public config only when asked for (research replays)
-        dp_seed = ledger.dp_seed(ledger_run, server_round) if cfg.dp_secret_noise else settings.seed
-        result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]), dp_seed)
+        # The opt-out of secret randomness is honoured only on a node that says it is simulated
+        # (the simulation runtime sets num-partitions): in deployment the server sets the run config.
+        simulated = "num-partitions" in context.node_config
+        public = simulated and not cfg.dp_secret_noise
+        dp_seed = settings.seed if public else ledger.dp_seed(ledger_run, server_round)
+        with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
+            torch.manual_seed(dp_seed + 2)
+            result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]), dp_seed)
+        ledger.record_input(ledger_run, server_round, digest)  # before the charge: a replay needs both
         ledger.charge(  # idempotent: a replayed round (same seed, same output) is charged once
             ledger_run,
             server_round,
@@ -225,10 +247,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     if test_data:  # the locally trained adapter on this client's own test split: what personalising would give
         res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
         local = {"local-exact-match": res.exact_match, "local-eval-loss": res.loss}
+    # Under DP the training loss is a non-private function of the training examples: it stays here.
+    losses = {} if ledger is not None else {"train-loss": result.mean_loss, "train-loss-final": result.final_loss}
     metrics: dict[str, int | float] = {
         "num-examples": len(train_data),
-        "train-loss": result.mean_loss,
-        "train-loss-final": result.final_loss,
+        **losses,
         "lora-scaling": setup.scaling,
         "lora-rank": rank,
         "partition-id": partition,

@@ -6,7 +6,7 @@ Three sources, chosen by ``data-path``:
   tasks, k tasks per client, optional size skew); a client's test examples follow its own
   mix of tasks, so its evaluation measures what it cares about;
 - a JSONL file: its records split the same way, by their optional ``task`` label, then each
-  client's share split 90/10 into train and test;
+  client's share split into train and test (``num-test`` records, at most 10% of the share);
 - a directory of JSONL files: client p takes the p-th file by name (its own data, as in
   deployment).
 
@@ -24,7 +24,14 @@ import numpy as np
 
 from client.data import load_jsonl, read_jsonl, split_train_test
 from client.federation import FederationConfig
-from simulations.partitioners import Partition, PartitionSpec, largest_remainder, partition_examples, partition_tasks
+from simulations.partitioners import (
+    Partition,
+    PartitionSpec,
+    embedded_pool,
+    largest_remainder,
+    partition_examples,
+    partition_tasks,
+)
 from simulations.tasks import Example, get_task
 
 #: seed offset of the server's per-task evaluation sets (disjoint from every client's test seed)
@@ -47,6 +54,19 @@ def _file_partition(path: str, mtime_ns: int, spec: PartitionSpec) -> tuple[tupl
             "has the same label (or none): add a 'task' key to the records or use partition.scheme = 'iid'"
         )
     return tuple(ex for ex, _ in records), partition_examples(labels, spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_prompts(task: str, spec: PartitionSpec, tagged: bool) -> frozenset[str]:
+    return frozenset(e.prompt for e in embedded_pool(task, spec, tagged))
+
+
+def fresh_tests(task: str, n: int, seed: int, cfg: FederationConfig) -> list[Example]:
+    """``n`` test examples of an embedded task whose prompts no client trains on (the task's test
+    stream only avoids its own seed's training stream, not the pool's)."""
+    seen = _pool_prompts(task, cfg.partition_spec(), cfg.tagged) if task in cfg.task_list else frozenset()
+    drawn = get_task(task).examples(2 * n + 16, seed, "test", cfg.tagged)
+    return [e for e in drawn if e.prompt not in seen][:n]
 
 
 def build_partition(cfg: FederationConfig) -> Partition | None:
@@ -76,7 +96,7 @@ def client_examples(cfg: FederationConfig, partition: int) -> tuple[list[Example
     counts = largest_remainder(cfg.num_test, np.array([s.count for s in shares], dtype=np.float64))
     test: list[Example] = []
     for share, n in zip(shares, counts, strict=True):
-        test.extend(get_task(share.task).examples(int(n), client_seed, "test", cfg.tagged))
+        test.extend(fresh_tests(share.task, int(n), client_seed, cfg))
     return train, test
 
 
@@ -86,7 +106,7 @@ def server_eval_sets(cfg: FederationConfig) -> dict[str, list[Example]]:
     if cfg.data_path or not cfg.server_eval:
         return {}
     seed = cfg.seed * 100_003 + SERVER_EVAL_SEED
-    return {t: get_task(t).examples(cfg.num_test, seed, "test", cfg.tagged) for t in cfg.task_list}
+    return {t: fresh_tests(t, cfg.num_test, seed, cfg) for t in cfg.task_list}
 
 
 def client_train_sizes(cfg: FederationConfig) -> list[int]:

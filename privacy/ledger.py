@@ -43,6 +43,7 @@ from privacy.accounting import (
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = "privacy_ledger.lock"
 SECRET_FILE = "dp_secret"  # 32 random bytes that never leave the state directory
+INPUTS_FILE = "round_inputs.json"  # (run, round) -> digest of what the round was trained from
 SECRET_BYTES = 32
 LEDGER_FORMAT = "fedlora-privacy-ledger"
 LEDGER_VERSION = 1
@@ -187,14 +188,38 @@ class PrivacyLedger:
         """The charge of this round of this run, if there is one."""
         return next((e for e in self.entries() if e.key == (str(run_id), server_round)), None)
 
+    def round_input(self, run_id: str | int, server_round: int) -> str | None:
+        """The digest recorded by :meth:`record_input` for this round, if any."""
+        path = self.state_dir / INPUTS_FILE
+        if not path.exists():
+            return None
+        value = json.loads(path.read_text()).get(f"{run_id}|{server_round}")
+        return str(value) if value is not None else None
+
+    def record_input(self, run_id: str | int, server_round: int, digest: str) -> None:
+        """Remember what a charged round was trained from (global state, lr, steps, data), so that
+        training it again is allowed only as an exact replay; written atomically under the lock."""
+        self._ensure_state_dir()
+        path = self.state_dir / INPUTS_FILE
+        with self._locked():
+            inputs = json.loads(path.read_text()) if path.exists() else {}
+            inputs[f"{run_id}|{server_round}"] = digest
+            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(inputs, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.state_dir)
+
     def dp_seed(self, run_id: str | int, server_round: int) -> int:
         """A 63-bit seed for one round's DP randomness (Poisson sampling and noise), secret to this client.
 
         The server knows the run config, so randomness seeded from it alone could be replayed and
         the noise subtracted; this seed also mixes in a secret drawn once from ``os.urandom`` and
-        kept in the state directory. The same (run, round) gives the same seed, so a round that
-        is trained again (a retried message, a resumed run) releases the identical result: the
-        same mechanism output, which costs nothing more and is charged once.
+        kept in the state directory. The same (run, round) gives the same seed; together with the
+        same input (see :meth:`record_input`) and deterministic training, a round trained again
+        (a retried message, a resumed run) releases the identical result, which costs nothing more.
         """
         digest = hashlib.sha256(self._secret() + f"|{run_id}|{server_round}".encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1

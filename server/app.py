@@ -31,7 +31,7 @@ from privacy.dp import sample_rate
 from privacy.planning import default_delta, delta_warning, plan_noise
 from privacy.report import headline, write_privacy_report
 from server.evaluation import ServerEvaluator
-from server.run_dir import ResumeError, RunDirectory, append_jsonl, write_json_atomic
+from server.run_dir import ResumeError, RunDirectory, append_jsonl, config_changes, read_rows, write_json_atomic
 from simulations.embedded import default_model_dir
 from simulations.partitioners import read_partition_manifest, write_partition_manifest
 from simulations.plots import write_client_table, write_training_plots
@@ -84,7 +84,7 @@ class RoundWriter:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += self.strategy.round_offset
-        if server_round and server_round == self.strategy.round_offset:
+        if self.cfg.resume and server_round == self.strategy.round_offset:
             return None  # the checkpoint this resumed run started from
         state = arrays.to_torch_state_dict()
         row: dict[str, Any] = {"round": server_round, "elapsed": round(time.perf_counter() - self.started, 3)}
@@ -93,7 +93,9 @@ class RoundWriter:
             done += sum(1 for r in self.strategy.rounds.values() if r.failed is None and r.accepted)
             delta = self.cfg.dp_delta or default_delta(self.cfg.num_clients)
             row["client-level-dp"] = {
-                "epsilon": compute_epsilon([(self.cfg.dp_client_noise_multiplier, 1.0, done)], delta),
+                "epsilon": compute_epsilon(
+                    [(self.cfg.dp_client_noise_multiplier, 1.0, done)], delta, self.cfg.dp_accountant
+                ),
                 "delta": delta,
                 "privacy-unit": "client",
             }
@@ -209,13 +211,9 @@ def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict
         return
     if not stored_path.is_file():
         raise ResumeError(f"cannot resume {run_dir.root}: it has no config.json")
-    stored = json.loads(stored_path.read_text())
-    changed = sorted(
-        k for k in set(stored) | set(resolved) if k not in RESUME_MAY_CHANGE and stored.get(k) != resolved.get(k)
-    )
+    changed = config_changes(json.loads(stored_path.read_text()), resolved, RESUME_MAY_CHANGE)
     if changed:
-        diff = ", ".join(f"{k}: {stored.get(k)!r} -> {resolved.get(k)!r}" for k in changed)
-        raise ResumeError(f"cannot resume {run_dir.root} with a different configuration ({diff})")
+        raise ResumeError(f"cannot resume {run_dir.root} with a different configuration ({', '.join(changed)})")
 
 
 def write_partition(run_dir: RunDirectory, cfg: FederationConfig) -> None:
@@ -258,7 +256,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         done, initial, _ = run_dir.latest_checkpoint()
         dropped = run_dir.truncate_metrics(done)
-        rows = [json.loads(ln) for ln in run_dir.metrics_path.read_text().splitlines() if ln.strip()]
+        rows = read_rows(run_dir.metrics_path)
         elapsed_before = float(rows[-1].get("elapsed", 0.0)) if rows else 0.0
         log(INFO, "fedlora: resuming %s after round %s (%s later metrics rows dropped)", run_dir.root, done, dropped)
     run_dir.write_config(resolved)

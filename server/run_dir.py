@@ -49,13 +49,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; an unparsable *last* line is a torn append (a hard kill while
+    writing) and is skipped; an unparsable line before it is an error naming the line."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines):
+                raise ValueError(f"{path}, line {i}: not valid JSON ({err})") from None
+    return rows
+
+
 def append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
-    """Append one line and fsync it: a line is either fully there or not at all."""
+    """Append one line and fsync it; a hard kill mid-write can leave a torn last line, which
+    :func:`read_rows` and a resume skip."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str]) -> list[str]:
+    """``key: old -> new`` for every run-config key that differs between two resolved configs."""
+    keys = sorted(k for k in set(stored) | set(current) if k not in ignore and stored.get(k) != current.get(k))
+    return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys]
 
 
 class RunDirectory:
@@ -113,8 +134,8 @@ class RunDirectory:
         if not self.metrics_path.exists():
             return 0
         lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if int(json.loads(ln).get("round", 0)) <= last_round]
-        if len(keep) != len(lines):
+        keep = [json.dumps(r) for r in read_rows(self.metrics_path) if int(r.get("round", 0)) <= last_round]
+        if keep != lines:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".metrics.")
             with os.fdopen(fd, "w") as f:
                 f.write("".join(ln + "\n" for ln in keep))

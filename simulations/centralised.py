@@ -46,7 +46,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         train_ex.extend(tr)
         tests.append(encode(tokenizer, te, max_len))
     pooled = encode(tokenizer, train_ex, max_len)
-    sampled = max(1, round(cfg.num_clients * cfg.fraction_train))
+    sampled = max(1, int(cfg.num_clients * cfg.fraction_train))  # as Flower samples
     steps_per_round = cfg.local_steps * sampled
     config: dict[str, Any] = {
         "strategy": "centralised",
@@ -74,7 +74,8 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         q = sample_rate(cfg.batch_size, len(pooled))
         delta = cfg.dp_delta or default_delta(len(pooled))
         total = steps_per_round * cfg.num_rounds
-        sigma = cfg.dp_noise_multiplier or plan_noise(cfg.dp_target_epsilon, delta, 1, 1.0, total, q).noise_multiplier
+        planned = plan_noise(cfg.dp_target_epsilon, delta, 1, 1.0, total, q, cfg.dp_accountant)
+        sigma = cfg.dp_noise_multiplier or planned.noise_multiplier
         config |= {"dp.noise-multiplier": sigma, "dp.delta": delta, "sample-rate": q}
         write_json_atomic(out / "config.json", config)
         dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=cfg.dp_max_grad_norm)
@@ -82,7 +83,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
             sched = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
             for r in range(1, cfg.num_rounds + 1):
                 res = train(pt.model, pooled, settings, pad, optimizer=(pt.optimizer, sched), batch_stream=pt.batches)
-                eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta)
+                eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta, cfg.dp_accountant)
                 _record(out, r, res.mean_loss, model, tests, pad, started, eps)
     save_adapter(model, out / "adapters" / "global", base_model_dir=model_dir)
     return out

@@ -98,7 +98,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     dp.add_argument("--dp", dest="dp", action="store_true", default=None, help="DP-SGD on every client (default)")
     dp.add_argument("--no-dp", dest="dp", action="store_false", help="train without differential privacy")
     g.add_argument("--epsilon", type=float, help="target epsilon per client over the whole run (default 8)")
-    g.add_argument("--delta", type=float, help="delta (default: 1/n^1.1 of the smallest client)")
+    g.add_argument("--delta", type=float, help="delta (default: power of ten <= 1/(10 n), n the smallest client)")
     g.add_argument("--noise-multiplier", type=float, help="fixed noise multiplier instead of a target epsilon")
     g.add_argument("--max-grad-norm", type=float, help="per-example clipping norm (default 1)")
     g.add_argument("--max-epsilon", type=float, help="lifetime budget: a client declines past it")
@@ -177,21 +177,21 @@ def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB
         n = int(values.get("num-clients", 1))
         if not 1 <= per_round <= n:
             raise ValueError(f"--clients-per-round {per_round} must be between 1 and the number of clients ({n})")
-        values["fraction-train"] = values["fraction-evaluate"] = per_round / n
+        # Flower samples int(n * fraction) nodes: aim between p and p + 1 so float rounding never gives p - 1
+        values["fraction-train"] = values["fraction-evaluate"] = min(1.0, (per_round + 0.5) / n)
     return values
 
 
 def validate(run_config: Mapping[str, Any]) -> Any:
     """Everything that can be checked before any process starts: config, split, data files."""
-    from client.datasets import build_partition, client_examples
+    from client.datasets import build_partition, client_train_sizes
     from client.federation import FederationConfig
 
     cfg = FederationConfig.from_run_config(run_config)
     if cfg.num_clients * cfg.fraction_train < 1 - 1e-9:
         raise ValueError(f"fraction-train {cfg.fraction_train} of {cfg.num_clients} clients samples nobody; raise it")
     build_partition(cfg)  # a split that leaves a client empty, or an unreadable file, fails here
-    if cfg.data_path:
-        client_examples(cfg, 0)
+    client_train_sizes(cfg)  # with a directory of files: every client's file is read and checked
     return cfg
 
 
@@ -250,6 +250,8 @@ class Progress:
         )
         if "train-loss" in train:
             parts.append(f"loss {train['train-loss']:.3f}")
+        elif "eval-loss" in ev:  # DP clients do not report their training loss
+            parts.append(f"test loss {ev['eval-loss']:.3f}")
         if "exact-match" in ev:
             parts.append(f"exact match {ev['exact-match']:.3f}")
         if "epsilon-max" in train:
@@ -326,11 +328,10 @@ def simulate(
 
 
 def _last_round(run_dir: Path) -> int:
+    from server.run_dir import read_rows
+
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    rounds = [int(json.loads(ln).get("round", 0)) for ln in path.read_text().splitlines() if ln.strip()]
-    return max(rounds, default=0)
+    return max((int(r.get("round", 0)) for r in read_rows(path)), default=0) if path.exists() else 0
 
 
 def resume_config(run_dir: Path) -> dict[str, Any]:
@@ -412,6 +413,18 @@ def _to_toml(config: Mapping[str, Any]) -> str:
     return "\n".join(f'"{k}" = {fmt(v)}' if "." in k else f"{k} = {fmt(v)}" for k, v in sorted(config.items()))
 
 
+def _clear_keeping_ledgers(run_dir: Path, console: Console) -> None:
+    """``--force``: delete a run directory but its clients' privacy ledgers: epsilon belongs to the
+    data, and a new run on the same data must compose with what was spent."""
+    for child in run_dir.iterdir():
+        if child.name == "client-state":
+            console.print(f"kept {child} (lifetime privacy ledgers); delete it yourself to reset them")
+        elif child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def cmd_run(argv: Sequence[str], console: Console) -> int:
     args = _run_parser().parse_args(argv)
     if args.list_strategies:
@@ -420,6 +433,14 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
         console.print("\n".join(sorted(STRATEGIES)))
         return 0
     if args.resume is not None:
+        options = [o for o in [*_OPTION_KEYS, "clients_per_round", "dp", "config", "out"] if o != "round_timeout"]
+        given = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o, None) is not None]
+        given += ["--run-config"] * bool(args.run_config) + ["--force"] * args.force
+        if given:
+            raise ValueError(
+                f"--resume continues a run with its stored configuration; drop {', '.join(given)} "
+                "(only --round-timeout, --timeout, --quiet and --verbose apply to a resumed run)"
+            )
         run_config = resume_config(args.resume.resolve())
         if args.round_timeout is not None:
             run_config["round-timeout"] = args.round_timeout
@@ -436,11 +457,19 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "pick another --out, or pass --force to delete it"
             )
-        shutil.rmtree(run_dir)
+        _clear_keeping_ledgers(run_dir, console)
     if not args.quiet:
         console.print(f"fl-sim: {run_config.get('strategy', 'fedavg-lora')} -> {run_dir}")
     try:
-        outcome = simulate(run_config, console=console, quiet=args.quiet, verbose=args.verbose, timeout=args.timeout)
+        outcome = simulate(
+            run_config,
+            console=console,
+            quiet=args.quiet,
+            verbose=args.verbose,
+            timeout=args.timeout,
+            cpus_per_client=args.cpus_per_client,
+            ray_address=args.ray_address,
+        )
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/yellow]; continue with: fl-sim --resume {run_dir}")
         return 130

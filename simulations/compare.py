@@ -10,6 +10,7 @@ seeds and calls a difference smaller than the spread a tie.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,9 +70,23 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             for seed in range(first_seed, first_seed + args.seeds):
                 run_dir = args.out / "runs" / strategy / f"lr-{lr:g}" / f"seed-{seed}"
                 runs.append(base | {"strategy": strategy, "lr": lr, "seed": seed, "run-dir": str(run_dir)})
-    for config in runs[:: args.seeds]:
+    for config in {c["seed"]: c for c in runs}.values():  # the split depends on the seed only
         validate(config)
     return runs
+
+
+def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
+    """How a run directory's stored configuration differs from the one planned for it."""
+    from client.federation import FederationConfig
+    from server.app import RESUME_MAY_CHANGE
+    from server.run_dir import config_changes
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return []
+    planned = FederationConfig.from_run_config(config).to_run_config()
+    ignore = RESUME_MAY_CHANGE | {"run-dir", "scaling"} | ({"lora-alpha"} if not planned["lora-alpha"] else set())
+    return config_changes(json.loads(path.read_text()), planned, frozenset(ignore))
 
 
 def cmd_compare(argv: Sequence[str], console: Console) -> int:
@@ -87,6 +102,12 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
         run_dir = Path(config["run-dir"])
         dirs.append(run_dir)
         label = f"[{i}/{len(runs)}] {config['strategy']} lr {config['lr']:g} seed {config['seed']}"
+        changed = stored_changes(config, run_dir)
+        if changed:
+            raise ValueError(
+                f"{run_dir} holds a run with another configuration ({', '.join(changed)}): use another --out "
+                "or delete it"
+            )
         if (run_dir / "adapters" / "global").is_dir():
             console.print(f"{label}: done before, kept", markup=False)
             continue
@@ -112,7 +133,10 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
             dirs.append(run_dir)
             if (run_dir / "adapters" / "global").is_dir():
                 continue
-            base = {k: v for k, v in runs[0].items() if k not in ("lr",)} | {"seed": seed, "strategy": "fedavg-lora"}
+            # FedAvg-LoRA's lr: the explicit --lr, else its tuned default
+            base = {k: v for k, v in runs[0].items() if k != "lr"} | {"seed": seed, "strategy": "fedavg-lora"}
+            if args.lr is not None:
+                base["lr"] = args.lr
             base["run-dir"] = str(run_dir)
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a partial pooled run is cheap to redo

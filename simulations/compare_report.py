@@ -362,7 +362,7 @@ def compare_figure(rows: Sequence[SummaryRow], results: Sequence[RunResult], tit
     curves.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
     curves.set_ylim(0, 1.02)
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.set_xlabel("server round (epoch for centralised)")
+    curves.set_xlabel("server round (centralised: local steps x sampled clients)")
     curves.set_ylabel("exact match")
     curves.set_title("Exact match per round (mean ± sd over seeds)")
     curves.legend(fontsize="small")

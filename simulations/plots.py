@@ -156,8 +156,8 @@ def run_title(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] = ())
     bits = [strategy]
     if config.get("num-clients"):
         bits.append(f"{config['num-clients']} clients")
-    if config.get("partition"):
-        bits.append(f"partition {config['partition']}")
+    if config.get("partition.scheme"):
+        bits.append(f"partition {config['partition.scheme']}")
     bits.append(dp_label(config, rows))
     return " — ".join(bits)
 

@@ -233,9 +233,10 @@ class LoraStrategy(FedAvg):
         epsilons = [m["epsilon"] for m in rec.clients_train.values() if "epsilon" in m]
         if epsilons:  # a maximum, never Flower's weighted mean of epsilons
             summary["epsilon-max"] = max(epsilons)
+        if math.isfinite(loss_sum):  # DP clients keep their training loss to themselves
+            summary["train-loss"] = loss_sum / total_examples
         summary |= {
             "num-examples": total_examples,
-            "train-loss": loss_sum / total_examples,
             "update-norm": update_norm(state, new_state),
             **diagnostics,
         }

@@ -126,3 +126,21 @@ def test_compare_writes_the_table_and_keeps_finished_runs(tmp_path: Path) -> Non
     assert main(["compare", *argv]) == 0  # everything done before: kept, only the table is rewritten
     assert time.monotonic() - started < 30
     assert (out / "runs" / "ffa-lora" / "lr-0.01" / "seed-1" / "metrics.jsonl").stat().st_mtime == stamp
+
+
+def test_resume_refuses_new_options_and_force_keeps_the_ledgers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["--resume", str(tmp_path), "--rounds", "12"]) == 2
+    assert "drop --rounds" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "client-state" / "partition-0").mkdir(parents=True)
+    (run / "client-state" / "partition-0" / "privacy_ledger.json").write_text("{}")
+    (run / "checkpoints").mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    import simulations.cli as cli
+
+    monkeypatch.setattr(cli, "simulate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["--force", "--out", str(run), "--quiet"]) == 130
+    assert sorted(p.name for p in run.iterdir()) == ["client-state"]
+    assert (run / "client-state" / "partition-0" / "privacy_ledger.json").exists()

@@ -110,3 +110,14 @@ def test_server_eval_sets_are_fresh_per_task() -> None:
     train = {e.prompt for p in range(4) for e in client_examples(cfg, p)[0]}
     assert not train & {e.prompt for v in sets.values() for e in v}
     assert server_eval_sets(FederationConfig(server_eval=False)) == {}
+
+
+def test_no_test_or_server_eval_prompt_is_in_the_training_pool() -> None:
+    # small input spaces (4-8 digits) make collisions likely without the filter: 5 of 800 were found
+    cfg = FederationConfig(num_clients=8, num_train=1000, num_test=100, tasks=TASKS, partition_tasks_per_client=2)
+    split = build_partition(cfg)
+    assert split is not None
+    pool = {e.prompt for p in range(8) for e in client_examples(cfg, p)[0]}
+    tests = [e.prompt for p in range(8) for e in client_examples(cfg, p)[1]]
+    assert len(tests) == 800 and not pool & set(tests)
+    assert not pool & {e.prompt for v in server_eval_sets(cfg).values() for e in v}
