@@ -133,6 +133,8 @@ def kind_of(pid: int) -> str:
     for Python), or Ray's process title (``ray::ClientAppActor``, ``ray::IDLE``, agents)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if not argv[0]:  # exiting, or a forked child not yet exec'd
+            return "comm:" + Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "?"
     if argv and argv[0].startswith("ray::"):
