@@ -26,14 +26,23 @@ How it is measured:
   the last line of the log if it is missing). s/round is the median of rounds 2..R (round 1
   includes the workers' warm-up: imports, model load, data). The log reaches us through
   Flower's log upload (every 0.2 s) and ``flwr log --stream`` (polls every 0.5 s), so each
-  stamp carries up to ~0.7 s of jitter; total s is the runner's whole call (SuperLink start
-  to teardown);
+  stamp carries up to ~0.7 s of jitter (round times come out near multiples of 0.5 s). The
+  mean of rounds 2..R is printed too: the jitter enters it once, so with ``--rounds 10`` it
+  resolves ~0.1 s. total s is the runner's whole call (SuperLink start to teardown);
 - peak memory: every ~0.2 s, the sum of PSS (``/proc/PID/smaps_rollup``; RSS where that is
   unreadable) over every process carrying the run's marker env var ``FEDLORA_BENCH_TAG``
   (passed in ``extra_env``, inherited by the SuperLink, SuperExec, flwr-simulation with the
   ServerApp, Ray's GCS / raylet / workers and the ``flwr`` CLI calls). PSS splits shared
   pages among the processes that map them, so the sum does not count shared libraries
-  and the page-cached model twice. The breakdown at the peak is printed per process kind.
+  and the page-cached model twice. The breakdown at the peak is printed per process kind,
+  with the CPU seconds each kind used (where the time goes);
+- a quiet machine: the same sampler counts the CPU time of every other process. Before each
+  run the benchmark waits (``--max-wait``, default 600 s) until the machine is idle, and a
+  run during which other processes used more than 15% of the CPU is repeated (``--retries``,
+  default 2); the table shows that share ("other CPU") for the run kept.
+
+``--set KEY=VALUE`` adds run-config overrides to our app (e.g. ``partition.scheme=tasks-per-
+client`` or ``server-eval=false``, to see what they cost); ``--keep`` keeps run directories.
 
 Goals: ours / bare round time <= 1.2 at every N; peak memory at 10,000 clients <= 5000 MB.
 """
@@ -315,6 +324,13 @@ class RunResult:
         later = [s for k, s in self.rounds.items() if k >= 2]
         return statistics.median(later or list(self.rounds.values())) if self.rounds else float("nan")
 
+    @property
+    def mean_per_round(self) -> float:
+        """Mean of rounds 2..R: start of round 2 to the end, over R - 1; the stamps' jitter
+        enters once, not once per round, so it is the more precise figure when R > 3."""
+        later = [s for k, s in self.rounds.items() if k >= 2]
+        return statistics.fmean(later or list(self.rounds.values())) if self.rounds else float("nan")
+
 
 def ours_request(
     n: int, rounds: int, workdir: Path, tmp: Path, tag: str, extra: Mapping[str, str] | None = None
@@ -330,10 +346,9 @@ def ours_request(
         "run-dir": str(tmp / "runs" / workdir.name),
         "tasks": TASKS,
     }
-    if "partition" in defaults:
-        overrides["partition"] = "iid"
-    elif "partition.scheme" in defaults:  # the key as the config currently spells it
-        overrides["partition.scheme"] = "iid"
+    # the bare app's data: one task per client (an IID mix pads every batch to the longest task)
+    overrides["partition.scheme"] = "tasks-per-client"
+    overrides["partition.tasks-per-client"] = 1
     for key, text in (extra or {}).items():  # --set KEY=VALUE, typed like the key's default
         default = defaults[key] if key in defaults else ""
         value: bool | int | float | str = text
@@ -461,18 +476,20 @@ def report(results: list[RunResult], sizes: list[int], rounds: int, extra: Mappi
         f"local-steps {WORKLOAD['local-steps']}, batch {WORKLOAD['batch-size']}, {WORKLOAD['num-train']} train / "
         f"{WORKLOAD['num-test']} test examples per client, no DP; 2 Ray actors x 1 CPU; "
         f"{os.cpu_count()} CPUs on this machine",
-        "s/round: median of rounds 2..R from Flower's [ROUND k/R] log lines (+-0.7 s log-stream jitter per stamp); "
+        "s/round: median of rounds 2..R from Flower's [ROUND k/R] log lines (+-0.7 s log-stream jitter per stamp; "
+        "the mean of rounds 2..R carries it once, so it is the more precise figure with more rounds); "
         "total s: SuperLink start to teardown; peak MB: summed PSS of every process of the run, sampled every 0.2 s; "
         "other CPU: share of the machine's CPU used by processes outside the run meanwhile (should be ~0)",
         *([f"extra overrides of our app: {dict(extra)}"] if extra else []),
         "",
-        f"{'N':>7}  {'app':<5}{'s/round':>9}{'round 1 s':>11}{'total s':>9}{'peak MB':>9}{'other CPU':>11}  status",
+        f"{'N':>7}  {'app':<5}{'s/round':>9}{'mean 2..R':>11}{'round 1 s':>11}{'total s':>9}{'peak MB':>9}"
+        f"{'other CPU':>11}  status",
     ]
     for r in results:
         r1 = r.rounds.get(1, float("nan"))
         lines.append(
-            f"{r.n:>7,}  {r.app:<5}{r.s_per_round:>9.2f}{r1:>11.2f}{r.total_s:>9.1f}{r.peak_mb:>9.0f}"
-            f"{100 * r.other_cpu:>10.0f}%  {r.status}"
+            f"{r.n:>7,}  {r.app:<5}{r.s_per_round:>9.2f}{r.mean_per_round:>11.2f}{r1:>11.2f}{r.total_s:>9.1f}"
+            f"{r.peak_mb:>9.0f}{100 * r.other_cpu:>10.0f}%  {r.status}"
         )
     lines += ["", "per-round seconds; memory at the peak by process kind (count x MB); CPU seconds by process kind:"]
     for r in results:
