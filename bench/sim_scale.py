@@ -357,17 +357,7 @@ def ours_request(
         elif isinstance(default, int | float):
             value = type(default)(text)
         overrides[key] = value
-    return SimulationRequest(
-        components=("server.app:app", "client.app:app"),
-        app_name="fedlora-sim-scale",
-        default_config=dict(defaults),
-        overrides=overrides,
-        num_supernodes=n,
-        client_num_cpus=1,
-        timeout=RUN_TIMEOUT,
-        workdir=workdir,
-        extra_env={TAG_VAR: tag},
-    )
+    return _request(("server.app:app", "client.app:app"), "fedlora-sim-scale", defaults, overrides, n, workdir, tag)
 
 
 def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> SimulationRequest:
@@ -380,17 +370,32 @@ def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> SimulationRequ
         **WORKLOAD,
         "tasks": TASKS,
     }
+    components = ("bare_fedavg:server_app", "bare_fedavg:client_app")
+    return _request(components, "bare-fedavg", bare.DEFAULT_CONFIG, overrides, n, workdir, tag, (BENCH,))
+
+
+def _request(
+    components: tuple[str, str],
+    app_name: str,
+    defaults: Mapping[str, Any],
+    overrides: Mapping[str, bool | int | float | str],
+    n: int,
+    workdir: Path,
+    tag: str,
+    pythonpath: tuple[Path, ...] = (),
+) -> SimulationRequest:
+    """One benchmark run: n supernodes, one CPU per actor, tagged so its processes can be measured."""
     return SimulationRequest(
-        components=("bare_fedavg:server_app", "bare_fedavg:client_app"),
-        app_name="bare-fedavg",
-        default_config=bare.DEFAULT_CONFIG,
+        components=components,
+        app_name=app_name,
+        default_config=dict(defaults),
         overrides=overrides,
         num_supernodes=n,
         client_num_cpus=1,
         timeout=RUN_TIMEOUT,
         workdir=workdir,
         extra_env={TAG_VAR: tag},
-        pythonpath=(BENCH,),
+        pythonpath=pythonpath,
     )
 
 

@@ -207,6 +207,13 @@ class FederationConfig:
         except ValueError:
             raise ValueError(f"flexlora-ranks must be comma-separated integers, got {self.flexlora_ranks!r}") from None
 
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round. Flower samples ``int(n * fraction)``, which float rounding can
+        put one below the intended count (22 * (15/22) = 14.99...); the server passes this as the
+        minimum, so ``fraction-train = p / n`` samples exactly p."""
+        return max(1, round(self.num_clients * self.fraction_train))
+
     def lr_for(self, default: float) -> float:
         return self.lr or default
 

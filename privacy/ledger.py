@@ -204,13 +204,7 @@ class PrivacyLedger:
         with self._locked():
             inputs = json.loads(path.read_text()) if path.exists() else {}
             inputs[f"{run_id}|{server_round}"] = digest
-            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(inputs, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.state_dir)
+            self._replace(path, json.dumps(inputs, indent=1).encode())
 
     def dp_seed(self, run_id: str | int, server_round: int) -> int:
         """A 63-bit seed for one round's DP randomness (Poisson sampling and noise), secret to this client.
@@ -230,14 +224,7 @@ class PrivacyLedger:
             self._ensure_state_dir()
             with self._locked():
                 if not path.exists():
-                    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(os.urandom(SECRET_BYTES))
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.chmod(tmp, 0o600)
-                    os.replace(tmp, path)
-                    _fsync_dir(self.state_dir)
+                    self._replace(path, os.urandom(SECRET_BYTES))
         secret = path.read_bytes()
         if len(secret) != SECRET_BYTES:
             raise LedgerError(f"{path}: DP secret has {len(secret)} bytes, expected {SECRET_BYTES}; refusing to guess")
@@ -365,14 +352,18 @@ class PrivacyLedger:
             "version": LEDGER_VERSION,
             "entries": [entry.to_json() for entry in entries],
         }
-        text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
+        self._replace(self.path, (json.dumps(payload, indent=1, allow_nan=False) + "\n").encode())
+
+    def _replace(self, path: Path, data: bytes) -> None:
+        """Atomic, durable replace of a file in the state directory (mode 0600): temp file, fsync,
+        os.replace, fsync the directory. Callers hold the lock."""
         fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-                tmp.write(text)
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(data)
                 tmp.flush()
                 os.fsync(tmp.fileno())
-            os.replace(tmp_name, self.path)
+            os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise

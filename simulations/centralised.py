@@ -46,7 +46,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         train_ex.extend(tr)
         tests.append(encode(tokenizer, te, max_len))
     pooled = encode(tokenizer, train_ex, max_len)
-    sampled = max(1, int(cfg.num_clients * cfg.fraction_train))  # as Flower samples
+    sampled = cfg.clients_per_round
     steps_per_round = cfg.local_steps * sampled
     config: dict[str, Any] = {
         "strategy": "centralised",

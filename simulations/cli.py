@@ -128,41 +128,22 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress display; errors and a one-line result only")
 
 
-def _parse_value(text: str) -> bool | int | float | str:
-    """A ``--run-config`` value the way TOML would read it; bare words are strings."""
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-    if not isinstance(value, bool | int | float | str):
-        raise ValueError(f"run-config value {text!r} must be a bool, number or string")
-    return value
-
-
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        out |= _flatten(v, key + ".") if isinstance(v, dict) else {key: v}
-    return out
-
-
 def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB) -> dict[str, Any]:
     """The run config of a run: ``base``, then ``--config``, then options (last wins)."""
+    from flwr.common.config import flatten_dict, parse_config_args
+
     values = dict(base)
     if args.config is not None:
         if not args.config.is_file():
             raise FileNotFoundError(f"config file {args.config} does not exist")
         try:
-            values |= _flatten(tomllib.loads(args.config.read_text()))
+            values |= flatten_dict(tomllib.loads(args.config.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{args.config}: not valid TOML ({e})") from None
-    for pair in args.run_config:
-        for item in pair.split():
-            key, sep, text = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--run-config expects key=value pairs, got {item!r}")
-            values[key] = _parse_value(text)
+    try:  # Flower's own parser: the same pairs work for `flwr run --run-config`
+        values |= parse_config_args(list(args.run_config))
+    except Exception as e:  # click.ClickException carries Flower's explanation
+        raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
     for option, key in _OPTION_KEYS.items():
         value = getattr(args, option, None)
         if value is not None:
@@ -177,8 +158,7 @@ def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB
         n = int(values.get("num-clients", 1))
         if not 1 <= per_round <= n:
             raise ValueError(f"--clients-per-round {per_round} must be between 1 and the number of clients ({n})")
-        # Flower samples int(n * fraction) nodes: aim between p and p + 1 so float rounding never gives p - 1
-        values["fraction-train"] = values["fraction-evaluate"] = min(1.0, (per_round + 0.5) / n)
+        values["fraction-train"] = values["fraction-evaluate"] = per_round / n
     return values
 
 
@@ -225,13 +205,11 @@ class Progress:
             self._poll()
 
     def _poll(self) -> None:
+        from server.run_dir import read_rows
+
         if not self.path.exists():
             return
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written
+        for row in read_rows(self.path):  # a line still being written is skipped
             r = int(row.get("round", 0))
             if r == self.start_round and self.t0 is None:
                 self.t0 = float(row.get("elapsed", 0.0))  # round 0 (or the resumed round): the clock's origin
@@ -406,13 +384,6 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _to_toml(config: Mapping[str, Any]) -> str:
-    def fmt(v: Any) -> str:
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    return "\n".join(f'"{k}" = {fmt(v)}' if "." in k else f"{k} = {fmt(v)}" for k, v in sorted(config.items()))
-
-
 def _clear_keeping_ledgers(run_dir: Path, console: Console) -> None:
     """``--force``: delete a run directory but its clients' privacy ledgers: epsilon belongs to the
     data, and a new run on the same data must compose with what was spent."""
@@ -447,8 +418,10 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
     else:
         run_config = run_config_from(args)
     if args.print_run_config:
+        from simulations.runner import run_config_toml
+
         validate(run_config)
-        console.print(_to_toml(run_config), markup=False, highlight=False)
+        console.print(run_config_toml(run_config), markup=False, highlight=False)
         return 0
     run_dir = Path(str(run_config["run-dir"]))
     if args.resume is None and (run_dir / "metrics.jsonl").exists():

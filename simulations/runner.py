@@ -298,11 +298,16 @@ def write_app_dir(
     return app_dir
 
 
+def run_config_toml(overrides: Mapping[str, ConfigValue]) -> str:
+    """Overrides as the TOML text ``flwr run --run-config FILE`` reads (dotted keys as tables)."""
+    return tomli_w.dumps(_nested(_checked_flat_config(overrides)))
+
+
 def write_run_config(path: Path, overrides: Mapping[str, ConfigValue]) -> Path:
     """Write overrides as a TOML file for ``flwr run --run-config FILE`` (no shell quoting)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(_nested(_checked_flat_config(overrides))), encoding="utf-8")
+    path.write_text(run_config_toml(overrides), encoding="utf-8")
     return path
 
 

@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.common.config import flatten_dict
 from safetensors.torch import load_file
 
 from simulations.cli import MAIN_JOB, main
@@ -32,7 +34,8 @@ TINY = [
         (["--clients", "2", "--tasks-per-client", "1"], "cover only 2 of 4 tasks"),
         (["--clients", "500", "--num-train", "1", "--partition", "dirichlet"], "left at least one of 500 clients"),
         (["--run-config", "secure-aggregation=true", "--strategy", "lora-fair"], "secure-aggregation cannot work"),
-        (["--run-config", "colour=blue"], "unknown key(s) ['colour']"),
+        (["--run-config", 'colour="blue"'], "unknown key(s) ['colour']"),
+        (["--run-config", "colour=blue"], "values must be of type bool, int, string"),
         (["--epsilon", "-1"], "dp.target-epsilon"),
     ],
 )
@@ -60,10 +63,10 @@ def test_unparseable_jsonl_and_existing_run_dir(tmp_path: Path, capsys: pytest.C
 
 def test_print_run_config_round_trips_through_flower_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--print-run-config", "--rounds", "3", "--no-dp", "--run-config", "lora-rank=4"]) == 0
-    text = capsys.readouterr().out
-    assert "num-rounds = 3" in text and '"dp.enabled" = false' in text and "lora-rank = 4" in text
-    assert '"partition.scheme" = "tasks-per-client"' in text
-    assert set(MAIN_JOB) <= {line.split(" = ")[0].strip('"') for line in text.splitlines()}
+    config = flatten_dict(tomllib.loads(capsys.readouterr().out))
+    assert config["num-rounds"] == 3 and config["dp.enabled"] is False and config["lora-rank"] == 4
+    assert config["partition.scheme"] == "tasks-per-client"
+    assert set(MAIN_JOB) <= set(config)
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -122,9 +125,7 @@ def test_compare_writes_the_table_and_keeps_finished_runs(tmp_path: Path) -> Non
     runs = list(csv.DictReader((out / "compare_runs.csv").open()))
     assert len(runs) == 6  # 2 strategies x 2 seeds + 2 centralised
     stamp = (out / "runs" / "ffa-lora" / "lr-0.01" / "seed-1" / "metrics.jsonl").stat().st_mtime
-    started = time.monotonic()
     assert main(["compare", *argv]) == 0  # everything done before: kept, only the table is rewritten
-    assert time.monotonic() - started < 30
     assert (out / "runs" / "ffa-lora" / "lr-0.01" / "seed-1" / "metrics.jsonl").stat().st_mtime == stamp
 
 
