@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from client.data import Encoded, collate, encode
-from client.datasets import client_examples
+from client.datasets import client_examples, node_examples
 from client.federation import FederationConfig
 from client.model import (
     Factors,
@@ -56,6 +57,20 @@ from strategies.algorithms import (
 app = ClientApp()
 
 
+def process_start_time() -> float:
+    """When this process started (Unix time; Linux ``/proc``, else now): Flower starts a fresh
+    process per message in deployment, and what that costs before our code runs is worth seeing."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_PROCESS_STARTED = process_start_time()
+
+
 @dataclass
 class LocalSetup:
     """What a node keeps between messages when its process lives on (simulation)."""
@@ -73,9 +88,26 @@ _CACHE: dict[tuple[object, ...], LocalSetup] = {}
 DATA_CACHE_SIZE = 64
 
 
-def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Encoded], list[Encoded]]:
+@dataclass(frozen=True)
+class Node:
+    """Who this client is: a virtual client of a simulation (partition of the run's pool) or a
+    deployed node bringing its own data (``data-path`` in its node config, from ``fl-client start``)."""
+
+    partition: int
+    data: str | None = None  # the node's own data: a JSONL file or embedded:TASKS
+    state_dir: str | None = None
+    name: str | None = None
+
+
+def node_partition(name: str) -> int:
+    """A deployed node's stable number (seeds, reply order, FlexLoRA rank): a hash of its name."""
+    return zlib.crc32(name.encode("utf-8")) % 2**31
+
+
+def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded]]:
     torch.set_num_threads(cfg.threads)
     defaults = ALGORITHMS[cfg.strategy].defaults
+    partition = node.partition
     rank = cfg.client_rank(partition)
     lora = cfg.lora_settings(rank, cfg.alpha_for(defaults.alpha))
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
@@ -86,11 +118,14 @@ def _setup(cfg: FederationConfig, partition: int) -> tuple[LocalSetup, list[Enco
         model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
         setup = LocalSetup(model, tokenizer, lora.scaling)
         _CACHE[key] = setup
-    data_key = (*cfg.data_key(), partition)
+    data_key = (*cfg.data_key(), partition, node.data)
     if data_key in setup.data:
         setup.data.move_to_end(data_key)
     else:
-        train_ex, test_ex = client_examples(cfg, partition)
+        if node.data:
+            train_ex, test_ex = node_examples(cfg, node.data, cfg.seed * 100_003 + partition)
+        else:
+            train_ex, test_ex = client_examples(cfg, partition)
         max_len = int(getattr(setup.model.config, "max_position_embeddings", 2048))
         setup.data[data_key] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
         while len(setup.data) > DATA_CACHE_SIZE:
@@ -110,23 +145,30 @@ def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Te
     set_base_deltas(setup.model, base_deltas(state), setup.pristine)
 
 
-def _node(context: Context) -> tuple[FederationConfig, int]:
+def _node(context: Context) -> tuple[FederationConfig, Node]:
     cfg = FederationConfig.from_run_config(context.run_config)
-    partition = int(context.node_config.get("partition-id", 0))
-    return cfg, partition
+    config = context.node_config
+    state_dir = str(config["state-dir"]) if config.get("state-dir") else None
+    if config.get("data-path"):  # a deployed node (fl-client start)
+        name = str(config.get("client-name") or "")
+        return cfg, Node(node_partition(name), str(config["data-path"]), state_dir, name)
+    return cfg, Node(int(config.get("partition-id", 0)), None, state_dir)
 
 
 def _reply(
     msg: Message,
-    metrics: dict[str, int | float],
+    metrics: Mapping[str, int | float | list[int] | list[float]],
     tensors: Mapping[str, Tensor] | None = None,
     status: str | None = None,
+    name: str | None = None,
 ) -> Message:
     content = RecordDict({"metrics": MetricRecord(dict(metrics))})
     if tensors is not None:
         content["arrays"] = ArrayRecord(dict(tensors))
     if status is not None:
         content["status"] = ConfigRecord({"reason": status})
+    if name:  # a deployed node's name, so reports can say who is who
+        content["client"] = ConfigRecord({"name": name})
     return Message(content, reply_to=msg)
 
 
@@ -171,8 +213,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     and is charged before the reply leaves: a crash after the charge over-reports, never under.
     """
     started = time.perf_counter()
-    cfg, partition = _node(context)
-    setup, train_data, test_data = _setup(cfg, partition)
+    cfg, node = _node(context)
+    partition = node.partition
+    setup, train_data, test_data = _setup(cfg, node)
     round_config = msg.content.config_records["config"]
     server_round = int(round_config["server-round"])  # type: ignore[arg-type]
     factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
@@ -187,11 +230,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     privacy: dict[str, int | float] = {}
     ledger: PrivacyLedger | None = None
     if cfg.dp_enabled:
-        node_dir = context.node_config.get("state-dir")
         # the ledger's key for this run: the first run id of a resumed run, so a round trained
         # again after an interruption is recognised as the same round
         ledger_run = str(round_config.get("ledger-run", context.run_id))
-        ledger = PrivacyLedger(cfg.client_state_dir(partition, str(node_dir) if node_dir else None))
+        ledger = PrivacyLedger(cfg.client_state_dir(partition, node.state_dir))
         sigma = float(round_config["dp-noise-multiplier"])  # type: ignore[arg-type]
         q = sample_rate(cfg.batch_size, len(train_data))
         run_delta = round_config.get("dp-delta")  # the run's one delta, from the server's plan
@@ -200,13 +242,20 @@ def train_handler(msg: Message, context: Context) -> Message:
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
         if not 0 < delta < 1 / len(train_data):
             reason = f"dp-delta {delta} from the server is not below 1/n = 1/{len(train_data)} for this client's data"
-            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
+            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
+        planned_q = round_config.get("dp-sample-rate")  # the plan's q: a smaller client would exceed its epsilon
+        if isinstance(planned_q, float) and q > planned_q * (1 + 1e-9):
+            reason = (
+                f"this client's {len(train_data)} examples give sample rate {q:.4g} > the plan's {planned_q:.4g} "
+                "(dp.plan-examples): its epsilon would exceed the target"
+            )
+            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
         digest = round_digest(msg, round_config, len(train_data))
         charged = ledger.charged_entry(ledger_run, server_round)
         if charged is not None and ledger.round_input(ledger_run, server_round) != digest:
             # only an exact replay (same input, same secret seed, same output) may be released again
             reason = f"round {server_round} of run {ledger_run} was already charged for another input"
-            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
+            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
         if cfg.dp_max_epsilon and charged is None:  # a replayed round releases nothing new
             over, projected = ledger.would_exceed(
                 cfg.dp_max_epsilon, delta, cfg.dp_accountant, sigma, q, settings.steps
@@ -216,7 +265,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     f"privacy budget: this round would take epsilon from {spent:.3f} to {projected:.3f}, "
                     f"past dp.max-epsilon = {cfg.dp_max_epsilon}"
                 )
-                return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason)
+                return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
     load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), rank)
     set_trainable_factors(setup.model, factors)
     if ledger is not None:
@@ -228,7 +277,9 @@ def train_handler(msg: Message, context: Context) -> Message:
         dp_seed = settings.seed if public else ledger.dp_seed(ledger_run, server_round)
         with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
             torch.manual_seed(dp_seed + 2)
+            t0 = time.perf_counter()
             result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]), dp_seed)
+            train_seconds = time.perf_counter() - t0
         ledger.record_input(ledger_run, server_round, digest)  # before the charge: a replay needs both
         ledger.charge(  # idempotent: a replayed round (same seed, same output) is charged once
             ledger_run,
@@ -240,42 +291,56 @@ def train_handler(msg: Message, context: Context) -> Message:
             delta=privacy["delta"],
         )
         privacy["epsilon"] = ledger.epsilon(privacy["delta"], cfg.dp_accountant)
-        privacy["dp-steps"] = sum(steps for _, _, steps in ledger.history())
+        history = ledger.history()
+        privacy["dp-steps"] = sum(steps for _, _, steps in history)
+        # the whole lifetime history (public parameters only): the server's report recomputes this
+        # client's epsilon from it when the ledger itself stays on the client's machine
+        ledger_lists: dict[str, list[int] | list[float]] = {
+            "ledger-noise": [float(h[0]) for h in history],
+            "ledger-rate": [float(h[1]) for h in history],
+            "ledger-steps": [int(h[2]) for h in history],
+        }
     else:
+        t0 = time.perf_counter()
         result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
+        train_seconds = time.perf_counter() - t0
+        ledger_lists = {}
     local: dict[str, int | float] = {}
     if test_data:  # the locally trained adapter on this client's own test split: what personalising would give
         res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
         local = {"local-exact-match": res.exact_match, "local-eval-loss": res.loss}
     # Under DP the training loss is a non-private function of the training examples: it stays here.
     losses = {} if ledger is not None else {"train-loss": result.mean_loss, "train-loss-final": result.final_loss}
-    metrics: dict[str, int | float] = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": len(train_data),
         **losses,
         "lora-scaling": setup.scaling,
         "lora-rank": rank,
         "partition-id": partition,
         "seconds": time.perf_counter() - started,
+        "train-seconds": train_seconds,
+        "process-seconds": time.time() - _PROCESS_STARTED,  # process start to reply: the per-message cost
         "pid": os.getpid(),
         **local,
         **privacy,
+        **ledger_lists,
     }
-    return _reply(msg, metrics, get_adapter_state(setup.model, factors))
+    return _reply(msg, metrics, get_adapter_state(setup.model, factors), name=node.name)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Exact match and loss of the global adapter on this node's test split."""
-    cfg, partition = _node(context)
-    setup, _, test_data = _setup(cfg, partition)
-    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), cfg.client_rank(partition))
+    cfg, node = _node(context)
+    setup, _, test_data = _setup(cfg, node)
+    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), cfg.client_rank(node.partition))
     res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
     metrics = MetricRecord(
         {
             "num-examples": res.num_examples,
             "eval-loss": res.loss,
             "exact-match": res.exact_match,
-            "partition-id": partition,
+            "partition-id": node.partition,
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,4 +1,8 @@
-"""``fl-client``: the edge role. ``finetune`` trains one LoRA adapter on local data."""
+"""``fl-client``: the edge role.
+
+``keygen`` creates this node's key pair, ``start`` joins a federation as a SuperNode (and keeps
+rejoining), ``finetune`` trains one LoRA adapter on local data without any server.
+"""
 
 from __future__ import annotations
 
@@ -106,11 +110,89 @@ def _fail(e: Exception) -> int:
     return 2
 
 
+def _keygen_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="create this node's key pair (client.key stays here, client.pub goes to the operator)",
+        description="Write KEYDIR/client.key (OpenSSH EC P-384 private key, mode 600) and KEYDIR/client.pub; "
+        "the operator enrolls client.pub with `fl-server enroll`. Existing keys are never overwritten.",
+    )
+    p.add_argument("--out", type=Path, default=Path("client-keys"), metavar="KEYDIR", help="default ./client-keys")
+    p.add_argument("--name", help="a comment in client.pub, e.g. the node's name (default: this host's name)")
+
+
+def _start_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "start",
+        help="join a federation as a SuperNode: train with DP on local data, keep the privacy ledger",
+        description="Run Flower's SuperNode against the server, with TLS verified by --ca and the node key; "
+        "reconnects with backoff when the server is away; Ctrl-C stops it and its client-app processes.",
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's SuperLink address")
+    p.add_argument("--ca", type=Path, metavar="CA", help="the federation's ca.pem (from the operator)")
+    p.add_argument("--key", type=Path, metavar="KEY", help="this node's client.key (fl-client keygen)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="JSONL file of prompt/completion records, or embedded:TASK[,TASK] for the embedded tasks",
+    )
+    p.add_argument(
+        "--state-dir", type=Path, required=True, metavar="DIR", help="privacy ledger and DP secret (keep it)"
+    )
+    p.add_argument("--name", help="this node's name in logs and the data seed (default: this host's name)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to an --insecure test server (warns)")
+    p.add_argument("--max-wait", type=float, metavar="SECONDS", help="give up when the server is away this long")
+
+
+def _keygen(args: argparse.Namespace, console: Console) -> int:
+    import socket
+
+    from privacy.keys import fingerprint, load_node_public_key, write_node_keypair
+
+    try:
+        private, public = write_node_keypair(args.out, args.name or socket.gethostname())
+    except (FileExistsError, ValueError, OSError) as e:
+        return _fail(e)
+    console.print(f"private key {private} (keep it here)", markup=False, highlight=False)
+    console.print(f"public key  {public}  {fingerprint(load_node_public_key(public))}", markup=False, highlight=False)
+    console.print(
+        f"give {public.name} to the operator: fl-server enroll SERVER_DIR {public.name} --name NAME",
+        markup=False,
+        highlight=False,
+    )
+    return 0
+
+
+def _start(args: argparse.Namespace, console: Console) -> int:
+    from client.node import NodeError, NodeOptions, default_name, start
+    from privacy.keys import CertificateError
+
+    try:
+        options = NodeOptions(
+            server=args.server,
+            ca=args.ca,
+            key=args.key,
+            data=args.data,
+            state_dir=args.state_dir,
+            name=args.name or default_name(args.key),
+            insecure=args.insecure,
+            max_wait=args.max_wait,
+        )
+        return start(options, console)
+    except (NodeError, CertificateError) as e:
+        return _fail(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-client", description="fedlora edge client")
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
+    _keygen_parser(sub)
+    _start_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in ("keygen", "start"):
+        return {"keygen": _keygen, "start": _start}[args.command](args, Console(soft_wrap=True))
     _quiet_libraries()
     console = Console(soft_wrap=True)
     if args.command == "finetune":

@@ -117,3 +117,39 @@ def client_train_sizes(cfg: FederationConfig) -> list[int]:
     assert split is not None
     sizes = [split.client_size(p) for p in range(cfg.num_clients)]
     return sizes if not cfg.data_path else [n - min(cfg.num_test, n // 10) for n in sizes]
+
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def check_node_data(spec: str) -> None:
+    """Refuse a node's ``--data`` that cannot work, before its SuperNode starts: a JSONL file of
+    prompt/completion records, or ``embedded:TASK[,TASK...]`` (examples generated on the node)."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        tasks = [t.strip() for t in spec.removeprefix(EMBEDDED_PREFIX).split(",") if t.strip()]
+        if not tasks:
+            raise ValueError(f"--data {spec!r} names no task: use embedded:TASK[,TASK...]")
+        for task in tasks:
+            get_task(task)  # raises with the known names
+        return
+    records = load_jsonl(spec)  # raises naming the file and line
+    if len(records) < 2:
+        raise ValueError(f"data file {spec} holds {len(records)} record(s); a client needs at least 2")
+
+
+def node_examples(cfg: FederationConfig, spec: str, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, test) examples of a deployed node: its own JSONL file split by :func:`split_train_test`,
+    or for ``embedded:TASKS`` ``num-train`` examples spread over the tasks and ``num-test`` test
+    examples drawn from the tasks' test streams, seeded by the node so nodes differ."""
+    if not spec.startswith(EMBEDDED_PREFIX):
+        return split_train_test(load_jsonl(spec), cfg.num_test, seed)
+    tasks = [t.strip() for t in spec.removeprefix(EMBEDDED_PREFIX).split(",") if t.strip()]
+    even = np.ones(len(tasks), dtype=np.float64)
+    train: list[Example] = []
+    test: list[Example] = []
+    for task, n_train, n_test in zip(
+        tasks, largest_remainder(cfg.num_train, even), largest_remainder(cfg.num_test, even), strict=True
+    ):
+        train.extend(get_task(task).examples(int(n_train), seed, "train", cfg.tagged))
+        test.extend(get_task(task).examples(int(n_test), seed, "test", cfg.tagged))
+    return train, test

@@ -87,6 +87,7 @@ class FederationConfig:
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
+    dp_plan_examples: int = 0
     dp_max_epsilon: float = 0.0
     dp_secret_noise: bool = True
     dp_client_level: str = "off"
@@ -94,16 +95,17 @@ class FederationConfig:
     dp_client_clipping_norm: float = 1.0
     secure_aggregation: bool = False
     resume: bool = False
+    deployed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{_key(name)} must be an integer >= 1, got {v!r}")
-        for name in ("fraction_train", "fraction_evaluate"):
-            v = getattr(self, name)
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"{_key(name)} must be in (0, 1], got {v!r}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train!r}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:  # 0: no evaluation round trip (train replies carry it)
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate!r}")
         for name in ("lr", "lora_alpha", "lora_fair_lambda"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
@@ -145,6 +147,13 @@ class FederationConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{_key(name)} must be a finite number >= 0, got {v!r}")
+        if self.dp_plan_examples < 0:
+            raise ValueError(f"dp.plan-examples must be >= 0, got {self.dp_plan_examples}")
+        if self.deployed and self.dp_enabled and not self.dp_plan_examples:
+            raise ValueError(
+                "dp.plan-examples must be set in deployment: the server cannot see the clients' data, so the "
+                "privacy plan states the smallest client it covers (clients with fewer examples decline)"
+            )
         if not self.dp_target_epsilon > 0 or not self.dp_max_grad_norm > 0:
             raise ValueError("dp.target-epsilon and dp.max-grad-norm must be > 0")
         if not 0 <= self.dp_delta < 1:

@@ -123,7 +123,8 @@ def load_run(run_dir: Path | str) -> RunRecords:
     dp_enabled = bool(config.get("dp.enabled", False))
     plan = _read_json(root / PLAN_FILE) if dp_enabled else None
     states = state_root(root, config)
-    partitions = set(range(int(config.get("num-clients", 0))))
+    # deployed nodes are numbered by a hash of their names: only those that trained are known
+    partitions = set() if config.get("deployed") else set(range(int(config.get("num-clients", 0))))
     partitions |= {int(p) for p, _ in _train_rows(rows)}
     if states.is_dir():
         for child in states.glob(f"partition-*/{LEDGER_FILE}"):
@@ -146,6 +147,29 @@ def _train_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, dict[str, 
 
 
 # ------------------------------------------------------------------------------------------ computing
+
+
+def reported_history(reported: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """A deployed client's lifetime ledger as it sent it with its latest reply (``ledger-noise``,
+    ``ledger-rate``, ``ledger-steps``: public parameters only), shaped like
+    :meth:`PrivacyLedger.summary`; None when the client sent none. Its ledger file stays on
+    its own machine; the client recomputes the same epsilon from it."""
+    for metrics in reversed(reported):
+        noise, rate, steps = (metrics.get(k) for k in ("ledger-noise", "ledger-rate", "ledger-steps"))
+        if isinstance(noise, list) and isinstance(rate, list) and isinstance(steps, list):
+            if not len(noise) == len(rate) == len(steps):
+                return None
+            history = [
+                {"noise_multiplier": float(s), "sample_rate": float(q), "steps": int(n)}
+                for s, q, n in zip(noise, rate, steps, strict=True)
+            ]
+            return {
+                "history": history,
+                "total_steps": sum(h["steps"] for h in history),
+                "rounds_taken_part_in": len(history),
+                "runs": [],
+            }
+    return None
 
 
 def run_delta(config: Mapping[str, Any], plan: Mapping[str, Any] | None = None) -> float:
@@ -199,16 +223,22 @@ def build_report(run: RunRecords) -> dict[str, Any]:
 
     clients: list[dict[str, Any]] = []
     for partition, ledger in run.ledgers.items():
+        reported = by_partition.get(partition, [])
         summary = ledger.summary(delta, accountant)
+        source = "ledger"
+        if not ledger.path.is_file() and (copy := reported_history(reported)) is not None:
+            summary, source = copy, f"reported by the client with its round-{reported[-1]['round']} reply"
         history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in summary["history"]]
         epsilon = compute_epsilon(history, delta, accountant)
-        reported = by_partition.get(partition, [])
+        names = [str(m["client-name"]) for m in reported if m.get("client-name")]
         clients.append(
             {
                 "partition": partition,
+                "client_name": names[-1] if names else None,
                 "node_ids": list(dict.fromkeys(m["node"] for m in reported)),
-                "ledger": str(ledger.path),
+                "ledger": str(ledger.path) if source == "ledger" else "on the client's machine",
                 "ledger_found": ledger.path.is_file(),
+                "history_source": source,
                 "accountant": accountant,
                 "delta": delta,
                 "epsilon": _number(epsilon),
@@ -325,11 +355,16 @@ def parameter_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 _CLIENT_HEADER = ("partition", "epsilon", "sigma", "C", "q", "steps", "rounds (lifetime)", "rounds this run", "runs")
 
 
+def client_label(client: Mapping[str, Any]) -> str:
+    """A deployed client's name, else its partition number."""
+    return str(client.get("client_name") or client["partition"])
+
+
 def client_rows(report: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """One row per client for the per-client table."""
     return [
         (
-            str(cl["partition"]) + ("" if cl["ledger_found"] else " (no ledger)"),
+            client_label(cl) + ("" if cl["ledger_found"] or cl.get("client_name") else " (no ledger)"),
             _fmt(cl["epsilon"]),
             _fmt(cl["noise_multipliers"], 6),
             _fmt(cl["max_grad_norm"]),

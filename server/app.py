@@ -116,21 +116,24 @@ class RoundWriter:
         return None
 
 
-def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, float]:
+def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, float, float]:
     """The noise multiplier for the whole run, calibrated once before training starts.
 
     From the target epsilon over the planned rounds, the expected participation rate and
     every client's local steps at q = batch / local examples; an explicit
     ``dp.noise-multiplier`` wins. The plan is logged and written to the run directory; a
-    resumed run reads it back instead of calibrating again. Returns (sigma, delta): one delta
-    for every client of the run, so their epsilons are comparable.
+    resumed run reads it back instead of calibrating again. Returns (sigma, delta, q): one delta
+    for every client of the run, so their epsilons are comparable, and the plan's sampling rate,
+    which no client may exceed. In deployment the server cannot see the clients' data:
+    ``dp.plan-examples`` states the smallest client the plan covers (smaller ones decline).
     """
     plan_path = run_dir.root / "privacy_plan.json"
     if cfg.resume and plan_path.is_file():
         stored = json.loads(plan_path.read_text())
         log(INFO, "fedlora: resumed run keeps its privacy plan: noise multiplier %s", stored["noise_multiplier_used"])
-        return float(stored["noise_multiplier_used"]), float(stored["delta"])
-    smallest = min(client_train_sizes(cfg))  # the largest sampling rate bounds every client's epsilon
+        return float(stored["noise_multiplier_used"]), float(stored["delta"]), float(stored["sample_rate"])
+    # the largest sampling rate bounds every client's epsilon
+    smallest = cfg.dp_plan_examples or min(client_train_sizes(cfg))
     q = sample_rate(cfg.batch_size, smallest)
     delta = cfg.dp_delta or default_delta(smallest)
     warning = delta_warning(delta, smallest)
@@ -156,7 +159,7 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, f
             "smallest_client_examples": smallest,
         },
     )
-    return sigma, delta
+    return sigma, delta, q
 
 
 def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir: RunDirectory) -> Strategy:
@@ -217,8 +220,8 @@ def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict
 
 
 def write_partition(run_dir: RunDirectory, cfg: FederationConfig) -> None:
-    """Write (or, on resume, check) who holds which examples."""
-    split = build_partition(cfg)
+    """Write (or, on resume, check) who holds which examples; deployed nodes bring their own."""
+    split = None if cfg.deployed else build_partition(cfg)
     if split is None:
         return
     path = run_dir.root / PARTITION_FILE
@@ -279,8 +282,8 @@ def main(grid: Grid, context: Context) -> None:
         initial = strategy.algorithm.initial_state(get_adapter_state(model))
     train_config = ConfigRecord({"local-steps": cfg.local_steps, "ledger-run": str(resolved["run-id"])})
     if cfg.dp_enabled:
-        sigma, delta = plan_privacy(cfg, run_dir)
-        train_config["dp-noise-multiplier"], train_config["dp-delta"] = sigma, delta
+        sigma, delta, q = plan_privacy(cfg, run_dir)
+        train_config["dp-noise-multiplier"], train_config["dp-delta"], train_config["dp-sample-rate"] = sigma, delta, q
     log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
     evaluator = ServerEvaluator(model, load_tokenizer(model_dir), server_eval_sets(cfg))
     writer = RoundWriter(run_dir, strategy, cfg, evaluator, elapsed_before)

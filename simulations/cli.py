@@ -128,9 +128,20 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress display; errors and a one-line result only")
 
 
+def parse_run_config_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--run-config 'k=v k2="s"'`` values through Flower's own parser, so the same pairs work
+    for ``flwr run --run-config`` (strings must be quoted)."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args(list(pairs or [])))
+    except Exception as e:  # click.ClickException carries Flower's explanation
+        raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
+
+
 def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB) -> dict[str, Any]:
     """The run config of a run: ``base``, then ``--config``, then options (last wins)."""
-    from flwr.common.config import flatten_dict, parse_config_args
+    from flwr.common.config import flatten_dict
 
     values = dict(base)
     if args.config is not None:
@@ -140,10 +151,7 @@ def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB
             values |= flatten_dict(tomllib.loads(args.config.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{args.config}: not valid TOML ({e})") from None
-    try:  # Flower's own parser: the same pairs work for `flwr run --run-config`
-        values |= parse_config_args(list(args.run_config))
-    except Exception as e:  # click.ClickException carries Flower's explanation
-        raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
+    values |= parse_run_config_pairs(args.run_config)
     for option, key in _OPTION_KEYS.items():
         value = getattr(args, option, None)
         if value is not None:
@@ -232,6 +240,15 @@ class Progress:
             parts.append(f"test loss {ev['eval-loss']:.3f}")
         if "exact-match" in ev:
             parts.append(f"exact match {ev['exact-match']:.3f}")
+        else:  # no evaluation round trip (deployment): the clients' own test splits after training
+            local = [
+                m["local-exact-match"] for m in (row.get("per-client-train") or {}).values() if "local-exact-match" in m
+            ]
+            if local:
+                parts.append(f"local exact match {sum(local) / len(local):.3f}")
+        server_eval = [t["exact-match"] for t in (row.get("server-eval") or {}).values() if "exact-match" in t]
+        if server_eval:
+            parts.append(f"server exact match {sum(server_eval) / len(server_eval):.3f}")
         if "epsilon-max" in train:
             parts.append(f"max ε {train['epsilon-max']:.2f}")
         if row.get("failed"):
@@ -348,7 +365,9 @@ def summary(run_dir: Path) -> list[str]:
     if privacy.is_file():
         report = json.loads(privacy.read_text())
         if report.get("dp_enabled"):
-            eps = ", ".join(f"{c['partition']}: {c['epsilon']:.2f}" for c in report.get("clients", []))
+            from privacy.report import client_label
+
+            eps = ", ".join(f"{client_label(c)}: {c['epsilon']:.2f}" for c in report.get("clients", []))
             lines.append(f"epsilon per client (delta {report.get('delta')}): {eps}")
         else:
             lines.append("differential privacy: off")

@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -71,6 +73,31 @@ class SimulationError(RuntimeError):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Deployment:
+    """Run on real SuperNodes instead of the simulation runtime (``fl-server start``).
+
+    ``superlink_command`` is the whole command that starts the SuperLink (TLS, node
+    authentication and its database are the caller's choice); it must listen on ``port`` and
+    answer ``/health`` there, over HTTPS verified with ``ca_file`` unless that is None. The
+    runner's own processes always reach it over loopback. ``nodes`` are ``(name, public key
+    file)`` pairs registered (``flwr supernode register``) before the run is submitted.
+    """
+
+    superlink_command: tuple[str, ...]
+    port: int
+    ca_file: Path | None = None
+    nodes: tuple[tuple[str, Path], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.superlink_command:
+            raise ValueError("superlink_command is empty")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port!r}")
+        if self.ca_file is not None and not Path(self.ca_file).is_file():
+            raise ValueError(f"CA certificate {self.ca_file} does not exist")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SimulationRequest:
     """Everything one simulation run needs; validated here, once, with clear messages.
 
@@ -94,6 +121,7 @@ class SimulationRequest:
     workdir: Path
     extra_env: Mapping[str, str] = field(default_factory=dict)
     pythonpath: tuple[Path, ...] = ()
+    deployment: Deployment | None = None  # real SuperNodes: see Deployment
 
     def __post_init__(self) -> None:
         components = _checked_components(self.components)
@@ -352,15 +380,24 @@ def run_simulation_app(
         reaper = _start_reaper(tag, logs / "teardown.log", ray_tmp)
         env = _child_env(request, bin_dir=bin_dir, home=home, ray_tmp=ray_tmp, tag=tag)
         cli = _FlowerCli(bin_dir=bin_dir, env=env, log_path=paths.cli)
+        deployment = request.deployment
+        ca_file = deployment.ca_file if deployment is not None else None
         for attempt in range(3):
-            port = _free_port()
-            link = superlink = _start_superlink(bin_dir, env, port, paths.superlink)
-            if _wait_healthy(link, port, min(deadline, time.monotonic() + _SUPERLINK_START_TIMEOUT), paths):
+            if deployment is None:
+                port = _free_port()
+                command = _simulation_superlink_command(bin_dir, port)
+            else:
+                port, command = deployment.port, list(deployment.superlink_command)
+            link = superlink = _start_superlink(command, env, paths.superlink)
+            healthy_by = min(deadline, time.monotonic() + _SUPERLINK_START_TIMEOUT)
+            if _wait_healthy(link, port, healthy_by, paths, ca_file):
                 break
-            if attempt < 2 and "address already in use" in _tail(paths.superlink).lower():
+            if deployment is None and attempt < 2 and "address already in use" in _tail(paths.superlink).lower():
                 continue  # lost the race for the free port
             raise SimulationError(_describe(f"SuperLink exited with code {link.returncode} at start", paths))
-        _write_connection(home, port)
+        _write_connection(home, port, ca_file)
+        if deployment is not None:
+            _register_nodes(cli, deployment.nodes, paths)
         run_id = _submit(cli, request, app_dir, run_config, deadline, paths)
         ended = _follow_logs(cli, run_id, link, deadline, paths, on_log_line)
         status = _wait_finished(cli, run_id, link, deadline, paths) if ended else None
@@ -481,8 +518,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_superlink(bin_dir: Path, env: Mapping[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    cmd = [
+def _simulation_superlink_command(bin_dir: Path, port: int) -> list[str]:
+    return [
         str(bin_dir / "flower-superlink"),
         "--insecure",  # loopback only: the control API has no login in open-source Flower
         "--simulation",
@@ -492,18 +529,27 @@ def _start_superlink(bin_dir: Path, env: Mapping[str, str], port: int, log_path:
         "--port",
         str(port),
     ]
+
+
+def _start_superlink(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], port: int, deadline: float, paths: _LogPaths) -> bool:
-    """True once /health answers, False if the SuperLink exited first."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def _wait_healthy(
+    proc: subprocess.Popen[bytes], port: int, deadline: float, paths: _LogPaths, ca_file: Path | None = None
+) -> bool:
+    """True once /health answers (over HTTPS verified by ``ca_file`` if given), False if the SuperLink exited first."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_file is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca_file))))
+    opener = urllib.request.build_opener(*handlers)
+    url = f"{'https' if ca_file is not None else 'http'}://127.0.0.1:{port}/health"
     while True:
         if proc.poll() is not None:
             return False
         try:
-            with opener.open(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+            with opener.open(url, timeout=0.5) as resp:
                 if resp.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
@@ -513,20 +559,44 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, deadline: float, pat
         time.sleep(0.1)
 
 
-def _write_connection(home: Path, port: int) -> None:
-    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
+def _write_connection(home: Path, port: int, ca_file: Path | None = None) -> None:
+    link: dict[str, Any] = {"address": f"127.0.0.1:{port}"}
+    link |= {"root-certificates": str(Path(ca_file).resolve())} if ca_file is not None else {"insecure": True}
+    config = {"superlink": {"default": CONNECTION, CONNECTION: link}}
     (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+
+def _register_nodes(cli: _FlowerCli, nodes: Iterable[tuple[str, Path]], paths: _LogPaths) -> None:
+    """Register every enrolled SuperNode key with the SuperLink (in parallel: nodes that dial in
+    meanwhile are refused until theirs is done); a key it already knows is fine."""
+
+    def register(node: tuple[str, Path]) -> str | None:
+        name, key = node
+        done = cli.call(["supernode", "register", str(key), CONNECTION, "--name", name], timeout=_CLI_TIMEOUT)
+        if done is None:
+            return f"`flwr supernode register` for {name} did not answer"
+        said = (done.stdout + done.stderr).lower()
+        if done.returncode != 0 and "already" not in said and "in use" not in said:
+            return f"registering SuperNode {name} ({key}) failed: {said.strip()}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        errors = [e for e in pool.map(register, nodes) if e is not None]
+    if errors:
+        raise SimulationError(_describe("; ".join(errors), paths))
 
 
 def _submit(
     cli: _FlowerCli, request: SimulationRequest, app_dir: Path, run_config: Path, deadline: float, paths: _LogPaths
 ) -> int:
-    federation = f"num-supernodes={request.num_supernodes} client-resources-num-cpus={request.client_num_cpus}"
-    if request.ray_num_cpus is not None:
-        federation += f" init-args-num-cpus={request.ray_num_cpus}"
-    if request.ray_address is not None:
-        federation += f' init-args-address="{request.ray_address}"'
-    args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--federation-config", federation]
+    args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
+    if request.deployment is None:
+        federation = f"num-supernodes={request.num_supernodes} client-resources-num-cpus={request.client_num_cpus}"
+        if request.ray_num_cpus is not None:
+            federation += f" init-args-num-cpus={request.ray_num_cpus}"
+        if request.ray_address is not None:
+            federation += f' init-args-address="{request.ray_address}"'
+        args += ["--federation-config", federation]
     budget = min(_CLI_TIMEOUT, deadline - time.monotonic())
     done = cli.call([*args, "--format", "json"], timeout=max(budget, 1.0))
     if done is None:

@@ -53,7 +53,9 @@ class RoundRecord:
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> eval metrics
-    clients_train: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> train metrics
+    # node id -> train metrics (numbers; a client's ledger history arrives as lists of numbers;
+    # a deployed client's name as "client-name")
+    clients_train: dict[int, dict[str, float | list[float] | str]] = field(default_factory=dict)
     failed: str | None = None  # why the round kept the previous global adapter
 
 
@@ -123,6 +125,8 @@ class LoraStrategy(FedAvg):
         self.rounds: dict[int, RoundRecord] = {}
         self.excluded: set[int] = set()  # nodes that declined (privacy budget): not sampled again
         self._state: dict[str, Tensor] | None = None
+        self._wanted = (min_available_nodes, min_train_nodes)
+        self._started = False
 
     def summary(self) -> None:
         log(INFO, "\t├── LoRA method: %s (scaling %s)", self.algorithm.name, self.algorithm.scaling)
@@ -136,6 +140,9 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self._started:
+            self._tolerate_dropouts(grid)
+        self._started = True
         state = dict(arrays.to_torch_state_dict())
         self._state = state  # what this round's replies are trained from
         download = self.algorithm.download(server_round, state)
@@ -150,6 +157,15 @@ class LoraStrategy(FedAvg):
         rec.sampled = len(messages)
         rec.bytes_sent = len(messages) * payload_bytes(download)
         return messages
+
+    def _tolerate_dropouts(self, grid: Grid) -> None:
+        """After the first round, sample whoever is connected (at least ``min_replies``) instead of
+        waiting for every expected node: a node that dropped out must not stall the run, and it
+        is sampled again once it reconnects. With every node connected nothing changes."""
+        connected = len(list(grid.get_node_ids()))
+        floor = max(self.min_replies, connected)
+        self.min_available_nodes = min(self._wanted[0], floor)
+        self.min_train_nodes = min(self._wanted[1], floor)
 
     def _expected(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
         keys = self.algorithm.expected_reply_keys(server_round, state)
@@ -207,7 +223,7 @@ class LoraStrategy(FedAvg):
                 continue
             assert reply is not None
             rec.accepted += 1
-            rec.clients_train[node] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            rec.clients_train[node] = {**_numbers(metrics), **_client_name(msg)}
             rec.bytes_received += payload_bytes(reply.tensors)
             total_examples += reply.num_examples
             loss_sum += reply.num_examples * float(metrics.get("train-loss", math.nan))
@@ -230,7 +246,7 @@ class LoraStrategy(FedAvg):
             rec.train = summary
             return None, summary
         new_state, diagnostics = algo.finish(server_round, acc, state)
-        epsilons = [m["epsilon"] for m in rec.clients_train.values() if "epsilon" in m]
+        epsilons = [float(e) for m in rec.clients_train.values() if isinstance(e := m.get("epsilon"), float)]
         if epsilons:  # a maximum, never Flower's weighted mean of epsilons
             summary["epsilon-max"] = max(epsilons)
         if math.isfinite(loss_sum):  # DP clients keep their training loss to themselves
@@ -321,6 +337,26 @@ def _arrival_free_order(msg: Message) -> tuple[float, int]:
     metrics = msg.content.metric_records.get("metrics")
     value = metrics.get("partition-id") if metrics is not None else None
     return (float(value) if isinstance(value, int | float) else math.inf), node
+
+
+def _client_name(msg: Message) -> dict[str, str]:
+    """``{"client-name": ...}`` when a deployed client named itself (a short printable string)."""
+    record = msg.content.config_records.get("client")
+    name = record.get("name") if record is not None else None
+    if isinstance(name, str) and 0 < len(name) <= 63 and name.isprintable():
+        return {"client-name": name}
+    return {}
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float | list[float]]:
+    """A reply's numeric metrics as JSON-able floats; lists of numbers stay lists."""
+    out: dict[str, float | list[float]] = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float):
+            out[key] = float(value)
+        elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+            out[key] = [float(v) for v in value]
+    return out
 
 
 def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

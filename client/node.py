@@ -1,0 +1,378 @@
+"""``fl-client start``: this machine as one SuperNode of a federation, kept running.
+
+Flower's ``flower-supernode`` does the talking (TLS, signed requests with the node key); this
+module checks everything first and supervises it:
+
+- the CA file, the node key and the data are checked before anything starts, so a mistake is
+  one clear line, not a traceback from a subprocess;
+- the server is probed with a TLS handshake verified by the CA: an expired or foreign
+  certificate, or a server speaking plain HTTP, stops the client with a message saying which;
+  a server that is away (refused, unreachable) is waited for with exponential backoff;
+- the SuperNode is restarted with backoff whenever it exits on its own (the server restarted,
+  the network dropped), and stopped with its whole process group on Ctrl-C;
+- a key the server refuses ends the client with the key's fingerprint, to give the operator.
+
+The node's data path, state directory (privacy ledger, DP secret) and name reach the client
+app through Flower's node config.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from rich.console import Console
+
+#: backoff between attempts to reach the server or restart the SuperNode (seconds)
+BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
+#: refusals of the node key in a row before giving up (a server registers enrolled keys just
+#: after it starts listening, so a node arriving in that second is refused once)
+REFUSALS_TO_GIVE_UP = 3
+#: Flower's messages when the SuperLink refuses a node key (unregistered or revoked)
+_REFUSED = re.compile(r"Failed to activate SuperNode|Invalid SuperNode authentication")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class NodeError(RuntimeError):
+    """A problem the operator must fix (exit status 2): the message says what and where."""
+
+
+class ServerAway(RuntimeError):
+    """The server cannot be reached right now: wait and try again."""
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """``fl-client start`` options, validated once."""
+
+    server: str
+    ca: Path | None
+    key: Path | None
+    data: str
+    state_dir: Path
+    name: str
+    insecure: bool = False
+    max_wait: float | None = None  # give up after this many seconds without a server (None: never)
+
+    def __post_init__(self) -> None:
+        host, port = split_address(self.server)
+        del host, port
+        if not _NAME_RE.match(self.name):
+            raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
+        if not self.insecure and (self.ca is None or self.key is None):
+            raise NodeError("--ca and --key are required (or --insecure for a plain-HTTP test server)")
+        for label, value in (("--data", self.data), ("--state-dir", str(self.state_dir))):
+            if re.search(r'[\s"\']', value):
+                raise NodeError(f"{label} {value!r}: paths with spaces or quotes cannot travel in Flower's node config")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a clear error otherwise."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\s/]+):(\d+)", address)
+    if not match:
+        raise NodeError(f"--server {address!r} must be HOST:PORT, e.g. server.example.org:9092")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise NodeError(f"--server {address!r}: port must be in 1..65535")
+    return host, port
+
+
+def check_inputs(options: NodeOptions) -> None:
+    """Everything local that can be wrong, checked before the first connection."""
+    from client.datasets import check_node_data
+    from privacy.keys import check_validity, load_certificate
+
+    if options.ca is not None and not options.insecure:
+        cert = load_certificate(options.ca)
+        check_validity(cert, options.ca)
+    if options.key is not None and not options.insecure:
+        node_public_key(options.key)
+    try:
+        check_node_data(options.data)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise NodeError(f"--data: {err.args[0] if isinstance(err, KeyError) and err.args else err}") from None
+
+
+def node_public_key(key_path: Path) -> str:
+    """The fingerprint of the node's key (what the operator enrolled), from the private key file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from privacy.keys import fingerprint
+
+    if not key_path.is_file():
+        raise NodeError(f"--key {key_path} does not exist (create it with fl-client keygen)")
+    try:
+        key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise NodeError(f"--key {key_path} is not an OpenSSH private key ({err}); use keygen's client.key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise NodeError(f"--key {key_path} is not an EC key: Flower's node authentication needs one (fl-client keygen)")
+    return fingerprint(key.public_key())
+
+
+def probe_server(options: NodeOptions, timeout: float = 10.0) -> None:
+    """One TLS handshake with the server, verified by the CA (or a TCP connect with --insecure).
+
+    Raises :class:`ServerAway` when nobody answers and :class:`NodeError` when somebody answers
+    whom we must not talk to: a certificate not from this CA, expired, for another name, or
+    plain HTTP where TLS was expected.
+    """
+    host, port = split_address(options.server)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as err:
+        raise ServerAway(f"{options.server}: {err.strerror or err}") from None
+    with sock:
+        if options.insecure:
+            _check_plain_http(sock, options)
+            return
+        context = ssl.create_default_context(cafile=str(options.ca))
+        try:
+            with context.wrap_socket(sock, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as err:
+            raise NodeError(_verification_message(err, options)) from None
+        except ssl.SSLError as err:
+            if "WRONG_VERSION_NUMBER" in str(err) or "record layer" in str(err).lower() or "packet length" in str(err):
+                raise NodeError(
+                    f"{options.server} does not speak TLS (a server started with --insecure?): this client "
+                    "sends nothing in the clear; use --insecure on both sides for a test setup only"
+                ) from None
+            raise NodeError(f"TLS handshake with {options.server} failed: {err}") from None
+        except (TimeoutError, ConnectionError) as err:
+            raise ServerAway(f"{options.server}: TLS handshake interrupted ({err})") from None
+
+
+def _check_plain_http(sock: socket.socket, options: NodeOptions) -> None:
+    """With --insecure: the server must answer plain HTTP; a TLS server is refused with the fix."""
+    host, port = split_address(options.server)
+    try:
+        sock.sendall(f"GET /health HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        answer = sock.recv(5)
+    except OSError:
+        answer = b""
+    if answer.startswith(b"HTTP/"):
+        return
+    probe = ssl.create_default_context()
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE  # only asks "is this TLS?"
+    try:
+        with socket.create_connection((host, port), timeout=10.0) as raw, probe.wrap_socket(raw):
+            speaks_tls = True
+    except (OSError, ssl.SSLError):
+        speaks_tls = False
+    if speaks_tls:
+        raise NodeError(
+            f"{options.server} speaks TLS but this client was started with --insecure (plain HTTP): "
+            "drop --insecure and pass --ca with the federation's ca.pem"
+        )
+    raise NodeError(f"{options.server} does not answer HTTP; is it a fedlora server (fl-server start)?")
+
+
+def _verification_message(err: ssl.SSLCertVerificationError, options: NodeOptions) -> str:
+    code = getattr(err, "verify_code", None)
+    what = getattr(err, "verify_message", str(err))
+    if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        return f"the server's certificate at {options.server} has expired: the operator must renew it (fl-server init)"
+    if code == 9:
+        return f"the server's certificate at {options.server} is not valid yet (check both clocks)"
+    if code in (18, 19, 20, 21):  # self-signed / unknown issuer
+        return (
+            f"the server at {options.server} presented a certificate not issued by --ca {options.ca}: "
+            "wrong CA file, or not the server you think (ask the operator for the federation's ca.pem)"
+        )
+    if code == 62:  # hostname mismatch
+        return f"the server's certificate does not name {split_address(options.server)[0]!r}: {what}"
+    return f"the server's certificate at {options.server} was refused: {what}"
+
+
+def supernode_command(options: NodeOptions, clientappio_port: int) -> list[str]:
+    """Flower's SuperNode for these options (the node config carries data, state and name)."""
+    node_config = f'data-path="{options.data}" state-dir="{options.state_dir.resolve()}" client-name="{options.name}"'
+    command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", options.server]
+    if options.insecure:
+        command.append("--insecure")
+    else:
+        assert options.ca is not None and options.key is not None
+        command += ["--root-certificates", str(options.ca), "--auth-supernode-private-key", str(options.key)]
+    command += ["--node-config", node_config, "--port", str(clientappio_port), "--host", "127.0.0.1"]
+    return command
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",  # start the client app as soon as a message lands
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+class Supervisor:
+    """Runs ``flower-supernode`` until stopped, restarting it with backoff."""
+
+    def __init__(
+        self,
+        options: NodeOptions,
+        console: Console,
+        sleep: Callable[[float], bool] | None = None,
+    ) -> None:
+        self.options = options
+        self.console = console
+        self.stop = threading.Event()
+        self._sleep = sleep or self.stop.wait
+        self.proc: subprocess.Popen[str] | None = None
+        self.refused = False
+
+    def say(self, text: str) -> None:
+        self.console.print(f"fl-client: {text}", markup=False, highlight=False)
+
+    def run(self) -> int:
+        """Until Ctrl-C: probe, start, watch, restart. Returns the exit status."""
+        delay, waited_since, refusals = BACKOFF_START, time.monotonic(), 0
+        while not self.stop.is_set():
+            try:
+                probe_server(self.options)
+            except ServerAway as away:
+                limit = self.options.max_wait
+                if limit is not None and time.monotonic() - waited_since > limit:
+                    self.say(f"server still away after {limit:.0f} s ({away}); giving up")
+                    return 1
+                self.say(f"server away ({away}); retrying in {delay:.0f} s")
+                if self._sleep(delay):
+                    break
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            self.refused = False
+            code = self._run_supernode()
+            if self.stop.is_set():
+                break
+            refusals = refusals + 1 if self.refused else 0
+            if refusals >= REFUSALS_TO_GIVE_UP:
+                fp = node_public_key(self.options.key) if self.options.key is not None else "?"
+                self.say(
+                    f"the server refused this node's key {fp}: it is not enrolled (or was revoked); "
+                    f"ask the operator to run `fl-server enroll SERVER_DIR client.pub --name {self.options.name}`"
+                )
+                return 3
+            self.say(f"SuperNode exited with status {code}; reconnecting in {delay:.0f} s")
+            if self._sleep(delay):
+                break
+            delay = min(delay * 2, BACKOFF_MAX)
+            waited_since = time.monotonic()
+        return 0
+
+    def _run_supernode(self) -> int:
+        command = supernode_command(self.options, _free_port())
+        self.proc = proc = subprocess.Popen(
+            command,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its client-app processes go down with it, as a group
+        )
+        self.say(f"SuperNode started (pid {proc.pid}) for {self.options.server}")
+        assert proc.stdout is not None
+        pump = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
+        pump.start()
+        code = proc.wait()
+        _kill_group(proc.pid)  # helpers it started (its SuperExec) would otherwise outlive it
+        pump.join(timeout=5.0)
+        return code
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in iter(stream.readline, ""):
+            text = line.rstrip("\n")
+            self.console.print(text, markup=False, highlight=False)
+            if _REFUSED.search(text):
+                self.refused = True
+
+    def terminate(self) -> None:
+        """Stop the SuperNode and everything it started (its process group)."""
+        self.stop.set()
+        if self.proc is not None:
+            _kill_group(self.proc.pid)
+
+
+def _kill_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after ``grace`` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start(options: NodeOptions, console: Console) -> int:
+    """Check, then run the supervised SuperNode until Ctrl-C or SIGTERM."""
+    check_inputs(options)
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    options.state_dir.chmod(0o700)  # the privacy ledger and the DP secret live here
+    if options.insecure:
+        console.print(
+            "WARNING: --insecure: plain HTTP, the server is not authenticated and this node's updates travel "
+            "in the clear. For a test setup only.",
+            markup=False,
+            highlight=False,
+        )
+    else:
+        assert options.key is not None
+        console.print(f"fl-client: node key {node_public_key(options.key)}", markup=False, highlight=False)
+    supervisor = Supervisor(options, console)
+
+    def on_signal(signum: int, frame: object) -> None:
+        del signum, frame
+        supervisor.terminate()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return supervisor.run()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        supervisor.terminate()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def default_name(key: Path | None) -> str:
+    """A node's default name: this host's name (what an operator would call the machine)."""
+    del key
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.") or "client"
+    return name

@@ -1,0 +1,204 @@
+"""``fl-server start``: one federated run on real SuperNodes, secure by default.
+
+The SuperLink is Flower's own (``server.superlink`` adds only a loopback guard for the
+Control and Runtime APIs), started with TLS from the server directory and SuperNode
+authentication on; every enrolled key is registered before the run is submitted. The
+run itself is our ServerApp, submitted with ``flwr run`` like ``fl-sim`` does, through the
+same runner (``simulations.runner``), so the run directory has the same layout. The
+SuperLink lives as long as the run: Ctrl-C (or the end of the run) stops it and every
+process it started; SuperNodes keep retrying until the next ``fl-server start``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+#: the key of our run config saying the clients are real SuperNodes with their own data
+DEPLOYED_KEY = "deployed"
+#: how long ``fl-server start`` waits for a run by default (it may wait for clients a long time)
+DEFAULT_TIMEOUT = 7 * 24 * 3600.0
+INSECURE_WARNING = (
+    "WARNING: --insecure: plain HTTP, no TLS and no SuperNode authentication. Anyone who can reach "
+    "this port can join the federation, read the global adapter and inject updates. Use it on a "
+    "trusted network for tests only."
+)
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """What ``fl-server start`` was asked to do, validated before anything starts."""
+
+    server_dir: Path
+    run_dir: Path | None = None
+    resume: Path | None = None
+    insecure: bool = False
+    expose_control: bool | None = None  # None: the server directory's setting
+    run_overrides: Mapping[str, Any] | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.resume is not None and (self.run_dir is not None or self.run_overrides):
+            raise ValueError("--resume continues a run as it was configured: it takes no --run-dir or --run-config")
+        if not self.timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved run: its config (validated), its directory and the SuperLink to start."""
+
+    run_config: dict[str, Any]
+    run_dir: Path
+    deployment: Any  # simulations.runner.Deployment
+    num_rounds: int
+    start_round: int
+    nodes: tuple[str, ...]
+
+
+def superlink_command(
+    server_dir: Any, host: str, port: int, insecure: bool, expose_control: bool, database: Path
+) -> list[str]:
+    """Flower's SuperLink behind our loopback guard, with TLS and node authentication unless insecure."""
+    command = [sys.executable, "-m", "server.superlink"]
+    if expose_control:
+        command.append("--expose-control")
+    command.append("--")
+    if insecure:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile",
+            str(server_dir.ca_cert_path),
+            "--ssl-certfile",
+            str(server_dir.server_cert_path),
+            "--ssl-keyfile",
+            str(server_dir.server_key_path),
+            "--enable-supernode-auth",
+        ]
+    command += [
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
+        "--disable-runtime-dependency-installation",
+    ]
+    return command
+
+
+def plan_start(options: StartOptions) -> Plan:
+    """Read and validate everything (settings, certificates, run config, resume) before any process starts."""
+    from client.federation import FederationConfig
+    from server.server_dir import ServerDir
+    from simulations.cli import resume_config
+    from simulations.runner import Deployment
+
+    sd = ServerDir(options.server_dir.resolve())  # its processes may run elsewhere than here
+    settings = sd.settings()
+    if not options.insecure:
+        sd.check_certificates()
+    link = settings.superlink
+    expose = link.expose_control if options.expose_control is None else options.expose_control
+    start_round = 0
+    if options.resume is not None:
+        run_dir = options.resume.resolve()
+        run_config = resume_config(run_dir)
+        if not run_config.get(DEPLOYED_KEY):
+            raise ValueError(f"{run_dir} is not a deployed run (fl-sim made it): resume it with fl-sim --resume")
+        start_round = _last_round(run_dir)
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = (options.run_dir or sd.runs_dir / stamp).resolve()
+        if (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another")
+        run_config = {**settings.run, **dict(options.run_overrides or {}), "run-dir": str(run_dir)}
+    run_config[DEPLOYED_KEY] = True
+    cfg = FederationConfig.from_run_config(run_config)  # refuses unknown keys and bad values, naming them
+    enrolled = () if options.insecure else tuple(sd.enrolled())
+    if not options.insecure and not enrolled:
+        raise ValueError(
+            f"no client is enrolled in {sd.root}: run `fl-client keygen` on each client, then "
+            f"`fl-server enroll {sd.root} CLIENT.pub --name NAME` here"
+        )
+    deployment = Deployment(
+        superlink_command=tuple(
+            superlink_command(sd, link.host, link.port, options.insecure, expose, sd.root / "superlink.db")
+        ),
+        port=link.port,
+        ca_file=None if options.insecure else sd.ca_cert_path,
+        nodes=tuple((e.name, e.path) for e in enrolled),
+    )
+    return Plan(run_config, run_dir, deployment, cfg.num_rounds, start_round, tuple(e.name for e in enrolled))
+
+
+def _last_round(run_dir: Path) -> int:
+    from server.run_dir import read_rows
+
+    path = run_dir / "metrics.jsonl"
+    return max((int(r.get("round", 0)) for r in read_rows(path)), default=0) if path.exists() else 0
+
+
+def run_plan(
+    plan: Plan,
+    console: Console,
+    *,
+    quiet: bool = False,
+    verbose: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_log_line: Callable[[str], None] | None = None,
+) -> Any:
+    """Start the SuperLink, register the nodes, submit the run, follow it; always tear down."""
+    from client.federation import DEFAULT_RUN_CONFIG
+    from simulations.cli import Progress
+    from simulations.runner import SimulationRequest, run_simulation_app
+
+    overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    request = SimulationRequest(
+        components=("server.app:app", "client.app:app"),
+        app_name="fedlora",
+        default_config=DEFAULT_RUN_CONFIG,
+        overrides=overrides,
+        num_supernodes=1,  # unused in deployment: the clients are real SuperNodes
+        timeout=timeout,
+        workdir=plan.run_dir / "deploy",
+        deployment=plan.deployment,
+    )
+    waiting = _WaitingLine(console) if not quiet else None
+
+    def log_line(line: str) -> None:
+        if verbose:
+            console.print(line, markup=False, highlight=False)
+        elif waiting is not None:
+            waiting(line)
+        if on_log_line is not None:
+            on_log_line(line)
+
+    if quiet:
+        return run_simulation_app(request, log_line)
+    with Progress(console, plan.run_dir, plan.num_rounds, plan.start_round):
+        return run_simulation_app(request, log_line)
+
+
+class _WaitingLine:
+    """Turn Flower's "Waiting for nodes to connect" log lines into one line per change."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.last = ""
+
+    def __call__(self, line: str) -> None:
+        marker = "Waiting for nodes to connect:"
+        if marker in line:
+            text = "waiting for clients: " + line.split(marker, 1)[1].strip().rstrip(".")
+            if text != self.last:
+                self.last = text
+                self.console.print(text, markup=False, highlight=False)

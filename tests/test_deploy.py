@@ -1,0 +1,259 @@
+"""Real deployment on 127.0.0.1: ``fl-server start`` and three ``fl-client start`` processes.
+
+Every process is started in its own session, waited for with a deadline and stopped by its
+process group. The federations are tiny (3 local steps, 64 examples per client) so the time
+goes into what deployment costs: a fresh client-app process per message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privacy.accounting import compute_epsilon
+from privacy.keys import fingerprint, load_node_public_key
+from privacy.ledger import PrivacyLedger
+from server.server_dir import ServerDir
+
+pytestmark = pytest.mark.flower
+
+BIN = Path(sys.executable).parent
+CLIENTS = ("alice", "bob", "carol")
+RUN = (
+    "num-rounds=2 local-steps=3 num-train=64 num-test=8 dp.plan-examples=64 round-timeout=60.0 "
+    'min-replies=2 fraction-evaluate=0.0 tasks="adddigit-4,repeat-3"'
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Proc:
+    """A command in its own session with its output in a file; stopped by process group."""
+
+    def __init__(self, argv: list[str], log: Path, cwd: Path) -> None:
+        self.log = log
+        env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{self.popen.args} did not finish within {timeout:.0f} s:\n{self.text()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL what is left after 15 s; the group must then be empty."""
+        self.kill(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill(signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Federation:
+    """A server directory with three enrolled client keys, and the processes of one test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.server_dir = ServerDir.init(root / "server", ["127.0.0.1", "localhost"], port=self.port)
+        self.procs: list[Proc] = []
+        for name in CLIENTS:
+            assert self.cli("fl-client", "keygen", "--out", str(root / "keys" / name), "--name", name) == 0
+            pub = str(root / "keys" / name / "client.pub")
+            assert self.cli("fl-server", "enroll", str(self.server_dir.root), pub, "--name", name) == 0
+
+    def cli(self, *argv: str) -> int:
+        return subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=self.root, capture_output=True).returncode
+
+    def start(self, argv: list[str], log: str) -> Proc:
+        proc = Proc([str(BIN / argv[0]), *argv[1:]], self.root / log, self.root)
+        self.procs.append(proc)
+        return proc
+
+    def server(self, *extra: str, log: str = "server.log") -> Proc:
+        return self.start(["fl-server", "start", str(self.server_dir.root), "--run-config", RUN, *extra], log)
+
+    def client(self, name: str, *extra: str, key: Path | None = None, log: str | None = None) -> Proc:
+        key = key or self.root / "keys" / name / "client.key"
+        argv = ["fl-client", "start", "--server", f"127.0.0.1:{self.port}", "--ca", str(self.server_dir.ca_cert_path)]
+        argv += ["--key", str(key), "--data", "embedded:adddigit-4,repeat-3", "--state-dir", str(self.state(name))]
+        return self.start([*argv, "--name", name, *extra], log or f"client-{name}.log")
+
+    def state(self, name: str) -> Path:
+        return self.root / "state" / name
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def _rows(run_dir: Path) -> list[dict[str, object]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_secure_federation_of_three_with_dp_refuses_strangers(federation: Federation) -> None:
+    """TLS + node auth + DP FFA-LoRA, 2 rounds; an unenrolled key and a plain-HTTP client are refused."""
+    from peft import PeftModel
+
+    from client.model import load_base_model
+
+    fed = federation
+    run_dir = fed.root / "run"
+    server = fed.server("--run-dir", str(run_dir))
+    clients = [fed.client(name) for name in CLIENTS]
+
+    stranger_keys = fed.root / "keys" / "mallory"
+    assert fed.cli("fl-client", "keygen", "--out", str(stranger_keys)) == 0
+    stranger = fed.client("mallory", key=stranger_keys / "client.key")
+    plain = fed.client("eve", "--insecure", log="client-eve.log")
+
+    assert plain.wait(timeout=120) == 2
+    assert "speaks TLS but this client was started with --insecure" in plain.text()
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):  # plain HTTP is not served at all
+        urllib.request.urlopen(f"http://127.0.0.1:{fed.port}/health", timeout=10)
+
+    assert stranger.wait(timeout=180) == 3
+    fp = fingerprint(load_node_public_key(stranger_keys / "client.pub"))
+    assert f"refused this node's key {fp}" in stranger.text()
+
+    assert server.wait(timeout=400) == 0, server.text()[-3000:]
+    superlink_log = (run_dir / "deploy" / "logs" / "superlink.log").read_text()
+    assert f"key {fp} is not enrolled" in superlink_log  # the operator sees who knocked
+
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        trained = row["per-client-train"]
+        assert isinstance(trained, dict)
+        assert sorted(m["client-name"] for m in trained.values()) == list(CLIENTS)
+    base = load_base_model()
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "global"))
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+
+    report = json.loads((run_dir / "report" / "privacy.json").read_text())
+    assert report["rounds_completed"] == 2
+    by_name = {c["client_name"]: c for c in report["clients"]}
+    assert sorted(by_name) == list(CLIENTS)
+    delta = float(report["delta"])
+    for name in CLIENTS:
+        ledger = PrivacyLedger(fed.state(name))
+        assert ledger.path.is_file()
+        history = ledger.history()
+        assert len(history) == 2  # two rounds, charged once each
+        mine = compute_epsilon(history, delta, "rdp")
+        assert by_name[name]["epsilon"] == pytest.approx(mine, rel=1e-12)
+        assert by_name[name]["epsilon"] <= 8.0 + 1e-6
+        assert [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in by_name[name]["history"]] == [
+            tuple(h) for h in history
+        ]
+    for proc in clients:
+        assert proc.popen.poll() is None  # clients outlive a run: they wait for the next one
+        proc.stop()
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.popen.pid, 0)  # nothing of theirs is left behind
+
+
+def test_client_killed_in_round_one_does_not_stop_the_run(federation: Federation) -> None:
+    fed = federation
+    run_dir = fed.root / "run"
+    server = fed.server("--run-dir", str(run_dir), "--run-config", "round-timeout=40.0")
+    clients = {name: fed.client(name) for name in CLIENTS}
+    victim = clients["carol"]
+    wait_for("carol to receive its round-1 message", lambda: "Received: train message" in victim.text(), 240)
+    victim.kill()  # SIGKILL to the whole group: SuperNode and its client-app process
+    wait_for("round 1 to be written", lambda: len(_rows(run_dir)) >= 2, 200)
+    clients["carol"] = fed.client("carol", log="client-carol-again.log")  # it may rejoin later
+    assert server.wait(timeout=300) == 0, server.text()[-3000:]
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    round1 = rows[1]["train"]
+    assert isinstance(round1, dict)
+    assert round1["accepted"] == 2  # the two survivors made the round
+    assert (run_dir / "adapters" / "global" / "adapter_model.safetensors").is_file()
+
+
+def test_server_killed_after_round_one_resumes_to_the_same_adapter(federation: Federation) -> None:
+    """Without DP (whose noise is secret per client, by design), a resumed run equals a straight one."""
+    fed = federation
+    for name in CLIENTS:
+        fed.client(name)
+    plain = "dp.enabled=false num-rounds=3"
+    straight = fed.root / "straight"
+    assert fed.server("--run-dir", str(straight), "--run-config", plain, log="straight.log").wait(400) == 0
+
+    run_dir = fed.root / "interrupted"
+    server = fed.server("--run-dir", str(run_dir), "--run-config", plain, log="interrupted.log")
+    wait_for("round 1's checkpoint", lambda: (run_dir / "checkpoints" / "round-1").is_dir(), 300)
+    server.kill()  # the operator's machine dies: no clean shutdown
+    server.popen.wait(timeout=30)
+    wait_for("the port to be free", lambda: _port_free(fed.port), 60)
+
+    resumed = fed.start(["fl-server", "start", str(fed.server_dir.root), "--resume", str(run_dir)], "resumed.log")
+    assert resumed.wait(timeout=400) == 0, resumed.text()[-3000:]
+    assert [r["round"] for r in _rows(run_dir)] == [0, 1, 2, 3]
+    a = load_file(str(straight / "adapters" / "global" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
