@@ -79,6 +79,7 @@ class LocalSetup:
     tokenizer: PreTrainedTokenizerBase
     scaling: float
     pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
+    load_seconds: float = 0.0  # what loading the base model and tokenizer cost this message
     data: OrderedDict[tuple[object, ...], tuple[list[Encoded], list[Encoded]]] = field(default_factory=OrderedDict)
 
 
@@ -114,10 +115,13 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
     key = (str(model_dir), lora)
     setup = _CACHE.get(key)
     if setup is None:
+        started = time.perf_counter()
         tokenizer = load_tokenizer(model_dir)
-        model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
-        setup = LocalSetup(model, tokenizer, lora.scaling)
+        model = wrap_lora(load_base_model(model_dir, "cpu"), lora)  # safetensors, memory-mapped by transformers
+        setup = LocalSetup(model, tokenizer, lora.scaling, load_seconds=time.perf_counter() - started)
         _CACHE[key] = setup
+    else:
+        setup.load_seconds = 0.0  # a warm process (simulation worker): nothing loaded for this message
     data_key = (*cfg.data_key(), partition, node.data)
     if data_key in setup.data:
         setup.data.move_to_end(data_key)
@@ -319,6 +323,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         "partition-id": partition,
         "seconds": time.perf_counter() - started,
         "train-seconds": train_seconds,
+        "load-seconds": setup.load_seconds,
         "process-seconds": time.time() - _PROCESS_STARTED,  # process start to reply: the per-message cost
         "pid": os.getpid(),
         **local,

@@ -35,10 +35,11 @@ from typing import IO
 from rich.console import Console
 
 #: backoff between attempts to reach the server or restart the SuperNode (seconds)
-BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
-#: refusals of the node key in a row before giving up (a server registers enrolled keys just
-#: after it starts listening, so a node arriving in that second is refused once)
-REFUSALS_TO_GIVE_UP = 3
+BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+#: the longest wait after the server refused the node key: a server registers enrolled keys just
+#: after it starts listening, and a node restarted after a crash is refused until its previous
+#: session expires (Flower: 2 heartbeats of 30 s), so a refusal is retried, and said each time
+REFUSED_RETRY = 10.0
 #: Flower's messages when the SuperLink refuses a node key (unregistered or revoked)
 _REFUSED = re.compile(r"Failed to activate SuperNode|Invalid SuperNode authentication")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -253,7 +254,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Until Ctrl-C: probe, start, watch, restart. Returns the exit status."""
-        delay, waited_since, refusals = BACKOFF_START, time.monotonic(), 0
+        delay, waited_since = BACKOFF_START, time.monotonic()
         while not self.stop.is_set():
             try:
                 probe_server(self.options)
@@ -271,14 +272,18 @@ class Supervisor:
             code = self._run_supernode()
             if self.stop.is_set():
                 break
-            refusals = refusals + 1 if self.refused else 0
-            if refusals >= REFUSALS_TO_GIVE_UP:
+            if self.refused:  # not enrolled (yet), revoked, or this node's previous session not expired
                 fp = node_public_key(self.options.key) if self.options.key is not None else "?"
+                wait = min(delay, REFUSED_RETRY)
                 self.say(
-                    f"the server refused this node's key {fp}: it is not enrolled (or was revoked); "
-                    f"ask the operator to run `fl-server enroll SERVER_DIR client.pub --name {self.options.name}`"
+                    f"the server refused this node's key {fp}: not enrolled (ask the operator: `fl-server enroll "
+                    f"SERVER_DIR client.pub --name {self.options.name}`), revoked, or a previous session of this "
+                    f"node not yet expired (up to 60 s); retrying in {wait:.0f} s"
                 )
-                return 3
+                if self._sleep(wait):
+                    break
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
             self.say(f"SuperNode exited with status {code}; reconnecting in {delay:.0f} s")
             if self._sleep(delay):
                 break
@@ -297,6 +302,7 @@ class Supervisor:
             text=True,
             errors="replace",
             start_new_session=True,  # its client-app processes go down with it, as a group
+            preexec_fn=_die_with_parent,
         )
         self.say(f"SuperNode started (pid {proc.pid}) for {self.options.server}")
         assert proc.stdout is not None
@@ -319,6 +325,17 @@ class Supervisor:
         self.stop.set()
         if self.proc is not None:
             _kill_group(self.proc.pid)
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode's process, before exec: SIGKILL it when ``fl-client`` dies (Linux), so a
+    killed client leaves no SuperNode behind heartbeating for it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C and SIGTERM still stop the group through terminate()
 
 
 def _kill_group(pgid: int, grace: float = 10.0) -> None:

@@ -18,9 +18,7 @@ import base64
 import datetime
 import hashlib
 import ipaddress
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +28,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.files import write_atomic
 
 #: names and addresses every server certificate carries: the server's own processes dial loopback
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -51,27 +51,6 @@ class CertificateError(ValueError):
 # ------------------------------------------------------------------------------ files
 
 
-def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` so that a crash leaves the old file or the new one, never half.
-
-    The temporary file is created by ``mkstemp`` (mode 0600, whatever the umask) and only then
-    given ``mode``: a private key is never readable by others, not even for an instant.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if mode != 0o600:
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_private_key_pem(path: str | Path, key: ec.EllipticCurvePrivateKey) -> None:
     """PKCS8 PEM, unencrypted (the SuperLink reads it unattended), mode 0600."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -83,15 +62,20 @@ def write_certificate(path: str | Path, cert: x509.Certificate) -> None:
     write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
+def _read(path: Path, what: str) -> bytes:
+    """The bytes of a certificate or key file; a missing or unreadable file names itself."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertificateError(f"{path}: {what} file does not exist") from None
+    except OSError as err:
+        raise CertificateError(f"{path}: cannot read the {what} ({err.strerror})") from None
+
+
 def load_certificate(path: str | Path) -> x509.Certificate:
     """The first PEM certificate in ``path``."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{path}: certificate file does not exist") from None
-    except OSError as err:
-        raise CertificateError(f"{path}: cannot read the certificate ({err.strerror})") from None
+    data = _read(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -101,12 +85,7 @@ def load_certificate(path: str | Path) -> x509.Certificate:
 def load_private_key_pem(path: str | Path) -> ec.EllipticCurvePrivateKey:
     """An unencrypted PEM EC private key (``ca.key``, ``server.key``)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{path}: private key file does not exist") from None
-    except OSError as err:
-        raise CertificateError(f"{path}: cannot read the private key ({err.strerror})") from None
+    data = _read(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):

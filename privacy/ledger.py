@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -39,6 +38,7 @@ from privacy.accounting import (
     check_rate,
     compute_epsilon,
 )
+from privacy.files import fsync_dir, write_atomic
 
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = "privacy_ledger.lock"
@@ -327,7 +327,7 @@ class PrivacyLedger:
         if self.state_dir.is_dir():
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.state_dir.parent)
+        fsync_dir(self.state_dir.parent)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -355,28 +355,8 @@ class PrivacyLedger:
         self._replace(self.path, (json.dumps(payload, indent=1, allow_nan=False) + "\n").encode())
 
     def _replace(self, path: Path, data: bytes) -> None:
-        """Atomic, durable replace of a file in the state directory (mode 0600): temp file, fsync,
-        os.replace, fsync the directory. Callers hold the lock."""
-        fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.state_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a replaced or new file, a new subdirectory) survive power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        """Atomic, durable replace of a file in the state directory (mode 0600). Callers hold the lock."""
+        write_atomic(path, data, 0o600, prefix=_TEMP_PREFIX)
 
 
 __all__ = ["LEDGER_FILE", "LedgerConflictError", "LedgerEntry", "LedgerError", "PrivacyLedger"]

@@ -28,10 +28,11 @@ from client.federation import FederationConfig
 from client.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
 from privacy.accounting import compute_epsilon
 from privacy.dp import sample_rate
+from privacy.files import write_json_atomic
 from privacy.planning import default_delta, delta_warning, plan_noise
 from privacy.report import headline, write_privacy_report
 from server.evaluation import ServerEvaluator
-from server.run_dir import ResumeError, RunDirectory, append_jsonl, config_changes, read_rows, write_json_atomic
+from server.run_dir import ResumeError, RunDirectory, append_jsonl, config_changes, read_rows
 from simulations.embedded import default_model_dir
 from simulations.partitioners import read_partition_manifest, write_partition_manifest
 from simulations.plots import write_client_table, write_training_plots

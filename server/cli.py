@@ -90,7 +90,8 @@ def _enroll(args: argparse.Namespace, console: Console) -> int:
 
     try:
         sd = ServerDir(args.server_dir)
-        sd.settings()
+        if not sd.settings_path.is_file():
+            raise FileNotFoundError(f"{sd.root} is not a fedlora server directory: run fl-server init DIR first")
         enrollment = sd.enroll(args.public_key, args.name)
     except (ValueError, FileNotFoundError) as err:
         return _error(err)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from client.model import save_adapter, set_adapter_state
+from privacy.files import write_atomic, write_json_atomic
 from strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
 BASE_DELTA_FILE = "base_delta.safetensors"
@@ -35,18 +36,6 @@ STRATEGY_STATE_FILE = "strategy_state.json"
 
 class ResumeError(RuntimeError):
     """A run directory cannot be resumed; the message says why."""
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -136,12 +125,7 @@ class RunDirectory:
         lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
         keep = [json.dumps(r) for r in read_rows(self.metrics_path) if int(r.get("round", 0)) <= last_round]
         if keep != lines:
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".metrics.")
-            with os.fdopen(fd, "w") as f:
-                f.write("".join(ln + "\n" for ln in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.metrics_path)
+            write_atomic(self.metrics_path, "".join(ln + "\n" for ln in keep).encode())
         return len(lines) - len(keep)
 
     def audit_reply(self, server_round: int, node_id: int, reply: Reply) -> None:

@@ -24,11 +24,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w  # a dependency of flwr itself
 
-from client.federation import FederationConfig
+if TYPE_CHECKING:
+    from client.federation import FederationConfig
+
+from privacy.files import write_json_atomic
 from privacy.keys import (
     CertificateError,
     check_validity,
@@ -47,7 +50,6 @@ from privacy.keys import (
     write_certificate,
     write_private_key_pem,
 )
-from server.run_dir import write_json_atomic
 
 RunConfigValue = bool | int | float | str
 
@@ -62,8 +64,10 @@ DEFAULT_DEPLOY_RUN_CONFIG: dict[str, RunConfigValue] = {
     "num-train": 500,
     "server-eval": True,
     "round-timeout": 300.0,
+    "fraction-evaluate": 0.0,  # clients evaluate their own test split in the train reply: one message per round
     "dp.enabled": True,
     "dp.target-epsilon": 8.0,
+    "dp.plan-examples": 500,  # the server cannot see the clients' data: the plan covers clients this large
 }
 
 DEFAULT_PORT = 9092
@@ -109,7 +113,11 @@ class ServerSettings:
         self.federation_config()
 
     def federation_config(self) -> FederationConfig:
-        return FederationConfig.from_run_config(self.run)
+        """The run as ``fl-server start`` submits it: to real SuperNodes (``deployed``)."""
+        # imported here: it loads torch and transformers, which enrol/revoke need not wait for
+        from client.federation import FederationConfig
+
+        return FederationConfig.from_run_config({**self.run, "deployed": True})
 
 
 def _flat_run_config(table: Mapping[str, Any]) -> dict[str, RunConfigValue]:

@@ -23,8 +23,9 @@ from client.model import load_base_model, load_tokenizer, save_adapter, wrap_lor
 from client.train import TrainSettings, batches, evaluate, train
 from privacy.accounting import compute_epsilon
 from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.files import write_json_atomic
 from privacy.planning import default_delta, plan_noise
-from server.run_dir import append_jsonl, write_json_atomic
+from server.run_dir import append_jsonl
 from simulations.embedded import default_model_dir
 from strategies.algorithms import ALGORITHMS
 

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         fed.stop_all()
 
 
-def _rows(run_dir: Path) -> list[dict[str, object]]:
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -164,9 +165,10 @@ def test_secure_federation_of_three_with_dp_refuses_strangers(federation: Federa
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):  # plain HTTP is not served at all
         urllib.request.urlopen(f"http://127.0.0.1:{fed.port}/health", timeout=10)
 
-    assert stranger.wait(timeout=180) == 3
     fp = fingerprint(load_node_public_key(stranger_keys / "client.pub"))
-    assert f"refused this node's key {fp}" in stranger.text()
+    wait_for("the stranger to be refused", lambda: f"refused this node's key {fp}" in stranger.text(), 180)
+    assert stranger.popen.poll() is None  # it keeps asking (an operator may enroll it), never admitted
+    stranger.stop()
 
     assert server.wait(timeout=400) == 0, server.text()[-3000:]
     superlink_log = (run_dir / "deploy" / "logs" / "superlink.log").read_text()
@@ -208,19 +210,22 @@ def test_secure_federation_of_three_with_dp_refuses_strangers(federation: Federa
 def test_client_killed_in_round_one_does_not_stop_the_run(federation: Federation) -> None:
     fed = federation
     run_dir = fed.root / "run"
-    server = fed.server("--run-dir", str(run_dir), "--run-config", "round-timeout=40.0")
+    server = fed.server("--run-dir", str(run_dir), "--run-config", "round-timeout=90.0 num-rounds=5")
     clients = {name: fed.client(name) for name in CLIENTS}
     victim = clients["carol"]
-    wait_for("carol to receive its round-1 message", lambda: "Received: train message" in victim.text(), 240)
-    victim.kill()  # SIGKILL to the whole group: SuperNode and its client-app process
+    wait_for("carol to start training in round 1", lambda: "Start `flwr-clientapp` process" in victim.text(), 240)
+    victim.kill()  # SIGKILL to the whole group: SuperNode and its client-app process, mid-round
     wait_for("round 1 to be written", lambda: len(_rows(run_dir)) >= 2, 200)
     clients["carol"] = fed.client("carol", log="client-carol-again.log")  # it may rejoin later
-    assert server.wait(timeout=300) == 0, server.text()[-3000:]
+    assert server.wait(timeout=400) == 0, server.text()[-3000:]
     rows = _rows(run_dir)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
     round1 = rows[1]["train"]
     assert isinstance(round1, dict)
     assert round1["accepted"] == 2  # the two survivors made the round
+    # Flower refuses the restarted node until its old session expires (2 heartbeats, <= 60 s)
+    names = [{m["client-name"] for m in r["per-client-train"].values()} for r in rows[2:]]
+    assert "carol" in set().union(*names), names  # it rejoined in a later round
     assert (run_dir / "adapters" / "global" / "adapter_model.safetensors").is_file()
 
 
@@ -229,7 +234,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_adapter(federation: F
     fed = federation
     for name in CLIENTS:
         fed.client(name)
-    plain = "dp.enabled=false num-rounds=3"
+    plain = "dp.enabled=false num-rounds=2"
     straight = fed.root / "straight"
     assert fed.server("--run-dir", str(straight), "--run-config", plain, log="straight.log").wait(400) == 0
 
@@ -242,7 +247,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_adapter(federation: F
 
     resumed = fed.start(["fl-server", "start", str(fed.server_dir.root), "--resume", str(run_dir)], "resumed.log")
     assert resumed.wait(timeout=400) == 0, resumed.text()[-3000:]
-    assert [r["round"] for r in _rows(run_dir)] == [0, 1, 2, 3]
+    assert [r["round"] for r in _rows(run_dir)] == [0, 1, 2]
     a = load_file(str(straight / "adapters" / "global" / "adapter_model.safetensors"))
     b = load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -251,7 +256,9 @@ def test_server_killed_after_round_one_resumes_to_the_same_adapter(federation: F
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (as uvicorn binds: connections in TIME_WAIT do not count)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0", port))
         except OSError:

@@ -75,7 +75,7 @@ def test_default_deploy_run_config_is_valid_and_small() -> None:
     assert (config.local_steps, config.num_train, config.round_timeout) == (20, 500, 300.0)
     assert (config.dp_enabled, config.dp_target_epsilon, config.server_eval) == (True, 8.0, True)
     assert config.task_list == ["adddigit-4", "rotate-2", "repeat-3"]
-    assert len(DEFAULT_DEPLOY_RUN_CONFIG) == 11
+    assert len(DEFAULT_DEPLOY_RUN_CONFIG) == 13
 
 
 def test_init_writes_the_layout(server_dir: ServerDir) -> None:
@@ -187,10 +187,10 @@ def write_settings(tmp_path: Path, text: str) -> Path:
 
 
 def test_load_settings_reads_both_dotted_key_forms(tmp_path: Path) -> None:
-    nested = load_settings(write_settings(tmp_path, SETTINGS + "dp.enabled = true\ndp.target-epsilon = 4.0\n"))
-    quoted = load_settings(write_settings(tmp_path, SETTINGS + '"dp.enabled" = true\n"dp.target-epsilon" = 4.0\n'))
-    table = load_settings(write_settings(tmp_path, SETTINGS + "[run.dp]\nenabled = true\ntarget-epsilon = 4.0\n"))
-    expected = {"strategy": "ffa-lora", "num-rounds": 2, "dp.enabled": True, "dp.target-epsilon": 4.0}
+    nested = load_settings(write_settings(tmp_path, SETTINGS + "dp.enabled = true\ndp.plan-examples = 90\n"))
+    quoted = load_settings(write_settings(tmp_path, SETTINGS + '"dp.enabled" = true\n"dp.plan-examples" = 90\n'))
+    table = load_settings(write_settings(tmp_path, SETTINGS + "[run.dp]\nenabled = true\nplan-examples = 90\n"))
+    expected = {"strategy": "ffa-lora", "num-rounds": 2, "dp.enabled": True, "dp.plan-examples": 90}
     assert nested.run == quoted.run == table.run == expected
     assert nested.superlink == SuperlinkSettings(names=("server.example.org",))
 
