@@ -126,8 +126,17 @@ class Federation:
         return self.root / "state" / name
 
     def stop_all(self) -> None:
+        """SIGTERM every group at once, then SIGKILL what is left after a shared 20 s."""
         for proc in self.procs:
-            proc.stop()
+            proc.kill(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            proc.kill(signal.SIGKILL)
+            proc.popen.wait(timeout=10)
 
 
 @pytest.fixture
