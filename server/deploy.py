@@ -62,10 +62,15 @@ class Plan:
     nodes: tuple[str, ...]
 
 
-def superlink_command(
-    server_dir: Any, host: str, port: int, insecure: bool, expose_control: bool, database: Path
-) -> list[str]:
-    """Flower's SuperLink behind our loopback guard, with TLS and node authentication unless insecure."""
+def superlink_command(server_dir: Any, host: str, port: int, insecure: bool, expose_control: bool) -> list[str]:
+    """Flower's SuperLink behind our loopback guard, with TLS and node authentication unless insecure.
+
+    Its state stays in memory: a SuperLink lives for one run, every enrolled key is registered
+    again at each start, and what must survive (checkpoints, metrics, ledgers) is in our own
+    files. An SQLite file would cost seconds per round (Flower stores every array chunk in it)
+    and would keep a crashed run's node sessions "online", refusing their reconnection for up
+    to a minute.
+    """
     command = [sys.executable, "-m", "server.superlink"]
     if expose_control:
         command.append("--expose-control")
@@ -87,8 +92,6 @@ def superlink_command(
         host,
         "--port",
         str(port),
-        "--database",
-        str(database),
         "--disable-runtime-dependency-installation",
     ]
     return command
@@ -130,7 +133,7 @@ def plan_start(options: StartOptions) -> Plan:
         )
     deployment = Deployment(
         superlink_command=tuple(
-            superlink_command(sd, link.host, link.port, options.insecure, expose, sd.root / "superlink.db")
+            superlink_command(sd, link.host, link.port, options.insecure, expose)
         ),
         port=link.port,
         ca_file=None if options.insecure else sd.ca_cert_path,

@@ -362,3 +362,34 @@ def test_report_recomputes_a_deployed_clients_epsilon_from_its_reported_history(
 
 def test_ec_key_helper_is_p384() -> None:
     assert isinstance(generate_node_key().curve, ec.SECP384R1)
+
+
+class _SlowGrid:
+    """Replies arrive over three pulls; counts pulls."""
+
+    def __init__(self, batches: list[list[str]]) -> None:
+        self.batches = batches
+        self.pulls = 0
+        self.run_id = 7
+
+    def push_messages(self, messages: list[str]) -> list[str]:
+        return list(messages)
+
+    def pull_messages(self, ids: set[str]) -> list[object]:
+        self.pulls += 1
+        got = self.batches.pop(0) if self.batches else []
+        return [type("M", (), {"metadata": type("D", (), {"reply_to_message_id": i})()})() for i in got if i in ids]
+
+
+def test_prompt_grid_collects_every_reply_quickly_and_delegates() -> None:
+    from server.app import PromptGrid
+
+    grid = _SlowGrid([["a"], [], ["b", "c"]])
+    prompt = PromptGrid(grid, poll=0.01)  # type: ignore[arg-type]
+    replies = list(prompt.send_and_receive(["a", "b", "c"], timeout=10))  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert grid.pulls == 3
+    assert prompt.run_id == 7  # everything else is the wrapped grid's
+    late = _SlowGrid([])
+    assert list(PromptGrid(late, poll=0.01).send_and_receive(["x"], timeout=0.05)) == []  # type: ignore[arg-type]
+    assert late.pulls >= 2
