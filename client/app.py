@@ -17,19 +17,17 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from client.data import Encoded, collate, encode
 from client.datasets import client_examples, node_examples
+from client.edge import ReplyContent, Request, app
 from client.federation import FederationConfig
 from client.model import (
     Factors,
@@ -54,21 +52,16 @@ from strategies.algorithms import (
     truncate_for_client,
 )
 
-app = ClientApp()
+__all__ = ["app", "compute"]  # app: the same ClientApp deployed nodes run (client.edge), computing here
 
 
-def process_start_time() -> float:
-    """When this process started (Unix time; Linux ``/proc``, else now): Flower starts a fresh
-    process per message in deployment, and what that costs before our code runs is worth seeing."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])  # to 10 ms; /proc/stat's btime is whole seconds
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
+@dataclass(frozen=True)
+class NodeContext:
+    """What a reply depends on besides the message: Flower's run config, node config and run id."""
 
-
-_PROCESS_STARTED = process_start_time()
+    run_config: Mapping[str, Any]
+    node_config: Mapping[str, Any]
+    run_id: int
 
 
 @dataclass
@@ -149,7 +142,7 @@ def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Te
     set_base_deltas(setup.model, base_deltas(state), setup.pristine)
 
 
-def _node(context: Context) -> tuple[FederationConfig, Node]:
+def _node(context: NodeContext) -> tuple[FederationConfig, Node]:
     cfg = FederationConfig.from_run_config(context.run_config)
     config = context.node_config
     state_dir = str(config["state-dir"]) if config.get("state-dir") else None
@@ -157,23 +150,6 @@ def _node(context: Context) -> tuple[FederationConfig, Node]:
         name = str(config.get("client-name") or "")
         return cfg, Node(node_partition(name), str(config["data-path"]), state_dir, name)
     return cfg, Node(int(config.get("partition-id", 0)), None, state_dir)
-
-
-def _reply(
-    msg: Message,
-    metrics: Mapping[str, int | float | list[int] | list[float]],
-    tensors: Mapping[str, Tensor] | None = None,
-    status: str | None = None,
-    name: str | None = None,
-) -> Message:
-    content = RecordDict({"metrics": MetricRecord(dict(metrics))})
-    if tensors is not None:
-        content["arrays"] = ArrayRecord(dict(tensors))
-    if status is not None:
-        content["status"] = ConfigRecord({"reason": status})
-    if name:  # a deployed node's name, so reports can say who is who
-        content["client"] = ConfigRecord({"name": name})
-    return Message(content, reply_to=msg)
 
 
 def _train_private(
@@ -189,10 +165,9 @@ def _train_private(
         return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
 
-def round_digest(msg: Message, round_config: ConfigRecord, num_examples: int) -> str:
+def round_digest(state: Mapping[str, Tensor], round_config: Mapping[str, Any], num_examples: int) -> str:
     """What a round is trained from: the downloaded arrays, the round's config and the data size."""
     h = hashlib.sha256()
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
     for key in sorted(state):
         h.update(key.encode())
         h.update(state[key].detach().contiguous().cpu().numpy().tobytes())
@@ -201,16 +176,29 @@ def round_digest(msg: Message, round_config: ConfigRecord, num_examples: int) ->
     return h.hexdigest()
 
 
-def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's client-side fixed clipping, only when the server's DP wrapper asked for it."""
-    config = msg.content.config_records.get("config")
-    if config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+def compute(request: Request) -> ReplyContent:
+    """The reply to one message, in plain Python and numpy (called in the message's own process,
+    or in the node's warm trainer)."""
+    context = NodeContext(request.run_config, request.node_config, request.run_id)
+    state = {k: torch.tensor(v) for k, v in request.state.items()}
+    if request.kind == "train":
+        content = train_reply(context, state, request.config)
+    elif request.kind == "evaluate":
+        content = evaluate_reply(context, state)
+    else:
+        raise ValueError(f"unknown message kind {request.kind!r}")
+    return content
 
 
-@app.train(mods=[client_level_clipping_mod])
-def train_handler(msg: Message, context: Context) -> Message:
+def _declined(privacy: Mapping[str, int | float], reason: str, node: Node) -> ReplyContent:
+    return ReplyContent({"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
+
+
+def _numpy(tensors: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().contiguous().cpu().numpy() for k, v in tensors.items()}
+
+
+def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config: Mapping[str, Any]) -> ReplyContent:
     """Train the factors the server asks for, starting from the global adapter.
 
     With DP on, the client's lifetime ledger decides first whether it may take part at all,
@@ -220,13 +208,12 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg, node = _node(context)
     partition = node.partition
     setup, train_data, test_data = _setup(cfg, node)
-    round_config = msg.content.config_records["config"]
-    server_round = int(round_config["server-round"])  # type: ignore[arg-type]
+    server_round = int(round_config["server-round"])
     factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
     rank = cfg.client_rank(partition)
     settings = TrainSettings(
-        steps=int(round_config["local-steps"]),  # type: ignore[arg-type]
-        lr=float(round_config["lr"]),  # type: ignore[arg-type]
+        steps=int(round_config["local-steps"]),
+        lr=float(round_config["lr"]),
         batch_size=cfg.batch_size,
         max_grad_norm=None if cfg.dp_enabled else TrainSettings.max_grad_norm,
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition,
@@ -238,7 +225,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         # again after an interruption is recognised as the same round
         ledger_run = str(round_config.get("ledger-run", context.run_id))
         ledger = PrivacyLedger(cfg.client_state_dir(partition, node.state_dir))
-        sigma = float(round_config["dp-noise-multiplier"])  # type: ignore[arg-type]
+        sigma = float(round_config["dp-noise-multiplier"])
         q = sample_rate(cfg.batch_size, len(train_data))
         run_delta = round_config.get("dp-delta")  # the run's one delta, from the server's plan
         delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp_delta or default_delta(len(train_data))
@@ -246,20 +233,20 @@ def train_handler(msg: Message, context: Context) -> Message:
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
         if not 0 < delta < 1 / len(train_data):
             reason = f"dp-delta {delta} from the server is not below 1/n = 1/{len(train_data)} for this client's data"
-            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
+            return _declined(privacy, reason, node)
         planned_q = round_config.get("dp-sample-rate")  # the plan's q: a smaller client would exceed its epsilon
         if isinstance(planned_q, float) and q > planned_q * (1 + 1e-9):
             reason = (
                 f"this client's {len(train_data)} examples give sample rate {q:.4g} > the plan's {planned_q:.4g} "
                 "(dp.plan-examples): its epsilon would exceed the target"
             )
-            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
-        digest = round_digest(msg, round_config, len(train_data))
+            return _declined(privacy, reason, node)
+        digest = round_digest(state, round_config, len(train_data))
         charged = ledger.charged_entry(ledger_run, server_round)
         if charged is not None and ledger.round_input(ledger_run, server_round) != digest:
             # only an exact replay (same input, same secret seed, same output) may be released again
             reason = f"round {server_round} of run {ledger_run} was already charged for another input"
-            return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
+            return _declined(privacy, reason, node)
         if cfg.dp_max_epsilon and charged is None:  # a replayed round releases nothing new
             over, projected = ledger.would_exceed(
                 cfg.dp_max_epsilon, delta, cfg.dp_accountant, sigma, q, settings.steps
@@ -269,8 +256,8 @@ def train_handler(msg: Message, context: Context) -> Message:
                     f"privacy budget: this round would take epsilon from {spent:.3f} to {projected:.3f}, "
                     f"past dp.max-epsilon = {cfg.dp_max_epsilon}"
                 )
-                return _reply(msg, {"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
-    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), rank)
+                return _declined(privacy, reason, node)
+    load_global(setup, cfg, state, rank)
     set_trainable_factors(setup.model, factors)
     if ledger is not None:
         # secret DP randomness by default; from the public config only when asked for (research replays)
@@ -324,28 +311,24 @@ def train_handler(msg: Message, context: Context) -> Message:
         "seconds": time.perf_counter() - started,
         "train-seconds": train_seconds,
         "load-seconds": setup.load_seconds,
-        "process-seconds": time.time() - _PROCESS_STARTED,  # process start to reply: the per-message cost
         "pid": os.getpid(),
         **local,
         **privacy,
         **ledger_lists,
     }
-    return _reply(msg, metrics, get_adapter_state(setup.model, factors), name=node.name)
+    return ReplyContent(metrics, _numpy(get_adapter_state(setup.model, factors)), name=node.name)
 
 
-@app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
+def evaluate_reply(context: NodeContext, state: Mapping[str, Tensor]) -> ReplyContent:
     """Exact match and loss of the global adapter on this node's test split."""
     cfg, node = _node(context)
     setup, _, test_data = _setup(cfg, node)
-    load_global(setup, cfg, msg.content.array_records["arrays"].to_torch_state_dict(), cfg.client_rank(node.partition))
+    load_global(setup, cfg, state, cfg.client_rank(node.partition))
     res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
-    metrics = MetricRecord(
-        {
-            "num-examples": res.num_examples,
-            "eval-loss": res.loss,
-            "exact-match": res.exact_match,
-            "partition-id": node.partition,
-        }
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": res.num_examples,
+        "eval-loss": res.loss,
+        "exact-match": res.exact_match,
+        "partition-id": node.partition,
+    }
+    return ReplyContent(metrics, name=node.name)

@@ -199,9 +199,12 @@ def _verification_message(err: ssl.SSLCertVerificationError, options: NodeOption
     return f"the server's certificate at {options.server} was refused: {what}"
 
 
-def supernode_command(options: NodeOptions, clientappio_port: int) -> list[str]:
-    """Flower's SuperNode for these options (the node config carries data, state and name)."""
+def supernode_command(options: NodeOptions, clientappio_port: int, trainer: Path | None = None) -> list[str]:
+    """Flower's SuperNode for these options (the node config carries data, state, name and the
+    warm trainer's socket)."""
     node_config = f'data-path="{options.data}" state-dir="{options.state_dir.resolve()}" client-name="{options.name}"'
+    if trainer is not None:
+        node_config += f' trainer="{trainer}"'
     command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", options.server]
     if options.insecure:
         command.append("--insecure")
@@ -241,8 +244,10 @@ class Supervisor:
         options: NodeOptions,
         console: Console,
         sleep: Callable[[float], bool] | None = None,
+        trainer: Path | None = None,
     ) -> None:
         self.options = options
+        self.trainer = trainer
         self.console = console
         self.stop = threading.Event()
         self._sleep = sleep or self.stop.wait
@@ -292,7 +297,7 @@ class Supervisor:
         return 0
 
     def _run_supernode(self) -> int:
-        command = supernode_command(self.options, _free_port())
+        command = supernode_command(self.options, _free_port(), self.trainer)
         self.proc = proc = subprocess.Popen(
             command,
             env=_env(),
@@ -372,7 +377,13 @@ def start(options: NodeOptions, console: Console) -> int:
     else:
         assert options.key is not None
         console.print(f"fl-client: node key {node_public_key(options.key)}", markup=False, highlight=False)
-    supervisor = Supervisor(options, console)
+    from client.trainer import Trainer, socket_path
+
+    # the warm trainer: torch, transformers, PEFT and the base model load once, here, instead of
+    # in every client-app process Flower starts per message
+    trainer = Trainer(socket_path(options.state_dir))
+    trainer.start()
+    supervisor = Supervisor(options, console, trainer=trainer.path)
 
     def on_signal(signum: int, frame: object) -> None:
         del signum, frame
@@ -385,6 +396,7 @@ def start(options: NodeOptions, console: Console) -> int:
         return 0
     finally:
         supervisor.terminate()
+        trainer.close()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -132,9 +132,7 @@ def plan_start(options: StartOptions) -> Plan:
             f"`fl-server enroll {sd.root} CLIENT.pub --name NAME` here"
         )
     deployment = Deployment(
-        superlink_command=tuple(
-            superlink_command(sd, link.host, link.port, options.insecure, expose)
-        ),
+        superlink_command=tuple(superlink_command(sd, link.host, link.port, options.insecure, expose)),
         port=link.port,
         ca_file=None if options.insecure else sd.ca_cert_path,
         nodes=tuple((e.name, e.path) for e in enrolled),
@@ -166,7 +164,8 @@ def run_plan(
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     request = SimulationRequest(
-        components=("server.app:app", "client.app:app"),
+        # client.edge: a thin process per message that hands the work to the node's warm trainer
+        components=("server.app:app", "client.edge:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=overrides,

@@ -29,7 +29,7 @@ from starlette.testclient import TestClient
 
 from client.cli import main as client_main
 from client.datasets import check_node_data, node_examples
-from client.federation import FederationConfig
+from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
 from client.node import NodeError, NodeOptions, ServerAway, probe_server, split_address
 from privacy.accounting import compute_epsilon
 from privacy.keys import (
@@ -393,3 +393,33 @@ def test_prompt_grid_collects_every_reply_quickly_and_delegates() -> None:
     late = _SlowGrid([])
     assert list(PromptGrid(late, poll=0.01).send_and_receive(["x"], timeout=0.05)) == []  # type: ignore[arg-type]
     assert late.pulls >= 2
+
+
+def test_warm_trainer_answers_like_the_in_process_client(tmp_path: Path) -> None:
+    """A deployed node's message process hands its work to the trainer over the Unix socket."""
+    import os as _os
+
+    from client.app import compute
+    from client.edge import Request
+    from client.trainer import Trainer, ask, socket_path
+
+    run = {**DEFAULT_RUN_CONFIG, "num-train": 40, "num-test": 8, "tasks": "adddigit-4", "strategy": "ffa-lora"}
+    node = {"data-path": "embedded:adddigit-4", "state-dir": str(tmp_path / "state"), "client-name": "alice"}
+    cfg = FederationConfig.from_run_config(run)
+    from client.model import get_adapter_state, load_base_model, wrap_lora
+
+    lora = cfg.lora_settings(cfg.lora_rank, 16.0)
+    state = {k: v.numpy() for k, v in get_adapter_state(wrap_lora(load_base_model(), lora), "B").items()}
+    request = Request("evaluate", run, node, 1, state, {})
+    trainer = Trainer(socket_path(tmp_path / "state"))
+    trainer.start()
+    try:
+        assert _os.stat(trainer.path).st_mode & 0o777 == 0o600  # the node's own user only
+        remote = ask(str(trainer.path), request)
+        with pytest.raises(RuntimeError, match="unknown message kind"):
+            ask(str(trainer.path), Request("dance", run, node, 1, state, {}))
+    finally:
+        trainer.close()
+    local = compute(request)
+    assert remote.metrics == local.metrics and remote.name == "alice"
+    assert not trainer.path.exists()
