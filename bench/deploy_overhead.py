@@ -535,6 +535,7 @@ class OursApp(App):
 
     def __init__(self, dp: bool = True) -> None:
         self.dp = dp
+        self.name = "ours" if dp else "ours-nodp"
         self.metrics_path: Path | None = None
 
     def _cli(self, dep: Deployment, *argv: str) -> None:
