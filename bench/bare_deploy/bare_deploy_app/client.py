@@ -19,6 +19,7 @@ T_MODULE = time.time()  # first thing: when flwr-clientapp imported this app
 
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -55,13 +56,13 @@ def _stamps(t_handler: float, t_imports: float, t_model: float, t_work_end: floa
     }
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    t_handler = time.time()
-    import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+def _load(msg: Message, context: Context, split: str) -> tuple[Any, Any, list[Any], int, float]:
+    """What every message does first, as Flower's LLM example: import torch & co., load the base
+    model with LoRA, make this client's examples, set the received adapter. Returns the model,
+    tokenizer, encoded data, partition and the time the imports were done."""
+    from peft import set_peft_model_state_dict
 
-    from client.data import collate, encode
+    from client.data import encode
     from simulations.tasks import get_task
 
     from .common import load_lora_model
@@ -70,9 +71,23 @@ def train(msg: Message, context: Context) -> Message:
     rc = context.run_config
     partition = int(context.node_config["partition-id"])
     model, tokenizer = load_lora_model()
-    examples = get_task(str(rc["task"])).examples(int(rc["num-train"]), partition, "train", True)
+    count = int(rc["num-train" if split == "train" else "num-test"])
+    examples = get_task(str(rc["task"])).examples(count, partition, split, True)
     data = encode(tokenizer, examples, int(model.config.max_position_embeddings))
     set_peft_model_state_dict(model, msg.content.array_records["arrays"].to_torch_state_dict())
+    return model, tokenizer, data, partition, t_imports
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t_handler = time.time()
+    model, tokenizer, data, partition, t_imports = _load(msg, context, "train")
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from client.data import collate
+
+    rc = context.run_config
     config = msg.content.config_records["config"]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     steps, batch_size = int(rc["local-steps"]), int(rc["batch-size"])
@@ -109,21 +124,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     t_handler = time.time()
+    model, tokenizer, data, partition, t_imports = _load(msg, context, "test")
     import torch
-    from peft import set_peft_model_state_dict
 
-    from client.data import collate, encode
-    from simulations.tasks import get_task
+    from client.data import collate
 
-    from .common import load_lora_model
-
-    t_imports = time.time()
-    rc = context.run_config
-    partition = int(context.node_config["partition-id"])
-    model, tokenizer = load_lora_model()
-    examples = get_task(str(rc["task"])).examples(int(rc["num-test"]), partition, "test", True)
-    data = encode(tokenizer, examples, int(model.config.max_position_embeddings))
-    set_peft_model_state_dict(model, msg.content.array_records["arrays"].to_torch_state_dict())
     model.eval()
     t_model = time.time()
     with torch.no_grad():
