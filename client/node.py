@@ -233,6 +233,9 @@ def _env() -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # the SuperNode starts flower-superexec and flwr-clientapp by name: this installation's, never
+    # another Flower found first on PATH (a different version refuses to talk to it)
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
     return env
 
 
