@@ -78,7 +78,6 @@ from simulations.runner import (  # noqa: E402
     RUN_TAG_VAR,
     SimulationError,
     _FlowerCli,
-    _free_port,
     _json_object,
     _kill_tagged,
     _LogPaths,
@@ -86,6 +85,7 @@ from simulations.runner import (  # noqa: E402
     _start_reaper,
     _wait_healthy,
     _write_connection,
+    free_port,
     write_run_config,
 )
 
@@ -348,7 +348,7 @@ class BareApp(App):
         home_env = {"FLWR_HOME": str(self.home)}
         paths = _LogPaths(superlink=dep.logs / "superlink.log", run=dep.logs / "flwr-run.log", cli=dep.logs / "cli.log")
         for attempt in range(3):
-            port = _free_port()
+            port = free_port()
             name = "superlink" if attempt == 0 else f"superlink-{attempt}"
             paths = _LogPaths(superlink=dep.logs / f"{name}.log", run=paths.run, cli=paths.cli)
             link = dep.spawn(
@@ -384,7 +384,7 @@ class BareApp(App):
                     "--superlink",
                     f"127.0.0.1:{port}",
                     "--port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--node-config",
                     f"partition-id={i} num-partitions={dep.clients}",
                 ],
@@ -546,7 +546,7 @@ class OursApp(App):
             raise RuntimeError(f"{' '.join(argv)} failed: {done.stdout}{done.stderr}")
 
     def launch(self, dep: Deployment) -> None:
-        port = _free_port()
+        port = free_port()
         server_dir = dep.workdir / "server"
         run = (
             f"num-clients={dep.clients} num-rounds={dep.rounds} local-steps={dep.local_steps} num-train=256 "

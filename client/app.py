@@ -72,7 +72,6 @@ class LocalSetup:
     tokenizer: PreTrainedTokenizerBase
     scaling: float
     pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
-    load_seconds: float = 0.0  # what loading the base model and tokenizer cost this message
     data: OrderedDict[tuple[object, ...], tuple[list[Encoded], list[Encoded]]] = field(default_factory=OrderedDict)
 
 
@@ -98,7 +97,9 @@ def node_partition(name: str) -> int:
     return zlib.crc32(name.encode("utf-8")) % 2**31
 
 
-def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded]]:
+def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded], float]:
+    """The cached model and this node's encoded data, and how long loading the model took now
+    (0 in a warm process)."""
     torch.set_num_threads(cfg.threads)
     defaults = ALGORITHMS[cfg.strategy].defaults
     partition = node.partition
@@ -107,14 +108,14 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
     key = (str(model_dir), lora)
     setup = _CACHE.get(key)
+    load_seconds = 0.0
     if setup is None:
         started = time.perf_counter()
         tokenizer = load_tokenizer(model_dir)
         model = wrap_lora(load_base_model(model_dir, "cpu"), lora)  # safetensors, memory-mapped by transformers
-        setup = LocalSetup(model, tokenizer, lora.scaling, load_seconds=time.perf_counter() - started)
+        setup = LocalSetup(model, tokenizer, lora.scaling)
         _CACHE[key] = setup
-    else:
-        setup.load_seconds = 0.0  # a warm process (simulation worker): nothing loaded for this message
+        load_seconds = time.perf_counter() - started
     data_key = (*cfg.data_key(), partition, node.data)
     if data_key in setup.data:
         setup.data.move_to_end(data_key)
@@ -128,7 +129,7 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
         while len(setup.data) > DATA_CACHE_SIZE:
             setup.data.popitem(last=False)
     train_data, test_data = setup.data[data_key]
-    return setup, train_data, test_data
+    return setup, train_data, test_data, load_seconds
 
 
 def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Tensor], rank: int) -> None:
@@ -182,12 +183,10 @@ def compute(request: Request) -> ReplyContent:
     context = NodeContext(request.run_config, request.node_config, request.run_id)
     state = {k: torch.tensor(v) for k, v in request.state.items()}
     if request.kind == "train":
-        content = train_reply(context, state, request.config)
-    elif request.kind == "evaluate":
-        content = evaluate_reply(context, state)
-    else:
-        raise ValueError(f"unknown message kind {request.kind!r}")
-    return content
+        return train_reply(context, state, request.config)
+    if request.kind == "evaluate":
+        return evaluate_reply(context, state)
+    raise ValueError(f"unknown message kind {request.kind!r}")
 
 
 def _declined(privacy: Mapping[str, int | float], reason: str, node: Node) -> ReplyContent:
@@ -207,7 +206,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
     started = time.perf_counter()
     cfg, node = _node(context)
     partition = node.partition
-    setup, train_data, test_data = _setup(cfg, node)
+    setup, train_data, test_data, load_seconds = _setup(cfg, node)
     server_round = int(round_config["server-round"])
     factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
     rank = cfg.client_rank(partition)
@@ -310,7 +309,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         "partition-id": partition,
         "seconds": time.perf_counter() - started,
         "train-seconds": train_seconds,
-        "load-seconds": setup.load_seconds,
+        "load-seconds": load_seconds,
         "pid": os.getpid(),
         **local,
         **privacy,
@@ -322,7 +321,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
 def evaluate_reply(context: NodeContext, state: Mapping[str, Tensor]) -> ReplyContent:
     """Exact match and loss of the global adapter on this node's test split."""
     cfg, node = _node(context)
-    setup, _, test_data = _setup(cfg, node)
+    setup, _, test_data, _ = _setup(cfg, node)
     load_global(setup, cfg, state, cfg.client_rank(node.partition))
     res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
     metrics: dict[str, int | float | list[int] | list[float]] = {

@@ -175,7 +175,7 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             key=args.key,
             data=args.data,
             state_dir=args.state_dir,
-            name=args.name or default_name(args.key),
+            name=args.name or default_name(),
             insecure=args.insecure,
             max_wait=args.max_wait,
         )

@@ -122,15 +122,21 @@ def client_train_sizes(cfg: FederationConfig) -> list[int]:
 EMBEDDED_PREFIX = "embedded:"
 
 
+def _embedded_tasks(spec: str) -> list[str]:
+    """The tasks of ``embedded:TASK[,TASK...]``, each one known (unknown names raise, listing the known)."""
+    tasks = [t.strip() for t in spec.removeprefix(EMBEDDED_PREFIX).split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--data {spec!r} names no task: use embedded:TASK[,TASK...]")
+    for task in tasks:
+        get_task(task)
+    return tasks
+
+
 def check_node_data(spec: str) -> None:
     """Refuse a node's ``--data`` that cannot work, before its SuperNode starts: a JSONL file of
     prompt/completion records, or ``embedded:TASK[,TASK...]`` (examples generated on the node)."""
     if spec.startswith(EMBEDDED_PREFIX):
-        tasks = [t.strip() for t in spec.removeprefix(EMBEDDED_PREFIX).split(",") if t.strip()]
-        if not tasks:
-            raise ValueError(f"--data {spec!r} names no task: use embedded:TASK[,TASK...]")
-        for task in tasks:
-            get_task(task)  # raises with the known names
+        _embedded_tasks(spec)
         return
     records = load_jsonl(spec)  # raises naming the file and line
     if len(records) < 2:
@@ -143,7 +149,7 @@ def node_examples(cfg: FederationConfig, spec: str, seed: int) -> tuple[list[Exa
     examples drawn from the tasks' test streams, seeded by the node so nodes differ."""
     if not spec.startswith(EMBEDDED_PREFIX):
         return split_train_test(load_jsonl(spec), cfg.num_test, seed)
-    tasks = [t.strip() for t in spec.removeprefix(EMBEDDED_PREFIX).split(",") if t.strip()]
+    tasks = _embedded_tasks(spec)
     even = np.ones(len(tasks), dtype=np.float64)
     train: list[Example] = []
     test: list[Example] = []

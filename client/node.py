@@ -10,7 +10,8 @@ module checks everything first and supervises it:
   a server that is away (refused, unreachable) is waited for with exponential backoff;
 - the SuperNode is restarted with backoff whenever it exits on its own (the server restarted,
   the network dropped), and stopped with its whole process group on Ctrl-C;
-- a key the server refuses ends the client with the key's fingerprint, to give the operator.
+- a key the server refuses is retried and reported with its fingerprint, to give the operator;
+- the work of every message is done by a warm trainer (:mod:`client.trainer`) in this process.
 
 The node's data path, state directory (privacy ledger, DP secret) and name reach the client
 app through Flower's node config.
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -42,7 +42,6 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 REFUSED_RETRY = 10.0
 #: Flower's messages when the SuperLink refuses a node key (unregistered or revoked)
 _REFUSED = re.compile(r"Failed to activate SuperNode|Invalid SuperNode authentication")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class NodeError(RuntimeError):
@@ -69,7 +68,9 @@ class NodeOptions:
     def __post_init__(self) -> None:
         host, port = split_address(self.server)
         del host, port
-        if not _NAME_RE.match(self.name):
+        from privacy.keys import NODE_NAME
+
+        if not NODE_NAME.fullmatch(self.name):
             raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
         if not self.insecure and (self.ca is None or self.key is None):
             raise NodeError("--ca and --key are required (or --insecure for a plain-HTTP test server)")
@@ -215,12 +216,6 @@ def supernode_command(options: NodeOptions, clientappio_port: int, trainer: Path
     return command
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -246,14 +241,13 @@ class Supervisor:
         self,
         options: NodeOptions,
         console: Console,
-        sleep: Callable[[float], bool] | None = None,
         trainer: Path | None = None,
     ) -> None:
         self.options = options
         self.trainer = trainer
         self.console = console
         self.stop = threading.Event()
-        self._sleep = sleep or self.stop.wait
+        self._sleep = self.stop.wait  # True when stopped meanwhile
         self.proc: subprocess.Popen[str] | None = None
         self.refused = False
 
@@ -300,7 +294,9 @@ class Supervisor:
         return 0
 
     def _run_supernode(self) -> int:
-        command = supernode_command(self.options, _free_port(), self.trainer)
+        from simulations.runner import free_port
+
+        command = supernode_command(self.options, free_port(), self.trainer)
         self.proc = proc = subprocess.Popen(
             command,
             env=_env(),
@@ -403,8 +399,6 @@ def start(options: NodeOptions, console: Console) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def default_name(key: Path | None) -> str:
+def default_name() -> str:
     """A node's default name: this host's name (what an operator would call the machine)."""
-    del key
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.") or "client"
-    return name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.") or "client"

@@ -40,6 +40,8 @@ NIST_CURVES = (ec.SECP192R1, ec.SECP224R1, ec.SECP256R1, ec.SECP384R1, ec.SECP52
 #: certificates start this much in the past, so a peer whose clock is a little behind accepts them
 _BACKDATE = datetime.timedelta(hours=1)
 
+#: a SuperNode's name (enrolment, reports, node config): what fits a file name and a key comment
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 

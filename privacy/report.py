@@ -167,7 +167,7 @@ def reported_history(reported: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
                 "history": history,
                 "total_steps": sum(h["steps"] for h in history),
                 "rounds_taken_part_in": len(history),
-                "runs": [],
+                "runs": None,  # the run ids stay in the client's ledger
             }
     return None
 
@@ -372,7 +372,7 @@ def client_rows(report: Mapping[str, Any]) -> list[tuple[str, ...]]:
             str(cl["steps"]),
             str(cl["rounds_taken_part_in"]),
             _fmt(cl["rounds_in_this_run"]),
-            str(len(cl["runs"])),
+            str(len(cl["runs"])) if cl["runs"] is not None else "—",
         )
         for cl in report["clients"]
     ]

@@ -101,7 +101,7 @@ def plan_start(options: StartOptions) -> Plan:
     """Read and validate everything (settings, certificates, run config, resume) before any process starts."""
     from client.federation import FederationConfig
     from server.server_dir import ServerDir
-    from simulations.cli import resume_config
+    from simulations.cli import last_round, resume_config
     from simulations.runner import Deployment
 
     sd = ServerDir(options.server_dir.resolve())  # its processes may run elsewhere than here
@@ -116,7 +116,7 @@ def plan_start(options: StartOptions) -> Plan:
         run_config = resume_config(run_dir)
         if not run_config.get(DEPLOYED_KEY):
             raise ValueError(f"{run_dir} is not a deployed run (fl-sim made it): resume it with fl-sim --resume")
-        start_round = _last_round(run_dir)
+        start_round = last_round(run_dir)
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = (options.run_dir or sd.runs_dir / stamp).resolve()
@@ -138,13 +138,6 @@ def plan_start(options: StartOptions) -> Plan:
         nodes=tuple((e.name, e.path) for e in enrolled),
     )
     return Plan(run_config, run_dir, deployment, cfg.num_rounds, start_round, tuple(e.name for e in enrolled))
-
-
-def _last_round(run_dir: Path) -> int:
-    from server.run_dir import read_rows
-
-    path = run_dir / "metrics.jsonl"
-    return max((int(r.get("round", 0)) for r in read_rows(path)), default=0) if path.exists() else 0
 
 
 def run_plan(

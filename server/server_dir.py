@@ -18,7 +18,6 @@ import datetime
 import fcntl
 import json
 import os
-import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
 
 from privacy.files import write_json_atomic
 from privacy.keys import (
+    NODE_NAME,
     CertificateError,
     check_validity,
     create_ca,
@@ -75,7 +75,6 @@ DEFAULT_BIND = "0.0.0.0"
 
 _SUPERLINK_KEYS = ("host", "port", "names", "expose-control")
 _SECTIONS = ("superlink", "run")
-_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -350,7 +349,7 @@ class ServerDir:
 
     def enroll(self, pubkey: str | Path, name: str) -> Enrollment:
         """Admit a SuperNode: copy its public key (normalised to one OpenSSH line) to nodes/<name>.pub."""
-        if not isinstance(name, str) or not _NODE_NAME.fullmatch(name):
+        if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
             raise ValueError(
                 f"node name {name!r} is not allowed: 1-63 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"

@@ -315,14 +315,15 @@ def simulate(
         if on_log_line is not None:
             on_log_line(line)
 
-    start_round = _last_round(run_dir) if cfg.resume else 0
+    start_round = last_round(run_dir) if cfg.resume else 0
     if quiet:
         return run_simulation_app(request, log_line)
     with Progress(console, run_dir, cfg.num_rounds, start_round):
         return run_simulation_app(request, log_line)
 
 
-def _last_round(run_dir: Path) -> int:
+def last_round(run_dir: Path) -> int:
+    """The last round a run directory's metrics.jsonl records (0 if none)."""
     from server.run_dir import read_rows
 
     path = run_dir / "metrics.jsonl"

@@ -1,4 +1,5 @@
-"""Run a Flower app as a simulation on a private SuperLink bound to 127.0.0.1.
+"""Run a Flower app on a private SuperLink: as a simulation bound to 127.0.0.1, or (``Deployment``)
+on real SuperNodes with TLS and node authentication (``fl-server start``).
 
 Why this route: ``flwr.simulation.run_simulation`` is deprecated and passes no run config,
 and the in-process path needs private Flower API. So we start ``flower-superlink
@@ -76,8 +77,8 @@ class SimulationError(RuntimeError):
 class Deployment:
     """Run on real SuperNodes instead of the simulation runtime (``fl-server start``).
 
-    ``superlink_command`` is the whole command that starts the SuperLink (TLS, node
-    authentication and its database are the caller's choice); it must listen on ``port`` and
+    ``superlink_command`` is the whole command that starts the SuperLink (TLS and node
+    authentication are the caller's choice); it must listen on ``port`` and
     answer ``/health`` there, over HTTPS verified with ``ca_file`` unless that is None. The
     runner's own processes always reach it over loopback. ``nodes`` are ``(name, public key
     file)`` pairs registered (``flwr supernode register``) before the run is submitted.
@@ -384,7 +385,7 @@ def run_simulation_app(
         ca_file = deployment.ca_file if deployment is not None else None
         for attempt in range(3):
             if deployment is None:
-                port = _free_port()
+                port = free_port()
                 command = _simulation_superlink_command(bin_dir, port)
             else:
                 port, command = deployment.port, list(deployment.superlink_command)
@@ -512,7 +513,8 @@ def _child_env(request: SimulationRequest, *, bin_dir: Path, home: Path, ray_tmp
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -567,17 +569,16 @@ def _write_connection(home: Path, port: int, ca_file: Path | None = None) -> Non
 
 
 def _register_nodes(cli: _FlowerCli, nodes: Iterable[tuple[str, Path]], paths: _LogPaths) -> None:
-    """Register every enrolled SuperNode key with the SuperLink (in parallel: nodes that dial in
-    meanwhile are refused until theirs is done); a key it already knows is fine."""
+    """Register every enrolled SuperNode key with the SuperLink, whose state is fresh (in
+    parallel: nodes that dial in meanwhile are refused until theirs is done)."""
 
     def register(node: tuple[str, Path]) -> str | None:
         name, key = node
         done = cli.call(["supernode", "register", str(key), CONNECTION, "--name", name], timeout=_CLI_TIMEOUT)
         if done is None:
             return f"`flwr supernode register` for {name} did not answer"
-        said = (done.stdout + done.stderr).lower()
-        if done.returncode != 0 and "already" not in said and "in use" not in said:
-            return f"registering SuperNode {name} ({key}) failed: {said.strip()}"
+        if done.returncode != 0:
+            return f"registering SuperNode {name} ({key}) failed: {(done.stdout + done.stderr).strip()}"
         return None
 
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -271,7 +271,7 @@ def test_fl_server_start_refuses_an_unknown_key_before_anything_starts(
     assert not (sd.root / "superlink.db").exists() and not any(sd.runs_dir.iterdir())
 
 
-def test_fl_server_start_needs_an_enrolled_client_unless_insecure(
+def test_fl_server_start_needs_an_enrolled_client_and_known_overrides(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sd = ServerDir.init(tmp_path / "srv", ["127.0.0.1"])
@@ -358,6 +358,7 @@ def test_report_recomputes_a_deployed_clients_epsilon_from_its_reported_history(
     assert client["epsilon"] == pytest.approx(compute_epsilon(history, 1e-5, "rdp"), rel=1e-12)
     assert client["steps"] == 25 and client["rounds_taken_part_in"] == 3
     assert "reported by the client" in client["history_source"]
+    assert client["runs"] is None  # the run ids stay on the client: not claimed as zero
 
 
 def test_ec_key_helper_is_p384() -> None:
