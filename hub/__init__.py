@@ -1,0 +1,5 @@
+"""The adapter hub: a registry of global, personal, task and generated LoRA adapters with
+provenance, Ed25519-signed manifests and per-client access control, served over HTTP
+(``fl-hub serve``). Edge devices pull from it with ``fl-client pull``; federations publish to
+it at the end of a run. It imports no torch: it stores and checks files, it never loads a model.
+"""

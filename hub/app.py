@@ -1,0 +1,176 @@
+"""The hub's HTTP API (FastAPI on uvicorn, the stack Flower's SuperLink serves on).
+
+  GET  /v1/health                       liveness + the signing key's id (no token)
+  GET  /v1/key                          the hub's public key, PEM (no token; pin it out of band)
+  GET  /v1/base-models                  base models the hub accepts adapters for
+  GET  /v1/adapters?prefix=&q=&limit=   latest version of every readable adapter
+  GET  /v1/adapters/{name}?version=N    one version's signed manifest (default: latest)
+  GET  /v1/versions/{name}              the versions of a name
+  GET  /v1/latest/{prefix}              the newest adapter under a prefix (global/<run> -> last round)
+  GET  /v1/files/{sha256}?name=NAME     a file of NAME by its hash
+  POST /v1/adapters/{name}              publish {"provenance": {...}, "files": {file: base64}}
+
+Every request but the first two needs ``Authorization: Bearer <token>``. Every refusal is
+JSON ``{"error": reason, "status": code}`` and is logged with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hub.manifest import public_pem
+from hub.names import Principal
+from hub.store import HubError, Registry
+
+log = logging.getLogger("fedlora.hub")
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason, "status": status}, status_code=status)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data).encode(), status_code=status, media_type="application/json")
+
+
+def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
+    app = FastAPI(title="fedlora hub", docs_url=None, redoc_url=None, openapi_url=None)
+    key_pem = public_pem(registry.signing_key.public_key()).decode()
+
+    @app.exception_handler(HubError)
+    async def _hub_error(request: Request, err: HubError) -> JSONResponse:
+        log.warning("refused %s %s: %s (%s)", request.method, request.url.path, err, err.status)
+        return _error(err.status, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        reason = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        log.warning("refused %s %s: %s", request.method, request.url.path, reason)
+        return _error(422, reason)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error ({type(err).__name__}); the hub's log has the details")
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if header and scheme.lower() != "bearer":
+            raise HubError("Authorization must be 'Bearer <token>'", 401)
+        return registry.authenticate(token.strip() or None)
+
+    @app.get("/v1/health")
+    async def health() -> Response:
+        return _json({"status": "ok", "key_id": registry.key_id})
+
+    @app.get("/v1/key")
+    async def key() -> Response:
+        return Response(key_pem, media_type="application/x-pem-file", headers={"x-key-id": registry.key_id})
+
+    @app.get("/v1/base-models")
+    async def base_models(request: Request) -> Response:
+        principal(request)
+        return _json(registry.base_models())
+
+    @app.get("/v1/adapters")
+    async def list_adapters(request: Request, prefix: str = "", q: str = "", limit: int = 1000) -> Response:
+        who = principal(request)
+        return _json(_checked(lambda: registry.list(who, prefix, q, limit)))
+
+    @app.get("/v1/adapters/{name:path}")
+    async def get_adapter(request: Request, name: str, version: int | None = None) -> Response:
+        who = principal(request)
+        return _json(_checked(lambda: registry.get(who, name, version)).to_dict())
+
+    @app.get("/v1/versions/{name:path}")
+    async def versions(request: Request, name: str) -> Response:
+        who = principal(request)
+        return _json({"name": name, "versions": _checked(lambda: registry.versions(who, name))})
+
+    @app.get("/v1/latest/{prefix:path}")
+    async def latest(request: Request, prefix: str) -> Response:
+        who = principal(request)
+        return _json(_checked(lambda: registry.latest_under(who, prefix)).to_dict())
+
+    @app.get("/v1/files/{sha256}")
+    async def file(request: Request, sha256: str, name: str) -> Response:
+        who = principal(request)
+        data = _checked(lambda: registry.blob(who, name, sha256))
+        return Response(data, media_type="application/octet-stream", headers={"x-sha256": sha256})
+
+    @app.post("/v1/adapters/{name:path}")
+    async def publish(request: Request, name: str) -> Response:
+        who = principal(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
+            raise HubError(f"upload of {int(declared)} bytes exceeds the hub's limit of {max_upload_bytes} bytes", 413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_upload_bytes:
+                raise HubError(f"upload exceeds the hub's limit of {max_upload_bytes} bytes", 413)
+        files, provenance = _parse_publish(bytes(body))
+        record = await run_in_threadpool(lambda: _checked(lambda: registry.publish(who, name, files, provenance)))
+        log.info("published %s v%d by %s (%d bytes)", record.name, record.version, who.describe, record.size)
+        return _json(record.to_dict(), status=201)
+
+    return app
+
+
+def _checked(call: Any) -> Any:
+    """Run ``call``; a ValueError from name/prefix checks becomes a 400 with its message."""
+    try:
+        return call()
+    except HubError:
+        raise
+    except ValueError as err:
+        raise HubError(str(err)) from None
+
+
+def _parse_publish(body: bytes) -> tuple[dict[str, bytes], dict[str, Any]]:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HubError(f"the body is not JSON ({err})") from None
+    if not isinstance(payload, dict) or set(payload) != {"provenance", "files"}:
+        raise HubError('the body must be {"provenance": {...}, "files": {"<file>": "<base64>", ...}}')
+    files_in = payload["files"]
+    if not isinstance(files_in, dict) or not all(isinstance(v, str) for v in files_in.values()):
+        raise HubError('"files" must map file names to base64 strings')
+    files = {}
+    for fname, text in files_in.items():
+        try:
+            files[str(fname)] = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise HubError(f"file {fname!r} is not valid base64") from None
+    return files, payload["provenance"]
+
+
+HUB_DIR_ENV = "FEDLORA_HUB_DIR"
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory in each worker process (``fl-hub serve --workers N``): the hub
+    directory comes from the serving command through the environment."""
+    import os
+
+    from hub.hub_dir import HubDir
+
+    hub = HubDir(os.environ[HUB_DIR_ENV])
+    settings = hub.settings()
+    return create_app(hub.registry(), settings.max_upload_bytes)

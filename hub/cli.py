@@ -1,0 +1,228 @@
+"""``fl-hub``: the adapter hub's one console script.
+
+    fl-hub init DIR [--host H] [--port P] [--database URL] [--max-upload-mb N]
+    fl-hub serve DIR [--host H] [--port P] [--workers N]
+    fl-hub token create DIR (--client NAME | --operator) [--label TEXT]
+    fl-hub token revoke DIR (--client NAME | --token T)
+    fl-hub token ls DIR
+    fl-hub base-model add DIR MODEL_DIR [--id ID]
+    fl-hub ls [PREFIX] (--dir DIR | --hub URL --token T) [--query WORDS] [--json]
+    fl-hub publish NAME ADAPTER_DIR --hub URL --token-file F [--provenance JSON_FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fl-hub", description="The fedlora adapter hub: registry, signatures, access control.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a hub directory: signing key, settings, database, operator token")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    init.add_argument("--port", type=int, default=None)
+    init.add_argument("--database", default="", help="SQLAlchemy URL (default: sqlite in DIR/hub.db)")
+    init.add_argument("--max-upload-mb", type=float, default=64.0)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("dir", type=Path)
+    serve.add_argument("--host", default=None, help="override hub.toml's host")
+    serve.add_argument("--port", type=int, default=None, help="override hub.toml's port")
+    serve.add_argument("--workers", type=int, default=None, help="override hub.toml's worker processes")
+
+    token = sub.add_parser("token", help="create, revoke or list access tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    create = tsub.add_parser("create", help="print a new token (stored hashed; shown once)")
+    create.add_argument("dir", type=Path)
+    who = create.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client", help="a client token: reads global/, tasks/, generated/; reads and writes clients/NAME/")
+    who.add_argument("--operator", action="store_true", help="an operator token: publishes anywhere")
+    create.add_argument("--label", default="")
+    revoke = tsub.add_parser("revoke", help="revoke a client's tokens or one token")
+    revoke.add_argument("dir", type=Path)
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("--client")
+    what.add_argument("--token")
+    tls = tsub.add_parser("ls", help="list tokens (never their values)")
+    tls.add_argument("dir", type=Path)
+
+    base = sub.add_parser("base-model", help="base models the hub accepts adapters for")
+    bsub = base.add_subparsers(dest="base_command", required=True)
+    badd = bsub.add_parser("add", help="register a local base model directory by its weights' hash")
+    badd.add_argument("dir", type=Path)
+    badd.add_argument("model_dir", type=Path)
+    badd.add_argument("--id", default=None, help="the id adapters name it by (default: from its config / directory)")
+    bls = bsub.add_parser("ls")
+    bls.add_argument("dir", type=Path)
+
+    ls = sub.add_parser("ls", help="list adapters (latest version of each)")
+    ls.add_argument("prefix", nargs="?", default="")
+    ls.add_argument("--dir", type=Path, default=None, help="read a local hub directory (operator view)")
+    _remote_options(ls)
+    ls.add_argument("--query", "-q", default="", help="words every listed adapter's text contains")
+    ls.add_argument("--json", action="store_true")
+
+    pub = sub.add_parser("publish", help="publish a PEFT adapter directory")
+    pub.add_argument("name", help="e.g. tasks/sort-desc or clients/alice/math")
+    pub.add_argument("adapter_dir", type=Path)
+    _remote_options(pub)
+    pub.add_argument("--hub-key", type=Path, default=None, help="the hub's public key: verify what it signed")
+    pub.add_argument("--provenance", type=Path, default=None, help="JSON file with provenance fields")
+    pub.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
+    pub.add_argument("--description", default=None)
+    return p
+
+
+def _remote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hub", default=None, help="hub URL, e.g. http://127.0.0.1:9480")
+    p.add_argument("--token", default=None)
+    p.add_argument("--token-file", type=Path, default=None)
+
+
+def _init(args: argparse.Namespace, console: Console) -> int:
+    from hub.hub_dir import DEFAULT_PORT, HubDir, HubSettings
+
+    settings = HubSettings(host=args.host, port=args.port or DEFAULT_PORT, database=args.database, max_upload_mb=args.max_upload_mb)
+    hub, kid = HubDir.init(args.dir, settings)
+    console.print(f"hub directory {hub.root}\nsigning key {kid} (give clients {hub.public_key_path})")
+    console.print(f"operator token in {hub.operator_token_path}\nserve it with: fl-hub serve {hub.root}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    import uvicorn
+
+    from hub.app import HUB_DIR_ENV, create_app
+    from hub.hub_dir import HubDir, HubSettings
+
+    hub = HubDir(args.dir.resolve())
+    s = hub.settings()
+    s = HubSettings(
+        host=args.host or s.host, port=args.port or s.port, database=s.database, max_upload_mb=s.max_upload_mb,
+        workers=args.workers or s.workers, tls_cert=s.tls_cert, tls_key=s.tls_key,
+    )
+    registry = hub.registry()  # fail here, before binding, on a broken directory or database
+    scheme = "https" if s.tls_cert else "http"
+    console.print(f"fl-hub: serving {hub.root} on {scheme}://{s.host}:{s.port} (signing key {registry.key_id}, {s.workers} worker(s))")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tls: dict[str, Any] = {"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key} if s.tls_cert else {}
+    common: dict[str, Any] = {"host": s.host, "port": s.port, "log_level": "warning", "access_log": False, **tls}
+    if s.workers == 1:
+        uvicorn.run(create_app(registry, s.max_upload_bytes), **common)
+    else:
+        os.environ[HUB_DIR_ENV] = str(hub.root)
+        uvicorn.run("hub.app:app_from_env", factory=True, workers=s.workers, **common)
+    return 0
+
+
+def _token(args: argparse.Namespace, console: Console) -> int:
+    from hub.hub_dir import HubDir
+
+    registry = HubDir(args.dir).registry()
+    if args.token_command == "create":
+        token = registry.create_token("operator" if args.operator else "client", None if args.operator else args.client, args.label)
+        print(token)
+        return 0
+    if args.token_command == "revoke":
+        n = registry.revoke_tokens(client=args.client, token=args.token)
+        if n == 0:
+            raise ValueError("no matching token that is not already revoked")
+        console.print(f"revoked {n} token(s)")
+        return 0
+    for t in registry.tokens():
+        state = f"revoked {t['revoked']}" if t["revoked"] else "active"
+        console.print(f"{t['id']:>4}  {t['role']:<8} {t['client'] or '-':<20} {state:<40} {t['label']}", markup=False)
+    return 0
+
+
+def _base_model(args: argparse.Namespace, console: Console) -> int:
+    from hub.hub_dir import HubDir
+    from hub.manifest import describe_base_model
+
+    registry = HubDir(args.dir).registry()
+    if args.base_command == "add":
+        base = describe_base_model(args.model_dir)
+        model_id = args.id or base.id
+        registry.add_base_model(model_id, base.sha256)
+        console.print(f"{model_id} {base.sha256}", markup=False)
+        return 0
+    for model_id, digest in sorted(registry.base_models().items()):
+        console.print(f"{model_id} {digest}", markup=False)
+    return 0
+
+
+def _ls(args: argparse.Namespace, console: Console) -> int:
+    if args.dir is not None:
+        from hub.hub_dir import HubDir
+        from hub.names import Principal
+
+        rows = HubDir(args.dir).registry().list(Principal("operator", label="local"), args.prefix, args.query)
+    else:
+        from hub.client import HubClient, read_token
+
+        if not args.hub:
+            raise ValueError("fl-hub ls needs --dir DIR (on the hub) or --hub URL with a token")
+        with HubClient(args.hub, read_token(args.token, args.token_file)) as hub:
+            rows = hub.list(args.prefix, args.query)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        p = r["provenance"]
+        eps = f"eps {p['epsilon']:.2f}" if p.get("epsilon") is not None else "no DP"
+        where = " ".join(x for x in (p.get("strategy") or "", f"run {p['run']}" if p.get("run") else "") if x)
+        console.print(
+            f"{r['name']:<40} v{r['version']:<3} r={r['adapter']['rank']:<3} {eps:<10} {r['size'] / 1e6:7.2f} MB  {where}  {r['created']}",
+            markup=False, highlight=False,
+        )
+    if not rows:
+        console.print("(nothing)")
+    return 0
+
+
+def _publish(args: argparse.Namespace, console: Console) -> int:
+    from hub.client import HubClient, read_token
+    from hub.manifest import describe_base_model, load_public_key
+
+    provenance: dict[str, Any] = {}
+    if args.provenance is not None:
+        provenance = json.loads(args.provenance.read_text())
+        if not isinstance(provenance, dict):
+            raise ValueError(f"{args.provenance}: provenance must be a JSON object")
+    provenance.setdefault("producer", "fl-hub publish")
+    provenance.setdefault("base_model", describe_base_model(args.base_model).__dict__)
+    if args.description is not None:
+        provenance["description"] = args.description
+    key = load_public_key(args.hub_key) if args.hub_key else None
+    if not args.hub:
+        raise ValueError("fl-hub publish needs --hub URL")
+    with HubClient(args.hub, read_token(args.token, args.token_file), key) as hub:
+        record = hub.publish_dir(args.name, args.adapter_dir, provenance)
+    console.print(f"published {record['name']} v{record['version']} ({record['size']} bytes)", markup=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(soft_wrap=True)
+    commands = {"init": _init, "serve": _serve, "token": _token, "base-model": _base_model, "ls": _ls, "publish": _publish}
+    try:
+        return commands[args.command](args, console)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        Console(stderr=True, soft_wrap=True).print(f"fl-hub: error: {err}", markup=False, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Talking to a hub: publish, list and pull with verification (what ``fl-client pull``/``push``,
+``fl-sim`` and ``fl-server`` use). Nothing reaches the disk before the signature, the name,
+the base model's hash and every file's hash have been checked."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from hub.manifest import (
+    VerificationError,
+    key_id,
+    read_adapter_dir,
+    verify_file,
+    verify_record,
+    weights_sha256,
+    write_adapter_dir,
+)
+from hub.names import check_name, check_prefix
+
+PULLED_MANIFEST = "hub_manifest.json"
+
+
+class HubRequestError(RuntimeError):
+    """The hub refused a request; the message carries its reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"hub refused ({status}): {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Pulled:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+
+class HubClient:
+    def __init__(
+        self, url: str, token: str, public_key: Ed25519PublicKey | None = None, *, timeout: float = 30.0, ca: str | Path | None = None
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"hub URL must start with http:// or https://, got {url!r}")
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("a hub token is required (fl-hub token create prints one)")
+        self.url = url.rstrip("/")
+        self.public_key = public_key
+        verify: Any = str(ca) if ca else True
+        self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=timeout, verify=verify)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise HubRequestError(0, f"cannot reach the hub at {self.url}: {err}") from None
+        if response.status_code >= 400:
+            try:
+                reason = str(response.json().get("error"))
+            except (json.JSONDecodeError, AttributeError):
+                reason = response.text[:500]
+            raise HubRequestError(response.status_code, reason)
+        return response
+
+    # --- reading ---------------------------------------------------------------------
+    def list(self, prefix: str = "", query: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+        check_prefix(prefix)
+        result: list[dict[str, Any]] = self._request("GET", "/v1/adapters", params={"prefix": prefix, "q": query, "limit": limit}).json()
+        return result
+
+    def record(self, name: str, version: int | None = None) -> dict[str, Any]:
+        check_name(name)
+        params = {"version": version} if version is not None else {}
+        result: dict[str, Any] = self._request("GET", f"/v1/adapters/{name}", params=params).json()
+        return result
+
+    def latest(self, prefix: str) -> dict[str, Any]:
+        check_prefix(prefix)
+        result: dict[str, Any] = self._request("GET", f"/v1/latest/{prefix.rstrip('/')}").json()
+        return result
+
+    def pull(
+        self, name: str, out: str | Path, *, version: int | None = None, base_model_dir: str | Path | None = None,
+        record: Mapping[str, Any] | None = None,
+    ) -> Pulled:
+        """Fetch, verify and write ``name`` (latest version unless given) as a PEFT directory.
+
+        ``base_model_dir``: the local base model (None: the embedded one); its weights' hash
+        must equal the adapter's recorded base-model hash."""
+        if self.public_key is None:
+            raise ValueError("pulling needs the hub's public key (--hub-key hub.pub) to verify signatures")
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PULLED_MANIFEST).is_file())):
+            raise ValueError(f"{out} exists and is not an adapter pulled from a hub: refusing to replace it")
+        record = record or self.record(name, version)
+        manifest = verify_record(record, self.public_key, name, version)
+        base = manifest["provenance"]["base_model"]
+        if base_model_dir is None:
+            from simulations.embedded import default_model_dir
+
+            base_model_dir = default_model_dir()
+        local = weights_sha256(base_model_dir)
+        if local != base["sha256"]:
+            raise VerificationError(
+                f"{name} v{manifest['version']} was trained on base model {base['id']} (weights {base['sha256'][:16]}...), "
+                f"but the local base model {base_model_dir} has weights {local[:16]}...: it would not load correctly; nothing was written"
+            )
+        files = {}
+        for fname, meta in manifest["files"].items():
+            data = self._request("GET", f"/v1/files/{meta['sha256']}", params={"name": name}).content
+            verify_file(manifest, fname, data)
+            files[fname] = data
+        return Pulled(write_adapter_dir(out, files, manifest), manifest)
+
+    # --- writing ---------------------------------------------------------------------
+    def publish(self, name: str, files: Mapping[str, bytes], provenance: Mapping[str, Any]) -> dict[str, Any]:
+        check_name(name)
+        body = {"provenance": dict(provenance), "files": {f: base64.b64encode(d).decode() for f, d in files.items()}}
+        data = json.dumps(body).encode()
+        response = self._request("POST", f"/v1/adapters/{name}", content=data, headers={"content-type": "application/json"})
+        result: dict[str, Any] = response.json()
+        if self.public_key is not None:  # the hub must have signed exactly what was sent
+            manifest = verify_record(result, self.public_key, name, result.get("version"))
+            for fname, fdata in files.items():
+                verify_file(manifest, fname, fdata)
+        return result
+
+    def publish_dir(self, name: str, adapter_dir: str | Path, provenance: Mapping[str, Any]) -> dict[str, Any]:
+        return self.publish(name, read_adapter_dir(Path(adapter_dir)), provenance)
+
+    def hub_key_id(self) -> str:
+        return str(self._request("GET", "/v1/health").json()["key_id"])
+
+
+def read_token(token: str | None, token_file: str | Path | None) -> str:
+    """The token from ``--token`` or ``--token-file`` (exactly one)."""
+    if bool(token) == bool(token_file):
+        raise ValueError("give the hub token with --token or --token-file (one of them)")
+    if token_file:
+        path = Path(token_file)
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"token file {path} does not exist") from None
+    return str(token)
+
+
+def public_key_id(public_key: Ed25519PublicKey) -> str:
+    return key_id(public_key)
