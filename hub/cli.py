@@ -1,13 +1,13 @@
 """``fl-hub``: the adapter hub's one console script.
 
-    fl-hub init DIR [--host H] [--port P] [--database URL] [--max-upload-mb N]
-    fl-hub serve DIR [--host H] [--port P] [--workers N]
-    fl-hub token create DIR (--client NAME | --operator) [--label TEXT]
-    fl-hub token revoke DIR (--client NAME | --token T)
-    fl-hub token ls DIR
-    fl-hub base-model add DIR MODEL_DIR [--id ID]
-    fl-hub ls [PREFIX] (--dir DIR | --hub URL --token T) [--query WORDS] [--json]
-    fl-hub publish NAME ADAPTER_DIR --hub URL --token-file F [--provenance JSON_FILE]
+fl-hub init DIR [--host H] [--port P] [--database URL] [--max-upload-mb N]
+fl-hub serve DIR [--host H] [--port P] [--workers N]
+fl-hub token create DIR (--client NAME | --operator) [--label TEXT]
+fl-hub token revoke DIR (--client NAME | --token T)
+fl-hub token ls DIR
+fl-hub base-model add DIR MODEL_DIR [--id ID]
+fl-hub ls [PREFIX] (--dir DIR | --hub URL --token T) [--query WORDS] [--json]
+fl-hub publish NAME ADAPTER_DIR --hub URL --token-file F [--provenance JSON_FILE]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from rich.console import Console
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fl-hub", description="The fedlora adapter hub: registry, signatures, access control.")
+    p = argparse.ArgumentParser(
+        prog="fl-hub", description="The fedlora adapter hub: registry, signatures, access control."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init", help="create a hub directory: signing key, settings, database, operator token")
@@ -46,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     create = tsub.add_parser("create", help="print a new token (stored hashed; shown once)")
     create.add_argument("dir", type=Path)
     who = create.add_mutually_exclusive_group(required=True)
-    who.add_argument("--client", help="a client token: reads global/, tasks/, generated/; reads and writes clients/NAME/")
+    who.add_argument(
+        "--client", help="a client token: reads global/, tasks/, generated/; reads and writes clients/NAME/"
+    )
     who.add_argument("--operator", action="store_true", help="an operator token: publishes anywhere")
     create.add_argument("--label", default="")
     revoke = tsub.add_parser("revoke", help="revoke a client's tokens or one token")
@@ -93,7 +97,9 @@ def _remote_options(p: argparse.ArgumentParser) -> None:
 def _init(args: argparse.Namespace, console: Console) -> int:
     from hub.hub_dir import DEFAULT_PORT, HubDir, HubSettings
 
-    settings = HubSettings(host=args.host, port=args.port or DEFAULT_PORT, database=args.database, max_upload_mb=args.max_upload_mb)
+    settings = HubSettings(
+        host=args.host, port=args.port or DEFAULT_PORT, database=args.database, max_upload_mb=args.max_upload_mb
+    )
     hub, kid = HubDir.init(args.dir, settings)
     console.print(f"hub directory {hub.root}\nsigning key {kid} (give clients {hub.public_key_path})")
     console.print(f"operator token in {hub.operator_token_path}\nserve it with: fl-hub serve {hub.root}")
@@ -109,12 +115,20 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     hub = HubDir(args.dir.resolve())
     s = hub.settings()
     s = HubSettings(
-        host=args.host or s.host, port=args.port or s.port, database=s.database, max_upload_mb=s.max_upload_mb,
-        workers=args.workers or s.workers, tls_cert=s.tls_cert, tls_key=s.tls_key,
+        host=args.host or s.host,
+        port=args.port or s.port,
+        database=s.database,
+        max_upload_mb=s.max_upload_mb,
+        workers=args.workers or s.workers,
+        tls_cert=s.tls_cert,
+        tls_key=s.tls_key,
     )
     registry = hub.registry()  # fail here, before binding, on a broken directory or database
     scheme = "https" if s.tls_cert else "http"
-    console.print(f"fl-hub: serving {hub.root} on {scheme}://{s.host}:{s.port} (signing key {registry.key_id}, {s.workers} worker(s))")
+    console.print(
+        f"fl-hub: serving {hub.root} on {scheme}://{s.host}:{s.port} "
+        f"(signing key {registry.key_id}, {s.workers} worker(s))"
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tls: dict[str, Any] = {"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key} if s.tls_cert else {}
     common: dict[str, Any] = {"host": s.host, "port": s.port, "log_level": "warning", "access_log": False, **tls}
@@ -131,7 +145,9 @@ def _token(args: argparse.Namespace, console: Console) -> int:
 
     registry = HubDir(args.dir).registry()
     if args.token_command == "create":
-        token = registry.create_token("operator" if args.operator else "client", None if args.operator else args.client, args.label)
+        token = registry.create_token(
+            "operator" if args.operator else "client", None if args.operator else args.client, args.label
+        )
         print(token)
         return 0
     if args.token_command == "revoke":
@@ -183,8 +199,10 @@ def _ls(args: argparse.Namespace, console: Console) -> int:
         eps = f"eps {p['epsilon']:.2f}" if p.get("epsilon") is not None else "no DP"
         where = " ".join(x for x in (p.get("strategy") or "", f"run {p['run']}" if p.get("run") else "") if x)
         console.print(
-            f"{r['name']:<40} v{r['version']:<3} r={r['adapter']['rank']:<3} {eps:<10} {r['size'] / 1e6:7.2f} MB  {where}  {r['created']}",
-            markup=False, highlight=False,
+            f"{r['name']:<40} v{r['version']:<3} r={r['adapter']['rank']:<3} {eps:<10} "
+            f"{r['size'] / 1e6:7.2f} MB  {where}  {r['created']}",
+            markup=False,
+            highlight=False,
         )
     if not rows:
         console.print("(nothing)")
@@ -216,7 +234,14 @@ def _publish(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True)
-    commands = {"init": _init, "serve": _serve, "token": _token, "base-model": _base_model, "ls": _ls, "publish": _publish}
+    commands = {
+        "init": _init,
+        "serve": _serve,
+        "token": _token,
+        "base-model": _base_model,
+        "ls": _ls,
+        "publish": _publish,
+    }
     try:
         return commands[args.command](args, console)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

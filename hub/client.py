@@ -53,7 +53,13 @@ class Pulled:
 
 class HubClient:
     def __init__(
-        self, url: str, token: str, public_key: Ed25519PublicKey | None = None, *, timeout: float = 30.0, ca: str | Path | None = None
+        self,
+        url: str,
+        token: str,
+        public_key: Ed25519PublicKey | None = None,
+        *,
+        timeout: float = 30.0,
+        ca: str | Path | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"hub URL must start with http:// or https://, got {url!r}")
@@ -62,7 +68,9 @@ class HubClient:
         self.url = url.rstrip("/")
         self.public_key = public_key
         verify: Any = str(ca) if ca else True
-        self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=timeout, verify=verify)
+        self.http = httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=timeout, verify=verify
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -89,7 +97,9 @@ class HubClient:
     # --- reading ---------------------------------------------------------------------
     def list(self, prefix: str = "", query: str = "", limit: int = 1000) -> list[dict[str, Any]]:
         check_prefix(prefix)
-        result: list[dict[str, Any]] = self._request("GET", "/v1/adapters", params={"prefix": prefix, "q": query, "limit": limit}).json()
+        result: list[dict[str, Any]] = self._request(
+            "GET", "/v1/adapters", params={"prefix": prefix, "q": query, "limit": limit}
+        ).json()
         return result
 
     def record(self, name: str, version: int | None = None) -> dict[str, Any]:
@@ -104,7 +114,12 @@ class HubClient:
         return result
 
     def pull(
-        self, name: str, out: str | Path, *, version: int | None = None, base_model_dir: str | Path | None = None,
+        self,
+        name: str,
+        out: str | Path,
+        *,
+        version: int | None = None,
+        base_model_dir: str | Path | None = None,
         record: Mapping[str, Any] | None = None,
     ) -> Pulled:
         """Fetch, verify and write ``name`` (latest version unless given) as a PEFT directory.
@@ -126,8 +141,10 @@ class HubClient:
         local = weights_sha256(base_model_dir)
         if local != base["sha256"]:
             raise VerificationError(
-                f"{name} v{manifest['version']} was trained on base model {base['id']} (weights {base['sha256'][:16]}...), "
-                f"but the local base model {base_model_dir} has weights {local[:16]}...: it would not load correctly; nothing was written"
+                f"{name} v{manifest['version']} was trained on base model {base['id']} "
+                f"(weights {base['sha256'][:16]}...), "
+                f"but the local base model {base_model_dir} has weights {local[:16]}...: "
+                "it would not load correctly; nothing was written"
             )
         files = {}
         for fname, meta in manifest["files"].items():
@@ -141,7 +158,9 @@ class HubClient:
         check_name(name)
         body = {"provenance": dict(provenance), "files": {f: base64.b64encode(d).decode() for f, d in files.items()}}
         data = json.dumps(body).encode()
-        response = self._request("POST", f"/v1/adapters/{name}", content=data, headers={"content-type": "application/json"})
+        response = self._request(
+            "POST", f"/v1/adapters/{name}", content=data, headers={"content-type": "application/json"}
+        )
         result: dict[str, Any] = response.json()
         if self.public_key is not None:  # the hub must have signed exactly what was sent
             manifest = verify_record(result, self.public_key, name, result.get("version"))

@@ -43,7 +43,11 @@ class HubSettings:
             raise ValueError(f"port must be 1..65535, got {self.port!r}")
         if not isinstance(self.database, str):
             raise ValueError(f"database must be an SQLAlchemy URL string, got {self.database!r}")
-        if not isinstance(self.max_upload_mb, (int, float)) or isinstance(self.max_upload_mb, bool) or not 0 < self.max_upload_mb <= 4096:
+        if (
+            not isinstance(self.max_upload_mb, (int, float))
+            or isinstance(self.max_upload_mb, bool)
+            or not 0 < self.max_upload_mb <= 4096
+        ):
             raise ValueError(f"max-upload-mb must be in (0, 4096], got {self.max_upload_mb!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64, got {self.workers!r}")
@@ -95,7 +99,9 @@ class HubDir:
         write_atomic(hub.key_path, private_pem(key), 0o600)
         write_atomic(hub.public_key_path, public_pem(key.public_key()), 0o644)
         table = {_toml_key(f.name): getattr(settings, f.name) for f in fields(settings)}
-        text = "# fedlora hub settings: written by `fl-hub init`, read by `fl-hub serve`.\n" + tomli_w.dumps({"hub": table})
+        text = "# fedlora hub settings: written by `fl-hub init`, read by `fl-hub serve`.\n" + tomli_w.dumps(
+            {"hub": table}
+        )
         write_atomic(hub.settings_path, text.encode(), 0o644)
         registry = hub.registry()
         base = describe_base_model()
@@ -108,7 +114,9 @@ class HubDir:
         try:
             raw = tomllib.loads(self.settings_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{self.settings_path} does not exist: is {self.root} a hub directory (fl-hub init)?") from None
+            raise FileNotFoundError(
+                f"{self.settings_path} does not exist: is {self.root} a hub directory (fl-hub init)?"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{self.settings_path}: not valid TOML ({err})") from None
         unknown = sorted(set(raw) - {"hub"})
@@ -118,7 +126,9 @@ class HubDir:
         known = {_toml_key(f.name): f.name for f in fields(HubSettings)}
         bad = sorted(set(table) - set(known))
         if bad:
-            raise ValueError(f"{self.settings_path}: unknown [hub] key(s) {', '.join(bad)} (known: {', '.join(sorted(known))})")
+            raise ValueError(
+                f"{self.settings_path}: unknown [hub] key(s) {', '.join(bad)} (known: {', '.join(sorted(known))})"
+            )
         try:
             return HubSettings(**{known[k]: v for k, v in table.items()})
         except ValueError as err:

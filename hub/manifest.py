@@ -26,8 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from safetensors import SafetensorError, deserialize
 
-from hub.names import check_name
-
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
 CONFIG_FILE = "adapter_config.json"
@@ -85,7 +83,7 @@ def load_public_key(data: bytes | str | Path) -> Ed25519PublicKey:
         try:
             data = data.read_bytes()
         except FileNotFoundError:
-            raise FileNotFoundError(f"hub public key {data} does not exist (copy hub.pub from the hub)") from None
+            raise FileNotFoundError(f"hub public key {where} does not exist (copy hub.pub from the hub)") from None
     if isinstance(data, str):
         data = data.encode()
     try:
@@ -114,12 +112,16 @@ class BaseModel:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id or len(self.id) > 200:
             raise ValueError(f"base_model.id must be a non-empty string of at most 200 characters, got {self.id!r}")
-        if not (isinstance(self.sha256, str) and len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)):
+        if not (
+            isinstance(self.sha256, str)
+            and len(self.sha256) == 64
+            and all(c in "0123456789abcdef" for c in self.sha256)
+        ):
             raise ValueError(f"base_model.sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
 
 
 def _optional(value: Any, kind: type | tuple[type, ...], what: str) -> None:
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
         raise ValueError(f"provenance {what} must be {getattr(kind, '__name__', kind)} or null, got {value!r}")
 
 
@@ -156,7 +158,9 @@ class Provenance:
         if self.delta is not None and self.delta >= 1:
             raise ValueError(f"provenance delta must be < 1, got {self.delta!r}")
         if self.epsilon is not None and not self.privacy_unit:
-            raise ValueError("provenance with an epsilon must state its privacy_unit (what one unit of privacy protects)")
+            raise ValueError(
+                "provenance with an epsilon must state its privacy_unit (what one unit of privacy protects)"
+            )
         for name in ("privacy_report", "evaluation", "extra"):
             _optional(getattr(self, name), dict, name)
         if self.description is not None and len(self.description) > 4000:
@@ -304,8 +308,13 @@ def weights_sha256(model_dir: str | Path) -> str:
 
 
 def build_manifest(
-    name: str, version: int, files: Mapping[str, bytes], info: AdapterInfo, provenance: Provenance,
-    created: str, published_by: str,
+    name: str,
+    version: int,
+    files: Mapping[str, bytes],
+    info: AdapterInfo,
+    provenance: Provenance,
+    created: str,
+    published_by: str,
 ) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
@@ -320,7 +329,9 @@ def build_manifest(
     }
 
 
-def verify_record(record: Mapping[str, Any], public_key: Ed25519PublicKey, name: str, version: int | None = None) -> dict[str, Any]:
+def verify_record(
+    record: Mapping[str, Any], public_key: Ed25519PublicKey, name: str, version: int | None = None
+) -> dict[str, Any]:
     """The manifest of a hub record, after checking its signature and that it is the adapter
     asked for (a validly signed manifest of another name or version is refused too)."""
     try:
@@ -341,7 +352,8 @@ def verify_record(record: Mapping[str, Any], public_key: Ed25519PublicKey, name:
     if manifest.get("name") != name or (version is not None and manifest.get("version") != version):
         raise VerificationError(
             f"the hub answered for {manifest.get('name')} v{manifest.get('version')} when {name}"
-            + (f" v{version}" if version is not None else "") + " was asked for; nothing was written"
+            + (f" v{version}" if version is not None else "")
+            + " was asked for; nothing was written"
         )
     return dict(manifest)
 

@@ -28,7 +28,9 @@ Role = Literal["operator", "client"]
 
 def check_segment(value: str, what: str) -> str:
     if not isinstance(value, str) or not SEGMENT.fullmatch(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} is not a valid name: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+        raise ValueError(
+            f"{what} {value!r} is not a valid name: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
     return value
 
 
@@ -92,7 +94,11 @@ class Principal:
 
     @property
     def describe(self) -> str:
-        return "operator" + (f" ({self.label})" if self.label else "") if self.role == "operator" else f"client {self.client}"
+        return (
+            "operator" + (f" ({self.label})" if self.label else "")
+            if self.role == "operator"
+            else f"client {self.client}"
+        )
 
     def can_read(self, name: str) -> bool:
         return self.role == "operator" or namespace(name) in PUBLIC_NAMESPACES or owner(name) == self.client
@@ -101,7 +107,10 @@ class Principal:
         return self.role == "operator" or owner(name) == self.client
 
     def read_denied(self, name: str) -> str:
-        return f"{self.describe} may not read {name}: clients read global/, tasks/, generated/ and their own clients/{self.client}/"
+        return (
+            f"{self.describe} may not read {name}: "
+            f"clients read global/, tasks/, generated/ and their own clients/{self.client}/"
+        )
 
     def write_denied(self, name: str) -> str:
         if namespace(name) in ("global", "tasks", "generated"):

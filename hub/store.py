@@ -11,6 +11,7 @@ of the token (they are 256-bit random strings, so a fast hash is the right one).
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import hashlib
 import json
@@ -210,7 +211,9 @@ class BlobStore:
         except FileNotFoundError:
             raise HubError(f"blob {sha256} is missing from the hub's store", 500) from None
         if sha256_hex(data) != sha256:
-            raise HubError(f"stored blob {sha256} is corrupt (its content no longer matches its hash); refusing to serve it", 500)
+            raise HubError(
+                f"stored blob {sha256} is corrupt (its content no longer matches its hash); refusing to serve it", 500
+            )
         if len(data) <= self.cache_bytes // 4:
             with self._lock:
                 self._cache[sha256] = data
@@ -243,7 +246,16 @@ class Registry:
         principal = Principal(role, client, label)  # type: ignore[arg-type]
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self.session() as s, s.begin():
-            s.add(TokenRow(token_sha256=_hash_token(token), role=principal.role, client=client, label=label, created=now(), revoked=None))
+            s.add(
+                TokenRow(
+                    token_sha256=_hash_token(token),
+                    role=principal.role,
+                    client=client,
+                    label=label,
+                    created=now(),
+                    revoked=None,
+                )
+            )
         return token
 
     def authenticate(self, token: str | None) -> Principal:
@@ -275,7 +287,14 @@ class Registry:
         with self.session() as s:
             rows = s.scalars(select(TokenRow).order_by(TokenRow.id))
             return [
-                {"id": r.id, "role": r.role, "client": r.client, "label": r.label, "created": r.created, "revoked": r.revoked}
+                {
+                    "id": r.id,
+                    "role": r.role,
+                    "client": r.client,
+                    "label": r.label,
+                    "created": r.created,
+                    "revoked": r.revoked,
+                }
                 for r in rows
             ]
 
@@ -287,7 +306,9 @@ class Registry:
         with self.session() as s, s.begin():
             row = s.get(BaseModelRow, model_id)
             if row is not None and row.sha256 != sha256:
-                raise ValueError(f"base model {model_id} is already known with weights {row.sha256[:16]}...; pick another id")
+                raise ValueError(
+                    f"base model {model_id} is already known with weights {row.sha256[:16]}...; pick another id"
+                )
             if row is None:
                 s.add(BaseModelRow(id=model_id, sha256=sha256, added=now()))
 
@@ -296,7 +317,9 @@ class Registry:
             return {r.id: r.sha256 for r in s.scalars(select(BaseModelRow))}
 
     # --- adapters ---------------------------------------------------------------------
-    def publish(self, principal: Principal, name: str, files: Mapping[str, bytes], provenance: Mapping[str, Any]) -> Record:
+    def publish(
+        self, principal: Principal, name: str, files: Mapping[str, bytes], provenance: Mapping[str, Any]
+    ) -> Record:
         """Check everything, store blobs, then take the next version of ``name``."""
         check_name(name)
         if not principal.can_write(name):
@@ -358,7 +381,11 @@ class Registry:
             return self._records[(name, version)]
         with self.session() as s:
             query = select(AdapterRow).where(AdapterRow.name == name)
-            query = query.where(AdapterRow.version == version) if version is not None else query.order_by(AdapterRow.version.desc())
+            query = (
+                query.where(AdapterRow.version == version)
+                if version is not None
+                else query.order_by(AdapterRow.version.desc())
+            )
             row = s.scalars(query.limit(1)).first()
             if row is None:
                 raise NotFound(f"no adapter {name}" + (f" version {version}" if version is not None else ""))
@@ -372,19 +399,34 @@ class Registry:
         listing = self.list(principal, prefix)
         if not listing:
             raise NotFound(f"nothing published under {prefix}/")
-        best = max(listing, key=lambda r: (int(r["name"].rsplit("/", 1)[1]) if r["name"].rsplit("/", 1)[1].isdigit() else -1, r["created"]))
+        best = max(
+            listing,
+            key=lambda r: (
+                int(r["name"].rsplit("/", 1)[1]) if r["name"].rsplit("/", 1)[1].isdigit() else -1,
+                r["created"],
+            ),
+        )
         return self.get(principal, best["name"], best["version"])
 
-    def list(self, principal: Principal, prefix: str = "", query: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+    def list(
+        self, principal: Principal, prefix: str = "", query: str = "", limit: int = 1000
+    ) -> builtins.list[dict[str, Any]]:
         """The latest version of every readable adapter under ``prefix`` whose text matches ``query``."""
         check_prefix(prefix)
         if not 1 <= limit <= 10000:
             raise HubError(f"limit must be 1..10000, got {limit}")
         latest = select(AdapterRow.name, func.max(AdapterRow.version).label("v")).group_by(AdapterRow.name)
         if prefix:
-            latest = latest.where(or_(AdapterRow.name == prefix.rstrip("/"), AdapterRow.name.startswith(prefix.rstrip("/") + "/", autoescape=True)))
+            latest = latest.where(
+                or_(
+                    AdapterRow.name == prefix.rstrip("/"),
+                    AdapterRow.name.startswith(prefix.rstrip("/") + "/", autoescape=True),
+                )
+            )
         if principal.role == "client":
-            latest = latest.where(or_(AdapterRow.namespace.in_(("global", "tasks", "generated")), AdapterRow.owner == principal.client))
+            latest = latest.where(
+                or_(AdapterRow.namespace.in_(("global", "tasks", "generated")), AdapterRow.owner == principal.client)
+            )
         sub = latest.subquery()
         stmt = select(AdapterRow).join(sub, (AdapterRow.name == sub.c.name) & (AdapterRow.version == sub.c.v))
         for word in query.lower().split():
@@ -395,15 +437,26 @@ class Registry:
         out = []
         for row in rows:
             manifest = json.loads(row.manifest)
-            out.append({"name": row.name, "version": row.version, "created": row.created, "size": row.size, "provenance": manifest["provenance"], "adapter": manifest["adapter"]})
+            out.append(
+                {
+                    "name": row.name,
+                    "version": row.version,
+                    "created": row.created,
+                    "size": row.size,
+                    "provenance": manifest["provenance"],
+                    "adapter": manifest["adapter"],
+                }
+            )
         return out
 
-    def versions(self, principal: Principal, name: str) -> list[int]:
+    def versions(self, principal: Principal, name: str) -> builtins.list[int]:
         check_name(name)
         if not principal.can_read(name):
             raise Forbidden(principal.read_denied(name))
         with self.session() as s:
-            return list(s.scalars(select(AdapterRow.version).where(AdapterRow.name == name).order_by(AdapterRow.version)))
+            return list(
+                s.scalars(select(AdapterRow.version).where(AdapterRow.name == name).order_by(AdapterRow.version))
+            )
 
     def blob(self, principal: Principal, name: str, sha256: str) -> bytes:
         """A file of ``name`` (any version) by its hash, if ``principal`` may read ``name``."""
@@ -416,8 +469,10 @@ class Registry:
         if key not in self._referenced:
             with self.session() as s:
                 hit = s.scalar(
-                    select(FileRow.sha256).join(AdapterRow, AdapterRow.id == FileRow.adapter_id)
-                    .where(AdapterRow.name == name, FileRow.sha256 == sha256).limit(1)
+                    select(FileRow.sha256)
+                    .join(AdapterRow, AdapterRow.id == FileRow.adapter_id)
+                    .where(AdapterRow.name == name, FileRow.sha256 == sha256)
+                    .limit(1)
                 )
             if hit is None:
                 raise NotFound(f"{name} has no file with sha256 {sha256}")
@@ -430,6 +485,13 @@ def _hash_token(token: str) -> str:
 
 
 def _search_text(name: str, prov: Provenance, info: AdapterInfo) -> str:
-    parts = [name, prov.base_model.id, prov.strategy or "", prov.run or "", prov.description or "", prov.producer, *info.target_modules]
+    parts = [
+        name,
+        prov.base_model.id,
+        prov.strategy or "",
+        prov.run or "",
+        prov.description or "",
+        prov.producer,
+        *info.target_modules,
+    ]
     return " ".join(parts).lower()
-

@@ -12,6 +12,7 @@ no existing branch. Heavy imports happen inside handlers: ``fl-server --help`` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -113,9 +114,10 @@ def _revoke(args: argparse.Namespace, console: Console) -> int:
 
 def _start(args: argparse.Namespace, console: Console) -> int:
     """Validate everything, then run the federation until it ends or Ctrl-C."""
+    from hub.publish import Following, RunPublisher, fedlora_version, hub_target
     from privacy.keys import CertificateError
     from server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
-    from simulations.cli import summary
+    from simulations.cli import report_published, summary
     from simulations.runner import SimulationError
 
     try:
@@ -129,14 +131,19 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             timeout=args.timeout,
         )
         plan = plan_start(options)
+        target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round))
     except (ValueError, FileNotFoundError, KeyError, CertificateError) as err:
         return _error(err.args[0] if isinstance(err, KeyError) and err.args else err)
     if args.insecure:
         Console(stderr=True, soft_wrap=True).print(INSECURE_WARNING, markup=False, highlight=False)
     who = ", ".join(plan.nodes) if plan.nodes else "any node (insecure)"
     console.print(f"run directory {plan.run_dir}; enrolled clients: {who}", markup=False, highlight=False)
+    publisher = None
+    if target is not None:
+        publisher = RunPublisher(target, plan.run_dir, f"fl-server {fedlora_version()}", plan.start_round)
     try:
-        outcome = run_plan(plan, console, quiet=args.quiet, verbose=args.verbose, timeout=args.timeout)
+        with Following(publisher, plan.num_rounds) if publisher is not None else contextlib.nullcontext():
+            outcome = run_plan(plan, console, quiet=args.quiet, verbose=args.verbose, timeout=args.timeout)
     except KeyboardInterrupt:
         console.print(
             f"stopped; the SuperLink and its processes are down. Resume: fl-server start {args.server_dir} "
@@ -152,11 +159,13 @@ def _start(args: argparse.Namespace, console: Console) -> int:
         return _error(f"run ended {outcome.status}: {detail}")
     for line in summary(plan.run_dir):
         console.print(line, markup=False, highlight=False)
-    return 0
+    return report_published(publisher, plan.num_rounds, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fl-server`` parser with one subparser per verb."""
+    from hub.publish import add_hub_options
+
     parser = argparse.ArgumentParser(prog="fl-server", description="fedlora server")
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser(
@@ -225,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="stop the run after this many seconds")
     start.add_argument("--quiet", action="store_true", help="no per-round progress")
     start.add_argument("--verbose", action="store_true", help="print the run's log")
+    add_hub_options(start)
     start.set_defaults(handler=_start)
     return parser
 

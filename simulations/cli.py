@@ -14,6 +14,7 @@ reproducible with ``flwr run --run-config`` too (``--print-run-config`` shows it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -401,6 +402,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-run-config", action="store_true", help="print the run config as TOML and exit")
     p.add_argument("--list-strategies", action="store_true", help="list the registered strategies and exit")
     add_run_options(p)
+    from hub.publish import add_hub_options
+
+    add_hub_options(p)
     return p
 
 
@@ -443,6 +447,9 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
         validate(run_config)
         console.print(run_config_toml(run_config), markup=False, highlight=False)
         return 0
+    from hub.publish import Following, RunPublisher, fedlora_version, hub_target
+
+    target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round))
     run_dir = Path(str(run_config["run-dir"]))
     if args.resume is None and (run_dir / "metrics.jsonl").exists():
         if not args.force:
@@ -453,16 +460,22 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
         _clear_keeping_ledgers(run_dir, console)
     if not args.quiet:
         console.print(f"fl-sim: {run_config.get('strategy', 'fedavg-lora')} -> {run_dir}")
+    rounds = int(run_config.get("num-rounds", 0))
+    publisher = None
+    if target is not None:
+        start = last_round(run_dir.resolve()) if args.resume is not None else 0
+        publisher = RunPublisher(target, run_dir.resolve(), f"fl-sim {fedlora_version()}", start)
     try:
-        outcome = simulate(
-            run_config,
-            console=console,
-            quiet=args.quiet,
-            verbose=args.verbose,
-            timeout=args.timeout,
-            cpus_per_client=args.cpus_per_client,
-            ray_address=args.ray_address,
-        )
+        with Following(publisher, rounds) if publisher is not None else contextlib.nullcontext():
+            outcome = simulate(
+                run_config,
+                console=console,
+                quiet=args.quiet,
+                verbose=args.verbose,
+                timeout=args.timeout,
+                cpus_per_client=args.cpus_per_client,
+                ray_address=args.ray_address,
+            )
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/yellow]; continue with: fl-sim --resume {run_dir}")
         return 130
@@ -476,6 +489,23 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
     else:
         console.print(f"[green]completed[/green] in {outcome.seconds:.0f} s")
         console.print("\n".join(lines), markup=False, highlight=False)
+    return report_published(publisher, rounds, console)
+
+
+def report_published(publisher: Any, rounds: int, console: Console) -> int:
+    """Publish the final adapter of a completed run (``--hub``) and say what went where; 3 if
+    the hub failed (the run itself is complete: ``fl-hub publish-run`` retries)."""
+    if publisher is None:
+        return 0
+    publisher.finish(rounds)
+    for server_round, what in sorted(publisher.published.items()):
+        console.print(f"published round {server_round} to the hub as {what}", markup=False, highlight=False)
+    if publisher.errors:
+        err = Console(stderr=True, soft_wrap=True)
+        for message in publisher.errors:
+            err.print(f"hub: publishing failed: {message}", markup=False, highlight=False)
+        err.print(f"retry with: fl-hub publish-run {publisher.run_dir} --hub {publisher.target.url} ...", markup=False)
+        return 3
     return 0
 
 
