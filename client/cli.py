@@ -14,6 +14,8 @@ from typing import Any
 
 from rich.console import Console
 
+from client.hub_commands import add_pull_parser, add_push_parser, pull, push
+
 
 def _finetune_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -190,9 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     _finetune_parser(sub)
     _keygen_parser(sub)
     _start_parser(sub)
+    add_pull_parser(sub)
+    add_push_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("keygen", "start"):
         return {"keygen": _keygen, "start": _start}[args.command](args, Console(soft_wrap=True))
+    if args.command in ("pull", "push"):
+        from hub.client import HubRequestError
+        from hub.manifest import VerificationError
+
+        try:
+            return {"pull": pull, "push": push}[args.command](args, Console(soft_wrap=True))
+        except (HubRequestError, VerificationError, ValueError, FileNotFoundError) as e:
+            return _fail(e)
     _quiet_libraries()
     console = Console(soft_wrap=True)
     if args.command == "finetune":

@@ -2,6 +2,7 @@
 
   GET  /v1/health                       liveness + the signing key's id (no token)
   GET  /v1/key                          the hub's public key, PEM (no token; pin it out of band)
+  GET  /v1/whoami                       the token's role and client
   GET  /v1/base-models                  base models the hub accepts adapters for
   GET  /v1/adapters?prefix=&q=&limit=   latest version of every readable adapter
   GET  /v1/adapters/{name}?version=N    one version's signed manifest (default: latest)
@@ -81,6 +82,11 @@ def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
     @app.get("/v1/key")
     async def key() -> Response:
         return Response(key_pem, media_type="application/x-pem-file", headers={"x-key-id": registry.key_id})
+
+    @app.get("/v1/whoami")
+    async def whoami(request: Request) -> Response:
+        who = principal(request)
+        return _json({"role": who.role, "client": who.client, "label": who.label})
 
     @app.get("/v1/base-models")
     async def base_models(request: Request) -> Response:

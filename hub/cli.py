@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--provenance", type=Path, default=None, help="JSON file with provenance fields")
     pub.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
     pub.add_argument("--description", default=None)
+    run = sub.add_parser("publish-run", help="publish a finished run's global adapter (what fl-sim/fl-server --hub do)")
+    run.add_argument("run_dir", type=Path)
+    _remote_options(run)
+    run.add_argument("--hub-key", type=Path, default=None, help="the hub's public key: verify what it signed")
+    run.add_argument("--round", type=int, default=None, help="a round's checkpoint instead of the final adapter")
     return p
 
 
@@ -231,6 +236,32 @@ def _publish(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _publish_run(args: argparse.Namespace, console: Console) -> int:
+    from hub.client import read_token
+    from hub.manifest import load_public_key
+    from hub.publish import HubTarget, fedlora_version, publish_global
+
+    if not args.hub:
+        raise ValueError("fl-hub publish-run needs --hub URL")
+    run_dir = args.run_dir.resolve()
+    target = HubTarget(
+        args.hub, read_token(args.token, args.token_file), load_public_key(args.hub_key) if args.hub_key else None
+    )
+    if args.round is None:
+        from simulations.cli import last_round
+
+        server_round, adapter_dir, final = last_round(run_dir), run_dir / "adapters" / "global", True
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ValueError(f"{run_dir} has no final adapter (adapters/global): publish a --round checkpoint instead")
+    else:
+        server_round, adapter_dir, final = args.round, run_dir / "checkpoints" / f"round-{args.round}", False
+    record = publish_global(
+        target, run_dir, server_round, adapter_dir, final, f"fl-hub publish-run {fedlora_version()}"
+    )
+    console.print(f"published {record['name']} v{record['version']}", markup=False, highlight=False)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True)
@@ -241,10 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "base-model": _base_model,
         "ls": _ls,
         "publish": _publish,
+        "publish-run": _publish_run,
     }
     try:
         return commands[args.command](args, console)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         Console(stderr=True, soft_wrap=True).print(f"fl-hub: error: {err}", markup=False, highlight=False)
         return 2
 

@@ -95,6 +95,19 @@ class HubClient:
         return response
 
     # --- reading ---------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", "/v1/whoami").json()
+        return result
+
+    def client_name(self) -> str:
+        """The client this token belongs to (personal adapters live under clients/<it>/)."""
+        who = self.whoami()
+        if who.get("role") != "client" or not who.get("client"):
+            raise ValueError(
+                "this token is an operator token: name the client's adapter in full (clients/<client>/<name>)"
+            )
+        return str(who["client"])
+
     def list(self, prefix: str = "", query: str = "", limit: int = 1000) -> list[dict[str, Any]]:
         check_prefix(prefix)
         result: list[dict[str, Any]] = self._request(
