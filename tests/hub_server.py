@@ -1,0 +1,65 @@
+"""A real ``fl-hub serve`` on 127.0.0.1 for tests: started in its own session, waited for with a
+deadline, stopped by its process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from simulations.runner import free_port
+
+
+class HubServer:
+    def __init__(self, hub_dir: Path, log: Path, workers: int = 1) -> None:
+        self.hub_dir = hub_dir
+        self.log = log
+        self.workers = workers
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> HubServer:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "hub.cli", "serve", str(self.hub_dir), "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", str(self.workers)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fl-hub serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/v1/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"fl-hub serve did not answer within {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        self.proc = None
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,446 @@
+"""The adapter hub through a real ``fl-hub serve`` on 127.0.0.1: publish, pull, scopes,
+signatures, tampering, restarts, concurrency and bad input."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+
+from client.model import LoraSettings, load_base_model, save_adapter, wrap_lora
+from hub.client import HubClient, HubRequestError
+from hub.hub_dir import HubDir, HubSettings
+from hub.manifest import VerificationError, describe_base_model, load_public_key, read_adapter_dir
+from hub.publish import adapter_files
+from simulations.embedded import default_model_dir
+from hub_server import HubServer
+
+PROMPT = torch.tensor([[5, 17, 23, 9, 31, 4, 12, 8]])
+
+
+def _adapter(out: Path, seed: int) -> Path:
+    """A PEFT adapter on the embedded model whose B factors are non-zero (it changes the logits)."""
+    model = wrap_lora(load_base_model(), LoraSettings(rank=4))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return save_adapter(model, out)
+
+
+def _logits(adapter_dir: Path) -> torch.Tensor:
+    model = PeftModel.from_pretrained(load_base_model(), str(adapter_dir))
+    with torch.no_grad():
+        return model(input_ids=PROMPT).logits
+
+
+def _provenance(**extra: Any) -> dict[str, Any]:
+    base = describe_base_model()
+    return {"base_model": {"id": base.id, "sha256": base.sha256}, "producer": "tests", **extra}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return _adapter(root / "one", 1), _adapter(root / "two", 2)
+
+
+class Hub:
+    def __init__(self, root: Path) -> None:
+        self.dir, _ = HubDir.init(root / "hub", HubSettings(max_upload_mb=1.0))
+        registry = self.dir.registry()
+        self.operator = self.dir.operator_token_path.read_text().strip()
+        self.alice = registry.create_token("client", "alice")
+        self.bob = registry.create_token("client", "bob")
+        self.key = load_public_key(self.dir.public_key_path)
+        self.server = HubServer(self.dir.root, root / "hub.log").start()
+
+    def client(self, token: str, key: bool = True) -> HubClient:
+        return HubClient(self.server.url, token, self.key if key else None)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    h = Hub(tmp_path_factory.mktemp("hub"))
+    try:
+        yield h
+    finally:
+        h.server.stop()
+
+
+def test_publish_pull_gives_identical_logits_and_full_provenance(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    one, _ = adapters
+    prov = _provenance(strategy="ffa-lora", run="r1", round=3, epsilon=2.5, delta=1e-5, privacy_unit="one example")
+    with hub.client(hub.operator) as op:
+        record = op.publish("global/r1/3", adapter_files(one, "fedlora/embedded-base"), prov)
+    assert (record["name"], record["version"]) == ("global/r1/3", 1)
+    with hub.client(hub.alice) as alice:
+        pulled = alice.pull("global/r1/3", tmp_path / "pulled")
+    assert torch.equal(_logits(one), _logits(pulled.path))
+    assert not torch.equal(_logits(one), load_base_model()(input_ids=PROMPT).logits)  # the adapter matters
+    m = pulled.manifest
+    assert m["provenance"]["base_model"] == prov["base_model"]
+    assert (m["provenance"]["epsilon"], m["provenance"]["delta"], m["provenance"]["round"]) == (2.5, 1e-5, 3)
+    assert m["adapter"]["rank"] == 4 and "q_proj" in m["adapter"]["target_modules"]
+    assert m["published_by"] == "operator (init)" and m["created"]
+    assert json.loads((pulled.path / "hub_manifest.json").read_text()) == m
+    files = read_adapter_dir(pulled.path)
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "fedlora/embedded-base"
+
+
+def test_versions_and_latest_round(hub: Hub, adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    one, two = adapters
+    with hub.client(hub.operator) as op:
+        op.publish_dir("global/r2/1", one, _provenance(run="r2", round=1))
+        op.publish_dir("global/r2/10", two, _provenance(run="r2", round=10))
+        op.publish_dir("global/r2/2", one, _provenance(run="r2", round=2))
+        again = op.publish_dir("global/r2/10", one, _provenance(run="r2", round=10, description="republished"))
+    assert again["version"] == 2
+    with hub.client(hub.alice) as alice:
+        latest = alice.latest("global/r2")
+        assert (latest["name"], latest["version"]) == ("global/r2/10", 2)  # round 10 > 2 numerically
+        old = alice.pull("global/r2/10", tmp_path / "v1", version=1)
+        assert torch.equal(_logits(old.path), _logits(two))
+        with pytest.raises(HubRequestError, match="no adapter global/r2/10 version 7"):
+            alice.record("global/r2/10", version=7)
+
+
+def test_scopes_are_enforced_both_ways(hub: Hub, adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    one, _ = adapters
+    with hub.client(hub.alice) as alice, hub.client(hub.bob) as bob, hub.client(hub.operator) as op:
+        alice.publish_dir("clients/alice/math", one, _provenance())
+        bob.publish_dir("clients/bob/math", one, _provenance())
+        op.publish_dir("tasks/sort-desc", one, _provenance(description="sort the digits in descending order"))
+        for who, name in ((alice, "clients/bob/math"), (bob, "clients/alice/math")):
+            with pytest.raises(HubRequestError, match="may not read") as err:
+                who.record(name)
+            assert err.value.status == 403
+        with pytest.raises(HubRequestError, match="a client writes only clients/alice/") as err:
+            alice.publish_dir("clients/bob/evil", one, _provenance())
+        assert err.value.status == 403
+        for name in ("global/x/1", "tasks/evil", "generated/evil"):
+            with pytest.raises(HubRequestError, match="needs an operator token"):
+                alice.publish_dir(name, one, _provenance())
+        sha = json.loads(bob.record("clients/bob/math")["manifest"])["files"]["adapter_model.safetensors"]["sha256"]
+        with pytest.raises(HubRequestError, match="may not read clients/bob/math"):  # the blob too, by its hash
+            alice._request("GET", f"/v1/files/{sha}", params={"name": "clients/bob/math"})
+        names = {r["name"] for r in alice.list()}
+        assert "clients/alice/math" in names and "tasks/sort-desc" in names and "global/r1/3" in names
+        assert not any(n.startswith("clients/bob") for n in names)
+        assert {r["name"] for r in op.list("clients/")} >= {"clients/alice/math", "clients/bob/math"}
+        assert [r["name"] for r in alice.list("tasks", query="descending")] == ["tasks/sort-desc"]
+        assert alice.pull("tasks/sort-desc", tmp_path / "task").version == 1
+        assert op.record("clients/alice/math")["version"] == 1  # the operator reads everything
+    with hub.client("flh_not-a-token") as stranger, pytest.raises(HubRequestError, match="unknown token") as err:
+        stranger.list()
+    assert err.value.status == 401
+    r = httpx.get(hub.server.url + "/v1/adapters")
+    assert r.status_code == 401 and r.json() == {"error": r.json()["error"], "status": 401}
+    assert "no token" in r.json()["error"]
+
+
+def test_revoked_token_is_refused(hub: Hub) -> None:
+    registry = hub.dir.registry()
+    token = registry.create_token("client", "carol")
+    with hub.client(token) as carol:
+        assert carol.whoami() == {"role": "client", "client": "carol", "label": ""}
+        assert registry.revoke_tokens(client="carol") == 1
+        with pytest.raises(HubRequestError, match="token revoked"):
+            carol.list()
+
+
+class _TamperingProxy(http.server.ThreadingHTTPServer):
+    """A man in the middle that flips one byte of every file the hub serves."""
+
+    def __init__(self, upstream: str) -> None:
+        upstream_url = upstream
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                r = httpx.get(upstream_url + self.path, headers={"authorization": self.headers["authorization"]})
+                body = r.content
+                if self.path.startswith("/v1/files/"):
+                    body = bytes([body[0] ^ 1]) + body[1:]
+                self.send_response(r.status_code)
+                self.send_header("content-type", r.headers["content-type"])
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_tampered_blob_in_transit_is_refused_and_nothing_written(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    with hub.client(hub.operator) as op:
+        op.publish_dir("tasks/tamper", adapters[0], _provenance())
+    proxy = _TamperingProxy(hub.server.url)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with HubClient(f"http://127.0.0.1:{proxy.server_address[1]}", hub.alice, hub.key) as mitm:
+            with pytest.raises(VerificationError, match="does not match its signed hash"):
+                mitm.pull("tasks/tamper", tmp_path / "out")
+    finally:
+        proxy.shutdown()
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary leftovers either
+
+
+def test_tampered_manifest_and_foreign_key_are_refused(hub: Hub, adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    with hub.client(hub.operator) as op:
+        op.publish_dir("tasks/forged", adapters[0], _provenance(epsilon=1.0, privacy_unit="one example"))
+    db = sqlite3.connect(hub.dir.root / "hub.db")
+    with db:  # an attacker with database access raises the claimed privacy
+        db.execute(
+            "UPDATE adapters SET manifest = replace(manifest, '\"epsilon\":1.0', '\"epsilon\":0.1') WHERE name = 'tasks/forged'"
+        )
+    db.close()
+    with hub.client(hub.alice) as alice:
+        record = alice.record("tasks/forged")
+        assert '"epsilon":0.1' in record["manifest"]
+        with pytest.raises(VerificationError, match="does not verify against the hub's public key"):
+            alice.pull("tasks/forged", tmp_path / "out")
+    other = HubDir.init(tmp_path / "other", HubSettings())[0]
+    with HubClient(hub.server.url, hub.alice, load_public_key(other.public_key_path)) as wrong_key:
+        with pytest.raises(VerificationError, match="does not verify"):
+            wrong_key.pull("tasks/sort-desc", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_signed_manifest_of_another_name_is_refused(hub: Hub) -> None:
+    from hub.manifest import verify_record
+
+    with hub.client(hub.alice) as alice:
+        record = alice.record("tasks/sort-desc")
+    with pytest.raises(VerificationError, match="when tasks/other was asked for"):
+        verify_record(record, hub.key, "tasks/other")
+
+
+def test_base_model_hash_mismatch_on_pull(hub: Hub, tmp_path: Path) -> None:
+    other = tmp_path / "other-base"
+    shutil.copytree(default_model_dir(), other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with hub.client(hub.alice) as alice:
+        with pytest.raises(VerificationError, match="was trained on base model fedlora/embedded-base"):
+            alice.pull("tasks/sort-desc", tmp_path / "out", base_model_dir=other)
+    assert not (tmp_path / "out").exists()
+
+
+def _post(hub: Hub, token: str, name: str, body: bytes) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+    return httpx.post(f"{hub.server.url}/v1/adapters/{name}", content=body, headers=headers, timeout=30)
+
+
+def test_bad_uploads_are_refused_with_reasons_and_nothing_is_lost(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    one, _ = adapters
+    files = read_adapter_dir(one)
+    with hub.client(hub.operator) as op:
+        op.publish("tasks/keep", files, _provenance())
+
+    def body(files: dict[str, bytes], prov: dict[str, Any]) -> bytes:
+        return json.dumps(
+            {"provenance": prov, "files": {k: base64.b64encode(v).decode() for k, v in files.items()}}
+        ).encode()
+
+    bad_weights = dict(files, **{"adapter_model.safetensors": files["adapter_model.safetensors"][:-7]})
+    nan_path = tmp_path / "nan.safetensors"
+    save_file({"base_model.model.x.lora_A.weight": torch.full((4, 8), float("nan"))}, str(nan_path))
+    not_lora = dict(files, **{"adapter_config.json": json.dumps({"peft_type": "PREFIX_TUNING"}).encode()})
+    cases = [
+        (body(bad_weights, _provenance()), 400, "adapter_model.safetensors is not a valid safetensors file"),
+        (body(dict(files, **{"adapter_model.safetensors": nan_path.read_bytes()}), _provenance()), 400, "NaN"),
+        (body(not_lora, _provenance()), 400, "the hub stores LORA adapters"),
+        (
+            body({"adapter_config.json": files["adapter_config.json"]}, _provenance()),
+            400,
+            "adapter_model.safetensors is missing",
+        ),
+        (body(dict(files, **{"../../etc/passwd": b"x"}), _provenance()), 400, "unexpected file"),
+        (
+            body(files, {**_provenance(), "base_model": {"id": "llama-7b", "sha256": "0" * 64}}),
+            400,
+            "unknown base model 'llama-7b'",
+        ),
+        (
+            body(files, {**_provenance(), "base_model": {"id": "fedlora/embedded-base", "sha256": "1" * 64}}),
+            400,
+            "the hub knows that id",
+        ),
+        (body(files, {"producer": "x"}), 400, "needs base_model"),
+        (body(files, {**_provenance(), "epsilon": 1.0}), 400, "must state its privacy_unit"),
+        (body(files, {**_provenance(), "owner": "me"}), 400, "unknown provenance field"),
+        (b"not json", 400, "not JSON"),
+        (b"x" * (2 << 20), 413, "exceeds the hub's limit of 1048576 bytes"),
+    ]
+    for payload, status, reason in cases:
+        r = _post(hub, hub.operator, "tasks/keep", payload)
+        assert (r.status_code, r.json()["status"]) == (status, status), (reason, r.text)
+        assert reason in r.json()["error"], (reason, r.json())
+    for name, reason in (
+        ("clients/alice/..", "a clients name has the form"),  # the URL's '..' collapsed: still refused
+        ("tasks/a/b", "has the form tasks/<name>"),
+        ("secrets/x", "unknown namespace"),
+        ("global/run/latest", "round number"),
+        ("clients/alice/%2e%2e", "not a valid name"),
+    ):
+        r = _post(hub, hub.operator, name, body(files, _provenance()))
+        assert r.status_code == 400 and reason in r.json()["error"], (name, r.text)
+    r = httpx.get(
+        f"{hub.server.url}/v1/adapters/tasks/keep",
+        params={"version": "x"},
+        headers={"authorization": f"Bearer {hub.alice}"},
+    )
+    assert r.status_code == 422 and "version" in r.json()["error"]
+    with hub.client(hub.alice) as alice:
+        assert alice.record("tasks/keep")["version"] == 1  # every refusal left the stored adapter alone
+        assert torch.equal(_logits(alice.pull("tasks/keep", tmp_path / "kept").path), _logits(one))
+    assert "refused POST /v1/adapters/tasks/keep: unknown base model" in hub.server.log.read_text()
+
+
+def test_concurrent_publishes_of_one_name_stay_consistent(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    variants = [adapter_files(adapters[i % 2], f"variant-{i}") for i in range(12)]
+
+    def publish(i: int) -> dict[str, Any]:
+        with hub.client(hub.operator) as op:
+            return op.publish("tasks/busy", variants[i], _provenance(description=f"variant {i}"))
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        records = list(pool.map(publish, range(12)))
+    assert sorted(r["version"] for r in records) == list(range(1, 13))
+    with hub.client(hub.alice) as alice:
+        assert alice._request("GET", "/v1/versions/tasks/busy").json()["versions"] == list(range(1, 13))
+        for r in records:  # every version is the publish that got it, intact
+            pulled = alice.pull("tasks/busy", tmp_path / f"v{r['version']}", version=r["version"])
+            i = int(pulled.manifest["provenance"]["description"].split()[1])
+            assert read_adapter_dir(pulled.path) == variants[i]
+    db = sqlite3.connect(hub.dir.root / "hub.db")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db.execute(
+        "SELECT COUNT(*) FROM adapter_files f JOIN adapters a ON a.id = f.adapter_id WHERE a.name = 'tasks/busy'"
+    ).fetchone() == (24,)
+    db.close()
+
+
+def test_registry_survives_a_restart_and_a_corrupt_blob_is_not_served(hub: Hub, tmp_path: Path) -> None:
+    with hub.client(hub.alice) as alice:
+        before = {r["name"]: r["version"] for r in alice.list()}
+    hub.server.stop()
+    hub.server.start()
+    with hub.client(hub.alice) as alice:
+        assert {r["name"]: r["version"] for r in alice.list()} == before
+        manifest = json.loads(alice.record("tasks/tamper")["manifest"])
+        pulled = alice.pull("tasks/tamper", tmp_path / "again")
+        assert pulled.version == 1
+    sha = manifest["files"]["adapter_model.safetensors"]["sha256"]
+    blob = hub.dir.blob_dir / "sha256" / sha[:2] / sha
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    hub.server.stop()  # a fresh process: nothing cached, the blob is read (and checked) from disk
+    hub.server.start()
+    with hub.client(hub.alice) as alice:
+        with pytest.raises(HubRequestError, match="is corrupt") as err:
+            alice.pull("tasks/tamper", tmp_path / "corrupt")
+        assert err.value.status == 500
+    assert not (tmp_path / "corrupt").exists()
+    assert f"stored blob {sha} is corrupt" in hub.server.log.read_text()
+    data[100] ^= 0xFF  # other adapters share this content-addressed blob
+    blob.write_bytes(bytes(data))
+
+
+FL_SIM_TINY = [
+    "--clients", "3", "--local-steps", "4", "--num-train", "64", "--num-test", "16",
+    "--tasks", "adddigit-4,rotate-2,repeat-3", "--partition", "tasks-per-client",
+]  # fmt: skip
+
+
+@pytest.mark.flower
+def test_fl_sim_publishes_every_round_and_the_final_adapter(hub: Hub, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "hubrun"
+    argv = [sys.executable, "-m", "simulations.cli", *FL_SIM_TINY, "--rounds", "3", "--epsilon", "8", "--out", str(run)]
+    argv += ["--hub", hub.server.url, "--hub-token-file", str(hub.dir.operator_token_path)]
+    argv += ["--hub-key", str(hub.dir.public_key_path), "--hub-every-round"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "published round 3 to the hub as global/hubrun/3 v1" in done.stdout
+    report = json.loads((run / "report" / "privacy.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with hub.client(hub.alice) as alice:
+        assert [r["name"] for r in alice.list("global/hubrun")] == [
+            "global/hubrun/1",
+            "global/hubrun/2",
+            "global/hubrun/3",
+        ]
+        final = alice.pull("global/hubrun/3", tmp_path / "final")
+        for r in (1, 2):
+            prov = json.loads(alice.record(f"global/hubrun/{r}")["manifest"])["provenance"]
+            assert prov["extra"]["final"] is False and prov["round"] == r
+            assert prov["epsilon"] == rows[r]["train"]["epsilon-max"]  # the clients' largest so far
+    prov = final.manifest["provenance"]
+    assert prov["extra"]["final"] is True and prov["strategy"] == "ffa-lora" and prov["run"] == "hubrun"
+    assert (prov["epsilon"], prov["delta"]) == (report["epsilon_max"], report["delta"])
+    assert prov["privacy_unit"] == report["privacy_unit"] and prov["privacy_report"]["dp_enabled"] is True
+    assert prov["producer"].startswith("fl-sim ") and "server-exact-match" in prov["evaluation"]
+    ours = load_file(str(run / "adapters" / "global" / "adapter_model.safetensors"))
+    pulled = load_file(str(final.path / "adapter_model.safetensors"))
+    assert ours.keys() == pulled.keys() and all(torch.equal(ours[k], pulled[k]) for k in ours)
+    assert torch.equal(_logits(final.path), _logits(run / "adapters" / "global"))
+
+
+def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rich.console import Console
+
+    from hub.publish import HubTarget, RunPublisher
+    from simulations.cli import report_published
+    from simulations.runner import free_port
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"strategy": "fedavg-lora", "dp.enabled": False}))
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0}) + "\n" + json.dumps({"round": 1}) + "\n")
+    _adapter(run / "adapters" / "global", 3)
+    down = RunPublisher(HubTarget(f"http://127.0.0.1:{free_port()}", hub.operator), run, "tests")
+    assert report_published(down, 1, Console()) == 3
+    err = capsys.readouterr().err
+    assert "cannot reach the hub" in err and f"retry with: fl-hub publish-run {run}" in err
+    up = RunPublisher(HubTarget(hub.server.url, hub.operator, hub.key), run, "tests")
+    assert report_published(up, 1, Console()) == 0
+    with hub.client(hub.alice) as alice:
+        prov = json.loads(alice.record("global/run/1")["manifest"])["provenance"]
+    assert prov["privacy_unit"] == "none: trained without differential privacy" and prov["epsilon"] is None
