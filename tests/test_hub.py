@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from hub_server import HubServer
 from peft import PeftModel
 from safetensors.torch import save_file
 
@@ -26,7 +27,6 @@ from hub.hub_dir import HubDir, HubSettings
 from hub.manifest import VerificationError, describe_base_model, load_public_key, read_adapter_dir
 from hub.publish import adapter_files
 from simulations.embedded import default_model_dir
-from hub_server import HubServer
 
 PROMPT = torch.tensor([[5, 17, 23, 9, 31, 4, 12, 8]])
 
@@ -214,7 +214,8 @@ def test_tampered_manifest_and_foreign_key_are_refused(hub: Hub, adapters: tuple
     db = sqlite3.connect(hub.dir.root / "hub.db")
     with db:  # an attacker with database access raises the claimed privacy
         db.execute(
-            "UPDATE adapters SET manifest = replace(manifest, '\"epsilon\":1.0', '\"epsilon\":0.1') WHERE name = 'tasks/forged'"
+        forged = "replace(manifest, '\"epsilon\":1.0', '\"epsilon\":0.1')"
+        db.execute(f"UPDATE adapters SET manifest = {forged} WHERE name = 'tasks/forged'")
         )
     db.close()
     with hub.client(hub.alice) as alice:
