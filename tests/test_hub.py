@@ -213,10 +213,8 @@ def test_tampered_manifest_and_foreign_key_are_refused(hub: Hub, adapters: tuple
         op.publish_dir("tasks/forged", adapters[0], _provenance(epsilon=1.0, privacy_unit="one example"))
     db = sqlite3.connect(hub.dir.root / "hub.db")
     with db:  # an attacker with database access raises the claimed privacy
-        db.execute(
         forged = "replace(manifest, '\"epsilon\":1.0', '\"epsilon\":0.1')"
         db.execute(f"UPDATE adapters SET manifest = {forged} WHERE name = 'tasks/forged'")
-        )
     db.close()
     with hub.client(hub.alice) as alice:
         record = alice.record("tasks/forged")
