@@ -1,0 +1,260 @@
+"""The hub's pure parts: names and scopes, manifests and signatures, provenance and adapter
+checks, settings; and the ``fl-hub`` / ``fl-client`` commands against a real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import save as save_numpy
+from safetensors.torch import save as save_torch
+
+from hub.hub_dir import HubDir, HubSettings
+from hub.manifest import (
+    DOMAIN,
+    AdapterInfo,
+    BaseModel,
+    Provenance,
+    VerificationError,
+    build_manifest,
+    canonical,
+    check_adapter_files,
+    describe_base_model,
+    sign,
+    verify_file,
+    verify_record,
+    weights_sha256,
+)
+from hub.names import Principal, check_name, check_prefix
+from hub.store import Registry
+
+CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}).encode()
+
+
+def _weights(rank: int = 2, dtype: torch.dtype = torch.float32) -> bytes:
+    return save_torch(
+        {
+            "base_model.model.q_proj.lora_A.weight": torch.ones(rank, 8, dtype=dtype),
+            "base_model.model.q_proj.lora_B.weight": torch.zeros(8, rank, dtype=dtype),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "an adapter name is required"),
+        ("models/x", "unknown namespace 'models'"),
+        ("clients/alice", "has the form clients/<client>/<name>"),
+        ("clients/alice/..", "not a valid name"),
+        ("clients/alice/.hidden", "not a valid name"),
+        ("clients/alice/a..b", "not a valid name"),
+        ("tasks/" + "x" * 65, "not a valid name"),
+        ("tasks/a b", "not a valid name"),
+        ("tasks/a\\b", "not a valid name"),
+        ("global/run/final", "round number"),
+        ("global/run", "has the form global/<run>/<round>"),
+    ],
+)
+def test_bad_names_are_refused_with_the_reason(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_name(name)
+
+
+def test_good_names_and_prefixes() -> None:
+    for name in ("global/sim/8", "clients/alice/math-v2", "tasks/sort_desc", "generated/3f2a.1"):
+        assert check_name(name) == name
+    for prefix in ("", "global", "global/sim", "clients/alice/", "tasks"):
+        assert check_prefix(prefix) == prefix
+    with pytest.raises(ValueError, match="longer than a tasks name"):
+        check_prefix("tasks/a/b")
+
+
+def test_scopes_matrix() -> None:
+    alice, op = Principal("client", "alice"), Principal("operator")
+    readable = {
+        n: alice.can_read(n) for n in ("global/r/1", "tasks/t", "generated/g", "clients/alice/x", "clients/bob/x")
+    }
+    assert readable == {
+        "global/r/1": True,
+        "tasks/t": True,
+        "generated/g": True,
+        "clients/alice/x": True,
+        "clients/bob/x": False,
+    }
+    writable = {n: alice.can_write(n) for n in readable}
+    assert writable == {n: n == "clients/alice/x" for n in readable}
+    assert all(op.can_read(n) and op.can_write(n) for n in readable)
+    with pytest.raises(ValueError, match="client name"):
+        Principal("client", "../etc")
+    with pytest.raises(ValueError, match="belongs to no client"):
+        Principal("operator", "alice")
+
+
+def test_canonical_sign_verify_round_trip_and_every_alteration_fails() -> None:
+    key = Ed25519PrivateKey.generate()
+    files = {"adapter_config.json": CONFIG, "adapter_model.safetensors": _weights()}
+    prov = Provenance(BaseModel("m", "a" * 64), "tests", epsilon=1.5, delta=1e-5, privacy_unit="one example")
+    manifest = canonical(build_manifest("tasks/t", 3, files, check_adapter_files(files), prov, "now", "operator"))
+    assert manifest == canonical(json.loads(manifest))  # canonical form is a fixed point
+    assert b" " not in manifest.replace(b"one example", b"")
+    record = {"manifest": manifest.decode(), "signature": sign(key, manifest)}
+    m = verify_record(record, key.public_key(), "tasks/t", 3)
+    assert m["files"]["adapter_model.safetensors"]["size"] == len(files["adapter_model.safetensors"])
+    verify_file(m, "adapter_model.safetensors", files["adapter_model.safetensors"])
+    with pytest.raises(VerificationError, match="does not match its signed hash"):
+        verify_file(m, "adapter_model.safetensors", files["adapter_model.safetensors"][:-1] + b"\x01")
+    altered = {**record, "manifest": record["manifest"].replace('"epsilon":1.5', '"epsilon":0.5')}
+    with pytest.raises(VerificationError, match="does not verify"):
+        verify_record(altered, key.public_key(), "tasks/t")
+    with pytest.raises(VerificationError, match="does not verify"):
+        verify_record(record, Ed25519PrivateKey.generate().public_key(), "tasks/t")
+    with pytest.raises(VerificationError, match="v3 when tasks/t v4 was asked for"):
+        verify_record(record, key.public_key(), "tasks/t", 4)
+    # the domain separator: a signature over the bare manifest is not a manifest signature
+    bare = {**record, "signature": __import__("base64").b64encode(key.sign(manifest)).decode()}
+    with pytest.raises(VerificationError, match="does not verify"):
+        verify_record(bare, key.public_key(), "tasks/t")
+    assert key.public_key().verify(__import__("base64").b64decode(record["signature"]), DOMAIN + manifest) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"producer": ""}, "producer must name"),
+        ({"round": "3"}, "round must be int"),
+        ({"round": True}, "round must be int"),
+        ({"epsilon": -1.0, "privacy_unit": "x"}, "epsilon must be a finite number >= 0"),
+        ({"epsilon": float("inf"), "privacy_unit": "x"}, "finite"),
+        ({"delta": 1.0}, "delta must be < 1"),
+        ({"epsilon": 1.0}, "must state its privacy_unit"),
+        ({"description": "x" * 4001}, "longer than 4000"),
+        ({"extra": {"x": float("nan")}}, "Out of range float values"),
+    ],
+)
+def test_provenance_is_validated(change: dict[str, object], message: str) -> None:
+    values = {"base_model": {"id": "m", "sha256": "a" * 64}, "producer": "tests", **change}
+    with pytest.raises(ValueError, match=message):
+        Provenance.from_mapping(values)
+
+
+def test_provenance_base_model_and_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="64 lower-case hex"):
+        Provenance.from_mapping({"base_model": {"id": "m", "sha256": "A" * 64}, "producer": "p"})
+    with pytest.raises(ValueError, match=r"unknown provenance field\(s\) colour"):
+        Provenance.from_mapping({"base_model": {"id": "m", "sha256": "a" * 64}, "producer": "p", "colour": 1})
+
+
+def test_adapter_checks() -> None:
+    files = {"adapter_config.json": CONFIG, "adapter_model.safetensors": _weights()}
+    assert check_adapter_files(files) == AdapterInfo("LORA", 2, 4.0, ["q_proj", "v_proj"], 32, 2)
+    bf16 = check_adapter_files({**files, "adapter_model.safetensors": _weights(dtype=torch.bfloat16)})
+    assert bf16.num_parameters == 32
+    cases = [
+        ({"adapter_model.safetensors": _weights(rank=3)}, "has rank 3, but adapter_config.json says r = 2"),
+        ({"adapter_model.safetensors": save_numpy({"lora_A.weight": np.ones((2, 8), np.int32)})}, "floating type"),
+        ({"adapter_model.safetensors": save_numpy({"embed.weight": np.ones((2, 8), np.float32)})}, "not a LoRA factor"),
+        ({"adapter_config.json": b"{"}, "not valid JSON"),
+        ({"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 0}).encode()}, "r must be a positive integer"),
+        ({"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 2}).encode()}, "target_modules must name"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_adapter_files({**files, **change})
+
+
+def test_weights_hash_is_the_embedded_models_and_moves_with_any_byte(tmp_path: Path) -> None:
+    from simulations.embedded import default_model_dir
+
+    base = describe_base_model()
+    assert base.id == "fedlora/embedded-base" and base.sha256 == weights_sha256(default_model_dir())
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    first = weights_sha256(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"abd")
+    assert weights_sha256(tmp_path) != first
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        weights_sha256(tmp_path / "missing")
+
+
+def test_settings_and_hub_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="port must be 1..65535"):
+        HubSettings(port=0)
+    with pytest.raises(ValueError, match="max-upload-mb"):
+        HubSettings(max_upload_mb=0)
+    with pytest.raises(ValueError, match="tls-cert and tls-key go together"):
+        HubSettings(tls_cert="c.pem")
+    hub, kid = HubDir.init(tmp_path / "h", HubSettings(port=9999))
+    assert kid.startswith("SHA256:") and hub.settings().port == 9999
+    assert oct(hub.key_path.stat().st_mode & 0o777) == "0o600"
+    assert oct(hub.operator_token_path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ValueError, match="already holds a hub"):
+        HubDir.init(tmp_path / "h", HubSettings())
+    hub.settings_path.write_text(hub.settings_path.read_text() + "colour = 'blue'\n")
+    with pytest.raises(ValueError, match=r"unknown \[hub\] key\(s\) colour"):
+        hub.settings()
+    with pytest.raises(FileNotFoundError, match="fl-hub init"):
+        HubDir(tmp_path / "nothing").registry()
+
+
+def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
+    hub, _ = HubDir.init(tmp_path / "h", HubSettings())
+    registry: Registry = hub.registry()
+    token = registry.create_token("client", "alice", "laptop")
+    assert token.startswith("flh_") and len(token) > 40
+    assert token.encode() not in (tmp_path / "h" / "hub.db").read_bytes()
+    assert registry.authenticate(token) == Principal("client", "alice", "laptop")
+    assert [t["client"] for t in registry.tokens()] == [None, "alice"]
+
+
+# --- commands against a real server ---------------------------------------------------------
+
+
+def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub_server import HubServer
+
+    from client.cli import main as fl_client
+    from client.model import LoraSettings, load_base_model, save_adapter, wrap_lora
+    from hub.cli import main as fl_hub
+
+    assert fl_hub(["init", str(tmp_path / "h")]) == 0
+    hub = HubDir(tmp_path / "h")
+    assert fl_hub(["token", "create", str(hub.root), "--client", "alice", "--label", "phone"]) == 0
+    alice = capsys.readouterr().out.strip().splitlines()[-1]
+    adapter = save_adapter(wrap_lora(load_base_model(), LoraSettings(rank=2)), tmp_path / "adapter")
+    with HubServer(hub.root, tmp_path / "hub.log") as server:
+        url, key = server.url, str(hub.public_key_path)
+        token_file = str(hub.operator_token_path)
+        assert (
+            fl_hub(["publish", "tasks/demo", str(adapter), "--hub", url, "--token-file", token_file, "--hub-key", key])
+            == 0
+        )
+        assert "published tasks/demo v1" in capsys.readouterr().out
+        common = ["--hub", url, "--token", alice, "--hub-key", key]
+        assert fl_client(["pull", *common, "--task", "demo", "--out", str(tmp_path / "t")]) == 0
+        out = capsys.readouterr().out
+        assert "pulled tasks/demo v1" in out and "signature and hashes verified" in out
+        assert fl_client(["push", *common, "--personal", "mine", "--adapter", str(tmp_path / "t")]) == 0
+        assert "published clients/alice/mine v1" in capsys.readouterr().out
+        assert fl_client(["pull", *common, "--personal", "mine", "--out", str(tmp_path / "p")]) == 0
+        (tmp_path / "precious").mkdir()
+        (tmp_path / "precious" / "notes.txt").write_text("keep me")
+        assert fl_client(["pull", *common, "--task", "demo", "--out", str(tmp_path / "precious")]) == 2
+        assert "not an adapter pulled from a hub: refusing to replace it" in capsys.readouterr().err
+        assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+        assert fl_client(["pull", *common, "--task", "nope", "--out", str(tmp_path / "n")]) == 2
+        assert "hub refused (404): no adapter tasks/nope" in capsys.readouterr().err
+        assert fl_hub(["ls", "--hub", url, "--token", alice]) == 0
+        listing = capsys.readouterr().out
+        assert "clients/alice/mine" in listing and "tasks/demo" in listing
+        assert fl_hub(["token", "revoke", str(hub.root), "--client", "alice"]) == 0
+        assert fl_client(["pull", *common, "--task", "demo", "--out", str(tmp_path / "t2")]) == 2
+        assert "token revoked" in capsys.readouterr().err
+    assert fl_hub(["ls", "--dir", str(hub.root), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["clients/alice/mine", "tasks/demo"]
+    assert fl_hub(["token", "ls", str(hub.root)]) == 0
+    assert alice not in capsys.readouterr().out
