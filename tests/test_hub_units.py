@@ -176,12 +176,12 @@ def test_weights_hash_is_the_embedded_models_and_moves_with_any_byte(tmp_path: P
     first = weights_sha256(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"abd")
     assert weights_sha256(tmp_path) != first
-    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights"):
         weights_sha256(tmp_path / "missing")
 
 
 def test_settings_and_hub_directory(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="port must be 1..65535"):
+    with pytest.raises(ValueError, match=r"port must be 1\.\.65535"):
         HubSettings(port=0)
     with pytest.raises(ValueError, match="max-upload-mb"):
         HubSettings(max_upload_mb=0)
