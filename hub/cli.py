@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--port", type=int, default=None)
     init.add_argument("--database", default="", help="SQLAlchemy URL (default: sqlite in DIR/hub.db)")
     init.add_argument("--max-upload-mb", type=float, default=64.0)
+    init.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
+    init.add_argument("--tls-key", type=Path, default=None, help="... and its private key (PEM)")
 
     serve = sub.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("dir", type=Path)
@@ -103,7 +105,12 @@ def _init(args: argparse.Namespace, console: Console) -> int:
     from hub.hub_dir import DEFAULT_PORT, HubDir, HubSettings
 
     settings = HubSettings(
-        host=args.host, port=args.port or DEFAULT_PORT, database=args.database, max_upload_mb=args.max_upload_mb
+        host=args.host,
+        port=args.port or DEFAULT_PORT,
+        database=args.database,
+        max_upload_mb=args.max_upload_mb,
+        tls_cert=str(args.tls_cert.resolve()) if args.tls_cert else "",
+        tls_key=str(args.tls_key.resolve()) if args.tls_key else "",
     )
     hub, kid = HubDir.init(args.dir, settings)
     console.print(f"hub directory {hub.root}\nsigning key {kid} (give clients {hub.public_key_path})")

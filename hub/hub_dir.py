@@ -53,6 +53,9 @@ class HubSettings:
             raise ValueError(f"workers must be 1..64, got {self.workers!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls-cert and tls-key go together")
+        for what, path in (("tls-cert", self.tls_cert), ("tls-key", self.tls_key)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{what} {path} does not exist")
 
     @property
     def max_upload_bytes(self) -> int:

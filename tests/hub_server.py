@@ -16,8 +16,9 @@ from simulations.runner import free_port
 
 
 class HubServer:
-    def __init__(self, hub_dir: Path, log: Path, workers: int = 1) -> None:
+    def __init__(self, hub_dir: Path, log: Path, workers: int = 1, ca: Path | None = None) -> None:
         self.hub_dir = hub_dir
+        self.ca = ca  # set: the hub serves HTTPS with a certificate this CA issued
         self.log = log
         self.workers = workers
         self.port = 0
@@ -25,7 +26,7 @@ class HubServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> HubServer:
         self.port = free_port()
@@ -38,7 +39,8 @@ class HubServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"fl-hub serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/v1/health", timeout=1.0).status_code == 200:
+                verify = str(self.ca) if self.ca else True
+                if httpx.get(self.url + "/v1/health", timeout=1.0, verify=verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

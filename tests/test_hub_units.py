@@ -258,3 +258,38 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [r["name"] for r in rows] == ["clients/alice/mine", "tasks/demo"]
     assert fl_hub(["token", "ls", str(hub.root)]) == 0
     assert alice not in capsys.readouterr().out
+
+
+def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
+    from hub_server import HubServer
+
+    from hub.cli import main as fl_hub
+    from hub.client import HubClient, HubRequestError
+    from privacy.keys import create_ca, issue_server_certificate, write_certificate, write_private_key_pem
+
+    ca_key, ca_cert = create_ca()
+    key, cert = issue_server_certificate(ca_key, ca_cert, ["hub.example"])
+    write_certificate(tmp_path / "ca.pem", ca_cert)
+    write_certificate(tmp_path / "hub.pem", cert)
+    write_private_key_pem(tmp_path / "hub.key", key)
+    argv = [
+        "init",
+        str(tmp_path / "h"),
+        "--tls-cert",
+        str(tmp_path / "hub.pem"),
+        "--tls-key",
+        str(tmp_path / "hub.key"),
+    ]
+    assert fl_hub(argv) == 0
+    assert fl_hub(["init", str(tmp_path / "h2"), "--tls-cert", str(tmp_path / "nothing.pem"), "--tls-key", "k"]) == 2
+    hub = HubDir(tmp_path / "h")
+    token = hub.operator_token_path.read_text().strip()
+    with HubServer(hub.root, tmp_path / "hub.log", ca=tmp_path / "ca.pem") as server:
+        assert server.url.startswith("https://")
+        with HubClient(server.url, token, ca=tmp_path / "ca.pem") as client:
+            assert client.whoami()["role"] == "operator"
+        with (
+            HubClient(server.url, token) as untrusting,
+            pytest.raises(HubRequestError, match="CERTIFICATE_VERIFY_FAILED"),
+        ):
+            untrusting.whoami()
