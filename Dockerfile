@@ -1,4 +1,4 @@
-# One image for every role of docker-compose.yml: fl-server, fl-client and fl-sim.
+# One image for every role of docker-compose.yml: fl-server, fl-client, fl-hub and fl-sim.
 #
 #   docker build -t fedlora .                 # CPU PyTorch, as `make install`
 #   docker build -t fedlora --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .   # a CUDA build
@@ -31,13 +31,16 @@ RUN pip install /tmp/fedlora && rm -rf /tmp/fedlora
 # volume takes the owner and mode of the image directory it is first mounted on.
 #   /srv/fedlora       server directory (CA and server keys, server.toml, enrolled nodes)
 #   /srv/fedlora/runs  run directories
-#   /certs             ca.pem only, what the clients get
+#   /certs             ca.pem and hub.pub only, what the clients get
 #   /keys, /state      one client's node key; its privacy ledger and DP secret
+#   /srv/hub           hub directory (signing key, database, adapter files, operator token)
+#   /hub-publish       operator.token and hub.pub, what the SuperLink gets to publish to the hub
 RUN useradd --create-home --uid "${FEDLORA_UID}" --user-group fedlora \
     && install -d -o fedlora -g fedlora -m 0700 /srv/fedlora /srv/fedlora/runs /keys /state \
+    && install -d -o fedlora -g fedlora -m 0700 /srv/hub /hub-publish \
     && install -d -o fedlora -g fedlora -m 0755 /certs
 
 USER fedlora
 WORKDIR /home/fedlora
-EXPOSE 9092
+EXPOSE 9092 9480
 CMD ["fl-server", "--help"]

@@ -4,8 +4,11 @@ Every service's command is parsed by the parser its console script really builds
 called with ``parse_args`` intercepted, so no handler runs); then what the services must agree
 on is checked: volumes declared, dependencies existing and ordered, one server directory, the
 port, the certificate's names, one key and one state directory per SuperNode, each node keyed
-and enrolled before the SuperLink starts, as many nodes as the run waits for. Each checker
-returns the problems it finds, and the negative tests break a copy of the file to prove it.
+and enrolled before the SuperLink starts, as many nodes as the run waits for; the adapter hub's
+signing key in a volume only the hub's services mount, the SuperLink publishing to the hub's
+address with the operator token and hub.pub init-hub hands it, no client near that token; every
+volume mounted where the image gives its user a directory. Each checker returns the problems it
+finds, and the negative tests break a copy of the file to prove it.
 """
 
 from __future__ import annotations
@@ -201,6 +204,43 @@ def volume_problems(compose: Compose) -> list[str]:
     return problems
 
 
+def image_directories(dockerfile: str) -> tuple[str | None, dict[PurePosixPath, str]]:
+    """The image's last USER and the directories its ``install -d -o OWNER ... DIR...`` create: dir -> owner."""
+    lines = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    text = "\n".join(lines).replace("\\\n", " ")
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    created: dict[PurePosixPath, str] = {}
+    for step in re.split(r"&&|;|\n", text):
+        words = step.split()
+        words = words[1:] if words[:1] == ["RUN"] else words
+        if words[:2] != ["install", "-d"]:
+            continue
+        owner, paths, rest = "root", [], iter(words[2:])
+        for word in rest:
+            if word in ("-o", "-g", "-m"):
+                value = next(rest, "")
+                owner = value if word == "-o" else owner
+            elif not word.startswith("-"):
+                paths.append(PurePosixPath(word))
+        created |= dict.fromkeys(paths, owner)
+    return (users[-1] if users else None), created
+
+
+def mount_point_problems(compose: Compose) -> list[str]:
+    """An empty named volume takes the owner of the image directory it is first mounted on; one the
+    image does not create is made root's, and the image's non-root user cannot write it."""
+    user, created = image_directories(DOCKERFILE.read_text())
+    problems = []
+    for name, service in compose["services"].items():
+        for m in mounts(service):
+            if m.source is not None and not m.bind and created.get(m.target) != user:
+                problems.append(
+                    f"service {name}: volume {m.source!r} at {m.target}, which the Dockerfile does not create "
+                    f"for user {user} (install -d -o {user}): the new volume would be root's, unwritable"
+                )
+    return problems
+
+
 # ------------------------------------------------------------------------- dependencies
 
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
@@ -369,12 +409,15 @@ def _environment(service: Mapping[str, Any]) -> dict[str, str]:
 def guard_problems(compose: Compose) -> list[str]:
     """The set-up steps refuse to run twice (exit 2), so each must skip itself once done: its
     guard's $DONE must be the file its command writes last, or it reruns (and fails) or never runs."""
+    from hub.hub_dir import HubDir
     from server.server_dir import ServerDir
 
     problems = []
     for name, (script, ns) in commands(compose).items():
         if (script, ns.command) == ("fl-server", "init"):
             written_last = ServerDir(ns.server_dir).settings_path
+        elif (script, ns.command) == ("fl-hub", "init"):
+            written_last = HubDir(ns.dir).operator_token_path
         elif (script, ns.command) == ("fl-client", "keygen"):
             written_last = ns.out / "client.pub"
         elif (script, ns.command) == ("fl-server", "enroll"):
@@ -387,6 +430,115 @@ def guard_problems(compose: Compose) -> list[str]:
             problems.append(f"service {name}: `{script} {ns.command}` refuses to run twice, but nothing skips it")
         elif PurePosixPath(done) != PurePosixPath(str(written_last)):
             problems.append(f"service {name}: DONE={done}, but `{script} {ns.command}` writes {written_last} last")
+    return problems
+
+
+# ---------------------------------------------------------------------------------- hub
+
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def copies(script: str) -> list[tuple[PurePosixPath, PurePosixPath]]:
+    """``(source, destination)`` of every ``cp [-OPTIONS] SOURCE DEST`` in an entrypoint's script."""
+    found = re.findall(r"(?:^|[\s;&|])cp(?:\s+-\w+)*\s+([^\s;&|]+)\s+([^\s;&|]+)", script)
+    return [(PurePosixPath(src), PurePosixPath(dst)) for src, dst in found]
+
+
+def hub_problems(compose: Compose) -> list[str]:
+    """The hub and the SuperLink that publishes to it. The hub directory (its signing key) is on a
+    named volume only the hub's services mount; the hub binds every interface of its container at
+    the port it publishes; init-hub copies out operator.token and hub.pub alone; the SuperLink's
+    --hub names the hub service and that port, and its token and key files are those copies, on
+    volumes it mounts; no client mounts the hub directory or a copy of the operator token, and
+    every SuperNode gets hub.pub (fl-client pull --hub-key)."""
+    from urllib.parse import urlsplit
+
+    from hub.hub_dir import DEFAULT_PORT, HubDir
+
+    services = compose["services"]
+    parsed = commands(compose)
+
+    def named(script: str, command: str) -> dict[str, argparse.Namespace]:
+        return {n: ns for n, (s, ns) in parsed.items() if s == script and ns.command == command}
+
+    inits, serves = named("fl-hub", "init"), named("fl-hub", "serve")
+    if len(inits) != 1 or len(serves) != 1:
+        return [f"expected one `fl-hub init` and one `fl-hub serve` service, got {sorted(inits)}, {sorted(serves)}"]
+    (init_name, init), (hub_name, serve) = next(iter(inits.items())), next(iter(serves.items()))
+    hub_dir = HubDir(init.dir)
+    home = locate(services[init_name], init.dir)
+    if home is None or home[0] not in (compose.get("volumes") or {}):
+        return [f"service {init_name}: {init.dir} is not on a named volume: the hub's key would die with it"]
+    problems = []
+    if locate(services[hub_name], serve.dir) != home:
+        problems.append(f"service {hub_name}: serves {serve.dir}, not the hub directory {init_name} creates {home}")
+    if depends_on(services[hub_name]).get(init_name) != "service_completed_successfully":
+        problems.append(f"service {hub_name}: starts before {init_name} completes")
+    for name, service in services.items():
+        if name not in (init_name, hub_name) and any(m.source == home[0] for m in mounts(service)):
+            problems.append(f"service {name}: mounts volume {home[0]!r}, which holds the hub's signing key")
+
+    host = serve.host or init.host
+    if host not in WILDCARD_HOSTS:
+        problems.append(f"service {hub_name}: binds {host}, which other containers cannot reach (bind 0.0.0.0)")
+    port = serve.port or init.port or DEFAULT_PORT
+    if port not in _container_ports(services[hub_name]):
+        problems.append(f"service {hub_name}: does not publish port {port} (the port it serves)")
+    hub_names = {hub_name, services[hub_name].get("hostname")}
+
+    # where init-hub copies each file of the hub directory: (volume, path) locations
+    script = str((services[init_name].get("entrypoint") or ["", "", ""])[2])
+    published: dict[PurePosixPath, set[Location]] = {}
+    for source, destination in copies(script):
+        where = locate(services[init_name], destination)
+        origin = locate(services[init_name], source)
+        if origin is not None and overlap(origin, home) and where is not None and where[0] != home[0]:
+            if source not in (PurePosixPath(hub_dir.operator_token_path), PurePosixPath(hub_dir.public_key_path)):
+                problems.append(
+                    f"service {init_name}: copies {source} out of the hub directory (only "
+                    f"{hub_dir.operator_token_path.name} and {hub_dir.public_key_path.name} leave it)"
+                )
+            published.setdefault(source, set()).add(where)
+    token_copies = published.get(PurePosixPath(hub_dir.operator_token_path), set())
+    key_copies = published.get(PurePosixPath(hub_dir.public_key_path), set())
+
+    publishers = {n: ns for n, ns in named("fl-server", "start").items() if ns.hub}
+    if not publishers:
+        problems.append("no `fl-server start` service publishes to the hub (--hub)")
+    for name, ns in publishers.items():
+        service, url = services[name], urlsplit(ns.hub)
+        try:
+            url_port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        except ValueError as err:
+            problems.append(f"service {name}: --hub {ns.hub}: {err}")
+            continue
+        if url.scheme != "http" or url.hostname not in hub_names or url_port != port:
+            problems.append(f"service {name}: --hub {ns.hub}, but the hub serves http://{hub_name}:{port}")
+        deps = depends_on(service)
+        if deps.get(init_name) != "service_completed_successfully":
+            problems.append(f"service {name}: starts before {init_name} has written the token it reads")
+        if deps.get(hub_name) not in ("service_started", "service_healthy"):
+            problems.append(f"service {name}: does not start the hub it publishes to ({hub_name})")
+        for option, path, copied in (
+            ("--hub-token-file", ns.hub_token_file, token_copies),
+            ("--hub-key", ns.hub_key, key_copies),
+        ):
+            where = None if path is None else locate(service, path)
+            if where not in copied:
+                problems.append(
+                    f"service {name}: {option} {path} is not a copy {init_name} makes on a volume it mounts"
+                )
+
+    for name, (script_name, _) in parsed.items():
+        if script_name != "fl-client":
+            continue
+        volumes = {m.source for m in mounts(services[name])}
+        problems += [
+            f"service {name}: mounts volume {v!r}, which holds the hub's operator token"
+            for v in sorted({v for v, _ in token_copies} & volumes)
+        ]
+        if name in named("fl-client", "start") and not {v for v, _ in key_copies} & volumes:
+            problems.append(f"service {name}: mounts no volume {init_name} copies hub.pub to (fl-client pull)")
     return problems
 
 
@@ -411,6 +563,13 @@ def test_the_parser_is_the_scripts_own_and_runs_nothing() -> None:
     assert script == "fl-server" and ns.command == "start" and ns.quiet and ns.server_dir == Path("/srv/fedlora")
     script, ns = parse_command(["fl-client", "start", "--server", "h:1", "--data", "embedded:copy", "--state-dir", "s"])
     assert script == "fl-client" and ns.command == "start" and ns.state_dir == Path("s")
+    from hub import cli as hub_cli
+
+    with mock.patch.object(hub_cli, "_serve", side_effect=AssertionError("a handler ran")):
+        script, ns = parse_command(["fl-hub", "serve", "/srv/hub", "--port", "9481"])
+    assert script == "fl-hub" and ns.command == "serve" and ns.dir == Path("/srv/hub") and ns.port == 9481
+    with pytest.raises(ValueError, match=r"^fl-hub: error: unrecognized arguments: --hub"):
+        parse_command(["fl-hub", "init", "/srv/hub", "--hub", "http://hub:9480"])  # fl-server's option, not fl-hub's
 
 
 def test_volumes_are_declared_or_binds_inside_the_repository() -> None:
@@ -432,6 +591,16 @@ def test_server_and_clients_agree() -> None:
 
 def test_set_up_steps_skip_themselves_once_done() -> None:
     assert guard_problems(load_compose()) == []
+
+
+def test_the_hub_keeps_its_key_and_the_superlink_publishes_to_it() -> None:
+    """The key volume only the hub's; the SuperLink's --hub at the hub's address, with init-hub's
+    copies of operator.token and hub.pub; no client near the operator token; hub.pub for every node."""
+    assert hub_problems(load_compose()) == []
+
+
+def test_every_volume_is_mounted_where_the_image_gives_its_user_a_directory() -> None:
+    assert mount_point_problems(load_compose()) == []
 
 
 def test_supernodes_use_data_they_can_load() -> None:
@@ -504,6 +673,17 @@ def _running(compose: Compose, script: str, command: str) -> list[str]:
 
 def _client_services(compose: Compose) -> list[str]:
     return _running(compose, "fl-client", "start")
+
+
+def _set_option(compose: Compose, service: str, option: str, value: str) -> None:
+    """Give ``option`` of ``service``'s command ``value``."""
+    command = compose["services"][service]["command"]
+    command[command.index(option) + 1] = value
+
+
+def _hub_script(compose: Compose) -> list[str]:
+    """init-hub's entrypoint, whose script copies operator.token and hub.pub out of the hub directory."""
+    return compose["services"][_running(compose, "fl-hub", "init")[0]]["entrypoint"]
 
 
 def _break(edit: Callable[[Compose], None]) -> Compose:
@@ -605,8 +785,83 @@ BREAKAGES: dict[str, tuple[Callable[[Compose], None], Callable[[Compose], list[s
         guard_problems,
         "refuses to run twice",
     ),
+    "a hub guard watching the wrong file": (
+        lambda c: c["services"]["init-hub"]["environment"].update(DONE="/srv/hub/hub.toml"),
+        guard_problems,
+        "writes /srv/hub/operator.token last",
+    ),
+    "a SuperLink publishing to a port the hub does not serve": (
+        lambda c: _set_option(c, "superlink", "--hub", "http://hub:9481"),
+        hub_problems,
+        "but the hub serves http://hub:9480",
+    ),
+    "a SuperLink publishing to its own container": (
+        lambda c: _set_option(c, "superlink", "--hub", "http://127.0.0.1:9480"),
+        hub_problems,
+        "but the hub serves http://hub:9480",
+    ),
+    "a hub serving another port than it publishes": (
+        lambda c: c["services"]["hub"]["command"].extend(["--port", "9481"]),
+        hub_problems,
+        "does not publish port 9481",
+    ),
+    "a hub bound to its container's loopback": (
+        lambda c: _set_option(c, "init-hub", "--host", "127.0.0.1"),
+        hub_problems,
+        "cannot reach",
+    ),
+    "a client mounting the hub's key volume": (
+        lambda c: c["services"][_client_services(c)[0]]["volumes"].append("hub:/srv/hub:ro"),
+        hub_problems,
+        "holds the hub's signing key",
+    ),
+    "a SuperLink mounting the hub's key volume": (
+        lambda c: c["services"]["superlink"]["volumes"].append("hub:/srv/hub:ro"),
+        hub_problems,
+        "service superlink: mounts volume 'hub'",
+    ),
+    "a client mounting the operator token": (
+        lambda c: c["services"][_client_services(c)[-1]]["volumes"].append("hub-publish:/hub-publish:ro"),
+        hub_problems,
+        "holds the hub's operator token",
+    ),
+    "the operator token copied where the clients read": (
+        lambda c: _hub_script(c).__setitem__(2, _hub_script(c)[2] + " && cp /srv/hub/operator.token /certs/"),
+        hub_problems,
+        "holds the hub's operator token",
+    ),
+    "the hub's private key copied out": (
+        lambda c: _hub_script(c).__setitem__(2, _hub_script(c)[2] + "; cp -p /srv/hub/hub.key /hub-publish/hub.key"),
+        hub_problems,
+        "copies /srv/hub/hub.key out of the hub directory",
+    ),
+    "a token file the SuperLink does not mount": (
+        lambda c: _set_option(c, "superlink", "--hub-token-file", "/srv/hub/operator.token"),
+        hub_problems,
+        "--hub-token-file /srv/hub/operator.token is not a copy init-hub makes",
+    ),
+    "a hub key init-hub never copies": (
+        lambda c: _set_option(c, "superlink", "--hub-key", "/srv/fedlora/hub.pub"),
+        hub_problems,
+        "--hub-key /srv/fedlora/hub.pub is not a copy",
+    ),
+    "a SuperLink starting before the hub's token exists": (
+        lambda c: c["services"]["superlink"]["depends_on"].pop("init-hub"),
+        hub_problems,
+        "starts before init-hub has written the token",
+    ),
+    "a client without hub.pub": (
+        lambda c: c["services"][_client_services(c)[1]]["volumes"].pop(0),
+        hub_problems,
+        "mounts no volume init-hub copies hub.pub to",
+    ),
+    "a volume mounted where the image has no directory": (
+        lambda c: c["services"]["hub"]["volumes"].__setitem__(0, "hub:/var/lib/hub"),
+        mount_point_problems,
+        "volume 'hub' at /var/lib/hub, which the Dockerfile does not create",
+    ),
     "more nodes than the run waits for": (
-        lambda c: c["services"]["superlink"]["command"].__setitem__(-1, "num-clients=2 dp.plan-examples=500"),
+        lambda c: _set_option(c, "superlink", "--run-config", "num-clients=2 dp.plan-examples=500"),
         deployment_problems,
         "num-clients=2",
     ),
