@@ -14,7 +14,14 @@ from typing import Any
 
 from rich.console import Console
 
-from client.hub_commands import add_pull_parser, add_push_parser, pull, push
+from client.hub_commands import (
+    add_personalize_parser,
+    add_pull_parser,
+    add_push_parser,
+    personalize,
+    pull,
+    push,
+)
 
 
 def _finetune_parser(sub: Any) -> None:
@@ -103,6 +110,9 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    # Opacus' notes on its own defaults and on the sigma search's intermediate candidates
+    for message in ("Optimal order is the largest alpha", "Secure RNG turned off", "Full backward hook is firing"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def _fail(e: Exception) -> int:
@@ -194,16 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     _start_parser(sub)
     add_pull_parser(sub)
     add_push_parser(sub)
+    add_personalize_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("keygen", "start"):
         return {"keygen": _keygen, "start": _start}[args.command](args, Console(soft_wrap=True))
-    if args.command in ("pull", "push"):
+    if args.command in ("pull", "push", "personalize"):
         from hub.client import HubRequestError
         from hub.manifest import VerificationError
 
+        if args.command == "personalize":
+            _quiet_libraries()
         try:
-            return {"pull": pull, "push": push}[args.command](args, Console(soft_wrap=True))
-        except (HubRequestError, VerificationError, ValueError, FileNotFoundError) as e:
+            command = {"pull": pull, "push": push, "personalize": personalize}[args.command]
+            return command(args, Console(soft_wrap=True))
+        except (HubRequestError, VerificationError, ValueError, FileNotFoundError, NotADirectoryError) as e:
             return _fail(e)
     _quiet_libraries()
     console = Console(soft_wrap=True)

@@ -52,6 +52,45 @@ def add_push_parser(sub: Any) -> None:
     p.add_argument("--base-model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
 
 
+def add_personalize_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "personalize",
+        help="fine-tune the global adapter on this client's data with DP-SGD, charged to its ledger; push it",
+        description="Start from a global adapter (a local PEFT directory, or pulled and verified from the hub), "
+        "evaluate it on this client's held-out split, fine-tune it for a few DP-SGD steps (sigma planned once "
+        "for all of them, charged to the lifetime ledger in --state-dir before anything is written), evaluate "
+        "again, write the personal adapter with its provenance (personalize.json) and, with --push, publish it "
+        "to clients/<me>/NAME, where any device holding this client's token can pull it.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", type=Path, metavar="DIR", help="the global adapter, a local PEFT directory")
+    src.add_argument("--global", dest="global_run", metavar="RUN[/ROUND]", help="pull the run's global adapter")
+    p.add_argument(
+        "--data", required=True, metavar="PATH", help="JSONL file or embedded:TASK[,TASK], as fl-client start"
+    )
+    p.add_argument(
+        "--state-dir", type=Path, required=True, metavar="DIR", help="the client's ledger (as fl-client start)"
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the personal adapter goes")
+    p.add_argument("--name", help="this node's name, as fl-client start --name (default: this host's name)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epsilon", type=float, default=1.0, help="epsilon of this personalisation alone (default 1)")
+    p.add_argument("--noise-multiplier", type=float, help="a fixed sigma instead of --epsilon")
+    p.add_argument("--delta", type=float, default=0.0, help="default: from the training split's size")
+    p.add_argument("--max-epsilon", type=float, help="refuse if the ledger's lifetime epsilon would pass this")
+    p.add_argument("--no-dp", dest="dp", action="store_false", help="plain fine-tuning: nothing is charged or claimed")
+    p.add_argument("--seed", type=int, default=0, help="the federation's run seed (it seeds the node's split)")
+    p.add_argument("--model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
+    p.add_argument("--push", metavar="NAME", help="publish the result as clients/<me>/NAME (needs --hub)")
+    p.add_argument("--hub", metavar="URL", help="the hub, for --global and --push")
+    p.add_argument("--token")
+    p.add_argument("--token-file", type=Path)
+    p.add_argument("--hub-key", type=Path, metavar="HUB_PUB", help="the hub's public key (needed with --global)")
+    p.add_argument("--hub-ca", type=Path)
+
+
 def connect(args: argparse.Namespace) -> Any:
     from hub.client import HubClient, read_token
     from hub.manifest import load_public_key
@@ -98,24 +137,136 @@ def show_pulled(manifest: dict[str, Any], path: Path, console: Console) -> None:
         f"  privacy: {privacy}",
     ]
     if prov.get("strategy") or prov.get("run"):
-        lines.append(f"  from {prov.get('strategy')} run {prov.get('run')} round {prov.get('round')}")
+        lines.append(f"  strategy {prov.get('strategy')}, run {prov.get('run')}, round {prov.get('round')}")
     console.print("\n".join(lines), markup=False, highlight=False)
 
 
 PERSONALIZE_FILE = "personalize.json"
 
 
-def push(args: argparse.Namespace, console: Console) -> int:
+def push_adapter(hub: Any, personal: str, adapter_dir: Path, base_model_dir: Path | None) -> dict[str, Any]:
+    """Publish ``adapter_dir`` as clients/<me>/``personal`` with the provenance beside it."""
     from hub.manifest import describe_base_model
     from hub.publish import adapter_files, fedlora_version
 
-    base = describe_base_model(args.base_model)
-    sidecar = args.adapter / PERSONALIZE_FILE
+    base = describe_base_model(base_model_dir)
+    sidecar = adapter_dir / PERSONALIZE_FILE
     provenance: dict[str, Any] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     provenance.setdefault("producer", f"fl-client push {fedlora_version()}")
     provenance["base_model"] = {"id": base.id, "sha256": base.sha256}
+    name = f"clients/{hub.client_name()}/{personal}"
+    result: dict[str, Any] = hub.publish(name, adapter_files(adapter_dir, base.id), provenance)
+    return result
+
+
+def push(args: argparse.Namespace, console: Console) -> int:
     with connect(args) as hub:
-        name = f"clients/{hub.client_name()}/{args.personal}"
-        record = hub.publish(name, adapter_files(args.adapter, base.id), provenance)
+        record = push_adapter(hub, args.personal, args.adapter, args.base_model)
     console.print(f"published {record['name']} v{record['version']}", markup=False, highlight=False)
+    return 0
+
+
+def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """What a personal adapter claims: this client's lifetime epsilon (the ledger composes the
+    federated rounds it took part in with this personalisation), the evaluation of both adapters
+    on its held-out split, and the global adapter it started from."""
+    from hub.publish import fedlora_version
+
+    g = (global_manifest or {}).get("provenance", {})
+    prov: dict[str, Any] = {
+        "producer": f"fl-client personalize {fedlora_version()}",
+        "strategy": f"personalized from {g.get('strategy') or 'a global adapter'}",
+        "run": g.get("run"),
+        "round": g.get("round"),
+        "evaluation": {
+            "num-test": result.num_test_examples,
+            "global-exact-match": result.before_exact_match,
+            "global-loss": result.before_loss,
+            "personal-exact-match": result.after_exact_match,
+            "personal-loss": result.after_loss,
+        },
+        "extra": {
+            "personalization": {
+                "steps": result.steps,
+                "lr": result.lr,
+                "batch_size": result.batch_size,
+                "num_train": result.num_train_examples,
+                "noise_multiplier": result.noise_multiplier,
+                "sample_rate": result.sample_rate,
+                "max_grad_norm": result.max_grad_norm,
+                "epsilon": result.personalization_epsilon,
+                "ledger_run": result.ledger_run_id,
+            },
+            "global_adapter": {
+                "name": (global_manifest or {}).get("name"),
+                "version": (global_manifest or {}).get("version"),
+                "epsilon": g.get("epsilon"),
+                "delta": g.get("delta"),
+            },
+        },
+    }
+    if result.dp:
+        prov |= {
+            "epsilon": result.lifetime_epsilon,
+            "delta": result.delta,
+            "accountant": result.accountant,
+            "privacy_unit": f"{result.privacy_unit}; for this client's examples: the lifetime epsilon of its ledger "
+            "(federated rounds and personalisations); other clients' examples keep the global adapter's guarantee",
+        }
+    else:
+        prov["privacy_unit"] = "none for this client's data: personalised without differential privacy"
+    return prov
+
+
+def personalize(args: argparse.Namespace, console: Console) -> int:
+    from client.personalize import DEFAULT_LR, PersonalizeConfig
+    from client.personalize import personalize as run_personalize
+    from hub.client import PULLED_MANIFEST
+
+    if (args.global_run or args.push) and not args.hub:
+        raise ValueError("--global and --push need --hub URL and a token")
+    cfg = PersonalizeConfig(
+        data=args.data,
+        state_dir=args.state_dir,
+        steps=args.steps,
+        lr=args.lr if args.lr is not None else DEFAULT_LR,
+        batch_size=args.batch_size,
+        target_epsilon=args.epsilon,
+        noise_multiplier=args.noise_multiplier,
+        delta=args.delta,
+        max_epsilon=args.max_epsilon,
+        model_dir=str(args.model) if args.model else None,
+        seed=args.seed,
+        name=args.name,
+        dp=args.dp,
+    )
+    hub: Any = connect(args) if args.hub else None
+    try:
+        global_dir = args.adapter
+        if args.global_run:
+            run = args.global_run.strip("/")
+            name = f"global/{run}" if "/" in run else str(hub.latest(f"global/{run}")["name"])
+            global_dir = args.state_dir / "pulled" / name.replace("/", "-")
+            show_pulled(hub.pull(name, global_dir, base_model_dir=args.model).manifest, global_dir, console)
+        sidecar = global_dir / PULLED_MANIFEST
+        global_manifest = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+        result = run_personalize(global_dir, cfg, args.out)
+        provenance = personal_provenance(result, global_manifest)
+        (args.out / PERSONALIZE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        spent = ""
+        if result.dp:
+            spent = f", lifetime epsilon {result.lifetime_epsilon:.3f} (this one {result.personalization_epsilon:.3f})"
+        console.print(
+            f"personalised: {result.steps} steps on {result.num_train_examples} examples in {result.seconds:.1f} s"
+            f"{spent}\nexact match on {result.num_test_examples} held-out examples: global "
+            f"{result.before_exact_match:.3f} -> personal {result.after_exact_match:.3f}\nadapter: {args.out}",
+            markup=False,
+            highlight=False,
+        )
+        if args.push:
+            record = push_adapter(hub, args.push, args.out, args.model)
+            console.print(f"published {record['name']} v{record['version']}", markup=False, highlight=False)
+    finally:
+        if hub is not None:
+            hub.close()
     return 0

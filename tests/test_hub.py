@@ -443,3 +443,62 @@ def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(
     with hub.client(hub.alice) as alice:
         prov = json.loads(alice.record("global/run/1")["manifest"])["provenance"]
     assert prov["privacy_unit"] == "none: trained without differential privacy" and prov["epsilon"] is None
+
+
+def test_personalize_pull_global_charge_push_and_pull_from_another_device(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from client.cli import main as fl_client
+    from privacy.accounting import compute_epsilon
+    from privacy.ledger import PrivacyLedger
+
+    with hub.client(hub.operator) as op:
+        op.publish(
+            "global/fed/5",
+            adapter_files(adapters[1], "fedlora/embedded-base"),
+            _provenance(run="fed", round=5, strategy="ffa-lora"),
+        )
+    phone = hub.dir.registry().create_token("client", "alice", "phone")  # a second device of the same client
+    state = tmp_path / "state"
+    argv = [
+        "personalize",
+        "--global",
+        "fed",
+        "--hub",
+        hub.server.url,
+        "--token",
+        hub.alice,
+        "--hub-key",
+        str(hub.dir.public_key_path),
+    ]
+    argv += [
+        "--data",
+        "embedded:rotate-2",
+        "--state-dir",
+        str(state),
+        "--out",
+        str(tmp_path / "personal"),
+        "--name",
+        "alice",
+    ]
+    argv += ["--steps", "4", "--epsilon", "2", "--push", "rotate"]
+    assert fl_client(argv) == 0
+    ledger = PrivacyLedger(state)
+    assert len(ledger.entries()) == 1
+    with hub.client(phone) as other:
+        pulled = other.pull("clients/alice/rotate", tmp_path / "on-the-phone")
+    prov = pulled.manifest["provenance"]
+    assert prov["epsilon"] == pytest.approx(compute_epsilon(ledger.history(), prov["delta"], "rdp"), rel=1e-12)
+    assert prov["epsilon"] <= 2.0 + 1e-6 and prov["accountant"] == "rdp"
+    assert prov["extra"]["global_adapter"]["name"] == "global/fed/5" and (prov["run"], prov["round"]) == ("fed", 5)
+    assert {"global-exact-match", "personal-exact-match", "num-test"} <= set(prov["evaluation"])
+    assert pulled.manifest["published_by"] == "client alice"
+    assert torch.equal(_logits(pulled.path), _logits(tmp_path / "personal"))
+    assert not torch.equal(_logits(pulled.path), _logits(adapters[1]))  # it was fine-tuned
+    with hub.client(hub.bob) as bob, pytest.raises(HubRequestError, match="may not read clients/alice/rotate"):
+        bob.record("clients/alice/rotate")
+    over = [*argv[: argv.index("--push")], "--max-epsilon", "2.05", "--out", str(tmp_path / "second")]
+    assert (
+        fl_client(over) == 2
+    )  # a second personalisation would take the lifetime epsilon (1.99) past 2.05 (to about 2.10)
+    assert len(PrivacyLedger(state).entries()) == 1 and not (tmp_path / "second").exists()
