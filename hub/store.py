@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import secrets
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -224,6 +225,27 @@ class BlobStore:
         return data
 
 
+class _Changes:
+    """Whether an SQLite database has changed since the last look: ``PRAGMA data_version``
+    on a private read-only connection changes whenever any other connection commits (another
+    thread's session, another worker process, ``fl-hub token revoke``). A few microseconds a
+    look, against a few hundred for an ORM query: what lets the registry cache tokens and latest
+    versions without ever serving a revoked token or a superseded version."""
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(
+            Path(path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+        self._lock = threading.Lock()
+        self._seen: int | None = None
+
+    def changed(self) -> bool:
+        with self._lock:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            changed, self._seen = version != self._seen, version
+        return changed
+
+
 class Registry:
     """The hub's state: database + blobs + signing key. Thread-safe; several processes may
     share one database and blob directory."""
@@ -235,6 +257,21 @@ class Registry:
         self.key_id = key_id
         self._records: dict[tuple[str, int], Record] = {}  # versions are immutable: cache freely
         self._referenced: set[tuple[str, str]] = set()  # (name, blob) pairs seen: rows are never deleted
+        # token hash -> principal, name -> latest record: valid while the database is unchanged
+        database = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
+        self._changes = _Changes(database) if database and database != ":memory:" else None
+        self._principals: dict[str, Principal] = {}
+        self._latest: dict[str, Record] = {}
+
+    def _cache_valid(self) -> bool:
+        """True if the caches may be used (and filled by a query made after this call); empties
+        them first if the database changed since the last call. False without SQLite."""
+        if self._changes is None:
+            return False
+        if self._changes.changed():
+            self._principals.clear()
+            self._latest.clear()
+        return True
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -261,13 +298,20 @@ class Registry:
     def authenticate(self, token: str | None) -> Principal:
         if not token:
             raise Unauthorized("no token: send Authorization: Bearer <token> (fl-hub token create)")
+        digest = _hash_token(token)
+        cache = self._cache_valid()
+        if cache and (known := self._principals.get(digest)) is not None:
+            return known
         with self.session() as s:
-            row = s.scalars(select(TokenRow).where(TokenRow.token_sha256 == _hash_token(token))).first()
+            row = s.scalars(select(TokenRow).where(TokenRow.token_sha256 == digest)).first()
         if row is None:
             raise Unauthorized("unknown token")
         if row.revoked is not None:
             raise Unauthorized(f"token revoked at {row.revoked}")
-        return Principal(row.role, row.client, row.label)  # type: ignore[arg-type]
+        principal = Principal(row.role, row.client, row.label)  # type: ignore[arg-type]
+        if cache:  # valid tokens only: unknown ones cannot grow the cache
+            self._principals[digest] = principal
+        return principal
 
     def revoke_tokens(self, client: str | None = None, token: str | None = None) -> int:
         with self.session() as s, s.begin():
@@ -379,6 +423,9 @@ class Registry:
             raise Forbidden(principal.read_denied(name))
         if version is not None and (name, version) in self._records:
             return self._records[(name, version)]
+        cache = version is None and self._cache_valid()
+        if cache and (latest := self._latest.get(name)) is not None:
+            return latest
         with self.session() as s:
             query = select(AdapterRow).where(AdapterRow.name == name)
             query = (
@@ -391,6 +438,8 @@ class Registry:
                 raise NotFound(f"no adapter {name}" + (f" version {version}" if version is not None else ""))
             record = _record(row)
         self._records[(record.name, record.version)] = record
+        if cache:
+            self._latest[name] = record
         return record
 
     def latest_under(self, principal: Principal, prefix: str) -> Record:
