@@ -34,6 +34,7 @@ from client.model import (
     get_adapter_state,
     load_base_model,
     load_tokenizer,
+    save_adapter,
     set_adapter_state,
     set_base_deltas,
     set_trainable_factors,
@@ -46,6 +47,7 @@ from privacy.planning import default_delta
 from simulations.embedded import default_model_dir
 from strategies.algorithms import (
     ALGORITHMS,
+    BASE_DELTA_SUFFIX,
     adapter_part,
     base_deltas,
     shared_a_state,
@@ -186,6 +188,8 @@ def compute(request: Request) -> ReplyContent:
         return train_reply(context, state, request.config)
     if request.kind == "evaluate":
         return evaluate_reply(context, state)
+    if request.kind == "personalize":
+        return personalize_reply(context, state, request.config)
     raise ValueError(f"unknown message kind {request.kind!r}")
 
 
@@ -331,3 +335,104 @@ def evaluate_reply(context: NodeContext, state: Mapping[str, Tensor]) -> ReplyCo
         "partition-id": node.partition,
     }
     return ReplyContent(metrics, name=node.name)
+
+
+def _personal_data_label(cfg: FederationConfig, node: Node) -> str:
+    """A data spec naming where a node's examples come from (it labels the personal adapter)."""
+    if node.data:
+        return node.data
+    if cfg.data_path and Path(cfg.data_path).is_dir():
+        return str(cfg.client_files()[node.partition])
+    return cfg.data_path or "embedded:" + cfg.tasks
+
+
+def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config: Mapping[str, Any]) -> ReplyContent:
+    """The end of a run: fine-tune the final global adapter on this node's own split (DP-SGD
+    charged to its ledger in a DP run, see :mod:`client.personalize`), keep it, and publish it to
+    the node's own hub namespace when ``fl-client start --hub`` configured one.
+
+    The personal adapter goes to ``<state-dir>/personal/<run>`` on a deployed node and to
+    ``<run-dir>/personal/partition-<p>`` in simulation (where ``fl-sim --hub`` publishes it)."""
+    import tempfile
+
+    from client.hub_commands import PERSONALIZE_FILE, personal_provenance
+    from client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
+
+    cfg, node = _node(context)
+    run_name, final_round = str(config["run-name"]), int(config["server-round"])
+    setup, _, _, _ = _setup(cfg, node)
+    load_global(setup, cfg, state, cfg.client_rank(node.partition))
+    if node.data:
+        examples = node_examples(cfg, node.data, cfg.seed * 100_003 + node.partition)
+        out = Path(str(node.state_dir)) / "personal" / run_name
+    else:
+        examples = client_examples(cfg, node.partition)
+        out = Path(cfg.run_dir) / "personal" / f"partition-{node.partition}"
+    state_dir = cfg.client_state_dir(node.partition, node.state_dir)
+    personal = PersonalizeConfig(
+        data=_personal_data_label(cfg, node),
+        state_dir=state_dir,
+        steps=cfg.personalize_steps,
+        batch_size=cfg.batch_size,
+        target_epsilon=cfg.personalize_epsilon,
+        max_grad_norm=cfg.dp_max_grad_norm,
+        delta=cfg.dp_delta,
+        accountant=cfg.dp_accountant,
+        max_epsilon=(cfg.dp_max_epsilon or None) if cfg.dp_enabled else None,
+        model_dir=cfg.model_dir or None,
+        seed=cfg.seed,
+        num_train=cfg.num_train,
+        num_test=cfg.num_test,
+        name=node.name or f"partition-{node.partition}",
+        threads=cfg.threads,
+        dp=cfg.dp_enabled,
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=state_dir, prefix=".global-") as tmp:
+        save_adapter(setup.model, tmp)
+        deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
+        if deltas:  # FedEx-LoRA: the residual the global adapter needs on top of the base weights
+            from safetensors.torch import save_file
+
+            save_file(deltas, str(Path(tmp) / "base_delta.safetensors"))
+        try:
+            result = personalize(Path(tmp), personal, out, examples=examples)
+        except PrivacyBudgetError as err:
+            return ReplyContent({"declined": 1}, status=str(err), name=node.name)
+    global_info = {
+        "name": f"global/{run_name}/{final_round}",
+        "provenance": {"strategy": cfg.strategy, "run": run_name, "round": final_round},
+    }
+    provenance = personal_provenance(result, global_info)
+    (out / PERSONALIZE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    metrics: dict[str, int | float] = {
+        "global-exact-match": result.before_exact_match,
+        "personal-exact-match": result.after_exact_match,
+        "num-test": result.num_test_examples,
+        "personalize-seconds": result.seconds,
+        "pushed": 0,
+    }
+    if result.dp:
+        metrics |= {
+            "epsilon": float(result.lifetime_epsilon or 0.0),
+            "personalize-epsilon": float(result.personalization_epsilon or 0.0),
+        }
+    status = None
+    hub_url = str(context.node_config.get("hub-url") or "")
+    if hub_url:  # the node publishes to its own namespace with its own token
+        from client.hub_commands import push_adapter
+        from hub.client import HubClient, HubRequestError, read_token
+        from hub.manifest import load_public_key
+
+        key = str(context.node_config.get("hub-key") or "")
+        try:
+            with HubClient(
+                hub_url,
+                read_token(None, str(context.node_config["hub-token-file"])),
+                load_public_key(Path(key)) if key else None,
+            ) as hub:
+                push_adapter(hub, run_name, out, Path(cfg.model_dir) if cfg.model_dir else None)
+            metrics["pushed"] = 1
+        except (HubRequestError, ValueError, OSError) as err:
+            status = f"personal adapter kept in {out}, not published: {err}"
+    return ReplyContent(dict(metrics), status=status, name=node.name)

@@ -155,6 +155,12 @@ def _start_parser(sub: Any) -> None:
     p.add_argument("--name", help="this node's name in logs and the data seed (default: this host's name)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to an --insecure test server (warns)")
     p.add_argument("--max-wait", type=float, metavar="SECONDS", help="give up when the server is away this long")
+    g = p.add_argument_group("hub: where this client's personal adapters go (runs with personalize.steps > 0)")
+    g.add_argument(
+        "--hub", metavar="URL", help="the adapter hub; personal adapters are published as clients/<me>/<run>"
+    )
+    g.add_argument("--hub-token-file", type=Path, metavar="FILE", help="this client's hub token (fl-hub token create)")
+    g.add_argument("--hub-key", type=Path, metavar="HUB_PUB", help="the hub's public key (hub.pub)")
 
 
 def _keygen(args: argparse.Namespace, console: Console) -> int:
@@ -190,6 +196,9 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             name=args.name or default_name(),
             insecure=args.insecure,
             max_wait=args.max_wait,
+            hub=args.hub,
+            hub_token_file=args.hub_token_file,
+            hub_key=args.hub_key,
         )
         return start(options, console)
     except (NodeError, CertificateError) as e:

@@ -57,7 +57,7 @@ class ReplyContent:
 class Request:
     """One message's work, as the trainer receives it (plain Python and numpy)."""
 
-    kind: str  # "train" or "evaluate"
+    kind: str  # "train", "evaluate" or "personalize"
     run_config: dict[str, Any]
     node_config: dict[str, Any]
     run_id: int
@@ -125,3 +125,9 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """The global adapter on this node's test split: see :func:`client.app.evaluate_reply`."""
     return _handle("evaluate", msg, context)
+
+
+@app.query("personalize")
+def personalize_handler(msg: Message, context: Context) -> Message:
+    """The end of a run (``personalize.steps`` > 0): see :func:`client.app.personalize_reply`."""
+    return _handle("personalize", msg, context)

@@ -94,6 +94,8 @@ class FederationConfig:
     dp_client_noise_multiplier: float = 1.0
     dp_client_clipping_norm: float = 1.0
     secure_aggregation: bool = False
+    personalize_steps: int = 0  # > 0: at the end of the run every client personalises the final adapter
+    personalize_epsilon: float = 1.0  # what that personalisation may spend (DP runs), on top of the run's
     resume: bool = False
     deployed: bool = False
 
@@ -174,6 +176,10 @@ class FederationConfig:
                 raise ValueError("dp.client-noise-multiplier and dp.client-clipping-norm must be > 0")
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
+        if not isinstance(self.personalize_steps, int) or self.personalize_steps < 0:
+            raise ValueError(f"personalize.steps must be an integer >= 0 (0: off), got {self.personalize_steps!r}")
+        if not math.isfinite(self.personalize_epsilon) or self.personalize_epsilon <= 0:
+            raise ValueError(f"personalize.epsilon must be a finite number > 0, got {self.personalize_epsilon!r}")
         from privacy.accounting import check_accountant
 
         check_accountant(self.dp_accountant)
@@ -286,7 +292,7 @@ class FederationConfig:
         return (self.data_path, self.partition_spec(), self.num_test, self.tagged)
 
 
-_SECTIONS = ("audit_", "dp_", "partition_")
+_SECTIONS = ("audit_", "dp_", "partition_", "personalize_")
 
 
 def _key(field_name: str) -> str:

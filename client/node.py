@@ -64,6 +64,9 @@ class NodeOptions:
     name: str
     insecure: bool = False
     max_wait: float | None = None  # give up after this many seconds without a server (None: never)
+    hub: str | None = None  # where personal adapters go at the end of a run (personalize.steps > 0)
+    hub_token_file: Path | None = None
+    hub_key: Path | None = None
 
     def __post_init__(self) -> None:
         host, port = split_address(self.server)
@@ -74,9 +77,30 @@ class NodeOptions:
             raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
         if not self.insecure and (self.ca is None or self.key is None):
             raise NodeError("--ca and --key are required (or --insecure for a plain-HTTP test server)")
-        for label, value in (("--data", self.data), ("--state-dir", str(self.state_dir))):
-            if re.search(r'[\s"\']', value):
+        hub_files = (("--hub-token-file", self.hub_token_file), ("--hub-key", self.hub_key))
+        for label, value in (("--data", self.data), ("--state-dir", str(self.state_dir)), *hub_files):
+            if value is not None and re.search(r'[\s"\']', str(value)):
                 raise NodeError(f"{label} {value!r}: paths with spaces or quotes cannot travel in Flower's node config")
+        self._check_hub()
+
+    def _check_hub(self) -> None:
+        """A hub is checked now (URL, token file, key), not at the end of the first run."""
+        if self.hub is None:
+            if self.hub_token_file is not None or self.hub_key is not None:
+                raise NodeError("--hub-token-file and --hub-key need --hub URL")
+            return
+        if not self.hub.startswith(("http://", "https://")) or re.search(r'[\s"\']', self.hub):
+            raise NodeError(f"--hub {self.hub!r}: a URL starting with http:// or https://")
+        if self.hub_token_file is None or self.hub_key is None:
+            raise NodeError("--hub needs --hub-token-file (this client's token) and --hub-key (the hub's hub.pub)")
+        from hub.manifest import load_public_key
+
+        try:
+            if not self.hub_token_file.read_text().strip():
+                raise NodeError(f"--hub-token-file {self.hub_token_file} is empty")
+            load_public_key(self.hub_key)
+        except (OSError, ValueError) as err:
+            raise NodeError(f"hub: {err}") from None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -206,6 +230,10 @@ def supernode_command(options: NodeOptions, clientappio_port: int, trainer: Path
     node_config = f'data-path="{options.data}" state-dir="{options.state_dir.resolve()}" client-name="{options.name}"'
     if trainer is not None:
         node_config += f' trainer="{trainer}"'
+    if options.hub is not None:
+        assert options.hub_token_file is not None and options.hub_key is not None
+        node_config += f' hub-url="{options.hub}" hub-token-file="{options.hub_token_file.resolve()}"'
+        node_config += f' hub-key="{options.hub_key.resolve()}"'
     command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", options.server]
     if options.insecure:
         command.append("--insecure")

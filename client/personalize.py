@@ -30,6 +30,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +60,7 @@ from privacy.ledger import PrivacyLedger
 from privacy.planning import default_delta, plan_noise
 from privacy.report import PRIVACY_UNIT
 from simulations.embedded import default_model_dir
+from simulations.tasks import Example
 from strategies.algorithms import ALGORITHMS, base_deltas
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -345,18 +347,25 @@ def _write_adapter(model: PeftModel, global_dir: Path, out_dir: Path, model_dir:
         raise
 
 
-def personalize(global_adapter_dir: Path, cfg: PersonalizeConfig, out_dir: Path) -> PersonalizeResult:
+def personalize(
+    global_adapter_dir: Path,
+    cfg: PersonalizeConfig,
+    out_dir: Path,
+    examples: tuple[Sequence[Example], Sequence[Example]] | None = None,
+) -> PersonalizeResult:
     """Fine-tune ``global_adapter_dir`` on this client's data, charge the ledger, write ``out_dir``.
 
     Every input is checked, and the budget cap enforced, before the model is loaded. Raises
     :class:`PrivacyBudgetError` (a ValueError) when ``cfg.max_epsilon`` would be exceeded.
+    ``examples`` (train, test): the client's split when the caller already has it (a virtual
+    client of a simulation at the end of its run); ``cfg.data`` then only labels it.
     """
     started = time.perf_counter()
     global_dir, out_dir = Path(global_adapter_dir), Path(out_dir)
     check_adapter_dir(global_dir)
     _check_out_dir(out_dir, global_dir)
     fed = FederationConfig(num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed)
-    train_ex, test_ex = node_examples(fed, cfg.data, cfg.split_seed)
+    train_ex, test_ex = examples if examples is not None else node_examples(fed, cfg.data, cfg.split_seed)
     if len(train_ex) < cfg.batch_size:
         raise ValueError(
             f"data {cfg.data!r} gives {len(train_ex)} training examples, fewer than batch_size={cfg.batch_size}: "

@@ -162,6 +162,7 @@ class RunPublisher:
     published: dict[int, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     failed: set[int] = field(default_factory=set)  # rounds whose publish failed: retried once, by finish()
+    personal: list[str] = field(default_factory=list)  # clients' personal adapters published
 
     def poll(self, num_rounds: int) -> None:
         """Publish finished rounds' checkpoints (all but the last, which :meth:`finish` publishes)."""
@@ -178,6 +179,29 @@ class RunPublisher:
         rows = _rows(self.run_dir)
         last = max(rows) if rows else num_rounds
         self._publish(last, self.run_dir / "adapters" / "global", final=True)
+        self.publish_personal()
+
+    def publish_personal(self) -> None:
+        """The virtual clients' personal adapters of a simulation (``personalize.steps``), each
+        as clients/<partition-p>/<run> with the provenance its client wrote beside it.
+        (Deployed clients publish their own, with their own tokens.)"""
+        root = self.run_dir / "personal"
+        if not root.is_dir():
+            return
+        config = json.loads((self.run_dir / "config.json").read_text())
+        base = describe_base_model(config.get("model-dir") or None)
+        for d in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
+            name = f"clients/{d.name}/{run_name(self.run_dir)}"
+            sidecar = d / "personalize.json"
+            prov = json.loads(sidecar.read_text()) if sidecar.is_file() else {"producer": self.producer}
+            prov["base_model"] = {"id": base.id, "sha256": base.sha256}
+            try:
+                with self.target.client() as hub:
+                    record = hub.publish(name, adapter_files(d, base.id), prov)
+            except (HubRequestError, VerificationError, ValueError, OSError) as err:
+                self.errors.append(f"{name}: {err}")
+                continue
+            self.personal.append(f"{record['name']} v{record['version']}")
 
     def _publish(self, server_round: int, adapter_dir: Path, final: bool) -> None:
         try:

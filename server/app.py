@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
@@ -340,3 +340,67 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as err:
         why = f"{type(err).__name__}: {err}"
         log(WARNING, "fedlora: training plots not written (%s); `fl-sim report %s` retries", why, run_dir.root)
+    if cfg.personalize_steps > 0:
+        personalize_clients(grid, cfg, run_dir.root, final, cfg.num_rounds)
+
+
+def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final: ArrayRecord, final_round: int) -> None:
+    """After the run (``personalize.steps`` > 0): every connected client fine-tunes the final
+    adapter on its own split and keeps it (and publishes it, if it has a hub); the outcome per
+    client goes to ``personalize.json``. It comes after the privacy report, which covers the
+    federated training; what personalisation spends is in each client's ledger and reply."""
+    from hub.publish import run_name
+
+    config = ConfigRecord({"run-name": run_name(run_dir), "server-round": final_round})
+    record = RecordDict({"arrays": final, "config": config})
+    nodes = sorted(grid.get_node_ids())
+    messages = [Message(content=record, message_type="query.personalize", dst_node_id=n) for n in nodes]
+    log(
+        INFO,
+        "fedlora: personalising the final adapter on %d clients (%d steps each)",
+        len(nodes),
+        cfg.personalize_steps,
+    )
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    clients: list[dict[str, Any]] = []
+    for reply in replies:
+        row: dict[str, Any] = {"node-id": str(reply.metadata.src_node_id)}
+        if reply.has_error():
+            row["error"] = reply.error.reason
+        else:
+            content = reply.content
+            row |= dict(content.metric_records["metrics"]) if "metrics" in content.metric_records else {}
+            if "client" in content.config_records:
+                row["client"] = str(content.config_records["client"]["name"])
+            if "status" in content.config_records:
+                row["status"] = str(content.config_records["status"]["reason"])
+        clients.append(row)
+    done = [c for c in clients if "personal-exact-match" in c]
+    summary: dict[str, Any] = {
+        "round": final_round,
+        "steps": cfg.personalize_steps,
+        "epsilon-target": cfg.personalize_epsilon if cfg.dp_enabled else None,
+        "asked": len(nodes),
+        "personalised": len(done),
+        "clients": clients,
+    }
+    if done:
+        summary["global-exact-match-mean"] = sum(c["global-exact-match"] for c in done) / len(done)
+        summary["personal-exact-match-mean"] = sum(c["personal-exact-match"] for c in done) / len(done)
+        log(
+            INFO,
+            "fedlora: personalised on %d of %d clients; exact match on their own test splits %.3f -> %.3f",
+            len(done),
+            len(nodes),
+            summary["global-exact-match-mean"],
+            summary["personal-exact-match-mean"],
+        )
+    for c in clients:
+        if "error" in c or "status" in c:
+            log(
+                WARNING,
+                "fedlora: personalisation on %s: %s",
+                c.get("client", c["node-id"]),
+                c.get("error") or c["status"],
+            )
+    write_json_atomic(run_dir / "personalize.json", summary)

@@ -500,6 +500,8 @@ def report_published(publisher: Any, rounds: int, console: Console) -> int:
     publisher.finish(rounds)
     for server_round, what in sorted(publisher.published.items()):
         console.print(f"published round {server_round} to the hub as {what}", markup=False, highlight=False)
+    if publisher.personal:
+        console.print(f"published personal adapters: {', '.join(publisher.personal)}", markup=False, highlight=False)
     if publisher.errors:
         err = Console(stderr=True, soft_wrap=True)
         for message in publisher.errors:

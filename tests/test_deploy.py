@@ -153,16 +153,32 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def test_secure_federation_of_three_with_dp_refuses_strangers(federation: Federation) -> None:
-    """TLS + node auth + DP FFA-LoRA, 2 rounds; an unenrolled key and a plain-HTTP client are refused."""
+def test_secure_federation_of_three_with_dp_refuses_strangers(
+    federation: Federation, request: pytest.FixtureRequest
+) -> None:
+    """TLS + node auth + DP FFA-LoRA, 2 rounds; an unenrolled key and a plain-HTTP client are refused.
+    The server publishes the final adapter to a hub; then every client personalises it, and alice,
+    who has a hub token, publishes hers to clients/alice/run."""
+    from hub_server import HubServer
     from peft import PeftModel
 
     from client.model import load_base_model
+    from hub.client import HubClient
+    from hub.hub_dir import HubDir, HubSettings
+    from hub.manifest import load_public_key
 
     fed = federation
+    hub_dir, _ = HubDir.init(fed.root / "hub", HubSettings())
+    alice_token = fed.root / "alice.token"
+    alice_token.write_text(hub_dir.registry().create_token("client", "alice") + "\n")
+    hub = HubServer(hub_dir.root, fed.root / "hub.log").start()
+    request.addfinalizer(hub.stop)
+    hub_key = str(hub_dir.public_key_path)
     run_dir = fed.root / "run"
-    server = fed.server("--run-dir", str(run_dir))
-    clients = [fed.client(name) for name in CLIENTS]
+    publish = ["--hub", hub.url, "--hub-token-file", str(hub_dir.operator_token_path), "--hub-key", hub_key]
+    server = fed.server("--run-dir", str(run_dir), *publish, "--run-config", "personalize.steps=3")
+    with_hub = ["--hub", hub.url, "--hub-token-file", str(alice_token), "--hub-key", hub_key]
+    clients = [fed.client(name, *(with_hub if name == "alice" else [])) for name in CLIENTS]
 
     stranger_keys = fed.root / "keys" / "mallory"
     assert fed.cli("fl-client", "keygen", "--out", str(stranger_keys)) == 0
@@ -202,13 +218,31 @@ def test_secure_federation_of_three_with_dp_refuses_strangers(federation: Federa
         ledger = PrivacyLedger(fed.state(name))
         assert ledger.path.is_file()
         history = ledger.history()
-        assert len(history) == 2  # two rounds, charged once each
+        assert len(history) == 3  # two rounds, charged once each, then the personalisation
+        assert ledger.entries()[-1].run_id.startswith("personalize-")
+        history = history[:2]  # the report covers the federated rounds; it is written before personalising
         mine = compute_epsilon(history, delta, "rdp")
         assert by_name[name]["epsilon"] == pytest.approx(mine, rel=1e-12)
         assert by_name[name]["epsilon"] <= 8.0 + 1e-6
         assert [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in by_name[name]["history"]] == [
             tuple(h) for h in history
         ]
+    personalised = json.loads((run_dir / "personalize.json").read_text())
+    assert (personalised["asked"], personalised["personalised"]) == (3, 3)
+    assert sorted(c["client"] for c in personalised["clients"]) == list(CLIENTS)
+    for name in ("bob", "carol"):  # no hub: their personal adapters stay on their machines
+        assert (fed.state(name) / "personal" / "run" / "adapter_model.safetensors").is_file()
+    with HubClient(hub.url, alice_token.read_text().strip(), load_public_key(hub_dir.public_key_path)) as alice:
+        final = alice.pull("global/run/2", fed.root / "pulled-global")
+        assert final.manifest["provenance"]["epsilon"] == pytest.approx(report["epsilon_max"], rel=1e-12)
+        mine = alice.pull("clients/alice/run", fed.root / "pulled-personal")
+    assert mine.manifest["published_by"] == "client alice"
+    assert mine.manifest["provenance"]["epsilon"] == pytest.approx(
+        compute_epsilon(PrivacyLedger(fed.state("alice")).history(), mine.manifest["provenance"]["delta"], "rdp"),
+        rel=1e-12,
+    )
+    assert [c.get("pushed") for c in sorted(personalised["clients"], key=lambda c: c["client"])] == [1, 0, 0]
+    hub.stop()
     for proc in clients:
         assert proc.popen.poll() is None  # clients outlive a run: they wait for the next one
         proc.stop()

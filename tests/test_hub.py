@@ -389,10 +389,14 @@ def test_fl_sim_publishes_every_round_and_the_final_adapter(hub: Hub, tmp_path: 
 
     from safetensors.torch import load_file
 
+    from privacy.accounting import compute_epsilon
+    from privacy.ledger import PrivacyLedger
+
     run = tmp_path / "hubrun"
     argv = [sys.executable, "-m", "simulations.cli", *FL_SIM_TINY, "--rounds", "3", "--epsilon", "8", "--out", str(run)]
     argv += ["--hub", hub.server.url, "--hub-token-file", str(hub.dir.operator_token_path)]
     argv += ["--hub-key", str(hub.dir.public_key_path), "--hub-every-round"]
+    argv += ["--run-config", "personalize.steps=4 personalize.epsilon=2.0"]  # then each client personalises
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "published round 3 to the hub as global/hubrun/3 v1" in done.stdout
@@ -418,6 +422,21 @@ def test_fl_sim_publishes_every_round_and_the_final_adapter(hub: Hub, tmp_path: 
     pulled = load_file(str(final.path / "adapter_model.safetensors"))
     assert ours.keys() == pulled.keys() and all(torch.equal(ours[k], pulled[k]) for k in ours)
     assert torch.equal(_logits(final.path), _logits(run / "adapters" / "global"))
+    # the end of the run: every virtual client personalised the final adapter, charged to its ledger
+    summary = json.loads((run / "personalize.json").read_text())
+    assert (summary["asked"], summary["personalised"], summary["steps"]) == (3, 3, 4)
+    with hub.client(hub.operator) as op:
+        for p in range(3):
+            ledger = PrivacyLedger(run / "client-state" / f"partition-{p}")
+            entries = ledger.entries()
+            assert len(entries) == 4 and entries[-1].run_id.startswith("personalize-")  # 3 rounds, then this
+            personal = op.pull(f"clients/partition-{p}/hubrun", tmp_path / f"personal-{p}")
+            prov = personal.manifest["provenance"]
+            assert prov["epsilon"] == pytest.approx(compute_epsilon(ledger.history(), prov["delta"], "rdp"), rel=1e-12)
+            assert prov["extra"]["personalization"]["epsilon"] <= 2.0 + 1e-6
+            assert prov["extra"]["global_adapter"]["name"] == "global/hubrun/3"
+            assert torch.equal(_logits(personal.path), _logits(run / "personal" / f"partition-{p}"))
+    assert "published personal adapters: clients/partition-0/hubrun v1" in done.stdout
 
 
 def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(
