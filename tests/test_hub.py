@@ -521,3 +521,37 @@ def test_personalize_pull_global_charge_push_and_pull_from_another_device(
         fl_client(over) == 2
     )  # a second personalisation would take the lifetime epsilon (1.99) past 2.05 (to about 2.10)
     assert len(PrivacyLedger(state).entries()) == 1 and not (tmp_path / "second").exists()
+
+
+def test_two_server_processes_on_one_registry_stay_consistent(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A second ``fl-hub serve`` (2 workers) on the same directory: publishes through both, at
+    once, get distinct versions; a revocation through one is seen by the other."""
+    second = HubServer(hub.dir.root, tmp_path / "second.log", workers=2).start()
+    try:
+        urls = [hub.server.url, second.url]
+
+        def publish(i: int) -> int:
+            with HubClient(urls[i % 2], hub.operator, hub.key) as op:
+                record = op.publish("tasks/two-servers", adapter_files(adapters[i % 2], f"v{i}"), _provenance())
+            return int(record["version"])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            versions = sorted(pool.map(publish, range(16)))
+        assert versions == list(range(1, 17))
+        token = hub.dir.registry().create_token("client", "dave")
+        for url in urls:  # every server process caches dave's token ...
+            with HubClient(url, token, hub.key) as dave:
+                for _ in range(6):
+                    assert dave.record("tasks/two-servers")["version"] == 16
+        assert (
+            hub.dir.registry().revoke_tokens(client="dave") == 1
+        )  # ... and a revocation from elsewhere reaches them all
+        for url in urls:
+            with HubClient(url, token, hub.key) as dave:
+                for _ in range(6):
+                    with pytest.raises(HubRequestError, match="token revoked"):
+                        dave.record("tasks/two-servers")
+    finally:
+        second.stop()
