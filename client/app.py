@@ -357,9 +357,11 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
 
     from client.hub_commands import PERSONALIZE_FILE, personal_provenance
     from client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
+    from hub.names import check_segment
 
     cfg, node = _node(context)
-    run_name, final_round = str(config["run-name"]), int(config["server-round"])
+    # the run's name comes from the server and becomes a directory here: one plain path segment
+    run_name, final_round = check_segment(str(config["run-name"]), "run name"), int(config["server-round"])
     setup, _, _, _ = _setup(cfg, node)
     load_global(setup, cfg, state, cfg.client_rank(node.partition))
     if node.data:

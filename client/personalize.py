@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -56,6 +54,7 @@ from client.node import default_name
 from client.train import TrainResult, TrainSettings, evaluate, train
 from privacy.accounting import check_accountant, compute_epsilon
 from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.files import atomic_directory
 from privacy.ledger import PrivacyLedger
 from privacy.planning import default_delta, plan_noise
 from privacy.report import PRIVACY_UNIT
@@ -332,19 +331,11 @@ def _load_model(global_dir: Path, model_dir: Path) -> PeftModel:
 
 
 def _write_adapter(model: PeftModel, global_dir: Path, out_dir: Path, model_dir: Path) -> None:
-    """A PEFT directory built in a temporary sibling and renamed into place (as server/run_dir.py does)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    """A PEFT directory built in a temporary sibling and renamed into place."""
+    with atomic_directory(out_dir) as tmp:
         save_adapter(model, tmp, base_model_dir=model_dir)
         if (global_dir / BASE_DELTA_FILE).is_file():  # the base weights the adapter was trained on
             shutil.copyfile(global_dir / BASE_DELTA_FILE, tmp / BASE_DELTA_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def personalize(

@@ -21,9 +21,9 @@ import base64
 import binascii
 import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -34,6 +34,8 @@ from hub.names import Principal
 from hub.store import HubError, Registry
 
 log = logging.getLogger("fedlora.hub")
+#: a version query parameter: a positive 31-bit integer (larger ones cannot name a version)
+Version = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -99,7 +101,7 @@ def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
         return _json(_checked(lambda: registry.list(who, prefix, q, limit)))
 
     @app.get("/v1/adapters/{name:path}")
-    async def get_adapter(request: Request, name: str, version: int | None = None) -> Response:
+    async def get_adapter(request: Request, name: str, version: Version = None) -> Response:
         who = principal(request)
         return _json(_checked(lambda: registry.get(who, name, version)).to_dict())
 
@@ -130,8 +132,12 @@ def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
             body += chunk
             if len(body) > max_upload_bytes:
                 raise HubError(f"upload exceeds the hub's limit of {max_upload_bytes} bytes", 413)
-        files, provenance = _parse_publish(bytes(body))
-        record = await run_in_threadpool(lambda: _checked(lambda: registry.publish(who, name, files, provenance)))
+
+        def parse_and_publish() -> Any:  # decoding up to max-upload-mb: off the event loop
+            files, provenance = _parse_publish(bytes(body))
+            return _checked(lambda: registry.publish(who, name, files, provenance))
+
+        record = await run_in_threadpool(parse_and_publish)
         log.info("published %s v%d by %s (%d bytes)", record.name, record.version, who.describe, record.size)
         return _json(record.to_dict(), status=201)
 
@@ -146,6 +152,8 @@ def _checked(call: Any) -> Any:
         raise
     except ValueError as err:
         raise HubError(str(err)) from None
+    except RecursionError:
+        raise HubError("the request's JSON is nested too deeply") from None
 
 
 def _parse_publish(body: bytes) -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -153,6 +161,8 @@ def _parse_publish(body: bytes) -> tuple[dict[str, bytes], dict[str, Any]]:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HubError(f"the body is not JSON ({err})") from None
+    except RecursionError:
+        raise HubError("the body's JSON is nested too deeply") from None
     if not isinstance(payload, dict) or set(payload) != {"provenance", "files"}:
         raise HubError('the body must be {"provenance": {...}, "files": {"<file>": "<base64>", ...}}')
     files_in = payload["files"]

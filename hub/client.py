@@ -122,8 +122,13 @@ class HubClient:
         return result
 
     def latest(self, prefix: str) -> dict[str, Any]:
+        """The hub's newest adapter under ``prefix``; an answer naming anything outside it is
+        refused (the signature check of a pull then binds the content to that name)."""
         check_prefix(prefix)
-        result: dict[str, Any] = self._request("GET", f"/v1/latest/{prefix.rstrip('/')}").json()
+        prefix = prefix.rstrip("/")
+        result: dict[str, Any] = self._request("GET", f"/v1/latest/{prefix}").json()
+        if not str(result.get("name", "")).startswith(prefix + "/"):
+            raise VerificationError(f"the hub answered {result.get('name')!r} for the latest adapter under {prefix}/")
         return result
 
     def pull(
@@ -142,10 +147,15 @@ class HubClient:
         if self.public_key is None:
             raise ValueError("pulling needs the hub's public key (--hub-key hub.pub) to verify signatures")
         out = Path(out)
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PULLED_MANIFEST).is_file())):
-            raise ValueError(f"{out} exists and is not an adapter pulled from a hub: refusing to replace it")
+        previous = _previous_pull(out)
         record = record or self.record(name, version)
         manifest = verify_record(record, self.public_key, name, version)
+        if previous is not None and previous.get("name") == name and version is None:
+            if int(previous.get("version", 0)) > int(manifest["version"]):
+                raise VerificationError(
+                    f"{out} holds {name} v{previous['version']}, the hub offers v{manifest['version']} as the latest: "
+                    "refusing a rollback (ask for --version explicitly to go back); nothing was written"
+                )
         base = manifest["provenance"]["base_model"]
         if base_model_dir is None:
             from simulations.embedded import default_model_dir
@@ -186,6 +196,29 @@ class HubClient:
 
     def hub_key_id(self) -> str:
         return str(self._request("GET", "/v1/health").json()["key_id"])
+
+
+def _previous_pull(out: Path) -> dict[str, Any] | None:
+    """The manifest of what an earlier pull wrote to ``out`` (None: nothing there); anything
+    else in ``out`` (a user's files) is refused, never replaced."""
+    from hub.manifest import ADAPTER_FILES
+
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory: refusing to replace it")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return None
+    if PULLED_MANIFEST not in names or names - {*ADAPTER_FILES, PULLED_MANIFEST}:
+        raise ValueError(
+            f"{out} exists and is not an adapter pulled from a hub (or holds other files): refusing to replace it"
+        )
+    try:
+        previous: dict[str, Any] = json.loads((out / PULLED_MANIFEST).read_text())
+        return previous
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def read_token(token: str | None, token_file: str | Path | None) -> str:

@@ -14,7 +14,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from safetensors import SafetensorError, deserialize
 
+from privacy.files import atomic_directory
+
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
 CONFIG_FILE = "adapter_config.json"
@@ -33,6 +34,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_DELTA_FILE = "base_delta.safetensors"  # FedEx-LoRA's residual, folded into the base weights
 #: the files an adapter may carry; the first two are PEFT's and required
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, BASE_DELTA_FILE)
+MAX_PROVENANCE_BYTES = 64 << 10
 _FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None}
 
 
@@ -165,7 +167,9 @@ class Provenance:
             _optional(getattr(self, name), dict, name)
         if self.description is not None and len(self.description) > 4000:
             raise ValueError("provenance description is longer than 4000 characters")
-        canonical(asdict(self))  # JSON-representable, no NaN
+        size = len(canonical(asdict(self)))  # JSON-representable, no NaN
+        if size > MAX_PROVENANCE_BYTES:
+            raise ValueError(f"provenance is {size} bytes of JSON, more than {MAX_PROVENANCE_BYTES}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Provenance:
@@ -225,9 +229,12 @@ def check_adapter_files(files: Mapping[str, bytes]) -> AdapterInfo:
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{CONFIG_FILE}: target_modules must name the adapted modules, got {targets!r}")
     alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise ValueError(f"{CONFIG_FILE}: lora_alpha must be a number, got {alpha!r}")
-    ranks = {rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))}
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"{CONFIG_FILE}: lora_alpha must be a finite number, got {alpha!r}")
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{CONFIG_FILE}: rank_pattern must map module names to ranks, got {pattern!r}")
+    ranks = {rank, *(v for v in pattern.values() if isinstance(v, int))}
     weights = _tensors(files[WEIGHTS_FILE], WEIGHTS_FILE)
     count = 0
     for name, shape, _ in weights:
@@ -369,28 +376,13 @@ def verify_file(manifest: Mapping[str, Any], filename: str, data: bytes) -> None
 
 
 def write_adapter_dir(out: Path, files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> Path:
-    """Write verified files as a PEFT directory (+ the signed manifest beside them), into a
+    """Write verified files as a PEFT directory (+ the signed manifest beside them), built in a
     temporary sibling renamed into place: a failed pull leaves no half directory."""
-    import shutil
-    import tempfile
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_directory(out) as tmp:
         for fname, data in files.items():
             (tmp / fname).write_bytes(data)
         (tmp / "hub_manifest.json").write_text(json.dumps(dict(manifest), indent=2) + "\n")
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 EMBEDDED_BASE_ID = "fedlora/embedded-base"

@@ -55,6 +55,7 @@ from hub.names import Principal, check_name, check_prefix, namespace, owner
 from privacy.files import fsync_dir, write_atomic
 
 TOKEN_PREFIX = "flh_"
+RECORD_CACHE_SIZE = 1024
 
 
 class Base(DeclarativeBase):
@@ -198,7 +199,9 @@ class BlobStore:
     def put(self, data: bytes) -> str:
         digest = sha256_hex(data)
         path = self.path(digest)
-        if not path.exists():  # identical content is stored once and never rewritten
+        # identical content is stored once; a stored copy that no longer matches its hash (a disk
+        # error, a tamperer) is replaced by the good bytes a publisher just sent
+        if not path.exists() or sha256_hex(path.read_bytes()) != digest:
             write_atomic(path, data, 0o644)
         return digest
 
@@ -255,7 +258,9 @@ class Registry:
         self.blobs = BlobStore(blob_dir)
         self.signing_key = signing_key
         self.key_id = key_id
-        self._records: dict[tuple[str, int], Record] = {}  # versions are immutable: cache freely
+        # versions are immutable: the most recently read ones are kept (bounded: a manifest is at
+        # most a few tens of KB, see Provenance's size cap, so this stays under ~100 MB)
+        self._records: OrderedDict[tuple[str, int], Record] = OrderedDict()
         self._referenced: set[tuple[str, str]] = set()  # (name, blob) pairs seen: rows are never deleted
         # token hash -> principal, name -> latest record: valid while the database is unchanged
         database = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
@@ -422,6 +427,7 @@ class Registry:
         if not principal.can_read(name):
             raise Forbidden(principal.read_denied(name))
         if version is not None and (name, version) in self._records:
+            self._records.move_to_end((name, version))
             return self._records[(name, version)]
         cache = version is None and self._cache_valid()
         if cache and (latest := self._latest.get(name)) is not None:
@@ -438,6 +444,8 @@ class Registry:
                 raise NotFound(f"no adapter {name}" + (f" version {version}" if version is not None else ""))
             record = _record(row)
         self._records[(record.name, record.version)] = record
+        while len(self._records) > RECORD_CACHE_SIZE:
+            self._records.popitem(last=False)
         if cache:
             self._latest[name] = record
         return record
@@ -469,7 +477,8 @@ class Registry:
             latest = latest.where(
                 or_(
                     AdapterRow.name == prefix.rstrip("/"),
-                    AdapterRow.name.startswith(prefix.rstrip("/") + "/", autoescape=True),
+                    # substr, not LIKE: SQLite's LIKE ignores case, and global/R is not global/r
+                    func.substr(AdapterRow.name, 1, len(prefix.rstrip("/")) + 1) == prefix.rstrip("/") + "/",
                 )
             )
         if principal.role == "client":

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from client.model import save_adapter, set_adapter_state
-from privacy.files import write_atomic, write_json_atomic
+from privacy.files import atomic_directory, write_atomic, write_json_atomic
 from strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
 BASE_DELTA_FILE = "base_delta.safetensors"
@@ -86,19 +84,15 @@ class RunDirectory:
 
     def save_global(self, state: Mapping[str, Tensor], out: Path, extra: Mapping[str, Any] | None = None) -> Path:
         """A PEFT directory for ``state``, built in a temporary sibling and renamed into place."""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         set_adapter_state(self.model, adapter_part(state))
-        save_adapter(self.model, tmp, base_model_dir=self.base_model_dir)
-        deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
-        if deltas:  # FedEx-LoRA: the residual folded into the base weights
-            save_file(deltas, str(tmp / BASE_DELTA_FILE))
-        if extra is not None:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
-            write_json_atomic(tmp / STRATEGY_STATE_FILE, dict(extra))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_directory(out) as tmp:
+            save_adapter(self.model, tmp, base_model_dir=self.base_model_dir)
+            deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
+            if deltas:  # FedEx-LoRA: the residual folded into the base weights
+                save_file(deltas, str(tmp / BASE_DELTA_FILE))
+            if extra is not None:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
+                write_json_atomic(tmp / STRATEGY_STATE_FILE, dict(extra))
         return out
 
     def checkpoint(self, server_round: int, state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> Path:

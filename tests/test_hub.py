@@ -4,6 +4,7 @@ signatures, tampering, restarts, concurrency and bad input."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import shutil
@@ -166,18 +167,21 @@ def test_revoked_token_is_refused(hub: Hub) -> None:
             carol.list()
 
 
-class _TamperingProxy(http.server.ThreadingHTTPServer):
-    """A man in the middle that flips one byte of every file the hub serves."""
+def _flip_files(path: str, body: bytes) -> bytes:
+    return bytes([body[0] ^ 1]) + body[1:] if path.startswith("/v1/files/") else body
 
-    def __init__(self, upstream: str) -> None:
+
+class _TamperingProxy(http.server.ThreadingHTTPServer):
+    """A man in the middle: ``rewrite(path, body)`` changes what the hub answers (default: flips
+    one byte of every file)."""
+
+    def __init__(self, upstream: str, rewrite: Any = _flip_files) -> None:
         upstream_url = upstream
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 r = httpx.get(upstream_url + self.path, headers={"authorization": self.headers["authorization"]})
-                body = r.content
-                if self.path.startswith("/v1/files/"):
-                    body = bytes([body[0] ^ 1]) + body[1:]
+                body = rewrite(self.path, r.content)
                 self.send_response(r.status_code)
                 self.send_header("content-type", r.headers["content-type"])
                 self.send_header("content-length", str(len(body)))
@@ -195,17 +199,57 @@ def test_tampered_blob_in_transit_is_refused_and_nothing_written(
 ) -> None:
     with hub.client(hub.operator) as op:
         op.publish_dir("tasks/tamper", adapters[0], _provenance())
-    proxy = _TamperingProxy(hub.server.url)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with HubClient(f"http://127.0.0.1:{proxy.server_address[1]}", hub.alice, hub.key) as mitm:
-            with pytest.raises(VerificationError, match="does not match its signed hash"):
-                mitm.pull("tasks/tamper", tmp_path / "out")
-    finally:
-        proxy.shutdown()
+    with _proxied(hub.server.url) as url, HubClient(url, hub.alice, hub.key) as mitm:
+        with pytest.raises(VerificationError, match="does not match its signed hash"):
+            mitm.pull("tasks/tamper", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary leftovers either
+
+
+@contextlib.contextmanager
+def _proxied(upstream: str, rewrite: Any = _flip_files) -> Iterator[str]:
+    proxy = _TamperingProxy(upstream, rewrite)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}"
+    finally:
+        proxy.shutdown()
+
+
+def test_substituted_latest_and_rollback_are_refused(hub: Hub, adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    """A man in the middle (or a bad hub) answering another, validly signed, adapter for the
+    latest of a run, or an older version of the name than the one already pulled."""
+    with hub.client(hub.operator) as op:
+        op.publish_dir("global/Case/1", adapters[1], _provenance(run="Case", round=1))
+        op.publish_dir("global/case/7", adapters[0], _provenance(run="case", round=7))
+        for _ in range(2):
+            op.publish_dir("tasks/rolling", adapters[0], _provenance())
+        other = op.record("tasks/sort-desc")
+        old = op.record("tasks/rolling", version=1)
+    with hub.client(hub.alice) as alice:
+        assert alice.latest("global/Case")["name"] == "global/Case/1"  # names are case-sensitive
+        alice.pull("tasks/rolling", tmp_path / "rolling")  # v2
+
+    def swap_latest(path: str, body: bytes) -> bytes:
+        return json.dumps(other).encode() if path.startswith("/v1/latest/") else body
+
+    with _proxied(hub.server.url, swap_latest) as url, HubClient(url, hub.alice, hub.key) as mitm:
+        with pytest.raises(
+            VerificationError, match="answered 'tasks/sort-desc' for the latest adapter under global/case/"
+        ):
+            mitm.latest("global/case")
+
+    def roll_back(path: str, body: bytes) -> bytes:
+        return json.dumps(old).encode() if path == "/v1/adapters/tasks/rolling" else body
+
+    with _proxied(hub.server.url, roll_back) as url, HubClient(url, hub.alice, hub.key) as mitm:
+        with pytest.raises(VerificationError, match="holds tasks/rolling v2, the hub offers v1 as the latest"):
+            mitm.pull("tasks/rolling", tmp_path / "rolling")
+        assert mitm.pull("tasks/rolling", tmp_path / "rolling", version=1).version == 1  # asked for: fine
+    (tmp_path / "rolling" / "notes.txt").write_text("mine")
+    with hub.client(hub.alice) as alice, pytest.raises(ValueError, match="or holds other files"):
+        alice.pull("tasks/rolling", tmp_path / "rolling")
+    assert (tmp_path / "rolling" / "notes.txt").read_text() == "mine"
 
 
 def test_tampered_manifest_and_foreign_key_are_refused(hub: Hub, adapters: tuple[Path, Path], tmp_path: Path) -> None:
@@ -248,6 +292,10 @@ def test_base_model_hash_mismatch_on_pull(hub: Hub, tmp_path: Path) -> None:
         with pytest.raises(VerificationError, match="was trained on base model fedlora/embedded-base"):
             alice.pull("tasks/sort-desc", tmp_path / "out", base_model_dir=other)
     assert not (tmp_path / "out").exists()
+
+
+def _config(files: dict[str, bytes], **change: Any) -> bytes:
+    return json.dumps({**json.loads(files["adapter_config.json"]), **change}).encode()
 
 
 def _post(hub: Hub, token: str, name: str, body: bytes) -> httpx.Response:
@@ -296,8 +344,21 @@ def test_bad_uploads_are_refused_with_reasons_and_nothing_is_lost(
         (body(files, {**_provenance(), "epsilon": 1.0}), 400, "must state its privacy_unit"),
         (body(files, {**_provenance(), "owner": "me"}), 400, "unknown provenance field"),
         (b"not json", 400, "not JSON"),
+        (b"[" * 100_000, 400, "nested too deeply"),
+        (
+            body(dict(files, **{"adapter_config.json": _config(files, rank_pattern=["q_proj"])}), _provenance()),
+            400,
+            "rank_pattern must map",
+        ),
+        (
+            body(dict(files, **{"adapter_config.json": _config(files, lora_alpha=float("nan"))}), _provenance()),
+            400,
+            "lora_alpha must be a finite",
+        ),
+        (body(files, {**_provenance(), "extra": {"x": "y" * 70_000}}), 400, "more than 65536"),
         (b"x" * (2 << 20), 413, "exceeds the hub's limit of 1048576 bytes"),
     ]
+    blobs_before = sorted(hub.dir.blob_dir.rglob("*"))
     for payload, status, reason in cases:
         r = _post(hub, hub.operator, "tasks/keep", payload)
         assert (r.status_code, r.json()["status"]) == (status, status), (reason, r.text)
@@ -313,6 +374,12 @@ def test_bad_uploads_are_refused_with_reasons_and_nothing_is_lost(
         assert r.status_code == 400 and reason in r.json()["error"], (name, r.text)
     r = httpx.get(
         f"{hub.server.url}/v1/adapters/tasks/keep",
+        params={"version": str(2**63)},
+        headers={"authorization": f"Bearer {hub.alice}"},
+    )
+    assert r.status_code == 422 and "version" in r.json()["error"]
+    r = httpx.get(
+        f"{hub.server.url}/v1/adapters/tasks/keep",
         params={"version": "x"},
         headers={"authorization": f"Bearer {hub.alice}"},
     )
@@ -320,6 +387,7 @@ def test_bad_uploads_are_refused_with_reasons_and_nothing_is_lost(
     with hub.client(hub.alice) as alice:
         assert alice.record("tasks/keep")["version"] == 1  # every refusal left the stored adapter alone
         assert torch.equal(_logits(alice.pull("tasks/keep", tmp_path / "kept").path), _logits(one))
+    assert sorted(hub.dir.blob_dir.rglob("*")) == blobs_before  # and wrote no blob: checks come first
     assert "refused POST /v1/adapters/tasks/keep: unknown base model" in hub.server.log.read_text()
 
 
@@ -349,7 +417,9 @@ def test_concurrent_publishes_of_one_name_stay_consistent(
     db.close()
 
 
-def test_registry_survives_a_restart_and_a_corrupt_blob_is_not_served(hub: Hub, tmp_path: Path) -> None:
+def test_registry_survives_a_restart_and_a_corrupt_blob_is_not_served(
+    hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
+) -> None:
     with hub.client(hub.alice) as alice:
         before = {r["name"]: r["version"] for r in alice.list()}
     hub.server.stop()
@@ -372,8 +442,11 @@ def test_registry_survives_a_restart_and_a_corrupt_blob_is_not_served(hub: Hub, 
         assert err.value.status == 500
     assert not (tmp_path / "corrupt").exists()
     assert f"stored blob {sha} is corrupt" in hub.server.log.read_text()
-    data[100] ^= 0xFF  # other adapters share this content-addressed blob
-    blob.write_bytes(bytes(data))
+    with hub.client(hub.operator) as op:  # publishing the same content again repairs the stored copy
+        op.publish_dir("tasks/tamper", adapters[0], _provenance())
+    assert __import__("hashlib").sha256(blob.read_bytes()).hexdigest() == sha
+    with hub.client(hub.alice) as alice:
+        assert alice.pull("tasks/tamper", tmp_path / "repaired", version=1).version == 1
 
 
 FL_SIM_TINY = [

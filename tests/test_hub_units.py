@@ -205,7 +205,14 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
     registry: Registry = hub.registry()
     token = registry.create_token("client", "alice", "laptop")
     assert token.startswith("flh_") and len(token) > 40
-    assert token.encode() not in (tmp_path / "h" / "hub.db").read_bytes()
+    registry.engine.dispose()  # close the pool: WAL contents go back into hub.db
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "h").glob("hub.db*"))
+    assert token.encode() not in stored and token[4:20].encode() not in stored
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "h" / "hub.db") as db:
+        hashes = [h for (h,) in db.execute("SELECT token_sha256 FROM tokens")]
+    assert __import__("hashlib").sha256(token.encode()).hexdigest() in hashes
     assert registry.authenticate(token) == Principal("client", "alice", "laptop")
     assert [t["client"] for t in registry.tokens()] == [None, "alice"]
 
@@ -243,7 +250,10 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (tmp_path / "precious").mkdir()
         (tmp_path / "precious" / "notes.txt").write_text("keep me")
         assert fl_client(["pull", *common, "--task", "demo", "--out", str(tmp_path / "precious")]) == 2
-        assert "not an adapter pulled from a hub: refusing to replace it" in capsys.readouterr().err
+        assert (
+            "is not an adapter pulled from a hub (or holds other files): refusing to replace it"
+            in capsys.readouterr().err
+        )
         assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
         assert fl_client(["pull", *common, "--task", "nope", "--out", str(tmp_path / "n")]) == 2
         assert "hub refused (404): no adapter tasks/nope" in capsys.readouterr().err
@@ -293,3 +303,12 @@ def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
             pytest.raises(HubRequestError, match="CERTIFICATE_VERIFY_FAILED"),
         ):
             untrusting.whoami()
+
+
+def test_a_run_name_from_the_server_cannot_leave_the_state_directory() -> None:
+    from client.app import NodeContext, personalize_reply
+
+    context = NodeContext(run_config={}, node_config={}, run_id=1)
+    for bad in ("../../home", "/tmp/victim", "a/b"):
+        with pytest.raises(ValueError, match="run name"):
+            personalize_reply(context, {}, {"run-name": bad, "server-round": 1})
