@@ -373,8 +373,17 @@ def summary(run_dir: Path) -> list[str]:
             lines.append(f"epsilon per client (delta {report.get('delta')}): {eps}")
         else:
             lines.append("differential privacy: off")
+    personal = run_dir / "personalize.json"
+    if personal.is_file():
+        p = json.loads(personal.read_text())
+        if p.get("personalised"):
+            lines.append(
+                f"personalised on {p['personalised']}/{p['asked']} clients ({p['steps']} steps each): exact match on "
+                f"their own test splits {p['global-exact-match-mean']:.3f} -> {p['personal-exact-match-mean']:.3f}"
+            )
     for label, rel in (
         ("global adapter", "adapters/global"),
+        ("personal adapters", "personal"),
         ("privacy report", "report/privacy.md"),
         ("training plots", "report/training.png"),
         ("per-client table", "report/clients.md"),
