@@ -264,6 +264,8 @@ def dependency_problems(compose: Compose) -> list[str]:
                 problems.append(f"service {name}: depends_on {dep!r} with unknown condition {condition!r}")
             elif condition == "service_completed_successfully" and services[dep].get("restart", "no") != "no":
                 problems.append(f"service {name}: waits for {dep} to complete, but {dep} restarts (restart: 'no')")
+            elif condition == "service_healthy" and not (services[dep].get("healthcheck") or {}).get("test"):
+                problems.append(f"service {name}: waits for {dep} to be healthy, but {dep} has no healthcheck")
 
     def visit(name: str, path: tuple[str, ...]) -> None:
         if name in path:
@@ -484,6 +486,9 @@ def hub_problems(compose: Compose) -> list[str]:
     port = serve.port or init.port or DEFAULT_PORT
     if port not in _container_ports(services[hub_name]):
         problems.append(f"service {hub_name}: does not publish port {port} (the port it serves)")
+    probe = " ".join(str(t) for t in (services[hub_name].get("healthcheck") or {}).get("test") or [])
+    if f"127.0.0.1:{port}/v1/health" not in probe:
+        problems.append(f"service {hub_name}: its healthcheck does not ask http://127.0.0.1:{port}/v1/health")
     hub_names = {hub_name, services[hub_name].get("hostname")}
 
     # where init-hub copies each file of the hub directory: (volume, path) locations
@@ -799,6 +804,18 @@ BREAKAGES: dict[str, tuple[Callable[[Compose], None], Callable[[Compose], list[s
         lambda c: _set_option(c, "superlink", "--hub", "http://127.0.0.1:9480"),
         hub_problems,
         "but the hub serves http://hub:9480",
+    ),
+    "a hub health check on another port": (
+        lambda c: c["services"]["hub"]["healthcheck"]["test"].__setitem__(
+            -1, "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9481/v1/health')"
+        ),
+        hub_problems,
+        "its healthcheck does not ask http://127.0.0.1:9480/v1/health",
+    ),
+    "waiting for a hub to be healthy that has no health check": (
+        lambda c: c["services"]["hub"].pop("healthcheck"),
+        dependency_problems,
+        "waits for hub to be healthy, but hub has no healthcheck",
     ),
     "a hub serving another port than it publishes": (
         lambda c: c["services"]["hub"]["command"].extend(["--port", "9481"]),
