@@ -242,11 +242,19 @@ class _Changes:
         self._lock = threading.Lock()
         self._seen: int | None = None
 
-    def changed(self) -> bool:
+    def look(self) -> tuple[bool, int]:
+        """(changed since the previous look, the version now)."""
         with self._lock:
-            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
             changed, self._seen = version != self._seen, version
-        return changed
+        return changed, version
+
+    def still(self, version: int) -> bool:
+        """True if nothing was committed since a look returned ``version`` (whoever looked
+        since): only then may a query made after that look be cached, or a request that read a
+        token just before its revocation could put it back after another request cleared it."""
+        with self._lock:
+            return bool(self._conn.execute("PRAGMA data_version").fetchone()[0] == version)
 
 
 class Registry:
@@ -268,15 +276,20 @@ class Registry:
         self._principals: dict[str, Principal] = {}
         self._latest: dict[str, Record] = {}
 
-    def _cache_valid(self) -> bool:
-        """True if the caches may be used (and filled by a query made after this call); empties
-        them first if the database changed since the last call. False without SQLite."""
+    def _cache_valid(self) -> int | None:
+        """The database version if the caches may be used (emptied first if the database
+        changed since the last look); a query made after this call may fill them if
+        :meth:`_still` that version. None without SQLite: no caching."""
         if self._changes is None:
-            return False
-        if self._changes.changed():
+            return None
+        changed, version = self._changes.look()
+        if changed:
             self._principals.clear()
             self._latest.clear()
-        return True
+        return version
+
+    def _still(self, version: int | None) -> bool:
+        return version is not None and self._changes is not None and self._changes.still(version)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -304,8 +317,8 @@ class Registry:
         if not token:
             raise Unauthorized("no token: send Authorization: Bearer <token> (fl-hub token create)")
         digest = _hash_token(token)
-        cache = self._cache_valid()
-        if cache and (known := self._principals.get(digest)) is not None:
+        seen = self._cache_valid()
+        if seen is not None and (known := self._principals.get(digest)) is not None:
             return known
         with self.session() as s:
             row = s.scalars(select(TokenRow).where(TokenRow.token_sha256 == digest)).first()
@@ -314,7 +327,7 @@ class Registry:
         if row.revoked is not None:
             raise Unauthorized(f"token revoked at {row.revoked}")
         principal = Principal(row.role, row.client, row.label)  # type: ignore[arg-type]
-        if cache:  # valid tokens only: unknown ones cannot grow the cache
+        if self._still(seen):  # valid tokens only: unknown ones cannot grow the cache
             self._principals[digest] = principal
         return principal
 
@@ -429,8 +442,8 @@ class Registry:
         if version is not None and (name, version) in self._records:
             self._records.move_to_end((name, version))
             return self._records[(name, version)]
-        cache = version is None and self._cache_valid()
-        if cache and (latest := self._latest.get(name)) is not None:
+        seen = self._cache_valid() if version is None else None
+        if seen is not None and (latest := self._latest.get(name)) is not None:
             return latest
         with self.session() as s:
             query = select(AdapterRow).where(AdapterRow.name == name)
@@ -446,7 +459,7 @@ class Registry:
         self._records[(record.name, record.version)] = record
         while len(self._records) > RECORD_CACHE_SIZE:
             self._records.popitem(last=False)
-        if cache:
+        if self._still(seen):
             self._latest[name] = record
         return record
 

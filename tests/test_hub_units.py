@@ -30,7 +30,7 @@ from hub.manifest import (
     weights_sha256,
 )
 from hub.names import Principal, check_name, check_prefix
-from hub.store import Registry
+from hub.store import Registry, Unauthorized
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}).encode()
 
@@ -312,3 +312,18 @@ def test_a_run_name_from_the_server_cannot_leave_the_state_directory() -> None:
     for bad in ("../../home", "/tmp/victim", "a/b"):
         with pytest.raises(ValueError, match="run name"):
             personalize_reply(context, {}, {"run-name": bad, "server-round": 1})
+
+
+def test_token_cache_is_emptied_by_any_commit_and_never_refilled_with_a_stale_read(tmp_path: Path) -> None:
+    """White box: the interleaving a thread pool could produce, replayed step by step."""
+    hub, _ = HubDir.init(tmp_path / "h", HubSettings())
+    serving, elsewhere = hub.registry(), hub.registry()  # two connections: the server and `fl-hub token revoke`
+    token = serving.create_token("client", "erin")
+    assert serving.authenticate(token) == Principal("client", "erin")
+    assert len(serving._principals) == 1  # cached
+    seen = serving._cache_valid()  # request A starts and reads the token (still valid) ...
+    assert elsewhere.revoke_tokens(client="erin") == 1  # ... the token is revoked elsewhere ...
+    with pytest.raises(Unauthorized, match="token revoked"):  # ... request B sees the change and is refused
+        serving.authenticate(token)
+    assert not serving._still(seen)  # ... so A may not put what it read back in the cache
+    assert serving._principals == {}
