@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 
 
-def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True) -> None:
-    p.add_argument("--hub", required=True, metavar="URL", help="the hub, e.g. https://hub.example:9480")
+def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True, hub_required: bool = True) -> None:
+    p.add_argument("--hub", required=hub_required, metavar="URL", help="the hub, e.g. https://hub.example:9480")
     p.add_argument("--token", help="this client's hub token (fl-hub token create --client NAME)")
     p.add_argument("--token-file", type=Path, help="a file holding the token (safer than the command line)")
     p.add_argument(
@@ -84,11 +84,7 @@ def add_personalize_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="the federation's run seed (it seeds the node's split)")
     p.add_argument("--model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
     p.add_argument("--push", metavar="NAME", help="publish the result as clients/<me>/NAME (needs --hub)")
-    p.add_argument("--hub", metavar="URL", help="the hub, for --global and --push")
-    p.add_argument("--token")
-    p.add_argument("--token-file", type=Path)
-    p.add_argument("--hub-key", type=Path, metavar="HUB_PUB", help="the hub's public key (needed with --global)")
-    p.add_argument("--hub-ca", type=Path)
+    add_hub_connection(p, key_required=False, hub_required=False)  # for --global (with --hub-key) and --push
 
 
 def connect(args: argparse.Namespace) -> Any:
