@@ -41,7 +41,7 @@ from client.model import (
     wrap_lora,
 )
 from client.train import TrainResult, TrainSettings, evaluate, train
-from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.dp import DPSGDConfig, check_poisson_batches, dp_sgd, sample_rate
 from privacy.ledger import PrivacyLedger
 from privacy.planning import default_delta
 from simulations.embedded import default_model_dir
@@ -155,15 +155,14 @@ def _node(context: NodeContext) -> tuple[FederationConfig, Node]:
     return cfg, Node(int(config.get("partition-id", 0)), None, state_dir)
 
 
-def _train_private(
-    setup: LocalSetup, cfg: FederationConfig, data: list[Encoded], settings: TrainSettings, sigma: float, seed: int
+def train_private(
+    model: torch.nn.Module, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
 ) -> TrainResult:
-    """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients."""
-    params = [p for p in setup.model.parameters() if p.requires_grad]
+    """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients
+    (a federated round here, a personalisation in :mod:`client.personalize`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
-    pad = int(setup.tokenizer.pad_token_id)
-    dp = DPSGDConfig(noise_multiplier=sigma, max_grad_norm=cfg.dp_max_grad_norm)
-    with dp_sgd(setup.model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
+    with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
         constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
         return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
@@ -244,6 +243,10 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
                 "(dp.plan-examples): its epsilon would exceed the target"
             )
             return _declined(privacy, reason, node)
+        try:
+            check_poisson_batches(settings.batch_size, len(train_data), settings.steps)
+        except ValueError as err:
+            return _declined(privacy, str(err), node)
         digest = round_digest(state, round_config, len(train_data))
         charged = ledger.charged_entry(ledger_run, server_round)
         if charged is not None and ledger.round_input(ledger_run, server_round) != digest:
@@ -272,7 +275,8 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
             torch.manual_seed(dp_seed + 2)
             t0 = time.perf_counter()
-            result = _train_private(setup, cfg, train_data, settings, float(privacy["noise-multiplier"]), dp_seed)
+            dp = DPSGDConfig(noise_multiplier=float(privacy["noise-multiplier"]), max_grad_norm=cfg.dp_max_grad_norm)
+            result = train_private(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id), dp, dp_seed)
             train_seconds = time.perf_counter() - t0
         ledger.record_input(ledger_run, server_round, digest)  # before the charge: a replay needs both
         ledger.charge(  # idempotent: a replayed round (same seed, same output) is charged once
@@ -357,6 +361,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
 
     from client.hub_commands import PERSONALIZE_FILE, personal_provenance
     from client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
+    from hub.manifest import BASE_DELTA_FILE
     from hub.names import check_segment
 
     cfg, node = _node(context)
@@ -396,7 +401,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         if deltas:  # FedEx-LoRA: the residual the global adapter needs on top of the base weights
             from safetensors.torch import save_file
 
-            save_file(deltas, str(Path(tmp) / "base_delta.safetensors"))
+            save_file(deltas, str(Path(tmp) / BASE_DELTA_FILE))
         try:
             result = personalize(Path(tmp), personal, out, examples=examples)
         except PrivacyBudgetError as err:

@@ -38,8 +38,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from client.app import node_partition
-from client.data import Encoded, collate, encode
+from client.app import node_partition, train_private
+from client.data import encode
 from client.datasets import EMBEDDED_PREFIX, check_node_data, node_examples
 from client.federation import FederationConfig
 from client.model import (
@@ -51,9 +51,10 @@ from client.model import (
     set_trainable_factors,
 )
 from client.node import default_name
-from client.train import TrainResult, TrainSettings, evaluate, train
+from client.train import TrainSettings, evaluate, train
+from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from privacy.accounting import check_accountant, compute_epsilon
-from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from privacy.files import atomic_directory
 from privacy.ledger import PrivacyLedger
 from privacy.planning import default_delta, plan_noise
@@ -62,17 +63,11 @@ from simulations.embedded import default_model_dir
 from simulations.tasks import Example
 from strategies.algorithms import ALGORITHMS, base_deltas
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BASE_DELTA_FILE = "base_delta.safetensors"  # FedEx-LoRA's residual on the base weights (server/run_dir.py)
 RUN_PREFIX = "personalize-"
 #: the ledger's round key of a personalisation: each one is a one-round run of its own
 LEDGER_ROUND = 1
 #: LoRA's tuned local learning rate (both factors train here, as in FedAvg-LoRA)
 DEFAULT_LR = ALGORITHMS["fedavg-lora"].defaults.lr
-#: largest accepted chance that some Poisson batch is empty: Opacus then hands the loop a batch of
-#: zero examples, on which the model's forward fails (nothing is charged, but the run is lost)
-MAX_EMPTY_BATCH_RISK = 1e-4
 DP_OFF = "none: differential privacy was off for this personalisation (dp = False): no privacy guarantee, no epsilon"
 
 
@@ -231,16 +226,16 @@ def check_adapter_dir(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"global adapter directory {path} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"global adapter {path} is not a directory (a PEFT adapter directory)")
-    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a PEFT adapter directory: no {' and no '.join(missing)}")
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = json.loads((path / CONFIG_FILE).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: not valid JSON ({error})") from None
+        raise ValueError(f"{path / CONFIG_FILE}: not valid JSON ({error})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else config
-        raise ValueError(f"{path / ADAPTER_CONFIG}: not a LoRA adapter (peft_type {found!r}, expected 'LORA')")
+        raise ValueError(f"{path / CONFIG_FILE}: not a LoRA adapter (peft_type {found!r}, expected 'LORA')")
     return config
 
 
@@ -251,7 +246,7 @@ def _check_out_dir(out_dir: Path, global_dir: Path) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"out_dir {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / ADAPTER_CONFIG).is_file():
+        if any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).is_file():
             raise FileExistsError(f"out_dir {out_dir} exists, is not empty and is not an adapter directory")
 
 
@@ -264,13 +259,7 @@ def _plan_privacy(cfg: PersonalizeConfig, n_train: int) -> _Privacy:
             f"delta {delta:g} is not below 1/n = 1/{n_train} for this client's {n_train} training examples; "
             f"use delta well below it, e.g. {default_delta(n_train):g} (delta = 0 picks it)"
         )
-    empty = 1 - (1 - (1 - q) ** n_train) ** cfg.steps  # Poisson sampling: each example in with probability q
-    if empty > MAX_EMPTY_BATCH_RISK:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} is too small for DP-SGD's Poisson batches over {n_train} examples: "
-            f"some of the {cfg.steps} steps would draw an empty batch with probability {empty:.2g}, which the "
-            "training loop cannot take (privacy/dp.py); use batch_size >= 16"
-        )
+    check_poisson_batches(cfg.batch_size, n_train, cfg.steps)
     if cfg.noise_multiplier is not None:
         sigma = float(cfg.noise_multiplier)
     else:
@@ -284,17 +273,6 @@ def _plan_privacy(cfg: PersonalizeConfig, n_train: int) -> _Privacy:
 def new_run_id() -> str:
     """A ledger run id no federated run (Flower's integer run ids) and no other call can have."""
     return f"{RUN_PREFIX}{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(4)}"
-
-
-def _train_private(
-    model: PeftModel, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
-) -> TrainResult:
-    """The project's training loop wrapped by Opacus, as client.app trains a federated round."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr)
-    with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
-        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
-        return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
 
 def _brief(error: BaseException) -> str:
@@ -406,7 +384,7 @@ def personalize(
             with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
                 torch.manual_seed(dp_seed + 2)
                 dp = DPSGDConfig(noise_multiplier=plan.sigma, max_grad_norm=cfg.max_grad_norm)
-                _train_private(model, train_data, settings, pad, dp, dp_seed)
+                train_private(model, train_data, settings, pad, dp, dp_seed)
             added = ledger.charge(
                 run_id, LEDGER_ROUND, plan.sigma, plan.q, cfg.steps, accountant=cfg.accountant, delta=plan.delta
             )

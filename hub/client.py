@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hub.manifest import (
     VerificationError,
-    key_id,
     read_adapter_dir,
     verify_file,
     verify_record,
@@ -194,9 +193,6 @@ class HubClient:
     def publish_dir(self, name: str, adapter_dir: str | Path, provenance: Mapping[str, Any]) -> dict[str, Any]:
         return self.publish(name, read_adapter_dir(Path(adapter_dir)), provenance)
 
-    def hub_key_id(self) -> str:
-        return str(self._request("GET", "/v1/health").json()["key_id"])
-
 
 def _previous_pull(out: Path) -> dict[str, Any] | None:
     """The manifest of what an earlier pull wrote to ``out`` (None: nothing there); anything
@@ -232,7 +228,3 @@ def read_token(token: str | None, token_file: str | Path | None) -> str:
         except FileNotFoundError:
             raise FileNotFoundError(f"token file {path} does not exist") from None
     return str(token)
-
-
-def public_key_id(public_key: Ed25519PublicKey) -> str:
-    return key_id(public_key)

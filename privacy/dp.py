@@ -44,6 +44,28 @@ def sample_rate(batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / num_examples)
 
 
+#: largest accepted chance that some Poisson batch of a local run is empty: Opacus then hands the
+#: loop a batch of zero examples, which the model's forward cannot take (nothing is charged, but
+#: the run is lost), so such a run is refused before it starts
+MAX_EMPTY_BATCH_RISK = 1e-4
+
+
+def empty_batch_risk(q: float, num_examples: int, steps: int) -> float:
+    """Chance that at least one of ``steps`` Poisson batches (each example in with probability q) is empty."""
+    return float(1 - (1 - (1 - q) ** num_examples) ** steps)
+
+
+def check_poisson_batches(batch_size: int, num_examples: int, steps: int) -> None:
+    """Refuse a DP-SGD run whose Poisson batches could come out empty (see MAX_EMPTY_BATCH_RISK)."""
+    risk = empty_batch_risk(sample_rate(batch_size, num_examples), num_examples, steps)
+    if risk > MAX_EMPTY_BATCH_RISK:
+        raise ValueError(
+            f"batch size {batch_size} is too small for DP-SGD's Poisson batches over {num_examples} examples: "
+            f"some of the {steps} steps would draw an empty batch with probability {risk:.2g}, which the training "
+            "loop cannot take; use a larger batch size"
+        )
+
+
 @dataclass
 class PrivateTraining:
     """What the wrapped training loop uses: the model to call, the optimizer, the batches."""

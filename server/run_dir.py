@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from client.model import save_adapter, set_adapter_state
+from hub.manifest import BASE_DELTA_FILE  # the one name of the FedEx-LoRA residual file
 from privacy.files import atomic_directory, write_atomic, write_json_atomic
 from strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
-BASE_DELTA_FILE = "base_delta.safetensors"
 STATE_FILE = "state.safetensors"
 STRATEGY_STATE_FILE = "strategy_state.json"
 

@@ -3,6 +3,7 @@ checked against plain training and against a brute-force per-sample reference.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -97,3 +98,15 @@ def test_sample_rate_and_config_validation() -> None:
             assert msg in str(e)
         else:
             raise AssertionError(f"{kwargs} accepted")
+
+
+def test_empty_poisson_batch_risk_closed_form_and_refusal() -> None:
+    from privacy.dp import check_poisson_batches, empty_batch_risk
+
+    assert empty_batch_risk(1.0, 5, 3) == 0.0  # q = 1: every example in every batch
+    assert empty_batch_risk(0.5, 1, 1) == pytest.approx(0.5)
+    assert empty_batch_risk(0.5, 1, 2) == pytest.approx(0.75)  # 1 - (1 - 0.5)^2
+    assert empty_batch_risk(0.5, 2, 1) == pytest.approx(0.25)
+    check_poisson_batches(32, 2000, 300)  # the project's settings: risk ~ 300 e^-32
+    with pytest.raises(ValueError, match=r"batch size 4 is too small .* 100 examples: .* probability 0.29"):
+        check_poisson_batches(4, 100, 20)
