@@ -117,6 +117,8 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
             "accountant": report.get("accountant"),
         }
     else:  # a round's adapter: the largest lifetime epsilon the clients reported so far
+        from privacy.report import PRIVACY_UNIT  # torch, Opacus: only here (the hub itself never loads them)
+
         plan_path = run_dir / "privacy_plan.json"
         plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
         eps = (row.get("train") or {}).get("epsilon-max")
@@ -124,8 +126,7 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
             "epsilon": eps,
             "delta": plan.get("delta"),
             "accountant": plan.get("accountant", config.get("dp.accountant")),
-            "privacy_unit": "one training example of one client's local dataset (sample-level DP-SGD); "
-            "the largest lifetime epsilon any client reported up to this round",
+            "privacy_unit": f"{PRIVACY_UNIT}; epsilon: the largest any client reported up to this round",
         }
     return prov
 

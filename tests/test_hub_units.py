@@ -327,3 +327,13 @@ def test_token_cache_is_emptied_by_any_commit_and_never_refilled_with_a_stale_re
         serving.authenticate(token)
     assert not serving._still(seen)  # ... so A may not put what it read back in the cache
     assert serving._principals == {}
+
+
+def test_the_hub_never_imports_torch() -> None:
+    """The hub stores and checks files; a server process without torch starts in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, hub.app, hub.cli, hub.client, hub.publish, hub.store; print(sorted({'torch', 'opacus', 'peft'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
