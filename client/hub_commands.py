@@ -32,8 +32,23 @@ def add_pull_parser(sub: Any) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--global", dest="global_run", metavar="RUN[/ROUND]", help="a run's global adapter (last round)")
     which.add_argument("--personal", metavar="NAME", help="this client's personal adapter clients/<me>/NAME")
-    which.add_argument("--task", metavar="NAME", help="a task adapter tasks/NAME")
+    which.add_argument(
+        "--task",
+        metavar="NAME|DESCRIPTION",
+        help="a task adapter tasks/NAME; with --method, a description of a new task to generate an adapter for",
+    )
     which.add_argument("--name", metavar="FULL_NAME", help="any adapter by full name")
+    p.add_argument(
+        "--method",
+        choices=["sg-lora", "icm-lora"],
+        help="generate a zero-shot adapter for the task described by --task (stored by the hub in generated/)",
+    )
+    p.add_argument(
+        "--examples",
+        type=Path,
+        metavar="FILE",
+        help="with --method: a JSONL file of a few {prompt, completion} examples of the task (ICM-LoRA reads them)",
+    )
     p.add_argument("--version", type=int, help="a specific version (default: the latest)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the PEFT directory goes")
     p.add_argument("--base-model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
@@ -96,9 +111,25 @@ def connect(args: argparse.Namespace) -> Any:
 
 
 def pull(args: argparse.Namespace, console: Console) -> int:
+    if (args.method or args.examples) and not args.task:
+        raise ValueError('--method and --examples generate an adapter for a task described by --task "..."')
+    if args.examples and not args.method:
+        raise ValueError("--examples needs --method (examples describe a task to generate an adapter for)")
+    examples = _read_examples(args.examples) if args.examples else []
     with connect(args) as hub:
         record = None
-        if args.global_run:
+        if args.method:
+            if args.version is not None:
+                raise ValueError("--version does not apply to a generated adapter")
+            if hub.public_key is None:
+                raise ValueError("pulling needs the hub's public key (--hub-key hub.pub) to verify signatures")
+            from hub.manifest import weights_sha256
+            from simulations.embedded import default_model_dir
+
+            local = weights_sha256(args.base_model or default_model_dir())
+            record = hub.generate(args.task, args.method, examples, base_model_sha256=local)
+            name = str(record["name"])
+        elif args.global_run:
             run = args.global_run.strip("/")
             if "/" in run:
                 name = f"global/{run}"
@@ -118,6 +149,17 @@ def pull(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _read_examples(path: Path) -> list[Any]:
+    """A few examples of a task: JSONL records {"prompt", "completion"} (at most 32)."""
+    from client.data import load_jsonl
+    from hub.generators.request import MAX_EXAMPLES
+
+    examples = load_jsonl(path)
+    if len(examples) > MAX_EXAMPLES:
+        raise ValueError(f"{path}: {len(examples)} examples; a generation request takes at most {MAX_EXAMPLES}")
+    return examples
+
+
 def show_pulled(manifest: dict[str, Any], path: Path, console: Console) -> None:
     prov, adapter = manifest["provenance"], manifest["adapter"]
     privacy = (
@@ -134,6 +176,13 @@ def show_pulled(manifest: dict[str, Any], path: Path, console: Console) -> None:
     ]
     if prov.get("strategy") or prov.get("run"):
         lines.append(f"  strategy {prov.get('strategy')}, run {prov.get('run')}, round {prov.get('round')}")
+    generator = (prov.get("extra") or {}).get("generator")
+    if generator:
+        experts = prov["extra"].get("experts") or []
+        lines.append(
+            f"  generated zero-shot by {generator['name']} v{generator['version']} for {prov.get('description')!r} "
+            f"from {len(experts)} experts ({prov['extra'].get('generation_ms')} ms)"
+        )
     console.print("\n".join(lines), markup=False, highlight=False)
 
 

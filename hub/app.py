@@ -10,6 +10,8 @@
   GET  /v1/latest/{prefix}              the newest adapter under a prefix (global/<run> -> last round)
   GET  /v1/files/{sha256}?name=NAME     a file of NAME by its hash
   POST /v1/adapters/{name}              publish {"provenance": {...}, "files": {file: base64}}
+  POST /v1/generate                     {"description", "method", "examples"?, "base_model_sha256"?}:
+                                        a zero-shot adapter, signed and stored as generated/<id>
 
 Every request but the first two needs ``Authorization: Bearer <token>``. Every refusal is
 JSON ``{"error": reason, "status": code}`` and is logged with the reason.
@@ -21,6 +23,7 @@ import base64
 import binascii
 import json
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -46,9 +49,19 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data).encode(), status_code=status, media_type="application/json")
 
 
-def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
+def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Sequence[str] = ()) -> FastAPI:
+    """The API over ``registry``; ``base_model_dirs``: base models besides the embedded one that
+    generators may need (ICM-LoRA reads examples with the base model)."""
     app = FastAPI(title="fedlora hub", docs_url=None, redoc_url=None, openapi_url=None)
     key_pem = public_pem(registry.signing_key.public_key()).decode()
+    services: list[Any] = []  # the generator service, created at the first generation (it imports torch)
+
+    def generator_service() -> Any:
+        if not services:
+            from hub.generators.service import GeneratorService
+
+            services.append(GeneratorService(registry, base_model_dirs))
+        return services[0]
 
     @app.exception_handler(HubError)
     async def _hub_error(request: Request, err: HubError) -> JSONResponse:
@@ -124,14 +137,7 @@ def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
     @app.post("/v1/adapters/{name:path}")
     async def publish(request: Request, name: str) -> Response:
         who = principal(request)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
-            raise HubError(f"upload of {int(declared)} bytes exceeds the hub's limit of {max_upload_bytes} bytes", 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_upload_bytes:
-                raise HubError(f"upload exceeds the hub's limit of {max_upload_bytes} bytes", 413)
+        body = await _read_body(request, max_upload_bytes)
 
         def parse_and_publish() -> Any:  # decoding up to max-upload-mb: off the event loop
             files, provenance = _parse_publish(bytes(body))
@@ -141,7 +147,36 @@ def create_app(registry: Registry, max_upload_bytes: int) -> FastAPI:
         log.info("published %s v%d by %s (%d bytes)", record.name, record.version, who.describe, record.size)
         return _json(record.to_dict(), status=201)
 
+    @app.post("/v1/generate")
+    async def generate(request: Request) -> Response:
+        from hub.generators.request import MAX_REQUEST_BYTES, GenerationRequest
+
+        who = principal(request)
+        body = await _read_body(request, MAX_REQUEST_BYTES)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HubError(f"the body is not JSON ({err})") from None
+        generation = _checked(lambda: GenerationRequest.from_json(payload))
+        record, created, ms = await run_in_threadpool(lambda: generator_service().generate(who, generation))
+        response = _json(record.to_dict(), status=201 if created else 200)
+        response.headers["x-generation-ms"] = f"{ms:.2f}"
+        return response
+
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it exceeds ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HubError(f"upload of {int(declared)} bytes exceeds the hub's limit of {limit} bytes", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HubError(f"upload exceeds the hub's limit of {limit} bytes", 413)
+    return bytes(body)
 
 
 def _checked(call: Any) -> Any:
@@ -178,6 +213,7 @@ def _parse_publish(body: bytes) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 
 HUB_DIR_ENV = "FEDLORA_HUB_DIR"
+BASE_MODELS_ENV = "FEDLORA_HUB_BASE_MODELS"
 
 
 def app_from_env() -> FastAPI:
@@ -189,4 +225,5 @@ def app_from_env() -> FastAPI:
 
     hub = HubDir(os.environ[HUB_DIR_ENV])
     settings = hub.settings()
-    return create_app(hub.registry(), settings.max_upload_bytes)
+    base_dirs = [p for p in os.environ.get(BASE_MODELS_ENV, "").split(os.pathsep) if p]
+    return create_app(hub.registry(), settings.max_upload_bytes, base_dirs)

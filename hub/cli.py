@@ -8,6 +8,8 @@ fl-hub token ls DIR
 fl-hub base-model add DIR MODEL_DIR [--id ID]
 fl-hub ls [PREFIX] (--dir DIR | --hub URL --token T) [--query WORDS] [--json]
 fl-hub publish NAME ADAPTER_DIR --hub URL --token-file F [--provenance JSON_FILE]
+fl-hub build-experts --out DIR [--tasks T,T] [--steps N] [--hub URL --token-file F]
+fl-hub train-generator --method sg-lora|icm-lora (--experts DIR | --hub URL --hub-key K) [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="override hub.toml's host")
     serve.add_argument("--port", type=int, default=None, help="override hub.toml's port")
     serve.add_argument("--workers", type=int, default=None, help="override hub.toml's worker processes")
+    serve.add_argument(
+        "--base-model",
+        type=Path,
+        action="append",
+        default=[],
+        help="a base model directory generators may need besides the embedded one (repeatable)",
+    )
 
     token = sub.add_parser("token", help="create, revoke or list access tokens")
     tsub = token.add_subparsers(dest="token_command", required=True)
@@ -92,6 +101,36 @@ def _parser() -> argparse.ArgumentParser:
     _remote_options(run)
     run.add_argument("--hub-key", type=Path, default=None, help="the hub's public key: verify what it signed")
     run.add_argument("--round", type=int, default=None, help="a round's checkpoint instead of the final adapter")
+
+    experts = sub.add_parser(
+        "build-experts", help="train one expert adapter per task (zero-shot generators learn from them)"
+    )
+    experts.add_argument("--out", type=Path, required=True, help="the expert directory to write")
+    experts.add_argument("--tasks", default="", help="comma-separated embedded tasks (default: every seen task)")
+    experts.add_argument("--steps", type=int, default=200)
+    experts.add_argument("--checkpoints", type=int, default=3, help="late checkpoints kept per expert")
+    experts.add_argument("--checkpoint-every", type=int, default=20)
+    experts.add_argument("--rank", type=int, default=4)
+    experts.add_argument("--targets", default="all-linear", help="comma-separated target modules")
+    experts.add_argument("--lr", type=float, default=3e-3)
+    experts.add_argument("--seed", type=int, default=0)
+    experts.add_argument("--threads", type=int, default=1)
+    experts.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
+    _remote_options(experts)
+    experts.add_argument("--hub-key", type=Path, default=None, help="the hub's public key: verify what it signed")
+
+    gen = sub.add_parser("train-generator", help="train a zero-shot generator on expert adapters")
+    gen.add_argument("--method", required=True, choices=["sg-lora", "icm-lora"])
+    gen.add_argument("--experts", type=Path, default=None, help="an expert directory (default: tasks/ of --hub)")
+    gen.add_argument("--out", type=Path, default=None, help="write the generator's files here")
+    gen.add_argument("--embedding", default="tfidf", choices=["tfidf", "minilm"], help="description embedding")
+    gen.add_argument("--exclude", default="", help="comma-separated experts to leave out (held-out evaluation)")
+    gen.add_argument("--steps", type=int, default=600)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--threads", type=int, default=1)
+    gen.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
+    _remote_options(gen)
+    gen.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (verifies the experts)")
     return p
 
 
@@ -121,7 +160,7 @@ def _init(args: argparse.Namespace, console: Console) -> int:
 def _serve(args: argparse.Namespace, console: Console) -> int:
     import uvicorn
 
-    from hub.app import HUB_DIR_ENV, create_app
+    from hub.app import BASE_MODELS_ENV, HUB_DIR_ENV, create_app
     from hub.hub_dir import HubDir, HubSettings
 
     hub = HubDir(args.dir.resolve())
@@ -136,6 +175,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         tls_key=s.tls_key,
     )
     registry = hub.registry()  # fail here, before binding, on a broken directory or database
+    base_dirs = [str(p.resolve()) for p in args.base_model]
+    for p in args.base_model:
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"--base-model {p} is not a model directory (no config.json)")
     scheme = "https" if s.tls_cert else "http"
     console.print(
         f"fl-hub: serving {hub.root} on {scheme}://{s.host}:{s.port} "
@@ -145,9 +188,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     tls: dict[str, Any] = {"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key} if s.tls_cert else {}
     common: dict[str, Any] = {"host": s.host, "port": s.port, "log_level": "warning", "access_log": False, **tls}
     if s.workers == 1:
-        uvicorn.run(create_app(registry, s.max_upload_bytes), **common)
+        uvicorn.run(create_app(registry, s.max_upload_bytes, base_dirs), **common)
     else:
         os.environ[HUB_DIR_ENV] = str(hub.root)
+        os.environ[BASE_MODELS_ENV] = os.pathsep.join(base_dirs)
         uvicorn.run("hub.app:app_from_env", factory=True, workers=s.workers, **common)
     return 0
 
@@ -269,6 +313,18 @@ def _publish_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _build_experts(args: argparse.Namespace, console: Console) -> int:
+    from hub.generators.commands import build_experts_command
+
+    return build_experts_command(args, console)
+
+
+def _train_generator(args: argparse.Namespace, console: Console) -> int:
+    from hub.generators.commands import train_generator_command
+
+    return train_generator_command(args, console)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True)
@@ -280,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ls": _ls,
         "publish": _publish,
         "publish-run": _publish_run,
+        "build-experts": _build_experts,
+        "train-generator": _train_generator,
     }
     try:
         return commands[args.command](args, console)

@@ -5,8 +5,9 @@ the base model's hash and every file's hash have been checked."""
 from __future__ import annotations
 
 import base64
+import builtins
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,12 +169,45 @@ class HubClient:
                 f"but the local base model {base_model_dir} has weights {local[:16]}...: "
                 "it would not load correctly; nothing was written"
             )
+        manifest, files = self.fetch(name, manifest["version"], record=record)
+        return Pulled(write_adapter_dir(out, files, manifest), manifest)
+
+    def fetch(
+        self, name: str, version: int | None = None, record: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """A version's verified manifest and files, in memory (signature, name, every hash)."""
+        if self.public_key is None:
+            raise ValueError("fetching needs the hub's public key (--hub-key hub.pub) to verify signatures")
+        record = record or self.record(name, version)
+        manifest = verify_record(record, self.public_key, name, version)
         files = {}
         for fname, meta in manifest["files"].items():
             data = self._request("GET", f"/v1/files/{meta['sha256']}", params={"name": name}).content
             verify_file(manifest, fname, data)
             files[fname] = data
-        return Pulled(write_adapter_dir(out, files, manifest), manifest)
+        return manifest, files
+
+    def versions(self, name: str) -> builtins.list[int]:
+        check_name(name)
+        result: builtins.list[int] = self._request("GET", f"/v1/versions/{name}").json()["versions"]
+        return result
+
+    def generate(
+        self,
+        description: str,
+        method: str,
+        examples: Sequence[Any] = (),
+        base_model_sha256: str | None = None,
+    ) -> dict[str, Any]:
+        """Ask the hub for a zero-shot adapter; the answer is the signed record of
+        ``generated/<id>`` (pull it by that record to verify and write it)."""
+        from hub.generators.request import GenerationRequest
+
+        request = GenerationRequest(description, method, tuple(examples), base_model_sha256)
+        result: dict[str, Any] = self._request("POST", "/v1/generate", json=request.to_json()).json()
+        if not str(result.get("name", "")).startswith(f"generated/{method}-"):
+            raise VerificationError(f"the hub answered {result.get('name')!r} for a {method} generation")
+        return result
 
     # --- writing ---------------------------------------------------------------------
     def publish(self, name: str, files: Mapping[str, bytes], provenance: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_DELTA_FILE = "base_delta.safetensors"  # FedEx-LoRA's residual, folded into the base weights
 #: the files an adapter may carry; the first two are PEFT's and required
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, BASE_DELTA_FILE)
+GENERATOR_CONFIG_FILE = "generator.json"  # a zero-shot generator (hub.generators), stored as generators/<method>
+GENERATOR_WEIGHTS_FILE = "generator.safetensors"
+GENERATOR_FILES = (GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE)
 MAX_PROVENANCE_BYTES = 64 << 10
 _FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None}
 
@@ -251,6 +254,34 @@ def check_adapter_files(files: Mapping[str, bytes]) -> AdapterInfo:
     if BASE_DELTA_FILE in files:
         _tensors(files[BASE_DELTA_FILE], BASE_DELTA_FILE)
     return AdapterInfo("LORA", rank, float(alpha), sorted(targets), count, len(weights))
+
+
+def check_generator_files(files: Mapping[str, bytes], base_model: BaseModel) -> AdapterInfo:
+    """Refuse anything that is not a generator for ``base_model``; the info describes the
+    adapters it generates (rank, targets) and counts the generator's own parameters."""
+    if set(files) != set(GENERATOR_FILES):
+        raise ValueError(
+            f"a generator consists of exactly {', '.join(GENERATOR_FILES)}, got {', '.join(sorted(files))}"
+        )
+    try:
+        config = json.loads(files[GENERATOR_CONFIG_FILE])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{GENERATOR_CONFIG_FILE} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != "fedlora-generator":
+        raise ValueError(f"{GENERATOR_CONFIG_FILE} is not a fedlora generator")
+    if config.get("base_model") != asdict(base_model):
+        raise ValueError(
+            f"{GENERATOR_CONFIG_FILE} was trained for base model {config.get('base_model')}, "
+            f"the provenance states {asdict(base_model)}"
+        )
+    adapter = (config.get("layout") or {}).get("adapter_config") or {}
+    rank, targets, alpha = adapter.get("r"), adapter.get("target_modules"), adapter.get("lora_alpha")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(rank, int) or not isinstance(targets, list) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{GENERATOR_CONFIG_FILE}: its layout lacks the generated adapters' r, lora_alpha, targets")
+    weights = _tensors(files[GENERATOR_WEIGHTS_FILE], GENERATOR_WEIGHTS_FILE)
+    count = sum(math.prod(shape) for _, shape, _ in weights)
+    return AdapterInfo("GENERATOR", rank, float(alpha), sorted(str(t) for t in targets), count, len(weights))
 
 
 def _tensors(data: bytes, what: str) -> list[tuple[str, list[int], str]]:

@@ -6,6 +6,7 @@ A name is ``<namespace>/<segment>[/<segment>]``:
 - ``clients/<client>/<name>``   a client's personal adapters (that client reads and writes)
 - ``tasks/<task>``              task adapters, e.g. the experts of the zero-shot generators
 - ``generated/<id>``            adapters generated zero-shot for a described task
+- ``generators/<method>``       the zero-shot generators themselves (operator only)
 
 Every segment is ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``: no ``/``, no ``..``, nothing a file
 system or a URL could misread.
@@ -19,7 +20,7 @@ from typing import Literal
 
 SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: namespace -> number of segments a full name has (the namespace included)
-NAMESPACES: dict[str, int] = {"global": 3, "clients": 3, "tasks": 2, "generated": 2}
+NAMESPACES: dict[str, int] = {"global": 3, "clients": 3, "tasks": 2, "generated": 2, "generators": 2}
 #: what any client token may read besides its own namespace
 PUBLIC_NAMESPACES = ("global", "tasks", "generated")
 

@@ -48,6 +48,7 @@ from hub.manifest import (
     build_manifest,
     canonical,
     check_adapter_files,
+    check_generator_files,
     sha256_hex,
     sign,
 )
@@ -388,7 +389,10 @@ class Registry:
             raise Forbidden(principal.write_denied(name))
         try:
             prov = Provenance.from_mapping(provenance)
-            info = check_adapter_files(files)
+            if namespace(name) == "generators":
+                info = check_generator_files(files, prov.base_model)
+            else:
+                info = check_adapter_files(files)
         except (TypeError, ValueError) as err:
             raise HubError(str(err)) from None
         known = self.base_models()

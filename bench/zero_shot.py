@@ -1,0 +1,164 @@
+"""Zero-shot adapters on held-out tasks of the embedded suite: base model, nearest-expert
+retrieval, the uniform average of all experts, SG-LoRA, ICM-LoRA and the oracle adapter
+trained on the task, side by side in one run.
+
+    python bench/zero_shot.py [--experts DIR] [--steps 200] [--generator-steps 600]
+
+Experts: one adapter per seen task (3 late checkpoints each, one shared initialisation), built
+here unless ``--experts`` names a directory from ``fl-hub build-experts``. Held out: unseen
+parameters of seen families (caesar-7, caesar-19, adddigit-4, rotate-2) and one unseen family
+(swap) as a negative control. Each method is scored on every description of a task (the
+description is all a device gives; ICM-LoRA also gets 8 examples) and the scores averaged.
+
+Goals (last lines): generated adapters recover >= 70% of the oracle's gain in exact match over
+the base model on the seen-family tasks (``ratio <method>_gain_recovery``, goal >= 0.7), and
+generation takes < 100 ms on the CPU (``ratio <method>_ms_over_goal``, goal <= 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.data import collate
+from hub.generators.base import Generator, generator_class
+from hub.generators.cvae import CVAESettings
+from hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
+from hub.generators.library import ExpertLibrary
+from hub.manifest import describe_base_model
+from simulations.tasks import HELD_OUT_TASKS, Task, get_task
+
+NEGATIVE_CONTROL = "swap"
+
+
+@torch.no_grad()
+def scores(trainer: ExpertTrainer, vector: torch.Tensor | None, task: Task, layout: object) -> tuple[float, float]:
+    """(exact match, per-token accuracy of the completion) of a flat adapter (None: base)."""
+    state = None if vector is None else layout.unflatten(vector)  # type: ignore[attr-defined]
+    em = trainer.evaluate(state, task)
+    batch = collate(trainer.encoded(task, "test", trainer.cfg.test_examples), trainer.pad)
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    return em, float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--experts", type=Path, default=None, help="an expert directory (default: build one here)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per expert and oracle")
+    p.add_argument("--generator-steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = ExpertConfig(steps=args.steps, seed=args.seed)
+    tmp = tempfile.TemporaryDirectory()
+    experts_dir = args.experts
+    t0 = time.perf_counter()
+    if experts_dir is None:
+        experts_dir = Path(tmp.name) / "experts"
+        print(f"building {len(cfg.task_list())} experts ({cfg.steps} steps, checkpoints {cfg.checkpoint_steps()})")
+        results = build_experts(cfg, experts_dir)
+        ems = [r.exact_match for r in results]
+        print(
+            f"experts built in {time.perf_counter() - t0:.0f} s; exact match mean {statistics.mean(ems):.3f}, "
+            f"min {min(ems):.3f} ({min(results, key=lambda r: r.exact_match).task})"
+        )
+    trainer = ExpertTrainer(cfg)
+    library = ExpertLibrary.from_dir(experts_dir, describe_base_model(None))
+    held_out = [get_task(n) for n in HELD_OUT_TASKS]
+    leaked = [t.name for t in held_out if t.name in library.names()]
+    if leaked:
+        raise SystemExit(f"the expert library contains held-out task(s) {leaked}")
+    layout = library.layout
+    oracle = {}
+    for task in held_out:
+        checkpoints, em = trainer.train(task)
+        oracle[task.name] = layout.flatten(checkpoints[-1][1])
+        print(f"oracle {task.name}: exact match {em:.3f}")
+    settings = CVAESettings(steps=args.generator_steps, seed=args.seed)
+    task_model = (trainer.model.get_base_model(), trainer.tokenizer)
+    generators: dict[str, Generator] = {}
+    for method in ("sg-lora", "icm-lora"):
+        with trainer.model.disable_adapter():
+            gen = generator_class(method).fit(library, settings, task_model=task_model)
+        generators[method] = gen
+        print(
+            f"{method}: {gen.training['parameters']:,} parameters, trained in {gen.training['seconds']:.1f} s "
+            f"(final MSE {gen.training['final_mse']:.3f})"
+        )
+    sg = generators["sg-lora"]
+    assert isinstance(sg, SGLoRA)
+    uniform = torch.stack([e.mean for e in library.experts]).mean(0)
+    columns = ["base", "retrieval", "uniform", "sg-lora", "icm-lora", "oracle"]
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    latency: dict[str, list[float]] = {m: [] for m in generators}
+    for task in held_out:
+        examples = task.examples(8, args.seed + 7, "train")
+        per: dict[str, list[tuple[float, float]]] = {c: [] for c in columns}
+        for description in task.descriptions:
+            nearest, _ = sg.retrieve(description)
+            vectors: dict[str, torch.Tensor | None] = {
+                "base": None,
+                "retrieval": library.get(nearest).checkpoints[-1],
+                "uniform": uniform,
+                "oracle": oracle[task.name],
+            }
+            for method, gen in generators.items():
+                with trainer.model.disable_adapter():
+                    start = time.perf_counter()
+                    vectors[method] = gen.generate_vector(description, examples if method == "icm-lora" else ())
+                    latency[method].append(1000 * (time.perf_counter() - start))
+            for c in columns:
+                per[c].append(scores(trainer, vectors[c], task, layout))
+            print(f"  {task.name}: '{description}' -> nearest expert {nearest}", flush=True)
+        table[task.name] = {
+            c: (statistics.mean(v[0] for v in per[c]), statistics.mean(v[1] for v in per[c])) for c in columns
+        }
+    print()
+    print("exact match (token accuracy) on each held-out task's test split, mean over its descriptions")
+    print(f"| task | {' | '.join(columns)} |")
+    print(f"|---|{'---|' * len(columns)}")
+    for name, row in table.items():
+        label = f"{name} (unseen family)" if name == NEGATIVE_CONTROL else name
+        print(f"| {label} | " + " | ".join(f"{row[c][0]:.3f} ({row[c][1]:.2f})" for c in columns) + " |")
+    seen_family = [n for n in table if n != NEGATIVE_CONTROL]
+    print()
+    recovery = {}
+    for c in ["retrieval", "uniform", "sg-lora", "icm-lora"]:
+        gains = [table[n][c][0] - table[n]["base"][0] for n in seen_family]
+        oracle_gain = [table[n]["oracle"][0] - table[n]["base"][0] for n in seen_family]
+        tok_gain = [table[n][c][1] - table[n]["base"][1] for n in seen_family]
+        tok_oracle = [table[n]["oracle"][1] - table[n]["base"][1] for n in seen_family]
+        recovery[c] = sum(gains) / max(sum(oracle_gain), 1e-9)
+        print(
+            f"{c:>9}: recovers {recovery[c]:.3f} of the oracle's exact-match gain, "
+            f"{sum(tok_gain) / max(sum(tok_oracle), 1e-9):.3f} of its token-accuracy gain (seen families)"
+        )
+    for method, ms in latency.items():
+        print(
+            f"{method} generation: median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms "
+            f"over {len(ms)} requests (CPU, 1 thread)"
+        )
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    for method in generators:
+        print(f"ratio {method.replace('-', '_')}_gain_recovery = {recovery[method]:.3f}")
+        print(
+            f"ratio {method.replace('-', '_')}_over_retrieval_gain = "
+            f"{(recovery[method] + 1e-9) / (recovery['retrieval'] + 1e-9):.3f}"
+        )
+    for method, ms in latency.items():
+        print(f"ratio {method.replace('-', '_')}_ms_over_goal = {statistics.median(ms) / 100:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

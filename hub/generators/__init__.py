@@ -1,0 +1,17 @@
+"""Zero-shot adapter generation: maps from a task's description (or a few of its examples) to
+LoRA parameters, trained on a library of expert adapters (SG-LoRA, ICM-LoRA).
+
+Unlike the rest of ``hub``, this package needs torch: the hub server imports it only when a
+generation request arrives, so a hub that serves no generators starts without it.
+"""
+
+from __future__ import annotations
+
+#: generation methods the hub serves; each is stored under ``generators/<method>``
+METHODS: tuple[str, ...] = ("sg-lora", "icm-lora")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown generation method {method!r} (known: {', '.join(METHODS)})")
+    return method

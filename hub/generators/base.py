@@ -1,0 +1,163 @@
+"""What every generator is and how it is stored: ``generator.json`` (method, base model,
+adapter layout, the experts it learned from, its text embedder, settings) and
+``generator.safetensors`` (its network and the arrays it conditions on). No pickles: a
+generator pulled from a hub is data, never code."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from hub.generators import check_method
+from hub.generators.cvae import ConvCVAE, CVAESettings, FitResult
+from hub.generators.embedding import TextEmbedder, embedder_from_state
+from hub.generators.library import ExpertLibrary, Layout
+from hub.manifest import GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE, BaseModel
+from simulations.tasks import Example
+
+FORMAT_VERSION = 1
+
+
+class Generator(ABC):
+    """A trained map from a task (description, examples) to a flat LoRA vector."""
+
+    method: ClassVar[str]
+
+    def __init__(
+        self,
+        layout: Layout,
+        base_model: BaseModel,
+        experts: Sequence[str],
+        embedder: TextEmbedder,
+        settings: CVAESettings,
+        cvae: ConvCVAE,
+        training: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.layout, self.base_model, self.experts = layout, base_model, list(experts)
+        self.embedder, self.settings, self.cvae = embedder, settings, cvae
+        self.training = dict(training or {})
+        self.task_model: Any = None  # (model, tokenizer) of the base model, for hidden-state task vectors
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, library: ExpertLibrary, settings: CVAESettings, **options: Any) -> Generator: ...
+
+    @abstractmethod
+    def generate_vector(self, description: str, examples: Sequence[Example] = ()) -> torch.Tensor:
+        """The flat adapter (D,) for a task."""
+
+    @abstractmethod
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Everything besides the CVAE's weights that generation needs."""
+
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """The method's own JSON settings."""
+
+    @classmethod
+    @abstractmethod
+    def restore(
+        cls, common: dict[str, Any], cvae: ConvCVAE, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]
+    ) -> Generator: ...
+
+    @property
+    def needs_base_model(self) -> bool:
+        return False
+
+    def generate(self, description: str, examples: Sequence[Example] = ()) -> dict[str, bytes]:
+        """A PEFT adapter directory's files for a task."""
+        vector = self.generate_vector(description, examples)
+        return self.layout.adapter_files(vector, self.base_model.id)
+
+    def record_fit(self, fit: FitResult, library: ExpertLibrary) -> None:
+        self.training = {
+            **asdict(fit),
+            "experts": len(library.experts),
+            "checkpoints": sum(int(e.checkpoints.shape[0]) for e in library.experts),
+            "parameters": sum(p.numel() for p in self.cvae.parameters()),
+        }
+
+    def to_files(self) -> dict[str, bytes]:
+        config = {
+            "format": "fedlora-generator",
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "base_model": asdict(self.base_model),
+            "layout": self.layout.to_dict(),
+            "experts": self.experts,
+            "embedder": self.embedder.state(),
+            "settings": asdict(self.settings),
+            "cvae": {"length": self.cvae.length, "seq_channels": self.cvae.seq_channels, "vec_dim": self.cvae.vec_dim},
+            "options": self.options(),
+            "training": self.training,
+        }
+        tensors = {f"cvae.{k}": v.detach().contiguous() for k, v in self.cvae.state_dict().items()}
+        tensors.update({f"arrays.{k}": v.detach().to(torch.float32).contiguous() for k, v in self.arrays().items()})
+        return {
+            GENERATOR_CONFIG_FILE: (json.dumps(config, sort_keys=True) + "\n").encode(),
+            GENERATOR_WEIGHTS_FILE: save_safetensors(tensors, metadata={"format": "pt"}),
+        }
+
+
+GENERATORS: dict[str, type[Generator]] = {}
+
+
+def register(cls: type[Generator]) -> type[Generator]:
+    check_method(cls.method)
+    if cls.method in GENERATORS:
+        raise ValueError(f"generator {cls.method!r} is registered twice")
+    GENERATORS[cls.method] = cls
+    return cls
+
+
+def generator_class(method: str) -> type[Generator]:
+    check_method(method)
+    import hub.generators.icm_lora
+    import hub.generators.sg_lora  # noqa: F401  (registers)
+
+    return GENERATORS[method]
+
+
+def load_generator(files: Mapping[str, bytes]) -> Generator:
+    """Rebuild a generator from its two files (as stored in a hub or written by train-generator)."""
+    for required in (GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE):
+        if required not in files:
+            raise ValueError(f"a generator needs {required}")
+    config = json.loads(files[GENERATOR_CONFIG_FILE])
+    if config.get("format") != "fedlora-generator" or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"not a fedlora generator of format version {FORMAT_VERSION}")
+    cls = generator_class(str(config.get("method")))
+    tensors = load_safetensors(files[GENERATOR_WEIGHTS_FILE])
+    settings = CVAESettings(**config["settings"])
+    shape = config["cvae"]
+    cvae = ConvCVAE(int(shape["length"]), int(shape["seq_channels"]), int(shape["vec_dim"]), settings)
+    cvae.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("cvae.")})
+    cvae.eval()
+    common = {
+        "layout": Layout.from_dict(config["layout"]),
+        "base_model": BaseModel(**config["base_model"]),
+        "experts": config["experts"],
+        "embedder": embedder_from_state(config["embedder"]),
+        "settings": settings,
+        "training": config.get("training", {}),
+    }
+    arrays = {k[7:]: v for k, v in tensors.items() if k.startswith("arrays.")}
+    return cls.restore(common, cvae, arrays, config.get("options", {}))
+
+
+def per_tensor(vector: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Views of a flat (..., D) vector, one per tensor of the layout."""
+    return [vector[..., sl] for sl in layout.slices]
+
+
+def expand_per_tensor(values: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(..., T) per-tensor values -> (..., D), each repeated over its tensor."""
+    sizes = torch.tensor([sl.stop - sl.start for sl in layout.slices])
+    return torch.repeat_interleave(values, sizes, dim=-1)

@@ -1,0 +1,118 @@
+"""``fl-hub build-experts`` and ``fl-hub train-generator`` (imported only when they run: torch)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from client.model import ALL_LINEAR, LoraSettings
+from hub.generators.base import generator_class
+from hub.generators.cvae import CVAESettings
+from hub.generators.experts import ExpertConfig, ExpertResult, build_experts, publish_experts
+from hub.generators.library import ExpertLibrary
+from hub.manifest import describe_base_model
+
+
+def _hub(args: argparse.Namespace) -> Any:
+    from hub.client import HubClient, read_token
+    from hub.manifest import load_public_key
+
+    key = load_public_key(args.hub_key) if args.hub_key else None
+    return HubClient(args.hub, read_token(args.token, args.token_file), key)
+
+
+def build_experts_command(args: argparse.Namespace, console: Console) -> int:
+    from hub.publish import fedlora_version
+
+    torch.set_num_threads(args.threads)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or (ALL_LINEAR,)
+    cfg = ExpertConfig(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else (),
+        lora=LoraSettings(rank=args.rank, alpha=2.0 * args.rank, target_modules=targets, init_seed=args.seed),
+        steps=args.steps,
+        checkpoints=args.checkpoints,
+        checkpoint_every=args.checkpoint_every,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    hub = _hub(args) if args.hub else None  # a bad token file or URL fails before any training
+    console.print(
+        f"training {len(cfg.task_list())} experts: LoRA r={cfg.lora.rank} on {', '.join(targets)}, "
+        f"{cfg.steps} steps, checkpoints at {cfg.checkpoint_steps()} -> {args.out}"
+    )
+
+    def show(r: ExpertResult) -> None:
+        console.print(f"  {r.task:<12} exact match {r.exact_match:.3f}  ({r.seconds:.1f} s)", highlight=False)
+
+    results = build_experts(cfg, args.out, args.base_model, progress=show)
+    weak = [r.task for r in results if r.exact_match < 0.5]
+    if weak:
+        console.print(f"[yellow]experts below 0.5 exact match (more --steps?): {', '.join(weak)}[/]")
+    if hub is not None:
+        build = f"experts-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        with hub:
+            published = publish_experts(hub, args.out, build, f"fl-hub build-experts {fedlora_version()}")
+        console.print(f"published {len(published)} checkpoints to tasks/ as build {build}", highlight=False)
+    return 0
+
+
+def train_generator_command(args: argparse.Namespace, console: Console) -> int:
+    from client.model import load_base_model, load_tokenizer
+    from hub.publish import fedlora_version
+    from privacy.files import atomic_directory
+
+    torch.set_num_threads(args.threads)
+    settings = CVAESettings(steps=args.steps, seed=args.seed)
+    base = describe_base_model(args.base_model)
+    hub = _hub(args) if args.hub else None
+    if args.experts is not None:
+        library = ExpertLibrary.from_dir(args.experts, base)
+    elif hub is not None:
+        if hub.public_key is None:
+            raise ValueError("reading experts from a hub needs --hub-key hub.pub (every expert is verified)")
+        library = ExpertLibrary.from_hub(hub)
+    else:
+        raise ValueError("name the experts: --experts DIR (fl-hub build-experts --out) or --hub URL")
+    if library.base_model.sha256 != base.sha256:
+        raise ValueError(
+            f"the experts were trained on base model {library.base_model.id} (weights "
+            f"{library.base_model.sha256[:16]}...), not on {base.id} ({base.sha256[:16]}...): pass --base-model"
+        )
+    excluded = [t.strip() for t in args.exclude.split(",") if t.strip()] if args.exclude else []
+    if excluded:
+        library = library.without(*excluded)
+    console.print(
+        f"{args.method}: {len(library.experts)} experts, {library.layout.size:,} parameters per adapter, "
+        f"{settings.steps} training steps"
+    )
+    task_model = None
+    if args.method == "icm-lora":
+        task_model = (load_base_model(args.base_model).eval(), load_tokenizer(args.base_model))
+    generator = generator_class(args.method).fit(library, settings, embedding=args.embedding, task_model=task_model)
+    t = generator.training
+    console.print(
+        f"trained in {t['seconds']:.1f} s: {t['parameters']:,} generator parameters, final MSE {t['final_mse']:.4f}",
+        highlight=False,
+    )
+    files = generator.to_files()
+    if args.out is not None:
+        with atomic_directory(args.out) as tmp:
+            for fname, data in files.items():
+                (tmp / fname).write_bytes(data)
+        console.print(f"generator written to {args.out}", highlight=False)
+    if hub is not None:
+        provenance = {
+            "base_model": asdict(library.base_model),
+            "producer": f"fl-hub train-generator {fedlora_version()}",
+            "description": f"{args.method} generator over {len(library.experts)} experts",
+            "extra": {"experts": library.names(), "training": t, "embedding": args.embedding},
+        }
+        with hub:
+            record = hub.publish(f"generators/{args.method}", files, provenance)
+        console.print(f"published {record['name']} v{record['version']}", highlight=False)
+    return 0

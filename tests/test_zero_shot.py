@@ -1,0 +1,200 @@
+"""Zero-shot generation through a real ``fl-hub serve`` on 127.0.0.1: experts published to
+``tasks/``, generators trained from the hub and stored in it, ``POST /v1/generate`` returning
+signed adapters that ``fl-client pull --task "..." --method ...`` verifies and writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from hub_server import HubServer
+from peft import PeftModel
+
+from client.cli import main as fl_client
+from client.model import LoraSettings, load_base_model
+from hub.cli import main as fl_hub
+from hub.client import HubClient, HubRequestError
+from hub.generators.base import load_generator
+from hub.generators.experts import ExpertConfig, build_experts, publish_experts
+from hub.hub_dir import HubDir, HubSettings
+from hub.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
+from simulations.tasks import get_task
+
+TASKS = ("adddigit-3", "adddigit-5", "rotate-1", "rotate-3")
+EXPERTS = ExpertConfig(
+    tasks=TASKS,
+    lora=LoraSettings(rank=1, alpha=2.0, target_modules=("q_proj", "v_proj")),
+    steps=6,
+    checkpoints=2,
+    checkpoint_every=3,
+    train_examples=64,
+    test_examples=16,
+    task_examples=8,
+)
+
+
+class Hub:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir, _ = HubDir.init(root / "hub", HubSettings())
+        registry = self.dir.registry()
+        self.operator_file = self.dir.operator_token_path
+        self.operator = self.operator_file.read_text().strip()
+        self.alice = registry.create_token("client", "alice")
+        (root / "alice.token").write_text(self.alice)
+        self.key = load_public_key(self.dir.public_key_path)
+        self.server = HubServer(self.dir.root, root / "hub.log").start()
+
+    def client(self, token: str) -> HubClient:
+        return HubClient(self.server.url, token, self.key)
+
+    def connection(self, token_file: Path) -> list[str]:
+        return ["--hub", self.server.url, "--token-file", str(token_file), "--hub-key", str(self.dir.public_key_path)]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """A hub whose tasks/ holds a tiny expert build and whose generators/ holds both methods,
+    trained by ``fl-hub train-generator`` from the hub's own (verified) experts."""
+    root = tmp_path_factory.mktemp("zero-shot")
+    h = Hub(root)
+    try:
+        build_experts(EXPERTS, root / "experts")
+        with h.client(h.operator) as c:
+            published = publish_experts(c, root / "experts", "experts-test", "tests")
+        assert len(published) == 8  # 4 tasks x 2 checkpoints
+        for method in ("sg-lora", "icm-lora"):
+            args = ["train-generator", "--method", method, "--steps", "30", "--out", str(root / method)]
+            assert fl_hub(args + h.connection(h.operator_file)) == 0
+        yield h
+    finally:
+        h.server.stop()
+
+
+def _logits(adapter_dir: Path) -> torch.Tensor:
+    model = PeftModel.from_pretrained(load_base_model(), str(adapter_dir))
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[5, 17, 23, 9, 31, 4, 12, 8]])).logits
+
+
+def test_experts_are_versions_of_tasks_with_descriptions_and_examples(hub: Hub) -> None:
+    with hub.client(hub.alice) as c:
+        rows = {r["name"]: r for r in c.list("tasks")}
+        assert sorted(rows) == [f"tasks/{t}" for t in sorted(TASKS)]
+        assert c.versions("tasks/rotate-1") == [1, 2]
+        manifest, _ = c.fetch("tasks/rotate-1", 1)
+    prov = manifest["provenance"]
+    assert prov["run"] == "experts-test" and prov["extra"]["checkpoint"] == {"step": 3, "of": [3, 6]}
+    assert prov["extra"]["task"]["descriptions"] == list(get_task("rotate-1").descriptions)
+    assert len(prov["extra"]["task"]["examples"]) == 8
+
+
+@pytest.mark.parametrize("method", ["sg-lora", "icm-lora"])
+def test_fl_client_pull_generates_a_signed_adapter_that_peft_loads(hub: Hub, method: str, tmp_path: Path) -> None:
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
+            for e in get_task("adddigit-4").examples(6, 3)
+        )
+    )
+    out = tmp_path / "adapter"
+    args = ["pull", "--task", "add 4 to each digit modulo 10", "--method", method, "--out", str(out)]
+    args += ["--examples", str(examples)] if method == "icm-lora" else []
+    assert fl_client(args + hub.connection(hub.root / "alice.token")) == 0
+    manifest = json.loads((out / "hub_manifest.json").read_text())
+    assert manifest["name"].startswith(f"generated/{method}-1-")
+    prov = manifest["provenance"]
+    assert prov["description"] == "add 4 to each digit modulo 10"
+    assert prov["extra"]["generator"] == {"name": f"generators/{method}", "version": 1, "method": method}
+    assert prov["extra"]["experts"] == sorted(TASKS)
+    assert prov["extra"]["examples"] == (6 if method == "icm-lora" else 0)
+    assert manifest["published_by"] == "operator (generator)"
+    logits = _logits(out)
+    assert torch.isfinite(logits).all()
+    # what the hub generated is exactly what the trained generator gives for that request
+    gen = load_generator({f: (hub.root / method / f).read_bytes() for f in GENERATOR_FILES})
+    if gen.needs_base_model:
+        gen.task_model = (load_base_model().eval(), __import__("client.model").model.load_tokenizer())
+    from client.data import load_jsonl
+
+    expected = gen.generate("add 4 to each digit modulo 10", load_jsonl(examples) if method == "icm-lora" else [])
+    assert read_adapter_dir(out)["adapter_model.safetensors"] == expected["adapter_model.safetensors"]
+
+
+def test_the_same_request_returns_the_stored_adapter(hub: Hub) -> None:
+    with hub.client(hub.alice) as c:
+        first = c.generate("rotate the string left by 2", "sg-lora")
+        again = c.generate("rotate the string left by 2", "sg-lora")
+        other = c.generate("rotate the string left by 3", "sg-lora")
+    assert first == again and first["version"] == 1
+    assert other["name"] != first["name"]
+    response = httpx.post(
+        f"{hub.server.url}/v1/generate",
+        json={"description": "rotate the string left by 2", "method": "sg-lora"},
+        headers={"authorization": f"Bearer {hub.alice}"},
+    )
+    assert response.status_code == 200  # stored already (a new one answers 201)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ({"description": ""}, 400, "description is empty"),
+        ({"description": "d" * 2000}, 400, "the limit is 1000"),
+        ({"description": "add 4", "method": "lora-magic"}, 400, "unknown generation method"),
+        (
+            {"description": "add 4", "examples": [{"input": "1", "output": "5"}]},
+            400,
+            "exactly 'prompt' and 'completion'",
+        ),
+        ({"description": "add 4", "examples": "1=5"}, 400, "must be a list"),
+        ({"description": "add 4", "base_model_sha256": "f" * 64}, 409, "trained for base model fedlora/embedded-base"),
+        ("not json", 400, "not JSON"),
+    ],
+)
+def test_bad_generation_requests_get_reasons(hub: Hub, body: object, status: int, reason: str) -> None:
+    content = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    r = httpx.post(f"{hub.server.url}/v1/generate", content=content, headers={"authorization": f"Bearer {hub.alice}"})
+    assert r.status_code == status, r.text
+    assert reason in r.json()["error"]
+
+
+def test_generation_needs_a_token_and_generators_belong_to_the_operator(hub: Hub, tmp_path: Path) -> None:
+    r = httpx.post(f"{hub.server.url}/v1/generate", json={"description": "add 4"})
+    assert r.status_code == 401
+    with hub.client(hub.alice) as c:
+        with pytest.raises(HubRequestError, match="403"):
+            c.record("generators/sg-lora")  # clients use generators, they do not read them
+        files = read_adapter_dir(hub.root / "experts" / "rotate-1" / "checkpoint-6")
+        with pytest.raises(HubRequestError, match="403"):
+            c.publish("generators/sg-lora", files, {"base_model": describe_base_model().__dict__, "producer": "x"})
+    with hub.client(hub.operator) as c:
+        # an adapter is not a generator, and a generator must be for the base model it states
+        with pytest.raises(HubRequestError, match="exactly generator.json, generator.safetensors"):
+            c.publish("generators/sg-lora", files, {"base_model": describe_base_model().__dict__, "producer": "x"})
+        gen_files = {f: (hub.root / "sg-lora" / f).read_bytes() for f in GENERATOR_FILES}
+        c.publish("generators/other", gen_files, {"base_model": describe_base_model().__dict__, "producer": "x"})
+        assert c.versions("generators/sg-lora") == [1]
+
+
+def test_a_method_without_a_generator_and_a_client_pull_without_the_key(hub: Hub, tmp_path: Path) -> None:
+    fresh = HubDir.init(tmp_path / "empty", HubSettings())[0]
+    with HubServer(fresh.root, tmp_path / "log").start() as server:
+        token = fresh.operator_token_path.read_text().strip()
+        with pytest.raises(HubRequestError, match="404.*no sg-lora generator yet"):
+            HubClient(server.url, token).generate("add 4 to each digit", "sg-lora")
+    out = tmp_path / "x"
+    args = ["pull", "--task", "add 4", "--method", "sg-lora", "--out", str(out), "--hub", hub.server.url]
+    with pytest.raises(SystemExit):  # no --hub-key: refused before asking
+        fl_client([*args, "--token", hub.alice])
+    connection = hub.connection(hub.root / "alice.token")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "1", "output": "5"}\n')
+    assert fl_client([*args, "--examples", str(bad), *connection]) == 2  # names the line and the keys
+    assert fl_client(["pull", "--task", "rotate-1", "--examples", str(bad), "--out", str(out), *connection]) == 2
+    assert not out.exists()
