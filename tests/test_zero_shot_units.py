@@ -113,7 +113,7 @@ def test_ridge_fit_is_the_closed_form() -> None:
 
 def test_numeric_features_order_numbers_that_text_similarity_does_not() -> None:
     descriptions = [f"apply a caesar cipher with shift {k}" for k in (3, 6, 8, 20)]
-    emb = TfidfEmbedder.fit(descriptions + ["reverse the string"])
+    emb = TfidfEmbedder.fit([*descriptions, "reverse the string"])
     q, near, far = emb.embed(["apply a caesar cipher with shift 7", descriptions[1], descriptions[3]])
     assert float(q @ near) > float(q @ far) + 0.02
     assert np.allclose(np.linalg.norm(emb.embed(descriptions), axis=1), 1.0, atol=1e-5)
@@ -198,7 +198,7 @@ def test_expert_library_reads_the_build_and_refuses_mixed_layouts(experts: Path,
     )
     build_experts(other, tmp_path / "other")
     shutil.copytree(tmp_path / "other" / "copy", mixed / "copy")
-    with pytest.raises(ValueError, match="expert copy checkpoint 1 .*shape"):
+    with pytest.raises(ValueError, match=r"expert copy checkpoint 1 .*shape"):
         ExpertLibrary.from_dir(mixed, describe_base_model())
     (mixed / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -260,7 +260,7 @@ def test_a_generator_for_other_weights_is_refused_by_the_hubs_check(experts: Pat
     other = describe_base_model().__class__("someone/else", "0" * 64)
     with pytest.raises(ValueError, match="trained for base model"):
         check_generator_files(gen.to_files(), other)
-    with pytest.raises(ValueError, match="exactly generator.json, generator.safetensors"):
+    with pytest.raises(ValueError, match=r"exactly generator\.json, generator\.safetensors"):
         check_generator_files({"generator.json": b"{}"}, describe_base_model())
 
 
@@ -297,3 +297,16 @@ def test_generation_never_reads_the_target_adapter(
         _, own = zscore(target.checkpoints[-1], lib.layout)
         _, generated = zscore(after, lib.layout)
         assert not torch.allclose(own, generated, atol=1e-3)
+
+
+def test_minilm_embeds_paraphrases_near_their_task_offline() -> None:
+    """The optional sentence encoder (installed by the test command) loads from its wheel."""
+    from hub.generators.embedding import MiniLMEmbedder, embedder_from_state
+
+    emb = MiniLMEmbedder()
+    keys = ["add 3 to each digit modulo 10", "reverse the string", "convert the letters to upper case"]
+    queries = ["increase every digit by 3, wrapping around", "write the text backwards", "make all letters capitals"]
+    k, q = emb.embed(keys), emb.embed(queries)
+    assert k.shape == (3, emb.dim) and np.allclose(np.linalg.norm(k, axis=1), 1.0, atol=1e-5)
+    assert (q @ k.T).argmax(1).tolist() == [0, 1, 2]
+    assert np.array_equal(embedder_from_state(emb.state()).embed(keys), k)
