@@ -33,6 +33,7 @@ from hub.generators.base import Generator, generator_class
 from hub.generators.cvae import CVAESettings
 from hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
 from hub.generators.library import ExpertLibrary
+from hub.generators.sg_lora import SGLoRA
 from hub.manifest import describe_base_model
 from simulations.tasks import HELD_OUT_TASKS, Task, get_task
 

@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     experts.add_argument("--seed", type=int, default=0)
     experts.add_argument("--threads", type=int, default=1)
     experts.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
+    experts.add_argument(
+        "--federated", action="store_true", help="train each expert by an fl-sim federation of its task's clients"
+    )
+    experts.add_argument("--clients", type=int, default=4, help="with --federated: clients per federation")
+    experts.add_argument("--rounds", type=int, default=10, help="with --federated: rounds (the last are checkpoints)")
+    experts.add_argument("--local-steps", type=int, default=20, help="with --federated: local steps per round")
     _remote_options(experts)
     experts.add_argument("--hub-key", type=Path, default=None, help="the hub's public key: verify what it signed")
 

@@ -20,6 +20,7 @@ from hub.cli import main as fl_hub
 from hub.client import HubClient, HubRequestError
 from hub.generators.base import load_generator
 from hub.generators.experts import ExpertConfig, build_experts, publish_experts
+from hub.generators.library import ExpertLibrary
 from hub.hub_dir import HubDir, HubSettings
 from hub.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
 from simulations.tasks import get_task
@@ -175,7 +176,7 @@ def test_generation_needs_a_token_and_generators_belong_to_the_operator(hub: Hub
             c.publish("generators/sg-lora", files, {"base_model": describe_base_model().__dict__, "producer": "x"})
     with hub.client(hub.operator) as c:
         # an adapter is not a generator, and a generator must be for the base model it states
-        with pytest.raises(HubRequestError, match="exactly generator.json, generator.safetensors"):
+        with pytest.raises(HubRequestError, match=r"exactly generator\.json, generator\.safetensors"):
             c.publish("generators/sg-lora", files, {"base_model": describe_base_model().__dict__, "producer": "x"})
         gen_files = {f: (hub.root / "sg-lora" / f).read_bytes() for f in GENERATOR_FILES}
         c.publish("generators/other", gen_files, {"base_model": describe_base_model().__dict__, "producer": "x"})
@@ -186,7 +187,7 @@ def test_a_method_without_a_generator_and_a_client_pull_without_the_key(hub: Hub
     fresh = HubDir.init(tmp_path / "empty", HubSettings())[0]
     with HubServer(fresh.root, tmp_path / "log").start() as server:
         token = fresh.operator_token_path.read_text().strip()
-        with pytest.raises(HubRequestError, match="404.*no sg-lora generator yet"):
+        with pytest.raises(HubRequestError, match=r"404.*no sg-lora generator yet"):
             HubClient(server.url, token).generate("add 4 to each digit", "sg-lora")
     out = tmp_path / "x"
     args = ["pull", "--task", "add 4", "--method", "sg-lora", "--out", str(out), "--hub", hub.server.url]
@@ -198,3 +199,24 @@ def test_a_method_without_a_generator_and_a_client_pull_without_the_key(hub: Hub
     assert fl_client([*args, "--examples", str(bad), *connection]) == 2  # names the line and the keys
     assert fl_client(["pull", "--task", "rotate-1", "--examples", str(bad), "--out", str(out), *connection]) == 2
     assert not out.exists()
+
+
+@pytest.mark.flower
+def test_build_experts_federated_mixes_with_local_experts(tmp_path: Path) -> None:
+    """``--federated``: each expert is a real fl-sim federation of its task's clients; its last
+    rounds' global adapters are the checkpoints, in the same parameter space as local experts."""
+    out = tmp_path / "experts"
+    args = ["build-experts", "--out", str(out), "--tasks", "rotate-1", "--federated", "--clients", "2"]
+    args += ["--rounds", "2", "--local-steps", "3", "--checkpoints", "2", "--rank", "1", "--targets", "q_proj,v_proj"]
+    assert fl_hub(args) == 0
+    info = json.loads((out / "rotate-1" / "task.json").read_text())
+    assert info["trained"] == "federated" and info["checkpoints"] == [1, 2]
+    assert json.loads((out / "experts.json").read_text())["config"]["federated"]["clients"] == 2
+    build_experts(EXPERTS, tmp_path / "local")
+    (tmp_path / "local" / "rotate-1").rename(tmp_path / "local-rotate-1")
+    for task in ("adddigit-3", "rotate-3"):
+        (tmp_path / "local" / task).rename(out / task)
+    library = ExpertLibrary.from_dir(out, describe_base_model())
+    assert library.names() == ["adddigit-3", "rotate-1", "rotate-3"]
+    federated = library.get("rotate-1").checkpoints
+    assert federated.shape == (2, 2048) and not torch.equal(federated[0], federated[1])

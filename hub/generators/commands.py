@@ -13,7 +13,7 @@ from rich.console import Console
 from client.model import ALL_LINEAR, LoraSettings
 from hub.generators.base import generator_class
 from hub.generators.cvae import CVAESettings
-from hub.generators.experts import ExpertConfig, ExpertResult, build_experts, publish_experts
+from hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
 from hub.generators.library import ExpertLibrary
 from hub.manifest import describe_base_model
 
@@ -40,16 +40,22 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
         lr=args.lr,
         seed=args.seed,
     )
+    federated = FederatedExperts(args.clients, args.rounds, args.local_steps) if args.federated else None
     hub = _hub(args) if args.hub else None  # a bad token file or URL fails before any training
+    how = (
+        f"a federation each ({args.clients} clients, {args.rounds} rounds of {args.local_steps} steps), "
+        f"checkpoints after the last {cfg.checkpoints} rounds"
+        if federated
+        else f"{cfg.steps} steps, checkpoints at {cfg.checkpoint_steps()}"
+    )
     console.print(
-        f"training {len(cfg.task_list())} experts: LoRA r={cfg.lora.rank} on {', '.join(targets)}, "
-        f"{cfg.steps} steps, checkpoints at {cfg.checkpoint_steps()} -> {args.out}"
+        f"training {len(cfg.task_list())} experts: LoRA r={cfg.lora.rank} on {', '.join(targets)}, {how} -> {args.out}"
     )
 
     def show(r: ExpertResult) -> None:
         console.print(f"  {r.task:<12} exact match {r.exact_match:.3f}  ({r.seconds:.1f} s)", highlight=False)
 
-    results = build_experts(cfg, args.out, args.base_model, progress=show)
+    results = build_experts(cfg, args.out, args.base_model, progress=show, federated=federated)
     weak = [r.task for r in results if r.exact_match < 0.5]
     if weak:
         console.print(f"[yellow]experts below 0.5 exact match (more --steps?): {', '.join(weak)}[/]")

@@ -31,12 +31,13 @@ from client.model import (
 from client.train import TrainSettings, batches, evaluate, train
 from hub.generators.library import TASK_FILE
 from hub.generators.request import examples_json
-from hub.manifest import describe_base_model
+from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model
 from simulations.embedded import default_model_dir
 from simulations.tasks import Task, get_task, seen_tasks
 
 #: the expert adapters' default shape: small enough for a generator to model every parameter
 EXPERT_LORA = LoraSettings(rank=4, alpha=8.0, init_seed=0)
+WARM_STARTS = ("shared", "family-chain")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class ExpertConfig:
     test_examples: int = 200
     task_examples: int = 16  # kept with each expert: ICM-LoRA's in-context task vectors
     seed: int = 0
+    #: "shared": every expert starts from the same initial adapter; "family-chain": each starts
+    #: from the previous expert of its family (in parameter order), so neighbours stay close
+    warm_start: str = "shared"
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoints", "checkpoint_every", "batch_size", "train_examples", "test_examples"):
@@ -64,6 +68,8 @@ class ExpertConfig:
             )
         for name in self.tasks:
             get_task(name)  # unknown names raise with the known ones
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
 
     def task_list(self) -> list[Task]:
         return [get_task(n) for n in self.tasks] if self.tasks else seen_tasks()
@@ -95,10 +101,13 @@ class ExpertTrainer:
     def encoded(self, task: Task, split: str, n: int) -> list[Any]:
         return encode(self.tokenizer, task.examples(n, self.cfg.seed, split), self.max_len)
 
-    def train(self, task: Task) -> tuple[list[tuple[int, dict[str, torch.Tensor]]], float]:
-        """The adapter's late checkpoints ``[(step, state)]`` and the final exact match."""
+    def train(
+        self, task: Task, start: dict[str, torch.Tensor] | None = None
+    ) -> tuple[list[tuple[int, dict[str, torch.Tensor]]], float]:
+        """The adapter's late checkpoints ``[(step, state)]`` and the final exact match, trained
+        from ``start`` (default: the shared initial adapter)."""
         cfg = self.cfg
-        set_adapter_state(self.model, self.initial)
+        set_adapter_state(self.model, self.initial if start is None else start)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -126,35 +135,111 @@ def build_experts(
     out: str | Path,
     model_dir: str | Path | None = None,
     progress: Callable[[ExpertResult], None] | None = None,
+    federated: FederatedExperts | None = None,
 ) -> list[ExpertResult]:
-    """Train every expert and write ``out/<task>/{task.json, checkpoint-<step>/}``."""
+    """Train every expert (locally, or by a federation each) and write
+    ``out/<task>/{task.json, checkpoint-<step or round>/}``."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file
+
     out = Path(out)
     trainer = ExpertTrainer(cfg, model_dir)
     base = describe_base_model(trainer.model_dir)
     results = []
-    for task in cfg.task_list():
+    previous: dict[str, dict[str, torch.Tensor]] = {}  # family -> its last expert (family-chain)
+    tasks = cfg.task_list()
+    if cfg.warm_start == "family-chain":
+        tasks = sorted(tasks, key=lambda t: (t.family, t.param if t.param is not None else -1))
+    for task in tasks:
         t0 = time.perf_counter()
-        checkpoints, em = trainer.train(task)
         task_dir = out / task.name
-        for step, state in checkpoints:
-            set_adapter_state(trainer.model, state)
-            save_adapter(trainer.model, task_dir / f"checkpoint-{step}", base_model_dir=trainer.model_dir)
+        if federated is None:
+            start = previous.get(task.family) if cfg.warm_start == "family-chain" else None
+            checkpoints, em = trainer.train(task, start)
+            previous[task.family] = checkpoints[-1][1]
+            for step, state in checkpoints:
+                set_adapter_state(trainer.model, state)
+                save_adapter(trainer.model, task_dir / f"checkpoint-{step}", base_model_dir=trainer.model_dir)
+            steps = [s for s, _ in checkpoints]
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                runs = federated_checkpoints(cfg, federated, task, Path(work), Path(model_dir) if model_dir else None)
+                for r, src in runs:
+                    (task_dir / f"checkpoint-{r}").mkdir(parents=True, exist_ok=True)
+                    for f in (CONFIG_FILE, WEIGHTS_FILE):
+                        shutil.copyfile(src / f, task_dir / f"checkpoint-{r}" / f)
+                em = trainer.evaluate(load_file(str(runs[-1][1] / WEIGHTS_FILE)), task)
+            steps = [r for r, _ in runs]
         info = {
             "name": task.name,
             "family": task.family,
             "descriptions": list(task.descriptions),
             "examples": examples_json(task.examples(cfg.task_examples, cfg.seed + 1, "train")),
             "evaluation": {"exact_match": em, "test_examples": cfg.test_examples},
-            "checkpoints": [s for s, _ in checkpoints],
+            "checkpoints": steps,
+            "trained": "federated" if federated else "local",
         }
         (task_dir / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        result = ExpertResult(task.name, em, time.perf_counter() - t0, [s for s, _ in checkpoints])
+        result = ExpertResult(task.name, em, time.perf_counter() - t0, steps)
         results.append(result)
         if progress is not None:
             progress(result)
-    config = {**asdict(cfg), "lora": lora_settings_dict(cfg.lora), "base_model": asdict(base)}
+    config = {
+        **asdict(cfg),
+        "lora": lora_settings_dict(cfg.lora),
+        "base_model": asdict(base),
+        "federated": asdict(federated) if federated else None,
+    }
     (out / "experts.json").write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
     return results
+
+
+@dataclass(frozen=True)
+class FederatedExperts:
+    """Train each expert by a federation instead (``fl-hub build-experts --federated``): one
+    ``fl-sim`` run per task, its clients holding that task's data (untagged), FedAvg-LoRA from
+    the shared initialisation; the last rounds' global adapters are the checkpoints."""
+
+    clients: int = 4
+    rounds: int = 10
+    local_steps: int = 20
+    strategy: str = "fedavg-lora"
+    timeout: float = 1800.0
+
+    def __post_init__(self) -> None:
+        for name in ("clients", "rounds", "local_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"federated {name} must be an integer >= 1, got {value!r}")
+
+
+def federated_checkpoints(
+    cfg: ExpertConfig, fed: FederatedExperts, task: Task, work: Path, model_dir: Path | None
+) -> list[tuple[int, Path]]:
+    """Run the task's federation with ``fl-sim`` and return its last rounds' adapter directories."""
+    import subprocess
+    import sys
+
+    if cfg.checkpoints > fed.rounds:
+        raise ValueError(f"{cfg.checkpoints} checkpoints need at least as many rounds, got {fed.rounds}")
+    run_dir = work / f"{task.name}-run"
+    targets = ",".join(cfg.lora.target_modules)
+    cmd = [sys.executable, "-m", "simulations.cli", "--out", str(run_dir), "--force", "--quiet", "--no-dp"]
+    cmd += ["--strategy", fed.strategy, "--clients", str(fed.clients), "--rounds", str(fed.rounds)]
+    cmd += ["--local-steps", str(fed.local_steps), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size)]
+    cmd += ["--rank", str(cfg.lora.rank), "--lora-alpha", str(cfg.lora.alpha), "--targets", targets]
+    cmd += ["--tasks", task.name, "--partition", "iid", "--seed", str(cfg.lora.init_seed)]
+    cmd += ["--num-train", str(max(1, cfg.train_examples // fed.clients)), "--num-test", str(cfg.test_examples)]
+    cmd += ["--run-config", "tagged=false"]
+    if model_dir is not None:
+        cmd += ["--model", str(model_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=fed.timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"the federation for expert {task.name} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    rounds = list(range(fed.rounds - cfg.checkpoints + 1, fed.rounds + 1))
+    return [(r, run_dir / "checkpoints" / f"round-{r}") for r in rounds]
 
 
 def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names: Sequence[str] = ()) -> list[str]:
