@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     experts.add_argument("--targets", default="all-linear", help="comma-separated target modules")
     experts.add_argument("--lr", type=float, default=3e-3)
     experts.add_argument("--seed", type=int, default=0)
+    experts.add_argument(
+        "--warm-start",
+        choices=["shared", "family-chain"],
+        default="shared",
+        help="every expert from one initial adapter, or each from the previous expert of its family",
+    )
     experts.add_argument("--threads", type=int, default=1)
     experts.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
     experts.add_argument(

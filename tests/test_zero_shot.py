@@ -13,29 +13,19 @@ import pytest
 import torch
 from hub_server import HubServer
 from peft import PeftModel
+from tiny_experts import TINY
+from tiny_experts import TINY_TASKS as TASKS
 
 from client.cli import main as fl_client
-from client.model import LoraSettings, load_base_model
+from client.model import load_base_model
 from hub.cli import main as fl_hub
 from hub.client import HubClient, HubRequestError
 from hub.generators.base import load_generator
-from hub.generators.experts import ExpertConfig, build_experts, publish_experts
+from hub.generators.experts import build_experts, publish_experts
 from hub.generators.library import ExpertLibrary
 from hub.hub_dir import HubDir, HubSettings
 from hub.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
 from simulations.tasks import get_task
-
-TASKS = ("adddigit-3", "adddigit-5", "rotate-1", "rotate-3")
-EXPERTS = ExpertConfig(
-    tasks=TASKS,
-    lora=LoraSettings(rank=1, alpha=2.0, target_modules=("q_proj", "v_proj")),
-    steps=6,
-    checkpoints=2,
-    checkpoint_every=3,
-    train_examples=64,
-    test_examples=16,
-    task_examples=8,
-)
 
 
 class Hub:
@@ -64,7 +54,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("zero-shot")
     h = Hub(root)
     try:
-        build_experts(EXPERTS, root / "experts")
+        build_experts(TINY, root / "experts")
         with h.client(h.operator) as c:
             published = publish_experts(c, root / "experts", "experts-test", "tests")
         assert len(published) == 8  # 4 tasks x 2 checkpoints
@@ -212,7 +202,7 @@ def test_build_experts_federated_mixes_with_local_experts(tmp_path: Path) -> Non
     info = json.loads((out / "rotate-1" / "task.json").read_text())
     assert info["trained"] == "federated" and info["checkpoints"] == [1, 2]
     assert json.loads((out / "experts.json").read_text())["config"]["federated"]["clients"] == 2
-    build_experts(EXPERTS, tmp_path / "local")
+    build_experts(TINY, tmp_path / "local")
     (tmp_path / "local" / "rotate-1").rename(tmp_path / "local-rotate-1")
     for task in ("adddigit-3", "rotate-3"):
         (tmp_path / "local" / task).rename(out / task)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from tiny_experts import TINY, TINY_TASKS
 
 from client.model import LoraSettings, load_base_model, load_tokenizer
 from hub.generators.base import generator_class, load_generator
@@ -27,17 +28,6 @@ from hub.generators.sg_lora import mixture_prior, mixture_weights
 from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, check_generator_files, describe_base_model
 from simulations.tasks import Example, get_task
 
-TINY_TASKS = ("adddigit-3", "adddigit-5", "rotate-1", "rotate-3")
-TINY = ExpertConfig(
-    tasks=TINY_TASKS,
-    lora=LoraSettings(rank=1, alpha=2.0, target_modules=("q_proj", "v_proj")),
-    steps=6,
-    checkpoints=2,
-    checkpoint_every=3,
-    train_examples=64,
-    test_examples=16,
-    task_examples=8,
-)
 QUICK = CVAESettings(steps=30, batch_size=4)
 
 

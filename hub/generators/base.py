@@ -63,9 +63,17 @@ class Generator(ABC):
 
     @classmethod
     @abstractmethod
+    def keywords(cls, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's own constructor keywords, from its stored arrays and options."""
+
+    @classmethod
     def restore(
         cls, common: dict[str, Any], cvae: ConvCVAE, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]
-    ) -> Generator: ...
+    ) -> Generator:
+        c, keywords = common, cls.keywords(arrays, options)
+        return cls(
+            c["layout"], c["base_model"], c["experts"], c["embedder"], c["settings"], cvae, c["training"], **keywords
+        )
 
     @property
     def needs_base_model(self) -> bool:

@@ -189,18 +189,5 @@ class ICMLoRA(Generator):
         return {"subsets": SUBSETS, "subset_size": SUBSET_SIZE, "drop": DROP, "ridge": RIDGE}
 
     @classmethod
-    def restore(
-        cls, common: dict[str, Any], cvae: ConvCVAE, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]
-    ) -> ICMLoRA:
-        return cls(
-            common["layout"],
-            common["base_model"],
-            common["experts"],
-            common["embedder"],
-            common["settings"],
-            cvae,
-            common["training"],
-            hidden_mean=arrays["hidden_mean"],
-            hidden_std=arrays["hidden_std"],
-            stats_weights=arrays["stats_weights"],
-        )
+    def keywords(cls, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: arrays[k] for k in ("hidden_mean", "hidden_std", "stats_weights")}

@@ -164,21 +164,9 @@ class SGLoRA(Generator):
         return {"top_k": self.top_k, "temperature": self.temperature}
 
     @classmethod
-    def restore(
-        cls, common: dict[str, Any], cvae: ConvCVAE, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]
-    ) -> SGLoRA:
-        return cls(
-            common["layout"],
-            common["base_model"],
-            common["experts"],
-            common["embedder"],
-            common["settings"],
-            cvae,
-            common["training"],
-            means=arrays["means"],
-            variances=arrays["variances"],
-            keys=arrays["keys"],
-            scale=arrays["scale"],
-            top_k=int(options.get("top_k", TOP_K)),
-            temperature=float(options.get("temperature", TEMPERATURE)),
-        )
+    def keywords(cls, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            **{k: arrays[k] for k in ("means", "variances", "keys", "scale")},
+            "top_k": int(options.get("top_k", TOP_K)),
+            "temperature": float(options.get("temperature", TEMPERATURE)),
+        }
