@@ -132,6 +132,20 @@ def test_the_same_request_returns_the_stored_adapter(hub: Hub) -> None:
     assert response.status_code == 200  # stored already (a new one answers 201)
 
 
+def test_concurrent_identical_requests_generate_once(hub: Hub) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(_: int) -> dict[str, object]:
+        with hub.client(hub.alice) as c:
+            return c.generate("sort the digits in ascending order please", "icm-lora")
+
+    with ThreadPoolExecutor(8) as pool:
+        records = list(pool.map(ask, range(8)))
+    assert len({(r["name"], r["version"]) for r in records}) == 1
+    with hub.client(hub.operator) as c:
+        assert c.versions(str(records[0]["name"])) == [1]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "reason"),
     [

@@ -55,28 +55,17 @@ class GeneratorService:
         name = f"generated/{request.method}-{generator_record.version}-{request.key()[:20]}"
         if not principal.can_read(name):
             raise HubError(principal.read_denied(name), 403)
-        try:
-            return self.registry.get(GENERATOR_PRINCIPAL, name), False, 0.0
-        except NotFound:
-            pass
-        with self._lock:
+        with self._lock:  # one generation at a time, and a request that raced ours finds its result
+            try:
+                return self.registry.get(GENERATOR_PRINCIPAL, name), False, 0.0
+            except NotFound:
+                pass
             generator = self._load(generator_record, manifest)
             start = time.perf_counter()
             files = generator.generate(request.description, request.examples)
             ms = 1000 * (time.perf_counter() - start)
-        provenance = {
-            "base_model": base,
-            "producer": f"fl-hub generate ({source} v{generator_record.version})",
-            "description": request.description,
-            "extra": {
-                "generator": {"name": source, "version": generator_record.version, "method": request.method},
-                "experts": generator.experts,
-                "examples": len(request.examples),
-                "generation_ms": round(ms, 2),
-                "request_sha256": request.key(),
-            },
-        }
-        record = self.registry.publish(GENERATOR_PRINCIPAL, name, files, provenance)
+            provenance = _provenance(request, generator, generator_record, base, ms)
+            record = self.registry.publish(GENERATOR_PRINCIPAL, name, files, provenance)
         log.info("generated %s v%d for %s in %.1f ms", record.name, record.version, principal.describe, ms)
         return record, True, ms
 
@@ -114,3 +103,21 @@ class GeneratorService:
                     409,
                 )
         return self._task_models[sha256]
+
+
+def _provenance(
+    request: GenerationRequest, generator: Generator, source: Record, base: dict[str, Any], ms: float
+) -> dict[str, Any]:
+    """A generated adapter's provenance: the generator (name, version) and the experts it learned from."""
+    return {
+        "base_model": base,
+        "producer": f"fl-hub generate ({source.name} v{source.version})",
+        "description": request.description,
+        "extra": {
+            "generator": {"name": source.name, "version": source.version, "method": request.method},
+            "experts": generator.experts,
+            "examples": len(request.examples),
+            "generation_ms": round(ms, 2),
+            "request_sha256": request.key(),
+        },
+    }
