@@ -224,3 +224,27 @@ def test_build_experts_federated_mixes_with_local_experts(tmp_path: Path) -> Non
     assert library.names() == ["adddigit-3", "rotate-1", "rotate-3"]
     federated = library.get("rotate-1").checkpoints
     assert federated.shape == (2, 2048) and not torch.equal(federated[0], federated[1])
+
+
+def test_train_generator_refuses_experts_of_another_base_model(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from simulations.embedded import default_model_dir
+
+    other = tmp_path / "other-base"
+    shutil.copytree(default_model_dir(), other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 1
+    weights.write_bytes(bytes(data))
+    experts = str(hub.root / "experts")
+    args = ["train-generator", "--method", "sg-lora", "--experts", experts, "--steps", "2"]
+    assert fl_hub([*args, "--base-model", str(other), "--out", str(tmp_path / "g")]) == 2
+    assert "the experts were trained on base model fedlora/embedded-base" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    assert fl_hub(["train-generator", "--method", "sg-lora", "--experts", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert fl_hub(["train-generator", "--method", "icm-lora", "--steps", "2"]) == 2
+    assert "name the experts" in capsys.readouterr().err

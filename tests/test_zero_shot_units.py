@@ -19,7 +19,7 @@ from tiny_experts import TINY, TINY_TASKS
 from client.model import LoraSettings, load_base_model, load_tokenizer
 from hub.generators.base import generator_class, load_generator
 from hub.generators.cvae import CVAESettings
-from hub.generators.embedding import TfidfEmbedder, hidden_state_vector, numeric_features
+from hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
 from hub.generators.experts import ExpertConfig, build_experts
 from hub.generators.icm_lora import denormalize, ridge_fit, ridge_predict, zscore
 from hub.generators.library import ExpertLibrary, Layout
@@ -108,6 +108,9 @@ def test_numeric_features_order_numbers_that_text_similarity_does_not() -> None:
     assert float(q @ near) > float(q @ far) + 0.02
     assert np.allclose(np.linalg.norm(emb.embed(descriptions), axis=1), 1.0, atol=1e-5)
     assert numeric_features("reverse the string").tolist() == [0.0] * 6
+    assert numeric_features("shift by seven").tolist() == numeric_features("shift by 7").tolist()
+    cases = {"twenty-three": 23, "Twenty three places": 23, "twenty letters": 20, "triple each": 3, "7.5 units": None}
+    assert {t: first_number(t) for t in cases} == cases
     assert numeric_features("shift by 13")[1] == pytest.approx(1.3)
     rebuilt = TfidfEmbedder(**{k: v for k, v in emb.state().items() if k != "kind"})
     assert np.array_equal(rebuilt.embed(descriptions), emb.embed(descriptions))

@@ -22,18 +22,43 @@ import torch
 
 from simulations.tasks import Example
 
-NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?![\w.])")
+NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?![\w.])|\b([a-z]+)\b")
+_UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+_TEENS = "sixteen seventeen eighteen nineteen".split()
+#: number words a description may use instead of digits ("add four", "triple each letter")
+NUMBER_WORDS: dict[str, int] = {
+    **{w: i for i, w in enumerate(_UNITS)},
+    **{w: 16 + i for i, w in enumerate(_TEENS)},
+    "twenty": 20,
+    **{f"twenty{w}": 20 + i for i, w in enumerate(_UNITS[1:10], 1)},
+    "twice": 2,
+    "double": 2,
+    "thrice": 3,
+    "triple": 3,
+    "quadruple": 4,
+}
 #: the weight of the numeric block next to the unit-norm text block
 NUMERIC_WEIGHT = 0.8
 EMBEDDERS = ("tfidf", "minilm")
 
 
+def first_number(text: str) -> int | None:
+    """The first number in ``text``, written in digits or in words (up to twenty-nine)."""
+    lowered = re.sub(rf"twenty[- ]({'|'.join(_UNITS[1:10])})\b", r"twenty\1", text.lower())
+    for match in NUMBER.finditer(lowered):
+        if match.group(1) is not None:
+            return int(match.group(1))
+        if match.group(2) in NUMBER_WORDS:
+            return NUMBER_WORDS[match.group(2)]
+    return None
+
+
 def numeric_features(text: str) -> np.ndarray:
     """``[has_number, v/10, sin/cos(2 pi v/26), sin/cos(2 pi v/10)]`` of the first number in ``text``."""
-    match = NUMBER.search(text)
-    if match is None:
+    number = first_number(text)
+    if number is None:
         return np.zeros(6, dtype=np.float32)
-    v = float(match.group(1))
+    v = float(number)
     a, d = 2 * math.pi * v / 26, 2 * math.pi * v / 10
     return np.array([1.0, v / 10, math.sin(a), math.cos(a), math.sin(d), math.cos(d)], dtype=np.float32)
 

@@ -29,7 +29,7 @@ from client.model import (
     wrap_lora,
 )
 from client.train import TrainSettings, batches, evaluate, train
-from hub.generators.library import TASK_FILE
+from hub.generators.library import BUILD_FILE, TASK_FILE
 from hub.generators.request import examples_json
 from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model
 from simulations.embedded import default_model_dir
@@ -192,7 +192,7 @@ def build_experts(
         "base_model": asdict(base),
         "federated": asdict(federated) if federated else None,
     }
-    (out / "experts.json").write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
+    (out / BUILD_FILE).write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2))
     return results
 
 
@@ -248,7 +248,7 @@ def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names
     from hub.manifest import read_adapter_dir
 
     root = Path(root)
-    base = json.loads((root / "experts.json").read_text())["config"]["base_model"]
+    base = json.loads((root / BUILD_FILE).read_text())["config"]["base_model"]
     published = []
     for task_dir in sorted(p for p in root.iterdir() if (p / TASK_FILE).is_file()):
         info = json.loads((task_dir / TASK_FILE).read_text())

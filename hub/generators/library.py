@@ -29,6 +29,7 @@ from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, BaseModel
 from simulations.tasks import Example
 
 TASK_FILE = "task.json"
+BUILD_FILE = "experts.json"  # what fl-hub build-experts trained: settings, base model, results
 #: the adapter-config fields that must agree for adapters to share one parameter space
 LAYOUT_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern")
 
@@ -217,9 +218,15 @@ class ExpertLibrary:
 
     @classmethod
     def from_dir(cls, root: str | Path, base_model: BaseModel) -> ExpertLibrary:
+        """The experts under ``root``; their base model is the one ``experts.json`` records (what
+        ``fl-hub build-experts`` trained on), else ``base_model`` (a user's own adapters)."""
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"expert directory {root} does not exist")
+        build = root / BUILD_FILE
+        if build.is_file():
+            recorded = json.loads(build.read_text())["config"]["base_model"]
+            base_model = BaseModel(str(recorded["id"]), str(recorded["sha256"]))
         tasks = []
         for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             info_file = task_dir / TASK_FILE
