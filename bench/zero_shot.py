@@ -71,6 +71,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200, help="training steps per expert and oracle")
     p.add_argument("--generator-steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="SG-LoRA's softmax temperature")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = ExpertConfig(steps=args.steps, seed=args.seed)
@@ -103,7 +104,8 @@ def main() -> int:
     generators: dict[str, Generator] = {}
     for method in ("sg-lora", "icm-lora"):
         with trainer.model.disable_adapter():
-            gen = generator_class(method).fit(library, settings, task_model=task_model)
+            options = {"temperature": args.temperature} if args.temperature and method == "sg-lora" else {}
+            gen = generator_class(method).fit(library, settings, task_model=task_model, **options)
         generators[method] = gen
         print(
             f"{method}: {gen.training['parameters']:,} parameters, trained in {gen.training['seconds']:.1f} s "
@@ -154,6 +156,21 @@ def main() -> int:
     print("seen tasks described in new words (one paraphrase each; the last column is the task's own expert)")
     show(paraphrased, "expert")
     seen_family = [n for n in table if n != NEGATIVE_CONTROL]
+    print()
+    print("the best mixture of the two neighbouring experts, its weight picked on the task's own test split")
+    print("(an upper bound for any generator that mixes experts, which no real request could reach):")
+    for name in seen_family:
+        task = get_task(name)
+        same = sorted(
+            (e for e in library.experts if get_task(e.name).family == task.family),
+            key=lambda e: abs((get_task(e.name).param or 0) - (task.param or 0)),
+        )[:2]
+        a, b = same[0].checkpoints[-1], same[1].checkpoints[-1]
+        best = max((scores(trainer, (1 - w) * a + w * b, task, layout), w) for w in (0.0, 0.25, 0.5, 0.75, 1.0))
+        print(
+            f"  {name}: {same[0].name} + {same[1].name}: exact match {best[0][0]:.3f} "
+            f"(token accuracy {best[0][1]:.2f}) at weight {best[1]}"
+        )
     print()
     recovery = {}
     for c in ["retrieval", "uniform", "sg-lora", "icm-lora"]:

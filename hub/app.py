@@ -157,6 +157,8 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise HubError(f"the body is not JSON ({err})") from None
+        except RecursionError:
+            raise HubError("the body's JSON is nested too deeply") from None
         generation = _checked(lambda: GenerationRequest.from_json(payload))
         record, created, ms = await run_in_threadpool(lambda: generator_service().generate(who, generation))
         response = _json(record.to_dict(), status=201 if created else 200)

@@ -256,9 +256,15 @@ def check_adapter_files(files: Mapping[str, bytes]) -> AdapterInfo:
     return AdapterInfo("LORA", rank, float(alpha), sorted(targets), count, len(weights))
 
 
-def check_generator_files(files: Mapping[str, bytes], base_model: BaseModel) -> AdapterInfo:
-    """Refuse anything that is not a generator for ``base_model``; the info describes the
-    adapters it generates (rank, targets) and counts the generator's own parameters."""
+#: the generator formats and methods this hub serves (hub.generators keeps the implementations)
+GENERATOR_FORMAT_VERSION = 1
+GENERATOR_METHODS = ("sg-lora", "icm-lora")
+
+
+def check_generator_files(files: Mapping[str, bytes], base_model: BaseModel, name: str) -> AdapterInfo:
+    """Refuse anything that is not a generator for ``base_model`` stored under its own method's
+    name (``generators/<method>``); the info describes the adapters it generates (rank,
+    targets) and counts the generator's own parameters."""
     if set(files) != set(GENERATOR_FILES):
         raise ValueError(
             f"a generator consists of exactly {', '.join(GENERATOR_FILES)}, got {', '.join(sorted(files))}"
@@ -269,6 +275,17 @@ def check_generator_files(files: Mapping[str, bytes], base_model: BaseModel) -> 
         raise ValueError(f"{GENERATOR_CONFIG_FILE} is not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format") != "fedlora-generator":
         raise ValueError(f"{GENERATOR_CONFIG_FILE} is not a fedlora generator")
+    if config.get("format_version") != GENERATOR_FORMAT_VERSION:
+        raise ValueError(
+            f"{GENERATOR_CONFIG_FILE}: format version {config.get('format_version')!r}, "
+            f"this hub serves version {GENERATOR_FORMAT_VERSION}"
+        )
+    method = config.get("method")
+    if method not in GENERATOR_METHODS or name != f"generators/{method}":
+        raise ValueError(
+            f"a {method!r} generator is stored as generators/<method> with a method of "
+            f"{', '.join(GENERATOR_METHODS)}, not as {name}"
+        )
     if config.get("base_model") != asdict(base_model):
         raise ValueError(
             f"{GENERATOR_CONFIG_FILE} was trained for base model {config.get('base_model')}, "

@@ -390,7 +390,7 @@ class Registry:
         try:
             prov = Provenance.from_mapping(provenance)
             if namespace(name) == "generators":
-                info = check_generator_files(files, prov.base_model)
+                info = check_generator_files(files, prov.base_model, name)
             else:
                 info = check_adapter_files(files)
         except (TypeError, ValueError) as err:

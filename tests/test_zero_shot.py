@@ -5,6 +5,7 @@ signed adapters that ``fl-client pull --task "..." --method ...`` verifies and w
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hub.client import HubClient, HubRequestError
 from hub.generators.base import load_generator
 from hub.generators.experts import build_experts, publish_experts
 from hub.generators.library import ExpertLibrary
+from hub.generators.request import GenerationRequest
 from hub.hub_dir import HubDir, HubSettings
 from hub.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
 from simulations.tasks import get_task
@@ -144,6 +146,18 @@ def test_concurrent_identical_requests_generate_once(hub: Hub) -> None:
     assert len({(r["name"], r["version"]) for r in records}) == 1
     with hub.client(hub.operator) as c:
         assert c.versions(str(records[0]["name"])) == [1]
+    # two worker processes on the same hub directory: still one generation per request
+    with HubServer(hub.dir.root, hub.root / "workers.log", workers=2) as two:
+
+        def ask_two(_: int) -> dict[str, object]:
+            with HubClient(two.url, hub.alice, hub.key) as c:
+                return c.generate("sort the digits descending, as two workers", "sg-lora")
+
+        with ThreadPoolExecutor(8) as pool:
+            records = list(pool.map(ask_two, range(8)))
+    assert len({(r["name"], r["version"]) for r in records}) == 1
+    with hub.client(hub.operator) as c:
+        assert c.versions(str(records[0]["name"])) == [1]
 
 
 @pytest.mark.parametrize(
@@ -160,6 +174,7 @@ def test_concurrent_identical_requests_generate_once(hub: Hub) -> None:
         ({"description": "add 4", "examples": "1=5"}, 400, "must be a list"),
         ({"description": "add 4", "base_model_sha256": "f" * 64}, 409, "trained for base model fedlora/embedded-base"),
         ("not json", 400, "not JSON"),
+        ("[" * 100_000, 400, "nested too deeply"),
     ],
 )
 def test_bad_generation_requests_get_reasons(hub: Hub, body: object, status: int, reason: str) -> None:
@@ -182,14 +197,30 @@ def test_generation_needs_a_token_and_generators_belong_to_the_operator(hub: Hub
         # an adapter is not a generator, and a generator must be for the base model it states
         with pytest.raises(HubRequestError, match=r"exactly generator\.json, generator\.safetensors"):
             c.publish("generators/sg-lora", files, {"base_model": describe_base_model().__dict__, "producer": "x"})
-        gen_files = {f: (hub.root / "sg-lora" / f).read_bytes() for f in GENERATOR_FILES}
-        c.publish("generators/other", gen_files, {"base_model": describe_base_model().__dict__, "producer": "x"})
-        assert c.versions("generators/sg-lora") == [1]
+        prov = {"base_model": describe_base_model().__dict__, "producer": "x"}
+        sg = {f: (hub.root / "sg-lora" / f).read_bytes() for f in GENERATOR_FILES}
+        icm = {f: (hub.root / "icm-lora" / f).read_bytes() for f in GENERATOR_FILES}
+        for name, files_, reason in [
+            ("generators/other", sg, "stored as generators/<method>"),
+            ("generators/sg-lora", icm, "'icm-lora' generator is stored as generators/<method>"),
+        ]:
+            with pytest.raises(HubRequestError, match=re.escape(reason)):
+                c.publish(name, files_, prov)
+        config = json.loads(sg["generator.json"])
+        future = {**sg, "generator.json": json.dumps({**config, "format_version": 2}).encode()}
+        with pytest.raises(HubRequestError, match="format version 2, this hub serves version 1"):
+            c.publish("generators/sg-lora", future, prov)
+        other_base = {**sg, "generator.json": json.dumps({**config, "base_model": {"id": "x", "sha256": "0" * 64}})}
+        with pytest.raises(HubRequestError, match="trained for base model"):
+            c.publish(
+                "generators/sg-lora", {**other_base, "generator.json": other_base["generator.json"].encode()}, prov
+            )
+        assert c.versions("generators/sg-lora") == [1]  # nothing of it was stored
 
 
 def test_a_method_without_a_generator_and_a_client_pull_without_the_key(hub: Hub, tmp_path: Path) -> None:
     fresh = HubDir.init(tmp_path / "empty", HubSettings())[0]
-    with HubServer(fresh.root, tmp_path / "log").start() as server:
+    with HubServer(fresh.root, tmp_path / "log") as server:
         token = fresh.operator_token_path.read_text().strip()
         with pytest.raises(HubRequestError, match=r"404.*no sg-lora generator yet"):
             HubClient(server.url, token).generate("add 4 to each digit", "sg-lora")
@@ -248,3 +279,27 @@ def test_train_generator_refuses_experts_of_another_base_model(
     assert "does not exist" in capsys.readouterr().err
     assert fl_hub(["train-generator", "--method", "icm-lora", "--steps", "2"]) == 2
     assert "name the experts" in capsys.readouterr().err
+
+
+def test_an_answer_generated_for_another_request_is_refused(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A man in the middle (or a confused hub) answering with another validly signed generated
+    adapter is caught: the signed provenance names the request it was generated for."""
+    from hub.manifest import VerificationError
+
+    with hub.client(hub.alice) as c:
+        other = c.generate("rotate the string left by 3", "sg-lora")
+        real_request = c._request
+
+        def substitute(method: str, path: str, **kwargs: object) -> httpx.Response:
+            response = real_request(method, path, **kwargs)
+            if path == "/v1/generate":
+                return httpx.Response(200, json=other)
+            return response
+
+        monkeypatch.setattr(c, "_request", substitute)
+        with pytest.raises(VerificationError, match="of this request"):
+            c.generate("add 4 to each digit modulo 10", "sg-lora")
+        forged = {**other, "name": other["name"][:-20] + GenerationRequest("reverse it").key()[:20]}
+        monkeypatch.setattr(c, "_request", lambda *a, **k: httpx.Response(200, json=forged))
+        with pytest.raises(VerificationError):
+            c.generate("reverse it", "sg-lora")  # the name fits, the signature does not

@@ -240,7 +240,7 @@ def test_generators_train_in_seconds_and_their_adapters_load_with_peft(
     assert not torch.allclose(logits, base)  # the adapter does something
     # stored as two files the hub checks, reloaded it generates exactly the same adapter
     stored = gen.to_files()
-    info = check_generator_files(stored, describe_base_model())
+    info = check_generator_files(stored, describe_base_model(), f"generators/{method}")
     assert info.peft_type == "GENERATOR" and info.rank == 1 and info.num_parameters > 0
     again = load_generator(stored)
     again.task_model = task_model
@@ -252,9 +252,9 @@ def test_a_generator_for_other_weights_is_refused_by_the_hubs_check(experts: Pat
     gen = generator_class("sg-lora").fit(ExpertLibrary.from_dir(experts, describe_base_model()), QUICK)
     other = describe_base_model().__class__("someone/else", "0" * 64)
     with pytest.raises(ValueError, match="trained for base model"):
-        check_generator_files(gen.to_files(), other)
+        check_generator_files(gen.to_files(), other, "generators/sg-lora")
     with pytest.raises(ValueError, match=r"exactly generator\.json, generator\.safetensors"):
-        check_generator_files({"generator.json": b"{}"}, describe_base_model())
+        check_generator_files({"generator.json": b"{}"}, describe_base_model(), "generators/sg-lora")
 
 
 def test_sg_lora_prior_comes_from_the_nearest_experts(experts: Path) -> None:
@@ -268,28 +268,61 @@ def test_sg_lora_prior_comes_from_the_nearest_experts(experts: Path) -> None:
 
 @pytest.mark.parametrize("method", ["icm-lora", "sg-lora"])
 def test_generation_never_reads_the_target_adapter(
-    method: str, experts: Path, task_model: tuple[object, object], tmp_path: Path
+    method: str, experts: Path, task_model: tuple[object, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The public ICM-LoRA code de-normalises with the target task's own statistics. Here the
-    generator is self-contained: generate for a task of the library, remove that task's adapter
-    from the library, generate again from the stored generator: the same bytes."""
+    """The public ICM-LoRA code de-normalises with the target task's own statistics, read from
+    the target's adapter. Here a generator trained without the target generates for it with
+    every way of reading an expert library disabled, gives the same bytes whether the target's
+    adapter is in the library, altered or gone, and ICM-LoRA's statistics are its own
+    prediction, not the target's."""
+    import hub.generators.library as library_module
+
     library_dir = tmp_path / "library"
     shutil.copytree(experts, library_dir)
-    lib = ExpertLibrary.from_dir(library_dir, describe_base_model())
-    gen = generator_class(method).fit(lib, QUICK, task_model=task_model)
+    full = ExpertLibrary.from_dir(library_dir, describe_base_model())
+    target = full.get("adddigit-5")
+    gen = generator_class(method).fit(full.without("adddigit-5"), QUICK, task_model=task_model)
     stored = gen.to_files()
-    target = lib.get("adddigit-5")
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generation read an expert library")
+
+    for name in ("from_dir", "from_hub", "from_adapters"):
+        monkeypatch.setattr(library_module.ExpertLibrary, name, forbidden)
+    monkeypatch.setattr(library_module, "read_adapter", forbidden)
     description, examples = target.descriptions[0], target.examples
-    before = gen.generate_vector(description, examples)
-    shutil.rmtree(library_dir / "adddigit-5")
-    reloaded = load_generator(stored)
-    reloaded.task_model = task_model
-    after = reloaded.generate_vector(description, examples)
-    assert torch.equal(before, after)
-    if method == "icm-lora":  # its statistics are predicted, not the target's own
-        _, own = zscore(target.checkpoints[-1], lib.layout)
-        _, generated = zscore(after, lib.layout)
-        assert not torch.allclose(own, generated, atol=1e-3)
+    outputs = []
+    for change in ("as is", "altered", "removed"):
+        weights = library_dir / "adddigit-5" / "checkpoint-6" / WEIGHTS_FILE
+        if change == "altered":
+            weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+        elif change == "removed":
+            shutil.rmtree(library_dir / "adddigit-5")
+        reloaded = load_generator(stored)
+        reloaded.task_model = task_model
+        outputs.append(reloaded.generate_vector(description, examples))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert torch.equal(outputs[0], gen.generate_vector(description, examples))
+    _, own = zscore(target.checkpoints[-1], full.layout)
+    _, generated = zscore(outputs[0], full.layout)
+    assert not torch.allclose(own, generated, atol=1e-3)  # not the target's own statistics
+    assert "adddigit-5" not in reloaded.experts
+
+
+def test_a_rebuilt_expert_replaces_the_old_one_whole(tmp_path: Path) -> None:
+    """Building into the same directory again leaves no stale checkpoint of the first build."""
+    first = ExpertConfig(**{**TINY.__dict__, "tasks": ("rotate-1",), "steps": 6, "checkpoint_every": 3})
+    second = ExpertConfig(**{**TINY.__dict__, "tasks": ("rotate-1",), "steps": 8, "checkpoint_every": 4})
+    build_experts(first, tmp_path / "e")
+    build_experts(second, tmp_path / "e")
+    assert sorted(p.name for p in (tmp_path / "e" / "rotate-1").iterdir()) == [
+        "checkpoint-4",
+        "checkpoint-8",
+        "task.json",
+    ]
+    lib = ExpertLibrary.from_dir(tmp_path / "e", describe_base_model())
+    assert lib.get("rotate-1").checkpoints.shape[0] == 2
+    assert not any(p.name.startswith(".") for p in (tmp_path / "e").iterdir())  # no temporary leftovers
 
 
 def test_minilm_embeds_paraphrases_near_their_task_offline() -> None:

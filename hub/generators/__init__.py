@@ -7,8 +7,10 @@ generation request arrives, so a hub that serves no generators starts without it
 
 from __future__ import annotations
 
+from hub.manifest import GENERATOR_METHODS
+
 #: generation methods the hub serves; each is stored under ``generators/<method>``
-METHODS: tuple[str, ...] = ("sg-lora", "icm-lora")
+METHODS: tuple[str, ...] = GENERATOR_METHODS
 
 
 def check_method(method: str) -> str:

@@ -19,10 +19,8 @@ from hub.generators import check_method
 from hub.generators.cvae import ConvCVAE, CVAESettings, FitResult
 from hub.generators.embedding import TextEmbedder, embedder_from_state
 from hub.generators.library import ExpertLibrary, Layout
-from hub.manifest import GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE, BaseModel
+from hub.manifest import GENERATOR_CONFIG_FILE, GENERATOR_FORMAT_VERSION, GENERATOR_WEIGHTS_FILE, BaseModel
 from simulations.tasks import Example
-
-FORMAT_VERSION = 1
 
 
 class Generator(ABC):
@@ -95,7 +93,7 @@ class Generator(ABC):
     def to_files(self) -> dict[str, bytes]:
         config = {
             "format": "fedlora-generator",
-            "format_version": FORMAT_VERSION,
+            "format_version": GENERATOR_FORMAT_VERSION,
             "method": self.method,
             "base_model": asdict(self.base_model),
             "layout": self.layout.to_dict(),
@@ -139,8 +137,8 @@ def load_generator(files: Mapping[str, bytes]) -> Generator:
         if required not in files:
             raise ValueError(f"a generator needs {required}")
     config = json.loads(files[GENERATOR_CONFIG_FILE])
-    if config.get("format") != "fedlora-generator" or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"not a fedlora generator of format version {FORMAT_VERSION}")
+    if config.get("format") != "fedlora-generator" or config.get("format_version") != GENERATOR_FORMAT_VERSION:
+        raise ValueError(f"not a fedlora generator of format version {GENERATOR_FORMAT_VERSION}")
     cls = generator_class(str(config.get("method")))
     tensors = load_safetensors(files[GENERATOR_WEIGHTS_FILE])
     settings = CVAESettings(**config["settings"])

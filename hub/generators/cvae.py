@@ -73,6 +73,11 @@ class ConvCVAE(nn.Module):
             dec += [nn.ConvTranspose1d(c_in, c_out, STRIDE, stride=STRIDE), nn.GELU()]
             c_in = c_out
         self.decoder = nn.Sequential(*dec)
+        # a linear map from (z, condition) to every parameter, beside the convolutions: the
+        # experts span a low-dimensional subspace the convolutions alone reproduce poorly
+        self.basis = nn.Linear(s.latent + c_dim, length)
+        nn.init.zeros_(self.basis.weight)
+        nn.init.zeros_(self.basis.bias)
         self.head = nn.Conv1d(widths[0] + seq_channels, 1, 5, padding=2)
 
     def _pad(self, t: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, C, padded)
@@ -98,7 +103,9 @@ class ConvCVAE(nn.Module):
         h = self.decoder(h)  # (B, w, padded)
         if cond_seq is not None:
             h = torch.cat([h, self._pad(cond_seq)], 1)
-        out: torch.Tensor = self.head(h)[:, 0, : self.length]
+        out: torch.Tensor = self.head(h)[:, 0, : self.length] + self.basis(
+            torch.cat([z, self._cond(cond_vec, z.shape[0])], 1)
+        )
         return out
 
     def forward(

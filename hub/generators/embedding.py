@@ -22,7 +22,7 @@ import torch
 
 from simulations.tasks import Example
 
-NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?![\w.])|\b([a-z]+)\b")
+NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?!\w|\.\d)|\b([a-z]+)\b")
 _UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
 _TEENS = "sixteen seventeen eighteen nineteen".split()
 #: number words a description may use instead of digits ("add four", "triple each letter")

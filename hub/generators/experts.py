@@ -32,6 +32,7 @@ from client.train import TrainSettings, batches, evaluate, train
 from hub.generators.library import BUILD_FILE, TASK_FILE
 from hub.generators.request import examples_json
 from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model
+from privacy.files import atomic_directory
 from simulations.embedded import default_model_dir
 from simulations.tasks import Task, get_task, seen_tasks
 
@@ -154,34 +155,36 @@ def build_experts(
         tasks = sorted(tasks, key=lambda t: (t.family, t.param if t.param is not None else -1))
     for task in tasks:
         t0 = time.perf_counter()
-        task_dir = out / task.name
-        if federated is None:
-            start = previous.get(task.family) if cfg.warm_start == "family-chain" else None
-            checkpoints, em = trainer.train(task, start)
-            previous[task.family] = checkpoints[-1][1]
-            for step, state in checkpoints:
-                set_adapter_state(trainer.model, state)
-                save_adapter(trainer.model, task_dir / f"checkpoint-{step}", base_model_dir=trainer.model_dir)
-            steps = [s for s, _ in checkpoints]
-        else:
-            with tempfile.TemporaryDirectory() as work:
-                runs = federated_checkpoints(cfg, federated, task, Path(work), Path(model_dir) if model_dir else None)
-                for r, src in runs:
-                    (task_dir / f"checkpoint-{r}").mkdir(parents=True, exist_ok=True)
-                    for f in (CONFIG_FILE, WEIGHTS_FILE):
-                        shutil.copyfile(src / f, task_dir / f"checkpoint-{r}" / f)
-                em = trainer.evaluate(load_file(str(runs[-1][1] / WEIGHTS_FILE)), task)
-            steps = [r for r, _ in runs]
-        info = {
-            "name": task.name,
-            "family": task.family,
-            "descriptions": list(task.descriptions),
-            "examples": examples_json(task.examples(cfg.task_examples, cfg.seed + 1, "train")),
-            "evaluation": {"exact_match": em, "test_examples": cfg.test_examples},
-            "checkpoints": steps,
-            "trained": "federated" if federated else "local",
-        }
-        (task_dir / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        with atomic_directory(out / task.name) as task_dir:  # replaces an earlier build's expert whole
+            if federated is None:
+                start = previous.get(task.family) if cfg.warm_start == "family-chain" else None
+                checkpoints, em = trainer.train(task, start)
+                previous[task.family] = checkpoints[-1][1]
+                for step, state in checkpoints:
+                    set_adapter_state(trainer.model, state)
+                    save_adapter(trainer.model, task_dir / f"checkpoint-{step}", base_model_dir=trainer.model_dir)
+                steps = [s for s, _ in checkpoints]
+            else:
+                with tempfile.TemporaryDirectory() as work:
+                    runs = federated_checkpoints(
+                        cfg, federated, task, Path(work), Path(model_dir) if model_dir else None
+                    )
+                    for r, src in runs:
+                        (task_dir / f"checkpoint-{r}").mkdir(parents=True)
+                        for f in (CONFIG_FILE, WEIGHTS_FILE):
+                            shutil.copyfile(src / f, task_dir / f"checkpoint-{r}" / f)
+                    em = trainer.evaluate(load_file(str(runs[-1][1] / WEIGHTS_FILE)), task)
+                steps = [r for r, _ in runs]
+            info = {
+                "name": task.name,
+                "family": task.family,
+                "descriptions": list(task.descriptions),
+                "examples": examples_json(task.examples(cfg.task_examples, cfg.seed + 1, "train")),
+                "evaluation": {"exact_match": em, "test_examples": cfg.test_examples},
+                "checkpoints": steps,
+                "trained": "federated" if federated else "local",
+            }
+            (task_dir / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
         result = ExpertResult(task.name, em, time.perf_counter() - t0, steps)
         results.append(result)
         if progress is not None:
@@ -250,7 +253,7 @@ def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names
     root = Path(root)
     base = json.loads((root / BUILD_FILE).read_text())["config"]["base_model"]
     published = []
-    for task_dir in sorted(p for p in root.iterdir() if (p / TASK_FILE).is_file()):
+    for task_dir in sorted(p for p in root.iterdir() if (p / TASK_FILE).is_file() and not p.name.startswith(".")):
         info = json.loads((task_dir / TASK_FILE).read_text())
         if names and info["name"] not in names:
             continue

@@ -228,13 +228,16 @@ class ExpertLibrary:
             recorded = json.loads(build.read_text())["config"]["base_model"]
             base_model = BaseModel(str(recorded["id"]), str(recorded["sha256"]))
         tasks = []
-        for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for task_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             info_file = task_dir / TASK_FILE
             if not info_file.is_file():
                 continue
             info = json.loads(info_file.read_text())
-            ckpts = sorted((p for p in task_dir.glob("checkpoint-*") if p.is_dir()), key=_step_of)
-            dirs = ckpts or [task_dir]
+            listed = info.get("checkpoints")
+            if listed:  # what the build wrote, never a stale checkpoint of an earlier build
+                dirs = [task_dir / f"checkpoint-{c}" for c in listed]
+            else:
+                dirs = sorted((p for p in task_dir.glob("checkpoint-*") if p.is_dir()), key=_step_of) or [task_dir]
             files = []
             for d in dirs:
                 if not (d / CONFIG_FILE).is_file():

@@ -5,11 +5,13 @@ request to the same generator version returns the adapter already stored."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ class GeneratorService:
         self._generators: dict[tuple[str, int], Generator] = {}
         self._task_models: dict[str, Any] = {}
         self._lock = threading.Lock()  # one generation at a time: the CPU is the limit anyway
+        self.lock_path = registry.blobs.root / "generate.lock"
+        self._base_dirs: dict[str, Path | None] | None = None  # weights hash -> model directory
 
     def generate(self, principal: Principal, request: GenerationRequest) -> tuple[Record, bool, float]:
         """(the signed record, whether it was created now, milliseconds spent generating)."""
@@ -55,12 +59,14 @@ class GeneratorService:
         name = f"generated/{request.method}-{generator_record.version}-{request.key()[:20]}"
         if not principal.can_read(name):
             raise HubError(principal.read_denied(name), 403)
-        with self._lock:  # one generation at a time, and a request that raced ours finds its result
+        with self._exclusive():  # one generation at a time, and a request that raced ours finds its result
             try:
                 return self.registry.get(GENERATOR_PRINCIPAL, name), False, 0.0
             except NotFound:
                 pass
             generator = self._load(generator_record, manifest)
+            if request.examples and generator.needs_base_model and generator.task_model is None:
+                generator.task_model = self._task_model(generator.base_model.sha256)
             start = time.perf_counter()
             files = generator.generate(request.description, request.examples)
             ms = 1000 * (time.perf_counter() - start)
@@ -68,6 +74,19 @@ class GeneratorService:
             record = self.registry.publish(GENERATOR_PRINCIPAL, name, files, provenance)
         log.info("generated %s v%d for %s in %.1f ms", record.name, record.version, principal.describe, ms)
         return record, True, ms
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process's lock and, for ``fl-hub serve --workers N``, a file lock beside the
+        blobs that every worker on the hub directory shares."""
+        with self._lock:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock_path.open("a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _load(self, record: Record, manifest: dict[str, Any]) -> Generator:
         key = (record.name, record.version)
@@ -77,9 +96,10 @@ class GeneratorService:
                 for fname, meta in manifest["files"].items()
                 if fname in GENERATOR_FILES
             }
-            generator = load_generator(files)
-            if generator.needs_base_model:
-                generator.task_model = self._task_model(generator.base_model.sha256)
+            try:
+                generator = load_generator(files)
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise HubError(f"{record.name} v{record.version} cannot be loaded ({err}): retrain it", 503) from None
             self._generators = {k: v for k, v in self._generators.items() if k[0] != record.name}
             self._generators[key] = generator
         return self._generators[key]
@@ -90,12 +110,12 @@ class GeneratorService:
         if sha256 not in self._task_models:
             from client.model import load_base_model, load_tokenizer
 
-            candidates: list[Path | None] = [None, *self.base_model_dirs]
-            for path in candidates:
-                if describe_base_model(path).sha256 == sha256:
-                    model = load_base_model(path).eval()
-                    self._task_models[sha256] = (model, load_tokenizer(path))
-                    break
+            if self._base_dirs is None:  # hashed once per process
+                candidates: list[Path | None] = [None, *self.base_model_dirs]
+                self._base_dirs = {describe_base_model(p).sha256: p for p in candidates}
+            if sha256 in self._base_dirs:
+                path = self._base_dirs[sha256]
+                self._task_models[sha256] = (load_base_model(path).eval(), load_tokenizer(path))
             else:
                 raise HubError(
                     f"the generator needs base model weights {sha256[:16]}... to read examples, and this hub "
