@@ -117,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     experts.add_argument(
         "--warm-start",
         choices=["shared", "family-chain"],
-        default="shared",
-        help="every expert from one initial adapter, or each from the previous expert of its family",
+        default=None,
+        help="each expert from the previous expert of its family (default), or all from one initial "
+        "adapter (the only choice, and the default, with --federated)",
     )
     experts.add_argument("--threads", type=int, default=1)
     experts.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")

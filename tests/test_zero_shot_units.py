@@ -21,7 +21,7 @@ from hub.generators.base import generator_class, load_generator
 from hub.generators.cvae import CVAESettings
 from hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
 from hub.generators.experts import ExpertConfig, build_experts
-from hub.generators.icm_lora import denormalize, ridge_fit, ridge_predict, zscore
+from hub.generators.icm_lora import denormalize, ridge_fit, ridge_weights, zscore
 from hub.generators.library import ExpertLibrary, Layout
 from hub.generators.request import GenerationRequest
 from hub.generators.sg_lora import mixture_prior, mixture_weights
@@ -91,14 +91,16 @@ def test_zscore_round_trips_and_denormalize_sets_each_tensors_location_and_sprea
     assert torch.allclose(y[6:].std(unbiased=False), torch.tensor(0.5))
 
 
-def test_ridge_fit_is_the_closed_form() -> None:
+def test_kernel_ridge_weights_give_the_primal_closed_form() -> None:
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 12, generator=g), torch.randn(5, 3, generator=g)
-    w = ridge_fit(x, y, lam=0.3)
+    x, y, q = torch.randn(5, 12, generator=g), torch.randn(5, 3, generator=g), torch.randn(2, 12, generator=g)
+    inverse = ridge_fit(x, lam=0.3)
     xb = torch.cat([x, torch.ones(5, 1)], 1).double()
     primal = torch.linalg.solve(xb.T @ xb + 0.3 * torch.eye(13, dtype=torch.float64), xb.T @ y.double())
-    assert torch.allclose(w.double(), primal, atol=1e-6)
-    assert torch.allclose(ridge_predict(ridge_fit(x, y, 1e-9), x), y, atol=1e-3)  # interpolates
+    qb = torch.cat([q, torch.ones(2, 1)], 1).double()
+    assert torch.allclose((ridge_weights(inverse, x, q) @ y).double(), qb @ primal, atol=1e-5)
+    exact = ridge_weights(ridge_fit(x, 1e-9), x, x)  # with no penalty it interpolates the rows
+    assert torch.allclose(exact, torch.eye(5), atol=1e-3)
 
 
 def test_numeric_features_order_numbers_that_text_similarity_does_not() -> None:

@@ -39,10 +39,10 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
         checkpoint_every=args.checkpoint_every,
         lr=args.lr,
         seed=args.seed,
-        warm_start=args.warm_start,
+        warm_start=args.warm_start or ("shared" if args.federated else "family-chain"),
     )
-    if args.federated and args.warm_start != "shared":
-        raise ValueError("--federated experts all start from the shared initialisation (no --warm-start)")
+    if args.federated and cfg.warm_start != "shared":
+        raise ValueError("--federated experts all start from the shared initialisation (--warm-start shared)")
     federated = FederatedExperts(args.clients, args.rounds, args.local_steps) if args.federated else None
     hub = _hub(args) if args.hub else None  # a bad token file or URL fails before any training
     how = (

@@ -56,7 +56,7 @@ class ExpertConfig:
     seed: int = 0
     #: "shared": every expert starts from the same initial adapter; "family-chain": each starts
     #: from the previous expert of its family (in parameter order), so neighbours stay close
-    warm_start: str = "shared"
+    warm_start: str = "family-chain"
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoints", "checkpoint_every", "batch_size", "train_examples", "test_examples"):

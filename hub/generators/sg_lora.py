@@ -27,7 +27,7 @@ from hub.generators.library import ExpertLibrary, Layout
 from simulations.tasks import Example
 
 TOP_K = 4
-TEMPERATURE = 0.05
+TEMPERATURE = 0.02
 VAR_FLOOR = 1e-8
 
 
