@@ -14,8 +14,9 @@ last column is then the task's own expert): what a device that knows what it wan
 the hub's name for it, gets.
 
 Goals (last lines): generated adapters recover >= 70% of the oracle's gain in exact match over
-the base model on the seen-family tasks (``ratio <method>_gain_recovery``, goal >= 0.7), and
-generation takes < 100 ms on the CPU (``ratio <method>_ms_over_goal``, goal <= 1).
+the base model on the seen-family tasks (``ratio <method>_gain_recovery``, goal >= 0.7) and
+more than retrieval does (``ratio <method>_minus_retrieval_gain``, goal > 0), and generation
+takes < 100 ms on the CPU (``ratio <method>_ms_over_goal``, goal <= 1).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> int:
     p.add_argument("--generator-steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None, help="SG-LoRA's softmax temperature")
+    p.add_argument("--embedding", default="tfidf", choices=["tfidf", "minilm"], help="description embedding")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = ExpertConfig(steps=args.steps, seed=args.seed)
@@ -105,7 +107,9 @@ def main() -> int:
     for method in ("sg-lora", "icm-lora"):
         with trainer.model.disable_adapter():
             options = {"temperature": args.temperature} if args.temperature and method == "sg-lora" else {}
-            gen = generator_class(method).fit(library, settings, task_model=task_model, **options)
+            gen = generator_class(method).fit(
+                library, settings, task_model=task_model, embedding=args.embedding, **options
+            )
         generators[method] = gen
         print(
             f"{method}: {gen.training['parameters']:,} parameters, trained in {gen.training['seconds']:.1f} s "
@@ -194,10 +198,8 @@ def main() -> int:
     print(f"total {time.perf_counter() - t0:.0f} s")
     for method in generators:
         print(f"ratio {method.replace('-', '_')}_gain_recovery = {recovery[method]:.3f}")
-        print(
-            f"ratio {method.replace('-', '_')}_over_retrieval_gain = "
-            f"{(recovery[method] + 1e-9) / (recovery['retrieval'] + 1e-9):.3f}"
-        )
+        # goal > 0: beats nearest-expert retrieval (a ratio is undefined when retrieval gains nothing)
+        print(f"ratio {method.replace('-', '_')}_minus_retrieval_gain = {recovery[method] - recovery['retrieval']:.3f}")
     for method, ms in latency.items():
         print(f"ratio {method.replace('-', '_')}_ms_over_goal = {statistics.median(ms) / 100:.3f}")
     return 0

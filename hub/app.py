@@ -152,13 +152,7 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
         from hub.generators.request import MAX_REQUEST_BYTES, GenerationRequest
 
         who = principal(request)
-        body = await _read_body(request, MAX_REQUEST_BYTES)
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise HubError(f"the body is not JSON ({err})") from None
-        except RecursionError:
-            raise HubError("the body's JSON is nested too deeply") from None
+        payload = _parse_json(await _read_body(request, MAX_REQUEST_BYTES))
         generation = _checked(lambda: GenerationRequest.from_json(payload))
         record, created, ms = await run_in_threadpool(lambda: generator_service().generate(who, generation))
         response = _json(record.to_dict(), status=201 if created else 200)
@@ -193,13 +187,17 @@ def _checked(call: Any) -> Any:
         raise HubError("the request's JSON is nested too deeply") from None
 
 
-def _parse_publish(body: bytes) -> tuple[dict[str, bytes], dict[str, Any]]:
+def _parse_json(body: bytes) -> Any:
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HubError(f"the body is not JSON ({err})") from None
     except RecursionError:
         raise HubError("the body's JSON is nested too deeply") from None
+
+
+def _parse_publish(body: bytes) -> tuple[dict[str, bytes], dict[str, Any]]:
+    payload = _parse_json(body)
     if not isinstance(payload, dict) or set(payload) != {"provenance", "files"}:
         raise HubError('the body must be {"provenance": {...}, "files": {"<file>": "<base64>", ...}}')
     files_in = payload["files"]

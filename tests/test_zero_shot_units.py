@@ -21,7 +21,7 @@ from hub.generators.base import generator_class, load_generator
 from hub.generators.cvae import CVAESettings
 from hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
 from hub.generators.experts import ExpertConfig, build_experts
-from hub.generators.icm_lora import denormalize, ridge_fit, ridge_weights, zscore
+from hub.generators.icm_lora import KERNEL_WIDTH, denormalize, kernel, ridge_fit, ridge_weights, zscore
 from hub.generators.library import ExpertLibrary, Layout
 from hub.generators.request import GenerationRequest
 from hub.generators.sg_lora import mixture_prior, mixture_weights
@@ -91,16 +91,22 @@ def test_zscore_round_trips_and_denormalize_sets_each_tensors_location_and_sprea
     assert torch.allclose(y[6:].std(unbiased=False), torch.tensor(0.5))
 
 
-def test_kernel_ridge_weights_give_the_primal_closed_form() -> None:
+def test_kernel_ridge_is_local_and_interpolates_its_rows() -> None:
     g = torch.Generator().manual_seed(1)
-    x, y, q = torch.randn(5, 12, generator=g), torch.randn(5, 3, generator=g), torch.randn(2, 12, generator=g)
-    inverse = ridge_fit(x, lam=0.3)
-    xb = torch.cat([x, torch.ones(5, 1)], 1).double()
-    primal = torch.linalg.solve(xb.T @ xb + 0.3 * torch.eye(13, dtype=torch.float64), xb.T @ y.double())
-    qb = torch.cat([q, torch.ones(2, 1)], 1).double()
-    assert torch.allclose((ridge_weights(inverse, x, q) @ y).double(), qb @ primal, atol=1e-5)
-    exact = ridge_weights(ridge_fit(x, 1e-9), x, x)  # with no penalty it interpolates the rows
-    assert torch.allclose(exact, torch.eye(5), atol=1e-3)
+    x = torch.randn(5, 12, generator=g)
+    k = kernel(x, x)
+    assert torch.allclose(torch.diagonal(k), torch.ones(5))
+    e1, e2 = torch.eye(12)[:1], torch.eye(12)[1:2]
+    assert float(kernel(e1, e2)) == pytest.approx(math.exp(-1 / KERNEL_WIDTH))  # orthogonal: next to nothing
+    assert float(kernel(e1, 3 * e1)) == pytest.approx(1.0)  # direction only
+    inverse = ridge_fit(x, lam=1e-6)
+    assert torch.allclose(ridge_weights(inverse, x, x), torch.eye(5), atol=1e-3)  # each row is its own answer
+    y = torch.randn(5, 3, generator=g)
+    direct = torch.linalg.solve(k.double() + 0.3 * torch.eye(5, dtype=torch.float64), y.double())
+    q = torch.randn(2, 12, generator=g)
+    assert torch.allclose(
+        ridge_weights(ridge_fit(x, 0.3), x, q) @ y, (kernel(q, x).double() @ direct).float(), atol=1e-5
+    )
 
 
 def test_numeric_features_order_numbers_that_text_similarity_does_not() -> None:
