@@ -203,15 +203,16 @@ class HubClient:
         ``generated/<id>`` (pull it by that record to verify and write it)."""
         from hub.generators.request import GenerationRequest
 
+        if self.public_key is None:
+            raise ValueError("generating needs the hub's public key (--hub-key hub.pub) to verify the answer")
         request = GenerationRequest(description, method, tuple(examples), base_model_sha256)
         result: dict[str, Any] = self._request("POST", "/v1/generate", json=request.to_json()).json()
         name = str(result.get("name", ""))
         if not (name.startswith(f"generated/{method}-") and name.endswith(request.key()[:20])):
             raise VerificationError(f"the hub answered {name!r} for a {method} generation of this request")
-        if self.public_key is not None:  # the signed provenance must be for this very request
-            extra = verify_record(result, self.public_key, name)["provenance"].get("extra") or {}
-            if extra.get("request_sha256") != request.key() or (extra.get("generator") or {}).get("method") != method:
-                raise VerificationError(f"the hub answered {name}, which was generated for another request")
+        extra = verify_record(result, self.public_key, name)["provenance"].get("extra") or {}
+        if extra.get("request_sha256") != request.key() or (extra.get("generator") or {}).get("method") != method:
+            raise VerificationError(f"the hub answered {name}, which was generated for another request")
         return result
 
     # --- writing ---------------------------------------------------------------------

@@ -257,7 +257,7 @@ def check_adapter_files(files: Mapping[str, bytes]) -> AdapterInfo:
 
 
 #: the generator formats and methods this hub serves (hub.generators keeps the implementations)
-GENERATOR_FORMAT_VERSION = 1
+GENERATOR_FORMAT_VERSION = 2  # 2: ICM-LoRA's closed-form kernel path
 GENERATOR_METHODS = ("sg-lora", "icm-lora")
 
 

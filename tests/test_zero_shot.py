@@ -207,8 +207,8 @@ def test_generation_needs_a_token_and_generators_belong_to_the_operator(hub: Hub
             with pytest.raises(HubRequestError, match=re.escape(reason)):
                 c.publish(name, files_, prov)
         config = json.loads(sg["generator.json"])
-        future = {**sg, "generator.json": json.dumps({**config, "format_version": 2}).encode()}
-        with pytest.raises(HubRequestError, match="format version 2, this hub serves version 1"):
+        future = {**sg, "generator.json": json.dumps({**config, "format_version": 3}).encode()}
+        with pytest.raises(HubRequestError, match="format version 3, this hub serves version 2"):
             c.publish("generators/sg-lora", future, prov)
         other_base = {**sg, "generator.json": json.dumps({**config, "base_model": {"id": "x", "sha256": "0" * 64}})}
         with pytest.raises(HubRequestError, match="trained for base model"):
@@ -223,6 +223,9 @@ def test_a_method_without_a_generator_and_a_client_pull_without_the_key(hub: Hub
     with HubServer(fresh.root, tmp_path / "log") as server:
         token = fresh.operator_token_path.read_text().strip()
         with pytest.raises(HubRequestError, match=r"404.*no sg-lora generator yet"):
+            with HubClient(server.url, token, load_public_key(fresh.public_key_path)) as c:
+                c.generate("add 4 to each digit", "sg-lora")
+        with pytest.raises(ValueError, match="needs the hub's public key"):
             HubClient(server.url, token).generate("add 4 to each digit", "sg-lora")
     out = tmp_path / "x"
     args = ["pull", "--task", "add 4", "--method", "sg-lora", "--out", str(out), "--hub", hub.server.url]
@@ -282,24 +285,31 @@ def test_train_generator_refuses_experts_of_another_base_model(
 
 
 def test_an_answer_generated_for_another_request_is_refused(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A man in the middle (or a confused hub) answering with another validly signed generated
-    adapter is caught: the signed provenance names the request it was generated for."""
+    """A man in the middle (or a confused hub) answering with another validly signed adapter is
+    caught: by its name, and when the name fits, by the request the signed provenance names."""
     from hub.manifest import VerificationError
 
     with hub.client(hub.alice) as c:
         other = c.generate("rotate the string left by 3", "sg-lora")
-        real_request = c._request
-
-        def substitute(method: str, path: str, **kwargs: object) -> httpx.Response:
-            response = real_request(method, path, **kwargs)
-            if path == "/v1/generate":
-                return httpx.Response(200, json=other)
-            return response
-
-        monkeypatch.setattr(c, "_request", substitute)
-        with pytest.raises(VerificationError, match="of this request"):
-            c.generate("add 4 to each digit modulo 10", "sg-lora")
-        forged = {**other, "name": other["name"][:-20] + GenerationRequest("reverse it").key()[:20]}
+    wanted = GenerationRequest("add 4 to each digit modulo 10", "sg-lora")
+    files = read_adapter_dir(hub.root / "experts" / "rotate-1" / "checkpoint-6")
+    provenance = {
+        "base_model": describe_base_model().__dict__,
+        "producer": "someone",
+        "extra": {
+            "generator": {"name": "generators/sg-lora", "version": 1, "method": "sg-lora"},
+            "request_sha256": "0" * 64,
+        },
+    }
+    with hub.client(hub.operator) as c:  # a signed record whose name fits the request, generated for another
+        fitting = c.publish(f"generated/sg-lora-1-{wanted.key()[:20]}", files, provenance)
+    for answer, reason in [(other, "of this request"), (fitting, "generated for another request")]:
+        with hub.client(hub.alice) as c:
+            monkeypatch.setattr(c, "_request", lambda *a, answer=answer, **k: httpx.Response(200, json=answer))
+            with pytest.raises(VerificationError, match=reason):
+                c.generate(wanted.description, "sg-lora")
+    forged = {**other, "name": f"generated/sg-lora-1-{GenerationRequest('reverse it').key()[:20]}"}
+    with hub.client(hub.alice) as c:
         monkeypatch.setattr(c, "_request", lambda *a, **k: httpx.Response(200, json=forged))
         with pytest.raises(VerificationError):
             c.generate("reverse it", "sg-lora")  # the name fits, the signature does not

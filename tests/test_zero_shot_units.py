@@ -21,7 +21,15 @@ from hub.generators.base import generator_class, load_generator
 from hub.generators.cvae import CVAESettings
 from hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
 from hub.generators.experts import ExpertConfig, build_experts
-from hub.generators.icm_lora import KERNEL_WIDTH, denormalize, kernel, ridge_fit, ridge_weights, zscore
+from hub.generators.icm_lora import (
+    KERNEL_WIDTH,
+    denormalize,
+    expert_weights,
+    kernel,
+    ridge_fit,
+    ridge_weights,
+    zscore,
+)
 from hub.generators.library import ExpertLibrary, Layout
 from hub.generators.request import GenerationRequest
 from hub.generators.sg_lora import mixture_prior, mixture_weights
@@ -107,6 +115,23 @@ def test_kernel_ridge_is_local_and_interpolates_its_rows() -> None:
     assert torch.allclose(
         ridge_weights(ridge_fit(x, 0.3), x, q) @ y, (kernel(q, x).double() @ direct).float(), atol=1e-5
     )
+
+
+def test_expert_weights_sum_to_one_even_far_from_every_expert() -> None:
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(6, 8, generator=g)
+    owners = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])
+    inverse = ridge_fit(rows, 1e-2)
+    near = rows[2:3] + 0.01 * torch.randn(1, 8, generator=g)
+    w = expert_weights(inverse, rows, owners, near, 3)
+    assert torch.allclose(w.sum(1), torch.ones(1)) and int(w.argmax()) == 1 and float(w[0, 1]) > 0.9
+    beta = ridge_weights(inverse, rows, near)  # the same as the unscaled dual weights, normalised
+    per = torch.zeros(1, 3).index_add_(1, owners.long(), beta)
+    assert torch.allclose(w, per / per.sum(), atol=1e-5)
+    far = torch.linalg.svd(rows).Vh[-1:]  # orthogonal to every row: each kernel value is exp(-1/width)
+    assert float(kernel(far, rows).sum()) < 1e-20
+    w_far = expert_weights(inverse, rows, owners, far, 3)
+    assert torch.isfinite(w_far).all() and torch.allclose(w_far.sum(1), torch.ones(1))
 
 
 def test_numeric_features_order_numbers_that_text_similarity_does_not() -> None:

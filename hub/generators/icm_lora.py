@@ -58,12 +58,14 @@ def denormalize(z: torch.Tensor, stats: torch.Tensor, layout: Layout) -> torch.T
     return z * expand_per_tensor(stats[:, 1].exp(), layout) + expand_per_tensor(stats[:, 0], layout)
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+
+
 def kernel(a: torch.Tensor, b: torch.Tensor, width: float = KERNEL_WIDTH) -> torch.Tensor:
     """exp((cos(a_i, b_j) - 1) / width): 1 for the same direction, falling fast away from it, so
     a task vector near one expert's draws on that expert alone (a linear kernel mixed them all)."""
-    an = torch.nn.functional.normalize(a, dim=1)
-    bn = torch.nn.functional.normalize(b, dim=1)
-    out: torch.Tensor = torch.exp((an @ bn.T - 1.0) / width)
+    out: torch.Tensor = torch.exp((cosine(a, b) - 1.0) / width)
     return out
 
 
@@ -77,6 +79,24 @@ def ridge_weights(inverse: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) ->
     """(B, R) weights of the training rows for queries ``x`` (B, F): the prediction is
     ``weights @ targets_of_rows`` (kernel ridge regression in its dual form)."""
     return kernel(x, rows) @ inverse
+
+
+def expert_weights(
+    inverse: torch.Tensor, rows: torch.Tensor, row_expert: torch.Tensor, x: torch.Tensor, n: int
+) -> torch.Tensor:
+    """(B, n) kernel-ridge weights per expert, normalised to sum to one (Nadaraya-Watson).
+
+    The kernel row is scaled by its largest value first (the normalised weights do not change),
+    so a query unlike every expert still gets a mixture, never weights that underflowed to zero;
+    should the ridge weights not sum to a positive number, the plain kernel weights are used."""
+    cos = cosine(x, rows)
+    k = torch.exp((cos - cos.max(1, keepdim=True).values) / KERNEL_WIDTH)  # (B, R), max 1
+    owners = row_expert.long()
+    out = torch.zeros(x.shape[0], n).index_add_(1, owners, k @ inverse)
+    plain = torch.zeros(x.shape[0], n).index_add_(1, owners, k)
+    total = out.sum(1, keepdim=True)
+    ok = total > 1e-3 * plain.sum(1, keepdim=True)
+    return torch.where(ok, out / total.clamp_min(1e-12), plain / plain.sum(1, keepdim=True))
 
 
 @register
@@ -119,12 +139,8 @@ class ICMLoRA(Generator):
 
     def linear(self, cond: torch.Tensor) -> torch.Tensor:
         """The linear path's (B, D + 2T) prediction for task vectors (B, F)."""
-        beta = ridge_weights(self.inverse, self.rows, cond)  # (B, R)
-        per_expert = torch.zeros(cond.shape[0], self.expert_targets.shape[0])
-        per_expert.index_add_(1, self.row_expert.long(), beta)
-        # normalised (Nadaraya-Watson): far from every expert, a mixture rather than zero
-        per_expert = per_expert / per_expert.sum(1, keepdim=True).clamp_min(1e-8)
-        return per_expert @ self.expert_targets
+        weights = expert_weights(self.inverse, self.rows, self.row_expert, cond, self.expert_targets.shape[0])
+        return weights @ self.expert_targets
 
     def hidden(self, examples: Sequence[Example]) -> np.ndarray:
         if self.task_model is None:
@@ -237,8 +253,34 @@ class ICMLoRA(Generator):
         return {k: getattr(self, k) for k in ARRAYS}
 
     def options(self) -> dict[str, Any]:
-        return {"subsets": SUBSETS, "subset_size": SUBSET_SIZE, "drop": DROP, "ridge": RIDGE}
+        return {
+            "subsets": SUBSETS,
+            "subset_size": SUBSET_SIZE,
+            "drop": DROP,
+            "ridge": RIDGE,
+            "kernel": "cosine-exp",
+            "kernel_width": KERNEL_WIDTH,
+        }
 
     @classmethod
     def keywords(cls, arrays: dict[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: arrays[k] for k in ARRAYS}
+        if (options.get("kernel"), options.get("kernel_width"), options.get("ridge")) != (
+            "cosine-exp",
+            KERNEL_WIDTH,
+            RIDGE,
+        ):
+            raise ValueError(
+                f"this ICM-LoRA generator was fitted with kernel {options.get('kernel')!r} "
+                f"(width {options.get('kernel_width')}, ridge {options.get('ridge')}), this version "
+                f"uses 'cosine-exp' (width {KERNEL_WIDTH}, ridge {RIDGE}): retrain it"
+            )
+        out = {k: arrays[k] for k in ARRAYS}
+        r, e = out["rows"].shape[0], out["expert_targets"].shape[0]
+        owners = out["row_expert"]
+        if (
+            out["inverse"].shape != (r, r)
+            or owners.shape != (r,)
+            or not bool(((owners >= 0) & (owners < e) & (owners == owners.round())).all())
+        ):
+            raise ValueError("this ICM-LoRA generator's arrays do not fit together: retrain it")
+        return out

@@ -59,6 +59,10 @@ class GeneratorService:
         name = f"generated/{request.method}-{generator_record.version}-{request.key()[:20]}"
         if not principal.can_read(name):
             raise HubError(principal.read_denied(name), 403)
+        try:  # already generated: no need to wait for the lock
+            return self.registry.get(GENERATOR_PRINCIPAL, name), False, 0.0
+        except NotFound:
+            pass
         with self._exclusive():  # one generation at a time, and a request that raced ours finds its result
             try:
                 return self.registry.get(GENERATOR_PRINCIPAL, name), False, 0.0
@@ -68,7 +72,11 @@ class GeneratorService:
             if request.examples and generator.needs_base_model and generator.task_model is None:
                 generator.task_model = self._task_model(generator.base_model.sha256)
             start = time.perf_counter()
-            files = generator.generate(request.description, request.examples)
+            try:
+                files = generator.generate(request.description, request.examples)
+            except (ValueError, RuntimeError, IndexError) as err:
+                log.exception("generation with %s v%d failed", generator_record.name, generator_record.version)
+                raise HubError(f"{generator_record.name} v{generator_record.version} failed ({err})", 503) from None
             ms = 1000 * (time.perf_counter() - start)
             provenance = _provenance(request, generator, generator_record, base, ms)
             record = self.registry.publish(GENERATOR_PRINCIPAL, name, files, provenance)
