@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.data import collate
+from client.data import IGNORE_INDEX, collate, exact_matches
 from hub.generators.base import Generator, generator_class
 from hub.generators.cvae import CVAESettings
 from hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
-from hub.generators.library import ExpertLibrary
+from hub.generators.library import ExpertLibrary, Layout
 from hub.generators.sg_lora import SGLoRA
 from hub.manifest import describe_base_model
 from simulations.tasks import HELD_OUT_TASKS, Task, get_task
@@ -55,15 +55,16 @@ PARAPHRASES = {
 
 
 @torch.no_grad()
-def scores(trainer: ExpertTrainer, vector: torch.Tensor | None, task: Task, layout: object) -> tuple[float, float]:
+def scores(trainer: ExpertTrainer, vector: torch.Tensor | None, task: Task, layout: Layout) -> tuple[float, float]:
     """(exact match, per-token accuracy of the completion) of a flat adapter (None: base)."""
-    state = None if vector is None else layout.unflatten(vector)  # type: ignore[attr-defined]
-    em = trainer.evaluate(state, task)
+    state = None if vector is None else layout.unflatten(vector)
+    trainer.load(state)
     batch = collate(trainer.encoded(task, "test", trainer.cfg.test_examples), trainer.pad)
-    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    em = float(exact_matches(logits, batch["labels"]).float().mean())
     labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    return em, float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum())
+    mask = labels != IGNORE_INDEX
+    return em, float(((logits[:, :-1].argmax(-1) == labels) & mask).sum() / mask.sum())
 
 
 def main() -> int:

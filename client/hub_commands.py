@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from hub.manifest import GENERATOR_METHODS
+
 
 def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True, hub_required: bool = True) -> None:
     p.add_argument("--hub", required=hub_required, metavar="URL", help="the hub, e.g. https://hub.example:9480")
@@ -40,7 +42,7 @@ def add_pull_parser(sub: Any) -> None:
     which.add_argument("--name", metavar="FULL_NAME", help="any adapter by full name")
     p.add_argument(
         "--method",
-        choices=["sg-lora", "icm-lora"],
+        choices=GENERATOR_METHODS,
         help="generate a zero-shot adapter for the task described by --task (stored by the hub in generated/)",
     )
     p.add_argument(

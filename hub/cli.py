@@ -25,6 +25,8 @@ from typing import Any
 
 from rich.console import Console
 
+from hub.manifest import GENERATOR_METHODS
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -133,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     experts.add_argument("--hub-key", type=Path, default=None, help="the hub's public key: verify what it signed")
 
     gen = sub.add_parser("train-generator", help="train a zero-shot generator on expert adapters")
-    gen.add_argument("--method", required=True, choices=["sg-lora", "icm-lora"])
+    gen.add_argument("--method", required=True, choices=GENERATOR_METHODS)
     gen.add_argument("--experts", type=Path, default=None, help="an expert directory (default: tasks/ of --hub)")
     gen.add_argument("--out", type=Path, default=None, help="write the generator's files here")
     gen.add_argument("--embedding", default="tfidf", choices=["tfidf", "minilm"], help="description embedding")
@@ -145,6 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     _remote_options(gen)
     gen.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (verifies the experts)")
     return p
+
+
+def remote_client(args: argparse.Namespace, key_required: bool = False) -> Any:
+    """The HubClient that ``--hub``, ``--token``/``--token-file`` and ``--hub-key`` name."""
+    from hub.client import HubClient, read_token
+    from hub.manifest import load_public_key
+
+    if not args.hub:
+        raise ValueError(f"fl-hub {args.command} needs --hub URL")
+    key_file = getattr(args, "hub_key", None)
+    if key_required and key_file is None:
+        raise ValueError(f"fl-hub {args.command} needs --hub-key hub.pub (what the hub signs is verified)")
+    return HubClient(args.hub, read_token(args.token, args.token_file), load_public_key(key_file) if key_file else None)
 
 
 def _remote_options(p: argparse.ArgumentParser) -> None:
@@ -254,11 +269,9 @@ def _ls(args: argparse.Namespace, console: Console) -> int:
 
         rows = HubDir(args.dir).registry().list(Principal("operator", label="local"), args.prefix, args.query)
     else:
-        from hub.client import HubClient, read_token
-
         if not args.hub:
             raise ValueError("fl-hub ls needs --dir DIR (on the hub) or --hub URL with a token")
-        with HubClient(args.hub, read_token(args.token, args.token_file)) as hub:
+        with remote_client(args) as hub:
             rows = hub.list(args.prefix, args.query)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -279,8 +292,7 @@ def _ls(args: argparse.Namespace, console: Console) -> int:
 
 
 def _publish(args: argparse.Namespace, console: Console) -> int:
-    from hub.client import HubClient, read_token
-    from hub.manifest import describe_base_model, load_public_key
+    from hub.manifest import describe_base_model
 
     provenance: dict[str, Any] = {}
     if args.provenance is not None:
@@ -291,10 +303,7 @@ def _publish(args: argparse.Namespace, console: Console) -> int:
     provenance.setdefault("base_model", describe_base_model(args.base_model).__dict__)
     if args.description is not None:
         provenance["description"] = args.description
-    key = load_public_key(args.hub_key) if args.hub_key else None
-    if not args.hub:
-        raise ValueError("fl-hub publish needs --hub URL")
-    with HubClient(args.hub, read_token(args.token, args.token_file), key) as hub:
+    with remote_client(args) as hub:
         record = hub.publish_dir(args.name, args.adapter_dir, provenance)
     console.print(f"published {record['name']} v{record['version']} ({record['size']} bytes)", markup=False)
     return 0

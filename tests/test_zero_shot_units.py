@@ -27,7 +27,6 @@ from hub.generators.icm_lora import (
     expert_weights,
     kernel,
     ridge_fit,
-    ridge_weights,
     zscore,
 )
 from hub.generators.library import ExpertLibrary, Layout
@@ -108,13 +107,11 @@ def test_kernel_ridge_is_local_and_interpolates_its_rows() -> None:
     assert float(kernel(e1, e2)) == pytest.approx(math.exp(-1 / KERNEL_WIDTH))  # orthogonal: next to nothing
     assert float(kernel(e1, 3 * e1)) == pytest.approx(1.0)  # direction only
     inverse = ridge_fit(x, lam=1e-6)
-    assert torch.allclose(ridge_weights(inverse, x, x), torch.eye(5), atol=1e-3)  # each row is its own answer
+    assert torch.allclose(kernel(x, x) @ inverse, torch.eye(5), atol=1e-3)  # dual weights: each row its own answer
     y = torch.randn(5, 3, generator=g)
     direct = torch.linalg.solve(k.double() + 0.3 * torch.eye(5, dtype=torch.float64), y.double())
     q = torch.randn(2, 12, generator=g)
-    assert torch.allclose(
-        ridge_weights(ridge_fit(x, 0.3), x, q) @ y, (kernel(q, x).double() @ direct).float(), atol=1e-5
-    )
+    assert torch.allclose(kernel(q, x) @ ridge_fit(x, 0.3) @ y, (kernel(q, x).double() @ direct).float(), atol=1e-5)
 
 
 def test_expert_weights_sum_to_one_even_far_from_every_expert() -> None:
@@ -125,7 +122,7 @@ def test_expert_weights_sum_to_one_even_far_from_every_expert() -> None:
     near = rows[2:3] + 0.01 * torch.randn(1, 8, generator=g)
     w = expert_weights(inverse, rows, owners, near, 3)
     assert torch.allclose(w.sum(1), torch.ones(1)) and int(w.argmax()) == 1 and float(w[0, 1]) > 0.9
-    beta = ridge_weights(inverse, rows, near)  # the same as the unscaled dual weights, normalised
+    beta = kernel(near, rows) @ inverse  # the same as the unscaled dual weights, normalised
     per = torch.zeros(1, 3).index_add_(1, owners.long(), beta)
     assert torch.allclose(w, per / per.sum(), atol=1e-5)
     far = torch.linalg.svd(rows).Vh[-1:]  # orthogonal to every row: each kernel value is exp(-1/width)
@@ -226,7 +223,6 @@ def test_expert_library_reads_the_build_and_refuses_mixed_layouts(experts: Path,
     shutil.copytree(tmp_path / "other" / "copy", mixed / "copy")
     with pytest.raises(ValueError, match=r"expert copy checkpoint 1 .*shape"):
         ExpertLibrary.from_dir(mixed, describe_base_model())
-    (mixed / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ExpertLibrary.from_dir(tmp_path / "absent", describe_base_model())
 

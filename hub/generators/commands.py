@@ -5,25 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict
-from typing import Any
 
 import torch
 from rich.console import Console
 
 from client.model import ALL_LINEAR, LoraSettings
+from hub.cli import remote_client
 from hub.generators.base import generator_class
 from hub.generators.cvae import CVAESettings
 from hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
 from hub.generators.library import ExpertLibrary
 from hub.manifest import describe_base_model
-
-
-def _hub(args: argparse.Namespace) -> Any:
-    from hub.client import HubClient, read_token
-    from hub.manifest import load_public_key
-
-    key = load_public_key(args.hub_key) if args.hub_key else None
-    return HubClient(args.hub, read_token(args.token, args.token_file), key)
 
 
 def build_experts_command(args: argparse.Namespace, console: Console) -> int:
@@ -44,7 +36,7 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
     if args.federated and cfg.warm_start != "shared":
         raise ValueError("--federated experts all start from the shared initialisation (--warm-start shared)")
     federated = FederatedExperts(args.clients, args.rounds, args.local_steps) if args.federated else None
-    hub = _hub(args) if args.hub else None  # a bad token file or URL fails before any training
+    hub = remote_client(args) if args.hub else None  # a bad token file or URL fails before any training
     how = (
         f"a federation each ({args.clients} clients, {args.rounds} rounds of {args.local_steps} steps), "
         f"checkpoints after the last {cfg.checkpoints} rounds"
@@ -78,7 +70,7 @@ def train_generator_command(args: argparse.Namespace, console: Console) -> int:
     torch.set_num_threads(args.threads)
     settings = CVAESettings(steps=args.steps, seed=args.seed)
     base = describe_base_model(args.base_model)
-    hub = _hub(args) if args.hub else None
+    hub = remote_client(args) if args.hub else None
     if args.experts is not None:
         library = ExpertLibrary.from_dir(args.experts, base)
     elif hub is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,17 +130,16 @@ class FitResult:
     seconds: float
 
 
-def fit_cvae(
-    model: ConvCVAE,
-    sample: object,
-    settings: CVAESettings,
-) -> FitResult:
+#: draws a training batch: (batch size, generator) -> (x, aligned condition, task-vector condition)
+Sampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+
+def fit_cvae(model: ConvCVAE, sample: Sampler, settings: CVAESettings) -> FitResult:
     """Train on batches from ``sample(batch_size, generator) -> (x, cond_seq, cond_vec)``.
 
     The sampler builds conditions afresh each batch (a random description of the task, a
     random subset of its examples, modality dropout), so conditions vary as they will at
     generation time."""
-    assert callable(sample)
     g = torch.Generator().manual_seed(settings.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)

@@ -123,11 +123,15 @@ class ExpertTrainer:
         em = evaluate(self.model, self.encoded(task, "test", cfg.test_examples), self.pad).exact_match
         return out, em
 
-    def evaluate(self, state: dict[str, torch.Tensor] | None, task: Task) -> float:
-        """Exact match of an adapter (None: the base model, LoRA B = 0) on a task's test split."""
+    def load(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Put an adapter in the model (None: the base model, LoRA B = 0)."""
         if state is None:
             state = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in self.initial.items()}
         set_adapter_state(self.model, state)
+
+    def evaluate(self, state: dict[str, torch.Tensor] | None, task: Task) -> float:
+        """Exact match of an adapter (None: the base model) on a task's test split."""
+        self.load(state)
         return evaluate(self.model, self.encoded(task, "test", self.cfg.test_examples), self.pad).exact_match
 
 

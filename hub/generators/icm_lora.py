@@ -75,12 +75,6 @@ def ridge_fit(x: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.inv(k + lam * torch.eye(x.shape[0], dtype=torch.float64)).float().contiguous()
 
 
-def ridge_weights(inverse: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, R) weights of the training rows for queries ``x`` (B, F): the prediction is
-    ``weights @ targets_of_rows`` (kernel ridge regression in its dual form)."""
-    return kernel(x, rows) @ inverse
-
-
 def expert_weights(
     inverse: torch.Tensor, rows: torch.Tensor, row_expert: torch.Tensor, x: torch.Tensor, n: int
 ) -> torch.Tensor:

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from hub.generators.request import check_description, check_examples
-from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, BaseModel
+from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, BaseModel, read_adapter_dir
 from simulations.tasks import Example
 
 TASK_FILE = "task.json"
@@ -238,11 +238,7 @@ class ExpertLibrary:
                 dirs = [task_dir / f"checkpoint-{c}" for c in listed]
             else:
                 dirs = sorted((p for p in task_dir.glob("checkpoint-*") if p.is_dir()), key=_step_of) or [task_dir]
-            files = []
-            for d in dirs:
-                if not (d / CONFIG_FILE).is_file():
-                    raise FileNotFoundError(f"{d} is not a PEFT adapter directory (no {CONFIG_FILE})")
-                files.append({f: (d / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)})
+            files = [read_adapter_dir(d) for d in dirs]
             tasks.append((str(info.get("name", task_dir.name)), info, files, str(task_dir)))
         if not tasks:
             raise ValueError(f"{root} holds no experts (directories with a {TASK_FILE} and PEFT checkpoints)")
@@ -271,9 +267,10 @@ class ExpertLibrary:
             versions = [int(v) for v in hub.versions(name)] if prov.get("run") else [int(row["version"])]
             files = []
             for v in sorted(versions):
-                manifest, data = hub.fetch(name, v)
-                if manifest["provenance"].get("run") == prov.get("run"):
-                    files.append(data)
+                record = hub.record(name, v)
+                if json.loads(record["manifest"])["provenance"].get("run") != prov.get("run"):
+                    continue  # another build: its files are not downloaded (what is kept, fetch verifies)
+                files.append(hub.fetch(name, v, record=record)[1])
             tasks.append((name.split("/", 1)[1], info, files, f"{name} ({len(files)} version(s))"))
         if base is None:
             raise ValueError(f"the hub has no adapters with descriptions under {prefix}/: run fl-hub build-experts")
