@@ -1,0 +1,114 @@
+"""LoRA kernels for DP-SGD and batched evaluation, registered as ``torch.library`` custom ops.
+
+For a LoRA layer ``y = x W0^T + s (x A^T) B^T`` with input ``x`` (N, T, d_in), output gradient
+``g = dL/dy`` (N, T, d_out), ``u = x A^T`` and ``v = dL/du = s g B`` (both (N, T, r)):
+
+    per-sample gradients   G_A[n] = v[n]^T x[n]   (r, d_in)      G_B[n] = s g[n]^T u[n]   (d_out, r)
+
+- ``fedlora::lora_per_sample_sq_norms``: ||G_A[n]||^2 and ||G_B[n]||^2. The per-sample
+  gradients are materialised: for LoRA (T >> r) that is about T / r less arithmetic than ghost
+  (Gram-matrix) norms, whose cost grows with T^2.
+- ``fedlora::lora_clipped_noised_sum``: sum_n c[n] G[n] (+ Gaussian noise of std
+  ``noise_std``), as one reweighted GEMM: no per-sample tensor is formed.
+- ``fedlora::lora_gathered``: ``s (x[n] A[i_n]^T) B[i_n]^T`` with each sequence's own adapter
+  from a bank (batched evaluation of many personal adapters).
+
+Each op has a PyTorch implementation (the CPU path and the oracle); a CUDA kernel can be
+registered for the same op name without touching its callers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
+    if x.ndim != 3 or g.ndim != 3 or x.shape[:2] != g.shape[:2]:
+        raise ValueError(f"x and g must be (N, T, features) with the same N, T; got {tuple(x.shape)}, {tuple(g.shape)}")
+    r, d_in = lora_a.shape
+    d_out, r_b = lora_b.shape
+    if x.shape[2] != d_in or g.shape[2] != d_out or r_b != r:
+        raise ValueError(
+            f"shapes do not fit a LoRA layer: x {tuple(x.shape)}, g {tuple(g.shape)}, "
+            f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}"
+        )
+
+
+@torch.library.custom_op("fedlora::lora_per_sample_sq_norms", mutates_args=())
+def lora_per_sample_sq_norms(
+    x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """(||G_A[n]||^2, ||G_B[n]||^2), each (N,), from the layer input and output gradient."""
+    _check(x, g, lora_a, lora_b)
+    u = x @ lora_a.T  # (N, T, r)
+    v = scaling * (g @ lora_b)  # (N, T, r)
+    grad_a = torch.einsum("ntr,ntd->nrd", v, x)  # (N, r, d_in)
+    grad_b = scaling * torch.einsum("nto,ntr->nor", g, u)  # (N, d_out, r)
+    return grad_a.pow(2).sum((1, 2)), grad_b.pow(2).sum((1, 2))
+
+
+@lora_per_sample_sq_norms.register_fake
+def _(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("fedlora::lora_clipped_noised_sum", mutates_args=())
+def lora_clipped_noised_sum(
+    x: Tensor,
+    g: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    clip_factors: Tensor,
+    noise_std: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """(sum_n c[n] G_A[n] + noise, sum_n c[n] G_B[n] + noise): one reweighted GEMM each."""
+    _check(x, g, lora_a, lora_b)
+    if clip_factors.shape != (x.shape[0],):
+        raise ValueError(f"clip_factors must be (N,) = ({x.shape[0]},), got {tuple(clip_factors.shape)}")
+    c = clip_factors.to(x.dtype)[:, None, None]
+    r, d_in = lora_a.shape
+    u = x @ lora_a.T
+    v = scaling * (g @ lora_b)
+    sum_a = (c * v).reshape(-1, r).T @ x.reshape(-1, d_in)  # (r, d_in)
+    sum_b = scaling * ((c * g).reshape(-1, g.shape[2]).T @ u.reshape(-1, r))  # (d_out, r)
+    if noise_std > 0:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        sum_a = sum_a + noise_std * torch.randn(sum_a.shape, generator=gen, device=x.device, dtype=x.dtype)
+        sum_b = sum_b + noise_std * torch.randn(sum_b.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return sum_a, sum_b
+
+
+@lora_clipped_noised_sum.register_fake
+def _(
+    x: Tensor,
+    g: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    clip_factors: Tensor,
+    noise_std: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    return lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+@torch.library.custom_op("fedlora::lora_gathered", mutates_args=())
+def lora_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    """s (x[n] A[index[n]]^T) B[index[n]]^T for every sequence n: (N, T, d_out)."""
+    if bank_a.ndim != 3 or bank_b.ndim != 3 or bank_a.shape[0] != bank_b.shape[0]:
+        raise ValueError(
+            f"banks must be (K, r, d_in) and (K, d_out, r), got {tuple(bank_a.shape)}, {tuple(bank_b.shape)}"
+        )
+    if index.shape != (x.shape[0],):
+        raise ValueError(f"index must give one adapter per sequence ({x.shape[0]},), got {tuple(index.shape)}")
+    a = bank_a[index]  # (N, r, d_in)
+    b = bank_b[index]  # (N, d_out, r)
+    return scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+@lora_gathered.register_fake
+def _(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], bank_b.shape[1])

@@ -1,0 +1,80 @@
+"""The LoRA kernels' PyTorch implementations against brute-force per-sample autograd, on odd
+sizes (nothing a multiple of a tile size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from privacy.kernels import lora_clipped_noised_sum, lora_gathered, lora_per_sample_sq_norms
+
+N, T, D_IN, D_OUT, R, S = 3, 7, 5, 6, 3, 1.7
+
+
+def _layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, T, D_IN, generator=g, dtype=torch.float64)
+    a = torch.randn(R, D_IN, generator=g, dtype=torch.float64)
+    b = torch.randn(D_OUT, R, generator=g, dtype=torch.float64)
+    target = torch.randn(N, T, D_OUT, generator=g, dtype=torch.float64)
+    return x, a, b, target
+
+
+def _per_sample(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, target: torch.Tensor):
+    """Per-sample gradients of A and B by autograd, one sample at a time, and dL/dy."""
+    grads_a, grads_b, outs = [], [], []
+    for n in range(N):
+        a_n, b_n = a.clone().requires_grad_(), b.clone().requires_grad_()
+        y = S * (x[n] @ a_n.T) @ b_n.T
+        y.retain_grad()
+        loss = ((y - target[n]) ** 2).sum() / 2
+        loss.backward()
+        grads_a.append(a_n.grad)
+        grads_b.append(b_n.grad)
+        outs.append(y.grad)
+    return torch.stack(grads_a), torch.stack(grads_b), torch.stack(outs)
+
+
+def test_per_sample_norms_equal_brute_force_autograd() -> None:
+    x, a, b, target = _layer()
+    grads_a, grads_b, g = _per_sample(x, a, b, target)
+    norm_a, norm_b = lora_per_sample_sq_norms(x, g, a, b, S)
+    assert torch.allclose(norm_a, grads_a.pow(2).sum((1, 2)), rtol=1e-12)
+    assert torch.allclose(norm_b, grads_b.pow(2).sum((1, 2)), rtol=1e-12)
+
+
+def test_clipped_sum_equals_the_reweighted_per_sample_sum_and_noise_is_seeded() -> None:
+    x, a, b, target = _layer(1)
+    grads_a, grads_b, g = _per_sample(x, a, b, target)
+    norms = (grads_a.pow(2).sum((1, 2)) + grads_b.pow(2).sum((1, 2))).sqrt()
+    clip = (1.0 / norms).clamp(max=1.0)  # clipping at 1 is active for every sample
+    assert bool((clip < 1).all())
+    sum_a, sum_b = lora_clipped_noised_sum(x, g, a, b, S, clip, 0.0, 0)
+    assert torch.allclose(sum_a, (clip[:, None, None] * grads_a).sum(0), rtol=1e-12)
+    assert torch.allclose(sum_b, (clip[:, None, None] * grads_b).sum(0), rtol=1e-12)
+    noisy = lora_clipped_noised_sum(x, g, a, b, S, clip, 0.5, 7)
+    again = lora_clipped_noised_sum(x, g, a, b, S, clip, 0.5, 7)
+    assert torch.equal(noisy[0], again[0]) and not torch.allclose(noisy[0], sum_a)
+    noise = torch.cat([(noisy[0] - sum_a).flatten(), (noisy[1] - sum_b).flatten()])
+    assert 0.2 < float(noise.std()) < 0.9  # 33 draws of N(0, 0.25)
+
+
+def test_gathered_matmul_equals_a_loop_over_adapters() -> None:
+    g = torch.Generator().manual_seed(2)
+    k = 4
+    bank_a, bank_b = torch.randn(k, R, D_IN, generator=g), torch.randn(k, D_OUT, R, generator=g)
+    x = torch.randn(5, T, D_IN, generator=g)
+    index = torch.tensor([3, 0, 3, 1, 2])
+    out = lora_gathered(x, bank_a, bank_b, index, S)
+    for n, i in enumerate(index.tolist()):
+        assert torch.allclose(out[n], S * (x[n] @ bank_a[i].T) @ bank_b[i].T, atol=1e-5)
+
+
+def test_bad_shapes_are_refused() -> None:
+    x, a, b, _ = _layer()
+    with pytest.raises(ValueError, match="do not fit a LoRA layer"):
+        lora_per_sample_sq_norms(x, torch.zeros(N, T, D_OUT + 1, dtype=x.dtype), a, b, S)
+    with pytest.raises(ValueError, match="clip_factors"):
+        lora_clipped_noised_sum(x, torch.zeros(N, T, D_OUT, dtype=x.dtype), a, b, S, torch.ones(N + 1), 0.0, 0)
+    with pytest.raises(ValueError, match="one adapter per sequence"):
+        lora_gathered(x.float(), a[None].float(), b[None].float(), torch.tensor([0]), S)
