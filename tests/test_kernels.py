@@ -78,3 +78,32 @@ def test_bad_shapes_are_refused() -> None:
         lora_clipped_noised_sum(x, torch.zeros(N, T, D_OUT, dtype=x.dtype), a, b, S, torch.ones(N + 1), 0.0, 0)
     with pytest.raises(ValueError, match="one adapter per sequence"):
         lora_gathered(x.float(), a[None].float(), b[None].float(), torch.tensor([0]), S)
+
+
+def test_triton_kernel_under_the_interpreter_equals_the_reference() -> None:
+    """Triton's interpreter on CPU tensors (a subprocess: TRITON_INTERPRET must be set before
+    the kernels are defined); skipped with a message only when triton is not installed."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: the Triton kernels cannot be tested here")
+    code = """
+import torch
+from privacy.kernels import lora_per_sample_sq_norms
+from privacy.triton_kernels import lora_per_sample_sq_norms_triton
+g = torch.Generator().manual_seed(3)
+for n, t, d_in, d_out, r in [(3, 7, 5, 6, 3), (2, 19, 17, 33, 2), (1, 1, 3, 2, 1)]:
+    x, gr = torch.randn(n, t, d_in, generator=g), torch.randn(n, t, d_out, generator=g)
+    a, b = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+    got = lora_per_sample_sq_norms_triton(x, gr, a, b, 1.3)
+    ref = lora_per_sample_sq_norms(x, gr, a, b, 1.3)
+    for u, v in zip(got, ref):
+        assert torch.allclose(u, v, rtol=1e-4), (u, v)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -1,0 +1,75 @@
+"""Triton kernels for :mod:`privacy.kernels`, registered for CUDA tensors on the same ops.
+
+On a machine without a GPU the kernels still run under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported) on CPU tensors, about 10,000x slower
+than eager PyTorch: that is how CI tests them against the PyTorch implementations.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_P, BLOCK_Q, BLOCK_T = 16, 16, 16
+
+
+@triton.jit
+def _per_sample_outer_sq_norm(
+    a_ptr, b_ptr, out_ptr, T, P, Q,
+    s_an, s_at, s_ap, s_bn, s_bt, s_bq,
+    scaling,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """out[n] += || scaling * sum_t a[n, t, p] b[n, t, q] ||^2 over one (p, q) tile."""
+    n = tl.program_id(0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        a = tl.load(
+            a_ptr + n * s_an + offs_t[:, None] * s_at + offs_p[None, :] * s_ap,
+            mask=(offs_t[:, None] < T) & (offs_p[None, :] < P),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + n * s_bn + offs_t[:, None] * s_bt + offs_q[None, :] * s_bq,
+            mask=(offs_t[:, None] < T) & (offs_q[None, :] < Q),
+            other=0.0,
+        )
+        acc += tl.dot(tl.trans(a), b)
+    acc = acc * scaling
+    tl.atomic_add(out_ptr + n, tl.sum(acc * acc))
+
+
+def per_sample_outer_sq_norms(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """||scaling * a[n]^T b[n]||^2 for every n, without forming a[n]^T b[n] in memory."""
+    n, t, p = a.shape
+    q = b.shape[2]
+    out = torch.zeros(n, dtype=torch.float32, device=a.device)
+    grid = (n, triton.cdiv(p, BLOCK_P), triton.cdiv(q, BLOCK_Q))
+    _per_sample_outer_sq_norm[grid](
+        a, b, out, t, p, q, *a.stride(), *b.stride(), scaling, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T
+    )
+    return out
+
+
+def lora_per_sample_sq_norms_triton(
+    x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """The Triton path of ``fedlora::lora_per_sample_sq_norms``: G_A[n] = v[n]^T x[n] with
+    v = s g B, and G_B[n] = s g[n]^T u[n] with u = x A^T (u and v are (N, T, r): small)."""
+    u = (x @ lora_a.T).float().contiguous()
+    v = (scaling * (g @ lora_b)).float().contiguous()
+    norm_a = per_sample_outer_sq_norms(v, x.float().contiguous(), 1.0)
+    norm_b = per_sample_outer_sq_norms(g.float().contiguous(), u, scaling)
+    return norm_a.to(x.dtype), norm_b.to(x.dtype)
+
+
+def register() -> None:
+    """Use the Triton kernel for CUDA tensors (called once, where CUDA and Triton exist)."""
+    from privacy.kernels import lora_per_sample_sq_norms
+
+    lora_per_sample_sq_norms.register_kernel("cuda")(lora_per_sample_sq_norms_triton)
