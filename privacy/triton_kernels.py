@@ -16,7 +16,7 @@ BLOCK_P, BLOCK_Q, BLOCK_T = 16, 16, 16
 
 
 @triton.jit
-def _per_sample_outer_sq_norm(
+def _per_sample_outer_sq_norm(  # type: ignore[no-untyped-def]  # a Triton kernel: constexpr annotations only
     a_ptr, b_ptr, out_ptr, T, P, Q,
     s_an, s_at, s_ap, s_bn, s_bt, s_bq,
     scaling,
