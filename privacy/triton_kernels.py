@@ -44,6 +44,75 @@ def _per_sample_outer_sq_norm(  # type: ignore[no-untyped-def]  # a Triton kerne
     tl.atomic_add(out_ptr + n, tl.sum(acc * acc))
 
 
+@triton.jit
+def _weighted_outer_sum(  # type: ignore[no-untyped-def]  # a Triton kernel: constexpr annotations only
+    a_ptr, b_ptr, w_ptr, out_ptr, M, T, P, Q,
+    s_am, s_ap, s_bm, s_bq, s_op, s_oq,
+    scaling,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """out[p, q] = scaling * sum_m w[m // T] a[m, p] b[m, q] over the flattened (N * T) rows."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_T):
+        offs_m = m0 + tl.arange(0, BLOCK_T)
+        w = tl.load(w_ptr + offs_m // T, mask=offs_m < M, other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * s_am + offs_p[None, :] * s_ap,
+            mask=(offs_m[:, None] < M) & (offs_p[None, :] < P),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_m[:, None] * s_bm + offs_q[None, :] * s_bq,
+            mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q),
+            other=0.0,
+        )
+        acc += tl.dot(tl.trans(a * w[:, None]), b)
+    tl.store(
+        out_ptr + offs_p[:, None] * s_op + offs_q[None, :] * s_oq,
+        acc * scaling,
+        mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q),
+    )
+
+
+def weighted_outer_sum(a: Tensor, b: Tensor, weights: Tensor, scaling: float) -> Tensor:
+    """scaling * sum_n weights[n] a[n]^T b[n]: the clipped sum without per-sample tensors."""
+    n, t, p = a.shape
+    q = b.shape[2]
+    a2, b2 = a.reshape(n * t, p).float().contiguous(), b.reshape(n * t, q).float().contiguous()
+    out = torch.empty(p, q, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(p, BLOCK_P), triton.cdiv(q, BLOCK_Q))
+    _weighted_outer_sum[grid](
+        a2, b2, weights.float().contiguous(), out, n * t, t, p, q,
+        *a2.stride(), *b2.stride(), *out.stride(), scaling,
+        BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T,
+    )  # fmt: skip
+    return out
+
+
+def lora_clipped_noised_sum_triton(
+    x: Tensor,
+    g: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    clip_factors: Tensor,
+    noise_std: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """The Triton path of ``fedlora::lora_clipped_noised_sum`` (noise drawn as the reference does)."""
+    u = (x @ lora_a.T).float().contiguous()
+    v = (scaling * (g @ lora_b)).float().contiguous()
+    sum_a = weighted_outer_sum(v, x, clip_factors, 1.0).to(x.dtype)
+    sum_b = weighted_outer_sum(g, u, clip_factors, scaling).to(x.dtype)
+    if noise_std > 0:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        sum_a = sum_a + noise_std * torch.randn(sum_a.shape, generator=gen, device=x.device, dtype=x.dtype)
+        sum_b = sum_b + noise_std * torch.randn(sum_b.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return sum_a, sum_b
+
+
 def per_sample_outer_sq_norms(a: Tensor, b: Tensor, scaling: float) -> Tensor:
     """||scaling * a[n]^T b[n]||^2 for every n, without forming a[n]^T b[n] in memory."""
     n, t, p = a.shape
@@ -70,6 +139,7 @@ def lora_per_sample_sq_norms_triton(
 
 def register() -> None:
     """Use the Triton kernel for CUDA tensors (called once, where CUDA and Triton exist)."""
-    from privacy.kernels import lora_per_sample_sq_norms
+    from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms
 
     lora_per_sample_sq_norms.register_kernel("cuda")(lora_per_sample_sq_norms_triton)
+    lora_clipped_noised_sum.register_kernel("cuda")(lora_clipped_noised_sum_triton)

@@ -93,7 +93,8 @@ def test_triton_kernel_under_the_interpreter_equals_the_reference() -> None:
     code = """
 import torch
 from privacy.kernels import lora_per_sample_sq_norms
-from privacy.triton_kernels import lora_per_sample_sq_norms_triton
+from privacy.triton_kernels import lora_clipped_noised_sum_triton, lora_per_sample_sq_norms_triton
+from privacy.kernels import lora_clipped_noised_sum
 g = torch.Generator().manual_seed(3)
 for n, t, d_in, d_out, r in [(3, 7, 5, 6, 3), (2, 19, 17, 33, 2), (1, 1, 3, 2, 1)]:
     x, gr = torch.randn(n, t, d_in, generator=g), torch.randn(n, t, d_out, generator=g)
@@ -102,6 +103,12 @@ for n, t, d_in, d_out, r in [(3, 7, 5, 6, 3), (2, 19, 17, 33, 2), (1, 1, 3, 2, 1
     ref = lora_per_sample_sq_norms(x, gr, a, b, 1.3)
     for u, v in zip(got, ref):
         assert torch.allclose(u, v, rtol=1e-4), (u, v)
+    clip = torch.rand(n, generator=g)
+    for noise in (0.0, 0.3):
+        got = lora_clipped_noised_sum_triton(x, gr, a, b, 1.3, clip, noise, 5)
+        ref = lora_clipped_noised_sum(x, gr, a, b, 1.3, clip, noise, 5)
+        for u, v in zip(got, ref):
+            assert torch.allclose(u, v, rtol=1e-4, atol=1e-4), (u - v).abs().max()
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
