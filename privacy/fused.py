@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms
+from privacy.kernels import lora_per_sample_grads
 
 
 @dataclass
@@ -43,24 +44,31 @@ class LoraTaps:
                 if not isinstance(lora_a, nn.Linear) or not isinstance(lora_b, nn.Linear):
                     raise ValueError(f"{type(module).__name__}: only nn.Linear LoRA factors can be tapped")
                 tap = _Tap(lora_a, lora_b)
-                tap.handles.append(tap.lora_a.register_forward_hook(self._save("x", tap)))
-                tap.handles.append(tap.lora_b.register_forward_hook(self._save("u", tap)))
-                tap.handles.append(tap.lora_b.register_full_backward_hook(self._save_grad(tap)))
+                tap.handles.append(tap.lora_a.register_forward_hook(self._save_input(tap)))
+                tap.handles.append(tap.lora_b.register_forward_hook(self._save_bottleneck(tap)))
                 self.taps.append(tap)
         if not self.taps:
             raise ValueError("the model has no LoRA layers to tap")
 
     @staticmethod
-    def _save(what: str, tap: _Tap) -> Any:
+    def _save_input(tap: _Tap) -> Any:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            setattr(tap, what, inputs[0].detach())
+            tap.x = inputs[0].detach()
 
         return hook
 
     @staticmethod
-    def _save_grad(tap: _Tap) -> Any:
-        def hook(module: nn.Module, grad_input: Any, grad_output: tuple[Tensor, ...]) -> None:
-            tap.g = grad_output[0].detach()
+    def _save_bottleneck(tap: _Tap) -> Any:
+        """lora_B's input, and a hook on its output tensor for the gradient (lighter than a
+        module backward hook, which wraps the call in extra autograd nodes)."""
+
+        def save_grad(grad: Tensor) -> None:
+            tap.g = grad.detach()
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            tap.u = inputs[0].detach()
+            if output.requires_grad:
+                output.register_hook(save_grad)
 
         return hook
 
@@ -82,26 +90,31 @@ def private_gradients(
     """Replace each trainable LoRA factor's ``.grad`` by the DP-SGD gradient of the last backward.
 
     ``loss_scale``: what turns the captured gradients into per-example gradients of per-example
-    losses (the batch size when the loss was a mean over the batch)."""
+    losses (the batch size when the loss was a mean over the batch). Per-example gradients are
+    materialised once per layer (small for LoRA), their norms summed over layers, then clipped,
+    summed and noised."""
+    grads: list[tuple[Tensor | None, Tensor | None]] = []
     norms: Tensor | None = None
     for tap in taps.taps:
-        assert tap.x is not None and tap.g is not None, "no forward/backward pass was tapped"
+        assert tap.x is not None and tap.u is not None and tap.g is not None, "no forward/backward pass was tapped"
         a, b = tap.lora_a.weight, tap.lora_b.weight
-        g = tap.g * loss_scale
-        norm_a, norm_b = lora_per_sample_sq_norms(tap.x, g, a.detach(), b.detach(), 1.0)
-        layer = norm_a * a.requires_grad + norm_b * b.requires_grad
-        norms = layer if norms is None else norms + layer
-    assert norms is not None
+        grad_a, grad_b = lora_per_sample_grads(tap.x, tap.u, tap.g * loss_scale, b.detach())
+        kept = (grad_a if a.requires_grad else None, grad_b if b.requires_grad else None)
+        for gr in kept:
+            if gr is not None:
+                sq = gr.pow(2).sum((1, 2))
+                norms = sq if norms is None else norms + sq
+        grads.append(kept)
+        tap.x = tap.u = tap.g = None
+    assert norms is not None, "no trainable LoRA factor"
     clip = (max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0)
     std = noise_multiplier * max_grad_norm
-    for i, tap in enumerate(taps.taps):
-        assert tap.x is not None and tap.g is not None
-        a, b = tap.lora_a.weight, tap.lora_b.weight
-        sum_a, sum_b = lora_clipped_noised_sum(
-            tap.x, tap.g * loss_scale, a.detach(), b.detach(), 1.0, clip, std, seed * 100_003 + i
-        )
-        if a.requires_grad:
-            a.grad = (sum_a / expected_batch_size).to(a.dtype)
-        if b.requires_grad:
-            b.grad = (sum_b / expected_batch_size).to(b.dtype)
-        tap.x = tap.u = tap.g = None
+    gen = torch.Generator(device=clip.device).manual_seed(seed)
+    for tap, kept in zip(taps.taps, grads, strict=True):
+        for param, gr in zip((tap.lora_a.weight, tap.lora_b.weight), kept, strict=True):
+            if gr is None:
+                continue
+            total = torch.einsum("n,nij->ij", clip.to(gr.dtype), gr)
+            if std > 0:
+                total = total + std * torch.randn(total.shape, generator=gen, device=total.device, dtype=total.dtype)
+            param.grad = (total / expected_batch_size).to(param.dtype)

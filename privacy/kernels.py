@@ -53,6 +53,21 @@ def _(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> t
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
+@torch.library.custom_op("fedlora::lora_per_sample_grads", mutates_args=())
+def lora_per_sample_grads(x: Tensor, u: Tensor, g: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
+    """(G_A, G_B): per-sample gradients (N, r, d_in) and (N, d_out, r) from the layer's saved
+    input ``x``, the LoRA bottleneck ``u = x A^T`` and the gradient ``g`` of ``lora_B``'s output
+    (LoRA scaling included), materialised once (for LoRA, T >> r makes that the cheap way)."""
+    v = g @ lora_b  # (N, T, r)
+    return torch.einsum("ntr,ntd->nrd", v, x), torch.einsum("nto,ntr->nor", g, u)
+
+
+@lora_per_sample_grads.register_fake
+def _(x: Tensor, u: Tensor, g: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
+    n, r = u.shape[0], u.shape[2]
+    return x.new_empty(n, r, x.shape[2]), x.new_empty(n, g.shape[2], r)
+
+
 @torch.library.custom_op("fedlora::lora_clipped_noised_sum", mutates_args=())
 def lora_clipped_noised_sum(
     x: Tensor,
