@@ -275,7 +275,11 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
             torch.manual_seed(dp_seed + 2)
             t0 = time.perf_counter()
-            dp = DPSGDConfig(noise_multiplier=float(privacy["noise-multiplier"]), max_grad_norm=cfg.dp_max_grad_norm)
+            dp = DPSGDConfig(
+                noise_multiplier=float(privacy["noise-multiplier"]),
+                max_grad_norm=cfg.dp_max_grad_norm,
+                engine=cfg.dp_engine,  # type: ignore[arg-type]  # validated with the run config
+            )
             result = train_private(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id), dp, dp_seed)
             train_seconds = time.perf_counter() - t0
         ledger.record_input(ledger_run, server_round, digest)  # before the charge: a replay needs both
@@ -386,6 +390,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         delta=cfg.dp_delta,
         accountant=cfg.dp_accountant,
         max_epsilon=(cfg.dp_max_epsilon or None) if cfg.dp_enabled else None,
+        dp_engine=cfg.dp_engine,
         model_dir=cfg.model_dir or None,
         seed=cfg.seed,
         num_train=cfg.num_train,

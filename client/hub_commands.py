@@ -97,6 +97,9 @@ def add_personalize_parser(sub: Any) -> None:
     p.add_argument("--noise-multiplier", type=float, help="a fixed sigma instead of --epsilon")
     p.add_argument("--delta", type=float, default=0.0, help="default: from the training split's size")
     p.add_argument("--max-epsilon", type=float, help="refuse if the ledger's lifetime epsilon would pass this")
+    p.add_argument(
+        "--dp-engine", choices=["opacus", "fused"], default="opacus", help="per-example clipping engine (same result)"
+    )
     p.add_argument("--no-dp", dest="dp", action="store_false", help="plain fine-tuning: nothing is charged or claimed")
     p.add_argument("--seed", type=int, default=0, help="the federation's run seed (it seeds the node's split)")
     p.add_argument("--model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
@@ -282,6 +285,7 @@ def personalize(args: argparse.Namespace, console: Console) -> int:
         noise_multiplier=args.noise_multiplier,
         delta=args.delta,
         max_epsilon=args.max_epsilon,
+        dp_engine=args.dp_engine,
         model_dir=str(args.model) if args.model else None,
         seed=args.seed,
         name=args.name,

@@ -1,25 +1,36 @@
-"""DP-SGD on the trainable (LoRA) parameters, by wrapping: Opacus' PrivacyEngine turns a model,
-an optimizer and a data loader into their private versions; the training loop is unchanged.
+"""DP-SGD on the trainable (LoRA) parameters, by wrapping: Opacus' parts turn a model, an
+optimizer and a dataset into their private versions; the training loop is unchanged.
 
-Only parameters that require gradients get per-sample gradients (Opacus hooks only modules
-with trainable parameters), so whatever the strategy freezes (A under FFA-LoRA, the whole
-base model always) costs no per-sample work. Sampling is Poisson with rate q = batch / n.
-Accounting is not done here: the caller charges its ledger with (sigma, q, steps).
+Two engines compute the per-example clipping (``DPSGDConfig.engine``): ``opacus``, Opacus'
+grad-sample hooks (any trainable layer Opacus supports), and ``fused``, taps on the LoRA
+layers with the ops of :mod:`privacy.kernels` (:mod:`privacy.fused`; LoRA factors of linear
+layers only). Both use the same Poisson batches, Opacus' DPOptimizer noise and scaling, and the
+same seeds: they release the same adapter.
+
+Only parameters that require gradients get per-sample gradients, so whatever the strategy
+freezes (A under FFA-LoRA, the whole base model always) costs no per-sample work. Sampling is
+Poisson with rate exactly q = batch / n (Opacus' ``make_private`` would use 1 / ceil(n /
+batch), below the rate the ledger charges); the gradient sum is divided by q n. Accounting is
+not done here: the caller charges its ledger with (sigma, q, steps).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
-from torch.utils.data import DataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+
+Engine = Literal["opacus", "fused"]
+#: the per-example clipping engines (``dp.engine``)
+ENGINES: tuple[Engine, ...] = ("opacus", "fused")
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,11 @@ class DPSGDConfig:
 
     noise_multiplier: float
     max_grad_norm: float
+    engine: Engine = "opacus"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"dp.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
         if not math.isfinite(self.max_grad_norm) or self.max_grad_norm <= 0:
@@ -70,8 +84,8 @@ def check_poisson_batches(batch_size: int, num_examples: int, steps: int) -> Non
 class PrivateTraining:
     """What the wrapped training loop uses: the model to call, the optimizer, the batches."""
 
-    model: GradSampleModule
-    optimizer: torch.optim.Optimizer
+    model: torch.nn.Module
+    optimizer: DPOptimizer
     batches: Iterator[dict[str, torch.Tensor]]
     sample_rate: float
 
@@ -88,40 +102,50 @@ def dp_sgd(
 ) -> Iterator[PrivateTraining]:
     """Private versions of ``model``, ``optimizer`` and batches of ``dataset`` for one local run.
 
-    The model's hooks are removed on exit, so a model cached across messages (simulation)
-    can be wrapped again next round with other trainable factors.
+    The training loop calls ``optimizer.zero_grad()``, one forward and one backward of the
+    batch-mean loss, and ``optimizer.step()``. The engine's hooks are removed on exit, so a
+    model cached across messages (simulation) can be wrapped again next round with other
+    trainable factors.
     """
+    from privacy.fused import FusedDPOptimizer, LoraTaps
+
     model.zero_grad(set_to_none=True)  # stale gradients of a cached model must not leak into step one
-    model.train()  # Opacus validates training mode; a cached model may come back from evaluation
+    model.train()
+    ModuleValidator.validate(model, strict=True)  # e.g. batch norm mixes examples: refused by name
     q = sample_rate(batch_size, len(dataset))
-    generator = torch.Generator().manual_seed(seed)
     # Opacus inspects dataset[0] as a tuple of fields: wrap each example in a 1-tuple
     items: list[tuple[Any]] = [(example,) for example in dataset]
-    loader: DataLoader[tuple[Any]] = DataLoader(
-        items,  # type: ignore[arg-type]  # a list is a map-style dataset
-        batch_size=batch_size,
+    loader = DPDataLoader(
+        items,
+        sample_rate=q,
         collate_fn=lambda items: collate_fn([item[0] for item in items]),
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
     )
-    engine = PrivacyEngine(accountant="rdp")  # its own accountant goes unused: the ledger charges
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        private_model, private_opt, private_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=config.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
-        )
-    assert isinstance(private_model, GradSampleModule)
+    settings: dict[str, Any] = {
+        "noise_multiplier": config.noise_multiplier,
+        "max_grad_norm": config.max_grad_norm,
+        "expected_batch_size": min(batch_size, len(dataset)),  # q n
+        "generator": torch.Generator().manual_seed(seed + 1),
+    }
+    private_model: torch.nn.Module
+    private_opt: DPOptimizer
+    if config.engine == "fused":
+        taps = LoraTaps(model)
+        private_model, private_opt = model, FusedDPOptimizer(optimizer, taps, **settings)
+        close: Callable[[], None] = taps.close
+    else:
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        private_model, private_opt = gsm, DPOptimizer(optimizer, loss_reduction="mean", **settings)
+        close = gsm._close  # remove hooks and per-sample attributes
 
     def endless() -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            yield from private_loader
+            yield from loader
 
     try:
         yield PrivateTraining(private_model, private_opt, endless(), q)
     finally:
-        private_model._close()  # remove hooks and per-sample attributes
+        close()
+        for p in model.parameters():  # the optimizers' bookkeeping attribute
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad

@@ -1,11 +1,18 @@
-"""A fused DP-SGD step for LoRA (``dp.engine = fused``, work in progress for issue 9).
+"""The fused DP-SGD engine for LoRA (``dp.engine = fused``).
 
-Instead of Opacus' per-layer grad-sample hooks, every PEFT LoRA layer is tapped once: the input
-of ``lora_A`` (after dropout) and of ``lora_B`` in the forward pass, the gradient of ``lora_B``'s
-output in the backward pass. From those the ops of :mod:`privacy.kernels` give each example's
-squared gradient norm (summed over all layers), then each layer's clipped sum in one GEMM, plus
-Gaussian noise: the same private gradient as Opacus' DPOptimizer (clip at C, noise sigma * C,
-divide by the expected batch size), with the same accounting.
+Opacus' grad-sample hooks compute every trainable layer's per-sample gradients in generic
+code. Here every PEFT LoRA layer is tapped once instead: the input ``x`` of ``lora_A`` (after
+dropout) and the bottleneck ``u`` (the input of ``lora_B``) in the forward pass, the gradient
+``g`` of ``lora_B``'s output in the backward pass (all three are tensors autograd keeps anyway).
+The ops of :mod:`privacy.kernels` turn them into each example's gradient norm (summed over all
+layers) and each factor's clipped sum. Noise, the division by the expected batch size and the
+optimizer step are Opacus' own (:class:`FusedDPOptimizer` is a ``DPOptimizer``): with the same
+noise generator both engines release the same adapter, and the ledger charges the same
+(sigma, q, steps).
+
+On CPU the per-sample gradients are materialised once (``fedlora::lora_per_sample_grads``;
+for LoRA, T >> r makes that cheaper than recomputing them for the sum); on CUDA the norms and
+the clipped sum are two Triton kernels that never form a per-sample tensor.
 """
 
 from __future__ import annotations
@@ -14,46 +21,83 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
-from privacy.kernels import lora_per_sample_grads
+from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_grads, lora_per_sample_sq_norms
 
 
 @dataclass
 class _Tap:
+    name: str
     lora_a: nn.Linear
     lora_b: nn.Linear
+    scaling: float
     x: Tensor | None = None  # input of lora_A (N, T, d_in)
     u: Tensor | None = None  # input of lora_B (N, T, r)
     g: Tensor | None = None  # gradient of lora_B's output (N, T, d_out), the LoRA scaling included
     handles: list[Any] = field(default_factory=list)
 
+    def clear(self) -> None:
+        self.x = self.u = self.g = None
+
+
+def _sequences(t: Tensor) -> Tensor:
+    """(N, T, features): a layer applied to (N, features) is a sequence of length 1."""
+    return t.unsqueeze(1) if t.ndim == 2 else t
+
 
 class LoraTaps:
-    """Hooks on every LoRA layer of a PEFT model; removed by :meth:`close`."""
+    """Forward and gradient taps on every active LoRA factor pair of a PEFT model.
+
+    Refuses a model whose trainable parameters are not all LoRA factors of ``nn.Linear``
+    layers (embeddings, DoRA magnitudes, ``modules_to_save``): those need Opacus' engine.
+    Removed by :meth:`close`.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
 
         self.taps: list[_Tap] = []
-        for module in model.modules():
-            if not isinstance(module, LoraLinear):
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
                 continue
             for adapter in module.active_adapters:
+                if adapter not in module.lora_A:
+                    continue
+                if not isinstance(module, LoraLinear) or module.use_dora.get(adapter, False):
+                    raise ValueError(
+                        f"dp.engine = fused handles LoRA on linear layers only; {name} is "
+                        f"{type(module).__name__}{' with DoRA' if module.use_dora.get(adapter, False) else ''} "
+                        "(use dp.engine = opacus)"
+                    )
                 lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-                if not isinstance(lora_a, nn.Linear) or not isinstance(lora_b, nn.Linear):
-                    raise ValueError(f"{type(module).__name__}: only nn.Linear LoRA factors can be tapped")
-                tap = _Tap(lora_a, lora_b)
-                tap.handles.append(tap.lora_a.register_forward_hook(self._save_input(tap)))
-                tap.handles.append(tap.lora_b.register_forward_hook(self._save_bottleneck(tap)))
+                assert isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
+                if lora_a.bias is not None or lora_b.bias is not None:
+                    raise ValueError(f"dp.engine = fused: {name} has LoRA biases (use dp.engine = opacus)")
+                tap = _Tap(name, lora_a, lora_b, float(module.scaling[adapter]))
+                tap.handles.append(lora_a.register_forward_hook(self._save_input(tap)))
+                tap.handles.append(lora_b.register_forward_hook(self._save_bottleneck(tap)))
                 self.taps.append(tap)
+                covered.update((id(lora_a.weight), id(lora_b.weight)))
         if not self.taps:
-            raise ValueError("the model has no LoRA layers to tap")
+            self.close()
+            raise ValueError("dp.engine = fused: the model has no LoRA layers")
+        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if others:
+            self.close()
+            raise ValueError(
+                f"dp.engine = fused trains LoRA factors only; these trainable parameters are not: "
+                f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''} (use dp.engine = opacus)"
+            )
 
     @staticmethod
     def _save_input(tap: _Tap) -> Any:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            tap.x = inputs[0].detach()
+            if torch.is_grad_enabled():  # not an evaluation pass
+                tap.x = _sequences(inputs[0].detach())  # the last forward is the one backpropagated
 
         return hook
 
@@ -63,58 +107,120 @@ class LoraTaps:
         module backward hook, which wraps the call in extra autograd nodes)."""
 
         def save_grad(grad: Tensor) -> None:
-            tap.g = grad.detach()
+            if tap.g is not None:
+                raise RuntimeError(
+                    f"dp.engine = fused: {tap.name} got two gradients before one optimizer step (gradient "
+                    "accumulation or a layer called twice); per-example gradients need one forward and one "
+                    "backward per step (use dp.engine = opacus)"
+                )
+            tap.g = _sequences(grad.detach())
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            tap.u = inputs[0].detach()
-            if output.requires_grad:
-                output.register_hook(save_grad)
+            if torch.is_grad_enabled():
+                if tap.g is not None:
+                    raise RuntimeError(
+                        f"dp.engine = fused: {tap.name} ran forward again after a backward, before the optimizer "
+                        "step (gradient accumulation); per-example gradients need one forward and one backward "
+                        "per step (use dp.engine = opacus)"
+                    )
+                tap.u = _sequences(inputs[0].detach())
+                if output.requires_grad:
+                    output.register_hook(save_grad)
 
         return hook
+
+    def clear(self) -> None:
+        for tap in self.taps:
+            tap.clear()
+
+    def clear_gradients(self) -> None:
+        for tap in self.taps:
+            tap.g = None
 
     def close(self) -> None:
         for tap in self.taps:
             for h in tap.handles:
                 h.remove()
             tap.handles.clear()
+            tap.clear()
 
 
-def private_gradients(
-    taps: LoraTaps,
-    max_grad_norm: float,
-    noise_multiplier: float,
-    expected_batch_size: float,
-    loss_scale: float,
-    seed: int,
-) -> None:
-    """Replace each trainable LoRA factor's ``.grad`` by the DP-SGD gradient of the last backward.
+def clipped_sums(taps: LoraTaps, max_grad_norm: float, loss_scale: float) -> dict[Tensor, Tensor]:
+    """sum_n c[n] G[n] for every trainable LoRA factor, c[n] = min(1, C / (||G[n]|| + 1e-6)) with
+    ||G[n]|| example n's gradient norm over all of them (Opacus' clipping, exactly).
 
-    ``loss_scale``: what turns the captured gradients into per-example gradients of per-example
-    losses (the batch size when the loss was a mean over the batch). Per-example gradients are
-    materialised once per layer (small for LoRA), their norms summed over layers, then clipped,
-    summed and noised."""
-    grads: list[tuple[Tensor | None, Tensor | None]] = []
+    ``loss_scale`` turns the tapped gradients into per-example gradients of per-example losses
+    (the batch's size when the loss is the batch mean)."""
+    per_layer: list[tuple[_Tap, Tensor, Tensor, Tensor | None, Tensor | None]] = []
     norms: Tensor | None = None
     for tap in taps.taps:
-        assert tap.x is not None and tap.u is not None and tap.g is not None, "no forward/backward pass was tapped"
+        if tap.x is None or tap.u is None or tap.g is None:
+            raise RuntimeError(f"dp.engine = fused: no forward and backward pass through {tap.name} before the step")
         a, b = tap.lora_a.weight, tap.lora_b.weight
-        grad_a, grad_b = lora_per_sample_grads(tap.x, tap.u, tap.g * loss_scale, b.detach())
-        kept = (grad_a if a.requires_grad else None, grad_b if b.requires_grad else None)
-        for gr in kept:
-            if gr is not None:
-                sq = gr.pow(2).sum((1, 2))
+        g = tap.g * loss_scale
+        grad_a: Tensor | None = None
+        grad_b: Tensor | None = None
+        if tap.x.is_cuda:  # Triton kernels: norms now, the clipped sum once the factors are known
+            sq_a, sq_b = lora_per_sample_sq_norms(tap.x, g, a.detach(), b.detach(), 1.0)
+        else:
+            grad_a, grad_b = lora_per_sample_grads(tap.x, tap.u, g, b.detach())
+            sq_a, sq_b = grad_a.pow(2).sum((1, 2)), grad_b.pow(2).sum((1, 2))
+        for p, sq in ((a, sq_a), (b, sq_b)):
+            if p.requires_grad:
                 norms = sq if norms is None else norms + sq
-        grads.append(kept)
-        tap.x = tap.u = tap.g = None
-    assert norms is not None, "no trainable LoRA factor"
+        per_layer.append((tap, tap.x, g, grad_a, grad_b))
+    if norms is None:
+        raise ValueError("dp.engine = fused: no LoRA factor requires gradients")
     clip = (max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0)
-    std = noise_multiplier * max_grad_norm
-    gen = torch.Generator(device=clip.device).manual_seed(seed)
-    for tap, kept in zip(taps.taps, grads, strict=True):
-        for param, gr in zip((tap.lora_a.weight, tap.lora_b.weight), kept, strict=True):
-            if gr is None:
-                continue
-            total = torch.einsum("n,nij->ij", clip.to(gr.dtype), gr)
-            if std > 0:
-                total = total + std * torch.randn(total.shape, generator=gen, device=total.device, dtype=total.dtype)
-            param.grad = (total / expected_batch_size).to(param.dtype)
+    sums: dict[Tensor, Tensor] = {}
+    for tap, x, g, grad_a, grad_b in per_layer:
+        a, b = tap.lora_a.weight, tap.lora_b.weight
+        if grad_a is not None and grad_b is not None:
+            sum_a = torch.einsum("n,nij->ij", clip.to(grad_a.dtype), grad_a)
+            sum_b = torch.einsum("n,nij->ij", clip.to(grad_b.dtype), grad_b)
+        elif a.requires_grad or b.requires_grad:
+            sum_a, sum_b = lora_clipped_noised_sum(x, g, a.detach(), b.detach(), 1.0, clip, 0.0, 0)
+        else:
+            continue
+        for p, s in ((a, sum_a), (b, sum_b)):
+            if p.requires_grad:
+                sums[p] = s.to(p.dtype)
+    return sums
+
+
+class FusedDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its per-sample gradients replaced by the LoRA taps' clipped sums.
+
+    One forward and one backward per step (no gradient accumulation); the loss is the mean
+    over the batch (``loss_reduction = "mean"``), as in the Opacus engine."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, taps: LoraTaps, **kwargs: Any) -> None:
+        super().__init__(optimizer, loss_reduction="mean", **kwargs)
+        self.taps = taps
+        tapped = {id(t.lora_a.weight) for t in taps.taps} | {id(t.lora_b.weight) for t in taps.taps}
+        untapped = [p for p in self.params if id(p) not in tapped or not p.requires_grad]
+        if untapped:
+            raise ValueError(
+                f"dp.engine = fused: {len(untapped)} optimizer parameter(s) are not trainable LoRA factors"
+            )
+
+    def pre_step(self, closure: Any = None) -> bool:
+        first = self.taps.taps[0].x
+        sums = clipped_sums(self.taps, self.max_grad_norm, float(first.shape[0] if first is not None else 0))
+        for p in self.params:
+            p.summed_grad = sums[p]
+        self.taps.clear()
+        self.add_noise()  # Opacus' own: the same generator draws the same noise in the same order
+        for p in self.params:
+            assert p.grad is not None
+            p.grad /= self.expected_batch_size
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.summed_grad = None
+        self.taps.clear_gradients()  # a forward may come before zero_grad; its inputs stay
+        self.original_optimizer.zero_grad(set_to_none)

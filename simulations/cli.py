@@ -61,6 +61,7 @@ _OPTION_KEYS: dict[str, str] = {
     "max_grad_norm": "dp.max-grad-norm",
     "max_epsilon": "dp.max-epsilon",
     "accountant": "dp.accountant",
+    "dp_engine": "dp.engine",
     "partition": "partition.scheme",
     "dirichlet_alpha": "partition.alpha",
     "tasks_per_client": "partition.tasks-per-client",
@@ -104,6 +105,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, help="per-example clipping norm (default 1)")
     g.add_argument("--max-epsilon", type=float, help="lifetime budget: a client declines past it")
     g.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
+    g.add_argument(
+        "--dp-engine",
+        choices=["opacus", "fused"],
+        help="per-example clipping: Opacus' hooks (default) or the fused LoRA kernels (same result)",
+    )
     g.add_argument("--state-dir", help="where client ledgers live (default RUN_DIR/client-state)")
     g = p.add_argument_group("data")
     schemes = ["iid", "dirichlet", "tasks-per-client"]

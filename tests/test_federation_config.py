@@ -26,6 +26,7 @@ def test_defaults_round_trip_through_flower_keys() -> None:
         ({"tasks": "copy,caesar-99"}, "unknown task 'caesar-99'"),
         ({"flexlora-ranks": "4,x"}, "flexlora-ranks must be comma-separated integers"),
         ({"dp.accountant": "gdp"}, "unknown accountant 'gdp'"),
+        ({"dp.engine": "ghost"}, "dp.engine must be one of opacus, fused, got 'ghost'"),
         ({"lora-fair-solver": "exact"}, "lora-fair-solver must be 'iterative' or 'closed-form'"),
         ({"model-dir": "/nowhere"}, "model-dir /nowhere does not exist"),
     ],

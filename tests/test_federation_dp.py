@@ -64,12 +64,12 @@ def test_lifetime_ledgers_compose_across_runs_and_enforce_the_cap(tmp_path: Path
     assert (run1 / "report" / "privacy.html").is_file() and (run1 / "report" / "privacy.md").is_file()
     assert max(c["epsilon"] for c in report["clients"]) == pytest.approx(two_rounds, rel=1e-9)
 
-    # a second run on the same client state: epsilon composes; the cap admits one more round only
+    # a second run on the same client state, with the fused engine: epsilon composes (the engines
+    # charge alike); the cap admits one more round only
     three = compute_epsilon([(sigma, q, 18)], delta, "rdp")
     four = compute_epsilon([(sigma, q, 24)], delta, "rdp")
-    _, rows2 = _run(
-        tmp_path, "run2", strategy="fedavg-lora", **{"state-dir": str(state), "dp.max-epsilon": (three + four) / 2}
-    )
+    overrides = {"state-dir": str(state), "dp.max-epsilon": (three + four) / 2, "dp.engine": "fused"}
+    _, rows2 = _run(tmp_path, "run2", strategy="fedavg-lora", **overrides)
     assert rows2[0]["train"]["accepted"] == 3
     assert rows2[0]["train"]["epsilon-max"] == pytest.approx(three, rel=1e-9)
     assert rows2[1]["train"]["declined"] == 3 and rows2[1]["train"]["accepted"] == 0

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.data import collate, encode, per_sequence_loss
 from client.model import LoraSettings, get_adapter_state, load_base_model, set_adapter_state, wrap_lora
-from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.dp import ENGINES, DPSGDConfig, Engine, dp_sgd, sample_rate
 from simulations.tasks import get_task
 
 
@@ -57,31 +57,38 @@ def _data(tokenizer: PreTrainedTokenizerBase, n: int = 4) -> list:
     return encode(tokenizer, get_task("rotate-2").examples(n, seed=3), 64)
 
 
-def test_noise_zero_and_large_clip_equals_plain_gradient_step(tokenizer: PreTrainedTokenizerBase) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_noise_zero_and_large_clip_equals_plain_gradient_step(
+    tokenizer: PreTrainedTokenizerBase, engine: Engine
+) -> None:
     data = _data(tokenizer)
-    update = _one_dp_step(_model(), data, DPSGDConfig(noise_multiplier=0.0, max_grad_norm=1e6))
+    update = _one_dp_step(_model(), data, DPSGDConfig(noise_multiplier=0.0, max_grad_norm=1e6, engine=engine))
     grads = _per_sample_grads(_model(), data)
     for name, u in update.items():
         mean_grad = sum(g[name] for g in grads) / len(grads)
         torch.testing.assert_close(u, mean_grad, rtol=1e-3, atol=1e-6)
 
 
-def test_clipping_matches_brute_force_per_sample_reference(tokenizer: PreTrainedTokenizerBase) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_clipping_matches_brute_force_per_sample_reference(tokenizer: PreTrainedTokenizerBase, engine: Engine) -> None:
     data = _data(tokenizer)
     c = 0.05
     grads = _per_sample_grads(_model(), data)
     norms = [torch.sqrt(sum((g**2).sum() for g in per.values())) for per in grads]
     assert all(n > c for n in norms), "clipping must be active for this test to mean anything"
-    update = _one_dp_step(_model(), data, DPSGDConfig(noise_multiplier=0.0, max_grad_norm=c))
+    update = _one_dp_step(_model(), data, DPSGDConfig(noise_multiplier=0.0, max_grad_norm=c, engine=engine))
     for name, u in update.items():
         clipped = sum(g[name] * min(1.0, c / float(n)) for g, n in zip(grads, norms, strict=True))
         torch.testing.assert_close(u, clipped / len(data), rtol=1e-4, atol=1e-8)
 
 
-def test_frozen_a_gets_no_per_sample_work_and_noise_reaches_only_b(tokenizer: PreTrainedTokenizerBase) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_frozen_a_gets_no_per_sample_work_and_noise_reaches_only_b(
+    tokenizer: PreTrainedTokenizerBase, engine: Engine
+) -> None:
     model = _model("B")
     a_before = get_adapter_state(model, "A")
-    update = _one_dp_step(model, _data(tokenizer), DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    update = _one_dp_step(model, _data(tokenizer), DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, engine=engine))
     assert update and all(".lora_B." in n for n in update)
     assert all(torch.equal(a_before[k], v) for k, v in get_adapter_state(model, "A").items())
 
