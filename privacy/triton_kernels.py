@@ -39,7 +39,7 @@ def _per_sample_outer_sq_norm(  # type: ignore[no-untyped-def]  # a Triton kerne
             mask=(offs_t[:, None] < T) & (offs_q[None, :] < Q),
             other=0.0,
         )
-        acc += tl.dot(tl.trans(a), b)
+        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
     acc = acc * scaling
     tl.atomic_add(out_ptr + n, tl.sum(acc * acc))
 
@@ -68,7 +68,7 @@ def _weighted_outer_sum(  # type: ignore[no-untyped-def]  # a Triton kernel: con
             mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q),
             other=0.0,
         )
-        acc += tl.dot(tl.trans(a * w[:, None]), b)
+        acc += tl.dot(tl.trans(a * w[:, None]), b, input_precision="ieee")
     tl.store(
         out_ptr + offs_p[:, None] * s_op + offs_q[None, :] * s_oq,
         acc * scaling,

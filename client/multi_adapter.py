@@ -1,0 +1,270 @@
+"""Many LoRA adapters over one base model in one batch: each sequence runs through its own
+adapter (personal adapters of a simulation, candidates pulled from the hub).
+
+Every adapted ``nn.Linear`` of the base model is swapped for :class:`GatheredLinear`, which adds
+``s_i (x A_i^T) B_i^T`` for sequence ``i``'s adapter with the custom op
+``fedlora::lora_gathered`` (a PyTorch implementation; a Triton kernel on CUDA). Adapters may
+differ in rank, alpha and target modules: ranks are zero-padded to the largest, each adapter's
+scaling is folded into its B, and a module an adapter does not adapt gets zeros. The base
+model is shared, so K adapters cost one forward per batch instead of K evaluation loops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from torch import Tensor, nn
+
+from client.data import Encoded, collate, exact_matches, per_sequence_loss
+from client.train import EvalResult
+from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
+from privacy.kernels import register_triton
+from strategies.adapter import lora_scaling, split_adapter
+
+#: what PEFT puts in front of the base model's module names in an adapter's tensor names
+PEFT_PREFIX = "base_model.model."
+
+
+@torch.library.custom_op("fedlora::lora_gathered", mutates_args=())
+def lora_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    """s (x[n] A[index[n]]^T) B[index[n]]^T for every sequence n: (N, T, d_out).
+
+    x (N, T, d_in), bank_a (K, r, d_in), bank_b (K, d_out, r), index (N,) of adapters in [0, K)."""
+    if x.ndim != 3 or bank_a.ndim != 3 or bank_b.ndim != 3 or bank_a.shape[0] != bank_b.shape[0]:
+        raise ValueError(
+            f"need x (N, T, d_in), banks (K, r, d_in) and (K, d_out, r); got {tuple(x.shape)}, "
+            f"{tuple(bank_a.shape)}, {tuple(bank_b.shape)}"
+        )
+    if bank_a.shape[2] != x.shape[2] or bank_b.shape[2] != bank_a.shape[1]:
+        raise ValueError(f"banks {tuple(bank_a.shape)}, {tuple(bank_b.shape)} do not fit x {tuple(x.shape)}")
+    if index.shape != (x.shape[0],):
+        raise ValueError(f"index must give one adapter per sequence ({x.shape[0]},), got {tuple(index.shape)}")
+    a = bank_a[index]  # (N, r, d_in)
+    b = bank_b[index]  # (N, d_out, r)
+    return scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+@lora_gathered.register_fake
+def _(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], bank_b.shape[1])
+
+
+class _Selection:
+    """Which adapter each sequence of the current batch uses (shared by every layer)."""
+
+    index: Tensor | None = None
+
+
+class GatheredLinear(nn.Module):
+    """``base(x) + s_i (x A_i^T) B_i^T`` with ``i`` the adapter of x's sequence."""
+
+    def __init__(self, base: nn.Linear, bank_a: Tensor, bank_b: Tensor, selection: _Selection) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("bank_a", bank_a)
+        self.register_buffer("bank_b", bank_b)
+        self.selection = selection
+
+    def forward(self, x: Tensor) -> Tensor:
+        index = self.selection.index
+        if index is None:
+            raise RuntimeError("no adapter index set: call AdapterBank.logits")
+        x3 = x.unsqueeze(1) if x.ndim == 2 else x
+        delta = lora_gathered(x3, self.bank_a, self.bank_b, index, 1.0)
+        return self.base(x) + delta.view(*x.shape[:-1], delta.shape[-1])
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name's dotted suffix."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _scalings(config: Mapping[str, Any], modules: Sequence[str]) -> dict[str, float]:
+    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    rslora = bool(config.get("use_rslora", False))
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    return {
+        m: lora_scaling(float(_pattern_value(alphas, m, alpha)), int(_pattern_value(ranks, m, rank)), use_rslora=rslora)
+        for m in modules
+    }
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One adapter: module name (in the base model) -> (A, B with its scaling folded in)."""
+
+    name: str
+    factors: dict[str, tuple[Tensor, Tensor]]
+    base_delta: bytes | None
+
+    @classmethod
+    def from_files(cls, name: str, files: Mapping[str, bytes]) -> LoadedAdapter:
+        """From a PEFT directory's files (``hub.manifest.read_adapter_dir``, or what the hub returns)."""
+        if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
+            raise ValueError(f"adapter {name}: a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        config = json.loads(files[CONFIG_FILE])
+        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+            raise ValueError(f"adapter {name}: only plain LoRA adapters can be evaluated in a batch (not DoRA)")
+        flat = load_safetensors(files[WEIGHTS_FILE])
+        modules = [k.removesuffix(".lora_A.weight") for k in flat if k.endswith(".lora_A.weight")]
+        try:
+            split = split_adapter(flat, _scalings(config, modules))
+        except ValueError as err:
+            raise ValueError(f"adapter {name}: {err}") from None
+        factors = {m.removeprefix(PEFT_PREFIX): (f.A.float(), f.B.float() * f.scaling) for m, f in split.items()}
+        return cls(name, factors, files.get(BASE_DELTA_FILE))
+
+
+class AdapterBank:
+    """Adapters installed side by side on a base model (restored by :meth:`close`)."""
+
+    def __init__(self, model: nn.Module, adapters: Sequence[LoadedAdapter]) -> None:
+        if not adapters:
+            raise ValueError("no adapters to evaluate")
+        deltas = {a.base_delta for a in adapters}
+        if len(deltas) > 1:
+            raise ValueError(
+                "the adapters were trained on different base weights (different FedEx-LoRA residuals in "
+                f"{BASE_DELTA_FILE}): evaluate them in separate batches"
+            )
+        self.model = model
+        self.adapters = list(adapters)
+        self.selection = _Selection()
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._pristine: dict[str, Tensor] = {}
+        modules = dict(model.named_modules())
+        names = sorted({m for a in adapters for m in a.factors})
+        param = next(model.parameters())
+        try:
+            delta = deltas.pop()
+            if delta is not None:  # one residual for all: fold it into the base weights until close()
+                for key, value in load_safetensors(delta).items():
+                    linear = self._linear(modules, key.removeprefix(PEFT_PREFIX), adapters[0].name)
+                    self._pristine[key.removeprefix(PEFT_PREFIX)] = linear.weight.detach().clone()
+                    with torch.no_grad():
+                        linear.weight.add_(value.to(linear.weight.dtype))
+            for name in names:
+                linear = self._linear(modules, name, next(a.name for a in adapters if name in a.factors))
+                rank = max(a.factors[name][0].shape[0] for a in adapters if name in a.factors)
+                bank_a = torch.zeros(len(adapters), rank, linear.in_features)
+                bank_b = torch.zeros(len(adapters), linear.out_features, rank)
+                for k, adapter in enumerate(adapters):
+                    if name not in adapter.factors:
+                        continue
+                    a, b = adapter.factors[name]
+                    if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+                        raise ValueError(
+                            f"adapter {adapter.name}: {name} is {linear.in_features} -> {linear.out_features} in "
+                            f"the base model, the adapter's factors are {tuple(a.shape)}, {tuple(b.shape)} "
+                            "(another base model?)"
+                        )
+                    bank_a[k, : a.shape[0]] = a
+                    bank_b[k, :, : b.shape[1]] = b
+                parent_name, _, child = name.rpartition(".")
+                parent = modules[parent_name] if parent_name else model
+                gathered = GatheredLinear(
+                    linear,
+                    bank_a.to(param.device, linear.weight.dtype),
+                    bank_b.to(param.device, linear.weight.dtype),
+                    self.selection,
+                )
+                setattr(parent, child, gathered)
+                self._swapped.append((parent, child, linear))
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _linear(modules: Mapping[str, nn.Module], name: str, adapter: str) -> nn.Linear:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"adapter {adapter}: the base model has no linear layer {name!r} (found "
+                f"{type(module).__name__ if module is not None else 'nothing'}; another base model?)"
+            )
+        return module
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor) -> Tensor:
+        """The logits of each sequence under its own adapter (``index[n]``, in adapter order)."""
+        if index.min() < 0 or index.max() >= len(self.adapters):
+            raise ValueError(f"adapter index out of range [0, {len(self.adapters)})")
+        self.selection.index = index.to(input_ids.device)
+        try:
+            out: Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return out
+        finally:
+            self.selection.index = None
+
+    def close(self) -> None:
+        for parent, child, linear in reversed(self._swapped):
+            setattr(parent, child, linear)
+        self._swapped.clear()
+        modules = dict(self.model.named_modules())
+        for name, weight in self._pristine.items():
+            with torch.no_grad():
+                modules[name].weight.copy_(weight)
+        self._pristine.clear()
+
+
+@contextmanager
+def adapter_bank(model: nn.Module, adapters: Sequence[LoadedAdapter]) -> Iterator[AdapterBank]:
+    bank = AdapterBank(model, adapters)
+    try:
+        yield bank
+    finally:
+        bank.close()
+
+
+@torch.no_grad()
+def evaluate_many(
+    model: nn.Module,
+    adapters: Sequence[LoadedAdapter],
+    jobs: Sequence[tuple[int, Sequence[Encoded]]],
+    pad_id: int,
+    batch_size: int = 64,
+) -> list[EvalResult]:
+    """Loss and exact match of adapter ``k`` on ``data`` for every job ``(k, data)``, all jobs'
+    sequences mixed into shared batches (sorted by length, so little is padded).
+
+    The same numbers as loading each adapter with PEFT and calling :func:`client.train.evaluate`."""
+    pairs = [(j, k, e) for j, (k, data) in enumerate(jobs) for e in data]
+    for j, (k, _) in enumerate(jobs):
+        if not 0 <= k < len(adapters):
+            raise ValueError(f"job {j} names adapter {k}; there are {len(adapters)}")
+    pairs.sort(key=lambda p: len(p[2].input_ids))
+    loss = torch.zeros(len(jobs), dtype=torch.float64)
+    hits = torch.zeros(len(jobs), dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with adapter_bank(model, adapters) as bank:
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i : i + batch_size]
+                batch = {k: v.to(device) for k, v in collate([p[2] for p in chunk], pad_id).items()}
+                index = torch.tensor([p[1] for p in chunk], device=device)
+                logits = bank.logits(batch["input_ids"], batch["attention_mask"], index)
+                job = torch.tensor([p[0] for p in chunk])
+                loss.index_add_(0, job, per_sequence_loss(logits, batch["labels"]).double().cpu())
+                hits.index_add_(0, job, exact_matches(logits, batch["labels"]).long().cpu())
+    finally:
+        model.train(was_training)
+    out = []
+    for j, (_, data) in enumerate(jobs):
+        n = len(data)
+        out.append(EvalResult(float(loss[j]) / n if n else math.nan, int(hits[j]) / n if n else 0.0, n))
+    return out
+
+
+register_triton("client.multi_adapter_triton")

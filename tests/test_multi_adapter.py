@@ -1,0 +1,116 @@
+"""Batched evaluation of many adapters (one adapter per sequence, ``fedlora::lora_gathered``)
+against PEFT evaluating each adapter on its own: the same losses and exact matches for adapters
+of different ranks, alphas, rsLoRA and target modules, and FedEx-LoRA residuals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from client.data import encode
+from client.model import (
+    LoraSettings,
+    get_adapter_state,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    save_adapter,
+    set_adapter_state,
+    set_base_deltas,
+    wrap_lora,
+)
+from client.multi_adapter import AdapterBank, LoadedAdapter, evaluate_many
+from client.train import evaluate
+from hub.manifest import BASE_DELTA_FILE, read_adapter_dir
+from simulations.tasks import get_task
+
+SETTINGS = [
+    LoraSettings(rank=1, alpha=4.0, target_modules=("q_proj", "v_proj")),
+    LoraSettings(rank=3, alpha=2.0),  # all linear layers
+    LoraSettings(rank=2, alpha=8.0, use_rslora=True, target_modules=("o_proj", "down_proj", "q_proj")),
+]
+
+
+def _adapter(tmp: Path, i: int, settings: LoraSettings, delta: dict[str, torch.Tensor] | None = None) -> Path:
+    model = wrap_lora(load_base_model(), settings)
+    g = torch.Generator().manual_seed(i)
+    state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in get_adapter_state(model).items()}
+    set_adapter_state(model, state)
+    out = save_adapter(model, tmp / f"adapter-{i}")
+    if delta is not None:
+        (out / BASE_DELTA_FILE).write_bytes(save_safetensors(delta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list, list]:
+    tok = load_tokenizer()
+    first = encode(tok, get_task("rotate-2").examples(5, 0), 64)
+    second = encode(tok, get_task("sort-desc").examples(4, 1), 64)
+    return first, second
+
+
+def _one_by_one(path: Path, examples: list, delta: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
+    model = load_adapter(load_base_model(), path)
+    if delta is not None:
+        set_base_deltas(model, delta, {})
+    res = evaluate(model, examples, 0)
+    return res.loss, res.exact_match
+
+
+def test_batched_evaluation_equals_peft_one_adapter_at_a_time(tmp_path: Path, data: tuple[list, list]) -> None:
+    paths = [_adapter(tmp_path, i, s) for i, s in enumerate(SETTINGS)]
+    adapters = [LoadedAdapter.from_files(p.name, read_adapter_dir(p)) for p in paths]
+    jobs = [(k, d) for k in range(len(paths)) for d in data]  # every adapter on both datasets, mixed
+    model = load_base_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = evaluate_many(model, adapters, jobs, pad_id=0, batch_size=4)
+    for (k, d), res in zip(jobs, results, strict=True):
+        loss, em = _one_by_one(paths[k], d)
+        assert res.num_examples == len(d)
+        assert res.loss == pytest.approx(loss, rel=1e-5), (k, res.loss, loss)
+        assert res.exact_match == em
+    assert len({round(r.loss, 3) for r in results}) == len(results)  # the adapters really differ
+    # the base model is given back untouched, its linear layers restored
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_a_shared_fedex_residual_is_folded_in_and_different_ones_are_refused(
+    tmp_path: Path, data: tuple[list, list]
+) -> None:
+    base = load_base_model()
+    name = "base_model.model.model.layers.1.self_attn.v_proj"
+    w = base.model.layers[1].self_attn.v_proj.weight
+    delta = {name: torch.randn(w.shape, generator=torch.Generator().manual_seed(9)) * 0.2}
+    paths = [_adapter(tmp_path, i, SETTINGS[i], delta) for i in range(2)]
+    adapters = [LoadedAdapter.from_files(p.name, read_adapter_dir(p)) for p in paths]
+    results = evaluate_many(base, adapters, [(0, data[0]), (1, data[0])], pad_id=0)
+    for path, res in zip(paths, results, strict=True):
+        loss, em = _one_by_one(path, data[0], delta)
+        assert res.loss == pytest.approx(loss, rel=1e-5) and res.exact_match == em
+    assert torch.equal(base.model.layers[1].self_attn.v_proj.weight, w)  # the residual was taken out again
+    other = _adapter(tmp_path, 5, SETTINGS[0], {name: delta[name] * 2})
+    with pytest.raises(ValueError, match="different base weights"):
+        AdapterBank(base, [*adapters, LoadedAdapter.from_files("other", read_adapter_dir(other))])
+
+
+def test_adapters_of_another_model_and_bad_jobs_are_refused(tmp_path: Path, data: tuple[list, list]) -> None:
+    path = _adapter(tmp_path, 0, SETTINGS[0])
+    files = read_adapter_dir(path)
+    good = LoadedAdapter.from_files("good", files)
+    wide = LoadedAdapter("wide", {m: (torch.zeros(1, a.shape[1] + 1), b) for m, (a, b) in good.factors.items()}, None)
+    model = load_base_model()
+    with pytest.raises(ValueError, match=r"adapter wide: .*q_proj is 128 -> 128 in the base model.*another base model"):
+        AdapterBank(model, [good, wide])
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # a refused bank leaves nothing behind
+    nowhere = LoadedAdapter("nowhere", {"model.layers.0.mlp.nonexistent": good.factors[next(iter(good.factors))]}, None)
+    with pytest.raises(ValueError, match=r"adapter nowhere: the base model has no linear layer 'model\.layers\.0\.mlp"):
+        AdapterBank(model, [nowhere])
+    with pytest.raises(ValueError, match="job 0 names adapter 3; there are 1"):
+        evaluate_many(model, [good], [(3, data[0])], pad_id=0)
+    with pytest.raises(ValueError, match=r"needs adapter_config\.json"):
+        LoadedAdapter.from_files("empty", {})
