@@ -1,17 +1,28 @@
-"""LoRA kernels on this machine's CPU, side by side in one run (work in progress for issue 9):
+"""LoRA kernels on this machine's CPU (one torch thread), side by side in one run:
 
-- the gathered multi-adapter matmul (one adapter per sequence, 64 adapters) against a loop
-  over the adapters, at several sequence lengths (goal: >= 1.2x at T >= 16);
+- the gathered multi-adapter matmul (a batch of 128 sequences over 64 adapters, one adapter per
+  sequence) against a loop over the adapters, at T = 8..64 (goal: >= 1.2x at every T >= 16);
+- evaluating 64 personal adapters on their own examples with the embedded model: one batched
+  pass (:func:`client.multi_adapter.evaluate_many`) against loading each into PEFT in turn;
 - per-sample squared gradient norms of a LoRA layer: materialised per-sample gradients (the
-  op) against ghost (Gram-matrix) norms, which cost ~T/r more arithmetic for LoRA shapes.
+  op) against ghost (Gram-matrix) norms, which cost ~T/r more arithmetic for LoRA shapes;
+- one DP-SGD step (zero_grad, forward, backward, optimizer step) on the embedded model with
+  LoRA r=8 on all linear layers, batch 32, through ``privacy.dp.dp_sgd``: ``dp.engine = fused``
+  against ``opacus`` (goal: >= parity).
 
-- one DP-SGD step (forward, backward, private gradient) on the embedded model with LoRA r=8 on
-  all linear layers, batch 32: the fused step (:mod:`privacy.fused`) against Opacus'
-  GradSampleModule + DPOptimizer (goal: >= parity).
+Run: ``python bench/kernels.py``; the last lines are the ratios (> 1: the first named is faster).
+
+glibc's malloc returns freed megabyte-sized buffers to the OS and takes them back with page
+faults, depending on what ran before: measured here, that alone made the same gathered matmul
+0.45 ms or 1.6 ms depending on whether the loop had just run. The bench fixes malloc's mmap and
+trim thresholds (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` would;
+jemalloc and tcmalloc, which PyTorch's CPU tuning guide recommends, behave alike) so both sides
+of every ratio run under the same allocator.
 """
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import sys
 import time
@@ -45,69 +56,133 @@ def ghost_norms(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 
 def dp_step_times() -> tuple[float, float]:
-    """Median seconds of one private step: fused taps vs Opacus hooks (same model, batch, C)."""
+    """Median seconds of one private step (zero_grad, forward, backward, optimizer step) through
+    ``privacy.dp.dp_sgd``: the fused engine against Opacus' hooks (same model, batch, C, sigma)."""
     import copy
-
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     from client.data import collate, encode, per_sequence_loss
     from client.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
-    from privacy.fused import LoraTaps, private_gradients
+    from privacy.dp import DPSGDConfig, dp_sgd
     from simulations.tasks import get_task
 
     tok = load_tokenizer()
     model = wrap_lora(load_base_model(), LoraSettings(rank=8))
-    twin = copy.deepcopy(model)
-    batch = collate(encode(tok, get_task("rotate-1").examples(32, 0), 64), int(tok.pad_token_id))
+    data = encode(tok, get_task("rotate-1").examples(64, 0), 64)
+    batch = collate(data[:32], int(tok.pad_token_id))
+    times: dict[str, list[float]] = {"opacus": [], "fused": []}
+    for engine in ("opacus", "fused", "opacus", "fused"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
+        config = DPSGDConfig(1.0, 1.0, engine)  # type: ignore[arg-type]
+        with dp_sgd(m, opt, data, lambda b: collate(b, 0), 32, config, seed=0) as pt:
 
-    def loss_of(m: torch.nn.Module) -> torch.Tensor:
-        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return per_sequence_loss(logits, batch["labels"]).mean()
+            def step() -> None:
+                pt.optimizer.zero_grad(set_to_none=True)
+                logits = pt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                per_sequence_loss(logits, batch["labels"]).mean().backward()
+                pt.optimizer.step()
 
-    gsm = GradSampleModule(model)
-    params = [p for p in gsm.parameters() if p.requires_grad]
-    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=32)
+            times[engine].append(timed(step, repeat=15))
+    return min(times["fused"]), min(times["opacus"])
 
-    def opacus_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_of(gsm).backward()
-        opt.pre_step()
 
-    taps = LoraTaps(twin)
+def batched_eval_times(adapters: int = 64, per_adapter: int = 8) -> tuple[float, float]:
+    """Seconds to evaluate ``adapters`` personal adapters (r=8, all linear layers) on
+    ``per_adapter`` test examples each: one batched pass against loading each into PEFT in turn."""
+    import tempfile
 
-    def fused_step() -> None:
-        twin.zero_grad(set_to_none=True)
-        loss_of(twin).backward()
-        private_gradients(taps, 1.0, 1.0, expected_batch_size=32, loss_scale=32, seed=0)
+    from client.data import encode
+    from client.model import (
+        LoraSettings,
+        get_adapter_state,
+        load_base_model,
+        load_tokenizer,
+        save_adapter,
+        set_adapter_state,
+        wrap_lora,
+    )
+    from client.multi_adapter import LoadedAdapter, evaluate_many
+    from client.train import evaluate
+    from hub.manifest import read_adapter_dir
+    from simulations.tasks import get_task
 
-    times = {}
-    for name, fn in (("opacus", opacus_step), ("fused", fused_step), ("opacus2", opacus_step), ("fused2", fused_step)):
-        times[name] = timed(fn, repeat=10)
-    return min(times["fused"], times["fused2"]), min(times["opacus"], times["opacus2"])
+    tok = load_tokenizer()
+    peft_model = wrap_lora(load_base_model(), LoraSettings(rank=8))
+    gen = torch.Generator().manual_seed(0)
+    states, loaded = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(adapters):
+            state = {n: 0.05 * torch.randn(v.shape, generator=gen) for n, v in get_adapter_state(peft_model).items()}
+            set_adapter_state(peft_model, state)
+            states.append(state)
+            loaded.append(
+                LoadedAdapter.from_files(str(k), read_adapter_dir(save_adapter(peft_model, Path(tmp) / str(k))))
+            )
+    tasks = ["rotate-2", "sort-desc", "adddigit-4", "repeat-3"]
+    data = [encode(tok, get_task(tasks[k % 4]).examples(per_adapter, k), 64) for k in range(adapters)]
+    pad = int(tok.pad_token_id)
+    base = load_base_model()
+
+    def batched() -> list:
+        return evaluate_many(base, loaded, list(enumerate(data)), pad, batch_size=64)
+
+    def loop() -> list:
+        out = []
+        for state, d in zip(states, data, strict=True):
+            set_adapter_state(peft_model, state)
+            out.append(evaluate(peft_model, d, pad, batch_size=64))
+        return out
+
+    for got, want in zip(batched(), loop(), strict=True):
+        assert abs(got.loss - want.loss) <= 1e-4 * abs(want.loss) and got.exact_match == want.exact_match
+    return min(timed(batched, 3), timed(batched, 3)), min(timed(loop, 3), timed(loop, 3))
+
+
+def steady_malloc() -> None:
+    """Keep freed buffers in the heap (glibc only; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 128 << 20)
 
 
 def main() -> int:
+    steady_malloc()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    k, d, r, s = 64, 128, 4, 2.0
+    k, n, d, r, s = 64, 128, 128, 8, 2.0
     bank_a, bank_b = torch.randn(k, r, d, generator=gen), torch.randn(k, d, r, generator=gen)
-    index = torch.arange(k)
+    index = torch.randint(0, k, (n,), generator=gen)  # a batch of 128 sequences over 64 adapters
     ratios: dict[int, float] = {}
     for t in (8, 16, 32, 64):
-        x = torch.randn(k, t, d, generator=gen)
+        x = torch.randn(n, t, d, generator=gen)
 
         def gathered(x: torch.Tensor = x) -> torch.Tensor:
             return lora_gathered(x, bank_a, bank_b, index, s)
 
-        def loop_over(x: torch.Tensor = x) -> list[torch.Tensor]:
-            return [s * (x[i] @ bank_a[i].T) @ bank_b[i].T for i in range(k)]
+        def loop_over(x: torch.Tensor = x) -> torch.Tensor:
+            """One adapter at a time: its sequences through its two small matmuls."""
+            out = torch.empty(x.shape[0], x.shape[1], d)
+            for i in index.unique().tolist():
+                rows = (index == i).nonzero().squeeze(1)
+                out[rows] = s * (x[rows] @ bank_a[i].T) @ bank_b[i].T
+            return out
 
-        fused, loop = timed(gathered), timed(loop_over)
-        ratios[t] = loop / fused
+        assert torch.allclose(gathered(), loop_over(), atol=1e-3)
+        op, loop = min(timed(gathered), timed(gathered)), min(timed(loop_over), timed(loop_over))
+        ratios[t] = loop / op
         print(
-            f"gathered LoRA, {k} adapters, T={t}: op {1e3 * fused:.3f} ms, loop {1e3 * loop:.3f} ms, {ratios[t]:.2f}x"
+            f"gathered LoRA layer, {n} sequences over {k} adapters, d={d} r={r} T={t}: "
+            f"op {1e3 * op:.3f} ms, loop {1e3 * loop:.3f} ms, {ratios[t]:.2f}x"
         )
+    batched_s, loop_s = batched_eval_times()
+    print(
+        f"evaluating 64 adapters (r=8, all linear) on 8 examples each, embedded model: "
+        f"batched {batched_s:.3f} s, one adapter at a time (PEFT) {loop_s:.3f} s"
+    )
     x = torch.randn(32, 64, d, generator=gen)
     g = torch.randn(32, 64, d, generator=gen)
     a, b = bank_a[0], bank_b[0]
@@ -120,8 +195,9 @@ def main() -> int:
         f"DP-SGD step, embedded model, LoRA r=8 all-linear, batch 32: fused {1e3 * fused_s:.1f} ms, "
         f"Opacus {1e3 * opacus_s:.1f} ms"
     )
-    print(f"ratio gathered_over_loop_t16 = {ratios[16]:.3f}")
     print(f"ratio materialised_over_ghost_norms_speed = {ghost / mat:.3f}")
+    print(f"ratio batched_eval_over_loop_speed = {loop_s / batched_s:.3f}")
+    print(f"ratio gathered_over_loop_min_t16 = {min(v for t, v in ratios.items() if t >= 16):.3f}")
     print(f"ratio fused_over_opacus_step_speed = {opacus_s / fused_s:.3f}")
     return 0
 

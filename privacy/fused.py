@@ -24,7 +24,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
-from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_grads, lora_per_sample_sq_norms
+from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
 
 
 @dataclass
@@ -34,12 +34,13 @@ class _Tap:
     lora_b: nn.Linear
     scaling: float
     x: Tensor | None = None  # input of lora_A (N, T, d_in)
-    u: Tensor | None = None  # input of lora_B (N, T, r)
+    u: Tensor | None = None  # input of lora_B = output of lora_A (N, T, r)
     g: Tensor | None = None  # gradient of lora_B's output (N, T, d_out), the LoRA scaling included
+    v: Tensor | None = None  # gradient of u (N, T, r): g B, taken from autograd (only when A trains)
     handles: list[Any] = field(default_factory=list)
 
     def clear(self) -> None:
-        self.x = self.u = self.g = None
+        self.x = self.u = self.g = self.v = None
 
 
 def _sequences(t: Tensor) -> Tensor:
@@ -115,6 +116,9 @@ class LoraTaps:
                 )
             tap.g = _sequences(grad.detach())
 
+        def save_bottleneck_grad(grad: Tensor) -> None:
+            tap.v = _sequences(grad.detach())
+
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if torch.is_grad_enabled():
                 if tap.g is not None:
@@ -123,9 +127,12 @@ class LoraTaps:
                         "step (gradient accumulation); per-example gradients need one forward and one backward "
                         "per step (use dp.engine = opacus)"
                     )
-                tap.u = _sequences(inputs[0].detach())
+                u = inputs[0]
+                tap.u = _sequences(u.detach())
                 if output.requires_grad:
                     output.register_hook(save_grad)
+                if tap.lora_a.weight.requires_grad and u.requires_grad:
+                    u.register_hook(save_bottleneck_grad)
 
         return hook
 
@@ -135,7 +142,7 @@ class LoraTaps:
 
     def clear_gradients(self) -> None:
         for tap in self.taps:
-            tap.g = None
+            tap.g = tap.v = None
 
     def close(self) -> None:
         for tap in self.taps:
@@ -150,41 +157,45 @@ def clipped_sums(taps: LoraTaps, max_grad_norm: float, loss_scale: float) -> dic
     ||G[n]|| example n's gradient norm over all of them (Opacus' clipping, exactly).
 
     ``loss_scale`` turns the tapped gradients into per-example gradients of per-example losses
-    (the batch's size when the loss is the batch mean)."""
-    per_layer: list[tuple[_Tap, Tensor, Tensor, Tensor | None, Tensor | None]] = []
+    (the batch's size when the loss is the batch mean); it is applied to the norms and the sums,
+    never to the large tapped tensors."""
+    grads: dict[Tensor, Tensor] = {}  # CPU: each trainable factor's per-sample gradients
+    on_gpu: list[_Tap] = []  # CUDA: norms and sums by the Triton kernels, nothing per-sample stored
     norms: Tensor | None = None
     for tap in taps.taps:
-        if tap.x is None or tap.u is None or tap.g is None:
-            raise RuntimeError(f"dp.engine = fused: no forward and backward pass through {tap.name} before the step")
         a, b = tap.lora_a.weight, tap.lora_b.weight
-        g = tap.g * loss_scale
-        grad_a: Tensor | None = None
-        grad_b: Tensor | None = None
-        if tap.x.is_cuda:  # Triton kernels: norms now, the clipped sum once the factors are known
-            sq_a, sq_b = lora_per_sample_sq_norms(tap.x, g, a.detach(), b.detach(), 1.0)
+        if not (a.requires_grad or b.requires_grad):
+            continue
+        x, u, g = tap.x, tap.u, tap.g
+        if x is None or u is None or g is None:
+            raise RuntimeError(f"dp.engine = fused: no forward and backward pass through {tap.name} before the step")
+        squares: list[Tensor] = []
+        if x.is_cuda:
+            sq_a, sq_b = lora_per_sample_sq_norms(x, g, a.detach(), b.detach(), 1.0)
+            squares = [sq for p, sq in ((a, sq_a), (b, sq_b)) if p.requires_grad]
+            on_gpu.append(tap)
         else:
-            grad_a, grad_b = lora_per_sample_grads(tap.x, tap.u, g, b.detach())
-            sq_a, sq_b = grad_a.pow(2).sum((1, 2)), grad_b.pow(2).sum((1, 2))
-        for p, sq in ((a, sq_a), (b, sq_b)):
-            if p.requires_grad:
-                norms = sq if norms is None else norms + sq
-        per_layer.append((tap, tap.x, g, grad_a, grad_b))
+            if a.requires_grad:
+                v = tap.v if tap.v is not None else g @ b.detach()
+                grads[a] = per_sample_linear_grads(v, x)
+                squares.append(grads[a].pow(2).sum((1, 2)))
+            if b.requires_grad:
+                grads[b] = per_sample_linear_grads(g, u)
+                squares.append(grads[b].pow(2).sum((1, 2)))
+        for sq in squares:
+            norms = sq if norms is None else norms + sq
     if norms is None:
         raise ValueError("dp.engine = fused: no LoRA factor requires gradients")
-    clip = (max_grad_norm / (norms.sqrt() + 1e-6)).clamp(max=1.0)
-    sums: dict[Tensor, Tensor] = {}
-    for tap, x, g, grad_a, grad_b in per_layer:
+    clip = (max_grad_norm / (loss_scale * norms.sqrt() + 1e-6)).clamp(max=1.0)
+    weights = clip * loss_scale
+    sums = {p: torch.einsum("n,nij->ij", weights.to(gr.dtype), gr).to(p.dtype) for p, gr in grads.items()}
+    for tap in on_gpu:
         a, b = tap.lora_a.weight, tap.lora_b.weight
-        if grad_a is not None and grad_b is not None:
-            sum_a = torch.einsum("n,nij->ij", clip.to(grad_a.dtype), grad_a)
-            sum_b = torch.einsum("n,nij->ij", clip.to(grad_b.dtype), grad_b)
-        elif a.requires_grad or b.requires_grad:
-            sum_a, sum_b = lora_clipped_noised_sum(x, g, a.detach(), b.detach(), 1.0, clip, 0.0, 0)
-        else:
-            continue
-        for p, s in ((a, sum_a), (b, sum_b)):
+        assert tap.x is not None and tap.g is not None
+        sum_a, sum_b = lora_clipped_noised_sum(tap.x, tap.g, a.detach(), b.detach(), 1.0, weights, 0.0, 0)
+        for p, total in ((a, sum_a), (b, sum_b)):
             if p.requires_grad:
-                sums[p] = s.to(p.dtype)
+                sums[p] = total.to(p.dtype)
     return sums
 
 

@@ -10,11 +10,13 @@ For a LoRA layer ``y = x W0^T + s (x A^T) B^T`` with input ``x`` (N, T, d_in), o
   (Gram-matrix) norms, whose cost grows with T^2.
 - ``fedlora::lora_clipped_noised_sum``: sum_n c[n] G[n] (+ Gaussian noise of std
   ``noise_std``), as one reweighted GEMM: no per-sample tensor is formed.
-(The gathered multi-adapter matmul, ``fedlora::lora_gathered``, lives with its user in
-:mod:`client.multi_adapter`.)
+- ``fedlora::per_sample_linear_grads``: G[n] itself, for the fused engine's CPU path, which
+  taps u and v from autograd and materialises each factor's per-sample gradients once.
 
-Each op has a PyTorch implementation (the CPU path and the oracle); a CUDA kernel can be
-registered for the same op name without touching its callers.
+(The gathered multi-adapter matmul, ``fedlora::lora_gathered``, lives with its user in
+:mod:`client.multi_adapter`.) Each op has a PyTorch implementation (the CPU path and the
+oracle); the Triton kernels of :mod:`privacy.triton_kernels` are registered for CUDA tensors
+under the same op names, so callers do not change.
 """
 
 from __future__ import annotations
@@ -56,19 +58,25 @@ def _(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> t
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
-@torch.library.custom_op("fedlora::lora_per_sample_grads", mutates_args=())
-def lora_per_sample_grads(x: Tensor, u: Tensor, g: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
-    """(G_A, G_B): per-sample gradients (N, r, d_in) and (N, d_out, r) from the layer's saved
-    input ``x``, the LoRA bottleneck ``u = x A^T`` and the gradient ``g`` of ``lora_B``'s output
-    (LoRA scaling included), materialised once (for LoRA, T >> r makes that the cheap way)."""
-    v = g @ lora_b  # (N, T, r)
-    return torch.einsum("ntr,ntd->nrd", v, x), torch.einsum("nto,ntr->nor", g, u)
+@torch.library.custom_op("fedlora::per_sample_linear_grads", mutates_args=())
+def per_sample_linear_grads(grad_output: Tensor, inputs: Tensor) -> Tensor:
+    """Per-sample weight gradients of a bias-free linear map, (N, d_out, d_in), from its output
+    gradient (N, T, d_out) and input (N, T, d_in): sum_t grad_output[n, t]^T inputs[n, t].
+
+    For LoRA, G_A = per_sample_linear_grads(v, x) and G_B = per_sample_linear_grads(s g, u), both
+    small (r rows or columns): materialising them once costs about T / r less arithmetic than
+    ghost norms, and the clipped sum is then one contraction."""
+    if grad_output.ndim != 3 or inputs.ndim != 3 or grad_output.shape[:2] != inputs.shape[:2]:
+        raise ValueError(
+            f"need (N, T, d_out) and (N, T, d_in) with the same N, T; got {tuple(grad_output.shape)}, "
+            f"{tuple(inputs.shape)}"
+        )
+    return torch.bmm(grad_output.transpose(1, 2), inputs)
 
 
-@lora_per_sample_grads.register_fake
-def _(x: Tensor, u: Tensor, g: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
-    n, r = u.shape[0], u.shape[2]
-    return x.new_empty(n, r, x.shape[2]), x.new_empty(n, g.shape[2], r)
+@per_sample_linear_grads.register_fake
+def _(grad_output: Tensor, inputs: Tensor) -> Tensor:
+    return inputs.new_empty(inputs.shape[0], grad_output.shape[2], inputs.shape[2])
 
 
 @torch.library.custom_op("fedlora::lora_clipped_noised_sum", mutates_args=())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client.multi_adapter import lora_gathered
-from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_grads, lora_per_sample_sq_norms
+from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
 
 N, T, D_IN, D_OUT, R, S = 3, 7, 5, 6, 3, 1.7
 
@@ -43,7 +43,8 @@ def test_per_sample_norms_and_gradients_equal_brute_force_autograd() -> None:
     assert torch.allclose(norm_a, grads_a.pow(2).sum((1, 2)), rtol=1e-12)
     assert torch.allclose(norm_b, grads_b.pow(2).sum((1, 2)), rtol=1e-12)
     # the fused engine's CPU path: from the tapped u = x A^T and lora_B's output gradient s g
-    mat_a, mat_b = lora_per_sample_grads(x, x @ a.T, S * g, b)
+    u, v = x @ a.T, S * g @ b
+    mat_a, mat_b = per_sample_linear_grads(v, x), per_sample_linear_grads(S * g, u)
     assert torch.allclose(mat_a, grads_a, rtol=1e-12) and torch.allclose(mat_b, grads_b, rtol=1e-12)
 
 
