@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
     _remote_options(gen)
     gen.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (verifies the experts)")
+
+    ev = sub.add_parser(
+        "evaluate", help="score the latest adapter of every name under a prefix on one dataset (batched)"
+    )
+    ev.add_argument("prefix", help="e.g. clients/ (personal adapters) or tasks/")
+    ev.add_argument("--data", required=True, help="a JSONL file of {prompt, completion} or embedded:TASK[,TASK]")
+    ev.add_argument("--num-examples", type=int, default=200, help="examples evaluated (default 200)")
+    ev.add_argument("--seed", type=int, default=0, help="seeds the embedded tasks' examples")
+    ev.add_argument("--batch-size", type=int, default=64, help="sequences per batch, mixed over the adapters")
+    ev.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")
+    _remote_options(ev)
+    ev.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (verifies every adapter)")
+    ev.add_argument("--json", action="store_true")
     return p
 
 
@@ -347,6 +361,33 @@ def _train_generator(args: argparse.Namespace, console: Console) -> int:
     return train_generator_command(args, console)
 
 
+def _evaluate(args: argparse.Namespace, console: Console) -> int:
+    from hub.evaluate import evaluate_prefix, load_examples
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    examples = load_examples(args.data, args.num_examples, args.seed)
+    with remote_client(args, key_required=True) as hub:
+        result = evaluate_prefix(hub, args.prefix, examples, args.base_model, args.batch_size)
+    if args.json:
+        print(json.dumps({"scores": [asdict(s) for s in result.scores], "skipped": result.skipped}, indent=2))
+        return 0
+    for s in result.scores:
+        console.print(
+            f"{s.name:<40} v{s.version:<3} exact match {s.exact_match:.3f}  loss {s.loss:.4f}",
+            markup=False,
+            highlight=False,
+        )
+    for reason in result.skipped:
+        console.print(f"skipped {reason}", markup=False, highlight=False)
+    console.print(
+        f"{len(result.scores)} adapters x {len(examples)} examples in one batched pass, {result.seconds:.1f} s",
+        markup=False,
+        highlight=False,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True)
@@ -360,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "publish-run": _publish_run,
         "build-experts": _build_experts,
         "train-generator": _train_generator,
+        "evaluate": _evaluate,
     }
     try:
         return commands[args.command](args, console)

@@ -9,6 +9,7 @@ reproducible with ``flwr run --run-config`` too (``--print-run-config`` shows it
     fl-sim --resume DIR          continue an interrupted run from its last checkpoint
     fl-sim compare ...           strategies x seeds (+ centralised baseline) on one split
     fl-sim report DIR            rewrite a run's plots, client table and privacy report
+    fl-sim personal-eval DIR     every personal adapter on every client's test split, batched
 """
 
 from __future__ import annotations
@@ -387,9 +388,15 @@ def summary(run_dir: Path) -> list[str]:
                 f"personalised on {p['personalised']}/{p['asked']} clients ({p['steps']} steps each): exact match on "
                 f"their own test splits {p['global-exact-match-mean']:.3f} -> {p['personal-exact-match-mean']:.3f}"
             )
+    personal_eval = run_dir / "report" / "personal.json"
+    if personal_eval.is_file():
+        from simulations.personal_eval import summary_line
+
+        lines.append(summary_line(json.loads(personal_eval.read_text())))
     for label, rel in (
         ("global adapter", "adapters/global"),
         ("personal adapters", "personal"),
+        ("personal x clients", "report/personal.md"),
         ("privacy report", "report/privacy.md"),
         ("training plots", "report/training.png"),
         ("per-client table", "report/clients.md"),
@@ -409,7 +416,7 @@ def _run_parser() -> argparse.ArgumentParser:
         description="Federated LoRA fine-tuning with virtual clients on Flower's simulation runtime. "
         "With no options: the main job (DP FFA-LoRA, 8 non-IID clients holding 2 of 4 tasks each, 8 rounds, "
         "epsilon 8). "
-        "Subcommands: 'fl-sim compare --help', 'fl-sim report DIR'.",
+        "Subcommands: 'fl-sim compare --help', 'fl-sim report DIR', 'fl-sim personal-eval DIR'.",
     )
     p.add_argument("--out", type=Path, help="run directory (default runs/sim)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
@@ -498,6 +505,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
         console.print(f"[red]run {outcome.status}[/red]: {outcome.status_details}", markup=True)
         console.print(f"log: {outcome.log_path}; continue with: fl-sim --resume {run_dir}")
         return 1
+    personal_evaluation(run_dir.resolve(), console)
     lines = summary(run_dir.resolve())
     if args.quiet:
         console.print(f"fl-sim: completed in {outcome.seconds:.0f} s -> {run_dir}", markup=False)
@@ -505,6 +513,38 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
         console.print(f"[green]completed[/green] in {outcome.seconds:.0f} s")
         console.print("\n".join(lines), markup=False, highlight=False)
     return report_published(publisher, rounds, console)
+
+
+def personal_evaluation(run_dir: Path, console: Console) -> None:
+    """After a run that personalised: every personal adapter on every client's test split, batched
+    (a failure here is reported, never fails the finished run)."""
+    from simulations.personal_eval import evaluate_personal, personal_adapter_dirs
+
+    if not personal_adapter_dirs(run_dir):
+        return
+    try:
+        evaluate_personal(run_dir)
+    except (ValueError, OSError, RuntimeError) as err:
+        console.print(f"[yellow]personal adapters not evaluated[/yellow]: {err}")
+
+
+def cmd_personal_eval(argv: Sequence[str], console: Console) -> int:
+    p = argparse.ArgumentParser(
+        prog="fl-sim personal-eval",
+        description="Evaluate every personal adapter of a run (and its global adapter) on every virtual client's "
+        "test split in one batched pass; writes report/personal.json and report/personal.md.",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per batch, mixed over the adapters")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from simulations.personal_eval import PERSONAL_MD, evaluate_personal, markdown
+
+    report = evaluate_personal(args.run_dir, args.batch_size)
+    console.print(markdown(report), markup=False, highlight=False)
+    console.print(str(args.run_dir / PERSONAL_MD), markup=False, highlight=False)
+    return 0
 
 
 def report_published(publisher: Any, rounds: int, console: Console) -> int:
@@ -546,7 +586,10 @@ def cmd_report(argv: Sequence[str], console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(soft_wrap=True)
-    commands: dict[str, Callable[[Sequence[str], Console], int]] = {"report": cmd_report}
+    commands: dict[str, Callable[[Sequence[str], Console], int]] = {
+        "report": cmd_report,
+        "personal-eval": cmd_personal_eval,
+    }
     try:
         from simulations.compare import cmd_compare
 

@@ -456,7 +456,9 @@ FL_SIM_TINY = [
 
 
 @pytest.mark.flower
-def test_fl_sim_publishes_every_round_and_the_final_adapter(hub: Hub, tmp_path: Path) -> None:
+def test_fl_sim_publishes_every_round_and_the_final_adapter(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import subprocess
     import sys
 
@@ -510,6 +512,38 @@ def test_fl_sim_publishes_every_round_and_the_final_adapter(hub: Hub, tmp_path: 
             assert prov["extra"]["global_adapter"]["name"] == "global/hubrun/3"
             assert torch.equal(_logits(personal.path), _logits(run / "personal" / f"partition-{p}"))
     assert "published personal adapters: clients/partition-0/hubrun v1" in done.stdout
+
+    # fl-sim evaluated every personal adapter on every client's split in one batched pass: its
+    # diagonal is what each client measured itself with PEFT
+    personal_eval = json.loads((run / "report" / "personal.json").read_text())
+    assert personal_eval["adapters"] == ["global", "partition-0", "partition-1", "partition-2"]
+    diagonal = [personal_eval["exact_match"][p + 1][p] for p in range(3)]
+    assert sorted(diagonal) == sorted(c["personal-exact-match"] for c in summary["clients"])
+    assert sorted(personal_eval["exact_match"][0]) == sorted(c["global-exact-match"] for c in summary["clients"])
+    assert "personal adapters on their own clients' test splits" in done.stdout
+
+    # fl-hub evaluate: the three personal adapters from the hub (verified), scored in one batch,
+    # the same as PEFT scores each pulled adapter
+    from client.data import encode
+    from client.model import load_tokenizer
+    from client.train import evaluate
+    from hub.cli import main as fl_hub
+    from hub.evaluate import load_examples
+
+    capsys.readouterr()
+    argv = ["evaluate", "clients/", "--data", "embedded:rotate-2", "--num-examples", "12", "--json"]
+    argv += ["--hub", hub.server.url, "--token-file", str(hub.dir.operator_token_path)]
+    assert fl_hub([*argv, "--hub-key", str(hub.dir.public_key_path)]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    assert sorted(s["name"] for s in scores) == [f"clients/partition-{p}/hubrun" for p in range(3)]
+    tok = load_tokenizer()
+    data = encode(tok, load_examples("embedded:rotate-2", 12, 0), 64)
+    for s in scores:
+        p = int(s["name"].split("/")[1].removeprefix("partition-"))
+        want = evaluate(PeftModel.from_pretrained(load_base_model(), str(tmp_path / f"personal-{p}")), data, 0)
+        assert s["exact_match"] == want.exact_match and s["loss"] == pytest.approx(want.loss, rel=1e-5)
+    assert fl_hub(argv) == 2  # without the hub's key nothing is fetched unverified
+    assert "needs --hub-key" in capsys.readouterr().err
 
 
 def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(

@@ -1,0 +1,100 @@
+"""``fl-hub evaluate``: the latest version of every adapter under a hub prefix (personal adapters
+under ``clients/``, task adapters under ``tasks/``, ...) on one dataset, in one batched pass.
+
+Adapters are fetched and verified like pulls (signature, hashes), kept in memory, and evaluated
+with :func:`client.multi_adapter.evaluate_many`: each sequence of a batch runs through its own
+adapter, so a hundred adapters cost about one evaluation of the base model per batch instead of
+a hundred. The data never leaves the machine that runs the command.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulations.tasks import Example
+
+
+@dataclass(frozen=True)
+class AdapterScore:
+    name: str
+    version: int
+    exact_match: float
+    loss: float
+    examples: int
+
+
+@dataclass(frozen=True)
+class HubEvaluation:
+    scores: list[AdapterScore]  # best first
+    skipped: list[str]  # adapters for another base model, with the reason
+    seconds: float
+
+
+def load_examples(spec: str, num: int, seed: int) -> list[Example]:
+    """A JSONL file of {prompt, completion} (all of it, up to ``num``) or ``embedded:TASK[,TASK]``
+    (``num`` examples of the tasks' test streams)."""
+    from client.data import load_jsonl
+    from client.datasets import EMBEDDED_PREFIX, check_node_data, node_examples
+    from client.federation import FederationConfig
+
+    if num < 1:
+        raise ValueError(f"--num-examples must be >= 1, got {num}")
+    if spec.startswith(EMBEDDED_PREFIX):
+        try:
+            check_node_data(spec)
+        except KeyError as error:
+            raise ValueError(f"--data {spec!r}: {error.args[0]}") from None
+        return node_examples(FederationConfig(num_train=1, num_test=num), spec, seed)[1]
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"--data {spec!r} is neither a JSONL file nor embedded:TASK[,TASK]")
+    return load_jsonl(spec)[:num]
+
+
+def evaluate_prefix(
+    hub: Any,
+    prefix: str,
+    examples: Sequence[Example],
+    model_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> HubEvaluation:
+    """Fetch (verified) the latest adapter of every name under ``prefix`` made for the local base
+    model and score them all on ``examples``."""
+    from client.data import encode
+    from client.model import load_base_model, load_tokenizer
+    from client.multi_adapter import LoadedAdapter, evaluate_many
+    from hub.manifest import describe_base_model
+
+    if not examples:
+        raise ValueError("no examples to evaluate on")
+    started = time.perf_counter()
+    local = describe_base_model(model_dir)
+    rows = hub.list(prefix)
+    adapters: list[tuple[str, int, LoadedAdapter]] = []
+    skipped = []
+    for row in rows:
+        name, version = str(row["name"]), int(row["version"])
+        base = row["provenance"]["base_model"]
+        if base.get("sha256") != local.sha256:
+            skipped.append(f"{name} v{version}: made for base model {base.get('id')}, not {local.id}")
+            continue
+        _, files = hub.fetch(name, version)  # verified: signature, name, version, every hash
+        adapters.append((name, version, LoadedAdapter.from_files(f"{name} v{version}", files)))
+    if not adapters:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise ValueError(f"the hub has no adapters under {prefix!r} for this base model{why}")
+    tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
+    data = encode(tokenizer, examples, int(getattr(model.config, "max_position_embeddings", 2048)))
+    results = evaluate_many(
+        model, [a for _, _, a in adapters], [(k, data) for k in range(len(adapters))], int(tokenizer.pad_token_id),
+        batch_size,
+    )  # fmt: skip
+    scores = [
+        AdapterScore(name, version, res.exact_match, res.loss, res.num_examples)
+        for (name, version, _), res in zip(adapters, results, strict=True)
+    ]
+    scores.sort(key=lambda s: (-s.exact_match, s.loss, s.name))
+    return HubEvaluation(scores, skipped, time.perf_counter() - started)

@@ -1,0 +1,114 @@
+"""Every personal adapter of a finished simulation on every virtual client's test split, and the
+global adapter beside them, in one batched pass (:func:`client.multi_adapter.evaluate_many`).
+
+The diagonal is what personalising gave each client (the same figure each client reported
+itself); the off-diagonal says how personal the adapters are: a personal adapter that does as
+well on other clients' data has learned nothing of its own. Written to ``report/personal.json``
+and ``report/personal.md``; ``fl-sim personal-eval RUN_DIR`` rewrites them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from privacy.files import write_atomic, write_json_atomic
+
+PERSONAL_JSON = Path("report") / "personal.json"
+PERSONAL_MD = Path("report") / "personal.md"
+
+
+def personal_adapter_dirs(run_dir: Path) -> dict[int, Path]:
+    """partition -> ``personal/partition-<p>`` of a run directory (PEFT directories only)."""
+    found = {}
+    for path in sorted((run_dir / "personal").glob("partition-*")):
+        m = re.fullmatch(r"partition-(\d+)", path.name)
+        if m and (path / "adapter_config.json").is_file():
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
+    """Evaluate, write the report files, return the report. Raises if the run has no personal adapters."""
+    from client.data import encode
+    from client.datasets import client_examples
+    from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
+    from client.model import load_base_model, load_tokenizer
+    from client.multi_adapter import LoadedAdapter, evaluate_many
+    from hub.manifest import read_adapter_dir
+
+    personal = personal_adapter_dirs(run_dir)
+    if not personal:
+        raise FileNotFoundError(
+            f"{run_dir} has no personal adapters (personal/partition-*): run with personalize.steps"
+        )
+    stored = json.loads((run_dir / "config.json").read_text())
+    cfg = FederationConfig.from_run_config({k: v for k, v in stored.items() if k in DEFAULT_RUN_CONFIG})
+    started = time.perf_counter()
+    model_dir = cfg.model_dir or None
+    tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
+    max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+    clients = list(personal)
+    tests = [encode(tokenizer, client_examples(cfg, p)[1], max_len) for p in clients]
+    names, adapters = [], []
+    global_dir = run_dir / "adapters" / "global"
+    if (global_dir / "adapter_config.json").is_file():
+        names.append("global")
+        adapters.append(LoadedAdapter.from_files("global", read_adapter_dir(global_dir)))
+    for p, path in personal.items():
+        names.append(f"partition-{p}")
+        adapters.append(LoadedAdapter.from_files(path.name, read_adapter_dir(path)))
+    jobs = [(k, data) for k in range(len(adapters)) for data in tests]
+    results = evaluate_many(model, adapters, jobs, int(tokenizer.pad_token_id), batch_size)
+    width = len(tests)
+    em = [[results[k * width + j].exact_match for j in range(width)] for k in range(len(adapters))]
+    loss = [[results[k * width + j].loss for j in range(width)] for k in range(len(adapters))]
+    rows = {name: k for k, name in enumerate(names)}
+    own = [em[rows[f"partition-{p}"]][j] for j, p in enumerate(clients)]
+    others = [em[rows[f"partition-{p}"]][j] for p in clients for j in range(width) if clients[j] != p]
+    report: dict[str, Any] = {
+        "adapters": names,
+        "clients": clients,
+        "test_examples": [len(t) for t in tests],
+        "exact_match": em,
+        "loss": loss,
+        "personal_own_mean": sum(own) / len(own),
+        "personal_others_mean": sum(others) / len(others) if others else None,
+        "global_mean": sum(em[rows["global"]]) / width if "global" in rows else None,
+        "sequences": sum(len(d) for _, d in jobs),
+        "seconds": time.perf_counter() - started,
+    }
+    write_json_atomic(run_dir / PERSONAL_JSON, report)
+    write_atomic(run_dir / PERSONAL_MD, markdown(report).encode())
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    clients = report["clients"]
+    lines = [
+        "# Personal adapters on every client's test split",
+        "",
+        "Exact match of each adapter (row) on each virtual client's test split (column), all evaluated in one "
+        f"batched pass ({report['sequences']} sequences, {report['seconds']:.1f} s). The diagonal is each client's "
+        "own personal adapter.",
+        "",
+        "| adapter | " + " | ".join(f"client {p}" for p in clients) + " |",
+        "|---|" + "---|" * len(clients),
+    ]
+    for name, row in zip(report["adapters"], report["exact_match"], strict=True):
+        cells = [f"**{v:.3f}**" if name == f"partition-{p}" else f"{v:.3f}" for p, v in zip(clients, row, strict=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", summary_line(report), ""]
+    return "\n".join(lines)
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    parts = [f"personal adapters on their own clients' test splits {report['personal_own_mean']:.3f}"]
+    if report.get("personal_others_mean") is not None:
+        parts.append(f"on other clients' {report['personal_others_mean']:.3f}")
+    if report.get("global_mean") is not None:
+        parts.append(f"global adapter {report['global_mean']:.3f}")
+    return ", ".join(parts) + " (exact match)"
