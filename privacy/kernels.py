@@ -100,11 +100,18 @@ def lora_clipped_noised_sum(
     v = scaling * (g @ lora_b)
     sum_a = (c * v).reshape(-1, r).T @ x.reshape(-1, d_in)  # (r, d_in)
     sum_b = scaling * ((c * g).reshape(-1, g.shape[2]).T @ u.reshape(-1, r))  # (d_out, r)
-    if noise_std > 0:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        sum_a = sum_a + noise_std * torch.randn(sum_a.shape, generator=gen, device=x.device, dtype=x.dtype)
-        sum_b = sum_b + noise_std * torch.randn(sum_b.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return sum_a, sum_b
+    return add_seeded_noise(sum_a, sum_b, noise_std, seed)
+
+
+def add_seeded_noise(sum_a: Tensor, sum_b: Tensor, noise_std: float, seed: int) -> tuple[Tensor, Tensor]:
+    """N(0, noise_std^2) on both sums, drawn from a generator seeded with ``seed`` (A's first):
+    every implementation of the op draws the same noise."""
+    if noise_std <= 0:
+        return sum_a, sum_b
+    gen = torch.Generator(device=sum_a.device).manual_seed(seed)
+    noise_a = torch.randn(sum_a.shape, generator=gen, device=sum_a.device, dtype=sum_a.dtype)
+    noise_b = torch.randn(sum_b.shape, generator=gen, device=sum_b.device, dtype=sum_b.dtype)
+    return sum_a + noise_std * noise_a, sum_b + noise_std * noise_b
 
 
 @lora_clipped_noised_sum.register_fake

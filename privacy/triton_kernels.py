@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from privacy.kernels import add_seeded_noise
+
 BLOCK_P, BLOCK_Q, BLOCK_T = 16, 16, 16
 
 
@@ -106,11 +108,7 @@ def lora_clipped_noised_sum_triton(
     v = (scaling * (g @ lora_b)).float().contiguous()
     sum_a = weighted_outer_sum(v, x, clip_factors, 1.0).to(x.dtype)
     sum_b = weighted_outer_sum(g, u, clip_factors, scaling).to(x.dtype)
-    if noise_std > 0:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        sum_a = sum_a + noise_std * torch.randn(sum_a.shape, generator=gen, device=x.device, dtype=x.dtype)
-        sum_b = sum_b + noise_std * torch.randn(sum_b.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return sum_a, sum_b
+    return add_seeded_noise(sum_a, sum_b, noise_std, seed)
 
 
 def per_sample_outer_sq_norms(a: Tensor, b: Tensor, scaling: float) -> Tensor:
