@@ -114,3 +114,37 @@ def test_adapters_of_another_model_and_bad_jobs_are_refused(tmp_path: Path, data
         evaluate_many(model, [good], [(3, data[0])], pad_id=0)
     with pytest.raises(ValueError, match=r"needs adapter_config\.json"):
         LoadedAdapter.from_files("empty", {})
+
+
+def test_fl_sim_personal_eval_scores_every_personal_adapter_on_every_client(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fl-sim personal-eval RUN_DIR`` on a run directory: the matrix equals PEFT evaluating each
+    adapter on each virtual client's test split (the split the run config defines)."""
+    import json
+
+    from client.datasets import client_examples
+    from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
+    from simulations.cli import main as fl_sim
+
+    run = tmp_path / "run"
+    config = {**DEFAULT_RUN_CONFIG, "num-clients": 2, "num-test": 6, "num-train": 16, "tasks": "rotate-2,sort-desc"}
+    (run / "personal").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**config, "run-dir": str(run)}))
+    assert fl_sim(["personal-eval", str(run)]) == 2
+    assert "has no personal adapters" in capsys.readouterr().err
+    _adapter(tmp_path, 7, SETTINGS[0]).rename(run / "personal" / "partition-1")
+    _adapter(tmp_path, 8, SETTINGS[1]).rename(run / "personal" / "partition-0")
+    assert fl_sim(["personal-eval", str(run), "--batch-size", "5"]) == 0
+    assert "| partition-0 | **" in capsys.readouterr().out
+    report = json.loads((run / "report" / "personal.json").read_text())
+    assert report["adapters"] == ["partition-0", "partition-1"] and report["clients"] == [0, 1]
+    cfg = FederationConfig.from_run_config(config)
+    tok = load_tokenizer()
+    for k in range(2):
+        for j in range(2):
+            test = encode(tok, client_examples(cfg, j)[1], 64)
+            loss, em = _one_by_one(run / "personal" / f"partition-{k}", test)
+            assert report["exact_match"][k][j] == em and report["loss"][k][j] == pytest.approx(loss, rel=1e-5)
+    assert report["personal_own_mean"] == (report["exact_match"][0][0] + report["exact_match"][1][1]) / 2
+    assert (run / "report" / "personal.md").is_file()
