@@ -11,15 +11,17 @@ model is shared, so K adapters cost one forward per batch instead of K evaluatio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
@@ -27,7 +29,8 @@ from client.data import Encoded, collate, exact_matches, per_sequence_loss
 from client.train import EvalResult
 from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from privacy.kernels import register_triton
-from strategies.adapter import lora_scaling, split_adapter
+from strategies.adapter import LORA_A_SUFFIX, lora_scaling, split_adapter
+from strategies.algorithms import base_deltas
 
 #: what PEFT puts in front of the base model's module names in an adapter's tensor names
 PEFT_PREFIX = "base_model.model."
@@ -82,22 +85,33 @@ class GatheredLinear(nn.Module):
         return self.base(x) + delta.view(*x.shape[:-1], delta.shape[-1])
 
 
-def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name's dotted suffix."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def lora_variants(config: Mapping[str, Any]) -> list[str]:
+    """The PEFT LoRA variants (DoRA, KaSA, aLoRA, ...) an adapter config asks for: the LoraConfig
+    fields PEFT tags as variants, read from PEFT itself so new ones are caught too."""
+    from peft import LoraConfig
+
+    found = []
+    for f in dataclasses.fields(LoraConfig):
+        if f.name == "init_lora_weights":
+            found += [v for v in f.metadata.get("lora_variants", ()) if config.get(f.name) == v]
+        elif f.metadata.get("is_lora_variant") and config.get(f.name):
+            found.append(f.name)
+    return found
 
 
-def _scalings(config: Mapping[str, Any], modules: Sequence[str]) -> dict[str, float]:
-    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+def _scalings(config: Mapping[str, Any], flat: Mapping[str, Tensor]) -> dict[str, float]:
+    """Each module's LoRA scaling, as PEFT computes it: alpha (``alpha_pattern`` matched on the
+    base model's module name) over the module's rank (its A's rows; sqrt with rsLoRA)."""
+    alpha = float(config.get("lora_alpha", config["r"]))
+    alphas = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    return {
-        m: lora_scaling(float(_pattern_value(alphas, m, alpha)), int(_pattern_value(ranks, m, rank)), use_rslora=rslora)
-        for m in modules
-    }
+    out = {}
+    for key, tensor in flat.items():
+        if key.endswith(LORA_A_SUFFIX):
+            module = key[: -len(LORA_A_SUFFIX)]
+            pattern = get_pattern_key(list(alphas), module.removeprefix(PEFT_PREFIX))
+            out[module] = lora_scaling(float(alphas.get(pattern, alpha)), int(tensor.shape[0]), use_rslora=rslora)
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,14 +127,16 @@ class LoadedAdapter:
         """From a PEFT directory's files (``hub.manifest.read_adapter_dir``, or what the hub returns)."""
         if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
             raise ValueError(f"adapter {name}: a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        config = json.loads(files[CONFIG_FILE])
-        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            raise ValueError(f"adapter {name}: only plain LoRA adapters can be evaluated in a batch (not DoRA)")
-        flat = load_safetensors(files[WEIGHTS_FILE])
-        modules = [k.removesuffix(".lora_A.weight") for k in flat if k.endswith(".lora_A.weight")]
         try:
-            split = split_adapter(flat, _scalings(config, modules))
-        except ValueError as err:
+            config = json.loads(files[CONFIG_FILE])
+            if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+                raise ValueError(f"{CONFIG_FILE} does not describe a LoRA adapter")
+            variants = lora_variants(config)
+            if variants:
+                raise ValueError(f"uses the PEFT LoRA variant(s) {', '.join(variants)}; only plain LoRA is batched")
+            flat = load_safetensors(files[WEIGHTS_FILE])
+            split = split_adapter(flat, _scalings(config, flat))
+        except (ValueError, KeyError, SafetensorError) as err:
             raise ValueError(f"adapter {name}: {err}") from None
         factors = {m.removeprefix(PEFT_PREFIX): (f.A.float(), f.B.float() * f.scaling) for m, f in split.items()}
         return cls(name, factors, files.get(BASE_DELTA_FILE))
@@ -149,7 +165,7 @@ class AdapterBank:
         try:
             delta = deltas.pop()
             if delta is not None:  # one residual for all: fold it into the base weights until close()
-                for key, value in load_safetensors(delta).items():
+                for key, value in base_deltas(load_safetensors(delta)).items():
                     linear = self._linear(modules, key.removeprefix(PEFT_PREFIX), adapters[0].name)
                     self._pristine[key.removeprefix(PEFT_PREFIX)] = linear.weight.detach().clone()
                     with torch.no_grad():

@@ -21,7 +21,7 @@ def _gathered_lora(  # type: ignore[no-untyped-def]  # a Triton kernel: constexp
 ):  # fmt: skip
     """out[n, t, o] = scaling * sum_r (sum_d x[n, t, d] A[k, r, d]) B[k, o, r], k = idx[n], over
     one (t, o) tile of sequence n: the bottleneck u stays in registers."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
     k = tl.load(idx_ptr + n)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)

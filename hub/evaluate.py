@@ -72,29 +72,40 @@ def evaluate_prefix(
         raise ValueError("no examples to evaluate on")
     started = time.perf_counter()
     local = describe_base_model(model_dir)
-    rows = hub.list(prefix)
     adapters: list[tuple[str, int, LoadedAdapter]] = []
     skipped = []
-    for row in rows:
+    for row in hub.list(prefix):
         name, version = str(row["name"]), int(row["version"])
-        base = row["provenance"]["base_model"]
-        if base.get("sha256") != local.sha256:
-            skipped.append(f"{name} v{version}: made for base model {base.get('id')}, not {local.id}")
+        if row["provenance"]["base_model"].get("sha256") != local.sha256:  # unverified: saves a download
+            skipped.append(f"{name} v{version}: made for base model {row['provenance']['base_model'].get('id')}")
             continue
-        _, files = hub.fetch(name, version)  # verified: signature, name, version, every hash
-        adapters.append((name, version, LoadedAdapter.from_files(f"{name} v{version}", files)))
+        manifest, files = hub.fetch(name, version)  # verified: signature, name, version, every hash
+        base = manifest["provenance"]["base_model"]
+        if base.get("sha256") != local.sha256:  # what the hub signed decides
+            skipped.append(f"{name} v{version}: signed for base model {base.get('id')}, not {local.id}")
+            continue
+        try:
+            adapters.append((name, version, LoadedAdapter.from_files(f"{name} v{version}", files)))
+        except ValueError as err:
+            skipped.append(f"{name} v{version}: {err}")
     if not adapters:
         why = f" ({'; '.join(skipped)})" if skipped else ""
-        raise ValueError(f"the hub has no adapters under {prefix!r} for this base model{why}")
+        raise ValueError(f"the hub has no adapters under {prefix!r} to evaluate for this base model{why}")
     tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
     data = encode(tokenizer, examples, int(getattr(model.config, "max_position_embeddings", 2048)))
-    results = evaluate_many(
-        model, [a for _, _, a in adapters], [(k, data) for k in range(len(adapters))], int(tokenizer.pad_token_id),
-        batch_size,
-    )  # fmt: skip
-    scores = [
-        AdapterScore(name, version, res.exact_match, res.loss, res.num_examples)
-        for (name, version, _), res in zip(adapters, results, strict=True)
-    ]
+    # adapters over different FedEx-LoRA residuals (different base weights) go in separate batches
+    groups: dict[bytes | None, list[tuple[str, int, LoadedAdapter]]] = {}
+    for entry in adapters:
+        groups.setdefault(entry[2].base_delta, []).append(entry)
+    scores = []
+    for group in groups.values():
+        results = evaluate_many(
+            model, [a for _, _, a in group], [(k, data) for k in range(len(group))], int(tokenizer.pad_token_id),
+            batch_size,
+        )  # fmt: skip
+        scores += [
+            AdapterScore(name, version, res.exact_match, res.loss, res.num_examples)
+            for (name, version, _), res in zip(group, results, strict=True)
+        ]
     scores.sort(key=lambda s: (-s.exact_match, s.loss, s.name))
     return HubEvaluation(scores, skipped, time.perf_counter() - started)

@@ -127,14 +127,23 @@ def dp_sgd(
         "expected_batch_size": min(batch_size, len(dataset)),  # q n
         "generator": torch.Generator().manual_seed(seed + 1),
     }
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("the optimizer holds parameters that are not the model's: DP-SGD would not clip them")
     private_model: torch.nn.Module
     private_opt: DPOptimizer
     if config.engine == "fused":
         taps = LoraTaps(model)
-        private_model, private_opt = model, FusedDPOptimizer(optimizer, taps, **settings)
+        try:
+            private_model, private_opt = model, FusedDPOptimizer(optimizer, taps, **settings)
+        except BaseException:
+            taps.close()
+            raise
         close: Callable[[], None] = taps.close
     else:
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        # one Poisson batch per step, as the ledger charges (make_private does the same)
+        gsm.forbid_grad_accumulation()
         private_model, private_opt = gsm, DPOptimizer(optimizer, loss_reduction="mean", **settings)
         close = gsm._close  # remove hooks and per-sample attributes
 

@@ -68,11 +68,12 @@ class LoraTaps:
             for adapter in module.active_adapters:
                 if adapter not in module.lora_A:
                     continue
-                if not isinstance(module, LoraLinear) or module.use_dora.get(adapter, False):
+                variant = getattr(module, "lora_variant", {}).get(adapter)
+                if not isinstance(module, LoraLinear) or variant is not None:
+                    what = f" with the LoRA variant {type(variant).__name__}" if variant is not None else ""
                     raise ValueError(
-                        f"dp.engine = fused handles LoRA on linear layers only; {name} is "
-                        f"{type(module).__name__}{' with DoRA' if module.use_dora.get(adapter, False) else ''} "
-                        "(use dp.engine = opacus)"
+                        f"dp.engine = fused handles plain LoRA on linear layers only; {name} is "
+                        f"{type(module).__name__}{what} (use dp.engine = opacus)"
                     )
                 lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
                 assert isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
@@ -96,9 +97,16 @@ class LoraTaps:
 
     @staticmethod
     def _save_input(tap: _Tap) -> Any:
+        """lora_A's input, and when A trains, a hook on its output for the gradient v = dL/du."""
+
+        def save_bottleneck_grad(grad: Tensor) -> None:
+            tap.v = _sequences(grad.detach())
+
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if torch.is_grad_enabled():  # not an evaluation pass
                 tap.x = _sequences(inputs[0].detach())  # the last forward is the one backpropagated
+                if tap.lora_a.weight.requires_grad and output.requires_grad:
+                    output.register_hook(save_bottleneck_grad)
 
         return hook
 
@@ -116,9 +124,6 @@ class LoraTaps:
                 )
             tap.g = _sequences(grad.detach())
 
-        def save_bottleneck_grad(grad: Tensor) -> None:
-            tap.v = _sequences(grad.detach())
-
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if torch.is_grad_enabled():
                 if tap.g is not None:
@@ -127,12 +132,9 @@ class LoraTaps:
                         "step (gradient accumulation); per-example gradients need one forward and one backward "
                         "per step (use dp.engine = opacus)"
                     )
-                u = inputs[0]
-                tap.u = _sequences(u.detach())
+                tap.u = _sequences(inputs[0].detach())
                 if output.requires_grad:
                     output.register_hook(save_grad)
-                if tap.lora_a.weight.requires_grad and u.requires_grad:
-                    u.register_hook(save_bottleneck_grad)
 
         return hook
 
@@ -159,6 +161,12 @@ def clipped_sums(taps: LoraTaps, max_grad_norm: float, loss_scale: float) -> dic
     ``loss_scale`` turns the tapped gradients into per-example gradients of per-example losses
     (the batch's size when the loss is the batch mean); it is applied to the norms and the sums,
     never to the large tapped tensors."""
+    batch = {tap.x.shape[0] for tap in taps.taps if tap.x is not None}
+    if len(batch) > 1:
+        raise RuntimeError(
+            f"dp.engine = fused: LoRA layers saw different leading sizes {sorted(batch)} in one step; the first "
+            "dimension must be the example (use dp.engine = opacus)"
+        )
     grads: dict[Tensor, Tensor] = {}  # CPU: each trainable factor's per-sample gradients
     on_gpu: list[_Tap] = []  # CUDA: norms and sums by the Triton kernels, nothing per-sample stored
     norms: Tensor | None = None

@@ -25,7 +25,7 @@ def _per_sample_outer_sq_norm(  # type: ignore[no-untyped-def]  # a Triton kerne
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """out[n] += || scaling * sum_t a[n, t, p] b[n, t, q] ||^2 over one (p, q) tile."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -58,7 +58,7 @@ def _weighted_outer_sum(  # type: ignore[no-untyped-def]  # a Triton kernel: con
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_T):
-        offs_m = m0 + tl.arange(0, BLOCK_T)
+        offs_m = (m0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         w = tl.load(w_ptr + offs_m // T, mask=offs_m < M, other=0.0)
         a = tl.load(
             a_ptr + offs_m[:, None] * s_am + offs_p[None, :] * s_ap,

@@ -230,7 +230,9 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
 
 
 #: resolved-config keys a resumed run may change
-RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout"})
+#: run-config keys a resumed run may change: bookkeeping, and the DP engine (both engines give
+#: the same result and charge the same)
+RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout", "dp.engine"})
 
 
 def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict[str, Any]) -> None:

@@ -524,7 +524,7 @@ def personal_evaluation(run_dir: Path, console: Console) -> None:
         return
     try:
         evaluate_personal(run_dir)
-    except (ValueError, OSError, RuntimeError) as err:
+    except Exception as err:  # the run is complete whatever happens here
         console.print(f"[yellow]personal adapters not evaluated[/yellow]: {err}")
 
 

@@ -107,7 +107,7 @@ def test_fused_engine_refuses_what_it_cannot_clip(setup: tuple[torch.nn.Module, 
     with pytest.raises(ValueError, match=r"trains LoRA factors only; .*model\.norm\.weight .*dp.engine = opacus"):
         LoraTaps(other)
     dora = get_peft_model(load_base_model(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ValueError, match=r"q_proj is Linear with DoRA"):
+    with pytest.raises(ValueError, match=r"q_proj is Linear with the LoRA variant DoraLinearVariant"):
         LoraTaps(dora)
     with pytest.raises(ValueError, match=r"dp\.engine must be one of opacus, fused, got 'ghost'"):
         DPSGDConfig(1.0, 1.0, "ghost")  # type: ignore[arg-type]
@@ -130,3 +130,32 @@ def test_fused_engine_refuses_what_it_cannot_clip(setup: tuple[torch.nn.Module, 
     assert all(t.x is None and t.u is None for t in taps.taps)
     taps.close()
     assert all(not t.handles for t in taps.taps)
+
+
+@pytest.mark.parametrize("engine", ["opacus", "fused"])
+def test_both_engines_refuse_accumulation_and_foreign_parameters(
+    setup: tuple[torch.nn.Module, list], engine: str
+) -> None:
+    """Two Poisson batches in one step would be charged as one; a parameter outside the model
+    would be updated unclipped. Nothing is left on the model after a refusal."""
+    model, data = setup
+    model = copy.deepcopy(model)
+    config = DPSGDConfig(1.0, 1.0, engine)  # type: ignore[arg-type]
+    params = [p for p in model.parameters() if p.requires_grad]
+    stranger = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="parameters that are not the model's"):
+        with dp_sgd(model, torch.optim.SGD([*params, stranger], lr=1.0), data, lambda b: collate(b, 0), 4, config, 0):
+            pass
+    assert not any(m._forward_hooks for m in model.modules())
+    with dp_sgd(model, torch.optim.SGD(params, lr=1.0), data, lambda b: collate(b, 0), 4, config, 0) as pt:
+        batch = collate(data[:3], 0)
+
+        def forward_backward() -> None:
+            logits = pt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_sequence_loss(logits, batch["labels"]).mean().backward()
+
+        pt.optimizer.zero_grad()
+        forward_backward()
+        with pytest.raises((ValueError, RuntimeError), match="accumulation"):
+            forward_backward()
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())

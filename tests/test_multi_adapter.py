@@ -4,6 +4,7 @@ of different ranks, alphas, rsLoRA and target modules, and FedEx-LoRA residuals.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from client.multi_adapter import AdapterBank, LoadedAdapter, evaluate_many
 from client.train import evaluate
 from hub.manifest import BASE_DELTA_FILE, read_adapter_dir
 from simulations.tasks import get_task
+from strategies.algorithms import BASE_DELTA_SUFFIX
 
 SETTINGS = [
     LoraSettings(rank=1, alpha=4.0, target_modules=("q_proj", "v_proj")),
@@ -40,8 +42,8 @@ def _adapter(tmp: Path, i: int, settings: LoraSettings, delta: dict[str, torch.T
     state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in get_adapter_state(model).items()}
     set_adapter_state(model, state)
     out = save_adapter(model, tmp / f"adapter-{i}")
-    if delta is not None:
-        (out / BASE_DELTA_FILE).write_bytes(save_safetensors(delta))
+    if delta is not None:  # FedEx-LoRA's residual, named as the strategy writes it
+        (out / BASE_DELTA_FILE).write_bytes(save_safetensors({k + BASE_DELTA_SUFFIX: v for k, v in delta.items()}))
     return out
 
 
@@ -148,3 +150,65 @@ def test_fl_sim_personal_eval_scores_every_personal_adapter_on_every_client(
             assert report["exact_match"][k][j] == em and report["loss"][k][j] == pytest.approx(loss, rel=1e-5)
     assert report["personal_own_mean"] == (report["exact_match"][0][0] + report["exact_match"][1][1]) / 2
     assert (run / "report" / "personal.md").is_file()
+
+
+def test_rank_and_alpha_patterns_scale_as_peft_does_and_variants_are_refused(
+    tmp_path: Path, data: tuple[list, list]
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    key = "^model.layers.0.self_attn.q_proj"  # PEFT's documented, anchored form: matched on base-model names
+    config = LoraConfig(
+        r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"], rank_pattern={key: 4}, alpha_pattern={key: 1}
+    )
+    model = get_peft_model(load_base_model(), config)
+    g = torch.Generator().manual_seed(3)
+    set_adapter_state(model, {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in get_adapter_state(model).items()})
+    path = save_adapter(model, tmp_path / "patterned")
+    adapter = LoadedAdapter.from_files("patterned", read_adapter_dir(path))
+    a = adapter.factors["model.layers.0.self_attn.q_proj"][0]
+    assert a.shape[0] == 4  # the patterned module's rank; its B carries alpha 1 / r 4
+    res = evaluate_many(load_base_model(), [adapter], [(0, data[0])], pad_id=0)[0]
+    loss, em = _one_by_one(path, data[0])
+    assert res.loss == pytest.approx(loss, rel=1e-5) and res.exact_match == em
+
+    files = read_adapter_dir(path)
+    dora = json.loads(files["adapter_config.json"]) | {"use_dora": True}
+    with pytest.raises(ValueError, match=r"adapter d: uses the PEFT LoRA variant\(s\) use_dora"):
+        LoadedAdapter.from_files("d", {**files, "adapter_config.json": json.dumps(dora).encode()})
+    with pytest.raises(ValueError, match=r"adapter bad: .*"):
+        LoadedAdapter.from_files("bad", {**files, "adapter_model.safetensors": b"not safetensors"})
+
+
+def test_fl_hub_evaluate_trusts_only_what_the_hub_signed_and_skips_what_it_cannot_load(
+    tmp_path: Path, data: tuple[list, list]
+) -> None:
+    """The listing is unsigned: the verified manifest's base model decides; an adapter that does
+    not load is skipped with its reason, the others are still scored."""
+    from hub.evaluate import evaluate_prefix
+    from hub.manifest import describe_base_model
+
+    local = describe_base_model()
+    good = read_adapter_dir(_adapter(tmp_path, 0, SETTINGS[0]))
+    ours = {"id": local.id, "sha256": local.sha256}
+    other = {"id": "elsewhere/model", "sha256": "0" * 64}
+    entries = {  # name: (what the listing claims, what the signed manifest says, files)
+        "clients/a/good": (ours, ours, good),
+        "clients/b/liar": (ours, other, good),
+        "clients/c/broken": (ours, ours, {**good, "adapter_model.safetensors": b"junk"}),
+        "clients/d/other": (other, other, good),
+    }
+
+    class FakeHub:
+        def list(self, prefix: str) -> list[dict]:
+            return [{"name": n, "version": 1, "provenance": {"base_model": e[0]}} for n, e in entries.items()]
+
+        def fetch(self, name: str, version: int) -> tuple[dict, dict]:
+            return {"provenance": {"base_model": entries[name][1]}}, entries[name][2]
+
+    result = evaluate_prefix(FakeHub(), "clients/", [*get_task("rotate-2").examples(4, 0)])
+    assert [s.name for s in result.scores] == ["clients/a/good"] and result.scores[0].examples == 4
+    reasons = " | ".join(result.skipped)
+    assert "clients/b/liar v1: signed for base model elsewhere/model" in reasons
+    assert "clients/c/broken v1: adapter clients/c/broken v1:" in reasons
+    assert "clients/d/other v1: made for base model elsewhere/model" in reasons
