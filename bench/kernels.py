@@ -33,7 +33,8 @@ import torch
 
 # the repo instead of bench/ on the path: transformers probes for the optional package "kernels"
 # by importing it, which would otherwise import this script a second time
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.multi_adapter import lora_gathered
 from privacy.kernels import lora_per_sample_sq_norms

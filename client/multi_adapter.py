@@ -30,7 +30,7 @@ from client.train import EvalResult
 from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from privacy.kernels import register_triton
 from strategies.adapter import LORA_A_SUFFIX, lora_scaling, split_adapter
-from strategies.algorithms import base_deltas
+from strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas
 
 #: what PEFT puts in front of the base model's module names in an adapter's tensor names
 PEFT_PREFIX = "base_model.model."
@@ -85,17 +85,29 @@ class GatheredLinear(nn.Module):
         return self.base(x) + delta.view(*x.shape[:-1], delta.shape[-1])
 
 
+#: LoRA-variant fields of PEFT's LoraConfig, for PEFT versions before it tagged them itself (0.20)
+KNOWN_VARIANT_FIELDS = (
+    "use_dora", "alora_invocation_tokens", "kasa_config", "velora_config", "use_bdlora", "arrow_config",
+    "monteclora_config",
+)  # fmt: skip
+
+
 def lora_variants(config: Mapping[str, Any]) -> list[str]:
-    """The PEFT LoRA variants (DoRA, KaSA, aLoRA, ...) an adapter config asks for: the LoraConfig
-    fields PEFT tags as variants, read from PEFT itself so new ones are caught too."""
+    """The PEFT LoRA variants (DoRA, KaSA, aLoRA, ...) an adapter config asks for: the fields PEFT
+    tags as variants (read from PEFT itself, so newer ones are caught too) and the known ones. A
+    field counts as PEFT counts it: a sub-config, even empty, or a true value."""
     from peft import LoraConfig
 
-    found = []
+    fields = set(KNOWN_VARIANT_FIELDS)
+    mica = {"mica"}
     for f in dataclasses.fields(LoraConfig):
         if f.name == "init_lora_weights":
-            found += [v for v in f.metadata.get("lora_variants", ()) if config.get(f.name) == v]
-        elif f.metadata.get("is_lora_variant") and config.get(f.name):
-            found.append(f.name)
+            mica |= set(f.metadata.get("lora_variants", ()))
+        elif f.metadata.get("is_lora_variant"):
+            fields.add(f.name)
+    found = sorted(f for f in fields if isinstance(config.get(f), dict) or bool(config.get(f)))
+    if config.get("init_lora_weights") in mica:
+        found.append(f"init_lora_weights={config['init_lora_weights']}")
     return found
 
 
@@ -136,10 +148,18 @@ class LoadedAdapter:
                 raise ValueError(f"uses the PEFT LoRA variant(s) {', '.join(variants)}; only plain LoRA is batched")
             flat = load_safetensors(files[WEIGHTS_FILE])
             split = split_adapter(flat, _scalings(config, flat))
+            residual = files.get(BASE_DELTA_FILE)
+            if residual is not None:
+                keys = list(load_safetensors(residual))
+                strays = [k for k in keys if not k.endswith(BASE_DELTA_SUFFIX)]
+                if not keys or strays:
+                    raise ValueError(
+                        f"{BASE_DELTA_FILE} must hold <module>{BASE_DELTA_SUFFIX} tensors, got {(strays or keys)[:3]}"
+                    )
         except (ValueError, KeyError, SafetensorError) as err:
             raise ValueError(f"adapter {name}: {err}") from None
         factors = {m.removeprefix(PEFT_PREFIX): (f.A.float(), f.B.float() * f.scaling) for m, f in split.items()}
-        return cls(name, factors, files.get(BASE_DELTA_FILE))
+        return cls(name, factors, residual)
 
 
 class AdapterBank:
@@ -167,6 +187,11 @@ class AdapterBank:
             if delta is not None:  # one residual for all: fold it into the base weights until close()
                 for key, value in base_deltas(load_safetensors(delta)).items():
                     linear = self._linear(modules, key.removeprefix(PEFT_PREFIX), adapters[0].name)
+                    if value.shape != linear.weight.shape:
+                        raise ValueError(
+                            f"adapter {adapters[0].name}: the residual of {key} is {tuple(value.shape)}, the base "
+                            f"weight {tuple(linear.weight.shape)} (another base model?)"
+                        )
                     self._pristine[key.removeprefix(PEFT_PREFIX)] = linear.weight.detach().clone()
                     with torch.no_grad():
                         linear.weight.add_(value.to(linear.weight.dtype))

@@ -23,12 +23,12 @@ def _gathered_lora(  # type: ignore[no-untyped-def]  # a Triton kernel: constexp
     one (t, o) tile of sequence n: the bottleneck u stays in registers."""
     n = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
     k = tl.load(idx_ptr + n)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_o = (tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     u = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         x = tl.load(
             x_ptr + n * s_xn + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd,
             mask=(offs_t[:, None] < T) & (offs_d[None, :] < D),

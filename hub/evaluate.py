@@ -17,6 +17,9 @@ from typing import Any
 
 from simulations.tasks import Example
 
+#: the most adapters one evaluation lists (the hub's listing limit)
+LIST_LIMIT = 1000
+
 
 @dataclass(frozen=True)
 class AdapterScore:
@@ -74,8 +77,14 @@ def evaluate_prefix(
     local = describe_base_model(model_dir)
     adapters: list[tuple[str, int, LoadedAdapter]] = []
     skipped = []
-    for row in hub.list(prefix):
+    rows = hub.list(prefix, limit=LIST_LIMIT)
+    if len(rows) >= LIST_LIMIT:
+        raise ValueError(f"more than {LIST_LIMIT} adapters under {prefix!r}: evaluate a narrower prefix")
+    for row in rows:
         name, version = str(row["name"]), int(row["version"])
+        if not name.startswith(prefix):  # the listing is unsigned: an answer outside the prefix is not ours
+            skipped.append(f"{name}: not under {prefix!r}")
+            continue
         if row["provenance"]["base_model"].get("sha256") != local.sha256:  # unverified: saves a download
             skipped.append(f"{name} v{version}: made for base model {row['provenance']['base_model'].get('id')}")
             continue
@@ -99,13 +108,19 @@ def evaluate_prefix(
         groups.setdefault(entry[2].base_delta, []).append(entry)
     scores = []
     for group in groups.values():
-        results = evaluate_many(
-            model, [a for _, _, a in group], [(k, data) for k in range(len(group))], int(tokenizer.pad_token_id),
-            batch_size,
-        )  # fmt: skip
+        try:
+            results = evaluate_many(
+                model, [a for _, _, a in group], [(k, data) for k in range(len(group))], int(tokenizer.pad_token_id),
+                batch_size,
+            )  # fmt: skip
+        except (ValueError, RuntimeError) as err:  # e.g. a residual that does not fit: this group only
+            skipped += [f"{name} v{version}: {err}" for name, version, _ in group]
+            continue
         scores += [
             AdapterScore(name, version, res.exact_match, res.loss, res.num_examples)
             for (name, version, _), res in zip(group, results, strict=True)
         ]
+    if not scores:
+        raise ValueError(f"no adapter under {prefix!r} could be evaluated: {'; '.join(skipped)}")
     scores.sort(key=lambda s: (-s.exact_match, s.loss, s.name))
     return HubEvaluation(scores, skipped, time.perf_counter() - started)

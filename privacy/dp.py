@@ -142,10 +142,14 @@ def dp_sgd(
         close: Callable[[], None] = taps.close
     else:
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-        # one Poisson batch per step, as the ledger charges (make_private does the same)
-        gsm.forbid_grad_accumulation()
-        private_model, private_opt = gsm, DPOptimizer(optimizer, loss_reduction="mean", **settings)
         close = gsm._close  # remove hooks and per-sample attributes
+        try:
+            # one Poisson batch per step, as the ledger charges (make_private does the same)
+            gsm.forbid_grad_accumulation()
+            private_model, private_opt = gsm, DPOptimizer(optimizer, loss_reduction="mean", **settings)
+        except BaseException:
+            close()
+            raise
 
     def endless() -> Iterator[dict[str, torch.Tensor]]:
         while True:

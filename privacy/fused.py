@@ -165,7 +165,7 @@ def clipped_sums(taps: LoraTaps, max_grad_norm: float, loss_scale: float) -> dic
     if len(batch) > 1:
         raise RuntimeError(
             f"dp.engine = fused: LoRA layers saw different leading sizes {sorted(batch)} in one step; the first "
-            "dimension must be the example (use dp.engine = opacus)"
+            "dimension of every LoRA layer's input must be the example, or no per-example clipping is possible"
         )
     grads: dict[Tensor, Tensor] = {}  # CPU: each trainable factor's per-sample gradients
     on_gpu: list[_Tap] = []  # CUDA: norms and sums by the Triton kernels, nothing per-sample stored
@@ -224,8 +224,8 @@ class FusedDPOptimizer(DPOptimizer):
             )
 
     def pre_step(self, closure: Any = None) -> bool:
-        first = self.taps.taps[0].x
-        sums = clipped_sums(self.taps, self.max_grad_norm, float(first.shape[0] if first is not None else 0))
+        batch = max((t.x.shape[0] for t in self.taps.taps if t.x is not None), default=0)
+        sums = clipped_sums(self.taps, self.max_grad_norm, float(batch))
         for p in self.params:
             p.summed_grad = sums[p]
         self.taps.clear()

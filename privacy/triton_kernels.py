@@ -24,13 +24,15 @@ def _per_sample_outer_sq_norm(  # type: ignore[no-untyped-def]  # a Triton kerne
     scaling,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """out[n] += || scaling * sum_t a[n, t, p] b[n, t, q] ||^2 over one (p, q) tile."""
+    """out[n, tile] = || scaling * sum_t a[n, t, p] b[n, t, q] ||^2 over one (p, q) tile: each tile
+    writes its own slot (no atomics), so the caller's sum over tiles is deterministic."""
     n = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    pid_p, pid_q = tl.program_id(1), tl.program_id(2)
+    offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    offs_q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         a = tl.load(
             a_ptr + n * s_an + offs_t[:, None] * s_at + offs_p[None, :] * s_ap,
             mask=(offs_t[:, None] < T) & (offs_p[None, :] < P),
@@ -43,7 +45,9 @@ def _per_sample_outer_sq_norm(  # type: ignore[no-untyped-def]  # a Triton kerne
         )
         acc += tl.dot(tl.trans(a), b, input_precision="ieee")
     acc = acc * scaling
-    tl.atomic_add(out_ptr + n, tl.sum(acc * acc))
+    tl.store(
+        out_ptr + n * tl.num_programs(1) * tl.num_programs(2) + pid_p * tl.num_programs(2) + pid_q, tl.sum(acc * acc)
+    )
 
 
 @triton.jit
@@ -54,8 +58,8 @@ def _weighted_outer_sum(  # type: ignore[no-untyped-def]  # a Triton kernel: con
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """out[p, q] = scaling * sum_m w[m // T] a[m, p] b[m, q] over the flattened (N * T) rows."""
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    offs_q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_T):
         offs_m = (m0 + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -115,12 +119,12 @@ def per_sample_outer_sq_norms(a: Tensor, b: Tensor, scaling: float) -> Tensor:
     """||scaling * a[n]^T b[n]||^2 for every n, without forming a[n]^T b[n] in memory."""
     n, t, p = a.shape
     q = b.shape[2]
-    out = torch.zeros(n, dtype=torch.float32, device=a.device)
     grid = (n, triton.cdiv(p, BLOCK_P), triton.cdiv(q, BLOCK_Q))
+    tiles = torch.empty(n, grid[1] * grid[2], dtype=torch.float32, device=a.device)
     _per_sample_outer_sq_norm[grid](
-        a, b, out, t, p, q, *a.stride(), *b.stride(), scaling, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T
+        a, b, tiles, t, p, q, *a.stride(), *b.stride(), scaling, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T
     )
-    return out
+    return tiles.sum(1)
 
 
 def lora_per_sample_sq_norms_triton(

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
 )
 
 from client.datasets import build_partition, client_train_sizes, server_eval_sets
-from client.federation import FederationConfig
+from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
 from client.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
 from privacy.accounting import compute_epsilon
 from privacy.dp import sample_rate
@@ -230,9 +230,9 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
 
 
 #: resolved-config keys a resumed run may change
-#: run-config keys a resumed run may change: bookkeeping, and the DP engine (both engines give
-#: the same result and charge the same)
-RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout", "dp.engine"})
+#: run-config keys a resumed run may change. Not dp.engine: the engines agree only up to float
+#: rounding, and a round replayed after a resume must release the identical bits (it is charged once)
+RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout"})
 
 
 def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict[str, Any]) -> None:
@@ -247,7 +247,9 @@ def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict
         return
     if not stored_path.is_file():
         raise ResumeError(f"cannot resume {run_dir.root}: it has no config.json")
-    changed = config_changes(json.loads(stored_path.read_text()), resolved, RESUME_MAY_CHANGE)
+    # a key newer than the stored run (e.g. dp.engine) counts as its default, which that run used
+    stored = {**DEFAULT_RUN_CONFIG, **json.loads(stored_path.read_text())}
+    changed = config_changes(stored, resolved, RESUME_MAY_CHANGE)
     if changed:
         raise ResumeError(f"cannot resume {run_dir.root} with a different configuration ({', '.join(changed)})")
 

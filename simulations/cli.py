@@ -9,7 +9,7 @@ reproducible with ``flwr run --run-config`` too (``--print-run-config`` shows it
     fl-sim --resume DIR          continue an interrupted run from its last checkpoint
     fl-sim compare ...           strategies x seeds (+ centralised baseline) on one split
     fl-sim report DIR            rewrite a run's plots, client table and privacy report
-    fl-sim personal-eval DIR     every personal adapter on every client's test split, batched
+    fl-sim personal-eval DIR     personal adapters x personalised clients' test splits, batched
 """
 
 from __future__ import annotations
@@ -516,7 +516,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
 
 
 def personal_evaluation(run_dir: Path, console: Console) -> None:
-    """After a run that personalised: every personal adapter on every client's test split, batched
+    """After a run that personalised: every personal adapter on every personalised client's test split, batched
     (a failure here is reported, never fails the finished run)."""
     from simulations.personal_eval import evaluate_personal, personal_adapter_dirs
 
@@ -531,8 +531,8 @@ def personal_evaluation(run_dir: Path, console: Console) -> None:
 def cmd_personal_eval(argv: Sequence[str], console: Console) -> int:
     p = argparse.ArgumentParser(
         prog="fl-sim personal-eval",
-        description="Evaluate every personal adapter of a run (and its global adapter) on every virtual client's "
-        "test split in one batched pass; writes report/personal.json and report/personal.md.",
+        description="Evaluate every personal adapter of a run (and its global adapter) on the test split of "
+        "every virtual client that personalised, in one batched pass; writes report/personal.json and .md.",
     )
     p.add_argument("run_dir", type=Path)
     p.add_argument("--batch-size", type=int, default=64, help="sequences per batch, mixed over the adapters")

@@ -1,5 +1,6 @@
-"""Every personal adapter of a finished simulation on every virtual client's test split, and the
-global adapter beside them, in one batched pass (:func:`client.multi_adapter.evaluate_many`).
+"""Every personal adapter of a finished simulation, and the global adapter beside them, on the
+test split of every virtual client that personalised, in one batched pass
+(:func:`client.multi_adapter.evaluate_many`).
 
 The diagonal is what personalising gave each client (the same figure each client reported
 itself); the off-diagonal says how personal the adapters are: a personal adapter that does as
@@ -89,7 +90,7 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     clients = report["clients"]
     lines = [
-        "# Personal adapters on every client's test split",
+        "# Personal adapters on every personalised client's test split",
         "",
         "Exact match of each adapter (row) on each virtual client's test split (column), all evaluated in one "
         f"batched pass ({report['sequences']} sequences, {report['seconds']:.1f} s). The diagonal is each client's "

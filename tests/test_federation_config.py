@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
@@ -60,3 +62,23 @@ def test_client_state_dirs() -> None:
     assert str(cfg.client_state_dir(2)) == "runs/x/client-state/partition-2"
     assert str(FederationConfig(state_dir="/s").client_state_dir(0)) == "/s/partition-0"
     assert str(cfg.client_state_dir(0, "/node")) == "/node"
+
+
+def test_resume_takes_keys_newer_than_the_stored_run_as_their_defaults_and_keeps_the_dp_engine(
+    tmp_path: Path,
+) -> None:
+    """A run stored before ``dp.engine`` existed resumes with the default engine; a stored run
+    never switches engines (a replayed round must release the identical bits)."""
+    import json
+    from types import SimpleNamespace
+
+    from server.app import ResumeError, prepare_run_dir
+
+    resolved = {**DEFAULT_RUN_CONFIG, "resume": True}
+    old = {k: v for k, v in DEFAULT_RUN_CONFIG.items() if k != "dp.engine"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    run_dir = SimpleNamespace(root=tmp_path, metrics_path=tmp_path / "metrics.jsonl")
+    cfg = SimpleNamespace(resume=True)
+    prepare_run_dir(run_dir, cfg, resolved)  # type: ignore[arg-type]
+    with pytest.raises(ResumeError, match=r"dp\.engine: 'opacus' -> 'fused'"):
+        prepare_run_dir(run_dir, cfg, {**resolved, "dp.engine": "fused"})  # type: ignore[arg-type]

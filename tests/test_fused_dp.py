@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from client.data import collate, encode, per_sequence_loss
-from client.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
+from client.model import LoraSettings, load_base_model, load_tokenizer, set_trainable_factors, wrap_lora
 from privacy.dp import DPSGDConfig, dp_sgd
 from privacy.fused import LoraTaps
 from simulations.tasks import get_task
@@ -58,11 +58,17 @@ def _per_example_norms(model: torch.nn.Module, data: list) -> torch.Tensor:
     return torch.stack(norms)
 
 
-@pytest.mark.parametrize("clipping", ["all", "some", "none"])
-def test_fused_engine_equals_opacus_at_noise_zero(setup: tuple[torch.nn.Module, list], clipping: str) -> None:
+@pytest.mark.parametrize(("clipping", "factors"), [("all", "both"), ("some", "both"), ("none", "both"), ("some", "B")])
+def test_fused_engine_equals_opacus_at_noise_zero(
+    setup: tuple[torch.nn.Module, list], clipping: str, factors: str
+) -> None:
+    """``factors = "B"``: FFA-LoRA, A frozen (no per-example work for it, and no tap of v)."""
     model, data = setup
-    clip_norm = {"all": 0.05, "some": 30.0, "none": 1e3}[clipping]
-    clipped = int((_per_example_norms(model, data) > clip_norm).sum())
+    model = copy.deepcopy(model)
+    set_trainable_factors(model, factors)  # type: ignore[arg-type]
+    norms = _per_example_norms(model, data)
+    clip_norm = {"all": 0.05, "some": float(norms.median()), "none": 1e3}[clipping]
+    clipped = int((norms > clip_norm).sum())
     assert clipped == {"all": len(data), "none": 0}.get(clipping, clipped) and (
         clipping != "some" or 0 < clipped < len(data)
     )
@@ -70,7 +76,8 @@ def test_fused_engine_equals_opacus_at_noise_zero(setup: tuple[torch.nn.Module, 
         engine: _step(model, data, DPSGDConfig(0.0, clip_norm, engine), len(data))  # type: ignore[arg-type]
         for engine in ("opacus", "fused")
     }
-    assert len(updates["fused"]) == len(updates["opacus"]) == 16  # A and B of q_proj, v_proj in 4 layers
+    # A and B of q_proj, v_proj in 4 layers; B alone under FFA-LoRA
+    assert len(updates["fused"]) == len(updates["opacus"]) == (16 if factors == "both" else 8)
     for name, want in updates["opacus"].items():
         have = updates["fused"][name]
         assert want.abs().max() > 0, name

@@ -183,8 +183,9 @@ def test_rank_and_alpha_patterns_scale_as_peft_does_and_variants_are_refused(
 def test_fl_hub_evaluate_trusts_only_what_the_hub_signed_and_skips_what_it_cannot_load(
     tmp_path: Path, data: tuple[list, list]
 ) -> None:
-    """The listing is unsigned: the verified manifest's base model decides; an adapter that does
-    not load is skipped with its reason, the others are still scored."""
+    """The listing is unsigned: the verified manifest's base model decides, names outside the
+    prefix are dropped; an adapter (or a FedEx residual) that does not load is skipped with its
+    reason, the others are still scored."""
     from hub.evaluate import evaluate_prefix
     from hub.manifest import describe_base_model
 
@@ -192,15 +193,22 @@ def test_fl_hub_evaluate_trusts_only_what_the_hub_signed_and_skips_what_it_canno
     good = read_adapter_dir(_adapter(tmp_path, 0, SETTINGS[0]))
     ours = {"id": local.id, "sha256": local.sha256}
     other = {"id": "elsewhere/model", "sha256": "0" * 64}
+
+    def residual(key: str) -> bytes:
+        return save_safetensors({key: torch.zeros(128, 344)})
+
     entries = {  # name: (what the listing claims, what the signed manifest says, files)
         "clients/a/good": (ours, ours, good),
         "clients/b/liar": (ours, other, good),
         "clients/c/broken": (ours, ours, {**good, "adapter_model.safetensors": b"junk"}),
         "clients/d/other": (other, other, good),
+        "clients/e/misfit": (ours, ours, {**good, BASE_DELTA_FILE: residual("model.layers.0.mlp.nope.base_delta")}),
+        "clients/f/unnamed": (ours, ours, {**good, BASE_DELTA_FILE: residual("model.layers.0.mlp.down_proj")}),
+        "tasks/outside": (ours, ours, good),
     }
 
     class FakeHub:
-        def list(self, prefix: str) -> list[dict]:
+        def list(self, prefix: str, limit: int) -> list[dict]:
             return [{"name": n, "version": 1, "provenance": {"base_model": e[0]}} for n, e in entries.items()]
 
         def fetch(self, name: str, version: int) -> tuple[dict, dict]:
@@ -212,3 +220,6 @@ def test_fl_hub_evaluate_trusts_only_what_the_hub_signed_and_skips_what_it_canno
     assert "clients/b/liar v1: signed for base model elsewhere/model" in reasons
     assert "clients/c/broken v1: adapter clients/c/broken v1:" in reasons
     assert "clients/d/other v1: made for base model elsewhere/model" in reasons
+    assert "clients/e/misfit v1: adapter clients/e/misfit v1: the base model has no linear layer" in reasons
+    assert "clients/f/unnamed v1: adapter clients/f/unnamed v1: base_delta.safetensors must hold" in reasons
+    assert "tasks/outside: not under 'clients/'" in reasons
