@@ -278,7 +278,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
             dp = DPSGDConfig(
                 noise_multiplier=float(privacy["noise-multiplier"]),
                 max_grad_norm=cfg.dp_max_grad_norm,
-                engine=cfg.dp_engine,  # type: ignore[arg-type]  # validated with the run config
+                engine=cfg.dp_engine,
             )
             result = train_private(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id), dp, dp_seed)
             train_seconds = time.perf_counter() - t0

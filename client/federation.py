@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from client.model import ALL_LINEAR, LoraSettings
+from privacy.engines import Engine, check_engine
 from simulations.partitioners import PartitionSpec
 from simulations.tasks import get_task
 
@@ -90,7 +91,7 @@ class FederationConfig:
     dp_plan_examples: int = 0
     dp_max_epsilon: float = 0.0
     dp_secret_noise: bool = True
-    dp_engine: str = "opacus"  # per-example clipping: Opacus' hooks, or the fused LoRA kernels
+    dp_engine: Engine = "opacus"  # per-example clipping: Opacus' hooks, or the fused LoRA kernels
     dp_client_level: str = "off"
     dp_client_noise_multiplier: float = 1.0
     dp_client_clipping_norm: float = 1.0
@@ -182,11 +183,9 @@ class FederationConfig:
         if not math.isfinite(self.personalize_epsilon) or self.personalize_epsilon <= 0:
             raise ValueError(f"personalize.epsilon must be a finite number > 0, got {self.personalize_epsilon!r}")
         from privacy.accounting import check_accountant
-        from privacy.dp import ENGINES
 
         check_accountant(self.dp_accountant)
-        if self.dp_engine not in ENGINES:
-            raise ValueError(f"dp.engine must be one of {', '.join(ENGINES)}, got {self.dp_engine!r}")
+        check_engine(self.dp_engine)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

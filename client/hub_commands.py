@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from hub.manifest import GENERATOR_METHODS
+from privacy.engines import ENGINES
 
 
 def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True, hub_required: bool = True) -> None:
@@ -98,7 +99,10 @@ def add_personalize_parser(sub: Any) -> None:
     p.add_argument("--delta", type=float, default=0.0, help="default: from the training split's size")
     p.add_argument("--max-epsilon", type=float, help="refuse if the ledger's lifetime epsilon would pass this")
     p.add_argument(
-        "--dp-engine", choices=["opacus", "fused"], default="opacus", help="per-example clipping engine (same result)"
+        "--dp-engine",
+        choices=ENGINES,
+        default="opacus",
+        help="per-example clipping engine (the same result up to float rounding)",
     )
     p.add_argument("--no-dp", dest="dp", action="store_false", help="plain fine-tuning: nothing is charged or claimed")
     p.add_argument("--seed", type=int, default=0, help="the federation's run seed (it seeds the node's split)")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from client.data import Encoded, collate, exact_matches, per_sequence_loss
 from client.train import EvalResult
 from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
-from privacy.kernels import register_triton
+from privacy.kernels import load_triton
 from strategies.adapter import LORA_A_SUFFIX, lora_scaling, split_adapter
 from strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas
 
@@ -36,11 +36,8 @@ from strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas
 PEFT_PREFIX = "base_model.model."
 
 
-@torch.library.custom_op("fedlora::lora_gathered", mutates_args=())
-def lora_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
-    """s (x[n] A[index[n]]^T) B[index[n]]^T for every sequence n: (N, T, d_out).
-
-    x (N, T, d_in), bank_a (K, r, d_in), bank_b (K, d_out, r), index (N,) of adapters in [0, K)."""
+def check_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor) -> None:
+    """The shapes ``fedlora::lora_gathered`` takes (every implementation checks them)."""
     if x.ndim != 3 or bank_a.ndim != 3 or bank_b.ndim != 3 or bank_a.shape[0] != bank_b.shape[0]:
         raise ValueError(
             f"need x (N, T, d_in), banks (K, r, d_in) and (K, d_out, r); got {tuple(x.shape)}, "
@@ -50,6 +47,14 @@ def lora_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scal
         raise ValueError(f"banks {tuple(bank_a.shape)}, {tuple(bank_b.shape)} do not fit x {tuple(x.shape)}")
     if index.shape != (x.shape[0],):
         raise ValueError(f"index must give one adapter per sequence ({x.shape[0]},), got {tuple(index.shape)}")
+
+
+@torch.library.custom_op("fedlora::lora_gathered", mutates_args=())
+def lora_gathered(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    """s (x[n] A[index[n]]^T) B[index[n]]^T for every sequence n: (N, T, d_out).
+
+    x (N, T, d_in), bank_a (K, r, d_in), bank_b (K, d_out, r), index (N,) of adapters in [0, K)."""
+    check_gathered(x, bank_a, bank_b, index)
     a = bank_a[index]  # (N, r, d_in)
     b = bank_b[index]  # (N, d_out, r)
     return scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
@@ -308,4 +313,4 @@ def evaluate_many(
     return out
 
 
-register_triton("client.multi_adapter_triton")
+load_triton("client.multi_adapter_triton")

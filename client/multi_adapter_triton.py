@@ -1,5 +1,6 @@
 """The Triton kernel of ``fedlora::lora_gathered`` (:mod:`client.multi_adapter`), registered for
-CUDA tensors. Tested on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before import).
+CUDA tensors when this module is imported on a machine with CUDA. Tested on CPU under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before import).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from client.multi_adapter import check_gathered, lora_gathered
 
 BLOCK_T, BLOCK_D, BLOCK_O = 16, 32, 32
 
@@ -55,6 +58,7 @@ def _gathered_lora(  # type: ignore[no-untyped-def]  # a Triton kernel: constexp
 
 def lora_gathered_triton(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tensor, scaling: float) -> Tensor:
     """The Triton path of ``fedlora::lora_gathered`` (float32 accumulation, output in x's dtype)."""
+    check_gathered(x, bank_a, bank_b, index)
     n, t, d = x.shape
     _, r, _ = bank_a.shape
     o = bank_b.shape[1]
@@ -71,7 +75,9 @@ def lora_gathered_triton(x: Tensor, bank_a: Tensor, bank_b: Tensor, index: Tenso
 
 
 def register() -> None:
-    """Use the Triton kernel for CUDA tensors (called once, where CUDA and Triton exist)."""
-    from client.multi_adapter import lora_gathered
-
+    """Use the Triton kernel for CUDA tensors."""
     lora_gathered.register_kernel("cuda")(lora_gathered_triton)
+
+
+if torch.cuda.is_available():  # on CPU (the interpreter tests) the PyTorch implementation stays
+    register()

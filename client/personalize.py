@@ -54,7 +54,8 @@ from client.node import default_name
 from client.train import TrainSettings, evaluate, train
 from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from privacy.accounting import check_accountant, compute_epsilon
-from privacy.dp import ENGINES, DPSGDConfig, check_poisson_batches, sample_rate
+from privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
+from privacy.engines import Engine, check_engine
 from privacy.files import atomic_directory
 from privacy.ledger import PrivacyLedger
 from privacy.planning import default_delta, plan_noise
@@ -96,7 +97,7 @@ class PersonalizeConfig:
     delta: float = 0.0  # 0: privacy.planning.default_delta of the training split's size
     accountant: str = "rdp"
     max_epsilon: float | None = None  # cap on the ledger's lifetime epsilon after this charge
-    dp_engine: str = "opacus"  # per-example clipping: Opacus' hooks or the fused LoRA kernels
+    dp_engine: Engine = "opacus"  # per-example clipping: Opacus' hooks or the fused LoRA kernels
     model_dir: str | None = None  # None: the embedded base model
     seed: int = 0  # the federation's run seed: it seeds the node's split, and training without DP
     num_train: int = FederationConfig.num_train  # examples of embedded:TASKS data (a JSONL file has its own)
@@ -140,8 +141,7 @@ class PersonalizeConfig:
         if not _is_number(self.delta) or not 0 <= self.delta < 1:
             raise ValueError(f"delta must be in [0, 1) (0: the default for the data size), got {self.delta!r}")
         check_accountant(self.accountant)
-        if self.dp_engine not in ENGINES:
-            raise ValueError(f"dp_engine must be one of {', '.join(ENGINES)}, got {self.dp_engine!r}")
+        check_engine(self.dp_engine)
         if self.max_epsilon is not None and (not _is_number(self.max_epsilon) or not 0 <= self.max_epsilon < math.inf):
             raise ValueError(f"max_epsilon must be a finite number >= 0 or None, got {self.max_epsilon!r}")
         if not isinstance(self.dp, bool):
@@ -386,7 +386,7 @@ def personalize(
             dp_seed = ledger.dp_seed(run_id, LEDGER_ROUND)  # secret: the noise cannot be replayed
             with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
                 torch.manual_seed(dp_seed + 2)
-                dp = DPSGDConfig(plan.sigma, cfg.max_grad_norm, cfg.dp_engine)  # type: ignore[arg-type]
+                dp = DPSGDConfig(plan.sigma, cfg.max_grad_norm, cfg.dp_engine)
                 train_private(model, train_data, settings, pad, dp, dp_seed)
             added = ledger.charge(
                 run_id, LEDGER_ROUND, plan.sigma, plan.q, cfg.steps, accountant=cfg.accountant, delta=plan.delta

@@ -5,7 +5,7 @@ Two engines compute the per-example clipping (``DPSGDConfig.engine``): ``opacus`
 grad-sample hooks (any trainable layer Opacus supports), and ``fused``, taps on the LoRA
 layers with the ops of :mod:`privacy.kernels` (:mod:`privacy.fused`; LoRA factors of linear
 layers only). Both use the same Poisson batches, Opacus' DPOptimizer noise and scaling, and the
-same seeds: they release the same adapter.
+same seeds: they release the same adapter up to float rounding.
 
 Only parameters that require gradients get per-sample gradients, so whatever the strategy
 freezes (A under FFA-LoRA, the whole base model always) costs no per-sample work. Sampling is
@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from opacus.data_loader import DPDataLoader
@@ -28,9 +28,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-Engine = Literal["opacus", "fused"]
-#: the per-example clipping engines (``dp.engine``)
-ENGINES: tuple[Engine, ...] = ("opacus", "fused")
+from privacy.engines import Engine, check_engine
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,7 @@ class DPSGDConfig:
     engine: Engine = "opacus"
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"dp.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        check_engine(self.engine)
         if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
         if not math.isfinite(self.max_grad_norm) or self.max_grad_norm <= 0:
@@ -131,31 +128,24 @@ def dp_sgd(
     if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("the optimizer holds parameters that are not the model's: DP-SGD would not clip them")
     private_model: torch.nn.Module
-    private_opt: DPOptimizer
     if config.engine == "fused":
         taps = LoraTaps(model)
-        try:
-            private_model, private_opt = model, FusedDPOptimizer(optimizer, taps, **settings)
-        except BaseException:
-            taps.close()
-            raise
-        close: Callable[[], None] = taps.close
+        private_model, close = model, taps.close
     else:
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-        close = gsm._close  # remove hooks and per-sample attributes
-        try:
-            # one Poisson batch per step, as the ledger charges (make_private does the same)
-            gsm.forbid_grad_accumulation()
-            private_model, private_opt = gsm, DPOptimizer(optimizer, loss_reduction="mean", **settings)
-        except BaseException:
-            close()
-            raise
+        gsm.forbid_grad_accumulation()  # one Poisson batch per step, as the ledger charges (as make_private)
+        private_model, close = gsm, gsm._close  # _close removes hooks and per-sample attributes
 
     def endless() -> Iterator[dict[str, torch.Tensor]]:
         while True:
             yield from loader
 
-    try:
+    try:  # from here on the hooks come off whatever happens, a failing optimizer included
+        private_opt = (
+            FusedDPOptimizer(optimizer, taps, **settings)
+            if config.engine == "fused"
+            else DPOptimizer(optimizer, loss_reduction="mean", **settings)
+        )
         yield PrivateTraining(private_model, private_opt, endless(), q)
     finally:
         close()

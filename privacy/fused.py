@@ -2,15 +2,16 @@
 
 Opacus' grad-sample hooks compute every trainable layer's per-sample gradients in generic
 code. Here every PEFT LoRA layer is tapped once instead: the input ``x`` of ``lora_A`` (after
-dropout) and the bottleneck ``u`` (the input of ``lora_B``) in the forward pass, the gradient
-``g`` of ``lora_B``'s output in the backward pass (all three are tensors autograd keeps anyway).
+dropout) and the bottleneck ``u`` (the input of ``lora_B``) in the forward pass, the gradients
+``g`` of ``lora_B``'s output and ``v`` of ``lora_A``'s in the backward pass (all tensors autograd
+computes anyway).
 The ops of :mod:`privacy.kernels` turn them into each example's gradient norm (summed over all
 layers) and each factor's clipped sum. Noise, the division by the expected batch size and the
 optimizer step are Opacus' own (:class:`FusedDPOptimizer` is a ``DPOptimizer``): with the same
-noise generator both engines release the same adapter, and the ledger charges the same
-(sigma, q, steps).
+noise generator both engines release the same adapter up to float rounding, and the ledger
+charges the same (sigma, q, steps).
 
-On CPU the per-sample gradients are materialised once (``fedlora::lora_per_sample_grads``;
+On CPU the per-sample gradients are materialised once (``fedlora::per_sample_linear_grads``;
 for LoRA, T >> r makes that cheaper than recomputing them for the sum); on CUDA the norms and
 the clipped sum are two Triton kernels that never form a per-sample tensor.
 """
@@ -32,7 +33,6 @@ class _Tap:
     name: str
     lora_a: nn.Linear
     lora_b: nn.Linear
-    scaling: float
     x: Tensor | None = None  # input of lora_A (N, T, d_in)
     u: Tensor | None = None  # input of lora_B = output of lora_A (N, T, r)
     g: Tensor | None = None  # gradient of lora_B's output (N, T, d_out), the LoRA scaling included
@@ -79,7 +79,7 @@ class LoraTaps:
                 assert isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
                 if lora_a.bias is not None or lora_b.bias is not None:
                     raise ValueError(f"dp.engine = fused: {name} has LoRA biases (use dp.engine = opacus)")
-                tap = _Tap(name, lora_a, lora_b, float(module.scaling[adapter]))
+                tap = _Tap(name, lora_a, lora_b)
                 tap.handles.append(lora_a.register_forward_hook(self._save_input(tap)))
                 tap.handles.append(lora_b.register_forward_hook(self._save_bottleneck(tap)))
                 self.taps.append(tap)
@@ -154,19 +154,20 @@ class LoraTaps:
             tap.clear()
 
 
-def clipped_sums(taps: LoraTaps, max_grad_norm: float, loss_scale: float) -> dict[Tensor, Tensor]:
+def clipped_sums(taps: LoraTaps, max_grad_norm: float) -> dict[Tensor, Tensor]:
     """sum_n c[n] G[n] for every trainable LoRA factor, c[n] = min(1, C / (||G[n]|| + 1e-6)) with
     ||G[n]|| example n's gradient norm over all of them (Opacus' clipping, exactly).
 
-    ``loss_scale`` turns the tapped gradients into per-example gradients of per-example losses
-    (the batch's size when the loss is the batch mean); it is applied to the norms and the sums,
-    never to the large tapped tensors."""
-    batch = {tap.x.shape[0] for tap in taps.taps if tap.x is not None}
-    if len(batch) > 1:
+    The loss was the batch mean, so per-example gradients of per-example losses are the tapped
+    ones times the batch size N; N is applied to the norms and the sums, never to the large
+    tapped tensors."""
+    sizes = {tap.x.shape[0] for tap in taps.taps if tap.x is not None}
+    if len(sizes) > 1:
         raise RuntimeError(
-            f"dp.engine = fused: LoRA layers saw different leading sizes {sorted(batch)} in one step; the first "
+            f"dp.engine = fused: LoRA layers saw different leading sizes {sorted(sizes)} in one step; the first "
             "dimension of every LoRA layer's input must be the example, or no per-example clipping is possible"
         )
+    loss_scale = float(sizes.pop()) if sizes else 0.0
     grads: dict[Tensor, Tensor] = {}  # CPU: each trainable factor's per-sample gradients
     on_gpu: list[_Tap] = []  # CUDA: norms and sums by the Triton kernels, nothing per-sample stored
     norms: Tensor | None = None
@@ -184,8 +185,9 @@ def clipped_sums(taps: LoraTaps, max_grad_norm: float, loss_scale: float) -> dic
             on_gpu.append(tap)
         else:
             if a.requires_grad:
-                v = tap.v if tap.v is not None else g @ b.detach()
-                grads[a] = per_sample_linear_grads(v, x)
+                if tap.v is None:
+                    raise RuntimeError(f"dp.engine = fused: no gradient reached {tap.name}'s lora_A")
+                grads[a] = per_sample_linear_grads(tap.v, x)
                 squares.append(grads[a].pow(2).sum((1, 2)))
             if b.requires_grad:
                 grads[b] = per_sample_linear_grads(g, u)
@@ -224,8 +226,7 @@ class FusedDPOptimizer(DPOptimizer):
             )
 
     def pre_step(self, closure: Any = None) -> bool:
-        batch = max((t.x.shape[0] for t in self.taps.taps if t.x is not None), default=0)
-        sums = clipped_sums(self.taps, self.max_grad_norm, float(batch))
+        sums = clipped_sums(self.taps, self.max_grad_norm)
         for p in self.params:
             p.summed_grad = sums[p]
         self.taps.clear()

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 
-def _check(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
+def lora_bottlenecks(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """u = x A^T and v = dL/du = s g B, both (N, T, r), once the shapes are checked to fit one
+    LoRA layer (every implementation of the ops starts here, so the CUDA path checks too)."""
     if x.ndim != 3 or g.ndim != 3 or x.shape[:2] != g.shape[:2]:
         raise ValueError(f"x and g must be (N, T, features) with the same N, T; got {tuple(x.shape)}, {tuple(g.shape)}")
     r, d_in = lora_a.shape
@@ -38,6 +40,17 @@ def _check(x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor) -> None:
             f"shapes do not fit a LoRA layer: x {tuple(x.shape)}, g {tuple(g.shape)}, "
             f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}"
         )
+    return x @ lora_a.T, scaling * (g @ lora_b)
+
+
+def check_clip_factors(x: Tensor, clip_factors: Tensor) -> None:
+    if clip_factors.shape != (x.shape[0],):
+        raise ValueError(f"clip_factors must be (N,) = ({x.shape[0]},), got {tuple(clip_factors.shape)}")
+
+
+def _per_sample_outer(left: Tensor, right: Tensor) -> Tensor:
+    """sum_t left[n, t]^T right[n, t] for every n: (N, P, Q) from (N, T, P) and (N, T, Q)."""
+    return torch.bmm(left.transpose(1, 2), right)
 
 
 @torch.library.custom_op("fedlora::lora_per_sample_sq_norms", mutates_args=())
@@ -45,11 +58,9 @@ def lora_per_sample_sq_norms(
     x: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float
 ) -> tuple[Tensor, Tensor]:
     """(||G_A[n]||^2, ||G_B[n]||^2), each (N,), from the layer input and output gradient."""
-    _check(x, g, lora_a, lora_b)
-    u = x @ lora_a.T  # (N, T, r)
-    v = scaling * (g @ lora_b)  # (N, T, r)
-    grad_a = torch.einsum("ntr,ntd->nrd", v, x)  # (N, r, d_in)
-    grad_b = scaling * torch.einsum("nto,ntr->nor", g, u)  # (N, d_out, r)
+    u, v = lora_bottlenecks(x, g, lora_a, lora_b, scaling)
+    grad_a = _per_sample_outer(v, x)  # (N, r, d_in)
+    grad_b = scaling * _per_sample_outer(g, u)  # (N, d_out, r)
     return grad_a.pow(2).sum((1, 2)), grad_b.pow(2).sum((1, 2))
 
 
@@ -71,7 +82,7 @@ def per_sample_linear_grads(grad_output: Tensor, inputs: Tensor) -> Tensor:
             f"need (N, T, d_out) and (N, T, d_in) with the same N, T; got {tuple(grad_output.shape)}, "
             f"{tuple(inputs.shape)}"
         )
-    return torch.bmm(grad_output.transpose(1, 2), inputs)
+    return _per_sample_outer(grad_output, inputs)
 
 
 @per_sample_linear_grads.register_fake
@@ -91,13 +102,10 @@ def lora_clipped_noised_sum(
     seed: int,
 ) -> tuple[Tensor, Tensor]:
     """(sum_n c[n] G_A[n] + noise, sum_n c[n] G_B[n] + noise): one reweighted GEMM each."""
-    _check(x, g, lora_a, lora_b)
-    if clip_factors.shape != (x.shape[0],):
-        raise ValueError(f"clip_factors must be (N,) = ({x.shape[0]},), got {tuple(clip_factors.shape)}")
+    u, v = lora_bottlenecks(x, g, lora_a, lora_b, scaling)
+    check_clip_factors(x, clip_factors)
     c = clip_factors.to(x.dtype)[:, None, None]
     r, d_in = lora_a.shape
-    u = x @ lora_a.T
-    v = scaling * (g @ lora_b)
     sum_a = (c * v).reshape(-1, r).T @ x.reshape(-1, d_in)  # (r, d_in)
     sum_b = scaling * ((c * g).reshape(-1, g.shape[2]).T @ u.reshape(-1, r))  # (d_out, r)
     return add_seeded_noise(sum_a, sum_b, noise_std, seed)
@@ -128,10 +136,12 @@ def _(
     return lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
-def register_triton(module: str) -> None:
-    """``module.register()`` (Triton kernels for CUDA tensors), where CUDA and Triton both exist."""
+def load_triton(module: str) -> None:
+    """Import ``module``, whose Triton kernels register themselves for CUDA tensors, where CUDA and
+    Triton both exist. (Either side may be imported first: the kernels register at the end of
+    their module.)"""
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-        import_module(module).register()
+        import_module(module)
 
 
-register_triton("privacy.triton_kernels")
+load_triton("privacy.triton_kernels")

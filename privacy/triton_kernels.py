@@ -1,6 +1,7 @@
 """Triton kernels for :mod:`privacy.kernels`, registered for CUDA tensors on the same ops.
 
-On a machine without a GPU the kernels still run under Triton's interpreter
+Importing this module registers them (on a machine with CUDA). Without a GPU the kernels still
+run under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported) on CPU tensors, about 10,000x slower
 than eager PyTorch: that is how CI tests them against the PyTorch implementations.
 """
@@ -12,7 +13,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from privacy.kernels import add_seeded_noise
+from privacy.kernels import (
+    add_seeded_noise,
+    check_clip_factors,
+    lora_bottlenecks,
+    lora_clipped_noised_sum,
+    lora_per_sample_sq_norms,
+)
 
 BLOCK_P, BLOCK_Q, BLOCK_T = 16, 16, 16
 
@@ -108,8 +115,8 @@ def lora_clipped_noised_sum_triton(
     seed: int,
 ) -> tuple[Tensor, Tensor]:
     """The Triton path of ``fedlora::lora_clipped_noised_sum`` (noise drawn as the reference does)."""
-    u = (x @ lora_a.T).float().contiguous()
-    v = (scaling * (g @ lora_b)).float().contiguous()
+    u, v = lora_bottlenecks(x, g, lora_a, lora_b, scaling)
+    check_clip_factors(x, clip_factors)
     sum_a = weighted_outer_sum(v, x, clip_factors, 1.0).to(x.dtype)
     sum_b = weighted_outer_sum(g, u, clip_factors, scaling).to(x.dtype)
     return add_seeded_noise(sum_a, sum_b, noise_std, seed)
@@ -132,16 +139,17 @@ def lora_per_sample_sq_norms_triton(
 ) -> tuple[Tensor, Tensor]:
     """The Triton path of ``fedlora::lora_per_sample_sq_norms``: G_A[n] = v[n]^T x[n] with
     v = s g B, and G_B[n] = s g[n]^T u[n] with u = x A^T (u and v are (N, T, r): small)."""
-    u = (x @ lora_a.T).float().contiguous()
-    v = (scaling * (g @ lora_b)).float().contiguous()
+    u, v = (t.float().contiguous() for t in lora_bottlenecks(x, g, lora_a, lora_b, scaling))
     norm_a = per_sample_outer_sq_norms(v, x.float().contiguous(), 1.0)
     norm_b = per_sample_outer_sq_norms(g.float().contiguous(), u, scaling)
     return norm_a.to(x.dtype), norm_b.to(x.dtype)
 
 
 def register() -> None:
-    """Use the Triton kernel for CUDA tensors (called once, where CUDA and Triton exist)."""
-    from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms
-
+    """Use the Triton kernels for CUDA tensors."""
     lora_per_sample_sq_norms.register_kernel("cuda")(lora_per_sample_sq_norms_triton)
     lora_clipped_noised_sum.register_kernel("cuda")(lora_clipped_noised_sum_triton)
+
+
+if torch.cuda.is_available():  # on CPU (the interpreter tests) the PyTorch implementations stay
+    register()

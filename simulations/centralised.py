@@ -79,7 +79,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         sigma = cfg.dp_noise_multiplier or planned.noise_multiplier
         config |= {"dp.noise-multiplier": sigma, "dp.delta": delta, "sample-rate": q}
         write_json_atomic(out / "config.json", config)
-        dp = DPSGDConfig(sigma, cfg.dp_max_grad_norm, cfg.dp_engine)  # type: ignore[arg-type]
+        dp = DPSGDConfig(sigma, cfg.dp_max_grad_norm, cfg.dp_engine)
         with dp_sgd(model, optimizer, pooled, lambda b: collate(b, pad), cfg.batch_size, dp, cfg.seed) as pt:
             sched = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
             for r in range(1, cfg.num_rounds + 1):

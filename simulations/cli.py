@@ -27,6 +27,8 @@ from typing import Any
 
 from rich.console import Console
 
+from privacy.engines import ENGINES
+
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
 #: on 2 CPU cores (see README). Explicit options override these.
 MAIN_JOB: dict[str, Any] = {
@@ -108,8 +110,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
     g.add_argument(
         "--dp-engine",
-        choices=["opacus", "fused"],
-        help="per-example clipping: Opacus' hooks (default) or the fused LoRA kernels (same result)",
+        choices=ENGINES,
+        help="per-example clipping: Opacus' hooks (default) or the fused LoRA kernels (the same result up to "
+        "float rounding)",
     )
     g.add_argument("--state-dir", help="where client ledgers live (default RUN_DIR/client-state)")
     g = p.add_argument_group("data")

@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerBase
 
 from client.data import collate, encode, per_sequence_loss
 from client.model import LoraSettings, get_adapter_state, load_base_model, set_adapter_state, wrap_lora
-from privacy.dp import ENGINES, DPSGDConfig, Engine, dp_sgd, sample_rate
+from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from privacy.engines import ENGINES, Engine
 from simulations.tasks import get_task
 
 
