@@ -34,6 +34,7 @@ from client.model import (
     get_adapter_state,
     load_base_model,
     load_tokenizer,
+    max_positions,
     save_adapter,
     set_adapter_state,
     set_base_deltas,
@@ -126,7 +127,7 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
             train_ex, test_ex = node_examples(cfg, node.data, cfg.seed * 100_003 + partition)
         else:
             train_ex, test_ex = client_examples(cfg, partition)
-        max_len = int(getattr(setup.model.config, "max_position_embeddings", 2048))
+        max_len = max_positions(setup.model)
         setup.data[data_key] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
         while len(setup.data) > DATA_CACHE_SIZE:
             setup.data.popitem(last=False)

@@ -20,6 +20,7 @@ from client.model import (
     load_base_model,
     load_tokenizer,
     lora_settings_dict,
+    max_positions,
     resolve_device,
     save_adapter,
     wrap_lora,
@@ -82,7 +83,7 @@ def run(cfg: FinetuneConfig, console: Console | None = None, progress: bool = Tr
     train_ex, test_ex = cfg.data.load()  # malformed data fails before any model work
     tokenizer = load_tokenizer(model_dir)
     base = load_base_model(model_dir, device)
-    max_len = int(getattr(base.config, "max_position_embeddings", 2048))
+    max_len = max_positions(base)
     train_enc = encode(tokenizer, train_ex, max_len)
     test_enc = encode(tokenizer, test_ex, max_len)
     pad = int(tokenizer.pad_token_id)

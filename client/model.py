@@ -116,6 +116,11 @@ def load_base_model(
     return model
 
 
+def max_positions(model: torch.nn.Module) -> int:
+    """The longest sequence the model takes (what tokenised examples are checked against)."""
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048))
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target (``q_proj``, ``c_attn``, ...)."""
     names: set[str] = set()

@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,79 +166,90 @@ class LoadedAdapter:
         return cls(name, factors, residual)
 
 
+def _linear(modules: Mapping[str, nn.Module], name: str, adapter: str) -> nn.Linear:
+    module = modules.get(name)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"adapter {adapter}: the base model has no linear layer {name!r} (found "
+            f"{type(module).__name__ if module is not None else 'nothing'}; another base model?)"
+        )
+    return module
+
+
+def _residual(adapter: LoadedAdapter) -> dict[str, Tensor]:
+    """The adapter's FedEx-LoRA residual by base-model module name (empty without one)."""
+    if adapter.base_delta is None:
+        return {}
+    return {k.removeprefix(PEFT_PREFIX): v for k, v in base_deltas(load_safetensors(adapter.base_delta)).items()}
+
+
+def check_fits(model: nn.Module, adapter: LoadedAdapter) -> None:
+    """Refuse, naming the module, an adapter (or its residual) that does not fit ``model``."""
+    modules = dict(model.named_modules())
+    for name, (a, b) in sorted(adapter.factors.items()):
+        linear = _linear(modules, name, adapter.name)
+        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+            raise ValueError(
+                f"adapter {adapter.name}: {name} is {linear.in_features} -> {linear.out_features} in the base "
+                f"model, the adapter's factors are {tuple(a.shape)}, {tuple(b.shape)} (another base model?)"
+            )
+    for name, value in _residual(adapter).items():
+        weight = _linear(modules, name, adapter.name).weight
+        if value.shape != weight.shape:
+            raise ValueError(
+                f"adapter {adapter.name}: the residual of {name} is {tuple(value.shape)}, the base weight "
+                f"{tuple(weight.shape)} (another base model?)"
+            )
+
+
 class AdapterBank:
-    """Adapters installed side by side on a base model (restored by :meth:`close`)."""
+    """Adapters installed side by side on a base model, as a context manager (restored on exit).
+
+    They must share their FedEx-LoRA residual (the base weights); :func:`evaluate_many` groups
+    adapters by it."""
 
     def __init__(self, model: nn.Module, adapters: Sequence[LoadedAdapter]) -> None:
         if not adapters:
             raise ValueError("no adapters to evaluate")
-        deltas = {a.base_delta for a in adapters}
-        if len(deltas) > 1:
+        if len({a.base_delta for a in adapters}) > 1:
             raise ValueError(
                 "the adapters were trained on different base weights (different FedEx-LoRA residuals in "
-                f"{BASE_DELTA_FILE}): evaluate them in separate batches"
+                f"{BASE_DELTA_FILE}): evaluate_many groups them"
             )
+        for adapter in adapters:
+            check_fits(model, adapter)
         self.model = model
         self.adapters = list(adapters)
         self.selection = _Selection()
-        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._swapped: list[tuple[nn.Module, str, nn.Linear]] = []
         self._pristine: dict[str, Tensor] = {}
         modules = dict(model.named_modules())
-        names = sorted({m for a in adapters for m in a.factors})
-        param = next(model.parameters())
-        try:
-            delta = deltas.pop()
-            if delta is not None:  # one residual for all: fold it into the base weights until close()
-                for key, value in base_deltas(load_safetensors(delta)).items():
-                    linear = self._linear(modules, key.removeprefix(PEFT_PREFIX), adapters[0].name)
-                    if value.shape != linear.weight.shape:
-                        raise ValueError(
-                            f"adapter {adapters[0].name}: the residual of {key} is {tuple(value.shape)}, the base "
-                            f"weight {tuple(linear.weight.shape)} (another base model?)"
-                        )
-                    self._pristine[key.removeprefix(PEFT_PREFIX)] = linear.weight.detach().clone()
-                    with torch.no_grad():
-                        linear.weight.add_(value.to(linear.weight.dtype))
-            for name in names:
-                linear = self._linear(modules, name, next(a.name for a in adapters if name in a.factors))
-                rank = max(a.factors[name][0].shape[0] for a in adapters if name in a.factors)
-                bank_a = torch.zeros(len(adapters), rank, linear.in_features)
-                bank_b = torch.zeros(len(adapters), linear.out_features, rank)
-                for k, adapter in enumerate(adapters):
-                    if name not in adapter.factors:
-                        continue
+        for name, value in _residual(adapters[0]).items():  # fold the shared residual in until exit
+            weight = _linear(modules, name, adapters[0].name).weight
+            self._pristine[name] = weight.detach().clone()
+            with torch.no_grad():
+                weight.add_(value.to(weight.dtype))
+        for name in sorted({m for a in adapters for m in a.factors}):
+            linear = _linear(modules, name, adapters[0].name)
+            rank = max(a.factors[name][0].shape[0] for a in adapters if name in a.factors)
+            w = linear.weight
+            bank_a = torch.zeros(len(adapters), rank, linear.in_features, device=w.device, dtype=w.dtype)
+            bank_b = torch.zeros(len(adapters), linear.out_features, rank, device=w.device, dtype=w.dtype)
+            for k, adapter in enumerate(adapters):
+                if name in adapter.factors:
                     a, b = adapter.factors[name]
-                    if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
-                        raise ValueError(
-                            f"adapter {adapter.name}: {name} is {linear.in_features} -> {linear.out_features} in "
-                            f"the base model, the adapter's factors are {tuple(a.shape)}, {tuple(b.shape)} "
-                            "(another base model?)"
-                        )
                     bank_a[k, : a.shape[0]] = a
                     bank_b[k, :, : b.shape[1]] = b
-                parent_name, _, child = name.rpartition(".")
-                parent = modules[parent_name] if parent_name else model
-                gathered = GatheredLinear(
-                    linear,
-                    bank_a.to(param.device, linear.weight.dtype),
-                    bank_b.to(param.device, linear.weight.dtype),
-                    self.selection,
-                )
-                setattr(parent, child, gathered)
-                self._swapped.append((parent, child, linear))
-        except BaseException:
-            self.close()
-            raise
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            setattr(parent, child, GatheredLinear(linear, bank_a, bank_b, self.selection))
+            self._swapped.append((parent, child, linear))
 
-    @staticmethod
-    def _linear(modules: Mapping[str, nn.Module], name: str, adapter: str) -> nn.Linear:
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"adapter {adapter}: the base model has no linear layer {name!r} (found "
-                f"{type(module).__name__ if module is not None else 'nothing'}; another base model?)"
-            )
-        return module
+    def __enter__(self) -> AdapterBank:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor) -> Tensor:
         """The logits of each sequence under its own adapter (``index[n]``, in adapter order)."""
@@ -259,17 +269,8 @@ class AdapterBank:
         modules = dict(self.model.named_modules())
         for name, weight in self._pristine.items():
             with torch.no_grad():
-                modules[name].weight.copy_(weight)
+                _linear(modules, name, "restore").weight.copy_(weight)
         self._pristine.clear()
-
-
-@contextmanager
-def adapter_bank(model: nn.Module, adapters: Sequence[LoadedAdapter]) -> Iterator[AdapterBank]:
-    bank = AdapterBank(model, adapters)
-    try:
-        yield bank
-    finally:
-        bank.close()
 
 
 @torch.no_grad()
@@ -281,29 +282,35 @@ def evaluate_many(
     batch_size: int = 64,
 ) -> list[EvalResult]:
     """Loss and exact match of adapter ``k`` on ``data`` for every job ``(k, data)``, all jobs'
-    sequences mixed into shared batches (sorted by length, so little is padded).
+    sequences mixed into shared batches (sorted by length, so little is padded); adapters over
+    different FedEx-LoRA residuals are evaluated in one bank per residual.
 
     The same numbers as loading each adapter with PEFT and calling :func:`client.train.evaluate`."""
-    pairs = [(j, k, e) for j, (k, data) in enumerate(jobs) for e in data]
     for j, (k, _) in enumerate(jobs):
         if not 0 <= k < len(adapters):
             raise ValueError(f"job {j} names adapter {k}; there are {len(adapters)}")
-    pairs.sort(key=lambda p: len(p[2].input_ids))
+    groups: dict[bytes | None, list[int]] = {}  # one bank per FedEx-LoRA residual (base weights)
+    for k, adapter in enumerate(adapters):
+        groups.setdefault(adapter.base_delta, []).append(k)
     loss = torch.zeros(len(jobs), dtype=torch.float64)
     hits = torch.zeros(len(jobs), dtype=torch.long)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        with adapter_bank(model, adapters) as bank:
-            for i in range(0, len(pairs), batch_size):
-                chunk = pairs[i : i + batch_size]
-                batch = {k: v.to(device) for k, v in collate([p[2] for p in chunk], pad_id).items()}
-                index = torch.tensor([p[1] for p in chunk], device=device)
-                logits = bank.logits(batch["input_ids"], batch["attention_mask"], index)
-                job = torch.tensor([p[0] for p in chunk])
-                loss.index_add_(0, job, per_sequence_loss(logits, batch["labels"]).double().cpu())
-                hits.index_add_(0, job, exact_matches(logits, batch["labels"]).long().cpu())
+        for members in groups.values():
+            slot = {k: i for i, k in enumerate(members)}  # adapter -> its place in this bank
+            pairs = [(j, slot[k], e) for j, (k, data) in enumerate(jobs) if k in slot for e in data]
+            pairs.sort(key=lambda p: len(p[2].input_ids))
+            with AdapterBank(model, [adapters[k] for k in members]) as bank:
+                for i in range(0, len(pairs), batch_size):
+                    chunk = pairs[i : i + batch_size]
+                    batch = {k: v.to(device) for k, v in collate([p[2] for p in chunk], pad_id).items()}
+                    index = torch.tensor([p[1] for p in chunk], device=device)
+                    logits = bank.logits(batch["input_ids"], batch["attention_mask"], index)
+                    job = torch.tensor([p[0] for p in chunk])
+                    loss.index_add_(0, job, per_sequence_loss(logits, batch["labels"]).double().cpu())
+                    hits.index_add_(0, job, exact_matches(logits, batch["labels"]).long().cpu())
     finally:
         model.train(was_training)
     out = []

@@ -46,6 +46,7 @@ from client.model import (
     load_adapter,
     load_base_model,
     load_tokenizer,
+    max_positions,
     save_adapter,
     set_base_deltas,
     set_trainable_factors,
@@ -369,7 +370,7 @@ def personalize(
         tokenizer = load_tokenizer(model_dir)
         model = _load_model(global_dir, model_dir)
         pad = int(tokenizer.pad_token_id)
-        max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        max_len = max_positions(model)
         train_data, test_data = encode(tokenizer, train_ex, max_len), encode(tokenizer, test_ex, max_len)
         before = evaluate(model, test_data, pad)
         settings = TrainSettings(

@@ -372,19 +372,10 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps({"scores": [asdict(s) for s in result.scores], "skipped": result.skipped}, indent=2))
         return 0
-    for s in result.scores:
-        console.print(
-            f"{s.name:<40} v{s.version:<3} exact match {s.exact_match:.3f}  loss {s.loss:.4f}",
-            markup=False,
-            highlight=False,
-        )
-    for reason in result.skipped:
-        console.print(f"skipped {reason}", markup=False, highlight=False)
-    console.print(
-        f"{len(result.scores)} adapters x {len(examples)} examples in one batched pass, {result.seconds:.1f} s",
-        markup=False,
-        highlight=False,
-    )
+    lines = [f"{s.name:<40} v{s.version:<3} exact match {s.exact_match:.3f}  loss {s.loss:.4f}" for s in result.scores]
+    lines += [f"skipped {reason}" for reason in result.skipped]
+    lines.append(f"{len(result.scores)} adapters x {len(examples)} examples, one batched pass, {result.seconds:.1f} s")
+    console.print("\n".join(lines), markup=False, highlight=False)
     return 0
 
 

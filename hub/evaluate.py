@@ -67,8 +67,8 @@ def evaluate_prefix(
     """Fetch (verified) the latest adapter of every name under ``prefix`` made for the local base
     model and score them all on ``examples``."""
     from client.data import encode
-    from client.model import load_base_model, load_tokenizer
-    from client.multi_adapter import LoadedAdapter, evaluate_many
+    from client.model import load_base_model, load_tokenizer, max_positions
+    from client.multi_adapter import LoadedAdapter, check_fits, evaluate_many
     from hub.manifest import describe_base_model
 
     if not examples:
@@ -101,25 +101,22 @@ def evaluate_prefix(
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise ValueError(f"the hub has no adapters under {prefix!r} to evaluate for this base model{why}")
     tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
-    data = encode(tokenizer, examples, int(getattr(model.config, "max_position_embeddings", 2048)))
-    # adapters over different FedEx-LoRA residuals (different base weights) go in separate batches
-    groups: dict[bytes | None, list[tuple[str, int, LoadedAdapter]]] = {}
-    for entry in adapters:
-        groups.setdefault(entry[2].base_delta, []).append(entry)
-    scores = []
-    for group in groups.values():
+    fitting = []
+    for name, version, adapter in adapters:
         try:
-            results = evaluate_many(
-                model, [a for _, _, a in group], [(k, data) for k in range(len(group))], int(tokenizer.pad_token_id),
-                batch_size,
-            )  # fmt: skip
-        except (ValueError, RuntimeError) as err:  # e.g. a residual that does not fit: this group only
-            skipped += [f"{name} v{version}: {err}" for name, version, _ in group]
-            continue
-        scores += [
-            AdapterScore(name, version, res.exact_match, res.loss, res.num_examples)
-            for (name, version, _), res in zip(group, results, strict=True)
-        ]
+            check_fits(model, adapter)  # e.g. a FedEx residual for other modules: skipped, not fatal
+            fitting.append((name, version, adapter))
+        except ValueError as err:
+            skipped.append(f"{name} v{version}: {err}")
+    data = encode(tokenizer, examples, max_positions(model))
+    results = evaluate_many(
+        model, [a for _, _, a in fitting], [(k, data) for k in range(len(fitting))], int(tokenizer.pad_token_id),
+        batch_size,
+    ) if fitting else []  # fmt: skip
+    scores = [
+        AdapterScore(name, version, res.exact_match, res.loss, res.num_examples)
+        for (name, version, _), res in zip(fitting, results, strict=True)
+    ]
     if not scores:
         raise ValueError(f"no adapter under {prefix!r} could be evaluated: {'; '.join(skipped)}")
     scores.sort(key=lambda s: (-s.exact_match, s.loss, s.name))

@@ -14,7 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from client.data import Encoded, encode
-from client.model import set_adapter_state, set_base_deltas
+from client.model import max_positions, set_adapter_state, set_base_deltas
 from client.train import evaluate
 from simulations.tasks import Example
 from strategies.algorithms import adapter_part, base_deltas
@@ -28,7 +28,7 @@ class ServerEvaluator:
     ) -> None:
         self.model = model
         self.pad = int(tokenizer.pad_token_id)
-        max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        max_len = max_positions(model)
         self.sets: dict[str, list[Encoded]] = {t: encode(tokenizer, ex, max_len) for t, ex in sets.items() if ex}
         self.pristine: dict[str, Tensor] = {}
 

@@ -19,7 +19,7 @@ import torch
 from client.data import Encoded, collate, encode
 from client.datasets import client_examples
 from client.federation import FederationConfig
-from client.model import load_base_model, load_tokenizer, save_adapter, wrap_lora
+from client.model import load_base_model, load_tokenizer, max_positions, save_adapter, wrap_lora
 from client.train import TrainSettings, batches, evaluate, train
 from privacy.accounting import compute_epsilon
 from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
@@ -39,7 +39,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
     tokenizer = load_tokenizer(model_dir)
     model = wrap_lora(load_base_model(model_dir, "cpu"), cfg.lora_settings(cfg.lora_rank, alpha))
-    max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+    max_len = max_positions(model)
     pad = int(tokenizer.pad_token_id)
     train_ex, tests = [], []
     for p in range(cfg.num_clients):

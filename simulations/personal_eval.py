@@ -37,7 +37,7 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     from client.data import encode
     from client.datasets import client_examples
     from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-    from client.model import load_base_model, load_tokenizer
+    from client.model import load_base_model, load_tokenizer, max_positions
     from client.multi_adapter import LoadedAdapter, evaluate_many
     from hub.manifest import read_adapter_dir
 
@@ -51,7 +51,7 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     started = time.perf_counter()
     model_dir = cfg.model_dir or None
     tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
-    max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+    max_len = max_positions(model)
     clients = list(personal)
     tests = [encode(tokenizer, client_examples(cfg, p)[1], max_len) for p in clients]
     names, adapters = [], []

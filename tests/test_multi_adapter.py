@@ -81,9 +81,7 @@ def test_batched_evaluation_equals_peft_one_adapter_at_a_time(tmp_path: Path, da
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
-def test_a_shared_fedex_residual_is_folded_in_and_different_ones_are_refused(
-    tmp_path: Path, data: tuple[list, list]
-) -> None:
+def test_fedex_residuals_are_folded_in_one_bank_per_residual(tmp_path: Path, data: tuple[list, list]) -> None:
     base = load_base_model()
     name = "base_model.model.model.layers.1.self_attn.v_proj"
     w = base.model.layers[1].self_attn.v_proj.weight
@@ -95,9 +93,17 @@ def test_a_shared_fedex_residual_is_folded_in_and_different_ones_are_refused(
         loss, em = _one_by_one(path, data[0], delta)
         assert res.loss == pytest.approx(loss, rel=1e-5) and res.exact_match == em
     assert torch.equal(base.model.layers[1].self_attn.v_proj.weight, w)  # the residual was taken out again
-    other = _adapter(tmp_path, 5, SETTINGS[0], {name: delta[name] * 2})
+    # another residual: one bank cannot hold it, evaluate_many gives it a bank of its own
+    other_delta = {name: delta[name] * 2}
+    other = _adapter(tmp_path, 5, SETTINGS[0], other_delta)
+    mixed = [*adapters, LoadedAdapter.from_files("other", read_adapter_dir(other))]
     with pytest.raises(ValueError, match="different base weights"):
-        AdapterBank(base, [*adapters, LoadedAdapter.from_files("other", read_adapter_dir(other))])
+        AdapterBank(base, mixed)
+    results = evaluate_many(base, mixed, [(k, data[0]) for k in range(3)], pad_id=0)
+    for path, d, res in zip([*paths, other], [delta, delta, other_delta], results, strict=True):
+        loss, em = _one_by_one(path, data[0], d)
+        assert res.loss == pytest.approx(loss, rel=1e-5) and res.exact_match == em
+    assert len({round(r.loss, 4) for r in results}) == 3
 
 
 def test_adapters_of_another_model_and_bad_jobs_are_refused(tmp_path: Path, data: tuple[list, list]) -> None:

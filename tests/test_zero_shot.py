@@ -137,27 +137,21 @@ def test_the_same_request_returns_the_stored_adapter(hub: Hub) -> None:
 def test_concurrent_identical_requests_generate_once(hub: Hub) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    def ask(_: int) -> dict[str, object]:
-        with hub.client(hub.alice) as c:
-            return c.generate("sort the digits in ascending order please", "icm-lora")
-
-    with ThreadPoolExecutor(8) as pool:
-        records = list(pool.map(ask, range(8)))
-    assert len({(r["name"], r["version"]) for r in records}) == 1
-    with hub.client(hub.operator) as c:
-        assert c.versions(str(records[0]["name"])) == [1]
-    # two worker processes on the same hub directory: still one generation per request
-    with HubServer(hub.dir.root, hub.root / "workers.log", workers=2) as two:
-
-        def ask_two(_: int) -> dict[str, object]:
-            with HubClient(two.url, hub.alice, hub.key) as c:
-                return c.generate("sort the digits descending, as two workers", "sg-lora")
+    def versions_after_8_identical(url: str, description: str, method: str) -> list[int]:
+        def ask(_: int) -> dict[str, object]:
+            with HubClient(url, hub.alice, hub.key) as c:
+                return c.generate(description, method)
 
         with ThreadPoolExecutor(8) as pool:
-            records = list(pool.map(ask_two, range(8)))
-    assert len({(r["name"], r["version"]) for r in records}) == 1
-    with hub.client(hub.operator) as c:
-        assert c.versions(str(records[0]["name"])) == [1]
+            records = list(pool.map(ask, range(8)))
+        assert len({(r["name"], r["version"]) for r in records}) == 1
+        with hub.client(hub.operator) as c:
+            return c.versions(str(records[0]["name"]))
+
+    assert versions_after_8_identical(hub.server.url, "sort the digits in ascending order please", "icm-lora") == [1]
+    # two worker processes on the same hub directory: still one generation per request
+    with HubServer(hub.dir.root, hub.root / "workers.log", workers=2) as two:
+        assert versions_after_8_identical(two.url, "sort the digits descending, as two workers", "sg-lora") == [1]
 
 
 @pytest.mark.parametrize(

@@ -173,8 +173,10 @@ def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example])
     token of each ``prompt + completion``, averaged over the examples (hidden_size,)."""
     if not examples:
         raise ValueError("a hidden-state task vector needs at least one example")
+    from client.model import max_positions  # transformers and PEFT: only for requests with examples
+
     texts = [e.prompt + e.completion for e in examples]
-    max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+    max_len = max_positions(model)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_len] for t in texts]
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     width = max(len(i) for i in ids)

@@ -24,6 +24,7 @@ from client.model import (
     load_base_model,
     load_tokenizer,
     lora_settings_dict,
+    max_positions,
     save_adapter,
     set_adapter_state,
     wrap_lora,
@@ -97,7 +98,7 @@ class ExpertTrainer:
         self.pad = int(self.tokenizer.pad_token_id)
         self.model = wrap_lora(load_base_model(self.model_dir), cfg.lora)
         self.initial = get_adapter_state(self.model)
-        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_len = max_positions(self.model)
 
     def encoded(self, task: Task, split: str, n: int) -> list[Any]:
         return encode(self.tokenizer, task.examples(n, self.cfg.seed, split), self.max_len)
