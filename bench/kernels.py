@@ -58,9 +58,10 @@ def ghost_norms(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tens
     return norm_a + norm_b
 
 
-def dp_step_times() -> tuple[float, float]:
+def dp_step_times() -> tuple[float, float, float]:
     """Median seconds of one private step (zero_grad, forward, backward, optimizer step) through
-    ``privacy.dp.dp_sgd``: the fused engine against Opacus' hooks (same model, batch, C, sigma)."""
+    ``privacy.dp.dp_sgd``: the fused engine and Opacus' hooks (same model, batch, C, sigma), and
+    of the same step without DP (what neither engine can make faster)."""
     import copy
 
     from client.data import collate, encode, per_sequence_loss
@@ -72,21 +73,27 @@ def dp_step_times() -> tuple[float, float]:
     model = wrap_lora(load_base_model(), LoraSettings(rank=8))
     data = encode(tok, get_task("rotate-1").examples(64, 0), 64)
     batch = collate(data[:32], int(tok.pad_token_id))
-    times: dict[str, list[float]] = {"opacus": [], "fused": []}
-    for engine in ("opacus", "fused", "opacus", "fused"):
+
+    def step_of(m: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_sequence_loss(logits, batch["labels"]).mean().backward()
+            opt.step()
+
+        return step
+
+    times: dict[str, list[float]] = {"opacus": [], "fused": [], "plain": []}
+    for engine in ("opacus", "fused", "plain", "opacus", "fused", "plain"):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
+        if engine == "plain":
+            times[engine].append(timed(step_of(m, opt), repeat=15))
+            continue
         config = DPSGDConfig(1.0, 1.0, engine)  # type: ignore[arg-type]
         with dp_sgd(m, opt, data, lambda b: collate(b, 0), 32, config, seed=0) as pt:
-
-            def step() -> None:
-                pt.optimizer.zero_grad(set_to_none=True)
-                logits = pt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                per_sequence_loss(logits, batch["labels"]).mean().backward()
-                pt.optimizer.step()
-
-            times[engine].append(timed(step, repeat=15))
-    return min(times["fused"]), min(times["opacus"])
+            times[engine].append(timed(step_of(pt.model, pt.optimizer), repeat=15))
+    return min(times["fused"]), min(times["opacus"]), min(times["plain"])
 
 
 def batched_eval_times(adapters: int = 64, per_adapter: int = 8) -> tuple[float, float]:
@@ -193,10 +200,10 @@ def main() -> int:
     mat = timed(lambda: lora_per_sample_sq_norms(x, g, a, b, s))
     ghost = timed(lambda: ghost_norms(x, g, a, b, s))
     print(f"per-sample norms, N=32 T=64 d={d} r={r}: materialised {1e3 * mat:.3f} ms, ghost {1e3 * ghost:.3f} ms")
-    fused_s, opacus_s = dp_step_times()
+    fused_s, opacus_s, plain_s = dp_step_times()
     print(
         f"DP-SGD step, embedded model, LoRA r=8 all-linear, batch 32: fused {1e3 * fused_s:.1f} ms, "
-        f"Opacus {1e3 * opacus_s:.1f} ms"
+        f"Opacus {1e3 * opacus_s:.1f} ms (without DP {1e3 * plain_s:.1f} ms)"
     )
     print(f"ratio materialised_over_ghost_norms_speed = {ghost / mat:.3f}")
     print(f"ratio batched_eval_over_loop_speed = {loop_s / batched_s:.3f}")
