@@ -36,7 +36,7 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 pretrain: install
-	$(PY) -m simulations.pretrain --out simulations/embedded/base-model
+	$(PY) -m fedlora.simulations.pretrain --out fedlora/core/embedded/base-model
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

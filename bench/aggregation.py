@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from procmem import reset_peak, status_mb
 
-from strategies import (
+from fedlora.strategies import (
     ErrorSketch,
     FactorSumAccumulator,
     ProductSumAccumulator,

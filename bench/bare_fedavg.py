@@ -2,13 +2,13 @@
 
 A ServerApp running Flower's stock ``flwr.serverapp.strategy.FedAvg`` on the LoRA adapter of
 the embedded model, and a ClientApp that trains and evaluates that adapter with the project's
-own building blocks (``client.model``, ``client.data``, ``client.train``): same model, LoRA
+own building blocks (``fedlora.core.model``, ``fedlora.core.data``, ``fedlora.core.train``): same model, LoRA
 settings, optimiser, local steps, batch size and kind of data (one embedded task per
 partition) as fedlora's ``fedavg-lora`` client, without anything else (no run directory,
 checkpoints, validation, privacy or audit). Model and data are cached per worker process, as
 fedlora's client does, with one torch thread.
 
-Run it through ``simulations.runner`` with components ``bare_fedavg:server_app`` and
+Run it through ``fedlora.core.flower_runner`` with components ``bare_fedavg:server_app`` and
 ``bare_fedavg:client_app``, ``pythonpath=(bench/,)`` and :data:`DEFAULT_CONFIG`.
 """
 
@@ -22,8 +22,8 @@ from flwr.serverapp.strategy import FedAvg
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from client.data import DataSpec, Encoded, encode
-from client.model import (
+from fedlora.core.data import DataSpec, Encoded, encode
+from fedlora.core.model import (
     LoraSettings,
     get_adapter_state,
     load_base_model,
@@ -31,7 +31,7 @@ from client.model import (
     set_adapter_state,
     wrap_lora,
 )
-from client.train import TrainSettings, evaluate, train
+from fedlora.core.train import TrainSettings, evaluate, train
 
 #: the run config of the bare app (fedlora's fedavg-lora defaults for lr, rank and alpha)
 DEFAULT_CONFIG: dict[str, bool | int | float | str] = {

@@ -39,7 +39,7 @@ LoRA r = 8 on all linear layers), every process on 127.0.0.1:
 
 Every process the benchmark starts gets its own process group (killed by group on timeout,
 error or exit: ``finally`` and ``atexit``) and the run's env tag, which the teardown sweep
-and ``simulations.runner``'s reaper (a watchdog for when this process is killed outright)
+and ``fedlora.core.flower_runner``'s reaper (a watchdog for when this process is killed outright)
 use to find anything left over. The same quiet-machine check and CPU/memory sampler as
 ``bench/sim_scale.py``.
 """
@@ -73,7 +73,7 @@ sys.path.insert(0, str(REPO))
 import sim_scale  # noqa: E402
 from sim_scale import QUIET, TAG_VAR, MemorySampler, wait_until_quiet  # noqa: E402
 
-from simulations.runner import (  # noqa: E402
+from fedlora.core.flower_runner import (  # noqa: E402
     CONNECTION,
     RUN_TAG_VAR,
     SimulationError,

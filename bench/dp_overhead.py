@@ -12,7 +12,7 @@ Two models, both wrapped with LoRA r = 8 on all linear layers, 1 torch thread, b
 - a ~19M-parameter ``LlamaForCausalLM`` built from a ``LlamaConfig`` with random weights
   (the embedded model's 259-token byte vocabulary, hidden 384, 8 layers, MLP 1536, 6 heads).
 
-Every step goes through ``client.train.train``; DP-SGD wraps it with ``privacy.dp.dp_sgd`` as
+Every step goes through ``fedlora.core.train.train``; DP-SGD wraps it with ``fedlora.privacy.dp.dp_sgd`` as
 the client does (``client/app.py::_train_private``: AdamW, constant lr, no extra clipping).
 Plain LoRA is ``train`` as the non-DP client runs it (AdamW, global-norm clipping at 1.0).
 Two figures per mode:
@@ -67,11 +67,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from procmem import reset_peak, status_mb
 
-from client.data import Encoded, collate, encode
-from client.model import Factors, LoraSettings, load_base_model, load_tokenizer, wrap_lora
-from client.train import TrainSettings, batches, train
-from privacy.dp import DPSGDConfig, dp_sgd
-from simulations.tasks import get_task
+from fedlora.core.data import Encoded, collate, encode
+from fedlora.core.model import Factors, LoraSettings, load_base_model, load_tokenizer, wrap_lora
+from fedlora.core.tasks import get_task
+from fedlora.core.train import TrainSettings, batches, train
+from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 
 BATCH = 32
 NUM_EXAMPLES = 512
@@ -93,7 +93,7 @@ def build(kind: str, trainable: Factors) -> tuple[torch.nn.Module, list[Encoded]
     if kind == "embedded":
         base: Any = load_base_model()
     else:
-        from simulations.pretrain import make_model
+        from fedlora.simulations.pretrain import make_model
 
         base = make_model(len(tokenizer), seed=0, hidden=384, intermediate=1536, layers=8, heads=6)
     base_params = sum(p.numel() for p in base.parameters())
@@ -146,7 +146,7 @@ def run_block(
     seed: int,
     fixed: list[dict[str, torch.Tensor]] | None,
 ) -> Stamped:
-    """``steps`` training steps in ``mode`` through ``client.train.train``.
+    """``steps`` training steps in ``mode`` through ``fedlora.core.train.train``.
 
     ``fixed`` given: cycle through those batches; otherwise each mode's own batches.
     """

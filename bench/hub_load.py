@@ -314,10 +314,13 @@ def connections_per_worker(server: Server) -> list[int]:
 def fl_hub_command(src: Path | None = None) -> list[str]:
     """``fl-hub``; with ``src``, the ``hub`` package in that directory instead of the installed one."""
     if src is not None:
-        code = f"import sys; sys.path.insert(0, {str(src.resolve())!r}); from hub.cli import main; sys.exit(main())"
+        code = (
+            f"import sys; sys.path.insert(0, {str(src.resolve())!r}); "
+            "from fedlora.hub.cli import main; sys.exit(main())"
+        )
         return [sys.executable, "-c", code]
     exe = Path(sys.executable).parent / "fl-hub"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "hub.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedlora.hub.cli"]
 
 
 def fl_hub(*args: str) -> str:
@@ -337,7 +340,7 @@ def make_adapter(target_bytes: float) -> tuple[dict[str, bytes], int]:
     import numpy as np
     from safetensors.numpy import save
 
-    from simulations.embedded import default_model_dir
+    from fedlora.core.embedded import default_model_dir
 
     config = json.loads((default_model_dir() / "config.json").read_text())
     hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -526,7 +529,7 @@ class Target:
 async def run_load(
     target: Target, server: Server, clients: int, warmup: float, seconds: float, verify_every: int
 ) -> Window:
-    from hub.manifest import VerificationError, verify_file, verify_record
+    from fedlora.hub.sdk.manifest import VerificationError, verify_file, verify_record
 
     loop = asyncio.get_running_loop()
     window = Window(target.kind, server.workers)
@@ -717,8 +720,8 @@ def combine(windows: list[Window]) -> Figures:
 
 def client_pulls(urls: dict[str, str], token: str, key_path: Path, workdir: Path, count: int) -> dict[str, list[float]]:
     """``count`` timed ``HubClient.pull`` calls per server, alternating between the servers."""
-    from hub.client import HubClient
-    from hub.manifest import load_public_key
+    from fedlora.hub.sdk.client import HubClient
+    from fedlora.hub.sdk.manifest import load_public_key
 
     key = load_public_key(key_path)
     clients = {kind: HubClient(url, token, key) for kind, url in urls.items()}
@@ -756,8 +759,8 @@ def publish_and_snapshot(
     """Publish the adapter on the hub; save the hub's record bytes and blobs for the bare app."""
     import httpx
 
-    from hub.client import HubClient
-    from hub.manifest import describe_base_model, load_public_key
+    from fedlora.hub.sdk.client import HubClient
+    from fedlora.hub.sdk.manifest import describe_base_model, load_public_key
 
     key = load_public_key(hub_dir / "hub.pub")
     provenance = {"base_model": describe_base_model().__dict__, "producer": "bench/hub_load.py"}
@@ -777,7 +780,7 @@ def publish_and_snapshot(
 
 
 def run(args: argparse.Namespace, workdir: Path) -> tuple[list[str], bool]:
-    from hub.manifest import load_public_key
+    from fedlora.hub.sdk.manifest import load_public_key
 
     started = time.strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()

@@ -3,11 +3,11 @@
 - the gathered multi-adapter matmul (a batch of 128 sequences over 64 adapters, one adapter per
   sequence) against a loop over the adapters, at T = 8..64 (goal: >= 1.2x at every T >= 16);
 - evaluating 64 personal adapters on their own examples with the embedded model: one batched
-  pass (:func:`client.multi_adapter.evaluate_many`) against loading each into PEFT in turn;
+  pass (:func:`fedlora.core.multi_adapter.evaluate_many`) against loading each into PEFT in turn;
 - per-sample squared gradient norms of a LoRA layer: materialised per-sample gradients (the
   op) against ghost (Gram-matrix) norms, which cost ~T/r more arithmetic for LoRA shapes;
 - one DP-SGD step (zero_grad, forward, backward, optimizer step) on the embedded model with
-  LoRA r=8 on all linear layers, batch 32, through ``privacy.dp.dp_sgd``: ``dp.engine = fused``
+  LoRA r=8 on all linear layers, batch 32, through ``fedlora.privacy.dp.dp_sgd``: ``dp.engine = fused``
   against ``opacus`` (goal: >= parity).
 
 Run: ``python bench/kernels.py``; the last lines are the ratios (> 1: the first named is faster).
@@ -36,8 +36,8 @@ import torch
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.multi_adapter import lora_gathered
-from privacy.kernels import lora_per_sample_sq_norms
+from fedlora.core.multi_adapter import lora_gathered
+from fedlora.privacy.kernels import lora_per_sample_sq_norms
 
 
 def timed(fn: Callable[[], object], repeat: int = 30) -> float:
@@ -60,14 +60,14 @@ def ghost_norms(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 def dp_step_times() -> tuple[float, float, float]:
     """Median seconds of one private step (zero_grad, forward, backward, optimizer step) through
-    ``privacy.dp.dp_sgd``: the fused engine and Opacus' hooks (same model, batch, C, sigma), and
+    ``fedlora.privacy.dp.dp_sgd``: the fused engine and Opacus' hooks (same model, batch, C, sigma), and
     of the same step without DP (what neither engine can make faster)."""
     import copy
 
-    from client.data import collate, encode, per_sequence_loss
-    from client.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
-    from privacy.dp import DPSGDConfig, dp_sgd
-    from simulations.tasks import get_task
+    from fedlora.core.data import collate, encode, per_sequence_loss
+    from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
+    from fedlora.core.tasks import get_task
+    from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 
     tok = load_tokenizer()
     model = wrap_lora(load_base_model(), LoraSettings(rank=8))
@@ -101,8 +101,8 @@ def batched_eval_times(adapters: int = 64, per_adapter: int = 8) -> tuple[float,
     ``per_adapter`` test examples each: one batched pass against loading each into PEFT in turn."""
     import tempfile
 
-    from client.data import encode
-    from client.model import (
+    from fedlora.core.data import encode
+    from fedlora.core.model import (
         LoraSettings,
         get_adapter_state,
         load_base_model,
@@ -111,10 +111,10 @@ def batched_eval_times(adapters: int = 64, per_adapter: int = 8) -> tuple[float,
         set_adapter_state,
         wrap_lora,
     )
-    from client.multi_adapter import LoadedAdapter, evaluate_many
-    from client.train import evaluate
-    from hub.manifest import read_adapter_dir
-    from simulations.tasks import get_task
+    from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
+    from fedlora.core.tasks import get_task
+    from fedlora.core.train import evaluate
+    from fedlora.hub.sdk.manifest import read_adapter_dir
 
     tok = load_tokenizer()
     peft_model = wrap_lora(load_base_model(), LoraSettings(rank=8))

@@ -1,8 +1,8 @@
 """Learning-rate sweep: every strategy at every rate of its grid, as a real federated run.
 
-Each cell is one run of our real Flower server and client apps (``server.app:app``,
-``client.app:app``) on a private SuperLink with Ray simulation, through
-:func:`simulations.runner.run_simulation_app`; the numbers come from the run's own
+Each cell is one run of our real Flower server and client apps (``fedlora.server.app:app``,
+``fedlora.client.app:app``) on a private SuperLink with Ray simulation, through
+:func:`fedlora.core.flower_runner.run_simulation_app`; the numbers come from the run's own
 ``metrics.jsonl``. This is the sweep behind the per-strategy defaults in
 ``strategies/algorithms.py`` (``AlgorithmDefaults``): frozen-factor methods (FFA-LoRA, FedSVD,
 RoLoRA's half-rounds) move only one factor, so their grid starts at plain LoRA's rate and
@@ -45,9 +45,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-from simulations.runner import SimulationError, SimulationRequest, run_simulation_app
-from strategies.algorithms import ALGORITHMS
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.flower_runner import SimulationError, SimulationRequest, run_simulation_app
+from fedlora.strategies.algorithms import ALGORITHMS
 
 PLAIN_GRID = (1e-3, 3e-3, 1e-2)
 FROZEN_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -160,7 +160,7 @@ def run_one(settings: Settings, strategy: str, lr: float, seed: int, workroot: P
     cell = workroot / f"{strategy}_lr{lr:g}_seed{seed}"
     run_dir = cell / "run"
     request = SimulationRequest(
-        components=("server.app:app", "client.app:app"),
+        components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=settings.overrides(strategy, lr, seed, run_dir),
@@ -192,9 +192,9 @@ def baseline(settings: Settings, seeds: Sequence[int]) -> dict[int, tuple[float,
     """
     import torch
 
-    from client.data import encode
-    from client.model import load_base_model, load_tokenizer, wrap_lora
-    from client.train import evaluate
+    from fedlora.core.data import encode
+    from fedlora.core.model import load_base_model, load_tokenizer, wrap_lora
+    from fedlora.core.train import evaluate
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer()

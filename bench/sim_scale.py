@@ -4,14 +4,14 @@ Run ``python bench/sim_scale.py`` (sizes 10, 1,000 and 10,000; several minutes) 
 (sizes 10 and 100, a smoke check). Absolute figures first, then ``peak_mb_10000 = <value>``
 and one ``ratio round_time_ours_vs_bare_<N> = <value>`` line per size, ratios last.
 
-What runs: for every N, two Flower simulations through ``simulations.runner`` (a private
+What runs: for every N, two Flower simulations through ``fedlora.core.flower_runner`` (a private
 SuperLink on 127.0.0.1, Flower's simulation runtime on Ray, 2 actors of 1 CPU each on two
 cores), each with N virtual clients of which 10 are sampled per round for training and 10
 for evaluation (fraction-train = fraction-evaluate = 10 / N, at least 1 reply), 3 rounds,
 the embedded tiny model with LoRA r = 8, 5 local steps of batch 16 on 32 training and 16
 test examples per client, no DP:
 
-- ours: fedlora's ServerApp / ClientApp (``server.app:app``, ``client.app:app``) with
+- ours: fedlora's ServerApp / ClientApp (``fedlora.server.app:app``, ``fedlora.client.app:app``) with
   strategy fedavg-lora, an IID split of the embedded tasks (when the run config has the
   partition key), a run directory in a temporary directory;
 - bare: ``bench/bare_fedavg.py``, stock ``flwr.serverapp.strategy.FedAvg`` and a minimal
@@ -70,7 +70,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from simulations.runner import SimulationOutcome, SimulationRequest, run_simulation_app  # noqa: E402
+from fedlora.core.flower_runner import SimulationOutcome, SimulationRequest, run_simulation_app  # noqa: E402
 
 TAG_VAR = "FEDLORA_BENCH_TAG"
 SAMPLED = 10  # clients sampled per round, for training and for evaluation
@@ -93,7 +93,7 @@ def import_app_module(name: str, attempts: int = 5, wait: float = 60.0) -> Modul
     for attempt in range(attempts):
         stale = [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES or m.startswith("simulations.")]
         for mod in stale:
-            if mod != "simulations.runner":  # ours, and in use
+            if mod != "fedlora.core.flower_runner":  # ours, and in use
                 del sys.modules[mod]
         try:
             return importlib.import_module(name)
@@ -335,7 +335,7 @@ class RunResult:
 def ours_request(
     n: int, rounds: int, workdir: Path, tmp: Path, tag: str, extra: Mapping[str, str] | None = None
 ) -> SimulationRequest:
-    federation = import_app_module("client.federation")
+    federation = import_app_module("fedlora.core.config")
     defaults: Mapping[str, Any] = federation.DEFAULT_RUN_CONFIG
     overrides: dict[str, bool | int | float | str] = {
         "num-clients": n,
@@ -357,7 +357,9 @@ def ours_request(
         elif isinstance(default, int | float):
             value = type(default)(text)
         overrides[key] = value
-    return _request(("server.app:app", "client.app:app"), "fedlora-sim-scale", defaults, overrides, n, workdir, tag)
+    return _request(
+        ("fedlora.server.app:app", "fedlora.client.app:app"), "fedlora-sim-scale", defaults, overrides, n, workdir, tag
+    )
 
 
 def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> SimulationRequest:

@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.data import IGNORE_INDEX, collate, exact_matches
-from hub.generators.base import Generator, generator_class
-from hub.generators.cvae import CVAESettings
-from hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
-from hub.generators.library import ExpertLibrary, Layout
-from hub.generators.sg_lora import SGLoRA
-from hub.manifest import describe_base_model
-from simulations.tasks import HELD_OUT_TASKS, Task, get_task
+from fedlora.core.data import IGNORE_INDEX, collate, exact_matches
+from fedlora.core.tasks import HELD_OUT_TASKS, Task, get_task
+from fedlora.hub.generators.base import Generator, generator_class
+from fedlora.hub.generators.cvae import CVAESettings
+from fedlora.hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
+from fedlora.hub.generators.library import ExpertLibrary, Layout
+from fedlora.hub.generators.sg_lora import SGLoRA
+from fedlora.hub.sdk.manifest import describe_base_model
 
 NEGATIVE_CONTROL = "swap"
 #: seen tasks described in words none of the library's descriptions use: a device that knows

@@ -25,11 +25,12 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from client.data import Encoded, collate, encode
-from client.datasets import client_examples, node_examples
-from client.edge import ReplyContent, Request, app
-from client.federation import FederationConfig
-from client.model import (
+from fedlora.client.edge import ReplyContent, Request, app
+from fedlora.core.client_data import client_examples, node_examples
+from fedlora.core.config import FederationConfig
+from fedlora.core.data import Encoded, collate, encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import (
     Factors,
     get_adapter_state,
     load_base_model,
@@ -41,12 +42,11 @@ from client.model import (
     set_trainable_factors,
     wrap_lora,
 )
-from client.train import TrainResult, TrainSettings, evaluate, train
-from privacy.dp import DPSGDConfig, check_poisson_batches, dp_sgd, sample_rate
-from privacy.ledger import PrivacyLedger
-from privacy.planning import default_delta
-from simulations.embedded import default_model_dir
-from strategies.algorithms import (
+from fedlora.core.train import TrainResult, TrainSettings, evaluate, train
+from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, dp_sgd, sample_rate
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.planning import default_delta
+from fedlora.strategies.algorithms import (
     ALGORITHMS,
     BASE_DELTA_SUFFIX,
     adapter_part,
@@ -55,7 +55,7 @@ from strategies.algorithms import (
     truncate_for_client,
 )
 
-__all__ = ["app", "compute"]  # app: the same ClientApp deployed nodes run (client.edge), computing here
+__all__ = ["app", "compute"]  # app: the same ClientApp deployed nodes run (fedlora.client.edge), computing here
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def train_private(
     model: torch.nn.Module, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
 ) -> TrainResult:
     """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients
-    (a federated round here, a personalisation in :mod:`client.personalize`)."""
+    (a federated round here, a personalisation in :mod:`fedlora.client.personalize`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
@@ -357,17 +357,17 @@ def _personal_data_label(cfg: FederationConfig, node: Node) -> str:
 
 def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config: Mapping[str, Any]) -> ReplyContent:
     """The end of a run: fine-tune the final global adapter on this node's own split (DP-SGD
-    charged to its ledger in a DP run, see :mod:`client.personalize`), keep it, and publish it to
+    charged to its ledger in a DP run, see :mod:`fedlora.client.personalize`), keep it, and publish it to
     the node's own hub namespace when ``fl-client start --hub`` configured one.
 
     The personal adapter goes to ``<state-dir>/personal/<run>`` on a deployed node and to
     ``<run-dir>/personal/partition-<p>`` in simulation (where ``fl-sim --hub`` publishes it)."""
     import tempfile
 
-    from client.hub_commands import PERSONALIZE_FILE, personal_provenance
-    from client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
-    from hub.manifest import BASE_DELTA_FILE
-    from hub.names import check_segment
+    from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance
+    from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
+    from fedlora.hub.sdk.manifest import BASE_DELTA_FILE
+    from fedlora.hub.sdk.names import check_segment
 
     cfg, node = _node(context)
     # the run's name comes from the server and becomes a directory here: one plain path segment
@@ -433,9 +433,9 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
     status = None
     hub_url = str(context.node_config.get("hub-url") or "")
     if hub_url:  # the node publishes to its own namespace with its own token
-        from client.hub_commands import push_adapter
-        from hub.client import HubClient, HubRequestError, read_token
-        from hub.manifest import load_public_key
+        from fedlora.client.hub_commands import push_adapter
+        from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
+        from fedlora.hub.sdk.manifest import load_public_key
 
         key = str(context.node_config.get("hub-key") or "")
         try:

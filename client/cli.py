@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from client.hub_commands import (
+from fedlora.client.hub_commands import (
     add_personalize_parser,
     add_pull_parser,
     add_push_parser,
@@ -55,7 +55,7 @@ def _finetune_parser(sub: Any) -> None:
 
 
 def _finetune_config(args: argparse.Namespace) -> Any:
-    from client.finetune import FinetuneConfig
+    from fedlora.client.finetune import FinetuneConfig
 
     values: dict[str, Any] = {}
     if args.config is not None:
@@ -166,7 +166,7 @@ def _start_parser(sub: Any) -> None:
 def _keygen(args: argparse.Namespace, console: Console) -> int:
     import socket
 
-    from privacy.keys import fingerprint, load_node_public_key, write_node_keypair
+    from fedlora.core.pki import fingerprint, load_node_public_key, write_node_keypair
 
     try:
         private, public = write_node_keypair(args.out, args.name or socket.gethostname())
@@ -183,8 +183,8 @@ def _keygen(args: argparse.Namespace, console: Console) -> int:
 
 
 def _start(args: argparse.Namespace, console: Console) -> int:
-    from client.node import NodeError, NodeOptions, default_name, start
-    from privacy.keys import CertificateError
+    from fedlora.client.node import NodeError, NodeOptions, default_name, start
+    from fedlora.core.pki import CertificateError
 
     try:
         options = NodeOptions(
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("keygen", "start"):
         return {"keygen": _keygen, "start": _start}[args.command](args, Console(soft_wrap=True))
     if args.command in ("pull", "push", "personalize"):
-        from hub.client import HubRequestError
-        from hub.manifest import VerificationError
+        from fedlora.hub.sdk.client import HubRequestError
+        from fedlora.hub.sdk.manifest import VerificationError
 
         if args.command == "personalize":
             _quiet_libraries()
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     if args.command == "finetune":
         if args.list_tasks:
-            from simulations.tasks import TASKS
+            from fedlora.core.tasks import TASKS
 
             for t in TASKS.values():
                 console.print(f"{t.name:12s} {'held out ' if t.held_out else ''}{t.descriptions[0]}")
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _finetune_config(args)
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             return _fail(e)
-        from client.finetune import run
+        from fedlora.client.finetune import run
 
         try:
             run(cfg, console, progress=not args.quiet)

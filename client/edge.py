@@ -2,7 +2,7 @@
 
 Flower's deployment runtime starts a fresh client-app process for every message, and importing
 torch, transformers, PEFT and Opacus and loading the base model would cost seconds each time.
-``fl-client start`` keeps one trainer process warm (:mod:`client.trainer`, model loaded once,
+``fl-client start`` keeps one trainer process warm (:mod:`fedlora.client.trainer`, model loaded once,
 listening on a Unix socket in the node's state directory, owner only); this app imports only
 Flower and numpy, hands the message's arrays and config to the trainer and turns its answer
 into the reply. Without a trainer (``trainer`` absent from the node config, or its socket
@@ -103,11 +103,11 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     request = request_of(kind, msg, context)
     socket_path = str(context.node_config.get("trainer") or "")
     if socket_path and Path(socket_path).exists():
-        from client.trainer import ask
+        from fedlora.client.trainer import ask
 
         content = ask(socket_path, request)
     else:  # no warm trainer on this node: do the work here
-        from client.app import compute
+        from fedlora.client.app import compute
 
         content = compute(request)
     if kind == "train":
@@ -117,17 +117,17 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
 
 @app.train(mods=[client_level_clipping_mod])
 def train_handler(msg: Message, context: Context) -> Message:
-    """Local training: see :func:`client.app.train_reply`."""
+    """Local training: see :func:`fedlora.client.app.train_reply`."""
     return _handle("train", msg, context)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """The global adapter on this node's test split: see :func:`client.app.evaluate_reply`."""
+    """The global adapter on this node's test split: see :func:`fedlora.client.app.evaluate_reply`."""
     return _handle("evaluate", msg, context)
 
 
 @app.query("personalize")
 def personalize_handler(msg: Message, context: Context) -> Message:
-    """The end of a run (``personalize.steps`` > 0): see :func:`client.app.personalize_reply`."""
+    """The end of a run (``personalize.steps`` > 0): see :func:`fedlora.client.app.personalize_reply`."""
     return _handle("personalize", msg, context)

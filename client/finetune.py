@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from client.data import DataSpec, encode
-from client.model import (
+from fedlora.core.data import DataSpec, encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import (
     LoraSettings,
     from_mapping,
     load_base_model,
@@ -25,8 +26,7 @@ from client.model import (
     save_adapter,
     wrap_lora,
 )
-from client.train import EvalResult, TrainResult, TrainSettings, evaluate, train
-from simulations.embedded import default_model_dir
+from fedlora.core.train import EvalResult, TrainResult, TrainSettings, evaluate, train
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
-from hub.manifest import GENERATOR_METHODS
-from privacy.engines import ENGINES
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS
+from fedlora.privacy.engines import ENGINES
 
 
 def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True, hub_required: bool = True) -> None:
@@ -112,8 +112,8 @@ def add_personalize_parser(sub: Any) -> None:
 
 
 def connect(args: argparse.Namespace) -> Any:
-    from hub.client import HubClient, read_token
-    from hub.manifest import load_public_key
+    from fedlora.hub.sdk.client import HubClient, read_token
+    from fedlora.hub.sdk.manifest import load_public_key
 
     key = load_public_key(args.hub_key) if args.hub_key else None
     return HubClient(args.hub, read_token(args.token, args.token_file), key, ca=args.hub_ca)
@@ -132,8 +132,8 @@ def pull(args: argparse.Namespace, console: Console) -> int:
                 raise ValueError("--version does not apply to a generated adapter")
             if hub.public_key is None:
                 raise ValueError("pulling needs the hub's public key (--hub-key hub.pub) to verify signatures")
-            from hub.manifest import weights_sha256
-            from simulations.embedded import default_model_dir
+            from fedlora.core.embedded import default_model_dir
+            from fedlora.hub.sdk.manifest import weights_sha256
 
             local = weights_sha256(args.base_model or default_model_dir())
             record = hub.generate(args.task, args.method, examples, base_model_sha256=local)
@@ -160,8 +160,8 @@ def pull(args: argparse.Namespace, console: Console) -> int:
 
 def _read_examples(path: Path) -> list[Any]:
     """A few examples of a task: JSONL records {"prompt", "completion"} (at most 32)."""
-    from client.data import load_jsonl
-    from hub.generators.request import MAX_EXAMPLES
+    from fedlora.core.data import load_jsonl
+    from fedlora.hub.sdk.request import MAX_EXAMPLES
 
     examples = load_jsonl(path)
     if len(examples) > MAX_EXAMPLES:
@@ -200,8 +200,8 @@ PERSONALIZE_FILE = "personalize.json"
 
 def push_adapter(hub: Any, personal: str, adapter_dir: Path, base_model_dir: Path | None) -> dict[str, Any]:
     """Publish ``adapter_dir`` as clients/<me>/``personal`` with the provenance beside it."""
-    from hub.manifest import describe_base_model
-    from hub.publish import adapter_files, fedlora_version
+    from fedlora.hub.sdk.manifest import describe_base_model
+    from fedlora.hub.sdk.publish import adapter_files, fedlora_version
 
     base = describe_base_model(base_model_dir)
     sidecar = adapter_dir / PERSONALIZE_FILE
@@ -224,7 +224,7 @@ def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> 
     """What a personal adapter claims: this client's lifetime epsilon (the ledger composes the
     federated rounds it took part in with this personalisation), the evaluation of both adapters
     on its held-out split, and the global adapter it started from."""
-    from hub.publish import fedlora_version
+    from fedlora.hub.sdk.publish import fedlora_version
 
     g = (global_manifest or {}).get("provenance", {})
     prov: dict[str, Any] = {
@@ -273,9 +273,9 @@ def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> 
 
 
 def personalize(args: argparse.Namespace, console: Console) -> int:
-    from client.personalize import DEFAULT_LR, PersonalizeConfig
-    from client.personalize import personalize as run_personalize
-    from hub.client import PULLED_MANIFEST
+    from fedlora.client.personalize import DEFAULT_LR, PersonalizeConfig
+    from fedlora.client.personalize import personalize as run_personalize
+    from fedlora.hub.sdk.client import PULLED_MANIFEST
 
     if (args.global_run or args.push) and not args.hub:
         raise ValueError("--global and --push need --hub URL and a token")

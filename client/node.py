@@ -11,7 +11,7 @@ module checks everything first and supervises it:
 - the SuperNode is restarted with backoff whenever it exits on its own (the server restarted,
   the network dropped), and stopped with its whole process group on Ctrl-C;
 - a key the server refuses is retried and reported with its fingerprint, to give the operator;
-- the work of every message is done by a warm trainer (:mod:`client.trainer`) in this process.
+- the work of every message is done by a warm trainer (:mod:`fedlora.client.trainer`) in this process.
 
 The node's data path, state directory (privacy ledger, DP secret) and name reach the client
 app through Flower's node config.
@@ -71,7 +71,7 @@ class NodeOptions:
     def __post_init__(self) -> None:
         host, port = split_address(self.server)
         del host, port
-        from privacy.keys import NODE_NAME
+        from fedlora.core.pki import NODE_NAME
 
         if not NODE_NAME.fullmatch(self.name):
             raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
@@ -93,7 +93,7 @@ class NodeOptions:
             raise NodeError(f"--hub {self.hub!r}: a URL starting with http:// or https://")
         if self.hub_token_file is None or self.hub_key is None:
             raise NodeError("--hub needs --hub-token-file (this client's token) and --hub-key (the hub's hub.pub)")
-        from hub.manifest import load_public_key
+        from fedlora.hub.sdk.manifest import load_public_key
 
         try:
             if not self.hub_token_file.read_text().strip():
@@ -117,8 +117,8 @@ def split_address(address: str) -> tuple[str, int]:
 
 def check_inputs(options: NodeOptions) -> None:
     """Everything local that can be wrong, checked before the first connection."""
-    from client.datasets import check_node_data
-    from privacy.keys import check_validity, load_certificate
+    from fedlora.core.client_data import check_node_data
+    from fedlora.core.pki import check_validity, load_certificate
 
     if options.ca is not None and not options.insecure:
         cert = load_certificate(options.ca)
@@ -136,7 +136,7 @@ def node_public_key(key_path: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from privacy.keys import fingerprint
+    from fedlora.core.pki import fingerprint
 
     if not key_path.is_file():
         raise NodeError(f"--key {key_path} does not exist (create it with fl-client keygen)")
@@ -322,7 +322,7 @@ class Supervisor:
         return 0
 
     def _run_supernode(self) -> int:
-        from simulations.runner import free_port
+        from fedlora.core.flower_runner import free_port
 
         command = supernode_command(self.options, free_port(), self.trainer)
         self.proc = proc = subprocess.Popen(
@@ -404,7 +404,7 @@ def start(options: NodeOptions, console: Console) -> int:
     else:
         assert options.key is not None
         console.print(f"fl-client: node key {node_public_key(options.key)}", markup=False, highlight=False)
-    from client.trainer import Trainer, socket_path
+    from fedlora.client.trainer import Trainer, socket_path
 
     # the warm trainer: torch, transformers, PEFT and the base model load once, here, instead of
     # in every client-app process Flower starts per message

@@ -5,11 +5,11 @@ by a federation or pulled from the hub) is loaded trainable onto the base model,
 client's local test split, fine-tuned on its local training split and evaluated again; the result
 is written as a PEFT directory with the global adapter's own config (rank, targets, alpha).
 
-Privacy follows the deployed client's rules (:mod:`client.app`):
+Privacy follows the deployed client's rules (:mod:`fedlora.client.app`):
 
 - the client's data and split are built exactly as ``fl-client start --data`` builds them, so the
   test split is the one the node held out of federated training;
-- sigma is calibrated once for all the planned steps (:func:`privacy.planning.plan_noise`), never
+- sigma is calibrated once for all the planned steps (:func:`fedlora.privacy.planning.plan_noise`), never
   per step; the budget cap is checked before any training and charges nothing when it refuses;
 - the DP randomness (Poisson sampling, noise) comes from the ledger's secret seed;
 - the lifetime ledger in the client's state directory (the one ``fl-client start --state-dir``
@@ -38,11 +38,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from client.app import node_partition, train_private
-from client.data import encode
-from client.datasets import EMBEDDED_PREFIX, check_node_data, node_examples
-from client.federation import FederationConfig
-from client.model import (
+from fedlora.atomic import atomic_directory
+from fedlora.client.app import node_partition, train_private
+from fedlora.client.node import default_name
+from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
+from fedlora.core.config import FederationConfig
+from fedlora.core.data import encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import (
     load_adapter,
     load_base_model,
     load_tokenizer,
@@ -51,19 +54,16 @@ from client.model import (
     set_base_deltas,
     set_trainable_factors,
 )
-from client.node import default_name
-from client.train import TrainSettings, evaluate, train
-from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
-from privacy.accounting import check_accountant, compute_epsilon
-from privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
-from privacy.engines import Engine, check_engine
-from privacy.files import atomic_directory
-from privacy.ledger import PrivacyLedger
-from privacy.planning import default_delta, plan_noise
-from privacy.report import PRIVACY_UNIT
-from simulations.embedded import default_model_dir
-from simulations.tasks import Example
-from strategies.algorithms import ALGORITHMS, base_deltas
+from fedlora.core.tasks import Example
+from fedlora.core.train import TrainSettings, evaluate, train
+from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
+from fedlora.privacy.accounting import check_accountant, compute_epsilon
+from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
+from fedlora.privacy.engines import Engine, check_engine
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.planning import default_delta, plan_noise
+from fedlora.privacy.report import PRIVACY_UNIT
+from fedlora.strategies.algorithms import ALGORITHMS, base_deltas
 
 RUN_PREFIX = "personalize-"
 #: the ledger's round key of a personalisation: each one is a one-round run of its own
@@ -95,7 +95,7 @@ class PersonalizeConfig:
     target_epsilon: float = 1.0  # of this personalisation alone: sigma is calibrated for all its steps
     noise_multiplier: float | None = None  # given: used as is instead of calibrating
     max_grad_norm: float = 1.0  # per-example clipping under DP; global-norm clipping without
-    delta: float = 0.0  # 0: privacy.planning.default_delta of the training split's size
+    delta: float = 0.0  # 0: fedlora.privacy.planning.default_delta of the training split's size
     accountant: str = "rdp"
     max_epsilon: float | None = None  # cap on the ledger's lifetime epsilon after this charge
     dp_engine: Engine = "opacus"  # per-example clipping: Opacus' hooks or the fused LoRA kernels
@@ -163,7 +163,7 @@ class PersonalizeConfig:
 
     @property
     def split_seed(self) -> int:
-        """The seed a deployed node splits its data with (client.app: run seed and node name)."""
+        """The seed a deployed node splits its data with (fedlora.client.app: run seed and node name)."""
         return self.seed * 100_003 + node_partition(self.node_name)
 
 

@@ -2,8 +2,8 @@
 
 ``fl-client start`` runs :func:`serve` on a Unix socket in the node's state directory (mode
 0600 in a 0700 directory: only the node's own user can talk to it); every client-app process
-Flower starts for a message (:mod:`client.edge`) sends its :class:`~client.edge.Request` and
-waits for the :class:`~client.edge.ReplyContent`. Requests are served one at a time, as the
+Flower starts for a message (:mod:`fedlora.client.edge`) sends its :class:`~fedlora.client.edge.Request` and
+waits for the :class:`~fedlora.client.edge.ReplyContent`. Requests are served one at a time, as the
 node trains one message at a time. The payload is pickled: both ends are this node's own
 processes of the same installation.
 """
@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from client.edge import ReplyContent, Request
+from fedlora.client.edge import ReplyContent, Request
 
 SOCKET_NAME = "trainer.sock"
 _HEADER = struct.Struct("!Q")
@@ -70,7 +70,7 @@ def ask(path: str, request: Request) -> ReplyContent:
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        from client.app import compute
+        from fedlora.client.app import compute
 
         request = _receive(self.request)
         server: Trainer = self.server  # type: ignore[assignment]
@@ -96,7 +96,7 @@ class Trainer(socketserver.ThreadingUnixStreamServer):
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        import client.app  # noqa: F401  # torch, transformers, PEFT, Opacus: once, before the first message
+        import fedlora.client.app  # noqa: F401  # torch, transformers, PEFT, Opacus: once, before the first message
 
         threading.Thread(target=self.serve_forever, name="fedlora-trainer", daemon=True).start()
 

@@ -32,9 +32,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hub.manifest import public_pem
-from hub.names import Principal
-from hub.store import HubError, Registry
+from fedlora.hub.sdk.manifest import public_pem
+from fedlora.hub.sdk.names import Principal
+from fedlora.hub.store import HubError, Registry
 
 log = logging.getLogger("fedlora.hub")
 #: a version query parameter: a positive 31-bit integer (larger ones cannot name a version)
@@ -58,7 +58,7 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
 
     def generator_service() -> Any:
         if not services:
-            from hub.generators.service import GeneratorService
+            from fedlora.hub.generators.service import GeneratorService
 
             services.append(GeneratorService(registry, base_model_dirs))
         return services[0]
@@ -149,7 +149,7 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> Response:
-        from hub.generators.request import MAX_REQUEST_BYTES, GenerationRequest
+        from fedlora.hub.sdk.request import MAX_REQUEST_BYTES, GenerationRequest
 
         who = principal(request)
         payload = _parse_json(await _read_body(request, MAX_REQUEST_BYTES))
@@ -221,7 +221,7 @@ def app_from_env() -> FastAPI:
     directory comes from the serving command through the environment."""
     import os
 
-    from hub.hub_dir import HubDir
+    from fedlora.hub.hub_dir import HubDir
 
     hub = HubDir(os.environ[HUB_DIR_ENV])
     settings = hub.settings()

@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hub.manifest import GENERATOR_METHODS
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,8 +165,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def remote_client(args: argparse.Namespace, key_required: bool = False) -> Any:
     """The HubClient that ``--hub``, ``--token``/``--token-file`` and ``--hub-key`` name."""
-    from hub.client import HubClient, read_token
-    from hub.manifest import load_public_key
+    from fedlora.hub.sdk.client import HubClient, read_token
+    from fedlora.hub.sdk.manifest import load_public_key
 
     if not args.hub:
         raise ValueError(f"fl-hub {args.command} needs --hub URL")
@@ -183,7 +183,7 @@ def _remote_options(p: argparse.ArgumentParser) -> None:
 
 
 def _init(args: argparse.Namespace, console: Console) -> int:
-    from hub.hub_dir import DEFAULT_PORT, HubDir, HubSettings
+    from fedlora.hub.hub_dir import DEFAULT_PORT, HubDir, HubSettings
 
     settings = HubSettings(
         host=args.host,
@@ -202,8 +202,8 @@ def _init(args: argparse.Namespace, console: Console) -> int:
 def _serve(args: argparse.Namespace, console: Console) -> int:
     import uvicorn
 
-    from hub.app import BASE_MODELS_ENV, HUB_DIR_ENV, create_app
-    from hub.hub_dir import HubDir, HubSettings
+    from fedlora.hub.app import BASE_MODELS_ENV, HUB_DIR_ENV, create_app
+    from fedlora.hub.hub_dir import HubDir, HubSettings
 
     hub = HubDir(args.dir.resolve())
     s = hub.settings()
@@ -234,12 +234,12 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     else:
         os.environ[HUB_DIR_ENV] = str(hub.root)
         os.environ[BASE_MODELS_ENV] = os.pathsep.join(base_dirs)
-        uvicorn.run("hub.app:app_from_env", factory=True, workers=s.workers, **common)
+        uvicorn.run("fedlora.hub.app:app_from_env", factory=True, workers=s.workers, **common)
     return 0
 
 
 def _token(args: argparse.Namespace, console: Console) -> int:
-    from hub.hub_dir import HubDir
+    from fedlora.hub.hub_dir import HubDir
 
     registry = HubDir(args.dir).registry()
     if args.token_command == "create":
@@ -261,8 +261,8 @@ def _token(args: argparse.Namespace, console: Console) -> int:
 
 
 def _base_model(args: argparse.Namespace, console: Console) -> int:
-    from hub.hub_dir import HubDir
-    from hub.manifest import describe_base_model
+    from fedlora.hub.hub_dir import HubDir
+    from fedlora.hub.sdk.manifest import describe_base_model
 
     registry = HubDir(args.dir).registry()
     if args.base_command == "add":
@@ -278,8 +278,8 @@ def _base_model(args: argparse.Namespace, console: Console) -> int:
 
 def _ls(args: argparse.Namespace, console: Console) -> int:
     if args.dir is not None:
-        from hub.hub_dir import HubDir
-        from hub.names import Principal
+        from fedlora.hub.hub_dir import HubDir
+        from fedlora.hub.sdk.names import Principal
 
         rows = HubDir(args.dir).registry().list(Principal("operator", label="local"), args.prefix, args.query)
     else:
@@ -306,7 +306,7 @@ def _ls(args: argparse.Namespace, console: Console) -> int:
 
 
 def _publish(args: argparse.Namespace, console: Console) -> int:
-    from hub.manifest import describe_base_model
+    from fedlora.hub.sdk.manifest import describe_base_model
 
     provenance: dict[str, Any] = {}
     if args.provenance is not None:
@@ -324,9 +324,9 @@ def _publish(args: argparse.Namespace, console: Console) -> int:
 
 
 def _publish_run(args: argparse.Namespace, console: Console) -> int:
-    from hub.client import read_token
-    from hub.manifest import load_public_key
-    from hub.publish import HubTarget, fedlora_version, publish_global
+    from fedlora.hub.sdk.client import read_token
+    from fedlora.hub.sdk.manifest import load_public_key
+    from fedlora.hub.sdk.publish import HubTarget, fedlora_version, publish_global
 
     if not args.hub:
         raise ValueError("fl-hub publish-run needs --hub URL")
@@ -335,7 +335,7 @@ def _publish_run(args: argparse.Namespace, console: Console) -> int:
         args.hub, read_token(args.token, args.token_file), load_public_key(args.hub_key) if args.hub_key else None
     )
     if args.round is None:
-        from simulations.cli import last_round
+        from fedlora.simulations.cli import last_round
 
         server_round, adapter_dir, final = last_round(run_dir), run_dir / "adapters" / "global", True
         if not (adapter_dir / "adapter_config.json").is_file():
@@ -350,19 +350,19 @@ def _publish_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _build_experts(args: argparse.Namespace, console: Console) -> int:
-    from hub.generators.commands import build_experts_command
+    from fedlora.hub.generators.commands import build_experts_command
 
     return build_experts_command(args, console)
 
 
 def _train_generator(args: argparse.Namespace, console: Console) -> int:
-    from hub.generators.commands import train_generator_command
+    from fedlora.hub.generators.commands import train_generator_command
 
     return train_generator_command(args, console)
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
-    from hub.evaluate import evaluate_prefix, load_examples
+    from fedlora.hub.evaluate import evaluate_prefix, load_examples
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

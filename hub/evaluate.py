@@ -2,7 +2,7 @@
 under ``clients/``, task adapters under ``tasks/``, ...) on one dataset, in one batched pass.
 
 Adapters are fetched and verified like pulls (signature, hashes), kept in memory, and evaluated
-with :func:`client.multi_adapter.evaluate_many`: each sequence of a batch runs through its own
+with :func:`fedlora.core.multi_adapter.evaluate_many`: each sequence of a batch runs through its own
 adapter, so a hundred adapters cost about one evaluation of the base model per batch instead of
 a hundred. The data never leaves the machine that runs the command.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
 
 #: the most adapters one evaluation lists (the hub's listing limit)
 LIST_LIMIT = 1000
@@ -40,9 +40,9 @@ class HubEvaluation:
 def load_examples(spec: str, num: int, seed: int) -> list[Example]:
     """A JSONL file of {prompt, completion} (all of it, up to ``num``) or ``embedded:TASK[,TASK]``
     (``num`` examples of the tasks' test streams)."""
-    from client.data import load_jsonl
-    from client.datasets import EMBEDDED_PREFIX, check_node_data, node_examples
-    from client.federation import FederationConfig
+    from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
+    from fedlora.core.config import FederationConfig
+    from fedlora.core.data import load_jsonl
 
     if num < 1:
         raise ValueError(f"--num-examples must be >= 1, got {num}")
@@ -66,10 +66,10 @@ def evaluate_prefix(
 ) -> HubEvaluation:
     """Fetch (verified) the latest adapter of every name under ``prefix`` made for the local base
     model and score them all on ``examples``."""
-    from client.data import encode
-    from client.model import load_base_model, load_tokenizer, max_positions
-    from client.multi_adapter import LoadedAdapter, check_fits, evaluate_many
-    from hub.manifest import describe_base_model
+    from fedlora.core.data import encode
+    from fedlora.core.model import load_base_model, load_tokenizer, max_positions
+    from fedlora.core.multi_adapter import LoadedAdapter, check_fits, evaluate_many
+    from fedlora.hub.sdk.manifest import describe_base_model
 
     if not examples:
         raise ValueError("no examples to evaluate on")

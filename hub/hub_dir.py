@@ -18,10 +18,10 @@ from typing import Any
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hub.manifest import describe_base_model, key_id, load_private_key, private_pem, public_pem
-from hub.store import Registry
-from privacy.files import write_atomic
-from privacy.keys import is_host
+from fedlora.atomic import write_atomic
+from fedlora.core.pki import is_host
+from fedlora.hub.sdk.manifest import describe_base_model, key_id, load_private_key, private_pem, public_pem
+from fedlora.hub.store import Registry
 
 DEFAULT_PORT = 9480
 

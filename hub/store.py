@@ -42,7 +42,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from hub.manifest import (
+from fedlora.atomic import fsync_dir, write_atomic
+from fedlora.hub.sdk.manifest import (
     AdapterInfo,
     Provenance,
     build_manifest,
@@ -52,8 +53,7 @@ from hub.manifest import (
     sha256_hex,
     sign,
 )
-from hub.names import Principal, check_name, check_prefix, namespace, owner
-from privacy.files import fsync_dir, write_atomic
+from fedlora.hub.sdk.names import Principal, check_name, check_prefix, namespace, owner
 
 TOKEN_PREFIX = "flh_"
 RECORD_CACHE_SIZE = 1024
@@ -363,7 +363,7 @@ class Registry:
 
     # --- base models ------------------------------------------------------------------
     def add_base_model(self, model_id: str, sha256: str) -> None:
-        from hub.manifest import BaseModel
+        from fedlora.hub.sdk.manifest import BaseModel
 
         BaseModel(model_id, sha256)
         with self.session() as s, s.begin():

@@ -7,22 +7,22 @@ the client, the server and the privacy report can all use it.
 from importlib import import_module
 from typing import Any
 
-#: name -> module: resolved on first use, so ``privacy.keys`` (certificates and node keys) does not
+#: name -> module: resolved on first use, so ``fedlora.core.pki`` (certificates and node keys) does not
 #: load Opacus, scipy and torch for commands that only handle keys
 _EXPORTS = {
-    "ACCOUNTANTS": "privacy.accounting",
-    "PrivacyAccountingError": "privacy.accounting",
-    "compute_epsilon": "privacy.accounting",
-    "create": "privacy.accounting",
-    "register": "privacy.accounting",
-    "LedgerConflictError": "privacy.ledger",
-    "LedgerEntry": "privacy.ledger",
-    "LedgerError": "privacy.ledger",
-    "PrivacyLedger": "privacy.ledger",
-    "BudgetPlan": "privacy.planning",
-    "default_delta": "privacy.planning",
-    "delta_warning": "privacy.planning",
-    "plan_noise": "privacy.planning",
+    "ACCOUNTANTS": "fedlora.privacy.accounting",
+    "PrivacyAccountingError": "fedlora.privacy.accounting",
+    "compute_epsilon": "fedlora.privacy.accounting",
+    "create": "fedlora.privacy.accounting",
+    "register": "fedlora.privacy.accounting",
+    "LedgerConflictError": "fedlora.privacy.ledger",
+    "LedgerEntry": "fedlora.privacy.ledger",
+    "LedgerError": "fedlora.privacy.ledger",
+    "PrivacyLedger": "fedlora.privacy.ledger",
+    "BudgetPlan": "fedlora.privacy.planning",
+    "default_delta": "fedlora.privacy.planning",
+    "delta_warning": "fedlora.privacy.planning",
+    "plan_noise": "fedlora.privacy.planning",
 }
 
 

@@ -3,7 +3,7 @@ optimizer and a dataset into their private versions; the training loop is unchan
 
 Two engines compute the per-example clipping (``DPSGDConfig.engine``): ``opacus``, Opacus'
 grad-sample hooks (any trainable layer Opacus supports), and ``fused``, taps on the LoRA
-layers with the ops of :mod:`privacy.kernels` (:mod:`privacy.fused`; LoRA factors of linear
+layers with the ops of :mod:`fedlora.privacy.kernels` (:mod:`fedlora.privacy.fused`; LoRA factors of linear
 layers only). Both use the same Poisson batches, Opacus' DPOptimizer noise and scaling, and the
 same seeds: they release the same adapter up to float rounding.
 
@@ -28,7 +28,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from privacy.engines import Engine, check_engine
+from fedlora.privacy.engines import Engine, check_engine
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def dp_sgd(
     model cached across messages (simulation) can be wrapped again next round with other
     trainable factors.
     """
-    from privacy.fused import FusedDPOptimizer, LoraTaps
+    from fedlora.privacy.fused import FusedDPOptimizer, LoraTaps
 
     model.zero_grad(set_to_none=True)  # stale gradients of a cached model must not leak into step one
     model.train()

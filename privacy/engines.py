@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 Engine = Literal["opacus", "fused"]
-#: ``opacus``: Opacus' grad-sample hooks; ``fused``: taps on the LoRA layers (:mod:`privacy.fused`)
+#: ``opacus``: Opacus' grad-sample hooks; ``fused``: taps on the LoRA layers (:mod:`fedlora.privacy.fused`)
 ENGINES: tuple[Engine, ...] = ("opacus", "fused")
 
 

@@ -5,7 +5,7 @@ code. Here every PEFT LoRA layer is tapped once instead: the input ``x`` of ``lo
 dropout) and the bottleneck ``u`` (the input of ``lora_B``) in the forward pass, the gradients
 ``g`` of ``lora_B``'s output and ``v`` of ``lora_A``'s in the backward pass (all tensors autograd
 computes anyway).
-The ops of :mod:`privacy.kernels` turn them into each example's gradient norm (summed over all
+The ops of :mod:`fedlora.privacy.kernels` turn them into each example's gradient norm (summed over all
 layers) and each factor's clipped sum. Noise, the division by the expected batch size and the
 optimizer step are Opacus' own (:class:`FusedDPOptimizer` is a ``DPOptimizer``): with the same
 noise generator both engines release the same adapter up to float rounding, and the ledger
@@ -25,7 +25,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
-from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
+from fedlora.privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
 
 
 @dataclass

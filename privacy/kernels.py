@@ -14,8 +14,8 @@ For a LoRA layer ``y = x W0^T + s (x A^T) B^T`` with input ``x`` (N, T, d_in), o
   taps u and v from autograd and materialises each factor's per-sample gradients once.
 
 (The gathered multi-adapter matmul, ``fedlora::lora_gathered``, lives with its user in
-:mod:`client.multi_adapter`.) Each op has a PyTorch implementation (the CPU path and the
-oracle); the Triton kernels of :mod:`privacy.triton_kernels` are registered for CUDA tensors
+:mod:`fedlora.core.multi_adapter`.) Each op has a PyTorch implementation (the CPU path and the
+oracle); the Triton kernels of :mod:`fedlora.privacy.triton_kernels` are registered for CUDA tensors
 under the same op names, so callers do not change.
 """
 
@@ -144,4 +144,4 @@ def load_triton(module: str) -> None:
         import_module(module)
 
 
-load_triton("privacy.triton_kernels")
+load_triton("fedlora.privacy.triton_kernels")

@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import (
+from fedlora.atomic import fsync_dir, write_atomic
+from fedlora.privacy.accounting import (
     HistoryEntry,
     check_accountant,
     check_count,
@@ -38,7 +39,6 @@ from privacy.accounting import (
     check_rate,
     compute_epsilon,
 )
-from privacy.files import fsync_dir, write_atomic
 
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = "privacy_ledger.lock"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from privacy.accounting import (
+from fedlora.privacy.accounting import (
     PRV_EPS_ERROR,
     PRV_MAX_DOMAIN_SIZE,
     PrivacyAccountingError,

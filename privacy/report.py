@@ -3,7 +3,7 @@
 A privacy officer should not have to trust our numbers. So the report reads nothing but files in
 the run directory (``config.json``, ``privacy_plan.json``, ``metrics.jsonl``) and the client
 ledgers in the state directory ``config.json`` names, recomputes every client's epsilon from its
-ledger history with :func:`privacy.accounting.compute_epsilon`, and writes that history into
+ledger history with :func:`fedlora.privacy.accounting.compute_epsilon`, and writes that history into
 ``report/privacy.json`` next to the result, so the number can be checked again without us::
 
     report/privacy.json   every number, each client's full ledger history, and how to recompute
@@ -31,9 +31,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from privacy.accounting import compute_epsilon
-from privacy.ledger import LEDGER_FILE, PrivacyLedger
-from privacy.planning import default_delta
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedlora.privacy.planning import default_delta
 
 REPORT_FORMAT = "fedlora-privacy-report"
 REPORT_VERSION = 1
@@ -549,7 +549,7 @@ def write_privacy_report(run_dir: Path | str) -> ReportPaths:
     ------
     ReportError
         If ``config.json``, ``metrics.jsonl`` (or, with DP on, ``privacy_plan.json``) is missing or malformed.
-    privacy.ledger.LedgerError
+    fedlora.privacy.ledger.LedgerError
         If a client ledger exists but cannot be trusted (never read as zero).
     """
     run = load_run(run_dir)

@@ -1,4 +1,4 @@
-"""Triton kernels for :mod:`privacy.kernels`, registered for CUDA tensors on the same ops.
+"""Triton kernels for :mod:`fedlora.privacy.kernels`, registered for CUDA tensors on the same ops.
 
 Importing this module registers them (on a machine with CUDA). Without a GPU the kernels still
 run under Triton's interpreter
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from privacy.kernels import (
+from fedlora.privacy.kernels import (
     add_seeded_noise,
     check_clip_factors,
     lora_bottlenecks,

@@ -24,22 +24,22 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client.datasets import build_partition, client_train_sizes, server_eval_sets
-from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-from client.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
-from privacy.accounting import compute_epsilon
-from privacy.dp import sample_rate
-from privacy.files import write_json_atomic
-from privacy.planning import default_delta, delta_warning, plan_noise
-from privacy.report import headline, write_privacy_report
-from server.evaluation import ServerEvaluator
-from server.run_dir import ResumeError, RunDirectory, append_jsonl, config_changes, read_rows
-from simulations.embedded import default_model_dir
-from simulations.partitioners import read_partition_manifest, write_partition_manifest
-from simulations.plots import write_client_table, write_training_plots
-from strategies.algorithms import ALGORITHMS
-from strategies.flower import LoraStrategy, create
-from strategies.lora_fair import LoraFairConfig
+from fedlora.atomic import write_json_atomic
+from fedlora.core.client_data import build_partition, client_train_sizes, server_eval_sets
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
+from fedlora.core.partitioners import read_partition_manifest, write_partition_manifest
+from fedlora.core.plots import write_client_table, write_training_plots
+from fedlora.core.run_dir import ResumeError, RunDirectory, append_jsonl, config_changes, read_rows
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.dp import sample_rate
+from fedlora.privacy.planning import default_delta, delta_warning, plan_noise
+from fedlora.privacy.report import headline, write_privacy_report
+from fedlora.server.evaluation import ServerEvaluator
+from fedlora.strategies.algorithms import ALGORITHMS
+from fedlora.strategies.flower import LoraStrategy, create
+from fedlora.strategies.lora_fair import LoraFairConfig
 
 app = ServerApp()
 PARTITION_FILE = "partition.json"
@@ -353,7 +353,7 @@ def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final:
     adapter on its own split and keeps it (and publishes it, if it has a hub); the outcome per
     client goes to ``personalize.json``. It comes after the privacy report, which covers the
     federated training; what personalisation spends is in each client's ledger and reply."""
-    from hub.publish import run_name
+    from fedlora.hub.sdk.publish import run_name
 
     config = ConfigRecord({"run-name": run_name(run_dir), "server-round": final_round})
     record = RecordDict({"arrays": final, "config": config})

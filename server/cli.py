@@ -24,8 +24,8 @@ from rich.console import Console
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     """Write report/privacy.{json,md,html} for a run directory and print the headline and paths."""
-    from privacy.ledger import LedgerError
-    from privacy.report import ReportError, headline, write_privacy_report
+    from fedlora.privacy.ledger import LedgerError
+    from fedlora.privacy.report import ReportError, headline, write_privacy_report
 
     try:
         paths = write_privacy_report(args.run_dir)
@@ -46,14 +46,14 @@ def _error(message: object) -> int:
 
 def _run_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``--run-config 'k=v k2=v2'`` through Flower's own parser (strings quoted)."""
-    from simulations.cli import parse_run_config_pairs
+    from fedlora.simulations.cli import parse_run_config_pairs
 
     return parse_run_config_pairs(pairs)
 
 
 def _init(args: argparse.Namespace, console: Console) -> int:
     """Create the server directory and say what each client needs."""
-    from server.server_dir import ServerDir
+    from fedlora.server.server_dir import ServerDir
 
     try:
         sd = ServerDir.init(
@@ -87,7 +87,7 @@ def _init(args: argparse.Namespace, console: Console) -> int:
 
 
 def _enroll(args: argparse.Namespace, console: Console) -> int:
-    from server.server_dir import ServerDir
+    from fedlora.server.server_dir import ServerDir
 
     try:
         sd = ServerDir(args.server_dir)
@@ -102,7 +102,7 @@ def _enroll(args: argparse.Namespace, console: Console) -> int:
 
 
 def _revoke(args: argparse.Namespace, console: Console) -> int:
-    from server.server_dir import ServerDir
+    from fedlora.server.server_dir import ServerDir
 
     try:
         enrollment = ServerDir(args.server_dir).revoke(args.name)
@@ -114,11 +114,11 @@ def _revoke(args: argparse.Namespace, console: Console) -> int:
 
 def _start(args: argparse.Namespace, console: Console) -> int:
     """Validate everything, then run the federation until it ends or Ctrl-C."""
-    from hub.publish import Following, RunPublisher, fedlora_version, hub_target
-    from privacy.keys import CertificateError
-    from server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
-    from simulations.cli import report_published, summary
-    from simulations.runner import SimulationError
+    from fedlora.core.flower_runner import SimulationError
+    from fedlora.core.pki import CertificateError
+    from fedlora.hub.sdk.publish import Following, RunPublisher, fedlora_version, hub_target
+    from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
+    from fedlora.simulations.cli import report_published, summary
 
     try:
         options = StartOptions(
@@ -164,7 +164,7 @@ def _start(args: argparse.Namespace, console: Console) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fl-server`` parser with one subparser per verb."""
-    from hub.publish import add_hub_options
+    from fedlora.hub.sdk.publish import add_hub_options
 
     parser = argparse.ArgumentParser(prog="fl-server", description="fedlora server")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,10 +1,10 @@
 """``fl-server start``: one federated run on real SuperNodes, secure by default.
 
-The SuperLink is Flower's own (``server.superlink`` adds only a loopback guard for the
+The SuperLink is Flower's own (``fedlora.server.superlink`` adds only a loopback guard for the
 Control and Runtime APIs), started with TLS from the server directory and SuperNode
 authentication on; every enrolled key is registered before the run is submitted. The
 run itself is our ServerApp, submitted with ``flwr run`` like ``fl-sim`` does, through the
-same runner (``simulations.runner``), so the run directory has the same layout. The
+same runner (``fedlora.core.flower_runner``), so the run directory has the same layout. The
 SuperLink lives as long as the run: Ctrl-C (or the end of the run) stops it and every
 process it started; SuperNodes keep retrying until the next ``fl-server start``.
 """
@@ -56,7 +56,7 @@ class Plan:
 
     run_config: dict[str, Any]
     run_dir: Path
-    deployment: Any  # simulations.runner.Deployment
+    deployment: Any  # fedlora.core.flower_runner.Deployment
     num_rounds: int
     start_round: int
     nodes: tuple[str, ...]
@@ -71,7 +71,7 @@ def superlink_command(server_dir: Any, host: str, port: int, insecure: bool, exp
     and would keep a crashed run's node sessions "online", refusing their reconnection for up
     to a minute.
     """
-    command = [sys.executable, "-m", "server.superlink"]
+    command = [sys.executable, "-m", "fedlora.server.superlink"]
     if expose_control:
         command.append("--expose-control")
     command.append("--")
@@ -99,10 +99,10 @@ def superlink_command(server_dir: Any, host: str, port: int, insecure: bool, exp
 
 def plan_start(options: StartOptions) -> Plan:
     """Read and validate everything (settings, certificates, run config, resume) before any process starts."""
-    from client.federation import FederationConfig
-    from server.server_dir import ServerDir
-    from simulations.cli import last_round, resume_config
-    from simulations.runner import Deployment
+    from fedlora.core.config import FederationConfig
+    from fedlora.core.flower_runner import Deployment
+    from fedlora.server.server_dir import ServerDir
+    from fedlora.simulations.cli import last_round, resume_config
 
     sd = ServerDir(options.server_dir.resolve())  # its processes may run elsewhere than here
     settings = sd.settings()
@@ -150,15 +150,15 @@ def run_plan(
     on_log_line: Callable[[str], None] | None = None,
 ) -> Any:
     """Start the SuperLink, register the nodes, submit the run, follow it; always tear down."""
-    from client.federation import DEFAULT_RUN_CONFIG
-    from simulations.cli import Progress
-    from simulations.runner import SimulationRequest, run_simulation_app
+    from fedlora.core.config import DEFAULT_RUN_CONFIG
+    from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
+    from fedlora.simulations.cli import Progress
 
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     request = SimulationRequest(
-        # client.edge: a thin process per message that hands the work to the node's warm trainer
-        components=("server.app:app", "client.edge:app"),
+        # fedlora.client.edge: a thin process per message that hands the work to the node's warm trainer
+        components=("fedlora.server.app:app", "fedlora.client.edge:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=overrides,

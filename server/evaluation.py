@@ -13,11 +13,11 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from client.data import Encoded, encode
-from client.model import max_positions, set_adapter_state, set_base_deltas
-from client.train import evaluate
-from simulations.tasks import Example
-from strategies.algorithms import adapter_part, base_deltas
+from fedlora.core.data import Encoded, encode
+from fedlora.core.model import max_positions, set_adapter_state, set_base_deltas
+from fedlora.core.tasks import Example
+from fedlora.core.train import evaluate
+from fedlora.strategies.algorithms import adapter_part, base_deltas
 
 
 class ServerEvaluator:

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import tomli_w  # a dependency of flwr itself
 
 if TYPE_CHECKING:
-    from client.federation import FederationConfig
+    from fedlora.core.config import FederationConfig
 
-from privacy.files import write_json_atomic
-from privacy.keys import (
+from fedlora.atomic import write_json_atomic
+from fedlora.core.pki import (
     NODE_NAME,
     CertificateError,
     check_validity,
@@ -114,7 +114,7 @@ class ServerSettings:
     def federation_config(self) -> FederationConfig:
         """The run as ``fl-server start`` submits it: to real SuperNodes (``deployed``)."""
         # imported here: it loads torch and transformers, which enrol/revoke need not wait for
-        from client.federation import FederationConfig
+        from fedlora.core.config import FederationConfig
 
         return FederationConfig.from_run_config({**self.run, "deployed": True})
 

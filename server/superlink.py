@@ -12,7 +12,7 @@ middleware added to the app Flower builds, that
   match a refused node against ``fl-server enroll`` output.
 
 Transport, TLS and node authentication stay Flower's. Run as
-``python -m server.superlink [--expose-control] -- <flower-superlink arguments>``.
+``python -m fedlora.server.superlink [--expose-control] -- <flower-superlink arguments>``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def is_loopback(host: str | None) -> bool:
 
 def key_fingerprint(header_value: bytes) -> str:
     """SSH-style fingerprint of the PEM key a SuperNode sent (base64 in a header)."""
-    from privacy.keys import fingerprint_pem
+    from fedlora.core.pki import fingerprint_pem
 
     try:
         return fingerprint_pem(base64.b64decode(header_value, validate=True))
@@ -133,12 +133,14 @@ def _install_guard(expose_control: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m server.superlink [--expose-control] -- ARGS``: Flower's SuperLink, guarded."""
+    """``python -m fedlora.server.superlink [--expose-control] -- ARGS``: Flower's SuperLink, guarded."""
     args = list(sys.argv[1:] if argv is None else argv)
     ours, flower_args = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else ([], args)
     unknown = [a for a in ours if a != "--expose-control"]
     if unknown:
-        raise SystemExit(f"server.superlink: unknown option(s) {unknown}; only --expose-control comes before --")
+        raise SystemExit(
+            f"fedlora.server.superlink: unknown option(s) {unknown}; only --expose-control comes before --"
+        )
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s fedlora: %(message)s"))
     logger.addHandler(handler)

@@ -16,18 +16,18 @@ from typing import Any
 
 import torch
 
-from client.data import Encoded, collate, encode
-from client.datasets import client_examples
-from client.federation import FederationConfig
-from client.model import load_base_model, load_tokenizer, max_positions, save_adapter, wrap_lora
-from client.train import TrainSettings, batches, evaluate, train
-from privacy.accounting import compute_epsilon
-from privacy.dp import DPSGDConfig, dp_sgd, sample_rate
-from privacy.files import write_json_atomic
-from privacy.planning import default_delta, plan_noise
-from server.run_dir import append_jsonl
-from simulations.embedded import default_model_dir
-from strategies.algorithms import ALGORITHMS
+from fedlora.atomic import write_json_atomic
+from fedlora.core.client_data import client_examples
+from fedlora.core.config import FederationConfig
+from fedlora.core.data import Encoded, collate, encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import load_base_model, load_tokenizer, max_positions, save_adapter, wrap_lora
+from fedlora.core.run_dir import append_jsonl
+from fedlora.core.train import TrainSettings, batches, evaluate, train
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from fedlora.privacy.planning import default_delta, plan_noise
+from fedlora.strategies.algorithms import ALGORITHMS
 
 
 def run_centralised(cfg: FederationConfig, out: Path) -> Path:

@@ -1,7 +1,7 @@
 """``fl-sim``: federated LoRA with many virtual clients on Flower's simulation runtime.
 
-It runs the same server and client apps as a deployment (``server.app:app``,
-``client.app:app``) through a real SuperLink on 127.0.0.1 and Flower's Ray backend, one
+It runs the same server and client apps as a deployment (``fedlora.server.app:app``,
+``fedlora.client.app:app``) through a real SuperLink on 127.0.0.1 and Flower's Ray backend, one
 virtual client per partition. Every option is a key of the apps' run config, so a run is
 reproducible with ``flwr run --run-config`` too (``--print-run-config`` shows it).
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from privacy.engines import ENGINES
+from fedlora.privacy.engines import ENGINES
 
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
 #: on 2 CPU cores (see README). Explicit options override these.
@@ -183,8 +183,8 @@ def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB
 
 def validate(run_config: Mapping[str, Any]) -> Any:
     """Everything that can be checked before any process starts: config, split, data files."""
-    from client.datasets import build_partition, client_train_sizes
-    from client.federation import FederationConfig
+    from fedlora.core.client_data import build_partition, client_train_sizes
+    from fedlora.core.config import FederationConfig
 
     cfg = FederationConfig.from_run_config(run_config)
     if cfg.num_clients * cfg.fraction_train < 1 - 1e-9:
@@ -224,7 +224,7 @@ class Progress:
             self._poll()
 
     def _poll(self) -> None:
-        from server.run_dir import read_rows
+        from fedlora.core.run_dir import read_rows
 
         if not self.path.exists():
             return
@@ -293,8 +293,8 @@ def simulate(
     ray_address: str | None = None,
 ) -> Any:
     """Validate, run on the simulation runtime, and return the runner's outcome."""
-    from client.federation import DEFAULT_RUN_CONFIG
-    from simulations.runner import SimulationRequest, run_simulation_app
+    from fedlora.core.config import DEFAULT_RUN_CONFIG
+    from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
 
     cfg = validate(run_config)
     run_dir = Path(cfg.run_dir).resolve()
@@ -308,7 +308,7 @@ def simulate(
         overrides["data-path"] = str(Path(cfg.data_path).resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
     request = SimulationRequest(
-        components=("server.app:app", "client.app:app"),
+        components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=overrides,
@@ -335,7 +335,7 @@ def simulate(
 
 def last_round(run_dir: Path) -> int:
     """The last round a run directory's metrics.jsonl records (0 if none)."""
-    from server.run_dir import read_rows
+    from fedlora.core.run_dir import read_rows
 
     path = run_dir / "metrics.jsonl"
     return max((int(r.get("round", 0)) for r in read_rows(path)), default=0) if path.exists() else 0
@@ -343,7 +343,7 @@ def last_round(run_dir: Path) -> int:
 
 def resume_config(run_dir: Path) -> dict[str, Any]:
     """The run config of an interrupted run, from its ``config.json``, marked to resume."""
-    from client.federation import DEFAULT_RUN_CONFIG
+    from fedlora.core.config import DEFAULT_RUN_CONFIG
 
     path = run_dir / "config.json"
     if not path.is_file():
@@ -356,7 +356,7 @@ def resume_config(run_dir: Path) -> dict[str, Any]:
 def summary(run_dir: Path) -> list[str]:
     """What a user wants to read when a run ends: per-task accuracy before and after, epsilon
     per client, and where the adapter and the reports are."""
-    from simulations.plots import load_rounds
+    from fedlora.core.plots import load_rounds
 
     rows = load_rounds(run_dir)
     lines: list[str] = []
@@ -377,7 +377,7 @@ def summary(run_dir: Path) -> list[str]:
     if privacy.is_file():
         report = json.loads(privacy.read_text())
         if report.get("dp_enabled"):
-            from privacy.report import client_label
+            from fedlora.privacy.report import client_label
 
             eps = ", ".join(f"{client_label(c)}: {c['epsilon']:.2f}" for c in report.get("clients", []))
             lines.append(f"epsilon per client (delta {report.get('delta')}): {eps}")
@@ -393,7 +393,7 @@ def summary(run_dir: Path) -> list[str]:
             )
     personal_eval = run_dir / "report" / "personal.json"
     if personal_eval.is_file():
-        from simulations.personal_eval import summary_line
+        from fedlora.simulations.personal_eval import summary_line
 
         lines.append(summary_line(json.loads(personal_eval.read_text())))
     for label, rel in (
@@ -427,7 +427,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-run-config", action="store_true", help="print the run config as TOML and exit")
     p.add_argument("--list-strategies", action="store_true", help="list the registered strategies and exit")
     add_run_options(p)
-    from hub.publish import add_hub_options
+    from fedlora.hub.sdk.publish import add_hub_options
 
     add_hub_options(p)
     return p
@@ -448,7 +448,7 @@ def _clear_keeping_ledgers(run_dir: Path, console: Console) -> None:
 def cmd_run(argv: Sequence[str], console: Console) -> int:
     args = _run_parser().parse_args(argv)
     if args.list_strategies:
-        from strategies.flower import STRATEGIES
+        from fedlora.strategies.flower import STRATEGIES
 
         console.print("\n".join(sorted(STRATEGIES)))
         return 0
@@ -467,12 +467,12 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
     else:
         run_config = run_config_from(args)
     if args.print_run_config:
-        from simulations.runner import run_config_toml
+        from fedlora.core.flower_runner import run_config_toml
 
         validate(run_config)
         console.print(run_config_toml(run_config), markup=False, highlight=False)
         return 0
-    from hub.publish import Following, RunPublisher, fedlora_version, hub_target
+    from fedlora.hub.sdk.publish import Following, RunPublisher, fedlora_version, hub_target
 
     target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round))
     run_dir = Path(str(run_config["run-dir"]))
@@ -521,7 +521,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
 def personal_evaluation(run_dir: Path, console: Console) -> None:
     """After a run that personalised: every personal adapter on every personalised client's test split, batched
     (a failure here is reported, never fails the finished run)."""
-    from simulations.personal_eval import evaluate_personal, personal_adapter_dirs
+    from fedlora.simulations.personal_eval import evaluate_personal, personal_adapter_dirs
 
     if not personal_adapter_dirs(run_dir):
         return
@@ -542,7 +542,7 @@ def cmd_personal_eval(argv: Sequence[str], console: Console) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from simulations.personal_eval import PERSONAL_MD, evaluate_personal, markdown
+    from fedlora.simulations.personal_eval import PERSONAL_MD, evaluate_personal, markdown
 
     report = evaluate_personal(args.run_dir, args.batch_size)
     console.print(markdown(report), markup=False, highlight=False)
@@ -573,8 +573,8 @@ def cmd_report(argv: Sequence[str], console: Console) -> int:
     p = argparse.ArgumentParser(prog="fl-sim report", description="Rewrite a run directory's reports and plots.")
     p.add_argument("run_dir", type=Path)
     args = p.parse_args(argv)
-    from privacy.report import write_privacy_report
-    from simulations.plots import write_client_table, write_training_plots
+    from fedlora.core.plots import write_client_table, write_training_plots
+    from fedlora.privacy.report import write_privacy_report
 
     if not (args.run_dir / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{args.run_dir} is not a run directory: no metrics.jsonl")
@@ -594,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "personal-eval": cmd_personal_eval,
     }
     try:
-        from simulations.compare import cmd_compare
+        from fedlora.simulations.compare import cmd_compare
 
         commands["compare"] = cmd_compare
         if argv and argv[0] in commands:

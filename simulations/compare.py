@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from simulations.cli import MAIN_JOB, add_run_options, resume_config, run_config_from, simulate, validate
+from fedlora.simulations.cli import MAIN_JOB, add_run_options, resume_config, run_config_from, simulate, validate
 
 DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The run config of every federated run of the comparison, validated before any starts."""
-    from strategies.algorithms import ALGORITHMS
+    from fedlora.strategies.algorithms import ALGORITHMS
 
     base = run_config_from(args, MAIN_JOB)
     base["fraction-evaluate"] = 1.0  # every client evaluates: the comparison's metric
@@ -77,9 +77,9 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
     """How a run directory's stored configuration differs from the one planned for it."""
-    from client.federation import FederationConfig
-    from server.app import RESUME_MAY_CHANGE
-    from server.run_dir import config_changes
+    from fedlora.core.config import FederationConfig
+    from fedlora.core.run_dir import config_changes
+    from fedlora.server.app import RESUME_MAY_CHANGE
 
     path = run_dir / "config.json"
     if not path.is_file():
@@ -90,9 +90,9 @@ def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
 
 
 def cmd_compare(argv: Sequence[str], console: Console) -> int:
-    from client.federation import FederationConfig
-    from simulations.centralised import run_centralised
-    from simulations.compare_report import load_run_result, write_compare
+    from fedlora.core.config import FederationConfig
+    from fedlora.simulations.centralised import run_centralised
+    from fedlora.simulations.compare_report import load_run_result, write_compare
 
     args = _parser().parse_args(argv)
     runs = plan_runs(args)

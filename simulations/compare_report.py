@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from simulations.plots import finite, load_config, load_rounds, save_figure, section
+from fedlora.core.plots import finite, load_config, load_rounds, save_figure, section
 
 REFERENCE_STRATEGIES = frozenset({"centralised", "centralized"})
 TIE_TOLERANCE = 1e-12

@@ -1,6 +1,6 @@
 """Every personal adapter of a finished simulation, and the global adapter beside them, on the
 test split of every virtual client that personalised, in one batched pass
-(:func:`client.multi_adapter.evaluate_many`).
+(:func:`fedlora.core.multi_adapter.evaluate_many`).
 
 The diagonal is what personalising gave each client (the same figure each client reported
 itself); the off-diagonal says how personal the adapters are: a personal adapter that does as
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from privacy.files import write_atomic, write_json_atomic
+from fedlora.atomic import write_atomic, write_json_atomic
 
 PERSONAL_JSON = Path("report") / "personal.json"
 PERSONAL_MD = Path("report") / "personal.md"
@@ -34,12 +34,12 @@ def personal_adapter_dirs(run_dir: Path) -> dict[int, Path]:
 
 def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     """Evaluate, write the report files, return the report. Raises if the run has no personal adapters."""
-    from client.data import encode
-    from client.datasets import client_examples
-    from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-    from client.model import load_base_model, load_tokenizer, max_positions
-    from client.multi_adapter import LoadedAdapter, evaluate_many
-    from hub.manifest import read_adapter_dir
+    from fedlora.core.client_data import client_examples
+    from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+    from fedlora.core.data import encode
+    from fedlora.core.model import load_base_model, load_tokenizer, max_positions
+    from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
+    from fedlora.hub.sdk.manifest import read_adapter_dir
 
     personal = personal_adapter_dirs(run_dir)
     if not personal:

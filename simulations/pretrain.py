@@ -1,7 +1,7 @@
 """Rebuild the embedded base model: a tiny Llama with a byte tokenizer, pretrained on the
 task suite's seen tasks (tagged prompts). Seeded and offline.
 
-    python -m simulations.pretrain --out simulations/embedded/base-model
+    python -m fedlora.simulations.pretrain --out simulations/embedded/base-model
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from rich.console import Console
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
-from client.data import encode
-from client.train import TrainSettings, evaluate, train
-from simulations.embedded import default_model_dir
-from simulations.tasks import TASKS, pretraining_stream
+from fedlora.core.data import encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.tasks import TASKS, pretraining_stream
+from fedlora.core.train import TrainSettings, evaluate, train
 
 MAX_POSITIONS = 64
 
@@ -72,7 +72,7 @@ def by_family(per_task: dict[str, float], held_out: bool) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m simulations.pretrain", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fedlora.simulations.pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=default_model_dir(), help="output model directory")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(str(args.out))
     tokenizer.save_pretrained(str(args.out))
     report: dict[str, Any] = {
-        "command": f"python -m simulations.pretrain --steps {args.steps} --batch-size {args.batch_size} "
+        "command": f"python -m fedlora.simulations.pretrain --steps {args.steps} --batch-size {args.batch_size} "
         f"--lr {args.lr} --seed {args.seed} --threads {args.threads}",
         "parameters": n_params,
         "minutes": round(minutes, 2),

@@ -6,7 +6,7 @@ aggregation-error diagnostic in ``diagnostics``. No Flower and no I/O here: the 
 strategies call these functions.
 """
 
-from strategies.adapter import (
+from fedlora.strategies.adapter import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     LoraFactors,
@@ -16,23 +16,23 @@ from strategies.adapter import (
     lora_scaling,
     split_adapter,
 )
-from strategies.diagnostics import AggregationError, ErrorSketch, aggregation_error_from_sums
-from strategies.fedavg_lora import aggregation_error, aggregation_residual, fedavg_lora_aggregate
-from strategies.fedex_lora import (
+from fedlora.strategies.diagnostics import AggregationError, ErrorSketch, aggregation_error_from_sums
+from fedlora.strategies.fedavg_lora import aggregation_error, aggregation_residual, fedavg_lora_aggregate
+from fedlora.strategies.fedex_lora import (
     FedExResult,
     apply_base_delta,
     fedex_lora_aggregate,
     fedex_lora_from_sums,
 )
-from strategies.fedsvd import fedsvd_aggregate, fedsvd_from_sums, fedsvd_refactor
-from strategies.ffa_lora import ffa_lora_aggregate, init_lora_A, module_seed
-from strategies.flexlora import (
+from fedlora.strategies.fedsvd import fedsvd_aggregate, fedsvd_from_sums, fedsvd_refactor
+from fedlora.strategies.ffa_lora import ffa_lora_aggregate, init_lora_A, module_seed
+from fedlora.strategies.flexlora import (
     LowRankDelta,
     flexlora_aggregate,
     flexlora_client_factors,
     flexlora_from_sums,
 )
-from strategies.lora_fair import (
+from fedlora.strategies.lora_fair import (
     LoraFairConfig,
     lora_fair_aggregate,
     lora_fair_correction,
@@ -41,8 +41,8 @@ from strategies.lora_fair import (
     lora_fair_from_sums,
     lora_fair_objective,
 )
-from strategies.rolora import rolora_accumulator, rolora_aggregate, rolora_trained_factor
-from strategies.streaming import (
+from fedlora.strategies.rolora import rolora_accumulator, rolora_aggregate, rolora_trained_factor
+from fedlora.strategies.streaming import (
     DeltaSum,
     DeltaSumAccumulator,
     FactorSumAccumulator,

@@ -2,7 +2,7 @@
 
 An algorithm says, per round, which LoRA factors clients train and what they download, folds
 replies into a streaming accumulator, and turns the accumulator into the next global state.
-The Flower strategies in :mod:`strategies.flower` own the round loop and call these; an
+The Flower strategies in :mod:`fedlora.strategies.flower` own the round loop and call these; an
 in-process harness can call them the same way.
 
 The global state is a flat mapping of PEFT adapter keys (``<module>.lora_A.weight``,
@@ -20,15 +20,15 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, join_adapter, split_adapter
-from strategies.diagnostics import ErrorSketch, aggregation_error_from_sums
-from strategies.fedex_lora import fedex_lora_from_sums
-from strategies.fedsvd import fedsvd_from_sums
-from strategies.ffa_lora import init_lora_A
-from strategies.flexlora import flexlora_from_sums
-from strategies.lora_fair import LoraFairConfig, lora_fair_from_sums
-from strategies.rolora import rolora_trained_factor
-from strategies.streaming import (
+from fedlora.strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, join_adapter, split_adapter
+from fedlora.strategies.diagnostics import ErrorSketch, aggregation_error_from_sums
+from fedlora.strategies.fedex_lora import fedex_lora_from_sums
+from fedlora.strategies.fedsvd import fedsvd_from_sums
+from fedlora.strategies.ffa_lora import init_lora_A
+from fedlora.strategies.flexlora import flexlora_from_sums
+from fedlora.strategies.lora_fair import LoraFairConfig, lora_fair_from_sums
+from fedlora.strategies.rolora import rolora_trained_factor
+from fedlora.strategies.streaming import (
     DeltaSumAccumulator,
     FactorSumAccumulator,
     ProductSumAccumulator,
@@ -39,7 +39,7 @@ Factors = Literal["both", "A", "B"]
 
 class SketchedFactorSum:
     """FedAvg-LoRA's constant-memory accumulator: running sums of A and B plus an
-    :class:`~strategies.diagnostics.ErrorSketch` of sum_k p_k B_k A_k for the error diagnostic."""
+    :class:`~fedlora.strategies.diagnostics.ErrorSketch` of sum_k p_k B_k A_k for the error diagnostic."""
 
     def __init__(self, sketch_size: int = 128) -> None:
         self.sums = FactorSumAccumulator("both")

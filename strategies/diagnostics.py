@@ -3,7 +3,7 @@
 Exact needs T = sum_k p_k B_k A_k, and no statistic smaller than T can give it from a stream:
 to update ||T||^2 with a new client's product B A one needs <T_sofar, B A> for whatever rank-r
 B A arrives next, which pins down T_sofar itself. So the exact value costs a dense d_out x d_in
-matrix per module (:class:`~strategies.streaming.ProductSumAccumulator`, 4 GB in fp32 for
+matrix per module (:class:`~fedlora.strategies.streaming.ProductSumAccumulator`, 4 GB in fp32 for
 rank 16 on q, v of a 32-layer 4096-wide model) or all replies' factors (growing with K).
 
 :class:`ErrorSketch` is the constant-memory alternative for FedAvg-LoRA, whose sums are
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from strategies.adapter import LoraFactors
-from strategies.linalg import seeded_generator
-from strategies.streaming import BaseAccumulator, ProductSums
+from fedlora.strategies.adapter import LoraFactors
+from fedlora.strategies.linalg import seeded_generator
+from fedlora.strategies.streaming import BaseAccumulator, ProductSums
 
 
 def relative_error(error_sq: float, target_sq: float) -> float:

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from strategies.adapter import LoraFactors, check_clients, client_proportions
-from strategies.diagnostics import AggregationError, aggregation_error_from_sums
-from strategies.streaming import FactorSumAccumulator, ProductSumAccumulator
+from fedlora.strategies.adapter import LoraFactors, check_clients, client_proportions
+from fedlora.strategies.diagnostics import AggregationError, aggregation_error_from_sums
+from fedlora.strategies.streaming import FactorSumAccumulator, ProductSumAccumulator
 
 
 def fedavg_lora_aggregate(
@@ -37,7 +37,7 @@ def aggregation_error(
     """Exact ||B_bar A_bar - T||_F / ||T||_F per module and overall.
 
     Holds a dense d_out x d_in float64 matrix per module; a server streaming large adapters
-    should use :class:`~strategies.diagnostics.ErrorSketch` instead.
+    should use :class:`~fedlora.strategies.diagnostics.ErrorSketch` instead.
     """
     check_clients(modules_per_client, weights)
     acc = ProductSumAccumulator()

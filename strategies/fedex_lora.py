@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from strategies.adapter import LoraFactors, check_clients
-from strategies.streaming import ProductSumAccumulator, ProductSums
+from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.streaming import ProductSumAccumulator, ProductSums
 
 
 @dataclass(frozen=True, eq=False)

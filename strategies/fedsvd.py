@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from strategies.adapter import LoraFactors, check_clients
-from strategies.linalg import refactor_orthonormal
-from strategies.streaming import FactorSumAccumulator
+from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.linalg import refactor_orthonormal
+from fedlora.strategies.streaming import FactorSumAccumulator
 
 
 def fedsvd_refactor(factors: LoraFactors) -> LoraFactors:

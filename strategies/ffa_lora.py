@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from strategies.adapter import LoraFactors, check_clients
-from strategies.linalg import stable_seed
-from strategies.streaming import FactorSumAccumulator
+from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.linalg import stable_seed
+from fedlora.strategies.streaming import FactorSumAccumulator
 
 
 def module_seed(seed: int, module_name: str) -> int:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from strategies.adapter import LoraFactors, check_clients
-from strategies.linalg import thin_svd
-from strategies.streaming import DeltaSum, DeltaSumAccumulator
+from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.linalg import thin_svd
+from fedlora.strategies.streaming import DeltaSum, DeltaSumAccumulator
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,7 +2,7 @@
 
 Flower owns the round loop (``Strategy.start``); :class:`LoraStrategy` overrides only what
 differs from FedAvg: what clients download and train each round, and how replies are
-validated and aggregated (streaming, by the method's :class:`~strategies.algorithms.LoraAlgorithm`).
+validated and aggregated (streaming, by the method's :class:`~fedlora.strategies.algorithms.LoraAlgorithm`).
 One subclass per method fixes the algorithm, so a strategy is chosen by name.
 """
 
@@ -20,8 +20,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
-from strategies.algorithms import (
+from fedlora.strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
+from fedlora.strategies.algorithms import (
     FedExLora,
     FedSvd,
     FfaLora,
@@ -32,7 +32,7 @@ from strategies.algorithms import (
     RoLora,
     update_norm,
 )
-from strategies.validation import TensorSpec, check_reply, payload_bytes
+from fedlora.strategies.validation import TensorSpec, check_reply, payload_bytes
 
 #: called for every accepted reply: (round, node id, the reply as aggregated)
 ReplyHook = Callable[[int, int, Reply], None]

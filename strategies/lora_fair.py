@@ -25,8 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from strategies.adapter import LoraFactors, check_clients
-from strategies.streaming import ProductSumAccumulator, ProductSums
+from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.streaming import ProductSumAccumulator, ProductSums
 
 Objective = Literal["cosine", "squared"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from strategies.adapter import LoraFactors, check_clients
-from strategies.streaming import FactorSumAccumulator
+from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.streaming import FactorSumAccumulator
 
 
 def rolora_trained_factor(server_round: int) -> Literal["A", "B"]:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from strategies.adapter import LoraFactors, check_weight
+from fedlora.strategies.adapter import LoraFactors, check_weight
 
 TrainedFactors = Literal["both", "A", "B"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.model import load_tokenizer
+from fedlora.core.model import load_tokenizer
 
 torch.set_num_threads(1)
 

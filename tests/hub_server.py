@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from simulations.runner import free_port
+from fedlora.core.flower_runner import free_port
 
 
 class HubServer:
@@ -30,7 +30,7 @@ class HubServer:
 
     def start(self, timeout: float = 60.0) -> HubServer:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "hub.cli", "serve", str(self.hub_dir), "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "fedlora.hub.cli", "serve", str(self.hub_dir), "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--workers", str(self.workers)]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

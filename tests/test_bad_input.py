@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import main as client_main
-from client.data import DataSpec, load_jsonl
-from client.finetune import FinetuneConfig
-from client.model import LoraSettings, load_base_model, wrap_lora
+from fedlora.client.cli import main as client_main
+from fedlora.client.finetune import FinetuneConfig
+from fedlora.core.data import DataSpec, load_jsonl
+from fedlora.core.model import LoraSettings, load_base_model, wrap_lora
 
 
 def test_missing_model_directory(tmp_path: Path) -> None:

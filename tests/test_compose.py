@@ -314,9 +314,9 @@ def _container_ports(service: Mapping[str, Any]) -> set[int]:
 
 def deployment_problems(compose: Compose) -> list[str]:
     """What the server and client services must agree on."""
-    from client.node import NodeError, split_address
-    from server.server_dir import DEFAULT_DEPLOY_RUN_CONFIG, DEFAULT_PORT
-    from simulations.cli import parse_run_config_pairs
+    from fedlora.client.node import NodeError, split_address
+    from fedlora.server.server_dir import DEFAULT_DEPLOY_RUN_CONFIG, DEFAULT_PORT
+    from fedlora.simulations.cli import parse_run_config_pairs
 
     services = compose["services"]
     parsed = commands(compose)
@@ -411,8 +411,8 @@ def _environment(service: Mapping[str, Any]) -> dict[str, str]:
 def guard_problems(compose: Compose) -> list[str]:
     """The set-up steps refuse to run twice (exit 2), so each must skip itself once done: its
     guard's $DONE must be the file its command writes last, or it reruns (and fails) or never runs."""
-    from hub.hub_dir import HubDir
-    from server.server_dir import ServerDir
+    from fedlora.hub.hub_dir import HubDir
+    from fedlora.server.server_dir import ServerDir
 
     problems = []
     for name, (script, ns) in commands(compose).items():
@@ -455,7 +455,7 @@ def hub_problems(compose: Compose) -> list[str]:
     every SuperNode gets hub.pub (fl-client pull --hub-key)."""
     from urllib.parse import urlsplit
 
-    from hub.hub_dir import DEFAULT_PORT, HubDir
+    from fedlora.hub.hub_dir import DEFAULT_PORT, HubDir
 
     services = compose["services"]
     parsed = commands(compose)
@@ -561,14 +561,14 @@ def test_every_service_runs_one_console_script_with_valid_options(name: str) -> 
 
 
 def test_the_parser_is_the_scripts_own_and_runs_nothing() -> None:
-    from server import cli
+    from fedlora.server import cli
 
     with mock.patch.object(cli, "_start", side_effect=AssertionError("a handler ran")):
         script, ns = parse_command(["fl-server", "start", "/srv/fedlora", "--quiet"])
     assert script == "fl-server" and ns.command == "start" and ns.quiet and ns.server_dir == Path("/srv/fedlora")
     script, ns = parse_command(["fl-client", "start", "--server", "h:1", "--data", "embedded:copy", "--state-dir", "s"])
     assert script == "fl-client" and ns.command == "start" and ns.state_dir == Path("s")
-    from hub import cli as hub_cli
+    from fedlora.hub import cli as hub_cli
 
     with mock.patch.object(hub_cli, "_serve", side_effect=AssertionError("a handler ran")):
         script, ns = parse_command(["fl-hub", "serve", "/srv/hub", "--port", "9481"])
@@ -609,7 +609,7 @@ def test_every_volume_is_mounted_where_the_image_gives_its_user_a_directory() ->
 
 
 def test_supernodes_use_data_they_can_load() -> None:
-    from client.datasets import check_node_data
+    from fedlora.core.client_data import check_node_data
 
     compose = load_compose()
     nodes = _client_services(compose)
@@ -622,10 +622,10 @@ def test_supernodes_use_data_they_can_load() -> None:
 
 def test_the_run_the_superlink_starts_is_a_valid_deployment() -> None:
     """server.toml as `fl-server init` writes it, with the start's overrides, as `fl-server start` checks it."""
-    from client.federation import FederationConfig
-    from server.deploy import DEPLOYED_KEY
-    from server.server_dir import DEFAULT_DEPLOY_RUN_CONFIG
-    from simulations.cli import parse_run_config_pairs
+    from fedlora.core.config import FederationConfig
+    from fedlora.server.deploy import DEPLOYED_KEY
+    from fedlora.server.server_dir import DEFAULT_DEPLOY_RUN_CONFIG
+    from fedlora.simulations.cli import parse_run_config_pairs
 
     parsed = commands(load_compose()).values()
     (init,) = [ns for s, ns in parsed if s == "fl-server" and ns.command == "init"]

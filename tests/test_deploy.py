@@ -24,10 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privacy.accounting import compute_epsilon
-from privacy.keys import fingerprint, load_node_public_key
-from privacy.ledger import PrivacyLedger
-from server.server_dir import ServerDir
+from fedlora.core.pki import fingerprint, load_node_public_key
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.server.server_dir import ServerDir
 
 pytestmark = pytest.mark.flower
 
@@ -162,10 +162,10 @@ def test_secure_federation_of_three_with_dp_refuses_strangers(
     from hub_server import HubServer
     from peft import PeftModel
 
-    from client.model import load_base_model
-    from hub.client import HubClient
-    from hub.hub_dir import HubDir, HubSettings
-    from hub.manifest import load_public_key
+    from fedlora.core.model import load_base_model
+    from fedlora.hub.hub_dir import HubDir, HubSettings
+    from fedlora.hub.sdk.client import HubClient
+    from fedlora.hub.sdk.manifest import load_public_key
 
     fed = federation
     hub_dir, _ = HubDir.init(fed.root / "hub", HubSettings())

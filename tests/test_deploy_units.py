@@ -27,12 +27,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from client.cli import main as client_main
-from client.datasets import check_node_data, node_examples
-from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-from client.node import NodeError, NodeOptions, ServerAway, probe_server, split_address
-from privacy.accounting import compute_epsilon
-from privacy.keys import (
+from fedlora.client.cli import main as client_main
+from fedlora.client.node import NodeError, NodeOptions, ServerAway, probe_server, split_address
+from fedlora.core.client_data import check_node_data, node_examples
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.pki import (
     create_ca,
     fingerprint,
     generate_node_key,
@@ -40,12 +39,13 @@ from privacy.keys import (
     write_certificate,
     write_private_key_pem,
 )
-from privacy.report import build_report, load_run
-from server.cli import main as server_main
-from server.server_dir import ServerDir
-from server.superlink import ControlGuard, is_loopback
-from strategies.algorithms import FfaLora
-from strategies.flower import FfaLoraStrategy
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.report import build_report, load_run
+from fedlora.server.cli import main as server_main
+from fedlora.server.server_dir import ServerDir
+from fedlora.server.superlink import ControlGuard, is_loopback
+from fedlora.strategies.algorithms import FfaLora
+from fedlora.strategies.flower import FfaLoraStrategy
 
 # ---------------------------------------------------------------------------------------- guard
 
@@ -383,7 +383,7 @@ class _SlowGrid:
 
 
 def test_prompt_grid_collects_every_reply_quickly_and_delegates() -> None:
-    from server.app import PromptGrid
+    from fedlora.server.app import PromptGrid
 
     grid = _SlowGrid([["a"], [], ["b", "c"]])
     prompt = PromptGrid(grid, poll=0.01)  # type: ignore[arg-type]
@@ -400,14 +400,14 @@ def test_warm_trainer_answers_like_the_in_process_client(tmp_path: Path) -> None
     """A deployed node's message process hands its work to the trainer over the Unix socket."""
     import os as _os
 
-    from client.app import compute
-    from client.edge import Request
-    from client.trainer import Trainer, ask, socket_path
+    from fedlora.client.app import compute
+    from fedlora.client.edge import Request
+    from fedlora.client.trainer import Trainer, ask, socket_path
 
     run = {**DEFAULT_RUN_CONFIG, "num-train": 40, "num-test": 8, "tasks": "adddigit-4", "strategy": "ffa-lora"}
     node = {"data-path": "embedded:adddigit-4", "state-dir": str(tmp_path / "state"), "client-name": "alice"}
     cfg = FederationConfig.from_run_config(run)
-    from client.model import get_adapter_state, load_base_model, wrap_lora
+    from fedlora.core.model import get_adapter_state, load_base_model, wrap_lora
 
     lora = cfg.lora_settings(cfg.lora_rank, 16.0)
     state = {k: v.numpy() for k, v in get_adapter_state(wrap_lora(load_base_model(), lora), "B").items()}

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.data import encode
-from client.model import load_base_model
-from client.train import evaluate
-from simulations.embedded import default_model_dir
-from simulations.tasks import TASKS, seen_tasks
+from fedlora.core.data import encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import load_base_model
+from fedlora.core.tasks import TASKS, seen_tasks
+from fedlora.core.train import evaluate
 
 # Documented floors (README): the pretraining report reaches ~1.0 on these families.
 SEEN_FLOOR = {"adddigit": 0.9, "copy": 0.9, "repeat": 0.9, "reverse": 0.9, "rotate": 0.9, "upper": 0.9, "sort": 0.8}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 
 
 def test_defaults_round_trip_through_flower_keys() -> None:
@@ -72,7 +72,7 @@ def test_resume_takes_keys_newer_than_the_stored_run_as_their_defaults_and_keeps
     import json
     from types import SimpleNamespace
 
-    from server.app import ResumeError, prepare_run_dir
+    from fedlora.server.app import ResumeError, prepare_run_dir
 
     resolved = {**DEFAULT_RUN_CONFIG, "resume": True}
     old = {k: v for k, v in DEFAULT_RUN_CONFIG.items() if k != "dp.engine"}

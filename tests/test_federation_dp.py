@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from client.federation import DEFAULT_RUN_CONFIG
-from privacy.accounting import compute_epsilon
-from privacy.ledger import PrivacyLedger
-from simulations.runner import SimulationRequest, run_simulation_app
+from fedlora.core.config import DEFAULT_RUN_CONFIG
+from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.flower
 
@@ -31,7 +31,7 @@ def _run(tmp_path: Path, name: str, **overrides: object) -> tuple[Path, list[dic
     run_dir = tmp_path / name
     outcome = run_simulation_app(
         SimulationRequest(
-            components=("server.app:app", "client.app:app"),
+            components=("fedlora.server.app:app", "fedlora.client.app:app"),
             app_name="fedlora",
             default_config=DEFAULT_RUN_CONFIG,
             overrides={**DP, "run-dir": str(run_dir), **overrides},

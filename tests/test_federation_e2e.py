@@ -15,14 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-from server.app import algorithm_kwargs
-from simulations.cli import simulate
-from simulations.embedded import default_model_dir
-from strategies.adapter import split_adapter
-from strategies.algorithms import ALGORITHMS, Reply
-from strategies.fedavg_lora import fedavg_lora_aggregate
-from strategies.flower import STRATEGIES
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.embedded import default_model_dir
+from fedlora.server.app import algorithm_kwargs
+from fedlora.simulations.cli import simulate
+from fedlora.strategies.adapter import split_adapter
+from fedlora.strategies.algorithms import ALGORITHMS, Reply
+from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
+from fedlora.strategies.flower import STRATEGIES
 
 pytestmark = pytest.mark.flower
 

@@ -17,9 +17,9 @@ import torch
 from flwr.common.config import flatten_dict
 from safetensors.torch import load_file
 
-from simulations.cli import MAIN_JOB, main
+from fedlora.simulations.cli import MAIN_JOB, main
 
-FL_SIM = [sys.executable, "-m", "simulations.cli"]
+FL_SIM = [sys.executable, "-m", "fedlora.simulations.cli"]
 TINY = [
     "--clients", "3", "--local-steps", "4", "--num-train", "64", "--num-test", "16",
     "--tasks", "adddigit-4,rotate-2,repeat-3", "--partition", "tasks-per-client",
@@ -139,7 +139,7 @@ def test_resume_refuses_new_options_and_force_keeps_the_ledgers(
     (run / "client-state" / "partition-0" / "privacy_ledger.json").write_text("{}")
     (run / "checkpoints").mkdir()
     (run / "metrics.jsonl").write_text('{"round": 1}\n')
-    import simulations.cli as cli
+    import fedlora.simulations.cli as cli
 
     monkeypatch.setattr(cli, "simulate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["--force", "--out", str(run), "--quiet"]) == 130

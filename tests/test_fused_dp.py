@@ -1,4 +1,4 @@
-"""The fused DP-SGD engine against Opacus' hooks, through ``privacy.dp.dp_sgd``: the same private
+"""The fused DP-SGD engine against Opacus' hooks, through ``fedlora.privacy.dp.dp_sgd``: the same private
 update at noise 0 with clipping active (relative 1e-6, float64), the same noise for the same seed,
 the same Poisson batches; what the fused engine cannot handle is refused by name."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from client.data import collate, encode, per_sequence_loss
-from client.model import LoraSettings, load_base_model, load_tokenizer, set_trainable_factors, wrap_lora
-from privacy.dp import DPSGDConfig, dp_sgd
-from privacy.fused import LoraTaps
-from simulations.tasks import get_task
+from fedlora.core.data import collate, encode, per_sequence_loss
+from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, set_trainable_factors, wrap_lora
+from fedlora.core.tasks import get_task
+from fedlora.privacy.dp import DPSGDConfig, dp_sgd
+from fedlora.privacy.fused import LoraTaps
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ from hub_server import HubServer
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from client.model import LoraSettings, load_base_model, save_adapter, wrap_lora
-from hub.client import HubClient, HubRequestError
-from hub.hub_dir import HubDir, HubSettings
-from hub.manifest import VerificationError, describe_base_model, load_public_key, read_adapter_dir
-from hub.publish import adapter_files
-from simulations.embedded import default_model_dir
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
+from fedlora.hub.hub_dir import HubDir, HubSettings
+from fedlora.hub.sdk.client import HubClient, HubRequestError
+from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key, read_adapter_dir
+from fedlora.hub.sdk.publish import adapter_files
 
 PROMPT = torch.tensor([[5, 17, 23, 9, 31, 4, 12, 8]])
 
@@ -273,7 +273,7 @@ def test_tampered_manifest_and_foreign_key_are_refused(hub: Hub, adapters: tuple
 
 
 def test_signed_manifest_of_another_name_is_refused(hub: Hub) -> None:
-    from hub.manifest import verify_record
+    from fedlora.hub.sdk.manifest import verify_record
 
     with hub.client(hub.alice) as alice:
         record = alice.record("tasks/sort-desc")
@@ -464,11 +464,22 @@ def test_fl_sim_publishes_every_round_and_the_final_adapter(
 
     from safetensors.torch import load_file
 
-    from privacy.accounting import compute_epsilon
-    from privacy.ledger import PrivacyLedger
+    from fedlora.privacy.accounting import compute_epsilon
+    from fedlora.privacy.ledger import PrivacyLedger
 
     run = tmp_path / "hubrun"
-    argv = [sys.executable, "-m", "simulations.cli", *FL_SIM_TINY, "--rounds", "3", "--epsilon", "8", "--out", str(run)]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedlora.simulations.cli",
+        *FL_SIM_TINY,
+        "--rounds",
+        "3",
+        "--epsilon",
+        "8",
+        "--out",
+        str(run),
+    ]
     argv += ["--hub", hub.server.url, "--hub-token-file", str(hub.dir.operator_token_path)]
     argv += ["--hub-key", str(hub.dir.public_key_path), "--hub-every-round"]
     argv += ["--run-config", "personalize.steps=4 personalize.epsilon=2.0"]  # then each client personalises
@@ -524,11 +535,11 @@ def test_fl_sim_publishes_every_round_and_the_final_adapter(
 
     # fl-hub evaluate: the three personal adapters from the hub (verified), scored in one batch,
     # the same as PEFT scores each pulled adapter
-    from client.data import encode
-    from client.model import load_tokenizer
-    from client.train import evaluate
-    from hub.cli import main as fl_hub
-    from hub.evaluate import load_examples
+    from fedlora.core.data import encode
+    from fedlora.core.model import load_tokenizer
+    from fedlora.core.train import evaluate
+    from fedlora.hub.cli import main as fl_hub
+    from fedlora.hub.evaluate import load_examples
 
     capsys.readouterr()
     argv = ["evaluate", "clients/", "--data", "embedded:rotate-2", "--num-examples", "12", "--json"]
@@ -551,9 +562,9 @@ def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(
 ) -> None:
     from rich.console import Console
 
-    from hub.publish import HubTarget, RunPublisher
-    from simulations.cli import report_published
-    from simulations.runner import free_port
+    from fedlora.core.flower_runner import free_port
+    from fedlora.hub.sdk.publish import HubTarget, RunPublisher
+    from fedlora.simulations.cli import report_published
 
     run = tmp_path / "run"
     run.mkdir()
@@ -574,9 +585,9 @@ def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(
 def test_personalize_pull_global_charge_push_and_pull_from_another_device(
     hub: Hub, adapters: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from client.cli import main as fl_client
-    from privacy.accounting import compute_epsilon
-    from privacy.ledger import PrivacyLedger
+    from fedlora.client.cli import main as fl_client
+    from fedlora.privacy.accounting import compute_epsilon
+    from fedlora.privacy.ledger import PrivacyLedger
 
     with hub.client(hub.operator) as op:
         op.publish(

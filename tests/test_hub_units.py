@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 
-from hub.hub_dir import HubDir, HubSettings
-from hub.manifest import (
+from fedlora.hub.hub_dir import HubDir, HubSettings
+from fedlora.hub.sdk.manifest import (
     DOMAIN,
     AdapterInfo,
     BaseModel,
@@ -29,8 +29,8 @@ from hub.manifest import (
     verify_record,
     weights_sha256,
 )
-from hub.names import Principal, check_name, check_prefix
-from hub.store import Registry, Unauthorized
+from fedlora.hub.sdk.names import Principal, check_name, check_prefix
+from fedlora.hub.store import Registry, Unauthorized
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}).encode()
 
@@ -168,7 +168,7 @@ def test_adapter_checks() -> None:
 
 
 def test_weights_hash_is_the_embedded_models_and_moves_with_any_byte(tmp_path: Path) -> None:
-    from simulations.embedded import default_model_dir
+    from fedlora.core.embedded import default_model_dir
 
     base = describe_base_model()
     assert base.id == "fedlora/embedded-base" and base.sha256 == weights_sha256(default_model_dir())
@@ -223,9 +223,9 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
 def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hub_server import HubServer
 
-    from client.cli import main as fl_client
-    from client.model import LoraSettings, load_base_model, save_adapter, wrap_lora
-    from hub.cli import main as fl_hub
+    from fedlora.client.cli import main as fl_client
+    from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
+    from fedlora.hub.cli import main as fl_hub
 
     assert fl_hub(["init", str(tmp_path / "h")]) == 0
     hub = HubDir(tmp_path / "h")
@@ -273,9 +273,9 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
     from hub_server import HubServer
 
-    from hub.cli import main as fl_hub
-    from hub.client import HubClient, HubRequestError
-    from privacy.keys import create_ca, issue_server_certificate, write_certificate, write_private_key_pem
+    from fedlora.core.pki import create_ca, issue_server_certificate, write_certificate, write_private_key_pem
+    from fedlora.hub.cli import main as fl_hub
+    from fedlora.hub.sdk.client import HubClient, HubRequestError
 
     ca_key, ca_cert = create_ca()
     key, cert = issue_server_certificate(ca_key, ca_cert, ["hub.example"])
@@ -306,7 +306,7 @@ def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
 
 
 def test_a_run_name_from_the_server_cannot_leave_the_state_directory() -> None:
-    from client.app import NodeContext, personalize_reply
+    from fedlora.client.app import NodeContext, personalize_reply
 
     context = NodeContext(run_config={}, node_config={}, run_id=1)
     for bad in ("../../home", "/tmp/victim", "a/b"):
@@ -334,7 +334,10 @@ def test_the_hub_never_imports_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, hub.app, hub.cli, hub.client, hub.publish, hub.store; "
+    code = (
+        "import sys, fedlora.hub.app, fedlora.hub.cli, fedlora.hub.sdk.client, fedlora.hub.sdk.publish, "
+        "fedlora.hub.store; "
+    )
     code += "print(sorted({'torch', 'opacus', 'peft'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.multi_adapter import lora_gathered
-from privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
+from fedlora.core.multi_adapter import lora_gathered
+from fedlora.privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
 
 N, T, D_IN, D_OUT, R, S = 3, 7, 5, 6, 3, 1.7
 
@@ -97,9 +97,9 @@ def test_triton_kernels_under_the_interpreter_equal_the_reference() -> None:
         pytest.skip("triton is not installed: the Triton kernels cannot be tested here")
     code = """
 import torch
-from privacy.kernels import lora_per_sample_sq_norms
-from privacy.triton_kernels import lora_clipped_noised_sum_triton, lora_per_sample_sq_norms_triton
-from privacy.kernels import lora_clipped_noised_sum
+from fedlora.privacy.kernels import lora_per_sample_sq_norms
+from fedlora.privacy.triton_kernels import lora_clipped_noised_sum_triton, lora_per_sample_sq_norms_triton
+from fedlora.privacy.kernels import lora_clipped_noised_sum
 g = torch.Generator().manual_seed(3)
 for n, t, d_in, d_out, r in [(3, 7, 5, 6, 3), (2, 19, 17, 33, 2), (1, 1, 3, 2, 1)]:
     x, gr = torch.randn(n, t, d_in, generator=g), torch.randn(n, t, d_out, generator=g)
@@ -114,8 +114,8 @@ for n, t, d_in, d_out, r in [(3, 7, 5, 6, 3), (2, 19, 17, 33, 2), (1, 1, 3, 2, 1
         ref = lora_clipped_noised_sum(x, gr, a, b, 1.3, clip, noise, 5)
         for u, v in zip(got, ref):
             assert torch.allclose(u, v, rtol=1e-4, atol=1e-4), (u - v).abs().max()
-from client.multi_adapter import lora_gathered
-from client.multi_adapter_triton import lora_gathered_triton
+from fedlora.core.multi_adapter import lora_gathered
+from fedlora.core.multi_adapter_triton import lora_gathered_triton
 for n, t, d, o, r, k in [(5, 7, 5, 6, 3, 4), (3, 19, 37, 33, 2, 2), (1, 1, 3, 2, 1, 1)]:
     x = torch.randn(n, t, d, generator=g)
     bank_a, bank_b = torch.randn(k, r, d, generator=g), torch.randn(k, o, r, generator=g)
@@ -135,8 +135,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.gpu
 @cuda
 def test_ops_on_cuda_run_the_triton_kernels_and_equal_the_cpu_reference() -> None:
-    from client.multi_adapter_triton import lora_gathered_triton
-    from privacy.triton_kernels import lora_per_sample_sq_norms_triton
+    from fedlora.core.multi_adapter_triton import lora_gathered_triton
+    from fedlora.privacy.triton_kernels import lora_per_sample_sq_norms_triton
 
     x, a, b, target = (t.float() for t in _layer(4))
     g = target - x @ a.T @ b.T
@@ -164,10 +164,10 @@ def test_fused_engine_on_cuda_equals_opacus() -> None:
     """One DP-SGD step on the GPU with both engines at noise 0 (clipping active)."""
     import copy
 
-    from client.data import collate, encode, per_sequence_loss
-    from client.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
-    from privacy.dp import DPSGDConfig, dp_sgd
-    from simulations.tasks import get_task
+    from fedlora.core.data import collate, encode, per_sequence_loss
+    from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
+    from fedlora.core.tasks import get_task
+    from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 
     tok = load_tokenizer()
     model = wrap_lora(load_base_model(device="cuda"), LoraSettings(rank=2, target_modules=("q_proj", "v_proj")))

@@ -9,8 +9,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from client.data import encode
-from client.model import (
+from fedlora.core.data import encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import (
     LoraSettings,
     get_adapter_state,
     load_adapter,
@@ -19,9 +20,8 @@ from client.model import (
     set_adapter_state,
     wrap_lora,
 )
-from client.train import TrainSettings, evaluate, train
-from simulations.embedded import default_model_dir
-from simulations.tasks import get_task
+from fedlora.core.tasks import get_task
+from fedlora.core.train import TrainSettings, evaluate, train
 
 
 def _data(tokenizer: PreTrainedTokenizerBase, task: str, n: int, split: str, seed: int = 0) -> list:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from client.data import encode
-from client.model import (
+from fedlora.core.data import encode
+from fedlora.core.model import (
     LoraSettings,
     get_adapter_state,
     load_adapter,
@@ -23,11 +23,11 @@ from client.model import (
     set_base_deltas,
     wrap_lora,
 )
-from client.multi_adapter import AdapterBank, LoadedAdapter, evaluate_many
-from client.train import evaluate
-from hub.manifest import BASE_DELTA_FILE, read_adapter_dir
-from simulations.tasks import get_task
-from strategies.algorithms import BASE_DELTA_SUFFIX
+from fedlora.core.multi_adapter import AdapterBank, LoadedAdapter, evaluate_many
+from fedlora.core.tasks import get_task
+from fedlora.core.train import evaluate
+from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, read_adapter_dir
+from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX
 
 SETTINGS = [
     LoraSettings(rank=1, alpha=4.0, target_modules=("q_proj", "v_proj")),
@@ -131,9 +131,9 @@ def test_fl_sim_personal_eval_scores_every_personal_adapter_on_every_client(
     adapter on each virtual client's test split (the split the run config defines)."""
     import json
 
-    from client.datasets import client_examples
-    from client.federation import DEFAULT_RUN_CONFIG, FederationConfig
-    from simulations.cli import main as fl_sim
+    from fedlora.core.client_data import client_examples
+    from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+    from fedlora.simulations.cli import main as fl_sim
 
     run = tmp_path / "run"
     config = {**DEFAULT_RUN_CONFIG, "num-clients": 2, "num-test": 6, "num-train": 16, "tasks": "rotate-2,sort-desc"}
@@ -192,8 +192,8 @@ def test_fl_hub_evaluate_trusts_only_what_the_hub_signed_and_skips_what_it_canno
     """The listing is unsigned: the verified manifest's base model decides, names outside the
     prefix are dropped; an adapter (or a FedEx residual) that does not load is skipped with its
     reason, the others are still scored."""
-    from hub.evaluate import evaluate_prefix
-    from hub.manifest import describe_base_model
+    from fedlora.hub.evaluate import evaluate_prefix
+    from fedlora.hub.sdk.manifest import describe_base_model
 
     local = describe_base_model()
     good = read_adapter_dir(_adapter(tmp_path, 0, SETTINGS[0]))

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.partitioners import (
+from fedlora.core.partitioners import (
     MAX_RESAMPLES,
     SCHEMES,
     Partition,
@@ -21,7 +21,7 @@ from simulations.partitioners import (
     register,
     write_partition_manifest,
 )
-from simulations.tasks import Example, get_task
+from fedlora.core.tasks import Example, get_task
 
 TASKS6 = ("caesar-3", "repeat-2", "reverse", "sort-asc", "upper", "copy")
 SCHEME_SPECS = [

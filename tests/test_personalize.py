@@ -13,18 +13,18 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-import client.personalize as personalize_module
-from client.data import encode
-from client.datasets import node_examples
-from client.federation import FederationConfig
-from client.model import LoraSettings, load_base_model, load_tokenizer, save_adapter, wrap_lora
-from client.personalize import DP_OFF, PersonalizeConfig, PrivacyBudgetError, personalize
-from client.train import TrainSettings, evaluate, train
-from privacy.accounting import compute_epsilon
-from privacy.ledger import LEDGER_FILE, PrivacyLedger
-from privacy.planning import default_delta
-from privacy.report import PRIVACY_UNIT
-from simulations.tasks import get_task
+import fedlora.client.personalize as personalize_module
+from fedlora.client.personalize import DP_OFF, PersonalizeConfig, PrivacyBudgetError, personalize
+from fedlora.core.client_data import node_examples
+from fedlora.core.config import FederationConfig
+from fedlora.core.data import encode
+from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, save_adapter, wrap_lora
+from fedlora.core.tasks import get_task
+from fedlora.core.train import TrainSettings, evaluate, train
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedlora.privacy.planning import default_delta
+from fedlora.privacy.report import PRIVACY_UNIT
 
 #: a task held out of pretraining: the base model (and the global adapter) cannot do it
 TASK = "embedded:rotate-2"

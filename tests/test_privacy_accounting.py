@@ -12,7 +12,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus_reference import opacus_reference
 
-from privacy.accounting import (
+from fedlora.privacy.accounting import (
     ACCOUNTANTS,
     PRV_EPS_ERROR,
     PrivacyAccountingError,
@@ -24,7 +24,7 @@ from privacy.accounting import (
     register,
     validate_history,
 )
-from privacy.planning import BudgetPlan, default_delta, delta_warning, expected_rounds, plan_noise
+from fedlora.privacy.planning import BudgetPlan, default_delta, delta_warning, expected_rounds, plan_noise
 
 DELTA = 1e-5
 MIXED = [(1.0, 0.016, 100), (0.8, 0.032, 50), (1.2, 0.01, 200)]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from opacus_reference import opacus_reference
 
-from privacy.ledger import LEDGER_FILE, LedgerConflictError, LedgerError, PrivacyLedger
+from fedlora.privacy.ledger import LEDGER_FILE, LedgerConflictError, LedgerError, PrivacyLedger
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order:UserWarning"),
@@ -200,7 +200,7 @@ def test_failed_replace_keeps_the_old_ledger(tmp_path: Path, monkeypatch: pytest
     def disk_full(*_: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("privacy.ledger.os.replace", disk_full)
+    monkeypatch.setattr("fedlora.privacy.ledger.os.replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
         charge(ledger, "run-a", 2)  # the caller must not reply: nothing was charged
     assert (tmp_path / LEDGER_FILE).read_bytes() == before

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from privacy.accounting import compute_epsilon
-from privacy.ledger import LedgerError, PrivacyLedger
-from privacy.report import PRIVACY_UNIT, ReportError, write_privacy_report
-from server.cli import main
+from fedlora.privacy.accounting import compute_epsilon
+from fedlora.privacy.ledger import LedgerError, PrivacyLedger
+from fedlora.privacy.report import PRIVACY_UNIT, ReportError, write_privacy_report
+from fedlora.server.cli import main
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order:UserWarning"),

@@ -1,4 +1,4 @@
-"""simulations.runner: request validation, the generated app dir, and real simulations on loopback.
+"""fedlora.core.flower_runner: request validation, the generated app dir, and real simulations on loopback.
 
 The ``flower`` tests start a real SuperLink, flwr-simulation and Ray (tens of seconds each)
 and run the echo app in ``tests/flower_echo``, whose FedAvg result is known by hand.
@@ -21,8 +21,8 @@ from typing import Any, cast
 import pytest
 from flower_echo.apps import INITIAL_WEIGHTS
 
-from simulations import runner
-from simulations.runner import SimulationError, SimulationOutcome, SimulationRequest, run_simulation_app
+from fedlora.core.flower_runner import SimulationError, SimulationOutcome, SimulationRequest, run_simulation_app
+from fedlora.simulations import runner
 
 TESTS = Path(__file__).resolve().parent
 ECHO_SERVER = "flower_echo.apps:server_app"
@@ -159,7 +159,7 @@ def test_reaper_kills_the_run_when_the_runner_dies_without_teardown(tmp_path: Pa
     script = f"""
 import os, signal, subprocess, sys
 from pathlib import Path
-from simulations import runner
+from fedlora.simulations import runner
 tag = "reaper-test-{os.getpid()}"
 runner._start_reaper(tag, Path({str(tmp_path / "teardown.log")!r}), Path({str(ray_tmp)!r}))
 env = dict(os.environ, **{{runner.RUN_TAG_VAR: tag}})

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from client.federation import FederationConfig
-from privacy.keys import (
+from fedlora.core.config import FederationConfig
+from fedlora.core.pki import (
     CertificateError,
     create_ca,
     fingerprint,
@@ -29,7 +29,7 @@ from privacy.keys import (
     write_node_keypair,
     write_private_key_pem,
 )
-from server.server_dir import (
+from fedlora.server.server_dir import (
     DEFAULT_DEPLOY_RUN_CONFIG,
     ServerDir,
     ServerSettings,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from client.datasets import build_partition, client_examples, client_train_sizes, server_eval_sets
-from client.federation import FederationConfig
-from simulations.tasks import get_task
+from fedlora.core.client_data import build_partition, client_examples, client_train_sizes, server_eval_sets
+from fedlora.core.config import FederationConfig
+from fedlora.core.tasks import get_task
 
 TASKS = "adddigit-4,rotate-2,repeat-3,sort-desc"
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from simulations.compare_report import (
+from fedlora.core.plots import client_table, load_rounds, write_client_table, write_training_plots
+from fedlora.simulations.compare_report import (
     RunResult,
     load_run_result,
     render_markdown,
@@ -23,7 +24,6 @@ from simulations.compare_report import (
     verdict,
     write_compare,
 )
-from simulations.plots import client_table, load_rounds, write_client_table, write_training_plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NODES = {0: "9001", 1: "9002", 2: "9003"}  # random node ids of this run -> partition id

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from strategies import (
+from fedlora.strategies import (
     LoraFactors,
     client_proportions,
     delta_weight,

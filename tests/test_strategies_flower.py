@@ -9,10 +9,10 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.adapter import split_adapter
-from strategies.algorithms import ALGORITHMS, FfaLora, LoraAlgorithm, shared_a_state
-from strategies.fedavg_lora import fedavg_lora_aggregate
-from strategies.flower import STRATEGIES, FedAvgLora, LoraStrategy, create, register, strategy_class
+from fedlora.strategies.adapter import split_adapter
+from fedlora.strategies.algorithms import ALGORITHMS, FfaLora, LoraAlgorithm, shared_a_state
+from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
+from fedlora.strategies.flower import STRATEGIES, FedAvgLora, LoraStrategy, create, register, strategy_class
 
 KEYS = [f"base_model.model.m{i}.lora_{f}.weight" for i in range(2) for f in "AB"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from strategies import (
+from fedlora.strategies import (
     LoraFactors,
     LoraFairConfig,
     aggregation_error,
@@ -32,7 +32,7 @@ from strategies import (
     rolora_aggregate,
     rolora_trained_factor,
 )
-from strategies.linalg import refactor_orthonormal, thin_svd
+from fedlora.strategies.linalg import refactor_orthonormal, thin_svd
 
 F64 = torch.float64
 WEIGHTS = [1.0, 3.0]
@@ -651,8 +651,8 @@ def test_results_come_back_in_the_replies_dtype() -> None:
 
 def test_lora_fair_batched_solve_equals_per_module_solves() -> None:
     """Modules of one shape are solved as one batch; each must get its own solution."""
-    from strategies.lora_fair import LoraFairConfig, lora_fair_correction_iterative, lora_fair_from_sums
-    from strategies.streaming import ProductSums
+    from fedlora.strategies.lora_fair import LoraFairConfig, lora_fair_correction_iterative, lora_fair_from_sums
+    from fedlora.strategies.streaming import ProductSums
 
     g = torch.Generator().manual_seed(11)
     sums = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from strategies import (
+from fedlora.strategies import (
     DeltaSumAccumulator,
     ErrorSketch,
     FactorSumAccumulator,

@@ -4,7 +4,7 @@ from itertools import islice
 
 import pytest
 
-from simulations.tasks import (
+from fedlora.core.tasks import (
     HELD_OUT_TASKS,
     TASKS,
     Example,

@@ -17,17 +17,17 @@ from peft import PeftModel
 from tiny_experts import TINY
 from tiny_experts import TINY_TASKS as TASKS
 
-from client.cli import main as fl_client
-from client.model import load_base_model
-from hub.cli import main as fl_hub
-from hub.client import HubClient, HubRequestError
-from hub.generators.base import load_generator
-from hub.generators.experts import build_experts, publish_experts
-from hub.generators.library import ExpertLibrary
-from hub.generators.request import GenerationRequest
-from hub.hub_dir import HubDir, HubSettings
-from hub.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
-from simulations.tasks import get_task
+from fedlora.client.cli import main as fl_client
+from fedlora.core.model import load_base_model
+from fedlora.core.tasks import get_task
+from fedlora.hub.cli import main as fl_hub
+from fedlora.hub.generators.base import load_generator
+from fedlora.hub.generators.experts import build_experts, publish_experts
+from fedlora.hub.generators.library import ExpertLibrary
+from fedlora.hub.hub_dir import HubDir, HubSettings
+from fedlora.hub.sdk.client import HubClient, HubRequestError
+from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
+from fedlora.hub.sdk.request import GenerationRequest
 
 
 class Hub:
@@ -112,8 +112,8 @@ def test_fl_client_pull_generates_a_signed_adapter_that_peft_loads(hub: Hub, met
     # what the hub generated is exactly what the trained generator gives for that request
     gen = load_generator({f: (hub.root / method / f).read_bytes() for f in GENERATOR_FILES})
     if gen.needs_base_model:
-        gen.task_model = (load_base_model().eval(), __import__("client.model").model.load_tokenizer())
-    from client.data import load_jsonl
+        gen.task_model = (load_base_model().eval(), __import__("fedlora.core.model").model.load_tokenizer())
+    from fedlora.core.data import load_jsonl
 
     expected = gen.generate("add 4 to each digit modulo 10", load_jsonl(examples) if method == "icm-lora" else [])
     assert read_adapter_dir(out)["adapter_model.safetensors"] == expected["adapter_model.safetensors"]
@@ -259,7 +259,7 @@ def test_train_generator_refuses_experts_of_another_base_model(
 ) -> None:
     import shutil
 
-    from simulations.embedded import default_model_dir
+    from fedlora.core.embedded import default_model_dir
 
     other = tmp_path / "other-base"
     shutil.copytree(default_model_dir(), other)
@@ -281,7 +281,7 @@ def test_train_generator_refuses_experts_of_another_base_model(
 def test_an_answer_generated_for_another_request_is_refused(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
     """A man in the middle (or a confused hub) answering with another validly signed adapter is
     caught: by its name, and when the name fits, by the request the signed provenance names."""
-    from hub.manifest import VerificationError
+    from fedlora.hub.sdk.manifest import VerificationError
 
     with hub.client(hub.alice) as c:
         other = c.generate("rotate the string left by 3", "sg-lora")

@@ -16,12 +16,13 @@ import torch
 from peft import PeftModel
 from tiny_experts import TINY, TINY_TASKS
 
-from client.model import LoraSettings, load_base_model, load_tokenizer
-from hub.generators.base import generator_class, load_generator
-from hub.generators.cvae import CVAESettings
-from hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
-from hub.generators.experts import ExpertConfig, build_experts
-from hub.generators.icm_lora import (
+from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer
+from fedlora.core.tasks import Example, get_task
+from fedlora.hub.generators.base import generator_class, load_generator
+from fedlora.hub.generators.cvae import CVAESettings
+from fedlora.hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
+from fedlora.hub.generators.experts import ExpertConfig, build_experts
+from fedlora.hub.generators.icm_lora import (
     KERNEL_WIDTH,
     denormalize,
     expert_weights,
@@ -29,11 +30,10 @@ from hub.generators.icm_lora import (
     ridge_fit,
     zscore,
 )
-from hub.generators.library import ExpertLibrary, Layout
-from hub.generators.request import GenerationRequest
-from hub.generators.sg_lora import mixture_prior, mixture_weights
-from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, check_generator_files, describe_base_model
-from simulations.tasks import Example, get_task
+from fedlora.hub.generators.library import ExpertLibrary, Layout
+from fedlora.hub.generators.sg_lora import mixture_prior, mixture_weights
+from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, check_generator_files, describe_base_model
+from fedlora.hub.sdk.request import GenerationRequest
 
 QUICK = CVAESettings(steps=30, batch_size=4)
 
@@ -304,7 +304,7 @@ def test_generation_never_reads_the_target_adapter(
     every way of reading an expert library disabled, gives the same bytes whether the target's
     adapter is in the library, altered or gone, and ICM-LoRA's statistics are its own
     prediction, not the target's."""
-    import hub.generators.library as library_module
+    import fedlora.hub.generators.library as library_module
 
     library_dir = tmp_path / "library"
     shutil.copytree(experts, library_dir)
@@ -356,7 +356,7 @@ def test_a_rebuilt_expert_replaces_the_old_one_whole(tmp_path: Path) -> None:
 
 def test_minilm_embeds_paraphrases_near_their_task_offline() -> None:
     """The optional sentence encoder (installed by the test command) loads from its wheel."""
-    from hub.generators.embedding import MiniLMEmbedder, embedder_from_state
+    from fedlora.hub.generators.embedding import MiniLMEmbedder, embedder_from_state
 
     emb = MiniLMEmbedder()
     keys = ["add 3 to each digit modulo 10", "reverse the string", "convert the letters to upper case"]

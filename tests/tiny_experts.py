@@ -3,8 +3,8 @@ six steps, two checkpoints (seconds, not minutes)."""
 
 from __future__ import annotations
 
-from client.model import LoraSettings
-from hub.generators.experts import ExpertConfig
+from fedlora.core.model import LoraSettings
+from fedlora.hub.generators.experts import ExpertConfig
 
 TINY_TASKS = ("adddigit-3", "adddigit-5", "rotate-1", "rotate-3")
 TINY = ExpertConfig(

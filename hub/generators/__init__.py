@@ -7,7 +7,7 @@ generation request arrives, so a hub that serves no generators starts without it
 
 from __future__ import annotations
 
-from hub.manifest import GENERATOR_METHODS
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS
 
 #: generation methods the hub serves; each is stored under ``generators/<method>``
 METHODS: tuple[str, ...] = GENERATOR_METHODS

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from hub.generators import check_method
-from hub.generators.cvae import ConvCVAE, CVAESettings, FitResult
-from hub.generators.embedding import TextEmbedder, embedder_from_state
-from hub.generators.library import ExpertLibrary, Layout
-from hub.manifest import GENERATOR_CONFIG_FILE, GENERATOR_FORMAT_VERSION, GENERATOR_WEIGHTS_FILE, BaseModel
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
+from fedlora.hub.generators import check_method
+from fedlora.hub.generators.cvae import ConvCVAE, CVAESettings, FitResult
+from fedlora.hub.generators.embedding import TextEmbedder, embedder_from_state
+from fedlora.hub.generators.library import ExpertLibrary, Layout
+from fedlora.hub.sdk.manifest import GENERATOR_CONFIG_FILE, GENERATOR_FORMAT_VERSION, GENERATOR_WEIGHTS_FILE, BaseModel
 
 
 class Generator(ABC):
@@ -125,8 +125,8 @@ def register(cls: type[Generator]) -> type[Generator]:
 
 def generator_class(method: str) -> type[Generator]:
     check_method(method)
-    import hub.generators.icm_lora
-    import hub.generators.sg_lora  # noqa: F401  (registers)
+    import fedlora.hub.generators.icm_lora
+    import fedlora.hub.generators.sg_lora  # noqa: F401  (registers)
 
     return GENERATORS[method]
 

@@ -9,17 +9,17 @@ from dataclasses import asdict
 import torch
 from rich.console import Console
 
-from client.model import ALL_LINEAR, LoraSettings
-from hub.cli import remote_client
-from hub.generators.base import generator_class
-from hub.generators.cvae import CVAESettings
-from hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
-from hub.generators.library import ExpertLibrary
-from hub.manifest import describe_base_model
+from fedlora.core.model import ALL_LINEAR, LoraSettings
+from fedlora.hub.cli import remote_client
+from fedlora.hub.generators.base import generator_class
+from fedlora.hub.generators.cvae import CVAESettings
+from fedlora.hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
+from fedlora.hub.generators.library import ExpertLibrary
+from fedlora.hub.sdk.manifest import describe_base_model
 
 
 def build_experts_command(args: argparse.Namespace, console: Console) -> int:
-    from hub.publish import fedlora_version
+    from fedlora.hub.sdk.publish import fedlora_version
 
     torch.set_num_threads(args.threads)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or (ALL_LINEAR,)
@@ -63,9 +63,9 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def train_generator_command(args: argparse.Namespace, console: Console) -> int:
-    from client.model import load_base_model, load_tokenizer
-    from hub.publish import fedlora_version
-    from privacy.files import atomic_directory
+    from fedlora.atomic import atomic_directory
+    from fedlora.core.model import load_base_model, load_tokenizer
+    from fedlora.hub.sdk.publish import fedlora_version
 
     torch.set_num_threads(args.threads)
     settings = CVAESettings(steps=args.steps, seed=args.seed)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
 
 NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?!\w|\.\d)|\b([a-z]+)\b")
 _UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
@@ -173,7 +173,7 @@ def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example])
     token of each ``prompt + completion``, averaged over the examples (hidden_size,)."""
     if not examples:
         raise ValueError("a hidden-state task vector needs at least one example")
-    from client.model import max_positions  # transformers and PEFT: only for requests with examples
+    from fedlora.core.model import max_positions  # transformers and PEFT: only for requests with examples
 
     texts = [e.prompt + e.completion for e in examples]
     max_len = max_positions(model)

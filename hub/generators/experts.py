@@ -1,5 +1,5 @@
 """``fl-hub build-experts``: one LoRA adapter per seen task of the embedded suite, several late
-checkpoints each, written as an expert directory (see :mod:`hub.generators.library`) and
+checkpoints each, written as an expert directory (see :mod:`fedlora.hub.generators.library`) and
 optionally published to ``tasks/<task>`` (one version per checkpoint, one build id).
 
 Every expert starts from the same LoRA initialisation (``lora.init_seed``), so the experts live
@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from client.data import collate, encode
-from client.model import (
+from fedlora.atomic import atomic_directory
+from fedlora.core.data import collate, encode
+from fedlora.core.embedded import default_model_dir
+from fedlora.core.model import (
     LoraSettings,
     get_adapter_state,
     load_base_model,
@@ -29,13 +31,11 @@ from client.model import (
     set_adapter_state,
     wrap_lora,
 )
-from client.train import TrainSettings, batches, evaluate, train
-from hub.generators.library import BUILD_FILE, TASK_FILE
-from hub.generators.request import examples_json
-from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model
-from privacy.files import atomic_directory
-from simulations.embedded import default_model_dir
-from simulations.tasks import Task, get_task, seen_tasks
+from fedlora.core.tasks import Task, get_task, seen_tasks
+from fedlora.core.train import TrainSettings, batches, evaluate, train
+from fedlora.hub.generators.library import BUILD_FILE, TASK_FILE
+from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model
+from fedlora.hub.sdk.request import examples_json
 
 #: the expert adapters' default shape: small enough for a generator to model every parameter
 EXPERT_LORA = LoraSettings(rank=4, alpha=8.0, init_seed=0)
@@ -234,7 +234,7 @@ def federated_checkpoints(
         raise ValueError(f"{cfg.checkpoints} checkpoints need at least as many rounds, got {fed.rounds}")
     run_dir = work / f"{task.name}-run"
     targets = ",".join(cfg.lora.target_modules)
-    cmd = [sys.executable, "-m", "simulations.cli", "--out", str(run_dir), "--force", "--quiet", "--no-dp"]
+    cmd = [sys.executable, "-m", "fedlora.simulations.cli", "--out", str(run_dir), "--force", "--quiet", "--no-dp"]
     cmd += ["--strategy", fed.strategy, "--clients", str(fed.clients), "--rounds", str(fed.rounds)]
     cmd += ["--local-steps", str(fed.local_steps), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size)]
     cmd += ["--rank", str(cfg.lora.rank), "--lora-alpha", str(cfg.lora.alpha), "--targets", targets]
@@ -253,7 +253,7 @@ def federated_checkpoints(
 def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names: Sequence[str] = ()) -> list[str]:
     """Publish every checkpoint of every expert under ``root`` as versions of ``tasks/<task>``
     (oldest checkpoint first, so the latest version is the final adapter)."""
-    from hub.manifest import read_adapter_dir
+    from fedlora.hub.sdk.manifest import read_adapter_dir
 
     root = Path(root)
     base = json.loads((root / BUILD_FILE).read_text())["config"]["base_model"]

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hub.generators.base import Generator, expand_per_tensor, per_tensor, register
-from hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
-from hub.generators.embedding import TextEmbedder, fit_embedder, hidden_state_vector
-from hub.generators.library import Expert, ExpertLibrary, Layout
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
+from fedlora.hub.generators.base import Generator, expand_per_tensor, per_tensor, register
+from fedlora.hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
+from fedlora.hub.generators.embedding import TextEmbedder, fit_embedder, hidden_state_vector
+from fedlora.hub.generators.library import Expert, ExpertLibrary, Layout
 
 #: subsets of each expert's examples whose hidden states are precomputed for training
 SUBSETS = 8

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from hub.generators.request import check_description, check_examples
-from hub.manifest import CONFIG_FILE, WEIGHTS_FILE, BaseModel, read_adapter_dir
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
+from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, BaseModel, read_adapter_dir
+from fedlora.hub.sdk.request import check_description, check_examples
 
 TASK_FILE = "task.json"
 BUILD_FILE = "experts.json"  # what fl-hub build-experts trained: settings, base model, results

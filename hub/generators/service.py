@@ -15,11 +15,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hub.generators.base import Generator, load_generator
-from hub.generators.request import GenerationRequest
-from hub.manifest import GENERATOR_FILES, describe_base_model
-from hub.names import Principal
-from hub.store import HubError, NotFound, Record, Registry
+from fedlora.hub.generators.base import Generator, load_generator
+from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model
+from fedlora.hub.sdk.names import Principal
+from fedlora.hub.sdk.request import GenerationRequest
+from fedlora.hub.store import HubError, NotFound, Record, Registry
 
 log = logging.getLogger("fedlora.hub")
 #: the hub's own identity when it publishes what it generated
@@ -116,7 +116,7 @@ class GeneratorService:
         """The base model (and tokenizer) whose weights have ``sha256``: the embedded one or a
         directory given to ``fl-hub serve --base-model``."""
         if sha256 not in self._task_models:
-            from client.model import load_base_model, load_tokenizer
+            from fedlora.core.model import load_base_model, load_tokenizer
 
             if self._base_dirs is None:  # hashed once per process
                 candidates: list[Path | None] = [None, *self.base_model_dirs]

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hub.generators.base import Generator, expand_per_tensor, per_tensor, register
-from hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
-from hub.generators.embedding import TextEmbedder, fit_embedder
-from hub.generators.library import ExpertLibrary, Layout
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
+from fedlora.hub.generators.base import Generator, expand_per_tensor, per_tensor, register
+from fedlora.hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
+from fedlora.hub.generators.embedding import TextEmbedder, fit_embedder
+from fedlora.hub.generators.library import ExpertLibrary, Layout
 
 TOP_K = 4
 TEMPERATURE = 0.02

@@ -62,8 +62,8 @@ def _load(msg: Message, context: Context, split: str) -> tuple[Any, Any, list[An
     tokenizer, encoded data, partition and the time the imports were done."""
     from peft import set_peft_model_state_dict
 
-    from client.data import encode
-    from simulations.tasks import get_task
+    from fedlora.core.data import encode
+    from fedlora.core.tasks import get_task
 
     from .common import load_lora_model
 
@@ -85,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     import torch
     from peft import get_peft_model_state_dict
 
-    from client.data import collate
+    from fedlora.core.data import collate
 
     rc = context.run_config
     config = msg.content.config_records["config"]
@@ -127,7 +127,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, tokenizer, data, partition, t_imports = _load(msg, context, "test")
     import torch
 
-    from client.data import collate
+    from fedlora.core.data import collate
 
     model.eval()
     t_model = time.time()

@@ -12,12 +12,12 @@ from typing import Any
 
 def load_lora_model() -> tuple[Any, Any]:
     """(LoRA-wrapped embedded base model, its tokenizer), with fedlora's default LoRA
-    settings (``client.model.LoraSettings()``: rank 8, alpha 16, no dropout, all linear layers)."""
+    settings (``fedlora.core.model.LoraSettings()``: rank 8, alpha 16, no dropout, all linear layers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from simulations.embedded import default_model_dir
+    from fedlora.core.embedded import default_model_dir
 
     model_dir = str(default_model_dir())
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)

@@ -2,7 +2,7 @@
 
 Three sources, chosen by ``data-path``:
 
-- empty: the embedded suite, split by :mod:`simulations.partitioners` (IID, Dirichlet over
+- empty: the embedded suite, split by :mod:`fedlora.core.partitioners` (IID, Dirichlet over
   tasks, k tasks per client, optional size skew); a client's test examples follow its own
   mix of tasks, so its evaluation measures what it cares about;
 - a JSONL file: its records split the same way, by their optional ``task`` label, then each
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data import load_jsonl, read_jsonl, split_train_test
-from client.federation import FederationConfig
-from simulations.partitioners import (
+from fedlora.core.config import FederationConfig
+from fedlora.core.data import load_jsonl, read_jsonl, split_train_test
+from fedlora.core.partitioners import (
     Partition,
     PartitionSpec,
     embedded_pool,
@@ -32,7 +32,7 @@ from simulations.partitioners import (
     partition_examples,
     partition_tasks,
 )
-from simulations.tasks import Example, get_task
+from fedlora.core.tasks import Example, get_task
 
 #: seed offset of the server's per-task evaluation sets (disjoint from every client's test seed)
 SERVER_EVAL_SEED = 7_777_777

@@ -24,12 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
-from client.data import Encoded, collate, exact_matches, per_sequence_loss
-from client.train import EvalResult
-from hub.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
-from privacy.kernels import load_triton
-from strategies.adapter import LORA_A_SUFFIX, lora_scaling, split_adapter
-from strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas
+from fedlora.core.data import Encoded, collate, exact_matches, per_sequence_loss
+from fedlora.core.train import EvalResult
+from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
+from fedlora.privacy.kernels import load_triton
+from fedlora.strategies.adapter import LORA_A_SUFFIX, lora_scaling, split_adapter
+from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas
 
 #: what PEFT puts in front of the base model's module names in an adapter's tensor names
 PEFT_PREFIX = "base_model.model."
@@ -140,7 +140,7 @@ class LoadedAdapter:
 
     @classmethod
     def from_files(cls, name: str, files: Mapping[str, bytes]) -> LoadedAdapter:
-        """From a PEFT directory's files (``hub.manifest.read_adapter_dir``, or what the hub returns)."""
+        """From a PEFT directory's files (``fedlora.hub.sdk.manifest.read_adapter_dir``, or what the hub returns)."""
         if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
             raise ValueError(f"adapter {name}: a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
         try:
@@ -285,7 +285,7 @@ def evaluate_many(
     sequences mixed into shared batches (sorted by length, so little is padded); adapters over
     different FedEx-LoRA residuals are evaluated in one bank per residual.
 
-    The same numbers as loading each adapter with PEFT and calling :func:`client.train.evaluate`."""
+    The same numbers as loading each adapter with PEFT and calling :func:`fedlora.core.train.evaluate`."""
     for j, (k, _) in enumerate(jobs):
         if not 0 <= k < len(adapters):
             raise ValueError(f"job {j} names adapter {k}; there are {len(adapters)}")
@@ -320,4 +320,4 @@ def evaluate_many(
     return out
 
 
-load_triton("client.multi_adapter_triton")
+load_triton("fedlora.core.multi_adapter_triton")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from client.data import Encoded, collate, exact_matches, per_sequence_loss
+from fedlora.core.data import Encoded, collate, exact_matches, per_sequence_loss
 
 
 @dataclass(frozen=True)

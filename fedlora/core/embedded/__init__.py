@@ -1,5 +1,5 @@
 """The embedded default base model, shipped inside the package (rebuilt by
-``python -m simulations.pretrain``)."""
+``python -m fedlora.simulations.pretrain``)."""
 
 from pathlib import Path
 

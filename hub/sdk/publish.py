@@ -18,9 +18,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hub.client import HubClient, HubRequestError
-from hub.manifest import CONFIG_FILE, VerificationError, describe_base_model, read_adapter_dir
-from hub.names import check_segment
+from fedlora.hub.sdk.client import HubClient, HubRequestError
+from fedlora.hub.sdk.manifest import CONFIG_FILE, VerificationError, describe_base_model, read_adapter_dir
+from fedlora.hub.sdk.names import check_segment
 
 log = logging.getLogger("fedlora.hub")
 
@@ -64,7 +64,7 @@ def run_name(run_dir: Path) -> str:
 
 
 def _rows(run_dir: Path) -> dict[int, dict[str, Any]]:
-    from server.run_dir import read_rows
+    from fedlora.core.run_dir import read_rows
 
     path = run_dir / "metrics.jsonl"
     return {int(r.get("round", 0)): r for r in read_rows(path)} if path.exists() else {}
@@ -117,7 +117,7 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
             "accountant": report.get("accountant"),
         }
     else:  # a round's adapter: the largest lifetime epsilon the clients reported so far
-        from privacy.report import PRIVACY_UNIT  # torch, Opacus: only here (the hub itself never loads them)
+        from fedlora.privacy.report import PRIVACY_UNIT  # torch, Opacus: only here (the hub itself never loads them)
 
         plan_path = run_dir / "privacy_plan.json"
         plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
@@ -229,8 +229,8 @@ def add_hub_options(p: Any) -> None:
 def hub_target(url: str | None, token_file: Path | None, key_file: Path | None, every_round: bool) -> HubTarget | None:
     """A validated target, or None without a URL; a token file or key that is missing fails now,
     before a run starts, not after it finished."""
-    from hub.client import read_token
-    from hub.manifest import load_public_key
+    from fedlora.hub.sdk.client import read_token
+    from fedlora.hub.sdk.manifest import load_public_key
 
     if not url:
         if token_file or key_file or every_round:

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from simulations.embedded import default_model_dir
+from fedlora.core.embedded import default_model_dir
 
 Factors = Literal["both", "A", "B"]
 ALL_LINEAR = "all-linear"

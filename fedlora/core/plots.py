@@ -29,7 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from privacy.report import ReportError, read_metrics
+from fedlora.privacy.report import ReportError, read_metrics
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

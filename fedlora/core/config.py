@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
-from client.model import ALL_LINEAR, LoraSettings
-from privacy.engines import Engine, check_engine
-from simulations.partitioners import PartitionSpec
-from simulations.tasks import get_task
+from fedlora.core.model import ALL_LINEAR, LoraSettings
+from fedlora.core.partitioners import PartitionSpec
+from fedlora.core.tasks import get_task
+from fedlora.privacy.engines import Engine, check_engine
 
 #: methods whose server needs each client's own product B_k A_k
 PRODUCT_BASED_STRATEGIES = frozenset({"lora-fair", "fedex-lora", "flexlora"})
@@ -139,8 +139,8 @@ class FederationConfig:
             self.partition_spec()  # validates scheme, alpha, sizes and feasibility, naming the problem
         if self.model_dir and not (Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model-dir {self.model_dir} does not exist or has no config.json")
-        # imported here: strategies.flower imports flwr, which the CLI need not load to validate
-        from strategies.flower import strategy_class
+        # imported here: fedlora.strategies.flower imports flwr, which the CLI need not load to validate
+        from fedlora.strategies.flower import strategy_class
 
         strategy_class(self.strategy)  # raises with the known names
         ranks = self.flexlora_rank_list
@@ -182,7 +182,7 @@ class FederationConfig:
             raise ValueError(f"personalize.steps must be an integer >= 0 (0: off), got {self.personalize_steps!r}")
         if not math.isfinite(self.personalize_epsilon) or self.personalize_epsilon <= 0:
             raise ValueError(f"personalize.epsilon must be a finite number > 0, got {self.personalize_epsilon!r}")
-        from privacy.accounting import check_accountant
+        from fedlora.privacy.accounting import check_accountant
 
         check_accountant(self.dp_accountant)
         check_engine(self.dp_engine)

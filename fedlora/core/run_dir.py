@@ -23,10 +23,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from client.model import save_adapter, set_adapter_state
-from hub.manifest import BASE_DELTA_FILE  # the one name of the FedEx-LoRA residual file
-from privacy.files import atomic_directory, write_atomic, write_json_atomic
-from strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
+from fedlora.atomic import atomic_directory, write_atomic, write_json_atomic
+from fedlora.core.model import save_adapter, set_adapter_state
+from fedlora.hub.sdk.manifest import BASE_DELTA_FILE  # the one name of the FedEx-LoRA residual file
+from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
 STATE_FILE = "state.safetensors"
 STRATEGY_STATE_FILE = "strategy_state.json"

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from safetensors import SafetensorError, deserialize
 
-from privacy.files import atomic_directory
+from fedlora.atomic import atomic_directory
 
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
@@ -34,7 +34,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_DELTA_FILE = "base_delta.safetensors"  # FedEx-LoRA's residual, folded into the base weights
 #: the files an adapter may carry; the first two are PEFT's and required
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, BASE_DELTA_FILE)
-GENERATOR_CONFIG_FILE = "generator.json"  # a zero-shot generator (hub.generators), stored as generators/<method>
+GENERATOR_CONFIG_FILE = (
+    "generator.json"  # a zero-shot generator (fedlora.hub.generators), stored as generators/<method>
+)
 GENERATOR_WEIGHTS_FILE = "generator.safetensors"
 GENERATOR_FILES = (GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE)
 MAX_PROVENANCE_BYTES = 64 << 10
@@ -256,7 +258,7 @@ def check_adapter_files(files: Mapping[str, bytes]) -> AdapterInfo:
     return AdapterInfo("LORA", rank, float(alpha), sorted(targets), count, len(weights))
 
 
-#: the generator formats and methods this hub serves (hub.generators keeps the implementations)
+#: the generator formats and methods this hub serves (fedlora.hub.generators keeps the implementations)
 GENERATOR_FORMAT_VERSION = 2  # 2: ICM-LoRA's closed-form kernel path
 GENERATOR_METHODS = ("sg-lora", "icm-lora")
 
@@ -441,7 +443,7 @@ def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
 
     The id is informative (the embedded model's, else ``_name_or_path`` of its config, else
     the directory's name); the hash is what the hub and a pull compare."""
-    from simulations.embedded import default_model_dir
+    from fedlora.core.embedded import default_model_dir
 
     path = Path(model_dir) if model_dir else default_model_dir()
     if path.resolve() == default_model_dir().resolve():

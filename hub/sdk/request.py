@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hub.generators import check_method
-from simulations.tasks import Example
+from fedlora.core.tasks import Example
+from fedlora.hub.generators import check_method
 
 #: bounds on what a task may carry (descriptions feed the text encoder, examples the base model)
 MAX_DESCRIPTION_CHARS = 1000

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hub.manifest import (
+from fedlora.hub.sdk.manifest import (
     VerificationError,
     read_adapter_dir,
     verify_file,
@@ -23,7 +23,7 @@ from hub.manifest import (
     weights_sha256,
     write_adapter_dir,
 )
-from hub.names import check_name, check_prefix
+from fedlora.hub.sdk.names import check_name, check_prefix
 
 PULLED_MANIFEST = "hub_manifest.json"
 
@@ -158,7 +158,7 @@ class HubClient:
                 )
         base = manifest["provenance"]["base_model"]
         if base_model_dir is None:
-            from simulations.embedded import default_model_dir
+            from fedlora.core.embedded import default_model_dir
 
             base_model_dir = default_model_dir()
         local = weights_sha256(base_model_dir)
@@ -201,7 +201,7 @@ class HubClient:
     ) -> dict[str, Any]:
         """Ask the hub for a zero-shot adapter; the answer is the signed record of
         ``generated/<id>`` (pull it by that record to verify and write it)."""
-        from hub.generators.request import GenerationRequest
+        from fedlora.hub.sdk.request import GenerationRequest
 
         if self.public_key is None:
             raise ValueError("generating needs the hub's public key (--hub-key hub.pub) to verify the answer")
@@ -237,7 +237,7 @@ class HubClient:
 def _previous_pull(out: Path) -> dict[str, Any] | None:
     """The manifest of what an earlier pull wrote to ``out`` (None: nothing there); anything
     else in ``out`` (a user's files) is refused, never replaced."""
-    from hub.manifest import ADAPTER_FILES
+    from fedlora.hub.sdk.manifest import ADAPTER_FILES
 
     if not out.exists():
         return None

@@ -1,4 +1,4 @@
-"""The Triton kernel of ``fedlora::lora_gathered`` (:mod:`client.multi_adapter`), registered for
+"""The Triton kernel of ``fedlora::lora_gathered`` (:mod:`fedlora.core.multi_adapter`), registered for
 CUDA tensors when this module is imported on a machine with CUDA. Tested on CPU under Triton's
 interpreter (``TRITON_INTERPRET=1`` set before import).
 """
@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from client.multi_adapter import check_gathered, lora_gathered
+from fedlora.core.multi_adapter import check_gathered, lora_gathered
 
 BLOCK_T, BLOCK_D, BLOCK_O = 16, 32, 32
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from simulations.tasks import Example, get_task
+from fedlora.core.tasks import Example, get_task
 
 IGNORE_INDEX = -100
 

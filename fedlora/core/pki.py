@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from privacy.files import write_atomic
+from fedlora.atomic import write_atomic
 
 #: names and addresses every server certificate carries: the server's own processes dial loopback
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

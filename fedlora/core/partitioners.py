@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.tasks import TASKS, Example, get_task
+from fedlora.core.tasks import TASKS, Example, get_task
 
 # A Dirichlet draw that leaves a client empty is redrawn up to this many times before giving up.
 MAX_RESAMPLES = 100
