@@ -335,7 +335,7 @@ def _publish_run(args: argparse.Namespace, console: Console) -> int:
         args.hub, read_token(args.token, args.token_file), load_public_key(args.hub_key) if args.hub_key else None
     )
     if args.round is None:
-        from fedlora.simulations.cli import last_round
+        from fedlora.core.cli import last_round
 
         server_round, adapter_dir, final = last_round(run_dir), run_dir / "adapters" / "global", True
         if not (adapter_dir / "adapter_config.json").is_file():

@@ -31,7 +31,14 @@ from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
 from fedlora.core.partitioners import read_partition_manifest, write_partition_manifest
 from fedlora.core.plots import write_client_table, write_training_plots
-from fedlora.core.run_dir import ResumeError, RunDirectory, append_jsonl, config_changes, read_rows
+from fedlora.core.run_dir import (
+    RESUME_MAY_CHANGE,
+    ResumeError,
+    RunDirectory,
+    append_jsonl,
+    config_changes,
+    read_rows,
+)
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import sample_rate
 from fedlora.privacy.planning import default_delta, delta_warning, plan_noise
@@ -232,7 +239,6 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
 #: resolved-config keys a resumed run may change
 #: run-config keys a resumed run may change. Not dp.engine: the engines agree only up to float
 #: rounding, and a round replayed after a resume must release the identical bits (it is charged once)
-RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout"})
 
 
 def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict[str, Any]) -> None:

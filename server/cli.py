@@ -46,7 +46,7 @@ def _error(message: object) -> int:
 
 def _run_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``--run-config 'k=v k2=v2'`` through Flower's own parser (strings quoted)."""
-    from fedlora.simulations.cli import parse_run_config_pairs
+    from fedlora.core.cli import parse_run_config_pairs
 
     return parse_run_config_pairs(pairs)
 
@@ -114,11 +114,11 @@ def _revoke(args: argparse.Namespace, console: Console) -> int:
 
 def _start(args: argparse.Namespace, console: Console) -> int:
     """Validate everything, then run the federation until it ends or Ctrl-C."""
+    from fedlora.core.cli import report_published, summary
     from fedlora.core.flower_runner import SimulationError
     from fedlora.core.pki import CertificateError
     from fedlora.hub.sdk.publish import Following, RunPublisher, fedlora_version, hub_target
     from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
-    from fedlora.simulations.cli import report_published, summary
 
     try:
         options = StartOptions(

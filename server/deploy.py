@@ -99,10 +99,10 @@ def superlink_command(server_dir: Any, host: str, port: int, insecure: bool, exp
 
 def plan_start(options: StartOptions) -> Plan:
     """Read and validate everything (settings, certificates, run config, resume) before any process starts."""
+    from fedlora.core.cli import last_round, resume_config
     from fedlora.core.config import FederationConfig
     from fedlora.core.flower_runner import Deployment
     from fedlora.server.server_dir import ServerDir
-    from fedlora.simulations.cli import last_round, resume_config
 
     sd = ServerDir(options.server_dir.resolve())  # its processes may run elsewhere than here
     settings = sd.settings()
@@ -150,9 +150,9 @@ def run_plan(
     on_log_line: Callable[[str], None] | None = None,
 ) -> Any:
     """Start the SuperLink, register the nodes, submit the run, follow it; always tear down."""
+    from fedlora.core.cli import Progress
     from fedlora.core.config import DEFAULT_RUN_CONFIG
     from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
-    from fedlora.simulations.cli import Progress
 
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import sys
-import threading
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +25,15 @@ from typing import Any
 
 from rich.console import Console
 
+from fedlora.core.cli import (
+    PERSONAL_MD,
+    Progress,
+    last_round,
+    parse_run_config_pairs,
+    report_published,
+    resume_config,
+    summary,
+)
 from fedlora.privacy.engines import ENGINES
 
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
@@ -139,17 +146,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress display; errors and a one-line result only")
 
 
-def parse_run_config_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``--run-config 'k=v k2="s"'`` values through Flower's own parser, so the same pairs work
-    for ``flwr run --run-config`` (strings must be quoted)."""
-    from flwr.common.config import parse_config_args
-
-    try:
-        return dict(parse_config_args(list(pairs or [])))
-    except Exception as e:  # click.ClickException carries Flower's explanation
-        raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
-
-
 def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB) -> dict[str, Any]:
     """The run config of a run: ``base``, then ``--config``, then options (last wins)."""
     from flwr.common.config import flatten_dict
@@ -195,87 +191,6 @@ def validate(run_config: Mapping[str, Any]) -> Any:
 
 
 # -------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Follows ``metrics.jsonl`` while the run goes and prints one line per finished round."""
-
-    def __init__(self, console: Console, run_dir: Path, rounds: int, start_round: int = 0) -> None:
-        self.console = console
-        self.path = run_dir / "metrics.jsonl"
-        self.rounds = rounds
-        self.seen = start_round
-        self.start_round = start_round
-        self.t0: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, daemon=True)
-
-    def __enter__(self) -> Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._poll()
-
-    def _follow(self) -> None:
-        while not self._stop.wait(0.5):
-            self._poll()
-
-    def _poll(self) -> None:
-        from fedlora.core.run_dir import read_rows
-
-        if not self.path.exists():
-            return
-        for row in read_rows(self.path):  # a line still being written is skipped
-            r = int(row.get("round", 0))
-            if r == self.start_round and self.t0 is None:
-                self.t0 = float(row.get("elapsed", 0.0))  # round 0 (or the resumed round): the clock's origin
-            if r > self.seen:
-                self.seen = r
-                self.console.print(self.describe(row), soft_wrap=True)
-
-    def describe(self, row: Mapping[str, Any]) -> str:
-        r = int(row["round"])
-        train, ev = row.get("train") or {}, row.get("evaluate") or {}
-        parts = [f"round {r}/{self.rounds}"]
-        parts.append(
-            f"clients {int(train.get('accepted', 0))}/{int(train.get('sampled', 0))} replied"
-            + (f", {int(train['rejected'])} rejected" if train.get("rejected") else "")
-            + (f", {int(train['declined'])} declined" if train.get("declined") else "")
-        )
-        if "train-loss" in train:
-            parts.append(f"loss {train['train-loss']:.3f}")
-        elif "eval-loss" in ev:  # DP clients do not report their training loss
-            parts.append(f"test loss {ev['eval-loss']:.3f}")
-        if "exact-match" in ev:
-            parts.append(f"exact match {ev['exact-match']:.3f}")
-        else:  # no evaluation round trip (deployment): the clients' own test splits after training
-            local = [
-                m["local-exact-match"] for m in (row.get("per-client-train") or {}).values() if "local-exact-match" in m
-            ]
-            if local:
-                parts.append(f"local exact match {sum(local) / len(local):.3f}")
-        server_eval = [t["exact-match"] for t in (row.get("server-eval") or {}).values() if "exact-match" in t]
-        if server_eval:
-            parts.append(f"server exact match {sum(server_eval) / len(server_eval):.3f}")
-        if "epsilon-max" in train:
-            parts.append(f"max ε {train['epsilon-max']:.2f}")
-        if row.get("failed"):
-            parts.append(f"[red]failed: {row['failed']}[/red]")
-        elapsed = float(row.get("elapsed", 0.0))  # the server's clock: excludes start-up
-        if self.t0 is None:
-            self.t0 = elapsed if r == self.start_round else 0.0
-        done = r - self.start_round
-        left = (self.rounds - r) * (elapsed - self.t0) / done if done > 0 else 0.0
-        parts.append(f"{_clock(elapsed)} elapsed, ~{_clock(left)} left")
-        return "  ".join(parts)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m}:{s:02d}"
 
 
 # -------------------------------------------------------------------------------- running
@@ -331,83 +246,6 @@ def simulate(
         return run_simulation_app(request, log_line)
     with Progress(console, run_dir, cfg.num_rounds, start_round):
         return run_simulation_app(request, log_line)
-
-
-def last_round(run_dir: Path) -> int:
-    """The last round a run directory's metrics.jsonl records (0 if none)."""
-    from fedlora.core.run_dir import read_rows
-
-    path = run_dir / "metrics.jsonl"
-    return max((int(r.get("round", 0)) for r in read_rows(path)), default=0) if path.exists() else 0
-
-
-def resume_config(run_dir: Path) -> dict[str, Any]:
-    """The run config of an interrupted run, from its ``config.json``, marked to resume."""
-    from fedlora.core.config import DEFAULT_RUN_CONFIG
-
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json (nothing to resume)")
-    stored = json.loads(path.read_text())
-    config = {k: v for k, v in stored.items() if k in DEFAULT_RUN_CONFIG}
-    return config | {"resume": True, "run-dir": str(run_dir)}
-
-
-def summary(run_dir: Path) -> list[str]:
-    """What a user wants to read when a run ends: per-task accuracy before and after, epsilon
-    per client, and where the adapter and the reports are."""
-    from fedlora.core.plots import load_rounds
-
-    rows = load_rounds(run_dir)
-    lines: list[str] = []
-    first = next((r["server-eval"] for r in rows if r.get("server-eval")), None)
-    last = next((r["server-eval"] for r in reversed(rows) if r.get("server-eval")), None)
-    if first and last:
-        lines.append("exact match per task (server test sets), before -> after:")
-        for task in last:
-            before = first.get(task, {}).get("exact-match", float("nan"))
-            lines.append(f"  {task:<14} {before:.2f} -> {last[task]['exact-match']:.2f}")
-    ev = next((r["evaluate"] for r in reversed(rows) if r.get("evaluate")), None)
-    if ev:
-        lines.append(
-            f"clients' own test splits: exact match {ev['exact-match']:.3f} "
-            f"(min {ev.get('exact-match-min', float('nan')):.2f}, max {ev.get('exact-match-max', float('nan')):.2f})"
-        )
-    privacy = run_dir / "report" / "privacy.json"
-    if privacy.is_file():
-        report = json.loads(privacy.read_text())
-        if report.get("dp_enabled"):
-            from fedlora.privacy.report import client_label
-
-            eps = ", ".join(f"{client_label(c)}: {c['epsilon']:.2f}" for c in report.get("clients", []))
-            lines.append(f"epsilon per client (delta {report.get('delta')}): {eps}")
-        else:
-            lines.append("differential privacy: off")
-    personal = run_dir / "personalize.json"
-    if personal.is_file():
-        p = json.loads(personal.read_text())
-        if p.get("personalised"):
-            lines.append(
-                f"personalised on {p['personalised']}/{p['asked']} clients ({p['steps']} steps each): exact match on "
-                f"their own test splits {p['global-exact-match-mean']:.3f} -> {p['personal-exact-match-mean']:.3f}"
-            )
-    personal_eval = run_dir / "report" / "personal.json"
-    if personal_eval.is_file():
-        from fedlora.simulations.personal_eval import summary_line
-
-        lines.append(summary_line(json.loads(personal_eval.read_text())))
-    for label, rel in (
-        ("global adapter", "adapters/global"),
-        ("personal adapters", "personal"),
-        ("personal x clients", "report/personal.md"),
-        ("privacy report", "report/privacy.md"),
-        ("training plots", "report/training.png"),
-        ("per-client table", "report/clients.md"),
-        ("metrics", "metrics.jsonl"),
-    ):
-        if (run_dir / rel).exists():
-            lines.append(f"{label + ':':<18}{run_dir / rel}")
-    return lines
 
 
 # -------------------------------------------------------------------------------- commands
@@ -542,30 +380,11 @@ def cmd_personal_eval(argv: Sequence[str], console: Console) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from fedlora.simulations.personal_eval import PERSONAL_MD, evaluate_personal, markdown
+    from fedlora.simulations.personal_eval import evaluate_personal, markdown
 
     report = evaluate_personal(args.run_dir, args.batch_size)
     console.print(markdown(report), markup=False, highlight=False)
     console.print(str(args.run_dir / PERSONAL_MD), markup=False, highlight=False)
-    return 0
-
-
-def report_published(publisher: Any, rounds: int, console: Console) -> int:
-    """Publish the final adapter of a completed run (``--hub``) and say what went where; 3 if
-    the hub failed (the run itself is complete: ``fl-hub publish-run`` retries)."""
-    if publisher is None:
-        return 0
-    publisher.finish(rounds)
-    for server_round, what in sorted(publisher.published.items()):
-        console.print(f"published round {server_round} to the hub as {what}", markup=False, highlight=False)
-    if publisher.personal:
-        console.print(f"published personal adapters: {', '.join(publisher.personal)}", markup=False, highlight=False)
-    if publisher.errors:
-        err = Console(stderr=True, soft_wrap=True)
-        for message in publisher.errors:
-            err.print(f"hub: publishing failed: {message}", markup=False, highlight=False)
-        err.print(f"retry with: fl-hub publish-run {publisher.run_dir} --hub {publisher.target.url} ...", markup=False)
-        return 3
     return 0
 
 

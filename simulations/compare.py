@@ -18,7 +18,8 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.simulations.cli import MAIN_JOB, add_run_options, resume_config, run_config_from, simulate, validate
+from fedlora.core.cli import resume_config
+from fedlora.simulations.cli import MAIN_JOB, add_run_options, run_config_from, simulate, validate
 
 DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"
 
@@ -78,8 +79,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
     """How a run directory's stored configuration differs from the one planned for it."""
     from fedlora.core.config import FederationConfig
-    from fedlora.core.run_dir import config_changes
-    from fedlora.server.app import RESUME_MAY_CHANGE
+    from fedlora.core.run_dir import RESUME_MAY_CHANGE, config_changes
 
     path = run_dir / "config.json"
     if not path.is_file():

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.atomic import write_atomic, write_json_atomic
-
-PERSONAL_JSON = Path("report") / "personal.json"
-PERSONAL_MD = Path("report") / "personal.md"
+from fedlora.core.cli import PERSONAL_JSON, PERSONAL_MD, summary_line
 
 
 def personal_adapter_dirs(run_dir: Path) -> dict[int, Path]:
@@ -104,12 +102,3 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", summary_line(report), ""]
     return "\n".join(lines)
-
-
-def summary_line(report: dict[str, Any]) -> str:
-    parts = [f"personal adapters on their own clients' test splits {report['personal_own_mean']:.3f}"]
-    if report.get("personal_others_mean") is not None:
-        parts.append(f"on other clients' {report['personal_others_mean']:.3f}")
-    if report.get("global_mean") is not None:
-        parts.append(f"global adapter {report['global_mean']:.3f}")
-    return ", ".join(parts) + " (exact match)"

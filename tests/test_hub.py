@@ -562,9 +562,9 @@ def test_a_hub_that_is_down_does_not_fail_the_run_but_the_exit_status_says_so(
 ) -> None:
     from rich.console import Console
 
+    from fedlora.core.cli import report_published
     from fedlora.core.flower_runner import free_port
     from fedlora.hub.sdk.publish import HubTarget, RunPublisher
-    from fedlora.simulations.cli import report_published
 
     run = tmp_path / "run"
     run.mkdir()

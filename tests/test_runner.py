@@ -21,8 +21,8 @@ from typing import Any, cast
 import pytest
 from flower_echo.apps import INITIAL_WEIGHTS
 
+from fedlora.core import flower_runner as runner
 from fedlora.core.flower_runner import SimulationError, SimulationOutcome, SimulationRequest, run_simulation_app
-from fedlora.simulations import runner
 
 TESTS = Path(__file__).resolve().parent
 ECHO_SERVER = "flower_echo.apps:server_app"
@@ -159,7 +159,7 @@ def test_reaper_kills_the_run_when_the_runner_dies_without_teardown(tmp_path: Pa
     script = f"""
 import os, signal, subprocess, sys
 from pathlib import Path
-from fedlora.simulations import runner
+from fedlora.core import flower_runner as runner
 tag = "reaper-test-{os.getpid()}"
 runner._start_reaper(tag, Path({str(tmp_path / "teardown.log")!r}), Path({str(ray_tmp)!r}))
 env = dict(os.environ, **{{runner.RUN_TAG_VAR: tag}})

@@ -24,9 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
+from fedlora.core.adapter_format import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.core.data import Encoded, collate, exact_matches, per_sequence_loss
 from fedlora.core.train import EvalResult
-from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.privacy.kernels import load_triton
 from fedlora.strategies.adapter import LORA_A_SUFFIX, lora_scaling, split_adapter
 from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas

@@ -24,12 +24,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedlora.atomic import atomic_directory, write_atomic, write_json_atomic
+from fedlora.core.adapter_format import BASE_DELTA_FILE  # the one name of the FedEx-LoRA residual file
 from fedlora.core.model import save_adapter, set_adapter_state
-from fedlora.hub.sdk.manifest import BASE_DELTA_FILE  # the one name of the FedEx-LoRA residual file
 from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, Reply, adapter_part
 
 STATE_FILE = "state.safetensors"
 STRATEGY_STATE_FILE = "strategy_state.json"
+
+
+#: run-config keys a resumed run may change (everything else must match the stored config.json)
+RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout"})
 
 
 class ResumeError(RuntimeError):

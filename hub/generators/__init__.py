@@ -7,13 +7,6 @@ generation request arrives, so a hub that serves no generators starts without it
 
 from __future__ import annotations
 
-from fedlora.hub.sdk.manifest import GENERATOR_METHODS
+from fedlora.hub.sdk.request import METHODS, check_method
 
-#: generation methods the hub serves; each is stored under ``generators/<method>``
-METHODS: tuple[str, ...] = GENERATOR_METHODS
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown generation method {method!r} (known: {', '.join(METHODS)})")
-    return method
+__all__ = ["METHODS", "check_method"]

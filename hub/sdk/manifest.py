@@ -26,17 +26,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from safetensors import SafetensorError, deserialize
 
 from fedlora.atomic import atomic_directory
+from fedlora.core.adapter_format import ADAPTER_FILES, BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-BASE_DELTA_FILE = "base_delta.safetensors"  # FedEx-LoRA's residual, folded into the base weights
-#: the files an adapter may carry; the first two are PEFT's and required
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, BASE_DELTA_FILE)
-GENERATOR_CONFIG_FILE = (
-    "generator.json"  # a zero-shot generator (fedlora.hub.generators), stored as generators/<method>
-)
+#: a zero-shot generator (fedlora.hub.generators), stored as generators/<method>
+GENERATOR_CONFIG_FILE = "generator.json"
 GENERATOR_WEIGHTS_FILE = "generator.safetensors"
 GENERATOR_FILES = (GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE)
 MAX_PROVENANCE_BYTES = 64 << 10
@@ -326,13 +321,6 @@ def _tensors(data: bytes, what: str) -> list[tuple[str, list[int], str]]:
             raise ValueError(f"{what}: tensor {name!r} holds NaN or infinite values")
         out.append((name, list(info["shape"]), dtype))
     return out
-
-
-def read_adapter_dir(path: Path) -> dict[str, bytes]:
-    """The files of a PEFT directory that an adapter consists of."""
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE})")
-    return {name: (path / name).read_bytes() for name in ADAPTER_FILES if (path / name).is_file()}
 
 
 # --- base models ----------------------------------------------------------------------------

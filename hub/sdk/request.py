@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.core.tasks import Example
-from fedlora.hub.generators import check_method
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS
+
+#: generation methods the hub serves; each is stored under ``generators/<method>``
+METHODS: tuple[str, ...] = GENERATOR_METHODS
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown generation method {method!r} (known: {', '.join(METHODS)})")
+    return method
+
 
 #: bounds on what a task may carry (descriptions feed the text encoder, examples the base model)
 MAX_DESCRIPTION_CHARS = 1000
