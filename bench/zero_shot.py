@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.core.data import IGNORE_INDEX, collate, exact_matches
 from fedlora.core.tasks import HELD_OUT_TASKS, Task, get_task
-from fedlora.hub.generators.base import Generator, generator_class
+from fedlora.hub.generators.base import Generator
 from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
 from fedlora.hub.generators.library import ExpertLibrary, Layout
+from fedlora.hub.generators.registry import generator_class
 from fedlora.hub.generators.sg_lora import SGLoRA
 from fedlora.hub.sdk.manifest import describe_base_model
 

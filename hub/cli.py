@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedlora.hub.sdk.client import remote_client
 from fedlora.hub.sdk.manifest import GENERATOR_METHODS
 
 
@@ -161,19 +162,6 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (verifies every adapter)")
     ev.add_argument("--json", action="store_true")
     return p
-
-
-def remote_client(args: argparse.Namespace, key_required: bool = False) -> Any:
-    """The HubClient that ``--hub``, ``--token``/``--token-file`` and ``--hub-key`` name."""
-    from fedlora.hub.sdk.client import HubClient, read_token
-    from fedlora.hub.sdk.manifest import load_public_key
-
-    if not args.hub:
-        raise ValueError(f"fl-hub {args.command} needs --hub URL")
-    key_file = getattr(args, "hub_key", None)
-    if key_required and key_file is None:
-        raise ValueError(f"fl-hub {args.command} needs --hub-key hub.pub (what the hub signs is verified)")
-    return HubClient(args.hub, read_token(args.token, args.token_file), load_public_key(key_file) if key_file else None)
 
 
 def _remote_options(p: argparse.ArgumentParser) -> None:

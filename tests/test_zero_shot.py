@@ -21,9 +21,9 @@ from fedlora.client.cli import main as fl_client
 from fedlora.core.model import load_base_model
 from fedlora.core.tasks import get_task
 from fedlora.hub.cli import main as fl_hub
-from fedlora.hub.generators.base import load_generator
 from fedlora.hub.generators.experts import build_experts, publish_experts
 from fedlora.hub.generators.library import ExpertLibrary
+from fedlora.hub.generators.registry import load_generator
 from fedlora.hub.hub_dir import HubDir, HubSettings
 from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir

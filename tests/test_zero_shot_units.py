@@ -18,7 +18,6 @@ from tiny_experts import TINY, TINY_TASKS
 
 from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer
 from fedlora.core.tasks import Example, get_task
-from fedlora.hub.generators.base import generator_class, load_generator
 from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features
 from fedlora.hub.generators.experts import ExpertConfig, build_experts
@@ -31,6 +30,7 @@ from fedlora.hub.generators.icm_lora import (
     zscore,
 )
 from fedlora.hub.generators.library import ExpertLibrary, Layout
+from fedlora.hub.generators.registry import generator_class, load_generator
 from fedlora.hub.generators.sg_lora import mixture_prior, mixture_weights
 from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, check_generator_files, describe_base_model
 from fedlora.hub.sdk.request import GenerationRequest

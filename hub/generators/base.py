@@ -12,13 +12,11 @@ from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedlora.core.tasks import Example
-from fedlora.hub.generators import check_method
 from fedlora.hub.generators.cvae import ConvCVAE, CVAESettings, FitResult
-from fedlora.hub.generators.embedding import TextEmbedder, embedder_from_state
+from fedlora.hub.generators.embedding import TextEmbedder
 from fedlora.hub.generators.library import ExpertLibrary, Layout
 from fedlora.hub.sdk.manifest import GENERATOR_CONFIG_FILE, GENERATOR_FORMAT_VERSION, GENERATOR_WEIGHTS_FILE, BaseModel
 
@@ -110,52 +108,6 @@ class Generator(ABC):
             GENERATOR_CONFIG_FILE: (json.dumps(config, sort_keys=True) + "\n").encode(),
             GENERATOR_WEIGHTS_FILE: save_safetensors(tensors, metadata={"format": "pt"}),
         }
-
-
-GENERATORS: dict[str, type[Generator]] = {}
-
-
-def register(cls: type[Generator]) -> type[Generator]:
-    check_method(cls.method)
-    if cls.method in GENERATORS:
-        raise ValueError(f"generator {cls.method!r} is registered twice")
-    GENERATORS[cls.method] = cls
-    return cls
-
-
-def generator_class(method: str) -> type[Generator]:
-    check_method(method)
-    import fedlora.hub.generators.icm_lora
-    import fedlora.hub.generators.sg_lora  # noqa: F401  (registers)
-
-    return GENERATORS[method]
-
-
-def load_generator(files: Mapping[str, bytes]) -> Generator:
-    """Rebuild a generator from its two files (as stored in a hub or written by train-generator)."""
-    for required in (GENERATOR_CONFIG_FILE, GENERATOR_WEIGHTS_FILE):
-        if required not in files:
-            raise ValueError(f"a generator needs {required}")
-    config = json.loads(files[GENERATOR_CONFIG_FILE])
-    if config.get("format") != "fedlora-generator" or config.get("format_version") != GENERATOR_FORMAT_VERSION:
-        raise ValueError(f"not a fedlora generator of format version {GENERATOR_FORMAT_VERSION}")
-    cls = generator_class(str(config.get("method")))
-    tensors = load_safetensors(files[GENERATOR_WEIGHTS_FILE])
-    settings = CVAESettings(**config["settings"])
-    shape = config["cvae"]
-    cvae = ConvCVAE(int(shape["length"]), int(shape["seq_channels"]), int(shape["vec_dim"]), settings)
-    cvae.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("cvae.")})
-    cvae.eval()
-    common = {
-        "layout": Layout.from_dict(config["layout"]),
-        "base_model": BaseModel(**config["base_model"]),
-        "experts": config["experts"],
-        "embedder": embedder_from_state(config["embedder"]),
-        "settings": settings,
-        "training": config.get("training", {}),
-    }
-    arrays = {k[7:]: v for k, v in tensors.items() if k.startswith("arrays.")}
-    return cls.restore(common, cvae, arrays, config.get("options", {}))
 
 
 def per_tensor(vector: torch.Tensor, layout: Layout) -> list[torch.Tensor]:

@@ -10,11 +10,11 @@ import torch
 from rich.console import Console
 
 from fedlora.core.model import ALL_LINEAR, LoraSettings
-from fedlora.hub.cli import remote_client
-from fedlora.hub.generators.base import generator_class
 from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
 from fedlora.hub.generators.library import ExpertLibrary
+from fedlora.hub.generators.registry import generator_class
+from fedlora.hub.sdk.client import remote_client
 from fedlora.hub.sdk.manifest import describe_base_model
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedlora.core.tasks import Example
-from fedlora.hub.generators.base import Generator, expand_per_tensor, per_tensor, register
+from fedlora.hub.generators.base import Generator, expand_per_tensor, per_tensor
 from fedlora.hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
 from fedlora.hub.generators.embedding import TextEmbedder, fit_embedder, hidden_state_vector
 from fedlora.hub.generators.library import Expert, ExpertLibrary, Layout
@@ -93,7 +93,6 @@ def expert_weights(
     return torch.where(ok, out / total.clamp_min(1e-12), plain / plain.sum(1, keepdim=True))
 
 
-@register
 class ICMLoRA(Generator):
     method = "icm-lora"
 

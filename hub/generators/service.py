@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.hub.generators.base import Generator, load_generator
+from fedlora.hub.generators.base import Generator
+from fedlora.hub.generators.registry import load_generator
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model
 from fedlora.hub.sdk.names import Principal
 from fedlora.hub.sdk.request import GenerationRequest

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedlora.core.tasks import Example
-from fedlora.hub.generators.base import Generator, expand_per_tensor, per_tensor, register
+from fedlora.hub.generators.base import Generator, expand_per_tensor, per_tensor
 from fedlora.hub.generators.cvae import ConvCVAE, CVAESettings, fit_cvae
 from fedlora.hub.generators.embedding import TextEmbedder, fit_embedder
 from fedlora.hub.generators.library import ExpertLibrary, Layout
@@ -58,7 +58,6 @@ def tensor_scales(vectors: torch.Tensor, layout: Layout) -> torch.Tensor:
     return expand_per_tensor(stds, layout)
 
 
-@register
 class SGLoRA(Generator):
     method = "sg-lora"
 

@@ -4,6 +4,7 @@ the base model's hash and every file's hash have been checked."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import builtins
 import json
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedlora.hub.sdk.manifest import (
     VerificationError,
+    load_public_key,
     read_adapter_dir,
     verify_file,
     verify_record,
@@ -268,3 +270,13 @@ def read_token(token: str | None, token_file: str | Path | None) -> str:
         except FileNotFoundError:
             raise FileNotFoundError(f"token file {path} does not exist") from None
     return str(token)
+
+
+def remote_client(args: argparse.Namespace, key_required: bool = False) -> HubClient:
+    """The HubClient that ``--hub``, ``--token``/``--token-file`` and ``--hub-key`` name."""
+    if not args.hub:
+        raise ValueError(f"fl-hub {args.command} needs --hub URL")
+    key_file = getattr(args, "hub_key", None)
+    if key_required and key_file is None:
+        raise ValueError(f"fl-hub {args.command} needs --hub-key hub.pub (what the hub signs is verified)")
+    return HubClient(args.hub, read_token(args.token, args.token_file), load_public_key(key_file) if key_file else None)
