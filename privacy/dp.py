@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from fedlora.privacy.engines import Engine, check_engine
+from fedlora.privacy.engines import Engine, check_engine, load_engine
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,6 @@ def dp_sgd(
     model cached across messages (simulation) can be wrapped again next round with other
     trainable factors.
     """
-    from fedlora.privacy.fused import FusedDPOptimizer, LoraTaps
-
     model.zero_grad(set_to_none=True)  # stale gradients of a cached model must not leak into step one
     model.train()
     ModuleValidator.validate(model, strict=True)  # e.g. batch norm mixes examples: refused by name
@@ -127,28 +124,17 @@ def dp_sgd(
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("the optimizer holds parameters that are not the model's: DP-SGD would not clip them")
-    private_model: torch.nn.Module
-    if config.engine == "fused":
-        taps = LoraTaps(model)
-        private_model, close = model, taps.close
-    else:
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-        gsm.forbid_grad_accumulation()  # one Poisson batch per step, as the ledger charges (as make_private)
-        private_model, close = gsm, gsm._close  # _close removes hooks and per-sample attributes
+    attached = load_engine(config.engine).attach(model)
 
     def endless() -> Iterator[dict[str, torch.Tensor]]:
         while True:
             yield from loader
 
     try:  # from here on the hooks come off whatever happens, a failing optimizer included
-        private_opt = (
-            FusedDPOptimizer(optimizer, taps, **settings)
-            if config.engine == "fused"
-            else DPOptimizer(optimizer, loss_reduction="mean", **settings)
-        )
-        yield PrivateTraining(private_model, private_opt, endless(), q)
+        private_opt = attached.make_optimizer(optimizer, settings)
+        yield PrivateTraining(attached.model, private_opt, endless(), q)
     finally:
-        close()
+        attached.close()
         for p in model.parameters():  # the optimizers' bookkeeping attribute
             if hasattr(p, "summed_grad"):
                 del p.summed_grad

@@ -1,16 +1,43 @@
-"""The per-example clipping engines of DP-SGD (``dp.engine``), importable without torch (CLIs)."""
+"""The per-example clipping engines of DP-SGD (``dp.engine``): a registry importable without torch.
+
+An engine is one module plus one line here. The module defines ``attach(model) -> Attached``:
+the model to call (hooked or tapped), a factory for the private optimizer, and what removes the
+hooks. Engines are imported by name when a run uses them (they pull in torch and Opacus), so the
+CLIs can list and check engine names cheaply.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, NamedTuple
 
-Engine = Literal["opacus", "fused"]
-#: ``opacus``: Opacus' grad-sample hooks; ``fused``: taps on the LoRA layers (:mod:`fedlora.privacy.fused`)
-ENGINES: tuple[Engine, ...] = ("opacus", "fused")
+Engine = str
+
+#: engine name -> the module implementing it. ``opacus``: Opacus' grad-sample hooks;
+#: ``fused``: taps on the LoRA layers (:mod:`fedlora.privacy.fused`)
+ENGINES: dict[str, str] = {
+    "opacus": "fedlora.privacy.opacus_engine",
+    "fused": "fedlora.privacy.fused",
+}
+
+
+class Attached(NamedTuple):
+    """An engine attached to a model for one local run."""
+
+    model: Any  # torch.nn.Module: what the training loop calls
+    make_optimizer: Callable[[Any, dict[str, Any]], Any]  # (optimizer, DPOptimizer settings) -> DPOptimizer
+    close: Callable[[], None]  # removes the hooks (also when the optimizer could not be built)
 
 
 def check_engine(name: object) -> Engine:
     """``name`` as an engine, or a ValueError naming the choices."""
-    if name not in ENGINES:
+    if not isinstance(name, str) or name not in ENGINES:
         raise ValueError(f"dp.engine must be one of {', '.join(ENGINES)}, got {name!r}")
     return name
+
+
+def load_engine(name: str) -> ModuleType:
+    """The module of engine ``name`` (imported by name: engines pull in torch and Opacus)."""
+    return importlib.import_module(ENGINES[check_engine(name)])

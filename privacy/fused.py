@@ -25,6 +25,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
+from fedlora.privacy.engines import Attached
 from fedlora.privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
 
 
@@ -244,3 +245,13 @@ class FusedDPOptimizer(DPOptimizer):
             p.summed_grad = None
         self.taps.clear_gradients()  # a forward may come before zero_grad; its inputs stay
         self.original_optimizer.zero_grad(set_to_none)
+
+
+def attach(model: nn.Module) -> Attached:
+    """The fused engine on ``model``: taps on its LoRA layers, the model itself is called."""
+    taps = LoraTaps(model)
+
+    def make_optimizer(optimizer: torch.optim.Optimizer, settings: dict[str, Any]) -> DPOptimizer:
+        return FusedDPOptimizer(optimizer, taps, **settings)
+
+    return Attached(model, make_optimizer, taps.close)
