@@ -1,1 +1,4 @@
-"""The edge role: local data, LoRA models and adapters, local training, the `fl-client` command."""
+"""The edge role: the Flower ClientApp and what each message computes, the node that
+``fl-client start`` keeps running (SuperNode, warm trainer), personalisation, and the
+``fl-client`` command (keys, fine-tuning, pull/push/personalize through the hub's SDK).
+Models, data and the training loop come from :mod:`fedlora.core`."""

@@ -1,7 +1,8 @@
 """Sample-level differential privacy for fedlora clients: accounting, budget planning, lifetime ledger.
 
-Everything here is pure Python over Opacus' accountants; it imports no other package of ours, so
-the client, the server and the privacy report can all use it.
+Also the DP-SGD engines (Opacus' and the fused LoRA engine with its kernels) and the privacy report.
+It imports nothing of ours but the leaf utilities (:mod:`fedlora.atomic`), so every role and the
+core can use it.
 """
 
 from importlib import import_module
