@@ -63,13 +63,14 @@ from fedlora.privacy.engines import Engine, check_engine
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta, plan_noise
 from fedlora.privacy.report import PRIVACY_UNIT
-from fedlora.strategies.algorithms import ALGORITHMS, base_deltas
+from fedlora.strategies.algorithms import base_deltas
+from fedlora.strategies.fedavg_lora import FedAvgLora
 
 RUN_PREFIX = "personalize-"
 #: the ledger's round key of a personalisation: each one is a one-round run of its own
 LEDGER_ROUND = 1
 #: LoRA's tuned local learning rate (both factors train here, as in FedAvg-LoRA)
-DEFAULT_LR = ALGORITHMS["fedavg-lora"].defaults.lr
+DEFAULT_LR = FedAvgLora.defaults.lr
 DP_OFF = "none: differential privacy was off for this personalisation (dp = False): no privacy guarantee, no epsilon"
 
 

@@ -286,7 +286,7 @@ def _clear_keeping_ledgers(run_dir: Path, console: Console) -> None:
 def cmd_run(argv: Sequence[str], console: Console) -> int:
     args = _run_parser().parse_args(argv)
     if args.list_strategies:
-        from fedlora.strategies.flower import STRATEGIES
+        from fedlora.strategies.registry import STRATEGIES  # lazy: the methods load torch, --help need not
 
         console.print("\n".join(sorted(STRATEGIES)))
         return 0

@@ -40,7 +40,7 @@ def test_bad_values_are_refused(overrides: dict, message: str) -> None:
 
 def test_client_level_dp_only_where_the_math_allows() -> None:
     ok = {"dp.client-level": "server-side", "strategy": "fedavg-lora"}
-    assert FederationConfig.from_run_config(ok).dp_client_level == "server-side"
+    assert FederationConfig.from_run_config(ok).dp.client_level == "server-side"
     with pytest.raises(ValueError, match=r"dp\.client-level works with \['fedavg-lora'\] only, not 'ffa-lora'"):
         FederationConfig.from_run_config({**ok, "strategy": "ffa-lora"})
 
