@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,13 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.edge import ReplyContent, Request, app
+from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance, push_adapter
+from fedlora.client.node import node_partition
+from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
+from fedlora.client.private_train import train_private
 from fedlora.core.client_data import client_examples, node_examples
 from fedlora.core.config import FederationConfig
-from fedlora.core.data import Encoded, collate, encode
+from fedlora.core.data import Encoded, encode
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import (
     Factors,
@@ -42,8 +47,11 @@ from fedlora.core.model import (
     set_trainable_factors,
     wrap_lora,
 )
-from fedlora.core.train import TrainResult, TrainSettings, evaluate, train
-from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, dp_sgd, sample_rate
+from fedlora.core.train import TrainSettings, evaluate, train
+from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
+from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, load_public_key
+from fedlora.hub.sdk.names import check_segment
+from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta
 from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, adapter_part, base_deltas
@@ -86,11 +94,6 @@ class Node:
     data: str | None = None  # the node's own data: a JSONL file or embedded:TASKS
     state_dir: str | None = None
     name: str | None = None
-
-
-def node_partition(name: str) -> int:
-    """A deployed node's stable number (seeds, reply order, FlexLoRA rank): a hash of its name."""
-    return zlib.crc32(name.encode("utf-8")) % 2**31
 
 
 def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded], float]:
@@ -150,18 +153,6 @@ def _node(context: NodeContext) -> tuple[FederationConfig, Node]:
         name = str(config.get("client-name") or "")
         return cfg, Node(node_partition(name), str(config["data-path"]), state_dir, name)
     return cfg, Node(int(config.get("partition-id", 0)), None, state_dir)
-
-
-def train_private(
-    model: torch.nn.Module, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
-) -> TrainResult:
-    """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients
-    (a federated round here, a personalisation in :mod:`fedlora.client.personalize`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr)
-    with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
-        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
-        return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
 
 def round_digest(state: Mapping[str, Tensor], round_config: Mapping[str, Any], num_examples: int) -> str:
@@ -358,13 +349,6 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
 
     The personal adapter goes to ``<state-dir>/personal/<run>`` on a deployed node and to
     ``<run-dir>/personal/partition-<p>`` in simulation (where ``fl-sim --hub`` publishes it)."""
-    import tempfile
-
-    from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance
-    from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
-    from fedlora.hub.sdk.manifest import BASE_DELTA_FILE
-    from fedlora.hub.sdk.names import check_segment
-
     cfg, node = _node(context)
     # the run's name comes from the server and becomes a directory here: one plain path segment
     run_name, final_round = check_segment(str(config["run-name"]), "run name"), int(config["server-round"])
@@ -401,8 +385,6 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         save_adapter(setup.model, tmp)
         deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
         if deltas:  # FedEx-LoRA: the residual the global adapter needs on top of the base weights
-            from safetensors.torch import save_file
-
             save_file(deltas, str(Path(tmp) / BASE_DELTA_FILE))
         try:
             result = personalize(Path(tmp), personal, out, examples=examples)
@@ -429,10 +411,6 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
     status = None
     hub_url = str(context.node_config.get("hub-url") or "")
     if hub_url:  # the node publishes to its own namespace with its own token
-        from fedlora.client.hub_commands import push_adapter
-        from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
-        from fedlora.hub.sdk.manifest import load_public_key
-
         key = str(context.node_config.get("hub-key") or "")
         try:
             with HubClient(

@@ -39,8 +39,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedlora.atomic import atomic_directory
-from fedlora.client.app import node_partition, train_private
-from fedlora.client.node import default_name
+from fedlora.client.node import default_name, node_partition
+from fedlora.client.private_train import train_private
 from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import encode
