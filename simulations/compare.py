@@ -20,6 +20,7 @@ from rich.console import Console
 
 from fedlora.core.cli import resume_config
 from fedlora.simulations.cli import MAIN_JOB, add_run_options, run_config_from, simulate, validate
+from fedlora.strategies.registry import STRATEGIES
 
 DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"
 
@@ -46,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The run config of every federated run of the comparison, validated before any starts."""
-    from fedlora.strategies.registry import STRATEGIES  # lazy: the methods load torch; fl-sim's startup does not
-
     base = run_config_from(args, MAIN_JOB)
     base["fraction-evaluate"] = 1.0  # every client evaluates: the comparison's metric
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
