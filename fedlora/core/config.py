@@ -276,6 +276,15 @@ class FederationConfig:
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
 
+    def __hash__(self) -> int:
+        """Hashable like any frozen config, although ``methods`` is a mapping."""
+        return hash(
+            tuple(
+                tuple(sorted(self.methods.items())) if f.name == _METHODS else getattr(self, f.name)
+                for f in fields(self)
+            )
+        )
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         """Build from Flower's run config; unknown keys are refused with the allowed ones."""
