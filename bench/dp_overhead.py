@@ -13,7 +13,7 @@ Two models, both wrapped with LoRA r = 8 on all linear layers, 1 torch thread, b
   (the embedded model's 259-token byte vocabulary, hidden 384, 8 layers, MLP 1536, 6 heads).
 
 Every step goes through ``fedlora.core.train.train``; DP-SGD wraps it with ``fedlora.privacy.dp.dp_sgd`` as
-the client does (``client/app.py::_train_private``: AdamW, constant lr, no extra clipping).
+the client does (``client/private_train.py::train_private``: AdamW, constant lr, no extra clipping).
 Plain LoRA is ``train`` as the non-DP client runs it (AdamW, global-norm clipping at 1.0).
 Two figures per mode:
 

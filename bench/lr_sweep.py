@@ -3,8 +3,8 @@
 Each cell is one run of our real Flower server and client apps (``fedlora.server.app:app``,
 ``fedlora.client.app:app``) on a private SuperLink with Ray simulation, through
 :func:`fedlora.core.flower_runner.run_simulation_app`; the numbers come from the run's own
-``metrics.jsonl``. This is the sweep behind the per-strategy defaults in
-``strategies/algorithms.py`` (``AlgorithmDefaults``): frozen-factor methods (FFA-LoRA, FedSVD,
+``metrics.jsonl``. This is the sweep behind the per-strategy defaults (``defaults =
+AlgorithmDefaults(...)`` in each method's module in ``strategies/``): frozen-factor methods (FFA-LoRA, FedSVD,
 RoLoRA's half-rounds) move only one factor, so their grid starts at plain LoRA's rate and
 goes 30x higher.
 
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.flower_runner import SimulationError, SimulationRequest, run_simulation_app
-from fedlora.strategies.algorithms import ALGORITHMS
+from fedlora.strategies.registry import STRATEGIES
 
 PLAIN_GRID = (1e-3, 3e-3, 1e-2)
 FROZEN_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
@@ -203,8 +203,8 @@ def baseline(settings: Settings, seeds: Sequence[int]) -> dict[int, tuple[float,
         cfg = FederationConfig.from_run_config(
             {k: v for k, v in settings.overrides("fedavg-lora", 0.0, seed, Path("unused")).items() if k != "run-dir"}
         )
-        alpha = cfg.alpha_for(ALGORITHMS["fedavg-lora"].defaults.alpha)
-        model = wrap_lora(load_base_model(), cfg.lora_settings(cfg.lora_rank, alpha))
+        alpha = cfg.alpha_for(STRATEGIES["fedavg-lora"].defaults.alpha)
+        model = wrap_lora(load_base_model(), cfg.lora_settings(cfg.lora.rank, alpha))
         assert all(float(p.detach().abs().max()) == 0.0 for n, p in model.named_parameters() if ".lora_B." in n)
         max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         hits, total, per_task = 0.0, 0, {}
@@ -327,7 +327,7 @@ def write_markdown(
         "Cells: mean exact match over the clients' test splits after the last round"
         + (" (mean over seeds, min-max in brackets)" if len(seeds) > 1 else "")
         + "; **bold** = best rate of the strategy (highest final exact match, ties broken by best-round exact "
-        "match, then lower final training loss). `default` is the rate in `strategies/algorithms.py` at the "
+        "match, then lower final training loss). `default` is the rate in the method's module in `strategies/` at the "
         "time of the run.",
         "",
         "| strategy | " + " | ".join(f"lr {lr:g}" for lr in all_lrs) + " | best lr | default |",
@@ -343,7 +343,7 @@ def write_markdown(
             runs = [r for r in results if r.strategy == s and r.lr == lr]
             text = fmt_cell(runs) if lr in grids[s] else "-"
             cells.append(f"**{text}**" if best is not None and lr == best else text)
-        default = ALGORITHMS[s].defaults.lr
+        default = STRATEGIES[s].defaults.lr
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {'n/a' if best is None else f'{best:g}'} | {default:g} |")
     lines += ["", "Untrained adapter per task: " + _per_task_text(base, seeds, tasks), ""]
     if ratio is not None:
@@ -424,9 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.strategies, args.lrs, args.rounds = "fedavg-lora", "3e-3", 2
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in ALGORITHMS]
+    unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise SystemExit(f"unknown strategies {unknown}; known: {sorted(ALGORITHMS)}")
+        raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES)}")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     grids = {s: _floats(args.lrs) or default_grid(s) for s in strategies}
     settings = Settings(

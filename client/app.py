@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,13 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.edge import ReplyContent, Request, app
+from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance, push_adapter
+from fedlora.client.node import node_partition
+from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
+from fedlora.client.private_train import train_private
 from fedlora.core.client_data import client_examples, node_examples
 from fedlora.core.config import FederationConfig
-from fedlora.core.data import Encoded, collate, encode
+from fedlora.core.data import Encoded, encode
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import (
     Factors,
@@ -42,18 +47,14 @@ from fedlora.core.model import (
     set_trainable_factors,
     wrap_lora,
 )
-from fedlora.core.train import TrainResult, TrainSettings, evaluate, train
-from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, dp_sgd, sample_rate
+from fedlora.core.train import TrainSettings, evaluate, train
+from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
+from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, load_public_key
+from fedlora.hub.sdk.names import check_segment
+from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta
-from fedlora.strategies.algorithms import (
-    ALGORITHMS,
-    BASE_DELTA_SUFFIX,
-    adapter_part,
-    base_deltas,
-    shared_a_state,
-    truncate_for_client,
-)
+from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, adapter_part, base_deltas
 
 __all__ = ["app", "compute"]  # app: the same ClientApp deployed nodes run (fedlora.client.edge), computing here
 
@@ -95,16 +96,11 @@ class Node:
     name: str | None = None
 
 
-def node_partition(name: str) -> int:
-    """A deployed node's stable number (seeds, reply order, FlexLoRA rank): a hash of its name."""
-    return zlib.crc32(name.encode("utf-8")) % 2**31
-
-
 def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded], float]:
     """The cached model and this node's encoded data, and how long loading the model took now
     (0 in a warm process)."""
     torch.set_num_threads(cfg.threads)
-    defaults = ALGORITHMS[cfg.strategy].defaults
+    defaults = cfg.algorithm_class.defaults
     partition = node.partition
     rank = cfg.client_rank(partition)
     lora = cfg.lora_settings(rank, cfg.alpha_for(defaults.alpha))
@@ -136,12 +132,15 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
 
 
 def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Tensor], rank: int) -> None:
-    """Put the downloaded global state into the local model, the way the strategy ships it."""
-    adapter = adapter_part(state)
-    if cfg.strategy == "ffa-lora":  # B only: A is rebuilt from the shared seed
-        adapter = {**shared_a_state(get_adapter_state(setup.model, "A"), cfg.seed), **adapter}
-    elif cfg.strategy == "flexlora":  # the global SVD, truncated to this client's rank
-        adapter = truncate_for_client(adapter, rank, setup.scaling)
+    """Put the downloaded global state into the local model, the way the strategy ships it
+    (FFA-LoRA rebuilds A from the shared seed, FlexLoRA truncates to this client's rank, ...)."""
+    adapter = cfg.algorithm_class.client_adapter(
+        adapter_part(state),
+        local_a=get_adapter_state(setup.model, "A"),
+        seed=cfg.seed,
+        rank=rank,
+        scaling=setup.scaling,
+    )
     set_adapter_state(setup.model, adapter)
     set_base_deltas(setup.model, base_deltas(state), setup.pristine)
 
@@ -154,18 +153,6 @@ def _node(context: NodeContext) -> tuple[FederationConfig, Node]:
         name = str(config.get("client-name") or "")
         return cfg, Node(node_partition(name), str(config["data-path"]), state_dir, name)
     return cfg, Node(int(config.get("partition-id", 0)), None, state_dir)
-
-
-def train_private(
-    model: torch.nn.Module, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
-) -> TrainResult:
-    """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients
-    (a federated round here, a personalisation in :mod:`fedlora.client.personalize`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr)
-    with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
-        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
-        return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
 
 
 def round_digest(state: Mapping[str, Tensor], round_config: Mapping[str, Any], num_examples: int) -> str:
@@ -218,12 +205,12 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         steps=int(round_config["local-steps"]),
         lr=float(round_config["lr"]),
         batch_size=cfg.batch_size,
-        max_grad_norm=None if cfg.dp_enabled else TrainSettings.max_grad_norm,
+        max_grad_norm=None if cfg.dp.enabled else TrainSettings.max_grad_norm,
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition,
     )
     privacy: dict[str, int | float] = {}
     ledger: PrivacyLedger | None = None
-    if cfg.dp_enabled:
+    if cfg.dp.enabled:
         # the ledger's key for this run: the first run id of a resumed run, so a round trained
         # again after an interruption is recognised as the same round
         ledger_run = str(round_config.get("ledger-run", context.run_id))
@@ -231,8 +218,8 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         sigma = float(round_config["dp-noise-multiplier"])
         q = sample_rate(cfg.batch_size, len(train_data))
         run_delta = round_config.get("dp-delta")  # the run's one delta, from the server's plan
-        delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp_delta or default_delta(len(train_data))
-        spent = ledger.epsilon(delta, cfg.dp_accountant)
+        delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp.delta or default_delta(len(train_data))
+        spent = ledger.epsilon(delta, cfg.dp.accountant)
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
         if not 0 < delta < 1 / len(train_data):
             reason = f"dp-delta {delta} from the server is not below 1/n = 1/{len(train_data)} for this client's data"
@@ -254,14 +241,14 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
             # only an exact replay (same input, same secret seed, same output) may be released again
             reason = f"round {server_round} of run {ledger_run} was already charged for another input"
             return _declined(privacy, reason, node)
-        if cfg.dp_max_epsilon and charged is None:  # a replayed round releases nothing new
+        if cfg.dp.max_epsilon and charged is None:  # a replayed round releases nothing new
             over, projected = ledger.would_exceed(
-                cfg.dp_max_epsilon, delta, cfg.dp_accountant, sigma, q, settings.steps
+                cfg.dp.max_epsilon, delta, cfg.dp.accountant, sigma, q, settings.steps
             )
             if over:
                 reason = (
                     f"privacy budget: this round would take epsilon from {spent:.3f} to {projected:.3f}, "
-                    f"past dp.max-epsilon = {cfg.dp_max_epsilon}"
+                    f"past dp.max-epsilon = {cfg.dp.max_epsilon}"
                 )
                 return _declined(privacy, reason, node)
     load_global(setup, cfg, state, rank)
@@ -271,15 +258,15 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         # The opt-out of secret randomness is honoured only on a node that says it is simulated
         # (the simulation runtime sets num-partitions): in deployment the server sets the run config.
         simulated = "num-partitions" in context.node_config
-        public = simulated and not cfg.dp_secret_noise
+        public = simulated and not cfg.dp.secret_noise
         dp_seed = settings.seed if public else ledger.dp_seed(ledger_run, server_round)
         with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
             torch.manual_seed(dp_seed + 2)
             t0 = time.perf_counter()
             dp = DPSGDConfig(
                 noise_multiplier=float(privacy["noise-multiplier"]),
-                max_grad_norm=cfg.dp_max_grad_norm,
-                engine=cfg.dp_engine,
+                max_grad_norm=cfg.dp.max_grad_norm,
+                engine=cfg.dp.engine,
             )
             result = train_private(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id), dp, dp_seed)
             train_seconds = time.perf_counter() - t0
@@ -290,10 +277,10 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
             privacy["noise-multiplier"],
             privacy["sample-rate"],
             settings.steps,
-            accountant=cfg.dp_accountant,
+            accountant=cfg.dp.accountant,
             delta=privacy["delta"],
         )
-        privacy["epsilon"] = ledger.epsilon(privacy["delta"], cfg.dp_accountant)
+        privacy["epsilon"] = ledger.epsilon(privacy["delta"], cfg.dp.accountant)
         history = ledger.history()
         privacy["dp-steps"] = sum(steps for _, _, steps in history)
         # the whole lifetime history (public parameters only): the server's report recomputes this
@@ -362,13 +349,6 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
 
     The personal adapter goes to ``<state-dir>/personal/<run>`` on a deployed node and to
     ``<run-dir>/personal/partition-<p>`` in simulation (where ``fl-sim --hub`` publishes it)."""
-    import tempfile
-
-    from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance
-    from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
-    from fedlora.hub.sdk.manifest import BASE_DELTA_FILE
-    from fedlora.hub.sdk.names import check_segment
-
     cfg, node = _node(context)
     # the run's name comes from the server and becomes a directory here: one plain path segment
     run_name, final_round = check_segment(str(config["run-name"]), "run name"), int(config["server-round"])
@@ -384,29 +364,27 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
     personal = PersonalizeConfig(
         data=_personal_data_label(cfg, node),
         state_dir=state_dir,
-        steps=cfg.personalize_steps,
+        steps=cfg.personalize.steps,
         batch_size=cfg.batch_size,
-        target_epsilon=cfg.personalize_epsilon,
-        max_grad_norm=cfg.dp_max_grad_norm,
-        delta=cfg.dp_delta,
-        accountant=cfg.dp_accountant,
-        max_epsilon=(cfg.dp_max_epsilon or None) if cfg.dp_enabled else None,
-        dp_engine=cfg.dp_engine,
+        target_epsilon=cfg.personalize.epsilon,
+        max_grad_norm=cfg.dp.max_grad_norm,
+        delta=cfg.dp.delta,
+        accountant=cfg.dp.accountant,
+        max_epsilon=(cfg.dp.max_epsilon or None) if cfg.dp.enabled else None,
+        dp_engine=cfg.dp.engine,
         model_dir=cfg.model_dir or None,
         seed=cfg.seed,
         num_train=cfg.num_train,
         num_test=cfg.num_test,
         name=node.name or f"partition-{node.partition}",
         threads=cfg.threads,
-        dp=cfg.dp_enabled,
+        dp=cfg.dp.enabled,
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=state_dir, prefix=".global-") as tmp:
         save_adapter(setup.model, tmp)
         deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
         if deltas:  # FedEx-LoRA: the residual the global adapter needs on top of the base weights
-            from safetensors.torch import save_file
-
             save_file(deltas, str(Path(tmp) / BASE_DELTA_FILE))
         try:
             result = personalize(Path(tmp), personal, out, examples=examples)
@@ -433,10 +411,6 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
     status = None
     hub_url = str(context.node_config.get("hub-url") or "")
     if hub_url:  # the node publishes to its own namespace with its own token
-        from fedlora.client.hub_commands import push_adapter
-        from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
-        from fedlora.hub.sdk.manifest import load_public_key
-
         key = str(context.node_config.get("hub-key") or "")
         try:
             with HubClient(

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -430,3 +431,8 @@ def start(options: NodeOptions, console: Console) -> int:
 def default_name() -> str:
     """A node's default name: this host's name (what an operator would call the machine)."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.") or "client"
+
+
+def node_partition(name: str) -> int:
+    """A deployed node's stable number (seeds, reply order, FlexLoRA rank): a hash of its name."""
+    return zlib.crc32(name.encode("utf-8")) % 2**31

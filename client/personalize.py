@@ -39,8 +39,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedlora.atomic import atomic_directory
-from fedlora.client.app import node_partition, train_private
-from fedlora.client.node import default_name
+from fedlora.client.node import default_name, node_partition
+from fedlora.client.private_train import train_private
 from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import encode
@@ -63,13 +63,14 @@ from fedlora.privacy.engines import Engine, check_engine
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta, plan_noise
 from fedlora.privacy.report import PRIVACY_UNIT
-from fedlora.strategies.algorithms import ALGORITHMS, base_deltas
+from fedlora.strategies.algorithms import base_deltas
+from fedlora.strategies.fedavg_lora import FedAvgLora
 
 RUN_PREFIX = "personalize-"
 #: the ledger's round key of a personalisation: each one is a one-round run of its own
 LEDGER_ROUND = 1
 #: LoRA's tuned local learning rate (both factors train here, as in FedAvg-LoRA)
-DEFAULT_LR = ALGORITHMS["fedavg-lora"].defaults.lr
+DEFAULT_LR = FedAvgLora.defaults.lr
 DP_OFF = "none: differential privacy was off for this personalisation (dp = False): no privacy guarantee, no epsilon"
 
 

@@ -39,14 +39,14 @@ from fedlora.core.run_dir import (
     config_changes,
     read_rows,
 )
+from fedlora.hub.sdk.publish import run_name
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import sample_rate
 from fedlora.privacy.planning import default_delta, delta_warning, plan_noise
 from fedlora.privacy.report import headline, write_privacy_report
 from fedlora.server.evaluation import ServerEvaluator
-from fedlora.strategies.algorithms import ALGORITHMS
-from fedlora.strategies.flower import LoraStrategy, create
-from fedlora.strategies.lora_fair import LoraFairConfig
+from fedlora.strategies import registry
+from fedlora.strategies.flower import LoraStrategy
 
 app = ServerApp()
 PARTITION_FILE = "partition.json"
@@ -82,21 +82,14 @@ class PromptGrid:
 
 
 def algorithm_kwargs(cfg: FederationConfig, scaling: float, fan_in_fan_out: bool) -> dict[str, Any]:
-    """Constructor arguments of the run's algorithm, from the run config."""
-    kwargs: dict[str, Any] = {"scaling": scaling, "seed": cfg.seed}
-    if cfg.strategy == "lora-fair":
-        closed = cfg.lora_fair_solver == "closed-form"
-        kwargs["fair"] = LoraFairConfig(
-            lam=cfg.lora_fair_lambda,
-            solver="closed_form" if closed else "iterative",
-            objective="squared" if closed else "cosine",
-            steps=cfg.lora_fair_steps,
-        )
-    elif cfg.strategy == "fedex-lora":
-        kwargs["fan_in_fan_out"] = fan_in_fan_out
-    elif cfg.strategy == "flexlora":
-        kwargs["max_rank"] = cfg.max_rank()
-    return kwargs
+    """Constructor arguments of the run's algorithm (any registered one), from the run config."""
+    return {
+        "scaling": scaling,
+        "seed": cfg.seed,
+        "settings": cfg.method,
+        "lora_rank": cfg.lora.rank,
+        "fan_in_fan_out": fan_in_fan_out,
+    }
 
 
 class RoundWriter:
@@ -126,13 +119,13 @@ class RoundWriter:
             return None  # the checkpoint this resumed run started from
         state = arrays.to_torch_state_dict()
         row: dict[str, Any] = {"round": server_round, "elapsed": round(time.perf_counter() - self.started, 3)}
-        if self.cfg.dp_client_level != "off" and server_round:
+        if self.cfg.dp.client_level != "off" and server_round:
             done = self.strategy.round_offset
             done += sum(1 for r in self.strategy.rounds.values() if r.failed is None and r.accepted)
-            delta = self.cfg.dp_delta or default_delta(self.cfg.num_clients)
+            delta = self.cfg.dp.delta or default_delta(self.cfg.num_clients)
             row["client-level-dp"] = {
                 "epsilon": compute_epsilon(
-                    [(self.cfg.dp_client_noise_multiplier, 1.0, done)], delta, self.cfg.dp_accountant
+                    [(self.cfg.dp.client_noise_multiplier, 1.0, done)], delta, self.cfg.dp.accountant
                 ),
                 "delta": delta,
                 "privacy-unit": "client",
@@ -171,16 +164,16 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, f
         log(INFO, "fedlora: resumed run keeps its privacy plan: noise multiplier %s", stored["noise_multiplier_used"])
         return float(stored["noise_multiplier_used"]), float(stored["delta"]), float(stored["sample_rate"])
     # the largest sampling rate bounds every client's epsilon
-    smallest = cfg.dp_plan_examples or min(client_train_sizes(cfg))
+    smallest = cfg.dp.plan_examples or min(client_train_sizes(cfg))
     q = sample_rate(cfg.batch_size, smallest)
-    delta = cfg.dp_delta or default_delta(smallest)
+    delta = cfg.dp.delta or default_delta(smallest)
     warning = delta_warning(delta, smallest)
     if warning:
         log(WARNING, "fedlora: %s", warning)
     plan = plan_noise(
-        cfg.dp_target_epsilon, delta, cfg.num_rounds, cfg.fraction_train, cfg.local_steps, q, cfg.dp_accountant
+        cfg.dp.target_epsilon, delta, cfg.num_rounds, cfg.fraction_train, cfg.local_steps, q, cfg.dp.accountant
     )
-    sigma = cfg.dp_noise_multiplier or plan.noise_multiplier
+    sigma = cfg.dp.noise_multiplier or plan.noise_multiplier
     log(
         INFO,
         "fedlora: privacy plan for the smallest client (%s examples)\n%s\nnoise multiplier used: %s",
@@ -193,7 +186,7 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, f
         {
             **asdict(plan),
             "noise_multiplier_used": sigma,
-            "max_grad_norm": cfg.dp_max_grad_norm,
+            "max_grad_norm": cfg.dp.max_grad_norm,
             "smallest_client_examples": smallest,
         },
     )
@@ -209,31 +202,31 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
     ourselves (Flower's accountant refuses aggregations other than FedAvg's) and never mix it
     with the sample-level epsilon of DP-SGD.
     """
-    if cfg.dp_client_level == "off":
+    if cfg.dp.client_level == "off":
         return strategy
     m = max(1, int(cfg.num_clients * cfg.fraction_train))
     wrapper = (
         DifferentialPrivacyServerSideFixedClipping
-        if cfg.dp_client_level == "server-side"
+        if cfg.dp.client_level == "server-side"
         else DifferentialPrivacyClientSideFixedClipping
     )
-    delta = cfg.dp_delta or default_delta(cfg.num_clients)
+    delta = cfg.dp.delta or default_delta(cfg.num_clients)
     write_json_atomic(
         run_dir.root / "client_level_dp.json",
         {
             "privacy-unit": "one client's whole dataset (client-level DP)",
-            "clipping": cfg.dp_client_level,
-            "noise-multiplier": cfg.dp_client_noise_multiplier,
-            "clipping-norm": cfg.dp_client_clipping_norm,
+            "clipping": cfg.dp.client_level,
+            "noise-multiplier": cfg.dp.client_noise_multiplier,
+            "clipping-norm": cfg.dp.client_clipping_norm,
             "sampled-clients": m,
             "delta": delta,
             "epsilon-after-planned-rounds": compute_epsilon(
-                [(cfg.dp_client_noise_multiplier, 1.0, cfg.num_rounds)], delta, cfg.dp_accountant
+                [(cfg.dp.client_noise_multiplier, 1.0, cfg.num_rounds)], delta, cfg.dp.accountant
             ),
-            "accountant": cfg.dp_accountant,
+            "accountant": cfg.dp.accountant,
         },
     )
-    return wrapper(strategy, cfg.dp_client_noise_multiplier, cfg.dp_client_clipping_norm, m)
+    return wrapper(strategy, cfg.dp.client_noise_multiplier, cfg.dp.client_clipping_norm, m)
 
 
 #: resolved-config keys a resumed run may change
@@ -278,12 +271,11 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured federated LoRA training and write the run directory."""
     cfg = FederationConfig.from_run_config(context.run_config)
     torch.set_num_threads(cfg.threads)
-    algo_cls = ALGORITHMS[cfg.strategy]
+    algo_cls = cfg.algorithm_class
     lr = cfg.lr_for(algo_cls.defaults.lr)
     alpha = cfg.alpha_for(algo_cls.defaults.alpha)
-    # FlexLoRA keeps its global state at scaling 1 (B absorbs s), so its PEFT files use alpha = r.
     rank = cfg.max_rank()
-    lora = cfg.lora_settings(rank, float(rank) if cfg.strategy == "flexlora" else alpha)
+    lora = cfg.lora_settings(rank, algo_cls.global_alpha(rank, alpha))  # FlexLoRA's state is at scaling 1
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
     model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
     fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))
@@ -304,9 +296,8 @@ def main(grid: Grid, context: Context) -> None:
         elapsed_before = float(rows[-1].get("elapsed", 0.0)) if rows else 0.0
         log(INFO, "fedlora: resuming %s after round %s (%s later metrics rows dropped)", run_dir.root, done, dropped)
     run_dir.write_config(resolved)
-    strategy = create(
-        cfg.strategy,
-        algorithm_kwargs(cfg, scaling, fan_in_fan_out),
+    strategy = LoraStrategy(
+        registry.create(cfg.strategy, **algorithm_kwargs(cfg, scaling, fan_in_fan_out)),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.clients_per_round,
@@ -314,7 +305,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=cfg.num_clients,
         min_replies=cfg.min_replies,
         max_reply_bytes=int(cfg.max_reply_mb * 2**20),
-        on_accepted_reply=run_dir.audit_reply if cfg.audit_save_updates else None,
+        on_accepted_reply=run_dir.audit_reply if cfg.audit.save_updates else None,
         lr=lr,
         lr_decay=cfg.lr_decay,
         round_offset=done,
@@ -322,7 +313,7 @@ def main(grid: Grid, context: Context) -> None:
     if not cfg.resume:
         initial = strategy.algorithm.initial_state(get_adapter_state(model))
     train_config = ConfigRecord({"local-steps": cfg.local_steps, "ledger-run": str(resolved["run-id"])})
-    if cfg.dp_enabled:
+    if cfg.dp.enabled:
         sigma, delta, q = plan_privacy(cfg, run_dir)
         train_config["dp-noise-multiplier"], train_config["dp-delta"], train_config["dp-sample-rate"] = sigma, delta, q
     log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
@@ -350,7 +341,7 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as err:
         why = f"{type(err).__name__}: {err}"
         log(WARNING, "fedlora: training plots not written (%s); `fl-sim report %s` retries", why, run_dir.root)
-    if cfg.personalize_steps > 0:
+    if cfg.personalize.steps > 0:
         personalize_clients(grid, cfg, run_dir.root, final, cfg.num_rounds)
 
 
@@ -359,8 +350,6 @@ def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final:
     adapter on its own split and keeps it (and publishes it, if it has a hub); the outcome per
     client goes to ``personalize.json``. It comes after the privacy report, which covers the
     federated training; what personalisation spends is in each client's ledger and reply."""
-    from fedlora.hub.sdk.publish import run_name
-
     config = ConfigRecord({"run-name": run_name(run_dir), "server-round": final_round})
     record = RecordDict({"arrays": final, "config": config})
     nodes = sorted(grid.get_node_ids())
@@ -369,7 +358,7 @@ def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final:
         INFO,
         "fedlora: personalising the final adapter on %d clients (%d steps each)",
         len(nodes),
-        cfg.personalize_steps,
+        cfg.personalize.steps,
     )
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     clients: list[dict[str, Any]] = []
@@ -388,8 +377,8 @@ def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final:
     done = [c for c in clients if "personal-exact-match" in c]
     summary: dict[str, Any] = {
         "round": final_round,
-        "steps": cfg.personalize_steps,
-        "epsilon-target": cfg.personalize_epsilon if cfg.dp_enabled else None,
+        "steps": cfg.personalize.steps,
+        "epsilon-target": cfg.personalize.epsilon if cfg.dp.enabled else None,
         "asked": len(nodes),
         "personalised": len(done),
         "clients": clients,

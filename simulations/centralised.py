@@ -27,18 +27,18 @@ from fedlora.core.train import TrainSettings, batches, evaluate, train
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
 from fedlora.privacy.planning import default_delta, plan_noise
-from fedlora.strategies.algorithms import ALGORITHMS
+from fedlora.strategies.fedavg_lora import FedAvgLora
 
 
 def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     """Train and evaluate the pooled baseline for ``cfg``; returns the run directory ``out``."""
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    lr = cfg.lr_for(ALGORITHMS["fedavg-lora"].defaults.lr)
-    alpha = cfg.alpha_for(ALGORITHMS["fedavg-lora"].defaults.alpha)
+    lr = cfg.lr_for(FedAvgLora.defaults.lr)
+    alpha = cfg.alpha_for(FedAvgLora.defaults.alpha)
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
     tokenizer = load_tokenizer(model_dir)
-    model = wrap_lora(load_base_model(model_dir, "cpu"), cfg.lora_settings(cfg.lora_rank, alpha))
+    model = wrap_lora(load_base_model(model_dir, "cpu"), cfg.lora_settings(cfg.lora.rank, alpha))
     max_len = max_positions(model)
     pad = int(tokenizer.pad_token_id)
     train_ex, tests = [], []
@@ -57,15 +57,15 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         "num-rounds": cfg.num_rounds,
         "steps-per-round": steps_per_round,
         "pooled-examples": len(pooled),
-        "dp.enabled": cfg.dp_enabled,
-        "dp.target-epsilon": cfg.dp_target_epsilon,
+        "dp.enabled": cfg.dp.enabled,
+        "dp.target-epsilon": cfg.dp.target_epsilon,
     }
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     settings = TrainSettings(steps=steps_per_round, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed)
     started = time.perf_counter()
-    if not cfg.dp_enabled:
+    if not cfg.dp.enabled:
         write_json_atomic(out / "config.json", config)
         stream = (collate(b, pad) for b in batches(pooled, cfg.batch_size, cfg.seed))
         for r in range(1, cfg.num_rounds + 1):
@@ -73,18 +73,18 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
             _record(out, r, res.mean_loss, model, tests, pad, started, None)
     else:
         q = sample_rate(cfg.batch_size, len(pooled))
-        delta = cfg.dp_delta or default_delta(len(pooled))
+        delta = cfg.dp.delta or default_delta(len(pooled))
         total = steps_per_round * cfg.num_rounds
-        planned = plan_noise(cfg.dp_target_epsilon, delta, 1, 1.0, total, q, cfg.dp_accountant)
-        sigma = cfg.dp_noise_multiplier or planned.noise_multiplier
+        planned = plan_noise(cfg.dp.target_epsilon, delta, 1, 1.0, total, q, cfg.dp.accountant)
+        sigma = cfg.dp.noise_multiplier or planned.noise_multiplier
         config |= {"dp.noise-multiplier": sigma, "dp.delta": delta, "sample-rate": q}
         write_json_atomic(out / "config.json", config)
-        dp = DPSGDConfig(sigma, cfg.dp_max_grad_norm, cfg.dp_engine)
+        dp = DPSGDConfig(sigma, cfg.dp.max_grad_norm, cfg.dp.engine)
         with dp_sgd(model, optimizer, pooled, lambda b: collate(b, pad), cfg.batch_size, dp, cfg.seed) as pt:
             sched = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
             for r in range(1, cfg.num_rounds + 1):
                 res = train(pt.model, pooled, settings, pad, optimizer=(pt.optimizer, sched), batch_stream=pt.batches)
-                eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta, cfg.dp_accountant)
+                eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta, cfg.dp.accountant)
                 _record(out, r, res.mean_loss, model, tests, pad, started, eps)
     save_adapter(model, out / "adapters" / "global", base_model_dir=model_dir)
     return out

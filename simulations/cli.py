@@ -35,6 +35,7 @@ from fedlora.core.cli import (
     summary,
 )
 from fedlora.privacy.engines import ENGINES
+from fedlora.strategies.registry import STRATEGIES
 
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
 #: on 2 CPU cores (see README). Explicit options override these.
@@ -286,8 +287,6 @@ def _clear_keeping_ledgers(run_dir: Path, console: Console) -> None:
 def cmd_run(argv: Sequence[str], console: Console) -> int:
     args = _run_parser().parse_args(argv)
     if args.list_strategies:
-        from fedlora.strategies.flower import STRATEGIES
-
         console.print("\n".join(sorted(STRATEGIES)))
         return 0
     if args.resume is not None:

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from fedlora.core.cli import resume_config
 from fedlora.simulations.cli import MAIN_JOB, add_run_options, run_config_from, simulate, validate
+from fedlora.strategies.registry import STRATEGIES
 
 DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"
 
@@ -46,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The run config of every federated run of the comparison, validated before any starts."""
-    from fedlora.strategies.algorithms import ALGORITHMS
-
     base = run_config_from(args, MAIN_JOB)
     base["fraction-evaluate"] = 1.0  # every client evaluates: the comparison's metric
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -64,9 +63,9 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     first_seed = int(base.get("seed", 0))
     runs = []
     for strategy in strategies:
-        if strategy not in ALGORITHMS:
-            raise ValueError(f"unknown strategy {strategy!r}; registered: {', '.join(sorted(ALGORITHMS))}")
-        tuned = float(base["lr"]) if base.get("lr") else ALGORITHMS[strategy].defaults.lr
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; registered: {', '.join(sorted(STRATEGIES))}")
+        tuned = float(base["lr"]) if base.get("lr") else STRATEGIES[strategy].defaults.lr
         for lr in sorted({round(tuned * m, 10) for m in grid}):
             for seed in range(first_seed, first_seed + args.seeds):
                 run_dir = args.out / "runs" / strategy / f"lr-{lr:g}" / f"seed-{seed}"

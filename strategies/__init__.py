@@ -1,9 +1,11 @@
-"""Server-side aggregation math for federated LoRA: pure functions over named tensors.
+"""Federated LoRA aggregation: one module per method, one registry, one Flower strategy.
 
-One module per method (``fedavg_lora``, ``ffa_lora``, ``lora_fair``, ``fedex_lora``,
-``rolora``, ``fedsvd``, ``flexlora``), streaming accumulators in ``streaming`` and the
-aggregation-error diagnostic in ``diagnostics``. No Flower and no I/O here: the Flower
-strategies call these functions.
+Each method's module (``fedavg_lora``, ``ffa_lora``, ``lora_fair``, ``fedex_lora``, ``rolora``,
+``fedsvd``, ``flexlora``) holds its pure math over named tensors, its algorithm object (a
+:class:`~fedlora.strategies.algorithms.LoraAlgorithm`) and its run-config section; ``registry``
+finds a method by name; ``flower`` is the one Flower strategy that runs any of them. Streaming
+accumulators live in ``streaming``, the aggregation-error diagnostic in ``diagnostics``. Only
+``flower`` imports Flower, and nothing here does I/O. The math is re-exported below.
 """
 
 from fedlora.strategies.adapter import (

@@ -1,9 +1,16 @@
-"""Each aggregation method as one small server-side object, independent of Flower.
+"""What an aggregation method is, server and client side, independent of Flower.
 
-An algorithm says, per round, which LoRA factors clients train and what they download, folds
-replies into a streaming accumulator, and turns the accumulator into the next global state.
-The Flower strategies in :mod:`fedlora.strategies.flower` own the round loop and call these; an
-in-process harness can call them the same way.
+An algorithm says, per round, which LoRA factors clients train and what they download, which
+replies it accepts, folds replies into a streaming accumulator, and turns the accumulator into
+the next global state. Its class also carries what the rest of the platform asks of a method
+by name: its run-config section (:class:`MethodSettings`), tuned defaults, whether secure
+aggregation or Flower's client-level DP wrappers can work with it, and how a client rebuilds
+its adapter from the download. Each method lives in its own module and is registered in
+:mod:`fedlora.strategies.registry`; the one Flower strategy (:mod:`fedlora.strategies.flower`)
+owns the round loop and calls these.
+
+The base class is the generic sum-based method: clients train both factors and download the
+whole state, the server averages each factor (exact methods override only what differs).
 
 The global state is a flat mapping of PEFT adapter keys (``<module>.lora_A.weight``,
 ``<module>.lora_B.weight``) plus, for FedEx-LoRA, ``<module>.base_delta`` (the accumulated
@@ -15,43 +22,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
-import torch
 from torch import Tensor
 
 from fedlora.strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, join_adapter, split_adapter
-from fedlora.strategies.diagnostics import ErrorSketch, aggregation_error_from_sums
-from fedlora.strategies.fedex_lora import fedex_lora_from_sums
-from fedlora.strategies.fedsvd import fedsvd_from_sums
-from fedlora.strategies.ffa_lora import init_lora_A
-from fedlora.strategies.flexlora import flexlora_from_sums
-from fedlora.strategies.lora_fair import LoraFairConfig, lora_fair_from_sums
-from fedlora.strategies.rolora import rolora_trained_factor
-from fedlora.strategies.streaming import (
-    DeltaSumAccumulator,
-    FactorSumAccumulator,
-    ProductSumAccumulator,
-)
+from fedlora.strategies.streaming import FactorSumAccumulator
+from fedlora.strategies.validation import TensorSpec
 
 Factors = Literal["both", "A", "B"]
+BASE_DELTA_SUFFIX = ".base_delta"
 
 
-class SketchedFactorSum:
-    """FedAvg-LoRA's constant-memory accumulator: running sums of A and B plus an
-    :class:`~fedlora.strategies.diagnostics.ErrorSketch` of sum_k p_k B_k A_k for the error diagnostic."""
-
-    def __init__(self, sketch_size: int = 128) -> None:
-        self.sums = FactorSumAccumulator("both")
-        self.sketch = ErrorSketch(sketch_size)
+class Accumulator(Protocol):
+    """What the server folds each accepted reply into (see :mod:`fedlora.strategies.streaming`)."""
 
     def add(self, modules: Mapping[str, LoraFactors], weight: float) -> None:
-        self.sums.add(modules, weight)  # validates first: a bad reply touches neither
-        self.sketch.add(modules, weight)
-
-
-Accumulator = FactorSumAccumulator | ProductSumAccumulator | DeltaSumAccumulator | SketchedFactorSum
-BASE_DELTA_SUFFIX = ".base_delta"
+        """Fold one reply in; raise ValueError (and change nothing) for a reply that does not fit."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +54,28 @@ class AlgorithmDefaults:
 
     lr: float
     alpha: float
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """A method's own section of the run configuration; this base is the empty section of
+    methods without settings.
+
+    A subclass is a frozen dataclass whose fields are run-config keys: ``prefix`` plus the field
+    name in kebab case, or the field's ``metadata["key"]`` (``lora-fair-lambda``). Its
+    ``__post_init__`` validates the values with errors that name the key. The run configuration
+    (``fedlora.core.config``) builds every registered method's section from its keys.
+    """
+
+    prefix: ClassVar[str] = ""
+
+    def client_rank(self, partition: int, lora_rank: int) -> int:
+        """The LoRA rank client ``partition`` trains at (the run's ``lora-rank`` unless the method says)."""
+        return lora_rank
+
+    def state_rank(self, lora_rank: int) -> int:
+        """The rank of the global state the server keeps (the largest any client asks for)."""
+        return lora_rank
 
 
 @dataclass(frozen=True)
@@ -105,26 +114,52 @@ def update_norm(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> float:
 
 
 class LoraAlgorithm:
-    """FedAvg-LoRA (FedIT): clients train A and B; the server averages each separately.
+    """The generic sum-based method: clients train A and B; the server averages each separately.
 
-    The base class is FedAvg-LoRA; other methods override what differs. ``scaling`` is the
-    LoRA scaling s shared by all clients; ``seed`` the run seed (FFA-LoRA's shared A).
-    ``exact_error`` keeps the dense sum_k p_k B_k A_k per module for the exact aggregation
-    error; by default a constant-size sketch estimates it (exact when a layer is at most
-    128 wide), so the server's memory stays that of two factor sums.
+    ``scaling`` is the LoRA scaling s shared by all clients; ``seed`` the run seed (FFA-LoRA's
+    shared A); ``settings`` the method's run-config section (default: its defaults);
+    ``lora_rank`` the run's ``lora-rank``; ``fan_in_fan_out`` True for GPT-2 style ``Conv1D``
+    layers (FedEx-LoRA's residual layout). ``exact_error`` asks methods with an aggregation-error
+    diagnostic for the exact value instead of a constant-memory estimate.
+
+    Class attributes are what the platform asks of a method by name, before any instance exists.
     """
 
-    name: ClassVar[str] = "fedavg-lora"
+    name: ClassVar[str] = "lora"
     defaults: ClassVar[AlgorithmDefaults] = AlgorithmDefaults(lr=3e-3, alpha=16.0)
-    #: whether it needs each client's own product B_k A_k (no secure aggregation then)
-    product_based: ClassVar[bool] = True
+    settings_cls: ClassVar[type[MethodSettings]] = MethodSettings
+    #: whether the server needs each client's own product B_k A_k (or s_k B_k A_k) to aggregate,
+    #: which secure aggregation hides by design
+    product_based: ClassVar[bool] = False
+    #: whether Flower's fixed-clipping DP wrappers can wrap it soundly: they clip each reply against
+    #: the full global state and noise the plain average, so clients must send every tensor they
+    #: download and the server must only average
+    client_level_dp: ClassVar[bool] = False
 
-    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False) -> None:
+    def __init__(
+        self,
+        scaling: float,
+        seed: int = 0,
+        exact_error: bool = False,
+        *,
+        settings: MethodSettings | None = None,
+        lora_rank: int = 8,
+        fan_in_fan_out: bool = False,
+    ) -> None:
         if not math.isfinite(scaling) or scaling <= 0:
             raise ValueError(f"scaling must be finite and > 0, got {scaling}")
+        if settings is None:
+            settings = self.settings_cls()
+        if type(settings) is not self.settings_cls:
+            raise TypeError(f"{self.name} takes {self.settings_cls.__name__} settings, got {type(settings).__name__}")
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+            raise ValueError(f"lora_rank must be an integer >= 1, got {lora_rank!r}")
         self.scaling = scaling
         self.seed = seed
         self.exact_error = exact_error
+        self.settings = settings
+        self.lora_rank = lora_rank
+        self.fan_in_fan_out = fan_in_fan_out
 
     # -- what clients get -------------------------------------------------------------
     def initial_state(self, adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -132,20 +167,45 @@ class LoraAlgorithm:
         return {k: v.clone() for k, v in adapter.items()}
 
     def trained_factors(self, server_round: int) -> Factors:
+        """Which factors clients train (and send back) in ``server_round``."""
         return "both"
 
     def download(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """What every sampled client receives this round."""
         return dict(state)
 
-    def expected_reply_keys(self, server_round: int, state: Mapping[str, Tensor]) -> list[str]:
-        return factor_keys(state, self.trained_factors(server_round))
+    @classmethod
+    def client_adapter(
+        cls, download: Mapping[str, Tensor], *, local_a: Mapping[str, Tensor], seed: int, rank: int, scaling: float
+    ) -> dict[str, Tensor]:
+        """The adapter a client loads from the LoRA factors it downloaded.
+
+        ``local_a`` is the client's current lora_A tensors (their shapes and dtypes), ``seed`` the
+        run seed, ``rank`` and ``scaling`` the client's own LoRA rank and scaling.
+        """
+        return dict(download)
+
+    @classmethod
+    def global_alpha(cls, rank: int, alpha: float) -> float:
+        """The ``lora_alpha`` written into the global adapter's PEFT files (the run's alpha)."""
+        return alpha
+
+    # -- what the server accepts --------------------------------------------------------
+    def reply_spec(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
+        """Name, shape and dtype of every tensor a reply must hold: the trained factors of ``state``."""
+        return {
+            k: TensorSpec(tuple(state[k].shape), state[k].dtype)
+            for k in factor_keys(state, self.trained_factors(server_round))
+        }
+
+    def reply_scaling(self, tensors: Mapping[str, Tensor], metrics: Mapping[str, Any]) -> float:
+        """The LoRA scaling a (well-formed) reply was trained at; ValueError says why a reply is refused."""
+        return self.scaling
 
     # -- aggregation --------------------------------------------------------------------
     def new_accumulator(self, server_round: int) -> Accumulator:
-        if self.exact_error:
-            return ProductSumAccumulator()
-        return SketchedFactorSum()
+        """An empty accumulator for ``server_round``'s replies."""
+        return FactorSumAccumulator(self.trained_factors(server_round))
 
     def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
         """Per-module factors of a reply; factors the client did not train come from ``state``."""
@@ -157,217 +217,5 @@ class LoraAlgorithm:
         self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """The next global state and this round's diagnostics."""
-        if isinstance(acc, ProductSumAccumulator):
-            sums = acc.result()
-            factors = {
-                n: LoraFactors(ps.A_bar.to(ps.dtype), ps.B_bar.to(ps.dtype), ps.scaling) for n, ps in sums.items()
-            }
-            err = aggregation_error_from_sums(sums)
-            return join_adapter(factors), {"aggregation-error": err.overall}
-        if isinstance(acc, SketchedFactorSum):
-            averaged = acc.sums.result()
-            return join_adapter(averaged), {"aggregation-error": acc.sketch.estimate(averaged).overall}
         assert isinstance(acc, FactorSumAccumulator)  # exact methods: nothing to diagnose
         return join_adapter(acc.result()), {}
-
-
-class FfaLora(LoraAlgorithm):
-    """FFA-LoRA: A drawn once from the shared seed and never trained; only B travels up."""
-
-    name = "ffa-lora"
-    defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
-    product_based = False
-
-    def initial_state(self, adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return shared_a_state(adapter, self.seed)
-
-    def trained_factors(self, server_round: int) -> Factors:
-        return "B"
-
-    def download(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """B only: clients rebuild A from the run seed (:func:`shared_a_state`)."""
-        return {k: state[k] for k in factor_keys(state, "B")}
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return FactorSumAccumulator("B")
-
-
-def shared_a_state(adapter: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
-    """``adapter`` with every lora_A replaced by FFA-LoRA's seeded A; B left as it is."""
-    out: dict[str, Tensor] = {}
-    for k, v in adapter.items():
-        if k.endswith(LORA_A_SUFFIX):
-            module = k[: -len(LORA_A_SUFFIX)]
-            out[k] = init_lora_A((int(v.shape[0]), int(v.shape[1])), seed, module, dtype=v.dtype)
-        else:
-            out[k] = v.clone()
-    return out
-
-
-class _ProductMethod(LoraAlgorithm):
-    """Methods that need sum_k p_k B_k A_k itself, not just the factor sums."""
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return ProductSumAccumulator()
-
-
-class LoraFair(_ProductMethod):
-    """LoRA-FAIR: FedAvg-LoRA plus the server's correction of B; clients restart from it."""
-
-    name = "lora-fair"
-    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
-
-    def __init__(
-        self, scaling: float, seed: int = 0, exact_error: bool = False, fair: LoraFairConfig | None = None
-    ) -> None:
-        super().__init__(scaling, seed, exact_error)
-        self.fair = fair if fair is not None else LoraFairConfig()
-
-    def finish(
-        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        assert isinstance(acc, ProductSumAccumulator)
-        sums = acc.result()
-        corrected = lora_fair_from_sums(sums, self.fair)
-        return join_adapter(corrected), {
-            "aggregation-error": aggregation_error_from_sums(sums, corrected).overall,
-            "aggregation-error-fedavg": aggregation_error_from_sums(sums).overall,
-        }
-
-
-class FedExLora(_ProductMethod):
-    """FedEx-LoRA: exact; the residual T - B_bar A_bar is folded into the frozen base weights.
-
-    The state carries the accumulated base-weight delta of every module, which clients add
-    to their pristine base weights; ``fan_in_fan_out`` is True for GPT-2 style ``Conv1D``.
-    """
-
-    name = "fedex-lora"
-    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
-
-    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False, fan_in_fan_out: bool = False) -> None:
-        super().__init__(scaling, seed, exact_error)
-        self.fan_in_fan_out = fan_in_fan_out
-
-    def finish(
-        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        assert isinstance(acc, ProductSumAccumulator)
-        sums = acc.result()
-        res = fedex_lora_from_sums(sums, self.fan_in_fan_out)
-        new = join_adapter(res.factors)
-        residual_sq = 0.0
-        for module, delta in res.base_deltas.items():
-            key = module + BASE_DELTA_SUFFIX
-            previous = state.get(key)
-            new[key] = delta if previous is None else previous + delta
-            residual_sq += float(delta.double().pow(2).sum())
-        return new, {
-            "aggregation-error-fedavg": aggregation_error_from_sums(sums).overall,
-            "base-delta-norm": math.sqrt(residual_sq),
-        }
-
-
-class RoLora(LoraAlgorithm):
-    """RoLoRA: odd rounds train and average B (A frozen), even rounds A (B frozen)."""
-
-    name = "rolora"
-    defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
-    product_based = False
-
-    def trained_factors(self, server_round: int) -> Factors:
-        return rolora_trained_factor(server_round)
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return FactorSumAccumulator(self.trained_factors(server_round))
-
-
-class FedSvd(LoraAlgorithm):
-    """FedSVD: B-only training; each round the server re-factors B_bar A by SVD (A orthonormal)."""
-
-    name = "fedsvd"
-    defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
-    product_based = False
-
-    def trained_factors(self, server_round: int) -> Factors:
-        return "B"
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return FactorSumAccumulator("B")
-
-    def finish(
-        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        assert isinstance(acc, FactorSumAccumulator)
-        return join_adapter(fedsvd_from_sums(acc.result())), {}
-
-
-class FlexLora(LoraAlgorithm):
-    """FlexLoRA: clients of different ranks; the server averages s_k B_k A_k and ships its SVD.
-
-    The state holds the SVD at ``max_rank`` as factors with scaling 1 (B = U S, A = Vh, in
-    decreasing singular-value order); a client of rank r takes the first r components and
-    divides B by its own scaling (:func:`truncate_for_client`).
-    """
-
-    name = "flexlora"
-    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
-
-    def __init__(self, scaling: float, seed: int = 0, exact_error: bool = False, max_rank: int = 8) -> None:
-        super().__init__(scaling, seed, exact_error)
-        if max_rank < 1:
-            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-        self.max_rank = max_rank
-
-    def initial_state(self, adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The initial adapter (any rank <= max_rank), stored at scaling 1: B absorbs s."""
-        out: dict[str, Tensor] = {}
-        for k, v in adapter.items():
-            out[k] = v * self.scaling if k.endswith(LORA_B_SUFFIX) else v.clone()
-        return out
-
-    def expected_reply_keys(self, server_round: int, state: Mapping[str, Tensor]) -> list[str]:
-        return factor_keys(state, "both")
-
-    def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
-        return split_adapter(reply.tensors, reply.scaling)
-
-    def new_accumulator(self, server_round: int) -> Accumulator:
-        return DeltaSumAccumulator()
-
-    def finish(
-        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        assert isinstance(acc, DeltaSumAccumulator)
-        sums = acc.result()
-        deltas = flexlora_from_sums(sums, self.max_rank)
-        factors = {name: lrd.factors(min(self.max_rank, int(lrd.S.shape[0])), 1.0) for name, lrd in deltas.items()}
-        err_sq = sum(lrd.truncation_error(self.max_rank) ** 2 for lrd in deltas.values())
-        total_sq = sum(float(lrd.S.double().pow(2).sum()) for lrd in deltas.values())
-        return join_adapter(factors), {"truncation-error": math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0}
-
-
-def truncate_for_client(state: Mapping[str, Tensor], rank: int, scaling: float) -> dict[str, Tensor]:
-    """A FlexLoRA client's adapter: the first ``rank`` SVD components, B divided by its scaling.
-
-    Padded with zeros when the global state has fewer components than ``rank`` (round 0 at a
-    smaller initial rank), which leaves s B A unchanged.
-    """
-    out: dict[str, Tensor] = {}
-    for k, v in state.items():
-        if k.endswith(LORA_A_SUFFIX):
-            a = v[:rank]
-            if a.shape[0] < rank:
-                a = torch.cat([a, torch.zeros(rank - a.shape[0], a.shape[1], dtype=a.dtype)])
-            out[k] = a.contiguous()
-        elif k.endswith(LORA_B_SUFFIX):
-            b = v[:, :rank] / scaling
-            if b.shape[1] < rank:
-                b = torch.cat([b, torch.zeros(b.shape[0], rank - b.shape[1], dtype=b.dtype)], dim=1)
-            out[k] = b.contiguous()
-    return out
-
-
-ALGORITHMS: dict[str, type[LoraAlgorithm]] = {
-    cls.name: cls for cls in (LoraAlgorithm, FfaLora, LoraFair, FedExLora, RoLora, FedSvd, FlexLora)
-}

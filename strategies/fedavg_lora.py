@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedlora.strategies.adapter import LoraFactors, check_clients, client_proportions
-from fedlora.strategies.diagnostics import AggregationError, aggregation_error_from_sums
+from fedlora.strategies.adapter import LoraFactors, check_clients, client_proportions, join_adapter
+from fedlora.strategies.algorithms import Accumulator, AlgorithmDefaults, LoraAlgorithm
+from fedlora.strategies.diagnostics import AggregationError, ErrorSketch, aggregation_error_from_sums
 from fedlora.strategies.streaming import FactorSumAccumulator, ProductSumAccumulator
 
 
@@ -75,3 +76,50 @@ def aggregation_residual(
             resid.addmm_(b - b_bar, a - a_bar, alpha=-pk)
         out[name] = resid
     return out
+
+
+class SketchedFactorSum:
+    """FedAvg-LoRA's constant-memory accumulator: running sums of A and B plus an
+    :class:`~fedlora.strategies.diagnostics.ErrorSketch` of sum_k p_k B_k A_k for the error diagnostic."""
+
+    def __init__(self, sketch_size: int = 128) -> None:
+        self.sums = FactorSumAccumulator("both")
+        self.sketch = ErrorSketch(sketch_size)
+
+    def add(self, modules: Mapping[str, LoraFactors], weight: float) -> None:
+        self.sums.add(modules, weight)  # validates first: a bad reply touches neither
+        self.sketch.add(modules, weight)
+
+
+class FedAvgLora(LoraAlgorithm):
+    """FedAvg-LoRA (FedIT): clients train A and B; the server averages each separately.
+
+    Every round logs the aggregation error ||B_bar A_bar - T|| / ||T||. By default a
+    constant-size sketch estimates it (exact when a layer is at most 128 wide), so the server's
+    memory stays that of two factor sums; ``exact_error`` keeps the dense sum_k p_k B_k A_k per
+    module instead. Aggregation itself needs only the factor sums, so the server does not need
+    each client's own product (the exact diagnostic does, which is why it is opt-in).
+    """
+
+    name = "fedavg-lora"
+    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
+    client_level_dp = True  # clients send A and B, the server only averages
+
+    def new_accumulator(self, server_round: int) -> Accumulator:
+        if self.exact_error:
+            return ProductSumAccumulator()
+        return SketchedFactorSum()
+
+    def finish(
+        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        if isinstance(acc, ProductSumAccumulator):
+            sums = acc.result()
+            factors = {
+                n: LoraFactors(ps.A_bar.to(ps.dtype), ps.B_bar.to(ps.dtype), ps.scaling) for n, ps in sums.items()
+            }
+            err = aggregation_error_from_sums(sums)
+            return join_adapter(factors), {"aggregation-error": err.overall}
+        assert isinstance(acc, SketchedFactorSum)
+        averaged = acc.sums.result()
+        return join_adapter(averaged), {"aggregation-error": acc.sketch.estimate(averaged).overall}

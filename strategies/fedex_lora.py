@@ -9,12 +9,20 @@ error and silently corrupts the model, hence the explicit flag.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.adapter import LoraFactors, check_clients, join_adapter
+from fedlora.strategies.algorithms import (
+    BASE_DELTA_SUFFIX,
+    Accumulator,
+    AlgorithmDefaults,
+    LoraAlgorithm,
+)
+from fedlora.strategies.diagnostics import aggregation_error_from_sums
 from fedlora.strategies.streaming import ProductSumAccumulator, ProductSums
 
 
@@ -84,3 +92,36 @@ def apply_base_delta(base_weight: Tensor, base_delta: Tensor, module: str = "") 
             f"{tuple(base_delta.shape)}; check fan_in_fan_out"
         )
     return base_weight + base_delta.to(base_weight.dtype)
+
+
+class FedExLora(LoraAlgorithm):
+    """FedEx-LoRA: exact; the residual T - B_bar A_bar is folded into the frozen base weights.
+
+    The state carries the accumulated base-weight delta of every module, which clients add
+    to their pristine base weights; ``fan_in_fan_out`` is True for GPT-2 style ``Conv1D``.
+    """
+
+    name = "fedex-lora"
+    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
+    product_based = True
+
+    def new_accumulator(self, server_round: int) -> Accumulator:
+        return ProductSumAccumulator()
+
+    def finish(
+        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        assert isinstance(acc, ProductSumAccumulator)
+        sums = acc.result()
+        res = fedex_lora_from_sums(sums, self.fan_in_fan_out)
+        new = join_adapter(res.factors)
+        residual_sq = 0.0
+        for module, delta in res.base_deltas.items():
+            key = module + BASE_DELTA_SUFFIX
+            previous = state.get(key)
+            new[key] = delta if previous is None else previous + delta
+            residual_sq += float(delta.double().pow(2).sum())
+        return new, {
+            "aggregation-error-fedavg": aggregation_error_from_sums(sums).overall,
+            "base-delta-norm": math.sqrt(residual_sq),
+        }

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
-from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.adapter import LoraFactors, check_clients, join_adapter
+from fedlora.strategies.algorithms import Accumulator, AlgorithmDefaults, Factors, LoraAlgorithm
 from fedlora.strategies.linalg import refactor_orthonormal
 from fedlora.strategies.streaming import FactorSumAccumulator
 
@@ -42,3 +44,19 @@ def fedsvd_aggregate(
     for modules, weight in zip(modules_per_client, weights, strict=True):
         acc.add(modules, weight)
     return fedsvd_from_sums(acc.result())
+
+
+class FedSvd(LoraAlgorithm):
+    """FedSVD: B-only training; each round the server re-factors B_bar A by SVD (A orthonormal)."""
+
+    name = "fedsvd"
+    defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
+
+    def trained_factors(self, server_round: int) -> Factors:
+        return "B"
+
+    def finish(
+        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        assert isinstance(acc, FactorSumAccumulator)
+        return join_adapter(fedsvd_from_sums(acc.result())), {}

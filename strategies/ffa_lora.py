@@ -1,6 +1,7 @@
 """FFA-LoRA (Federated Freeze-A): A is seeded, shared and never trained; only B is averaged.
 
 Exact by construction: B_bar @ A == sum_k p_k B_k @ A because A is the same matrix everywhere.
+Only B travels, both ways: clients rebuild A from the run seed (:func:`shared_a_state`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.adapter import LORA_A_SUFFIX, LoraFactors, check_clients
+from fedlora.strategies.algorithms import AlgorithmDefaults, Factors, LoraAlgorithm, factor_keys
 from fedlora.strategies.linalg import stable_seed
 from fedlora.strategies.streaming import FactorSumAccumulator
 
@@ -69,3 +71,39 @@ def ffa_lora_aggregate(
     for modules, weight in zip(modules_per_client, weights, strict=True):
         acc.add(modules, weight)
     return acc.result()
+
+
+def shared_a_state(adapter: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """``adapter`` with every lora_A replaced by FFA-LoRA's seeded A; B left as it is."""
+    out: dict[str, Tensor] = {}
+    for k, v in adapter.items():
+        if k.endswith(LORA_A_SUFFIX):
+            module = k[: -len(LORA_A_SUFFIX)]
+            out[k] = init_lora_A((int(v.shape[0]), int(v.shape[1])), seed, module, dtype=v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+class FfaLora(LoraAlgorithm):
+    """FFA-LoRA: A drawn once from the shared seed and never trained; only B travels up and down."""
+
+    name = "ffa-lora"
+    defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
+
+    def initial_state(self, adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return shared_a_state(adapter, self.seed)
+
+    def trained_factors(self, server_round: int) -> Factors:
+        return "B"
+
+    def download(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """B only: clients rebuild A from the run seed (:meth:`client_adapter`)."""
+        return {k: state[k] for k in factor_keys(state, "B")}
+
+    @classmethod
+    def client_adapter(
+        cls, download: Mapping[str, Tensor], *, local_a: Mapping[str, Tensor], seed: int, rank: int, scaling: float
+    ) -> dict[str, Tensor]:
+        """The seeded A (shaped like the client's own) with the downloaded B."""
+        return {**shared_a_state(local_a, seed), **download}

@@ -12,13 +12,30 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.adapter import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    LoraFactors,
+    check_clients,
+    join_adapter,
+    split_adapter,
+)
+from fedlora.strategies.algorithms import (
+    Accumulator,
+    AlgorithmDefaults,
+    LoraAlgorithm,
+    MethodSettings,
+    Reply,
+    factor_keys,
+)
 from fedlora.strategies.linalg import thin_svd
 from fedlora.strategies.streaming import DeltaSum, DeltaSumAccumulator
+from fedlora.strategies.validation import TensorSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,4 +117,133 @@ def flexlora_client_factors(
             out[name] = lrd.factors(int(r), float(s))
         except ValueError as err:
             raise ValueError(f"module {name!r}: {err}") from err
+    return out
+
+
+@dataclass(frozen=True)
+class FlexLoraSettings(MethodSettings):
+    """FlexLoRA's run-config section: ``flexlora-ranks``, the clients' LoRA ranks.
+
+    Comma-separated ranks that client p cycles through (``ranks[p % len(ranks)]``); empty: every
+    client trains at ``lora-rank``. The server keeps the global SVD at the largest rank.
+    """
+
+    prefix: ClassVar[str] = "flexlora-"
+
+    ranks: str = ""
+
+    def __post_init__(self) -> None:
+        if any(r < 1 for r in self.rank_list):
+            raise ValueError(f"flexlora-ranks must be positive integers, got {self.ranks!r}")
+
+    @property
+    def rank_list(self) -> list[int]:
+        try:
+            return [int(r) for r in self.ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"flexlora-ranks must be comma-separated integers, got {self.ranks!r}") from None
+
+    def client_rank(self, partition: int, lora_rank: int) -> int:
+        ranks = self.rank_list
+        return ranks[partition % len(ranks)] if ranks else lora_rank
+
+    def state_rank(self, lora_rank: int) -> int:
+        return max([lora_rank, *self.rank_list])
+
+
+class FlexLora(LoraAlgorithm):
+    """FlexLoRA: clients of different ranks; the server averages s_k B_k A_k and ships its SVD.
+
+    The state holds the SVD at ``max_rank`` (the largest rank of ``lora_rank`` and the settings'
+    ranks) as factors with scaling 1 (B = U S, A = Vh, in decreasing singular-value order); a
+    client of rank r takes the first r components and divides B by its own scaling
+    (:func:`truncate_for_client`). Replies carry their own rank and scaling.
+    """
+
+    name = "flexlora"
+    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
+    settings_cls = FlexLoraSettings
+    product_based = True  # s_k B_k A_k of each client, ranks differing
+
+    @property
+    def max_rank(self) -> int:
+        """The rank of the global state: the largest any client of the run trains at."""
+        return self.settings.state_rank(self.lora_rank)
+
+    def initial_state(self, adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The initial adapter (any rank <= max_rank), stored at scaling 1: B absorbs s."""
+        out: dict[str, Tensor] = {}
+        for k, v in adapter.items():
+            out[k] = v * self.scaling if k.endswith(LORA_B_SUFFIX) else v.clone()
+        return out
+
+    @classmethod
+    def client_adapter(
+        cls, download: Mapping[str, Tensor], *, local_a: Mapping[str, Tensor], seed: int, rank: int, scaling: float
+    ) -> dict[str, Tensor]:
+        """The global SVD truncated to the client's rank, at the client's scaling."""
+        return truncate_for_client(download, rank, scaling)
+
+    @classmethod
+    def global_alpha(cls, rank: int, alpha: float) -> float:
+        """The state is kept at scaling 1 (B absorbs s), so its PEFT files say alpha = r."""
+        return float(rank)
+
+    def reply_spec(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
+        """Both factors, of any rank: A is r x d_in and B d_out x r for the client's own r."""
+        specs = {}
+        for k in factor_keys(state, "both"):
+            d_out_or_r, r_or_d_in = tuple(state[k].shape)
+            shape = (-1, r_or_d_in) if k.endswith(LORA_A_SUFFIX) else (d_out_or_r, -1)
+            specs[k] = TensorSpec(shape, state[k].dtype)
+        return specs
+
+    def reply_scaling(self, tensors: Mapping[str, Tensor], metrics: Mapping[str, Any]) -> float:
+        """The client's own scaling (metric ``lora-scaling``); its rank is one value in 1..max_rank."""
+        s = metrics.get("lora-scaling")
+        if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"lora-scaling must be a positive number, got {s!r}")
+        ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(LORA_A_SUFFIX)}
+        ranks |= {t.shape[1] for k, t in tensors.items() if k.endswith(LORA_B_SUFFIX)}
+        if len(ranks) != 1 or not 1 <= next(iter(ranks)) <= self.max_rank:
+            raise ValueError(f"ranks {sorted(ranks)} must be one value in 1..{self.max_rank}")
+        return float(s)
+
+    def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
+        """The reply alone: a client's factors are of its own rank, never mixed with the state's."""
+        return split_adapter(reply.tensors, reply.scaling)
+
+    def new_accumulator(self, server_round: int) -> Accumulator:
+        return DeltaSumAccumulator()
+
+    def finish(
+        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        assert isinstance(acc, DeltaSumAccumulator)
+        sums = acc.result()
+        deltas = flexlora_from_sums(sums, self.max_rank)
+        factors = {name: lrd.factors(min(self.max_rank, int(lrd.S.shape[0])), 1.0) for name, lrd in deltas.items()}
+        err_sq = sum(lrd.truncation_error(self.max_rank) ** 2 for lrd in deltas.values())
+        total_sq = sum(float(lrd.S.double().pow(2).sum()) for lrd in deltas.values())
+        return join_adapter(factors), {"truncation-error": math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0}
+
+
+def truncate_for_client(state: Mapping[str, Tensor], rank: int, scaling: float) -> dict[str, Tensor]:
+    """A FlexLoRA client's adapter: the first ``rank`` SVD components, B divided by its scaling.
+
+    Padded with zeros when the global state has fewer components than ``rank`` (round 0 at a
+    smaller initial rank), which leaves s B A unchanged.
+    """
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if k.endswith(LORA_A_SUFFIX):
+            a = v[:rank]
+            if a.shape[0] < rank:
+                a = torch.cat([a, torch.zeros(rank - a.shape[0], a.shape[1], dtype=a.dtype)])
+            out[k] = a.contiguous()
+        elif k.endswith(LORA_B_SUFFIX):
+            b = v[:, :rank] / scaling
+            if b.shape[1] < rank:
+                b = torch.cat([b, torch.zeros(b.shape[0], rank - b.shape[1], dtype=b.dtype)], dim=1)
+            out[k] = b.contiguous()
     return out

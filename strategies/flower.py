@@ -1,9 +1,10 @@
-"""Flower Message-API strategies for federated LoRA, and the name -> class registry.
+"""The Flower Message-API strategy for federated LoRA: one class for every method.
 
 Flower owns the round loop (``Strategy.start``); :class:`LoraStrategy` overrides only what
 differs from FedAvg: what clients download and train each round, and how replies are
-validated and aggregated (streaming, by the method's :class:`~fedlora.strategies.algorithms.LoraAlgorithm`).
-One subclass per method fixes the algorithm, so a strategy is chosen by name.
+validated and aggregated (streaming). Everything method-specific is asked of the
+:class:`~fedlora.strategies.algorithms.LoraAlgorithm` it is given; methods are found by name in
+:mod:`fedlora.strategies.registry`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -20,18 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fedlora.strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
-from fedlora.strategies.algorithms import (
-    FedExLora,
-    FedSvd,
-    FfaLora,
-    FlexLora,
-    LoraAlgorithm,
-    LoraFair,
-    Reply,
-    RoLora,
-    update_norm,
-)
+from fedlora.strategies import registry
+from fedlora.strategies.algorithms import LoraAlgorithm, Reply, update_norm
 from fedlora.strategies.validation import TensorSpec, check_reply, payload_bytes
 
 #: called for every accepted reply: (round, node id, the reply as aggregated)
@@ -81,8 +72,6 @@ class LoraStrategy(FedAvg):
         the strategy, the clients and the records see ``round_offset + i``.
     """
 
-    algorithm_cls: ClassVar[type[LoraAlgorithm]] = LoraAlgorithm
-
     def __init__(
         self,
         algorithm: LoraAlgorithm,
@@ -106,9 +95,8 @@ class LoraStrategy(FedAvg):
             min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
         )
-        if not isinstance(algorithm, self.algorithm_cls):
-            want, got = self.algorithm_cls.__name__, type(algorithm).__name__
-            raise TypeError(f"{type(self).__name__} needs a {want}, got {got}")
+        if not isinstance(algorithm, LoraAlgorithm):
+            raise TypeError(f"{type(self).__name__} needs a LoraAlgorithm, got {type(algorithm).__name__}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.algorithm = algorithm
@@ -167,16 +155,6 @@ class LoraStrategy(FedAvg):
         self.min_available_nodes = min(self._wanted[0], floor)
         self.min_train_nodes = min(self._wanted[1], floor)
 
-    def _expected(self, server_round: int, state: Mapping[str, Tensor]) -> dict[str, TensorSpec]:
-        keys = self.algorithm.expected_reply_keys(server_round, state)
-        specs = {}
-        for k in keys:
-            shape = tuple(state[k].shape)
-            if isinstance(self.algorithm, FlexLora):  # ranks differ between clients
-                shape = (-1, shape[1]) if k.endswith(LORA_A_SUFFIX) else (shape[0], -1)
-            specs[k] = TensorSpec(shape, state[k].dtype)
-        return specs
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -198,7 +176,7 @@ class LoraStrategy(FedAvg):
         """
         rec = self._record(server_round)
         algo = self.algorithm
-        expected = self._expected(server_round, state)
+        expected = algo.reply_spec(server_round, state)
         acc = algo.new_accumulator(server_round)
         total_examples, loss_sum = 0.0, 0.0
         for msg in sorted(replies, key=_arrival_free_order):
@@ -284,16 +262,10 @@ class LoraStrategy(FedAvg):
         reason = check_reply(tensors, expected, self.max_reply_bytes)
         if reason is not None:
             return reason, None, metrics
-        scaling = self.algorithm.scaling
-        if isinstance(self.algorithm, FlexLora):
-            s = metrics.get("lora-scaling")
-            if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
-                return f"lora-scaling must be a positive number, got {s!r}", None, metrics
-            scaling = float(s)
-            ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(LORA_A_SUFFIX)}
-            ranks |= {t.shape[1] for k, t in tensors.items() if k.endswith(LORA_B_SUFFIX)}
-            if len(ranks) != 1 or not 1 <= next(iter(ranks)) <= self.algorithm.max_rank:
-                return f"ranks {sorted(ranks)} must be one value in 1..{self.algorithm.max_rank}", None, metrics
+        try:
+            scaling = self.algorithm.reply_scaling(tensors, metrics)
+        except ValueError as err:
+            return str(err), None, metrics
         return None, Reply(tensors, float(n), scaling), metrics
 
     # -- evaluation ---------------------------------------------------------------------
@@ -363,80 +335,9 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-class FedAvgLora(LoraStrategy):
-    """FedAvg-LoRA (FedIT): average A and B separately; logs the aggregation error."""
-
-    algorithm_cls = LoraAlgorithm
-
-
-class FfaLoraStrategy(LoraStrategy):
-    """FFA-LoRA: frozen seeded A, B-only training and upload."""
-
-    algorithm_cls = FfaLora
-
-
-class LoraFairStrategy(LoraStrategy):
-    """LoRA-FAIR: FedAvg-LoRA plus the server-side correction of B."""
-
-    algorithm_cls = LoraFair
-
-
-class FedExLoraStrategy(LoraStrategy):
-    """FedEx-LoRA: exact aggregation, residual folded into the base weights."""
-
-    algorithm_cls = FedExLora
-
-
-class RoLoraStrategy(LoraStrategy):
-    """RoLoRA: alternate B and A rounds."""
-
-    algorithm_cls = RoLora
-
-
-class FedSvdStrategy(LoraStrategy):
-    """FedSVD: B-only training, SVD re-factorisation each round."""
-
-    algorithm_cls = FedSvd
-
-
-class FlexLoraStrategy(LoraStrategy):
-    """FlexLoRA: heterogeneous client ranks."""
-
-    algorithm_cls = FlexLora
-
-
-STRATEGIES: dict[str, type[LoraStrategy]] = {}
-
-
-def register(name: str, cls: type[LoraStrategy]) -> None:
-    """Add a strategy under ``name``; a name can be registered once."""
-    if name in STRATEGIES:
-        raise ValueError(f"strategy {name!r} is already registered")
-    STRATEGIES[name] = cls
-
-
-def strategy_class(name: str) -> type[LoraStrategy]:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}") from None
-
-
 def create(name: str, algorithm_kwargs: Mapping[str, Any], **strategy_kwargs: Any) -> LoraStrategy:
-    """The strategy registered as ``name``, with its algorithm built from ``algorithm_kwargs``."""
-    cls = strategy_class(name)
-    return cls(cls.algorithm_cls(**algorithm_kwargs), **strategy_kwargs)
+    """The strategy of the method registered as ``name``, its algorithm built from ``algorithm_kwargs``."""
+    return LoraStrategy(registry.create(name, **algorithm_kwargs), **strategy_kwargs)
 
 
-for _cls in (
-    FedAvgLora,
-    FfaLoraStrategy,
-    LoraFairStrategy,
-    FedExLoraStrategy,
-    RoLoraStrategy,
-    FedSvdStrategy,
-    FlexLoraStrategy,
-):
-    register(_cls.algorithm_cls.name, _cls)
-
-__all__ = ["STRATEGIES", "LoraStrategy", "RoundRecord", "create", "register", "strategy_class"]
+__all__ = ["LoraStrategy", "ReplyHook", "RoundRecord", "create"]

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.adapter import LoraFactors, check_clients, join_adapter
+from fedlora.strategies.algorithms import Accumulator, AlgorithmDefaults, LoraAlgorithm, MethodSettings
+from fedlora.strategies.diagnostics import aggregation_error_from_sums
 from fedlora.strategies.streaming import ProductSumAccumulator, ProductSums
 
 Objective = Literal["cosine", "squared"]
@@ -229,3 +231,65 @@ def lora_fair_aggregate(
     for modules, weight in zip(modules_per_client, weights, strict=True):
         acc.add(modules, weight)
     return lora_fair_from_sums(acc.result(), config)
+
+
+@dataclass(frozen=True)
+class LoraFairSettings(MethodSettings):
+    """LoRA-FAIR's run-config section: ``lora-fair-lambda``, ``lora-fair-solver``, ``lora-fair-steps``.
+
+    ``solver = "closed-form"`` solves the squared-error variant exactly; ``"iterative"`` runs
+    ``steps`` SGD steps on the paper's cosine objective (:class:`LoraFairConfig`).
+    """
+
+    prefix: ClassVar[str] = "lora-fair-"
+
+    lam: float = field(default=0.01, metadata={"key": "lora-fair-lambda"})
+    solver: str = "iterative"
+    steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"lora-fair-lambda must be a finite number >= 0, got {self.lam!r}")
+        if self.solver not in ("iterative", "closed-form"):
+            raise ValueError(f"lora-fair-solver must be 'iterative' or 'closed-form', got {self.solver!r}")
+        if self.steps < 0:
+            raise ValueError(f"lora-fair-steps must be >= 0, got {self.steps!r}")
+
+    def solver_config(self) -> LoraFairConfig:
+        """The server's solve: the closed form of the squared error, or the iterative cosine one."""
+        closed = self.solver == "closed-form"
+        return LoraFairConfig(
+            lam=self.lam,
+            solver="closed_form" if closed else "iterative",
+            objective="squared" if closed else "cosine",
+            steps=self.steps,
+        )
+
+
+class LoraFair(LoraAlgorithm):
+    """LoRA-FAIR: FedAvg-LoRA plus the server's correction of B; clients restart from it."""
+
+    name = "lora-fair"
+    defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
+    settings_cls = LoraFairSettings
+    product_based = True
+
+    @property
+    def fair(self) -> LoraFairConfig:
+        """How the server solves for the correction dB."""
+        assert isinstance(self.settings, LoraFairSettings)  # the base checked the settings' type
+        return self.settings.solver_config()
+
+    def new_accumulator(self, server_round: int) -> Accumulator:
+        return ProductSumAccumulator()
+
+    def finish(
+        self, server_round: int, acc: Accumulator, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        assert isinstance(acc, ProductSumAccumulator)
+        sums = acc.result()
+        corrected = lora_fair_from_sums(sums, self.fair)
+        return join_adapter(corrected), {
+            "aggregation-error": aggregation_error_from_sums(sums, corrected).overall,
+            "aggregation-error-fedavg": aggregation_error_from_sums(sums).overall,
+        }

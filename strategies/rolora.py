@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from fedlora.strategies.adapter import LoraFactors, check_clients
+from fedlora.strategies.algorithms import AlgorithmDefaults, Factors, LoraAlgorithm
 from fedlora.strategies.streaming import FactorSumAccumulator
 
 
@@ -40,3 +41,13 @@ def rolora_aggregate(
     for modules, weight in zip(modules_per_client, weights, strict=True):
         acc.add(modules, weight)
     return acc.result()
+
+
+class RoLora(LoraAlgorithm):
+    """RoLoRA: odd rounds train and average B (A frozen), even rounds A (B frozen)."""
+
+    name = "rolora"
+    defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
+
+    def trained_factors(self, server_round: int) -> Factors:
+        return rolora_trained_factor(server_round)

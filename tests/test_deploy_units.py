@@ -30,7 +30,7 @@ from starlette.testclient import TestClient
 from fedlora.client.cli import main as client_main
 from fedlora.client.node import NodeError, NodeOptions, ServerAway, probe_server, split_address
 from fedlora.core.client_data import check_node_data, node_examples
-from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.config import DEFAULT_RUN_CONFIG, DpSection, FederationConfig
 from fedlora.core.pki import (
     create_ca,
     fingerprint,
@@ -44,8 +44,8 @@ from fedlora.privacy.report import build_report, load_run
 from fedlora.server.cli import main as server_main
 from fedlora.server.server_dir import ServerDir
 from fedlora.server.superlink import ControlGuard, is_loopback
-from fedlora.strategies.algorithms import FfaLora
-from fedlora.strategies.flower import FfaLoraStrategy
+from fedlora.strategies.ffa_lora import FfaLora
+from fedlora.strategies.flower import LoraStrategy
 
 # ---------------------------------------------------------------------------------------- guard
 
@@ -283,8 +283,8 @@ def test_fl_server_start_needs_an_enrolled_client_and_known_overrides(
 
 def test_deployed_dp_needs_a_planned_client_size() -> None:
     with pytest.raises(ValueError, match=r"dp\.plan-examples must be set in deployment"):
-        FederationConfig(deployed=True, dp_enabled=True)
-    FederationConfig(deployed=True, dp_enabled=True, dp_plan_examples=500)
+        FederationConfig(deployed=True, dp=DpSection(enabled=True))
+    FederationConfig(deployed=True, dp=DpSection(enabled=True, plan_examples=500))
 
 
 # -------------------------------------------------------------------------------- sampling, data
@@ -309,7 +309,7 @@ class _Grid:
 @pytest.mark.usefixtures("_task_identity")
 def test_after_round_one_the_strategy_samples_whoever_is_connected() -> None:
     state = {"m.lora_A.weight": torch.zeros(2, 4), "m.lora_B.weight": torch.zeros(4, 2)}
-    strategy = FfaLoraStrategy(FfaLora(scaling=1.0), min_train_nodes=3, min_available_nodes=3, min_replies=2, lr=0.01)
+    strategy = LoraStrategy(FfaLora(scaling=1.0), min_train_nodes=3, min_available_nodes=3, min_replies=2, lr=0.01)
     grid = _Grid([1, 2, 3])
     assert len(list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), grid))) == 3  # type: ignore[arg-type]
     grid.nodes = [1, 3]  # node 2 died in round 1
@@ -409,7 +409,7 @@ def test_warm_trainer_answers_like_the_in_process_client(tmp_path: Path) -> None
     cfg = FederationConfig.from_run_config(run)
     from fedlora.core.model import get_adapter_state, load_base_model, wrap_lora
 
-    lora = cfg.lora_settings(cfg.lora_rank, 16.0)
+    lora = cfg.lora_settings(cfg.lora.rank, 16.0)
     state = {k: v.numpy() for k, v in get_adapter_state(wrap_lora(load_base_model(), lora), "B").items()}
     request = Request("evaluate", run, node, 1, state, {})
     trainer = Trainer(socket_path(tmp_path / "state"))

@@ -40,7 +40,7 @@ def test_bad_values_are_refused(overrides: dict, message: str) -> None:
 
 def test_client_level_dp_only_where_the_math_allows() -> None:
     ok = {"dp.client-level": "server-side", "strategy": "fedavg-lora"}
-    assert FederationConfig.from_run_config(ok).dp_client_level == "server-side"
+    assert FederationConfig.from_run_config(ok).dp.client_level == "server-side"
     with pytest.raises(ValueError, match=r"dp\.client-level works with \['fedavg-lora'\] only, not 'ffa-lora'"):
         FederationConfig.from_run_config({**ok, "strategy": "ffa-lora"})
 
@@ -82,3 +82,90 @@ def test_resume_takes_keys_newer_than_the_stored_run_as_their_defaults_and_keeps
     prepare_run_dir(run_dir, cfg, resolved)  # type: ignore[arg-type]
     with pytest.raises(ResumeError, match=r"dp\.engine: 'opacus' -> 'fused'"):
         prepare_run_dir(run_dir, cfg, {**resolved, "dp.engine": "fused"})  # type: ignore[arg-type]
+
+
+#: the run config of every run directory written before the configuration had sections
+FLAT_DEFAULTS_BEFORE_SECTIONS = {
+    "strategy": "fedavg-lora", "num-rounds": 3, "num-clients": 4, "fraction-train": 1.0, "fraction-evaluate": 1.0,
+    "min-replies": 1, "local-steps": 20, "lr": 0.0, "lr-decay": 1.0, "batch-size": 32, "lora-rank": 8,
+    "lora-alpha": 0.0, "lora-dropout": 0.0, "lora-targets": "all-linear", "lora-rslora": False, "flexlora-ranks": "",
+    "lora-fair-lambda": 0.01, "lora-fair-solver": "iterative", "lora-fair-steps": 1000,
+    "tasks": "adddigit-4,rotate-2,repeat-3,sort-desc", "tagged": True, "num-train": 2000, "num-test": 100,
+    "data-path": "", "partition.scheme": "tasks-per-client", "partition.alpha": 0.5, "partition.tasks-per-client": 1,
+    "partition.size-skew": 0.0, "server-eval": True, "seed": 0, "model-dir": "", "run-dir": "runs/sim",
+    "round-timeout": 600.0, "max-reply-mb": 256.0, "threads": 1, "audit.save-updates": False, "state-dir": "",
+    "dp.enabled": False, "dp.noise-multiplier": 0.0, "dp.target-epsilon": 8.0, "dp.delta": 0.0,
+    "dp.max-grad-norm": 1.0, "dp.accountant": "rdp", "dp.plan-examples": 0, "dp.max-epsilon": 0.0,
+    "dp.secret-noise": True, "dp.engine": "opacus", "dp.client-level": "off", "dp.client-noise-multiplier": 1.0,
+    "dp.client-clipping-norm": 1.0, "secure-aggregation": False, "personalize.steps": 0, "personalize.epsilon": 1.0,
+    "resume": False, "deployed": False,
+}  # fmt: skip
+
+
+def test_the_flat_keys_and_defaults_are_those_of_before_the_sections() -> None:
+    assert DEFAULT_RUN_CONFIG == FLAT_DEFAULTS_BEFORE_SECTIONS
+    assert FederationConfig().to_run_config() == FLAT_DEFAULTS_BEFORE_SECTIONS
+
+
+def test_flat_keys_land_in_their_sections_and_come_back() -> None:
+    flat = {
+        "strategy": "flexlora",
+        "lora-rank": 4,
+        "lora-rslora": True,
+        "flexlora-ranks": "2,8",
+        "lora-fair-lambda": 0.5,
+        "lora-fair-solver": "closed-form",
+        "partition.scheme": "dirichlet",
+        "partition.alpha": 2,
+        "dp.enabled": True,
+        "dp.max-grad-norm": 0.5,
+        "dp.client-level": "off",
+        "audit.save-updates": True,
+        "personalize.steps": 3,
+    }
+    cfg = FederationConfig.from_run_config(flat)
+    assert (cfg.lora.rank, cfg.lora.rslora, cfg.partition.scheme, cfg.partition.alpha) == (4, True, "dirichlet", 2.0)
+    assert (cfg.dp.enabled, cfg.dp.max_grad_norm, cfg.audit.save_updates, cfg.personalize.steps) == (True, 0.5, True, 3)
+    assert cfg.method is cfg.methods["flexlora"] and (cfg.client_rank(0), cfg.client_rank(1), cfg.max_rank()) == (
+        2,
+        8,
+        8,
+    )
+    assert cfg.methods["lora-fair"].solver_config().solver == "closed_form"  # type: ignore[attr-defined]
+    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG | flat | {"partition.alpha": 2.0}
+    again = FederationConfig.from_run_config(cfg.to_run_config())
+    assert again == cfg and hash(again) == hash(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora-rank": 0}, "lora-rank must be an integer >= 1, got 0"),
+        ({"lora-alpha": -1.0}, "lora-alpha must be a finite number >= 0, got -1.0"),
+        ({"lora-fair-lambda": -1.0}, "lora-fair-lambda must be a finite number >= 0, got -1.0"),
+        ({"lora-fair-steps": -1}, "lora-fair-steps must be >= 0, got -1"),
+        ({"flexlora-ranks": "4,0"}, "flexlora-ranks must be positive integers, got '4,0'"),
+        ({"dp.noise-multiplier": -1.0}, "dp.noise-multiplier must be a finite number >= 0, got -1.0"),
+        ({"dp.delta": 1.0}, r"dp\.delta must be in \[0, 1\)"),
+        ({"dp.client-level": "both"}, "dp.client-level must be 'off', 'server-side' or 'client-side', got 'both'"),
+        ({"personalize.steps": -1}, r"personalize\.steps must be an integer >= 0 \(0: off\), got -1"),
+        ({"personalize.epsilon": 0.0}, r"personalize\.epsilon must be a finite number > 0, got 0\.0"),
+    ],
+)
+def test_each_section_names_its_key(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FederationConfig.from_run_config(overrides)
+
+
+def test_a_run_directory_from_before_the_sections_resumes(tmp_path: Path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from fedlora.server.app import prepare_run_dir
+
+    stored = {**FLAT_DEFAULTS_BEFORE_SECTIONS, "strategy": "lora-fair", "lora-fair-steps": 200, "flexlora-ranks": "4"}
+    (tmp_path / "config.json").write_text(json.dumps(stored | {"lr": 0.003, "lora-alpha": 16.0, "run-id": 7}))
+    cfg = FederationConfig.from_run_config({k: v for k, v in stored.items() if k != "resume"} | {"resume": True})
+    resolved = cfg.to_run_config() | {"lr": 0.003, "lora-alpha": 16.0, "run-id": 8}
+    run_dir = SimpleNamespace(root=tmp_path, metrics_path=tmp_path / "metrics.jsonl")
+    prepare_run_dir(run_dir, cfg, resolved)  # type: ignore[arg-type]

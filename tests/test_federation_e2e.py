@@ -19,10 +19,10 @@ from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.embedded import default_model_dir
 from fedlora.server.app import algorithm_kwargs
 from fedlora.simulations.cli import simulate
+from fedlora.strategies import registry
 from fedlora.strategies.adapter import split_adapter
-from fedlora.strategies.algorithms import ALGORITHMS, Reply
+from fedlora.strategies.algorithms import Reply
 from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
-from fedlora.strategies.flower import STRATEGIES
 
 pytestmark = pytest.mark.flower
 
@@ -60,7 +60,7 @@ def _state(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(registry.STRATEGIES))
 def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
     run_dir = run_federation(tmp_path, strategy)
     rows = _rows(run_dir)
@@ -118,7 +118,7 @@ def _check_recompute_from_files(run_dir: Path, strategy: str, server_round: int)
     through the same math, give the round's checkpoint."""
     config = json.loads((run_dir / "config.json").read_text())
     cfg = FederationConfig.from_run_config({k: v for k, v in config.items() if k in DEFAULT_RUN_CONFIG})
-    algorithm = ALGORITHMS[strategy](**algorithm_kwargs(cfg, config["scaling"], fan_in_fan_out=False))
+    algorithm = registry.create(strategy, **algorithm_kwargs(cfg, config["scaling"], fan_in_fan_out=False))
     previous = _checkpoint(run_dir, f"round-{server_round - 1}")
     acc = algorithm.new_accumulator(server_round)
     for f in sorted((run_dir / "audit" / f"round-{server_round}").glob("node-*.safetensors")):

@@ -73,7 +73,7 @@ def test_default_deploy_run_config_is_valid_and_small() -> None:
     config = FederationConfig.from_run_config(DEFAULT_DEPLOY_RUN_CONFIG)
     assert (config.strategy, config.num_rounds, config.num_clients, config.min_replies) == ("ffa-lora", 5, 3, 2)
     assert (config.local_steps, config.num_train, config.round_timeout) == (20, 500, 300.0)
-    assert (config.dp_enabled, config.dp_target_epsilon, config.server_eval) == (True, 8.0, True)
+    assert (config.dp.enabled, config.dp.target_epsilon, config.server_eval) == (True, 8.0, True)
     assert config.task_list == ["adddigit-4", "rotate-2", "repeat-3"]
     assert len(DEFAULT_DEPLOY_RUN_CONFIG) == 13
 
@@ -128,7 +128,7 @@ def test_init_with_overrides_and_options(tmp_path: Path) -> None:
         "dp.target-epsilon": 3,
     }
     config = settings.federation_config()
-    assert (config.dp_enabled, config.num_rounds, config.lora_rank, config.dp_target_epsilon) == (False, 8, 4, 3.0)
+    assert (config.dp.enabled, config.num_rounds, config.lora.rank, config.dp.target_epsilon) == (False, 8, 4, 3.0)
 
 
 def test_init_refuses_an_existing_directory_unless_forced(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.core.client_data import build_partition, client_examples, client_train_sizes, server_eval_sets
-from fedlora.core.config import FederationConfig
+from fedlora.core.config import FederationConfig, PartitionSection
 from fedlora.core.tasks import get_task
 
 TASKS = "adddigit-4,rotate-2,repeat-3,sort-desc"
@@ -21,7 +21,9 @@ def _task_of(prompt: str) -> str:
 
 
 def test_embedded_split_is_disjoint_covering_and_reproducible() -> None:
-    cfg = FederationConfig(num_clients=6, num_train=50, num_test=20, tasks=TASKS, partition_scheme="dirichlet")
+    cfg = FederationConfig(
+        num_clients=6, num_train=50, num_test=20, tasks=TASKS, partition=PartitionSection(scheme="dirichlet")
+    )
     split = build_partition(cfg)
     assert split is not None
     # every index of every task pool exactly once
@@ -61,7 +63,7 @@ def test_a_split_that_leaves_a_client_without_a_task_is_refused() -> None:
     with pytest.raises(ValueError, match="cover only 2 of 4 tasks"):
         FederationConfig(num_clients=2, tasks=TASKS)
     with pytest.raises(ValueError, match="unknown partition scheme 'zipf'"):
-        FederationConfig(partition_scheme="zipf")
+        FederationConfig(partition=PartitionSection(scheme="zipf"))
 
 
 def _write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
@@ -72,7 +74,9 @@ def _write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
 def test_one_jsonl_file_is_split_by_task_labels(tmp_path: Path) -> None:
     records = [{"prompt": f"{t}{i}:", "completion": str(i), "task": t} for t in "abc" for i in range(40)]
     path = _write_jsonl(tmp_path / "all.jsonl", records)
-    cfg = FederationConfig(num_clients=3, data_path=str(path), partition_scheme="tasks-per-client", num_test=4)
+    cfg = FederationConfig(
+        num_clients=3, data_path=str(path), partition=PartitionSection(scheme="tasks-per-client"), num_test=4
+    )
     seen: list[str] = []
     for p in range(3):
         train, test = client_examples(cfg, p)
@@ -85,7 +89,9 @@ def test_one_jsonl_file_is_split_by_task_labels(tmp_path: Path) -> None:
     # without labels only IID makes sense: refused with the reason
     plain = _write_jsonl(tmp_path / "plain.jsonl", [{"prompt": f"{i}:", "completion": "x"} for i in range(30)])
     with pytest.raises(ValueError, match="'task' key"):
-        build_partition(FederationConfig(num_clients=3, data_path=str(plain), partition_scheme="dirichlet"))
+        build_partition(
+            FederationConfig(num_clients=3, data_path=str(plain), partition=PartitionSection(scheme="dirichlet"))
+        )
 
 
 def test_a_directory_gives_one_file_per_client(tmp_path: Path) -> None:
@@ -114,7 +120,9 @@ def test_server_eval_sets_are_fresh_per_task() -> None:
 
 def test_no_test_or_server_eval_prompt_is_in_the_training_pool() -> None:
     # small input spaces (4-8 digits) make collisions likely without the filter: 5 of 800 were found
-    cfg = FederationConfig(num_clients=8, num_train=1000, num_test=100, tasks=TASKS, partition_tasks_per_client=2)
+    cfg = FederationConfig(
+        num_clients=8, num_train=1000, num_test=100, tasks=TASKS, partition=PartitionSection(tasks_per_client=2)
+    )
     split = build_partition(cfg)
     assert split is not None
     pool = {e.prompt for p in range(8) for e in client_examples(cfg, p)[0]}

@@ -9,10 +9,12 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlora.strategies import registry
 from fedlora.strategies.adapter import split_adapter
-from fedlora.strategies.algorithms import ALGORITHMS, FfaLora, LoraAlgorithm, shared_a_state
-from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
-from fedlora.strategies.flower import STRATEGIES, FedAvgLora, LoraStrategy, create, register, strategy_class
+from fedlora.strategies.fedavg_lora import FedAvgLora, fedavg_lora_aggregate
+from fedlora.strategies.ffa_lora import FfaLora, shared_a_state
+from fedlora.strategies.flexlora import FlexLoraSettings
+from fedlora.strategies.flower import LoraStrategy, create
 
 KEYS = [f"base_model.model.m{i}.lora_{f}.weight" for i in range(2) for f in "AB"]
 
@@ -41,26 +43,29 @@ def _reply(node: int, tensors: dict[str, torch.Tensor] | None, metrics: dict | N
 
 
 def test_registry_holds_the_seven_methods() -> None:
-    assert sorted(STRATEGIES) == sorted(
+    assert sorted(registry.STRATEGIES) == sorted(
         ["fedavg-lora", "ffa-lora", "lora-fair", "fedex-lora", "rolora", "fedsvd", "flexlora"]
     )
-    assert set(STRATEGIES) == set(ALGORITHMS)
     with pytest.raises(ValueError, match="unknown strategy 'fedprox'; known strategies: fedavg-lora, ffa-lora"):
-        strategy_class("fedprox")
+        registry.get("fedprox")
     with pytest.raises(ValueError, match="already registered"):
-        register("fedavg-lora", FedAvgLora)
+        registry.register(FedAvgLora)
     s = create("lora-fair", {"scaling": 2.0})
     assert (
-        isinstance(s, LoraStrategy) and s.algorithm.name == "lora-fair" and s.lr == ALGORITHMS["lora-fair"].defaults.lr
+        isinstance(s, LoraStrategy)
+        and s.algorithm.name == "lora-fair"
+        and s.lr == registry.get("lora-fair").defaults.lr
     )
-    with pytest.raises(TypeError, match="needs a FfaLora"):
-        STRATEGIES["ffa-lora"](LoraAlgorithm(1.0))
+    with pytest.raises(TypeError, match="needs a LoraAlgorithm"):
+        LoraStrategy(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ffa-lora takes MethodSettings settings, got FlexLoraSettings"):
+        registry.create("ffa-lora", scaling=1.0, settings=FlexLoraSettings())
 
 
 def test_frozen_factor_methods_default_to_a_larger_learning_rate() -> None:
-    plain = ALGORITHMS["fedavg-lora"].defaults.lr
+    plain = registry.get("fedavg-lora").defaults.lr
     for name in ("ffa-lora", "fedsvd", "rolora"):
-        assert ALGORITHMS[name].defaults.lr > plain
+        assert registry.get(name).defaults.lr > plain
 
 
 def test_replies_are_aggregated_exactly_as_the_pure_function() -> None:
@@ -138,7 +143,7 @@ def test_declined_replies_are_counted_not_rejected() -> None:
 
 def test_ffa_downloads_only_b_and_keeps_a_bit_identical() -> None:
     algo = FfaLora(scaling=2.0, seed=3)
-    strategy = STRATEGIES["ffa-lora"](algo)
+    strategy = LoraStrategy(algo)
     state = algo.initial_state(_adapter(0, b_scale=0.0))
     assert all(torch.equal(state[k], v) for k, v in shared_a_state(_adapter(9), 3).items() if ".lora_A." in k)
     assert set(algo.download(1, state)) == {k for k in KEYS if ".lora_B." in k}

@@ -2,32 +2,44 @@
 
 Server app and client app read the same Flower run config (``[tool.flwr.app.config]`` plus
 ``--run-config`` overrides); both validate it here, once, into :class:`FederationConfig`.
+
+The run config is flat (``dp.max-grad-norm``, ``partition.scheme``, ``lora-rank``,
+``lora-fair-lambda``); the object is nested in sections (``cfg.dp.max_grad_norm``,
+``cfg.partition.scheme``, ``cfg.lora.rank``, ``cfg.method``), each a frozen dataclass that
+validates its own values. A section field's key is the section's ``prefix`` plus the field name
+in kebab case, or the field's ``metadata["key"]``. Every registered strategy contributes its own
+section (``cfg.methods``, from its module in ``fedlora.strategies``); ``cfg.method`` is the run's.
+Cross-section rules (a split that fits the clients, a strategy that client-level DP can wrap)
+are checked by :class:`FederationConfig` itself.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 from fedlora.core.model import ALL_LINEAR, LoraSettings
 from fedlora.core.partitioners import PartitionSpec
 from fedlora.core.tasks import get_task
+from fedlora.privacy.accounting import check_accountant
 from fedlora.privacy.engines import Engine, check_engine
+from fedlora.strategies import registry
+from fedlora.strategies.algorithms import LoraAlgorithm, MethodSettings
 
-#: methods whose server needs each client's own product B_k A_k
-PRODUCT_BASED_STRATEGIES = frozenset({"lora-fair", "fedex-lora", "flexlora"})
+Value = bool | int | float | str
 
 
 def secure_aggregation_refusal(strategy: str) -> str:
     """Why ``secure-aggregation = true`` is refused for ``strategy`` (it always is, today)."""
-    if strategy in PRODUCT_BASED_STRATEGIES:
+    if registry.get(strategy).product_based:
+        sum_only = ", ".join(name for name, algorithm in registry.STRATEGIES.items() if not algorithm.product_based)
         return (
             f"secure-aggregation cannot work with {strategy!r}: its server needs each client's own product "
             "B_k A_k (or s_k B_k A_k), which secure aggregation hides by design; use a sum-only strategy "
-            "(fedavg-lora, ffa-lora, rolora, fedsvd)"
+            f"({sum_only})"
         )
     return (
         f"secure-aggregation is not available for {strategy!r} with Flower's Message API: Flower 1.41 ships "
@@ -37,13 +49,143 @@ def secure_aggregation_refusal(strategy: str) -> str:
     )
 
 
-#: strategies Flower's fixed-clipping DP wrappers can wrap soundly (see dp.client-level)
-CLIENT_LEVEL_DP_STRATEGIES = frozenset({"fedavg-lora"})
+def client_level_dp_strategies() -> list[str]:
+    """The strategies Flower's fixed-clipping DP wrappers can wrap soundly (see ``dp.client-level``)."""
+    return sorted(name for name, algorithm in registry.STRATEGIES.items() if algorithm.client_level_dp)
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The run's LoRA adapter: ``lora-rank``, ``lora-alpha`` (0: the
+    strategy's tuned alpha), ``lora-dropout``, ``lora-targets`` (comma-separated or all-linear),
+    ``lora-rslora``."""
+
+    prefix: ClassVar[str] = "lora-"
+
+    rank: int = 8
+    alpha: float = 0.0
+    dropout: float = 0.0
+    targets: str = ALL_LINEAR
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora-rank must be an integer >= 1, got {self.rank!r}")
+        if not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(f"lora-alpha must be a finite number >= 0, got {self.alpha!r}")
+        LoraSettings(rank=self.rank, alpha=self.alpha or 1.0, dropout=self.dropout)
+
+
+@dataclass(frozen=True)
+class PartitionSection:
+    """How the pool is split among the clients: ``partition.scheme``, ``partition.alpha``
+    (Dirichlet), ``partition.tasks-per-client``, ``partition.size-skew``. Whether the split fits
+    the run's clients and tasks is the run's check (:meth:`FederationConfig.partition_spec`)."""
+
+    prefix: ClassVar[str] = "partition."
+
+    scheme: str = "tasks-per-client"
+    alpha: float = 0.5
+    tasks_per_client: int = 1
+    size_skew: float = 0.0
+
+    def __post_init__(self) -> None:
+        PartitionSpec(
+            scheme=self.scheme, alpha=self.alpha, tasks_per_client=self.tasks_per_client, size_skew=self.size_skew
+        )
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    """``audit.save-updates``: keep every accepted reply in the run directory, so anyone can
+    recompute an aggregation."""
+
+    prefix: ClassVar[str] = "audit."
+
+    save_updates: bool = False
+
+
+@dataclass(frozen=True)
+class DpSection:
+    """Differential privacy (``dp.*``): sample-level DP-SGD on the clients, planned by the server
+    (``enabled``, ``noise-multiplier`` or ``target-epsilon``, ``delta``, ``max-grad-norm``, ...),
+    and client-level DP by Flower's fixed-clipping wrappers (``client-level``, ...)."""
+
+    prefix: ClassVar[str] = "dp."
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    plan_examples: int = 0
+    max_epsilon: float = 0.0
+    secret_noise: bool = True
+    engine: Engine = "opacus"  # per-example clipping: Opacus' hooks, or the fused LoRA kernels
+    client_level: str = "off"
+    client_noise_multiplier: float = 1.0
+    client_clipping_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "max_epsilon"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{_section_key(DpSection, name)} must be a finite number >= 0, got {v!r}")
+        if self.plan_examples < 0:
+            raise ValueError(f"dp.plan-examples must be >= 0, got {self.plan_examples}")
+        if not self.target_epsilon > 0 or not self.max_grad_norm > 0:
+            raise ValueError("dp.target-epsilon and dp.max-grad-norm must be > 0")
+        if not 0 <= self.delta < 1:
+            raise ValueError(f"dp.delta must be in [0, 1) (0: derived from num-train), got {self.delta!r}")
+        if self.client_level not in ("off", "server-side", "client-side"):
+            raise ValueError(
+                f"dp.client-level must be 'off', 'server-side' or 'client-side', got {self.client_level!r}"
+            )
+        if self.client_level != "off" and (not self.client_noise_multiplier > 0 or not self.client_clipping_norm > 0):
+            raise ValueError("dp.client-noise-multiplier and dp.client-clipping-norm must be > 0")
+        check_accountant(self.accountant)
+        check_engine(self.engine)
+
+
+@dataclass(frozen=True)
+class PersonalizeSection:
+    """``personalize.steps`` (> 0: at the end of the run every client personalises the final
+    adapter) and ``personalize.epsilon`` (what that may spend in a DP run, on top of the run's)."""
+
+    prefix: ClassVar[str] = "personalize."
+
+    steps: int = 0
+    epsilon: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"personalize.steps must be an integer >= 0 (0: off), got {self.steps!r}")
+        if not math.isfinite(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"personalize.epsilon must be a finite number > 0, got {self.epsilon!r}")
+
+
+#: FederationConfig's section fields and their classes (the methods' sections come from the registry)
+_SECTIONS: dict[str, type] = {
+    "lora": LoraSection,
+    "partition": PartitionSection,
+    "audit": AuditSection,
+    "dp": DpSection,
+    "personalize": PersonalizeSection,
+}
+_METHODS = "methods"
+
+
+def _method_sections() -> dict[str, MethodSettings]:
+    """Every registered strategy's section at its defaults."""
+    return {name: algorithm.settings_cls() for name, algorithm in registry.STRATEGIES.items()}
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """Validated run configuration (field names are the run-config keys in snake case)."""
+    """Validated run configuration: top-level run fields (their names are the run-config keys in
+    snake case) and the nested sections ``lora``, ``partition``, ``audit``, ``dp``, ``personalize``
+    and ``methods`` (every registered strategy's own section; ``method`` is the run's)."""
 
     strategy: str = "fedavg-lora"
     num_rounds: int = 3
@@ -55,24 +197,14 @@ class FederationConfig:
     lr: float = 0.0
     lr_decay: float = 1.0
     batch_size: int = 32
-    lora_rank: int = 8
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    lora_targets: str = ALL_LINEAR
-    lora_rslora: bool = False
-    flexlora_ranks: str = ""
-    lora_fair_lambda: float = 0.01
-    lora_fair_solver: str = "iterative"
-    lora_fair_steps: int = 1000
+    lora: LoraSection = field(default_factory=LoraSection)
+    methods: Mapping[str, MethodSettings] = field(default_factory=_method_sections)
     tasks: str = "adddigit-4,rotate-2,repeat-3,sort-desc"
     tagged: bool = True
     num_train: int = 2000
     num_test: int = 100
     data_path: str = ""
-    partition_scheme: str = "tasks-per-client"
-    partition_alpha: float = 0.5
-    partition_tasks_per_client: int = 1
-    partition_size_skew: float = 0.0
+    partition: PartitionSection = field(default_factory=PartitionSection)
     server_eval: bool = True
     seed: int = 0
     model_dir: str = ""
@@ -80,44 +212,28 @@ class FederationConfig:
     round_timeout: float = 600.0
     max_reply_mb: float = 256.0
     threads: int = 1
-    audit_save_updates: bool = False
+    audit: AuditSection = field(default_factory=AuditSection)
     state_dir: str = ""
-    dp_enabled: bool = False
-    dp_noise_multiplier: float = 0.0
-    dp_target_epsilon: float = 8.0
-    dp_delta: float = 0.0
-    dp_max_grad_norm: float = 1.0
-    dp_accountant: str = "rdp"
-    dp_plan_examples: int = 0
-    dp_max_epsilon: float = 0.0
-    dp_secret_noise: bool = True
-    dp_engine: Engine = "opacus"  # per-example clipping: Opacus' hooks, or the fused LoRA kernels
-    dp_client_level: str = "off"
-    dp_client_noise_multiplier: float = 1.0
-    dp_client_clipping_norm: float = 1.0
+    dp: DpSection = field(default_factory=DpSection)
     secure_aggregation: bool = False
-    personalize_steps: int = 0  # > 0: at the end of the run every client personalises the final adapter
-    personalize_epsilon: float = 1.0  # what that personalisation may spend (DP runs), on top of the run's
+    personalize: PersonalizeSection = field(default_factory=PersonalizeSection)
     resume: bool = False
     deployed: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "lora_rank", "threads"):
+        for name in ("num_rounds", "num_clients", "min_replies", "local_steps", "batch_size", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{_key(name)} must be an integer >= 1, got {v!r}")
+        for name, section_cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), section_cls):
+                raise TypeError(f"{name} must be a {section_cls.__name__}, got {getattr(self, name)!r}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:  # 0: no evaluation round trip (train replies carry it)
             raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate!r}")
-        for name in ("lr", "lora_alpha", "lora_fair_lambda"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{_key(name)} must be a finite number >= 0, got {v!r}")
-        if self.lora_fair_solver not in ("iterative", "closed-form"):
-            raise ValueError(f"lora-fair-solver must be 'iterative' or 'closed-form', got {self.lora_fair_solver!r}")
-        if self.lora_fair_steps < 0:
-            raise ValueError(f"lora-fair-steps must be >= 0, got {self.lora_fair_steps!r}")
+        if not math.isfinite(self.lr) or self.lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr-decay must be in (0, 1], got {self.lr_decay!r}")
         if self.round_timeout <= 0 or self.max_reply_mb <= 0:
@@ -136,68 +252,50 @@ class FederationConfig:
                     f"{self.num_clients}: a directory gives one file per client"
                 )
         if not self.data_path or Path(self.data_path).is_file():
-            self.partition_spec()  # validates scheme, alpha, sizes and feasibility, naming the problem
+            self.partition_spec()  # validates the split's feasibility for these clients and tasks, naming the problem
         if self.model_dir and not (Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model-dir {self.model_dir} does not exist or has no config.json")
-        # imported here: fedlora.strategies.flower imports flwr, which the CLI need not load to validate
-        from fedlora.strategies.flower import strategy_class
-
-        strategy_class(self.strategy)  # raises with the known names
-        ranks = self.flexlora_rank_list
-        if any(r < 1 for r in ranks):
-            raise ValueError(f"flexlora-ranks must be positive integers, got {self.flexlora_ranks!r}")
-        LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha or 1.0, dropout=self.lora_dropout)
-        for name in ("dp_noise_multiplier", "dp_max_epsilon"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{_key(name)} must be a finite number >= 0, got {v!r}")
-        if self.dp_plan_examples < 0:
-            raise ValueError(f"dp.plan-examples must be >= 0, got {self.dp_plan_examples}")
-        if self.deployed and self.dp_enabled and not self.dp_plan_examples:
+        registry.get(self.strategy)  # raises with the known names
+        object.__setattr__(self, "methods", {**_method_sections(), **self.methods})
+        for name, section in self.methods.items():
+            if type(section) is not registry.get(name).settings_cls:
+                want = registry.get(name).settings_cls.__name__
+                raise TypeError(f"methods[{name!r}] must be a {want}, got {section!r}")
+        if self.deployed and self.dp.enabled and not self.dp.plan_examples:
             raise ValueError(
                 "dp.plan-examples must be set in deployment: the server cannot see the clients' data, so the "
                 "privacy plan states the smallest client it covers (clients with fewer examples decline)"
             )
-        if not self.dp_target_epsilon > 0 or not self.dp_max_grad_norm > 0:
-            raise ValueError("dp.target-epsilon and dp.max-grad-norm must be > 0")
-        if not 0 <= self.dp_delta < 1:
-            raise ValueError(f"dp.delta must be in [0, 1) (0: derived from num-train), got {self.dp_delta!r}")
-        if self.dp_client_level not in ("off", "server-side", "client-side"):
+        if self.dp.client_level != "off" and not self.algorithm_class.client_level_dp:
             raise ValueError(
-                f"dp.client-level must be 'off', 'server-side' or 'client-side', got {self.dp_client_level!r}"
+                f"dp.client-level works with {client_level_dp_strategies()} only, not {self.strategy!r}: "
+                "Flower's fixed-clipping wrappers clip each reply against the full global state and add noise "
+                "to the plain average, so they need clients that send every tensor they download and a server "
+                "that only averages (B-only replies, products and base-weight residuals break that)"
             )
-        if self.dp_client_level != "off":
-            if self.strategy not in CLIENT_LEVEL_DP_STRATEGIES:
-                raise ValueError(
-                    f"dp.client-level works with {sorted(CLIENT_LEVEL_DP_STRATEGIES)} only, not {self.strategy!r}: "
-                    "Flower's fixed-clipping wrappers clip each reply against the full global state and add noise "
-                    "to the plain average, so they need clients that send every tensor they download and a server "
-                    "that only averages (B-only replies, products and base-weight residuals break that)"
-                )
-            if not self.dp_client_noise_multiplier > 0 or not self.dp_client_clipping_norm > 0:
-                raise ValueError("dp.client-noise-multiplier and dp.client-clipping-norm must be > 0")
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
-        if not isinstance(self.personalize_steps, int) or self.personalize_steps < 0:
-            raise ValueError(f"personalize.steps must be an integer >= 0 (0: off), got {self.personalize_steps!r}")
-        if not math.isfinite(self.personalize_epsilon) or self.personalize_epsilon <= 0:
-            raise ValueError(f"personalize.epsilon must be a finite number > 0, got {self.personalize_epsilon!r}")
-        from fedlora.privacy.accounting import check_accountant
 
-        check_accountant(self.dp_accountant)
-        check_engine(self.dp_engine)
+    def __hash__(self) -> int:
+        """Hashable like any frozen config, although ``methods`` is a mapping."""
+        return hash(
+            tuple(
+                tuple(sorted(self.methods.items())) if f.name == _METHODS else getattr(self, f.name)
+                for f in fields(self)
+            )
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         """Build from Flower's run config; unknown keys are refused with the allowed ones."""
-        known = {_key(f.name): f.name for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+        layout = run_config_layout()
+        unknown = sorted(set(run_config) - set(layout))
         if unknown:
-            raise ValueError(f"run config: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        values: dict[str, Any] = {}
+            raise ValueError(f"run config: unknown key(s) {unknown}; allowed: {sorted(layout)}")
+        values: dict[tuple[str, ...], dict[str, Any]] = {}
         for key, value in run_config.items():
-            name = known[key]
-            default = getattr(cls, name)
+            slot = layout[key]
+            default = slot.default
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"run config: {key} must be true or false, got {value!r}")
@@ -205,11 +303,37 @@ class FederationConfig:
                 value = float(value)
             elif not isinstance(value, type(default)) or isinstance(value, bool):
                 raise ValueError(f"run config: {key} must be a {type(default).__name__}, got {value!r}")
-            values[name] = value
-        return cls(**values)
+            values.setdefault(slot.section, {})[slot.name] = value
+        sections = {name: section_cls(**values.get((name,), {})) for name, section_cls in _SECTIONS.items()}
+        methods = {
+            name: algorithm.settings_cls(**values.get((_METHODS, name), {}))
+            for name, algorithm in registry.STRATEGIES.items()
+        }
+        return cls(**values.get((), {}), **sections, methods=methods)
 
     def to_run_config(self) -> dict[str, Any]:
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        """The flat run config this object was built from (every key, defaults included)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECTIONS:
+                out |= _section_values(value)
+            elif f.name == _METHODS:
+                for section in value.values():
+                    out |= _section_values(section)
+            else:
+                out[_key(f.name)] = value
+        return out
+
+    @property
+    def algorithm_class(self) -> type[LoraAlgorithm]:
+        """The run's strategy, as registered in :mod:`fedlora.strategies.registry`."""
+        return registry.get(self.strategy)
+
+    @property
+    def method(self) -> MethodSettings:
+        """The run's strategy's own section (empty for methods without settings)."""
+        return self.methods[self.strategy]
 
     @property
     def task_list(self) -> list[str]:
@@ -217,13 +341,6 @@ class FederationConfig:
         if not tasks:
             raise ValueError("tasks must name at least one embedded task")
         return tasks
-
-    @property
-    def flexlora_rank_list(self) -> list[int]:
-        try:
-            return [int(r) for r in self.flexlora_ranks.split(",") if r.strip()]
-        except ValueError:
-            raise ValueError(f"flexlora-ranks must be comma-separated integers, got {self.flexlora_ranks!r}") from None
 
     @property
     def clients_per_round(self) -> int:
@@ -236,24 +353,24 @@ class FederationConfig:
         return self.lr or default
 
     def alpha_for(self, default: float) -> float:
-        return self.lora_alpha or default
+        return self.lora.alpha or default
 
     def client_rank(self, partition: int) -> int:
-        """A client's LoRA rank: FlexLoRA cycles through ``flexlora-ranks``, others share one."""
-        ranks = self.flexlora_rank_list
-        return ranks[partition % len(ranks)] if self.strategy == "flexlora" and ranks else self.lora_rank
+        """A client's LoRA rank, as its strategy says (FlexLoRA cycles through ``flexlora-ranks``)."""
+        return self.method.client_rank(partition, self.lora.rank)
 
     def max_rank(self) -> int:
-        return max([self.lora_rank, *self.flexlora_rank_list]) if self.strategy == "flexlora" else self.lora_rank
+        """The rank of the server's global state: the largest any client trains at."""
+        return self.method.state_rank(self.lora.rank)
 
     def lora_settings(self, rank: int, alpha: float) -> LoraSettings:
-        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        targets = tuple(t.strip() for t in self.lora.targets.split(",") if t.strip())
         return LoraSettings(
             rank=rank,
             alpha=alpha,
-            dropout=self.lora_dropout,
+            dropout=self.lora.dropout,
             target_modules=targets,
-            use_rslora=self.lora_rslora,
+            use_rslora=self.lora.rslora,
             init_seed=self.seed,
         )
 
@@ -280,11 +397,11 @@ class FederationConfig:
         embedded = not self.data_path
         tasks = tuple(self.task_list) if embedded else ()
         return PartitionSpec(
-            scheme=self.partition_scheme,
+            scheme=self.partition.scheme,
             num_clients=self.num_clients,
-            alpha=self.partition_alpha,
-            tasks_per_client=self.partition_tasks_per_client,
-            size_skew=self.partition_size_skew,
+            alpha=self.partition.alpha,
+            tasks_per_client=self.partition.tasks_per_client,
+            size_skew=self.partition.size_skew,
             seed=self.seed,
             tasks=tasks,
             examples_per_task=math.ceil(self.num_clients * self.num_train / len(tasks)) if embedded else 1,
@@ -295,20 +412,65 @@ class FederationConfig:
         return (self.data_path, self.partition_spec(), self.num_test, self.tagged)
 
 
-_SECTIONS = ("audit_", "dp_", "partition_", "personalize_")
+class _Slot(NamedTuple):
+    """Where a run-config key lives: its section's path in :class:`FederationConfig`, field and default."""
+
+    section: tuple[str, ...]  # () top level, ("dp",), ("methods", "lora-fair")
+    name: str
+    default: Value
 
 
 def _key(field_name: str) -> str:
-    """Run-config key of a field: kebab case, with a dotted section (``dp_max_grad_norm`` is
-    ``dp.max-grad-norm``, ``audit_save_updates`` is ``audit.save-updates``)."""
-    for section in _SECTIONS:
-        if field_name.startswith(section):
-            return section[:-1] + "." + field_name[len(section) :].replace("_", "-")
+    """Run-config key of a top-level field: its name in kebab case."""
     return field_name.replace("_", "-")
+
+
+def _field_key(section_cls: type, f: Field[Any]) -> str:
+    """Run-config key of a section's field: ``metadata["key"]``, else the section's prefix + kebab name."""
+    key = f.metadata.get("key")
+    return str(key) if key is not None else str(getattr(section_cls, "prefix", "")) + _key(f.name)
+
+
+def _section_key(section_cls: type, name: str) -> str:
+    """Run-config key of the field ``name`` of a section class (for error messages)."""
+    return next(_field_key(section_cls, f) for f in fields(section_cls) if f.name == name)
+
+
+def _section_values(section: Any) -> dict[str, Value]:
+    """A section's values under their run-config keys."""
+    return {_field_key(type(section), f): getattr(section, f.name) for f in fields(section)}
+
+
+def run_config_layout() -> dict[str, _Slot]:
+    """Every run-config key (the registered strategies' included), in :class:`FederationConfig`'s
+    field order, and where it lives. A key claimed twice (a strategy's setting named like another
+    key) is refused here."""
+    layout: dict[str, _Slot] = {}
+
+    def claim(key: str, slot: _Slot) -> None:
+        if slot.default is MISSING:
+            raise TypeError(f"run config: key {key!r} has no plain default (a section field needs one)")
+        if key in layout:
+            raise ValueError(f"run config: key {key!r} of {slot.section or 'the top level'} is already taken")
+        layout[key] = slot
+
+    for f in fields(FederationConfig):
+        if f.name in _SECTIONS:
+            section_cls = _SECTIONS[f.name]
+            for sf in fields(section_cls):
+                claim(_field_key(section_cls, sf), _Slot((f.name,), sf.name, cast(Value, sf.default)))
+        elif f.name == _METHODS:
+            for name, algorithm in registry.STRATEGIES.items():
+                for sf in fields(algorithm.settings_cls):
+                    slot = _Slot((_METHODS, name), sf.name, cast(Value, sf.default))
+                    claim(_field_key(algorithm.settings_cls, sf), slot)
+        else:
+            claim(_key(f.name), _Slot((), f.name, cast(Value, f.default)))
+    return layout
 
 
 #: Flower run-config defaults: every key a run may override. 0 for lr / lora-alpha means
 #: "the strategy's own tuned default".
 DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
-    _key(f.name): cast(bool | int | float | str, f.default) for f in fields(FederationConfig)
+    key: slot.default for key, slot in run_config_layout().items()
 }

@@ -1,0 +1,25 @@
+"""Local training under DP-SGD: the one training loop, wrapped by Opacus.
+
+Both a federated round (:mod:`fedlora.client.app`) and a personalisation
+(:mod:`fedlora.client.personalize`) train this way, so it sits below both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.core.data import Encoded, collate
+from fedlora.core.train import TrainResult, TrainSettings, train
+from fedlora.privacy.dp import DPSGDConfig, dp_sgd
+
+
+def train_private(
+    model: torch.nn.Module, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
+) -> TrainResult:
+    """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients,
+    AdamW at a constant learning rate (the server's schedule sets it per round)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
+        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
+        return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
