@@ -42,6 +42,7 @@ from fedlora.core.model import (
     set_trainable_factors,
     wrap_lora,
 )
+from fedlora.core.run_dir import RunDir
 from fedlora.core.train import TrainResult, TrainSettings, evaluate, train
 from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, dp_sgd, sample_rate
 from fedlora.privacy.ledger import PrivacyLedger
@@ -379,7 +380,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         out = Path(str(node.state_dir)) / "personal" / run_name
     else:
         examples = client_examples(cfg, node.partition)
-        out = Path(cfg.run_dir) / "personal" / f"partition-{node.partition}"
+        out = RunDir(cfg.run_dir).personal_adapter_dir(node.partition)
     state_dir = cfg.client_state_dir(node.partition, node.state_dir)
     personal = PersonalizeConfig(
         data=_personal_data_label(cfg, node),
