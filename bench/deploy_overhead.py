@@ -88,6 +88,7 @@ from fedlora.core.flower_runner import (  # noqa: E402
     free_port,
     write_run_config,
 )
+from fedlora.core.run_dir import RunDir  # noqa: E402
 
 BARE_APP_DIR = BENCH / "bare_deploy"
 RUN_TIMEOUT = 900.0
@@ -536,7 +537,7 @@ class OursApp(App):
     def __init__(self, dp: bool = True) -> None:
         self.dp = dp
         self.name = "ours" if dp else "ours-nodp"
-        self.metrics_path: Path | None = None
+        self.run: RunDir | None = None
 
     def _cli(self, dep: Deployment, *argv: str) -> None:
         done = subprocess.run(
@@ -558,7 +559,7 @@ class OursApp(App):
             self._cli(dep, "fl-client", "keygen", "--out", str(keys), "--name", f"client-{i}")
             self._cli(dep, "fl-server", "enroll", str(server_dir), str(keys / "client.pub"), "--name", f"client-{i}")
         run_dir = dep.workdir / "run"
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.run = RunDir(run_dir)
         start = ["fl-server", "start", str(server_dir), "--run-dir", str(run_dir), "--run-config", run]
         dep.spawn("fl-server", [str(dep.bin_dir / start[0]), *start[1:]])
         for i in range(dep.clients):
@@ -581,22 +582,18 @@ class OursApp(App):
         return "finished:completed" if code == 0 else f"fl-server start exited with {code}"
 
     def timings(self, dep: Deployment) -> RunTimings:
-        if self.metrics_path is None:
+        if self.run is None:
             raise RuntimeError("ours: no run directory (launch did not run)")
-        return timings_from_metrics(self.metrics_path)
+        return timings_from_metrics(self.run)
 
 
-def timings_from_metrics(path: Path) -> RunTimings:
+def timings_from_metrics(run: RunDir) -> RunTimings:
     """Round stamps and train seconds from a fedlora run directory's ``metrics.jsonl``: one
     row per round (round 0 before training), ``elapsed`` seconds since the start and
     ``per-client-train`` {node: {"train-seconds": s, "process-seconds": s, ...}}."""
     out = RunTimings()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        r = int(row["round"])
+    for row in run.rows():  # a torn last line is skipped
+        r = row["round"]
         out.round_end[r] = float(row["elapsed"])
         for node, metrics in (row.get("per-client-train") or {}).items():
             if "train-seconds" in metrics:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import json
 import math
 import shlex
 import statistics
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.flower_runner import SimulationError, SimulationRequest, run_simulation_app
+from fedlora.core.run_dir import RunDir
 from fedlora.strategies.registry import STRATEGIES
 
 PLAIN_GRID = (1e-3, 3e-3, 1e-2)
@@ -125,19 +125,17 @@ class RunResult:
 
 def read_metrics(run_dir: Path, result: RunResult, tasks: Sequence[str]) -> None:
     """Fill ``result`` from the run's metrics.jsonl (one JSON line per round)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        result.error = result.error or f"no {path}"
+    run = RunDir(run_dir)
+    if not run.holds_run():
+        result.error = result.error or f"no {run.metrics_path}"
         return
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if "evaluate" in r and "exact-match" in r["evaluate"]]
+    rows = [r for r in run.rows() if "evaluate" in r and "exact-match" in r["evaluate"]]
     if not rows:
         result.error = result.error or "metrics.jsonl has no evaluated round"
         return
     last = rows[-1]
-    config_path = run_dir / "config.json"
-    if config_path.is_file():  # the rate the server actually used, after its own defaults
-        used = float(json.loads(config_path.read_text(encoding="utf-8")).get("lr", math.nan))
+    if run.config_path.is_file():  # the rate the server actually used, after its own defaults
+        used = float(run.config().get("lr", math.nan))
         if not math.isclose(used, result.lr, rel_tol=1e-9):
             result.error = result.error or f"the server used lr {used}, not {result.lr}"
     result.rounds = int(last["round"])

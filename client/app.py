@@ -47,6 +47,7 @@ from fedlora.core.model import (
     set_trainable_factors,
     wrap_lora,
 )
+from fedlora.core.run_dir import RunDir
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
 from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, load_public_key
@@ -359,7 +360,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         out = Path(str(node.state_dir)) / "personal" / run_name
     else:
         examples = client_examples(cfg, node.partition)
-        out = Path(cfg.run_dir) / "personal" / f"partition-{node.partition}"
+        out = RunDir(cfg.run_dir).personal_adapter_dir(node.partition)
     state_dir = cfg.client_state_dir(node.partition, node.state_dir)
     personal = PersonalizeConfig(
         data=_personal_data_label(cfg, node),

@@ -35,6 +35,8 @@ from typing import IO
 
 from rich.console import Console
 
+from fedlora.core.flower_runner import free_port, terminate_group
+
 #: backoff between attempts to reach the server or restart the SuperNode (seconds)
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 #: the longest wait after the server refused the node key: a server registers enrolled keys just
@@ -323,8 +325,6 @@ class Supervisor:
         return 0
 
     def _run_supernode(self) -> int:
-        from fedlora.core.flower_runner import free_port
-
         command = supernode_command(self.options, free_port(), self.trainer)
         self.proc = proc = subprocess.Popen(
             command,
@@ -342,7 +342,7 @@ class Supervisor:
         pump = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
         pump.start()
         code = proc.wait()
-        _kill_group(proc.pid)  # helpers it started (its SuperExec) would otherwise outlive it
+        terminate_group(proc.pid)  # helpers it started (its SuperExec) would otherwise outlive it
         pump.join(timeout=5.0)
         return code
 
@@ -357,7 +357,7 @@ class Supervisor:
         """Stop the SuperNode and everything it started (its process group)."""
         self.stop.set()
         if self.proc is not None:
-            _kill_group(self.proc.pid)
+            terminate_group(self.proc.pid)
 
 
 def _die_with_parent() -> None:
@@ -369,25 +369,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: Ctrl-C and SIGTERM still stop the group through terminate()
-
-
-def _kill_group(pgid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group, SIGKILL what is left after ``grace`` seconds."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def start(options: NodeOptions, console: Console) -> int:

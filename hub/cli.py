@@ -26,8 +26,10 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.hub.sdk.client import remote_client
-from fedlora.hub.sdk.manifest import GENERATOR_METHODS
+from fedlora.core.run_dir import RunDir
+from fedlora.hub.sdk.client import read_token, remote_client
+from fedlora.hub.sdk.manifest import CONFIG_FILE, GENERATOR_METHODS, load_public_key
+from fedlora.hub.sdk.publish import HubTarget, fedlora_version, publish_global
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -312,26 +314,20 @@ def _publish(args: argparse.Namespace, console: Console) -> int:
 
 
 def _publish_run(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.hub.sdk.client import read_token
-    from fedlora.hub.sdk.manifest import load_public_key
-    from fedlora.hub.sdk.publish import HubTarget, fedlora_version, publish_global
-
     if not args.hub:
         raise ValueError("fl-hub publish-run needs --hub URL")
-    run_dir = args.run_dir.resolve()
+    run = RunDir(args.run_dir.resolve())
     target = HubTarget(
         args.hub, read_token(args.token, args.token_file), load_public_key(args.hub_key) if args.hub_key else None
     )
     if args.round is None:
-        from fedlora.core.cli import last_round
-
-        server_round, adapter_dir, final = last_round(run_dir), run_dir / "adapters" / "global", True
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ValueError(f"{run_dir} has no final adapter (adapters/global): publish a --round checkpoint instead")
+        server_round, adapter_dir, final = run.last_round(), run.global_adapter_dir, True
+        if not (adapter_dir / CONFIG_FILE).is_file():
+            raise ValueError(f"{run.root} has no final adapter ({adapter_dir}): publish a --round checkpoint instead")
     else:
-        server_round, adapter_dir, final = args.round, run_dir / "checkpoints" / f"round-{args.round}", False
+        server_round, adapter_dir, final = args.round, run.checkpoint_dir(args.round), False
     record = publish_global(
-        target, run_dir, server_round, adapter_dir, final, f"fl-hub publish-run {fedlora_version()}"
+        target, run.root, server_round, adapter_dir, final, f"fl-hub publish-run {fedlora_version()}"
     )
     console.print(f"published {record['name']} v{record['version']}", markup=False, highlight=False)
     return 0

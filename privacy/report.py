@@ -1,7 +1,7 @@
 """The privacy report of a run: what each client spent, recomputable by anyone from the run directory.
 
-A privacy officer should not have to trust our numbers. So the report reads nothing but files in
-the run directory (``config.json``, ``privacy_plan.json``, ``metrics.jsonl``) and the client
+A privacy officer should not have to trust our numbers. So the report is computed from nothing but
+files in the run directory (``config.json``, ``privacy_plan.json``, ``metrics.jsonl``) and the client
 ledgers in the state directory ``config.json`` names, recomputes every client's epsilon from its
 ledger history with :func:`fedlora.privacy.accounting.compute_epsilon`, and writes that history into
 ``report/privacy.json`` next to the result, so the number can be checked again without us::
@@ -10,8 +10,10 @@ ledger history with :func:`fedlora.privacy.accounting.compute_epsilon`, and writ
     report/privacy.md     headline, parameters, per-client table, privacy unit, declined clients
     report/privacy.html   the same, self-contained (inline CSS, plots as base64 PNG): opens offline
 
-The layers are separate: :func:`load_run` reads files, :func:`build_report` is pure computation
-into a JSON-able dict, and the renderers turn that dict into Markdown and HTML.
+The layers are separate: the run directory's own reader (``fedlora.core.run_dir``, which this
+package may not import) reads the files into :class:`RunRecords` (``fedlora.core.reports``),
+:func:`build_report` is pure computation into a JSON-able dict, the renderers turn that dict into
+Markdown and HTML, and :func:`write_report` writes the three files.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedlora.atomic import write_atomic
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedlora.privacy.planning import default_delta
@@ -42,10 +45,6 @@ PRIVACY_UNIT = (
     "every round the client took part in, across runs that share its state directory"
 )
 DP_OFF = "Differential privacy was off for this run (dp.enabled = false): no privacy guarantee, no epsilon."
-CONFIG_FILE = "config.json"
-PLAN_FILE = "privacy_plan.json"
-METRICS_FILE = "metrics.jsonl"
-CLIENT_LEVEL_FILE = "client_level_dp.json"
 
 
 class ReportError(RuntimeError):
@@ -63,7 +62,10 @@ class ReportPaths:
 
 @dataclass(frozen=True)
 class RunRecords:
-    """Everything the report is computed from, as read from disk (``plan`` is None with DP off)."""
+    """Everything the report is computed from, as read from disk (``plan`` is None with DP off).
+
+    ``sources`` names the files the numbers come from (``config``, ``plan``, ``metrics``), for the
+    report's recomputation note."""
 
     run_dir: Path
     config: dict[str, Any]
@@ -72,68 +74,15 @@ class RunRecords:
     state_root: Path
     ledgers: dict[int, PrivacyLedger]
     client_level: dict[str, Any] | None
+    sources: Mapping[str, Path]
 
 
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ReportError(f"{path}: missing; is {path.parent} a fedlora run directory?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ReportError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object")
-    return data
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` as written; a malformed line names the file and line."""
-    if not path.is_file():
-        raise ReportError(f"{path}: missing; is {path.parent} a fedlora run directory?")
-    rows: list[dict[str, Any]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ReportError(f"{path}, line {lineno}: not valid JSON ({error})") from None
-        if not isinstance(row, dict) or "round" not in row:
-            raise ReportError(f"{path}, line {lineno}: expected an object with a 'round'")
-        rows.append(row)
-    return rows
-
-
-def state_root(run_dir: Path, config: Mapping[str, Any]) -> Path:
-    """The directory holding ``partition-<p>/privacy_ledger.json``, as ``FederationConfig.client_state_dir``."""
-    named = str(config.get("state-dir", "") or "")
-    return Path(named) if named else run_dir / "client-state"
-
-
-def load_run(run_dir: Path | str) -> RunRecords:
-    """Read the run directory; ReportError naming the file if ``config.json`` or ``metrics.jsonl`` is missing."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise ReportError(f"{root}: run directory does not exist")
-    config = _read_json(root / CONFIG_FILE)
-    rows = read_metrics(root / METRICS_FILE)
-    dp_enabled = bool(config.get("dp.enabled", False))
-    plan = _read_json(root / PLAN_FILE) if dp_enabled else None
-    states = state_root(root, config)
-    # deployed nodes are numbered by a hash of their names: only those that trained are known
-    partitions = set() if config.get("deployed") else set(range(int(config.get("num-clients", 0))))
-    partitions |= {int(p) for p, _ in _train_rows(rows)}
-    if states.is_dir():
-        for child in states.glob(f"partition-*/{LEDGER_FILE}"):
-            suffix = child.parent.name.removeprefix("partition-")
-            if suffix.isdigit():
-                partitions.add(int(suffix))
-    ledgers = {p: PrivacyLedger(states / f"partition-{p}") for p in sorted(partitions)}
-    client_level = _read_json(root / CLIENT_LEVEL_FILE) if (root / CLIENT_LEVEL_FILE).is_file() else None
-    return RunRecords(root, config, plan, rows, states, ledgers, client_level)
+def trained_partitions(rows: Sequence[Mapping[str, Any]]) -> set[int]:
+    """The partitions of every client whose training reply the server accepted."""
+    return {p for p, _ in _train_rows(rows)}
 
 
 def _train_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -266,6 +215,7 @@ def build_report(run: RunRecords) -> dict[str, Any]:
                 }
             )
     rounds_part = [cl["rounds_taken_part_in"] for cl in clients]
+    config_file, plan_file, metrics_file = (run.sources[k].name for k in ("config", "plan", "metrics"))
     report |= {
         "privacy_unit": PRIVACY_UNIT,
         "accountant": accountant,
@@ -294,12 +244,12 @@ def build_report(run: RunRecords) -> dict[str, Any]:
             f"Every epsilon here is compute_epsilon(history, delta, accountant) from privacy/accounting.py "
             f"(Opacus' {accountant.upper()} accountant) over the client's ledger history "
             f"[(noise_multiplier, sample_rate, steps), ...], read from {run.state_root}/partition-<p>/{LEDGER_FILE} "
-            f"and copied into clients[].history. delta is dp.delta from {CONFIG_FILE}, or when 0 the plan's delta "
-            f"in {PLAN_FILE}: the largest power of ten <= 1/(10 n), n the smallest client's training examples "
+            f"and copied into clients[].history. delta is dp.delta from {config_file}, or when 0 the plan's delta "
+            f"in {plan_file}: the largest power of ten <= 1/(10 n), n the smallest client's training examples "
             f"(privacy/planning.default_delta), one delta for every client of the run. "
-            f"C is dp.max-grad-norm in {CONFIG_FILE}; "
-            f"the plan is {PLAN_FILE}; epsilon_by_round and the declined list are the per-client-train and dropped "
-            f"fields of {METRICS_FILE} (what each client reported after that round). The ledger is the lifetime "
+            f"C is dp.max-grad-norm in {config_file}; "
+            f"the plan is {plan_file}; epsilon_by_round and the declined list are the per-client-train and dropped "
+            f"fields of {metrics_file} (what each client reported after that round). The ledger is the lifetime "
             f"record: it also holds rounds of other runs sharing the state directory, and rounds charged whose "
             f"reply the server never accepted."
         ),
@@ -542,25 +492,19 @@ def render_html(report: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def write_privacy_report(run_dir: Path | str) -> ReportPaths:
-    """Write ``report/privacy.{json,md,html}`` in ``run_dir`` from the files in it; returns their paths.
+def write_report(run: RunRecords, paths: ReportPaths) -> dict[str, Any]:
+    """Compute the report of ``run``, write it to ``paths`` (JSON, Markdown, HTML), return it.
 
     Raises
     ------
-    ReportError
-        If ``config.json``, ``metrics.jsonl`` (or, with DP on, ``privacy_plan.json``) is missing or malformed.
     fedlora.privacy.ledger.LedgerError
         If a client ledger exists but cannot be trusted (never read as zero).
     """
-    run = load_run(run_dir)
     report = build_report(run)
-    out = run.run_dir / "report"
-    out.mkdir(exist_ok=True)
-    paths = ReportPaths(out / "privacy.json", out / "privacy.md", out / "privacy.html")
-    paths.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    paths.markdown.write_text(render_markdown(report), encoding="utf-8")
-    paths.html.write_text(render_html(report), encoding="utf-8")
-    return paths
+    write_atomic(paths.json, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(paths.markdown, render_markdown(report).encode())
+    write_atomic(paths.html, render_html(report).encode())
+    return report
 
 
 __all__ = [
@@ -570,8 +514,8 @@ __all__ = [
     "RunRecords",
     "build_report",
     "headline",
-    "load_run",
     "render_html",
     "render_markdown",
-    "write_privacy_report",
+    "trained_partitions",
+    "write_report",
 ]

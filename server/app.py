@@ -24,32 +24,22 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedlora.atomic import write_json_atomic
 from fedlora.core.client_data import build_partition, client_train_sizes, server_eval_sets
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
-from fedlora.core.partitioners import read_partition_manifest, write_partition_manifest
-from fedlora.core.plots import write_client_table, write_training_plots
-from fedlora.core.run_dir import (
-    RESUME_MAY_CHANGE,
-    ResumeError,
-    RunDirectory,
-    append_jsonl,
-    config_changes,
-    read_rows,
-)
+from fedlora.core.reports import write_plots, write_privacy_report
+from fedlora.core.run_dir import RESUME_MAY_CHANGE, ResumeError, RunDir, config_changes
 from fedlora.hub.sdk.publish import run_name
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import sample_rate
 from fedlora.privacy.planning import default_delta, delta_warning, plan_noise
-from fedlora.privacy.report import headline, write_privacy_report
+from fedlora.privacy.report import headline
 from fedlora.server.evaluation import ServerEvaluator
 from fedlora.strategies import registry
 from fedlora.strategies.flower import LoraStrategy
 
 app = ServerApp()
-PARTITION_FILE = "partition.json"
 
 
 class PromptGrid:
@@ -101,7 +91,7 @@ class RoundWriter:
 
     def __init__(
         self,
-        run_dir: RunDirectory,
+        run_dir: RunDir,
         strategy: LoraStrategy,
         cfg: FederationConfig,
         evaluator: ServerEvaluator | None = None,
@@ -142,12 +132,12 @@ class RoundWriter:
             }
         if self.evaluator:
             row["server-eval"] = self.evaluator(state)
-        append_jsonl(self.run_dir.metrics_path, row)
+        self.run_dir.append_row(row)
         self.run_dir.checkpoint(server_round, state, {"server-round": server_round, "strategy": self.cfg.strategy})
         return None
 
 
-def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, float, float]:
+def plan_privacy(cfg: FederationConfig, run_dir: RunDir) -> tuple[float, float, float]:
     """The noise multiplier for the whole run, calibrated once before training starts.
 
     From the target epsilon over the planned rounds, the expected participation rate and
@@ -158,9 +148,8 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, f
     which no client may exceed. In deployment the server cannot see the clients' data:
     ``dp.plan-examples`` states the smallest client the plan covers (smaller ones decline).
     """
-    plan_path = run_dir.root / "privacy_plan.json"
-    if cfg.resume and plan_path.is_file():
-        stored = json.loads(plan_path.read_text())
+    stored = run_dir.plan(missing_ok=True) if cfg.resume else None
+    if stored is not None:
         log(INFO, "fedlora: resumed run keeps its privacy plan: noise multiplier %s", stored["noise_multiplier_used"])
         return float(stored["noise_multiplier_used"]), float(stored["delta"]), float(stored["sample_rate"])
     # the largest sampling rate bounds every client's epsilon
@@ -181,8 +170,7 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, f
         plan.describe(),
         sigma,
     )
-    write_json_atomic(
-        plan_path,
+    run_dir.write_plan(
         {
             **asdict(plan),
             "noise_multiplier_used": sigma,
@@ -193,7 +181,7 @@ def plan_privacy(cfg: FederationConfig, run_dir: RunDirectory) -> tuple[float, f
     return sigma, delta, q
 
 
-def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir: RunDirectory) -> Strategy:
+def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir: RunDir) -> Strategy:
     """Flower's own fixed-clipping DP wrapper around our strategy, when asked for.
 
     Its privacy unit is a whole client's dataset (client-level DP): each round is a Gaussian
@@ -211,8 +199,7 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
         else DifferentialPrivacyClientSideFixedClipping
     )
     delta = cfg.dp.delta or default_delta(cfg.num_clients)
-    write_json_atomic(
-        run_dir.root / "client_level_dp.json",
+    run_dir.write_client_level_dp(
         {
             "privacy-unit": "one client's whole dataset (client-level DP)",
             "clipping": cfg.dp.client_level,
@@ -234,36 +221,36 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
 #: rounding, and a round replayed after a resume must release the identical bits (it is charged once)
 
 
-def prepare_run_dir(run_dir: RunDirectory, cfg: FederationConfig, resolved: dict[str, Any]) -> None:
+def prepare_run_dir(run_dir: RunDir, cfg: FederationConfig, resolved: dict[str, Any]) -> None:
     """Refuse to mix two runs in one directory; on resume, refuse a different configuration."""
-    stored_path = run_dir.root / "config.json"
     if not cfg.resume:
-        if run_dir.metrics_path.exists():
+        if run_dir.holds_run():
             raise ValueError(
                 f"run directory {run_dir.root} already holds a run: resume it (resume = true, fl-sim --resume) "
                 "or choose another run-dir"
             )
         return
-    if not stored_path.is_file():
-        raise ResumeError(f"cannot resume {run_dir.root}: it has no config.json")
+    if not run_dir.config_path.is_file():
+        raise ResumeError(f"cannot resume {run_dir.root}: it has no {run_dir.config_path.name}")
     # a key newer than the stored run (e.g. dp.engine) counts as its default, which that run used
-    stored = {**DEFAULT_RUN_CONFIG, **json.loads(stored_path.read_text())}
+    stored = {**DEFAULT_RUN_CONFIG, **run_dir.config()}
     changed = config_changes(stored, resolved, RESUME_MAY_CHANGE)
     if changed:
         raise ResumeError(f"cannot resume {run_dir.root} with a different configuration ({', '.join(changed)})")
 
 
-def write_partition(run_dir: RunDirectory, cfg: FederationConfig) -> None:
+def write_partition(run_dir: RunDir, cfg: FederationConfig) -> None:
     """Write (or, on resume, check) who holds which examples; deployed nodes bring their own."""
     split = None if cfg.deployed else build_partition(cfg)
     if split is None:
         return
-    path = run_dir.root / PARTITION_FILE
-    if cfg.resume and path.is_file():
-        if read_partition_manifest(path) != split:
+    stored = run_dir.partition() if cfg.resume else None
+    if stored is not None:
+        if stored != split:
+            path = run_dir.partition_path
             raise ResumeError(f"{path} differs from the split this code computes from the config; cannot resume")
         return
-    write_partition_manifest(path, split)
+    run_dir.write_partition(split)
 
 
 @app.main()
@@ -280,19 +267,20 @@ def main(grid: Grid, context: Context) -> None:
     model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
     fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))
     scaling = cfg.lora_settings(rank, alpha).scaling
-    run_dir = RunDirectory(cfg.run_dir, model, model_dir)
+    run_dir = RunDir(cfg.run_dir, model, model_dir)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling, "run-id": context.run_id}
     prepare_run_dir(run_dir, cfg, resolved)
     if cfg.resume:  # the run keeps its first id (the clients' ledgers key rounds by it)
-        stored = json.loads((run_dir.root / "config.json").read_text())
+        stored = run_dir.config()
         resolved["run-id"] = stored["run-id"]
         resolved["resumed-as"] = [*stored.get("resumed-as", []), context.run_id]
     write_partition(run_dir, cfg)
     done, elapsed_before = 0, 0.0
     if cfg.resume:
         done, initial, _ = run_dir.latest_checkpoint()
-        dropped = run_dir.truncate_metrics(done)
-        rows = read_rows(run_dir.metrics_path)
+        dropped = run_dir.truncate_rows(done)
+        rows = run_dir.rows()
         elapsed_before = float(rows[-1].get("elapsed", 0.0)) if rows else 0.0
         log(INFO, "fedlora: resuming %s after round %s (%s later metrics rows dropped)", run_dir.root, done, dropped)
     run_dir.write_config(resolved)
@@ -331,26 +319,28 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=writer,
         )
         final = result.arrays if len(result.arrays) else final
-    out = run_dir.save_global(final.to_torch_state_dict(), run_dir.root / "adapters" / "global")
+    out = run_dir.save_global(final.to_torch_state_dict())
     log(INFO, "fedlora: final global adapter written to %s", out)
-    paths = write_privacy_report(run_dir.root)
+    paths = write_privacy_report(run_dir)
     log(INFO, "fedlora: %s; privacy report %s", headline(json.loads(paths.json.read_text())), paths.markdown)
     try:  # derived from files already written: a plotting problem must not fail a finished run
-        for path in [*write_training_plots(run_dir.root), *write_client_table(run_dir.root)]:
+        for path in write_plots(run_dir):
             log(INFO, "fedlora: wrote %s", path)
     except Exception as err:
         why = f"{type(err).__name__}: {err}"
         log(WARNING, "fedlora: training plots not written (%s); `fl-sim report %s` retries", why, run_dir.root)
     if cfg.personalize.steps > 0:
-        personalize_clients(grid, cfg, run_dir.root, final, cfg.num_rounds)
+        personalize_clients(grid, cfg, run_dir, final, cfg.num_rounds)
 
 
-def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final: ArrayRecord, final_round: int) -> None:
+def personalize_clients(
+    grid: Grid, cfg: FederationConfig, run_dir: RunDir, final: ArrayRecord, final_round: int
+) -> None:
     """After the run (``personalize.steps`` > 0): every connected client fine-tunes the final
     adapter on its own split and keeps it (and publishes it, if it has a hub); the outcome per
     client goes to ``personalize.json``. It comes after the privacy report, which covers the
     federated training; what personalisation spends is in each client's ledger and reply."""
-    config = ConfigRecord({"run-name": run_name(run_dir), "server-round": final_round})
+    config = ConfigRecord({"run-name": run_name(run_dir.root), "server-round": final_round})
     record = RecordDict({"arrays": final, "config": config})
     nodes = sorted(grid.get_node_ids())
     messages = [Message(content=record, message_type="query.personalize", dst_node_id=n) for n in nodes]
@@ -402,4 +392,4 @@ def personalize_clients(grid: Grid, cfg: FederationConfig, run_dir: Path, final:
                 c.get("client", c["node-id"]),
                 c.get("error") or c["status"],
             )
-    write_json_atomic(run_dir / "personalize.json", summary)
+    run_dir.write_personalize(summary)

@@ -24,8 +24,9 @@ from rich.console import Console
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     """Write report/privacy.{json,md,html} for a run directory and print the headline and paths."""
-    from fedlora.privacy.ledger import LedgerError
-    from fedlora.privacy.report import ReportError, headline, write_privacy_report
+    from fedlora.core.reports import write_privacy_report  # lazy: Opacus, matplotlib; fl-server --help stays fast
+    from fedlora.privacy.ledger import LedgerError  # lazy: Opacus
+    from fedlora.privacy.report import ReportError, headline  # lazy: Opacus, matplotlib
 
     try:
         paths = write_privacy_report(args.run_dir)

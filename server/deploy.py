@@ -20,6 +20,10 @@ from typing import Any
 
 from rich.console import Console
 
+from fedlora.core.flower_runner import Deployment, SimulationRequest, run_simulation_app
+from fedlora.core.run_dir import RunDir
+from fedlora.server.server_dir import ServerDir
+
 #: the key of our run config saying the clients are real SuperNodes with their own data
 DEPLOYED_KEY = "deployed"
 #: how long ``fl-server start`` waits for a run by default (it may wait for clients a long time)
@@ -99,10 +103,8 @@ def superlink_command(server_dir: Any, host: str, port: int, insecure: bool, exp
 
 def plan_start(options: StartOptions) -> Plan:
     """Read and validate everything (settings, certificates, run config, resume) before any process starts."""
-    from fedlora.core.cli import last_round, resume_config
-    from fedlora.core.config import FederationConfig
-    from fedlora.core.flower_runner import Deployment
-    from fedlora.server.server_dir import ServerDir
+    from fedlora.core.cli import resume_config  # lazy: torch, PEFT (fl-server --help stays fast)
+    from fedlora.core.config import FederationConfig  # lazy: torch, PEFT
 
     sd = ServerDir(options.server_dir.resolve())  # its processes may run elsewhere than here
     settings = sd.settings()
@@ -116,11 +118,11 @@ def plan_start(options: StartOptions) -> Plan:
         run_config = resume_config(run_dir)
         if not run_config.get(DEPLOYED_KEY):
             raise ValueError(f"{run_dir} is not a deployed run (fl-sim made it): resume it with fl-sim --resume")
-        start_round = last_round(run_dir)
+        start_round = RunDir(run_dir).last_round()
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = (options.run_dir or sd.runs_dir / stamp).resolve()
-        if (run_dir / "metrics.jsonl").exists():
+        if RunDir(run_dir).holds_run():
             raise ValueError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another")
         run_config = {**settings.run, **dict(options.run_overrides or {}), "run-dir": str(run_dir)}
     run_config[DEPLOYED_KEY] = True
@@ -150,9 +152,8 @@ def run_plan(
     on_log_line: Callable[[str], None] | None = None,
 ) -> Any:
     """Start the SuperLink, register the nodes, submit the run, follow it; always tear down."""
-    from fedlora.core.cli import Progress
-    from fedlora.core.config import DEFAULT_RUN_CONFIG
-    from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
+    from fedlora.core.cli import Progress  # lazy: torch, PEFT, Flower
+    from fedlora.core.config import DEFAULT_RUN_CONFIG  # lazy: torch, PEFT
 
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,7 @@ def run_plan(
         overrides=overrides,
         num_supernodes=1,  # unused in deployment: the clients are real SuperNodes
         timeout=timeout,
-        workdir=plan.run_dir / "deploy",
+        workdir=RunDir(plan.run_dir).deploy_workdir,
         deployment=plan.deployment,
     )
     waiting = _WaitingLine(console) if not quiet else None

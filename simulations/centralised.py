@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 
-from fedlora.atomic import write_json_atomic
 from fedlora.core.client_data import client_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import Encoded, collate, encode
 from fedlora.core.embedded import default_model_dir
-from fedlora.core.model import load_base_model, load_tokenizer, max_positions, save_adapter, wrap_lora
-from fedlora.core.run_dir import append_jsonl
+from fedlora.core.model import load_base_model, load_tokenizer, max_positions, wrap_lora
+from fedlora.core.run_dir import RunDir
 from fedlora.core.train import TrainSettings, batches, evaluate, train
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
@@ -39,6 +38,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
     tokenizer = load_tokenizer(model_dir)
     model = wrap_lora(load_base_model(model_dir, "cpu"), cfg.lora_settings(cfg.lora.rank, alpha))
+    run = RunDir(out, model, model_dir)
     max_len = max_positions(model)
     pad = int(tokenizer.pad_token_id)
     train_ex, tests = [], []
@@ -66,11 +66,11 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     settings = TrainSettings(steps=steps_per_round, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed)
     started = time.perf_counter()
     if not cfg.dp.enabled:
-        write_json_atomic(out / "config.json", config)
+        run.write_config(config)
         stream = (collate(b, pad) for b in batches(pooled, cfg.batch_size, cfg.seed))
         for r in range(1, cfg.num_rounds + 1):
             res = train(model, pooled, settings, pad, optimizer=(optimizer, constant), batch_stream=stream)
-            _record(out, r, res.mean_loss, model, tests, pad, started, None)
+            _record(run, r, res.mean_loss, model, tests, pad, started, None)
     else:
         q = sample_rate(cfg.batch_size, len(pooled))
         delta = cfg.dp.delta or default_delta(len(pooled))
@@ -78,20 +78,20 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         planned = plan_noise(cfg.dp.target_epsilon, delta, 1, 1.0, total, q, cfg.dp.accountant)
         sigma = cfg.dp.noise_multiplier or planned.noise_multiplier
         config |= {"dp.noise-multiplier": sigma, "dp.delta": delta, "sample-rate": q}
-        write_json_atomic(out / "config.json", config)
+        run.write_config(config)
         dp = DPSGDConfig(sigma, cfg.dp.max_grad_norm, cfg.dp.engine)
         with dp_sgd(model, optimizer, pooled, lambda b: collate(b, pad), cfg.batch_size, dp, cfg.seed) as pt:
             sched = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
             for r in range(1, cfg.num_rounds + 1):
                 res = train(pt.model, pooled, settings, pad, optimizer=(pt.optimizer, sched), batch_stream=pt.batches)
                 eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta, cfg.dp.accountant)
-                _record(out, r, res.mean_loss, model, tests, pad, started, eps)
-    save_adapter(model, out / "adapters" / "global", base_model_dir=model_dir)
+                _record(run, r, res.mean_loss, model, tests, pad, started, eps)
+    run.save_global()
     return out
 
 
 def _record(
-    out: Path,
+    run: RunDir,
     server_round: int,
     loss: float,
     model: torch.nn.Module,
@@ -119,4 +119,4 @@ def _record(
             "exact-match-max": max(ems),
         },
     }
-    append_jsonl(out / "metrics.jsonl", row)
+    run.append_row(row)

@@ -25,16 +25,15 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.core.cli import (
-    PERSONAL_MD,
-    Progress,
-    last_round,
-    parse_run_config_pairs,
-    report_published,
-    resume_config,
-    summary,
-)
+from fedlora.core.cli import Progress, parse_run_config_pairs, report_published, resume_config, summary
+from fedlora.core.client_data import build_partition, client_train_sizes
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.flower_runner import SimulationRequest, run_config_toml, run_simulation_app
+from fedlora.core.reports import write_plots, write_privacy_report
+from fedlora.core.run_dir import RunDir
+from fedlora.hub.sdk.publish import Following, RunPublisher, add_hub_options, fedlora_version, hub_target
 from fedlora.privacy.engines import ENGINES
+from fedlora.simulations.personal_eval import evaluate_personal, markdown
 from fedlora.strategies.registry import STRATEGIES
 
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
@@ -178,11 +177,8 @@ def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB
     return values
 
 
-def validate(run_config: Mapping[str, Any]) -> Any:
+def validate(run_config: Mapping[str, Any]) -> FederationConfig:
     """Everything that can be checked before any process starts: config, split, data files."""
-    from fedlora.core.client_data import build_partition, client_train_sizes
-    from fedlora.core.config import FederationConfig
-
     cfg = FederationConfig.from_run_config(run_config)
     if cfg.num_clients * cfg.fraction_train < 1 - 1e-9:
         raise ValueError(f"fraction-train {cfg.fraction_train} of {cfg.num_clients} clients samples nobody; raise it")
@@ -209,20 +205,17 @@ def simulate(
     ray_address: str | None = None,
 ) -> Any:
     """Validate, run on the simulation runtime, and return the runner's outcome."""
-    from fedlora.core.config import DEFAULT_RUN_CONFIG
-    from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
-
     cfg = validate(run_config)
-    run_dir = Path(cfg.run_dir).resolve()
+    run = RunDir(Path(cfg.run_dir).resolve())
     overrides = {k: v for k, v in run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
-    overrides["run-dir"] = str(run_dir)
+    overrides["run-dir"] = str(run.root)
     if cfg.state_dir:
         overrides["state-dir"] = str(Path(cfg.state_dir).resolve())
     if cfg.model_dir:
         overrides["model-dir"] = str(Path(cfg.model_dir).resolve())
     if cfg.data_path:
         overrides["data-path"] = str(Path(cfg.data_path).resolve())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.root.mkdir(parents=True, exist_ok=True)
     request = SimulationRequest(
         components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
@@ -232,7 +225,7 @@ def simulate(
         client_num_cpus=cpus_per_client,
         ray_address=ray_address,
         timeout=timeout,
-        workdir=run_dir / "sim",
+        workdir=run.sim_workdir,
         pythonpath=(Path(__file__).resolve().parent.parent,),
     )
 
@@ -242,10 +235,10 @@ def simulate(
         if on_log_line is not None:
             on_log_line(line)
 
-    start_round = last_round(run_dir) if cfg.resume else 0
+    start_round = run.last_round() if cfg.resume else 0
     if quiet:
         return run_simulation_app(request, log_line)
-    with Progress(console, run_dir, cfg.num_rounds, start_round):
+    with Progress(console, run.root, cfg.num_rounds, start_round):
         return run_simulation_app(request, log_line)
 
 
@@ -266,17 +259,15 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-run-config", action="store_true", help="print the run config as TOML and exit")
     p.add_argument("--list-strategies", action="store_true", help="list the registered strategies and exit")
     add_run_options(p)
-    from fedlora.hub.sdk.publish import add_hub_options
-
     add_hub_options(p)
     return p
 
 
-def _clear_keeping_ledgers(run_dir: Path, console: Console) -> None:
+def _clear_keeping_ledgers(run: RunDir, console: Console) -> None:
     """``--force``: delete a run directory but its clients' privacy ledgers: epsilon belongs to the
     data, and a new run on the same data must compose with what was spent."""
-    for child in run_dir.iterdir():
-        if child.name == "client-state":
+    for child in run.root.iterdir():
+        if child == run.client_state_root():
             console.print(f"kept {child} (lifetime privacy ledgers); delete it yourself to reset them")
         elif child.is_dir():
             shutil.rmtree(child)
@@ -304,28 +295,24 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
     else:
         run_config = run_config_from(args)
     if args.print_run_config:
-        from fedlora.core.flower_runner import run_config_toml
-
         validate(run_config)
         console.print(run_config_toml(run_config), markup=False, highlight=False)
         return 0
-    from fedlora.hub.sdk.publish import Following, RunPublisher, fedlora_version, hub_target
-
     target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round))
     run_dir = Path(str(run_config["run-dir"]))
-    if args.resume is None and (run_dir / "metrics.jsonl").exists():
+    if args.resume is None and RunDir(run_dir).holds_run():
         if not args.force:
             raise ValueError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
                 "pick another --out, or pass --force to delete it"
             )
-        _clear_keeping_ledgers(run_dir, console)
+        _clear_keeping_ledgers(RunDir(run_dir), console)
     if not args.quiet:
         console.print(f"fl-sim: {run_config.get('strategy', 'fedavg-lora')} -> {run_dir}")
     rounds = int(run_config.get("num-rounds", 0))
     publisher = None
     if target is not None:
-        start = last_round(run_dir.resolve()) if args.resume is not None else 0
+        start = RunDir(run_dir.resolve()).last_round() if args.resume is not None else 0
         publisher = RunPublisher(target, run_dir.resolve(), f"fl-sim {fedlora_version()}", start)
     try:
         with Following(publisher, rounds) if publisher is not None else contextlib.nullcontext():
@@ -358,9 +345,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
 def personal_evaluation(run_dir: Path, console: Console) -> None:
     """After a run that personalised: every personal adapter on every personalised client's test split, batched
     (a failure here is reported, never fails the finished run)."""
-    from fedlora.simulations.personal_eval import evaluate_personal, personal_adapter_dirs
-
-    if not personal_adapter_dirs(run_dir):
+    if not RunDir(run_dir).personal_adapters():
         return
     try:
         evaluate_personal(run_dir)
@@ -379,11 +364,9 @@ def cmd_personal_eval(argv: Sequence[str], console: Console) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from fedlora.simulations.personal_eval import evaluate_personal, markdown
-
     report = evaluate_personal(args.run_dir, args.batch_size)
     console.print(markdown(report), markup=False, highlight=False)
-    console.print(str(args.run_dir / PERSONAL_MD), markup=False, highlight=False)
+    console.print(str(RunDir(args.run_dir).personal_eval_md), markup=False, highlight=False)
     return 0
 
 
@@ -391,14 +374,11 @@ def cmd_report(argv: Sequence[str], console: Console) -> int:
     p = argparse.ArgumentParser(prog="fl-sim report", description="Rewrite a run directory's reports and plots.")
     p.add_argument("run_dir", type=Path)
     args = p.parse_args(argv)
-    from fedlora.core.plots import write_client_table, write_training_plots
-    from fedlora.privacy.report import write_privacy_report
-
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{args.run_dir} is not a run directory: no metrics.jsonl")
-    privacy = write_privacy_report(args.run_dir)
-    paths = [privacy.json, privacy.markdown, privacy.html, *write_training_plots(args.run_dir)]
-    paths += write_client_table(args.run_dir)
+    run = RunDir(args.run_dir)
+    if not run.metrics_path.is_file():
+        raise FileNotFoundError(f"{run.root} is not a run directory: no {run.metrics_path.name}")
+    privacy = write_privacy_report(run)
+    paths = [privacy.json, privacy.markdown, privacy.html, *write_plots(run)]
     console.print("\n".join(str(p) for p in paths), markup=False)
     console.print("\n".join(summary(args.run_dir)), markup=False, highlight=False)
     return 0

@@ -10,7 +10,6 @@ seeds and calls a difference smaller than the spread a tie.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,11 @@ from typing import Any
 from rich.console import Console
 
 from fedlora.core.cli import resume_config
+from fedlora.core.config import FederationConfig
+from fedlora.core.run_dir import RESUME_MAY_CHANGE, RunDir, config_changes
+from fedlora.simulations.centralised import run_centralised
 from fedlora.simulations.cli import MAIN_JOB, add_run_options, run_config_from, simulate, validate
+from fedlora.simulations.compare_report import load_run_result, write_compare
 from fedlora.strategies.registry import STRATEGIES
 
 DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"
@@ -77,22 +80,15 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
     """How a run directory's stored configuration differs from the one planned for it."""
-    from fedlora.core.config import FederationConfig
-    from fedlora.core.run_dir import RESUME_MAY_CHANGE, config_changes
-
-    path = run_dir / "config.json"
-    if not path.is_file():
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
         return []
     planned = FederationConfig.from_run_config(config).to_run_config()
     ignore = RESUME_MAY_CHANGE | {"run-dir", "scaling"} | ({"lora-alpha"} if not planned["lora-alpha"] else set())
-    return config_changes(json.loads(path.read_text()), planned, frozenset(ignore))
+    return config_changes(run.config(), planned, frozenset(ignore))
 
 
 def cmd_compare(argv: Sequence[str], console: Console) -> int:
-    from fedlora.core.config import FederationConfig
-    from fedlora.simulations.centralised import run_centralised
-    from fedlora.simulations.compare_report import load_run_result, write_compare
-
     args = _parser().parse_args(argv)
     runs = plan_runs(args)
     dirs: list[Path] = []
@@ -107,10 +103,10 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
                 f"{run_dir} holds a run with another configuration ({', '.join(changed)}): use another --out "
                 "or delete it"
             )
-        if (run_dir / "adapters" / "global").is_dir():
+        if RunDir(run_dir).global_adapter_dir.is_dir():
             console.print(f"{label}: done before, kept", markup=False)
             continue
-        if (run_dir / "metrics.jsonl").exists():
+        if RunDir(run_dir).holds_run():
             config = resume_config(run_dir)
         outcome = simulate(
             config,
@@ -130,7 +126,7 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
         for seed in seeds:
             run_dir = args.out / "runs" / "centralised" / f"seed-{seed}"
             dirs.append(run_dir)
-            if (run_dir / "adapters" / "global").is_dir():
+            if RunDir(run_dir).global_adapter_dir.is_dir():
                 continue
             # FedAvg-LoRA's lr: the explicit --lr, else its tuned default
             base = {k: v for k, v in runs[0].items() if k != "lr"} | {"seed": seed, "strategy": "fedavg-lora"}

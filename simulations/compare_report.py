@@ -33,7 +33,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedlora.core.plots import finite, load_config, load_rounds, save_figure, section
+from fedlora.core.plots import finite, save_figure, section
+from fedlora.core.run_dir import RunDir
 
 REFERENCE_STRATEGIES = frozenset({"centralised", "centralized"})
 TIE_TOLERANCE = 1e-12
@@ -123,15 +124,15 @@ def load_run_result(run_dir: Path | str, target: float) -> RunResult:
     Raises ValueError when no round has a federated exact match: a run that never evaluated has no result,
     and silently counting it as 0 would bias the mean.
     """
-    root = Path(run_dir)
-    config = load_config(root, required=True)
-    rows = [r for r in load_rounds(root) if r["round"] >= 1]
+    run = RunDir(run_dir)
+    config = run.config()
+    rows = [r for r in run.rounds() if r["round"] >= 1]
     by_round = {r["round"]: finite(section(r, "evaluate").get("exact-match")) for r in rows}
     last = max(by_round, default=0)
     curve = tuple(math.nan if (v := by_round.get(i)) is None else v for i in range(1, last + 1))
     evaluated = [(r, v) for r, v in by_round.items() if v is not None]
     if not evaluated:
-        raise ValueError(f"{root / 'metrics.jsonl'}: no round has an evaluated exact match")
+        raise ValueError(f"{run.metrics_path}: no round has an evaluated exact match")
     reached = [r for r, v in evaluated if v >= target]
     epsilons = [e for r in rows if (e := finite(section(r, "train").get("epsilon-max"))) is not None]
     sent = 0
@@ -140,7 +141,7 @@ def load_run_result(run_dir: Path | str, target: float) -> RunResult:
         sent += int(finite(train.get("bytes-sent")) or 0) + int(finite(train.get("bytes-received")) or 0)
     missing = [k for k in ("strategy", "seed", "lr") if k not in config]
     if missing:
-        raise ValueError(f"{root / 'config.json'}: missing {', '.join(missing)}")
+        raise ValueError(f"{run.config_path}: missing {', '.join(missing)}")
     return RunResult(
         strategy=str(config["strategy"]),
         seed=int(config["seed"]),
@@ -150,7 +151,7 @@ def load_run_result(run_dir: Path | str, target: float) -> RunResult:
         rounds_to_target=min(reached) if reached else None,
         bytes_communicated=sent,
         epsilon=max(epsilons) if epsilons else None,
-        run_dir=str(root),
+        run_dir=str(run.root),
     )
 
 

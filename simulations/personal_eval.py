@@ -10,41 +10,30 @@ and ``report/personal.md``; ``fl-sim personal-eval RUN_DIR`` rewrites them.
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from fedlora.atomic import write_atomic, write_json_atomic
-from fedlora.core.cli import PERSONAL_JSON, PERSONAL_MD, summary_line
-
-
-def personal_adapter_dirs(run_dir: Path) -> dict[int, Path]:
-    """partition -> ``personal/partition-<p>`` of a run directory (PEFT directories only)."""
-    found = {}
-    for path in sorted((run_dir / "personal").glob("partition-*")):
-        m = re.fullmatch(r"partition-(\d+)", path.name)
-        if m and (path / "adapter_config.json").is_file():
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
+from fedlora.core.adapter_format import CONFIG_FILE, read_adapter_dir
+from fedlora.core.cli import summary_line
+from fedlora.core.client_data import client_examples
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.data import encode
+from fedlora.core.model import load_base_model, load_tokenizer, max_positions
+from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
+from fedlora.core.run_dir import RunDir
 
 
 def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     """Evaluate, write the report files, return the report. Raises if the run has no personal adapters."""
-    from fedlora.core.client_data import client_examples
-    from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
-    from fedlora.core.data import encode
-    from fedlora.core.model import load_base_model, load_tokenizer, max_positions
-    from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
-    from fedlora.hub.sdk.manifest import read_adapter_dir
-
-    personal = personal_adapter_dirs(run_dir)
+    run = RunDir(run_dir)
+    personal = run.personal_adapters()
     if not personal:
         raise FileNotFoundError(
-            f"{run_dir} has no personal adapters (personal/partition-*): run with personalize.steps"
+            f"{run_dir} has no personal adapters (in {run.personal_dir.name}/): run with personalize.steps"
         )
-    stored = json.loads((run_dir / "config.json").read_text())
+    stored = run.config()
     cfg = FederationConfig.from_run_config({k: v for k, v in stored.items() if k in DEFAULT_RUN_CONFIG})
     started = time.perf_counter()
     model_dir = cfg.model_dir or None
@@ -53,8 +42,8 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     clients = list(personal)
     tests = [encode(tokenizer, client_examples(cfg, p)[1], max_len) for p in clients]
     names, adapters = [], []
-    global_dir = run_dir / "adapters" / "global"
-    if (global_dir / "adapter_config.json").is_file():
+    global_dir = run.global_adapter_dir
+    if (global_dir / CONFIG_FILE).is_file():
         names.append("global")
         adapters.append(LoadedAdapter.from_files("global", read_adapter_dir(global_dir)))
     for p, path in personal.items():
@@ -80,8 +69,8 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         "sequences": sum(len(d) for _, d in jobs),
         "seconds": time.perf_counter() - started,
     }
-    write_json_atomic(run_dir / PERSONAL_JSON, report)
-    write_atomic(run_dir / PERSONAL_MD, markdown(report).encode())
+    write_json_atomic(run.personal_eval_json, report)
+    write_atomic(run.personal_eval_md, markdown(report).encode())
     return report
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.core.pki import fingerprint, load_node_public_key
+from fedlora.core.run_dir import RunDir
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.server.server_dir import ServerDir
@@ -149,8 +150,8 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows written so far (read while the run goes: a line being appended is skipped)."""
+    return RunDir(run_dir).rows(missing_ok=True)
 
 
 def test_secure_federation_of_three_with_dp_refuses_strangers(

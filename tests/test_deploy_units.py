@@ -39,8 +39,9 @@ from fedlora.core.pki import (
     write_certificate,
     write_private_key_pem,
 )
+from fedlora.core.reports import privacy_records
 from fedlora.privacy.accounting import compute_epsilon
-from fedlora.privacy.report import build_report, load_run
+from fedlora.privacy.report import build_report
 from fedlora.server.cli import main as server_main
 from fedlora.server.server_dir import ServerDir
 from fedlora.server.superlink import ControlGuard, is_loopback
@@ -352,7 +353,7 @@ def test_report_recomputes_a_deployed_clients_epsilon_from_its_reported_history(
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"round": 0}) + "\n" + json.dumps({"round": 1, "per-client-train": {"77": metrics}}) + "\n"
     )
-    report = build_report(load_run(tmp_path))
+    report = build_report(privacy_records(tmp_path))
     [client] = report["clients"]  # deployed: only clients that trained, not range(num-clients)
     assert client["client_name"] == "alice"
     assert client["epsilon"] == pytest.approx(compute_epsilon(history, 1e-5, "rdp"), rel=1e-12)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.run_dir import ResumeError, RunDir
+from fedlora.server.app import prepare_run_dir
 
 
 def test_defaults_round_trip_through_flower_keys() -> None:
@@ -69,15 +73,10 @@ def test_resume_takes_keys_newer_than_the_stored_run_as_their_defaults_and_keeps
 ) -> None:
     """A run stored before ``dp.engine`` existed resumes with the default engine; a stored run
     never switches engines (a replayed round must release the identical bits)."""
-    import json
-    from types import SimpleNamespace
-
-    from fedlora.server.app import ResumeError, prepare_run_dir
-
     resolved = {**DEFAULT_RUN_CONFIG, "resume": True}
     old = {k: v for k, v in DEFAULT_RUN_CONFIG.items() if k != "dp.engine"}
     (tmp_path / "config.json").write_text(json.dumps(old))
-    run_dir = SimpleNamespace(root=tmp_path, metrics_path=tmp_path / "metrics.jsonl")
+    run_dir = RunDir(tmp_path)
     cfg = SimpleNamespace(resume=True)
     prepare_run_dir(run_dir, cfg, resolved)  # type: ignore[arg-type]
     with pytest.raises(ResumeError, match=r"dp\.engine: 'opacus' -> 'fused'"):

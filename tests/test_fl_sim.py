@@ -1,10 +1,12 @@
 """``fl-sim`` as a user runs it: bad input refused before anything starts, an interrupted run
-resumed to the same adapter bit for bit, and ``compare`` producing its table."""
+resumed to the same adapter bit for bit, a hard-killed run reported and resumed, and ``compare``
+producing its table."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import torch
 from flwr.common.config import flatten_dict
 from safetensors.torch import load_file
 
+from fedlora.core import flower_runner as runner
+from fedlora.core.run_dir import RunDir
 from fedlora.simulations.cli import MAIN_JOB, main
 
 FL_SIM = [sys.executable, "-m", "fedlora.simulations.cli"]
@@ -109,6 +113,66 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Pat
     assert report["epsilon_max"] <= 8.0 + 1e-6
     config = json.loads((broken / "config.json").read_text())
     assert len(config["resumed-as"]) == 1 and config["run-id"] != config["resumed-as"][0]
+
+
+def _reaper_of(run: RunDir) -> tuple[int, str] | None:
+    """(pid, run tag) of the Flower runner's reaper watching the run in ``run`` (its command line
+    names the run's teardown log), or None before it started."""
+    log = str(run.sim_workdir / "logs" / "teardown.log").encode()
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path("/proc", entry, "cmdline").read_bytes().split(b"\0") if entry.isdigit() else []
+        except OSError:
+            continue
+        if b"--reap" in argv and log in argv:
+            return int(entry), argv[argv.index(b"--reap") + 1].decode()
+    return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.flower
+def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> None:
+    """SIGKILL to fl-sim's whole process group after round 1 (no ``finally`` runs): the runner's
+    reaper takes the Flower and Ray processes down; ``fl-sim report`` reads the run despite a torn
+    last metrics line, and ``fl-sim --resume`` finishes it."""
+    run = RunDir((tmp_path / "killed").resolve())
+    argv = [*TINY, "--rounds", "3", "--strategy", "fedavg-lora", "--quiet", "--out", str(run.root)]
+    proc = subprocess.Popen([*FL_SIM, *argv], start_new_session=True)
+    deadline = time.monotonic() + 300
+    while (reaper := _reaper_of(run)) is None or run.last_round() < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before round 1"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    pid, tag = reaper
+    deadline = time.monotonic() + 60
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    teardown_log = (run.sim_workdir / "logs" / "teardown.log").read_text()
+    assert _gone(pid) and "runner died without teardown" in teardown_log
+    assert runner._pids_with_env(runner.RUN_TAG_VAR, tag) == set(), teardown_log  # no Flower or Ray process left
+    assert not run.global_adapter_dir.exists()
+    with run.metrics_path.open("a") as f:  # the tear a kill mid-append leaves, made certain
+        f.write('{"round": 2, "train": {"train-lo')
+
+    done = subprocess.run([*FL_SIM, "report", str(run.root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    png, pdf = run.training_stem.with_suffix(".png"), run.training_stem.with_suffix(".pdf")
+    assert png.read_bytes().startswith(b"\x89PNG") and pdf.read_bytes().startswith(b"%PDF")
+    assert run.clients_csv.is_file() and run.privacy_md.is_file()
+    assert json.loads(run.privacy_json.read_text())["rounds_completed"] >= 1
+
+    subprocess.run([*FL_SIM, "--resume", str(run.root), "--quiet"], check=True, timeout=400)
+    assert [r["round"] for r in run.rows()] == [0, 1, 2, 3]  # the torn line and repeated rounds replaced
+    assert run.metrics_path.read_text().endswith("}\n")
+    assert (run.global_adapter_dir / "adapter_model.safetensors").is_file()
+    assert json.loads(run.privacy_json.read_text())["rounds_completed"] == 3
 
 
 @pytest.mark.flower

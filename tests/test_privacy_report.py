@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from fedlora.core.reports import write_privacy_report
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import LedgerError, PrivacyLedger
-from fedlora.privacy.report import PRIVACY_UNIT, ReportError, write_privacy_report
+from fedlora.privacy.report import PRIVACY_UNIT, ReportError
 from fedlora.server.cli import main
 
 pytestmark = [

@@ -184,6 +184,26 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert "runner died without teardown" in (tmp_path / "teardown.log").read_text()
 
 
+def test_terminate_group_sigterms_then_sigkills_what_stays() -> None:
+    """The one process-group teardown (fl-client's SuperNode): a group that leaves on SIGTERM
+    needs no SIGKILL; a member that ignores SIGTERM is SIGKILLed after the grace period."""
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)"
+    polite = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    leader = subprocess.Popen([sys.executable, "-c", deaf], stdout=subprocess.PIPE, start_new_session=True)
+    assert leader.stdout is not None and leader.stdout.readline() == b"1\n"
+    reaping = threading.Thread(target=polite.wait)  # as the SuperNode's supervisor does: no zombie stays
+    reaping.start()
+    t0 = time.monotonic()
+    assert runner.terminate_group(polite.pid, grace=10.0) is False
+    reaping.join(timeout=5)
+    assert polite.returncode == -15 and time.monotonic() - t0 < 5
+    t0 = time.monotonic()
+    assert runner.terminate_group(leader.pid, grace=0.5) is True
+    assert leader.wait(timeout=5) == -9 and time.monotonic() - t0 >= 0.5
+    assert runner.terminate_group(leader.pid) is False  # gone: nothing to do
+    leader.stdout.close()
+
+
 # --------------------------------------------------------------------------- real simulations
 
 

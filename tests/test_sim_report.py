@@ -15,7 +15,11 @@ from typing import Any
 
 import pytest
 
-from fedlora.core.plots import client_table, load_rounds, write_client_table, write_training_plots
+from fedlora.core.plots import client_table, write_client_table, write_training_plots
+from fedlora.core.reports import write_privacy_report
+from fedlora.core.run_dir import RunDir
+from fedlora.hub.sdk.publish import run_provenance
+from fedlora.privacy.report import ReportError
 from fedlora.simulations.compare_report import (
     RunResult,
     load_run_result,
@@ -122,23 +126,55 @@ def _typical_rows() -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ plots.py
 
 
-def test_load_rounds_sorts_and_last_row_wins(tmp_path: Path) -> None:
+def test_rounds_sort_and_last_row_wins(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run", [_round(2, 0.5), _round(1, 0.3), _round(2, 0.6)])
-    rows = load_rounds(run)
+    rows = RunDir(run).rounds()
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[1]["evaluate"]["exact-match"] == 0.6
+    assert [r["round"] for r in RunDir(run).rows()] == [2, 1, 2]  # as written
 
 
-def test_load_rounds_names_file_and_line_of_a_malformed_line(tmp_path: Path) -> None:
+def test_a_torn_middle_line_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+    """Only the last line can be torn by a hard kill; a bad line before it is damage, never skipped."""
     run = _write_run(tmp_path / "run", [_round(1, 0.3)])
     with (run / "metrics.jsonl").open("a") as f:
         f.write("\n")
         f.write('{"round": 2, "train": \n')
+        f.write(json.dumps(_round(3, 0.5)) + "\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3: not valid JSON"):
-        load_rounds(run)
+        RunDir(run).rows()
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3: not valid JSON"):
+        write_training_plots(run)
+    with pytest.raises(ReportError, match=r"metrics\.jsonl, line 3: not valid JSON"):
+        write_privacy_report(run)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3: not valid JSON"):
+        RunDir(run).truncate_rows(1)  # a resume refuses too, and keeps the file as it is
+    assert '{"round": 2, "train": \n' in (run / "metrics.jsonl").read_text()
     (run / "metrics.jsonl").write_text('{"elapsed": 1}\n')
     with pytest.raises(ValueError, match=r"line 1: expected an object with a 'round'"):
-        load_rounds(run)
+        RunDir(run).rows()
+    (run / "metrics.jsonl").write_text('{"round": -1}\n')
+    with pytest.raises(ValueError, match=r"line 1: 'round' must be a non-negative integer, got -1"):
+        RunDir(run).rows()
+
+
+def test_a_torn_last_line_is_skipped_by_every_reader(tmp_path: Path) -> None:
+    """A hard kill mid-append leaves half a line at the end: every reader of the run directory
+    reads the rows before it; a resume drops it."""
+    rows = [_round(1, 0.3, eps=1.0), _round(2, 0.5, eps=2.0)]
+    run = _write_run(tmp_path / "run", rows, _config(**{"dp.enabled": False}))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 3, "train": {"train-lo')
+    rd = RunDir(run)
+    assert [r["round"] for r in rd.rows()] == [1, 2] and rd.last_round() == 2
+    assert [r["round"] for r in rd.rounds()] == [1, 2]
+    assert [p.name for p in write_training_plots(run)] == ["training.png", "training.pdf"]
+    assert [row["final_round"] for row in client_table(run)] == [2, 2, 2]
+    assert json.loads(write_privacy_report(run).json.read_text())["rounds_completed"] == 2
+    assert load_run_result(run, target=0.4).final_exact_match == pytest.approx(0.5)
+    assert run_provenance(run, 2, final=False, producer="test")["evaluation"]["exact-match"] == pytest.approx(0.5)
+    assert rd.truncate_rows(2) == 1  # the resume: the torn line goes, the rows stay
+    assert (run / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def test_training_plots_are_written_and_valid(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ summary a user reads when a run ends, and publishing a finished run's adapter to
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,13 +12,8 @@ from flwr.common.config import parse_config_args
 from rich.console import Console
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG
-from fedlora.core.plots import load_rounds
-from fedlora.core.run_dir import read_rows
+from fedlora.core.run_dir import RunDir
 from fedlora.privacy.report import client_label
-
-#: where a finished simulation's personal x clients evaluation lives (``fl-sim personal-eval``)
-PERSONAL_JSON = Path("report") / "personal.json"
-PERSONAL_MD = Path("report") / "personal.md"
 
 
 def parse_run_config_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -32,21 +26,13 @@ def parse_run_config_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
         raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
 
 
-def last_round(run_dir: Path) -> int:
-    """The last round a run directory's metrics.jsonl records (0 if none)."""
-
-    path = run_dir / "metrics.jsonl"
-    return max((int(r.get("round", 0)) for r in read_rows(path)), default=0) if path.exists() else 0
-
-
 def resume_config(run_dir: Path) -> dict[str, Any]:
     """The run config of an interrupted run, from its ``config.json``, marked to resume."""
 
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json (nothing to resume)")
-    stored = json.loads(path.read_text())
-    config = {k: v for k, v in stored.items() if k in DEFAULT_RUN_CONFIG}
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no {run.config_path.name} (nothing to resume)")
+    config = {k: v for k, v in run.config().items() if k in DEFAULT_RUN_CONFIG}
     return config | {"resume": True, "run-dir": str(run_dir)}
 
 
@@ -55,7 +41,7 @@ class Progress:
 
     def __init__(self, console: Console, run_dir: Path, rounds: int, start_round: int = 0) -> None:
         self.console = console
-        self.path = run_dir / "metrics.jsonl"
+        self.run = RunDir(run_dir)
         self.rounds = rounds
         self.seen = start_round
         self.start_round = start_round
@@ -77,11 +63,8 @@ class Progress:
             self._poll()
 
     def _poll(self) -> None:
-
-        if not self.path.exists():
-            return
-        for row in read_rows(self.path):  # a line still being written is skipped
-            r = int(row.get("round", 0))
+        for row in self.run.rows(missing_ok=True):  # a line still being written is skipped
+            r = row["round"]
             if r == self.start_round and self.t0 is None:
                 self.t0 = float(row.get("elapsed", 0.0))  # round 0 (or the resumed round): the clock's origin
             if r > self.seen:
@@ -134,7 +117,8 @@ def summary(run_dir: Path) -> list[str]:
     """What a user wants to read when a run ends: per-task accuracy before and after, epsilon
     per client, and where the adapter and the reports are."""
 
-    rows = load_rounds(run_dir)
+    run = RunDir(run_dir)
+    rows = run.rounds()
     lines: list[str] = []
     first = next((r["server-eval"] for r in rows if r.get("server-eval")), None)
     last = next((r["server-eval"] for r in reversed(rows) if r.get("server-eval")), None)
@@ -149,36 +133,34 @@ def summary(run_dir: Path) -> list[str]:
             f"clients' own test splits: exact match {ev['exact-match']:.3f} "
             f"(min {ev.get('exact-match-min', float('nan')):.2f}, max {ev.get('exact-match-max', float('nan')):.2f})"
         )
-    privacy = run_dir / "report" / "privacy.json"
-    if privacy.is_file():
-        report = json.loads(privacy.read_text())
+    report = run.privacy_report()
+    if report is not None:
         if report.get("dp_enabled"):
             eps = ", ".join(f"{client_label(c)}: {c['epsilon']:.2f}" for c in report.get("clients", []))
             lines.append(f"epsilon per client (delta {report.get('delta')}): {eps}")
         else:
             lines.append("differential privacy: off")
-    personal = run_dir / "personalize.json"
-    if personal.is_file():
-        p = json.loads(personal.read_text())
+    p = run.personalize()
+    if p is not None:
         if p.get("personalised"):
             lines.append(
                 f"personalised on {p['personalised']}/{p['asked']} clients ({p['steps']} steps each): exact match on "
                 f"their own test splits {p['global-exact-match-mean']:.3f} -> {p['personal-exact-match-mean']:.3f}"
             )
-    personal_eval = run_dir / PERSONAL_JSON
-    if personal_eval.is_file():
-        lines.append(summary_line(json.loads(personal_eval.read_text())))
-    for label, rel in (
-        ("global adapter", "adapters/global"),
-        ("personal adapters", "personal"),
-        ("personal x clients", "report/personal.md"),
-        ("privacy report", "report/privacy.md"),
-        ("training plots", "report/training.png"),
-        ("per-client table", "report/clients.md"),
-        ("metrics", "metrics.jsonl"),
+    personal_eval = run.personal_eval()
+    if personal_eval is not None:
+        lines.append(summary_line(personal_eval))
+    for label, path in (
+        ("global adapter", run.global_adapter_dir),
+        ("personal adapters", run.personal_dir),
+        ("personal x clients", run.personal_eval_md),
+        ("privacy report", run.privacy_md),
+        ("training plots", run.training_stem.with_suffix(".png")),
+        ("per-client table", run.clients_md),
+        ("metrics", run.metrics_path),
     ):
-        if (run_dir / rel).exists():
-            lines.append(f"{label + ':':<18}{run_dir / rel}")
+        if path.exists():
+            lines.append(f"{label + ':':<18}{path}")
     return lines
 
 

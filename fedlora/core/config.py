@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple, cast
 
 from fedlora.core.model import ALL_LINEAR, LoraSettings
 from fedlora.core.partitioners import PartitionSpec
+from fedlora.core.run_dir import RunDir
 from fedlora.core.tasks import get_task
 from fedlora.privacy.accounting import check_accountant
 from fedlora.privacy.engines import Engine, check_engine
@@ -380,8 +381,7 @@ class FederationConfig:
         Point several runs at one state-dir and their epsilon composes."""
         if node_state_dir:
             return Path(node_state_dir)
-        root = Path(self.state_dir) if self.state_dir else Path(self.run_dir) / "client-state"
-        return root / f"partition-{partition}"
+        return RunDir(self.run_dir).client_state_dir(partition, self.state_dir)
 
     def client_files(self) -> list[Path]:
         """With ``data-path`` a directory: its ``*.jsonl`` files, sorted by name; client p gets file p."""

@@ -717,14 +717,51 @@ def _json_object(text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- teardown
 
 
-def _end(proc: subprocess.Popen[Any], wait: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def terminate_processes(send: Callable[[int], bool], grace: float, *, sigterm: bool = True, poll: float = 0.1) -> bool:
+    """SIGTERM a set of processes, give them ``grace`` seconds to leave, SIGKILL what is left.
+
+    The one teardown of everything we start: a process group (``fl-client start``'s SuperNode),
+    every process carrying a run's env tag, a single child. ``send(sig)`` delivers ``sig`` to
+    every member still there and says whether there was any (signal 0 only asks). Without
+    ``sigterm`` the members are already on their way out (their parent was stopped) and are
+    only waited for. Returns whether SIGKILL was needed.
+    """
+    if sigterm and not send(signal.SIGTERM):
+        return False
+    deadline = time.monotonic() + grace
+    while send(0):
+        if time.monotonic() >= deadline:
+            send(signal.SIGKILL)
+            return True
+        time.sleep(poll)
+    return False
+
+
+def terminate_group(pgid: int, grace: float = 10.0) -> bool:
+    """SIGTERM the process group ``pgid``, SIGKILL what is left after ``grace`` seconds."""
+
+    def send(sig: int) -> bool:
         try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    return terminate_processes(send, grace)
+
+
+def _end(proc: subprocess.Popen[Any], wait: float = 5.0) -> None:
+    """SIGTERM one child, SIGKILL it after ``wait`` seconds, and reap it."""
+
+    def send(sig: int) -> bool:
+        if proc.poll() is not None:
+            return False
+        if sig:
+            proc.send_signal(sig)
+        return True
+
+    terminate_processes(send, wait)
+    proc.wait()
 
 
 def _stop_superlink(proc: subprocess.Popen[bytes]) -> None:
@@ -766,39 +803,37 @@ def _reap_when_orphaned(tag: str, log_path: Path, ray_tmp: Path) -> None:
     """The reaper's body: wait for EOF; unless told ``done``, SIGTERM then SIGKILL the run."""
     if sys.stdin.buffer.read().strip() == b"done":
         return
-    pids = _pids_with_env(RUN_TAG_VAR, tag)
     with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"runner died without teardown: SIGTERM {sorted(pids)}\n")
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)  # lets the SuperLink stop its SuperExec
-        except OSError:  # already gone
-            pass
-    _kill_tagged(tag, grace=_TEARDOWN_GRACE, log_path=log_path)
+        log.write(f"runner died without teardown: SIGTERM {sorted(_pids_with_env(RUN_TAG_VAR, tag))}\n")
+    # SIGTERM first: it lets the SuperLink stop its SuperExec
+    _kill_tagged(tag, grace=_TEARDOWN_GRACE, log_path=log_path, sigterm=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _kill_tagged(tag: str, grace: float, log_path: Path) -> tuple[int, ...]:
-    """SIGKILL every process still carrying this run's tag after ``grace`` seconds.
+def _kill_tagged(tag: str, grace: float, log_path: Path, *, sigterm: bool = False) -> tuple[int, ...]:
+    """SIGKILL every process still carrying this run's tag after ``grace`` seconds (SIGTERM
+    them first with ``sigterm``); returns the pids killed, each logged with its command line.
 
     Ray's raylet, GCS and workers are re-parented when flwr-simulation exits and some
     ignore SIGTERM; the inherited env tag finds them wherever they ended up.
     """
-    deadline = time.monotonic() + grace
-    pids = _pids_with_env(RUN_TAG_VAR, tag)
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.2)
-        pids = _pids_with_env(RUN_TAG_VAR, tag)
-    if pids:
-        with log_path.open("a", encoding="utf-8") as log:
-            for pid in sorted(pids):
-                log.write(f"SIGKILL {pid}: {_cmdline(pid)}\n")
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:  # already gone
-            pass
-    return tuple(sorted(pids))
+    killed: list[int] = []
+
+    def send(sig: int) -> bool:
+        pids = sorted(_pids_with_env(RUN_TAG_VAR, tag))
+        if sig == signal.SIGKILL and pids:
+            killed.extend(pids)
+            with log_path.open("a", encoding="utf-8") as log:
+                log.writelines(f"SIGKILL {pid}: {_cmdline(pid)}\n" for pid in pids)
+        for pid in pids if sig else ():
+            try:
+                os.kill(pid, sig)
+            except OSError:  # already gone
+                pass
+        return bool(pids)
+
+    terminate_processes(send, grace, sigterm=sigterm, poll=0.2)
+    return tuple(killed)
 
 
 def _cmdline(pid: int) -> str:

@@ -1,8 +1,9 @@
 """Paper-ready figures and a per-client table of one run, read from nothing but its run directory.
 
 A run directory written by the server app (``config.json``, ``metrics.jsonl``, optionally
-``partition.json``) is the only input, so a figure can be regenerated long after the run, on
-another machine, without Flower. Outputs go to ``<run_dir>/report/``::
+``partition.json``), read through :class:`fedlora.core.run_dir.RunDir`, is the only input, so a
+figure can be regenerated long after the run, on another machine, without Flower. Outputs go to
+``<run_dir>/report/``::
 
     training.png / training.pdf   train loss, exact match (federated mean with min-max band, server
                                   eval per task), per-client exact match spread per round
@@ -18,7 +19,6 @@ headless and from threads.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,12 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedlora.privacy.report import ReportError, read_metrics
+from fedlora.core.run_dir import RunDir, as_run_dir
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-PARTITION_FILE = "partition.json"
-REPORT_DIR = "report"
 CLIENT_COLUMNS = (
     "partition",
     "tasks",
@@ -60,59 +56,7 @@ _CLIENT_HEADER = (
     "rounds evaluated",
 )
 
-# ------------------------------------------------------------------------------------------ reading
-
-
-def load_rounds(run_dir: Path | str) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl`` sorted by round, the last row of a repeated round winning (resumed runs).
-
-    Raises ValueError naming the file and line for a line that is not a JSON object with an integer ``round``,
-    and FileNotFoundError when the file is missing.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {path.parent} a fedlora run directory?")
-    try:
-        rows = read_metrics(path)
-    except ReportError as error:
-        raise ValueError(str(error)) from None
-    by_round: dict[int, dict[str, Any]] = {}
-    for lineno, row in enumerate(rows, start=1):
-        r = row["round"]
-        if isinstance(r, bool) or not isinstance(r, int | float) or r != int(r) or r < 0:
-            raise ValueError(f"{path}, row {lineno}: 'round' must be a non-negative integer, got {r!r}")
-        row["round"] = int(r)
-        by_round[int(r)] = row
-    return [by_round[r] for r in sorted(by_round)]
-
-
-def load_config(run_dir: Path | str, required: bool = False) -> dict[str, Any]:
-    """``config.json`` as a dict; ``{}`` when missing unless ``required`` (figures can do without it)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(f"{path}: missing; is {path.parent} a fedlora run directory?")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
-def load_partition_summary(run_dir: Path | str) -> dict[str, Any] | None:
-    """The ``summary`` of ``partition.json`` (client sizes and task counts), or None without a manifest."""
-    path = Path(run_dir) / PARTITION_FILE
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    summary = doc.get("summary") if isinstance(doc, dict) else None
-    return summary if isinstance(summary, dict) else None
+# ------------------------------------------------------------------------------------------ rows
 
 
 def section(row: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -259,17 +203,17 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
     return [png, pdf]
 
 
-def write_training_plots(run_dir: Path | str) -> list[Path]:
+def write_training_plots(run_dir: Path | str | RunDir) -> list[Path]:
     """Write ``report/training.{png,pdf}`` for the run; panels without data say so instead of failing."""
-    root = Path(run_dir)
-    fig = training_figure(load_config(root), load_rounds(root))
-    return save_figure(fig, root / REPORT_DIR / "training")
+    run = as_run_dir(run_dir)
+    fig = training_figure(run.config(missing_ok=True), run.rounds())
+    return save_figure(fig, run.training_stem)
 
 
 # ------------------------------------------------------------------------------------------ client table
 
 
-def client_table(run_dir: Path | str) -> list[dict[str, Any]]:
+def client_table(run_dir: Path | str | RunDir) -> list[dict[str, Any]]:
     """One row per partition id (in ``partition.json`` or seen in the metrics), keys :data:`CLIENT_COLUMNS`.
 
     ``final_exact_match`` is the global model's exact match on that client's data in the last round it
@@ -277,9 +221,9 @@ def client_table(run_dir: Path | str) -> list[dict[str, Any]]:
     local training that reported it (``local_round``); ``epsilon`` is the lifetime epsilon it reported at
     its last participation (DP only). Missing values are None.
     """
-    root = Path(run_dir)
-    rows = load_rounds(root)
-    summary = load_partition_summary(root) or {}
+    run = as_run_dir(run_dir)
+    rows = run.rounds()
+    summary = run.partition_summary() or {}
     sizes = summary.get("client_sizes") or []
     task_counts = summary.get("client_task_counts") or []
     partitions: set[int] = set(range(max(len(sizes), len(task_counts))))
@@ -330,20 +274,19 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_client_table(run_dir: Path | str) -> list[Path]:
+def write_client_table(run_dir: Path | str | RunDir) -> list[Path]:
     """Write ``report/clients.csv`` (machine-readable, empty cell = missing) and ``report/clients.md``."""
-    root = Path(run_dir)
-    table = client_table(root)
-    out = root / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "clients.csv", out / "clients.md"
+    run = as_run_dir(run_dir)
+    table = client_table(run)
+    csv_path, md_path = run.clients_csv, run.clients_md
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS)
         writer.writeheader()
         writer.writerows({k: "" if row[k] is None else row[k] for k in CLIENT_COLUMNS} for row in table)
-    config = load_config(root)
+    config = run.config(missing_ok=True)
     lines = [
-        f"# Clients: {root.name}",
+        f"# Clients: {run.root.name}",
         "",
         f"{run_title(config)}. One row per virtual client (partition id); node ids change between runs.",
         "",
@@ -365,9 +308,6 @@ __all__ = [
     "client_table",
     "dp_label",
     "finite",
-    "load_config",
-    "load_partition_summary",
-    "load_rounds",
     "run_title",
     "save_figure",
     "section",

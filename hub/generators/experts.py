@@ -31,6 +31,7 @@ from fedlora.core.model import (
     set_adapter_state,
     wrap_lora,
 )
+from fedlora.core.run_dir import RunDir
 from fedlora.core.tasks import Task, get_task, seen_tasks
 from fedlora.core.train import TrainSettings, batches, evaluate, train
 from fedlora.hub.generators.library import BUILD_FILE, TASK_FILE
@@ -247,7 +248,7 @@ def federated_checkpoints(
     if done.returncode != 0:
         raise RuntimeError(f"the federation for expert {task.name} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     rounds = list(range(fed.rounds - cfg.checkpoints + 1, fed.rounds + 1))
-    return [(r, run_dir / "checkpoints" / f"round-{r}") for r in rounds]
+    return [(r, RunDir(run_dir).checkpoint_dir(r)) for r in rounds]
 
 
 def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names: Sequence[str] = ()) -> list[str]:

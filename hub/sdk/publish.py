@@ -2,8 +2,9 @@
 with the provenance a puller needs to trust it: base model and weights hash, strategy, run,
 round, the run's privacy guarantee (epsilon, delta, unit, accountant) and its evaluation.
 
-Everything is read from the run directory, so ``fl-hub publish-run`` can publish (or
-re-publish, after a hub outage) a finished run later with the same result.
+Everything is read from the run directory (:class:`fedlora.core.run_dir.RunDir`), so
+``fl-hub publish-run`` can publish (or re-publish, after a hub outage) a finished run later with
+the same result.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedlora.core.run_dir import RunDir
 from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import CONFIG_FILE, VerificationError, describe_base_model, read_adapter_dir
 from fedlora.hub.sdk.names import check_segment
@@ -64,10 +66,8 @@ def run_name(run_dir: Path) -> str:
 
 
 def _rows(run_dir: Path) -> dict[int, dict[str, Any]]:
-    from fedlora.core.run_dir import read_rows
-
-    path = run_dir / "metrics.jsonl"
-    return {int(r.get("round", 0)): r for r in read_rows(path)} if path.exists() else {}
+    """round -> its row (the last of a round written twice), {} before the first row."""
+    return {r["round"]: r for r in RunDir(run_dir).rounds(missing_ok=True)}
 
 
 def _evaluation(row: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +84,8 @@ def _evaluation(row: dict[str, Any]) -> dict[str, Any]:
 
 def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str) -> dict[str, Any]:
     """Provenance of the global adapter after ``server_round`` of the run in ``run_dir``."""
-    config = json.loads((run_dir / "config.json").read_text())
+    run = RunDir(run_dir)
+    config = run.config()
     base = describe_base_model(config.get("model-dir") or None)
     row = _rows(run_dir).get(server_round, {})
     prov: dict[str, Any] = {
@@ -104,11 +105,9 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
             },
         },
     }
-    report_path = run_dir / "report" / "privacy.json"
     if not config.get("dp.enabled"):
         prov["privacy_unit"] = "none: trained without differential privacy"
-    elif final and report_path.is_file():
-        report = json.loads(report_path.read_text())
+    elif final and (report := run.privacy_report()) is not None:
         prov["privacy_report"] = {k: report[k] for k in _REPORT_SUMMARY if k in report}
         prov |= {
             "epsilon": report.get("epsilon_max"),
@@ -119,8 +118,7 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
     else:  # a round's adapter: the largest lifetime epsilon the clients reported so far
         from fedlora.privacy.report import PRIVACY_UNIT  # torch, Opacus: only here (the hub itself never loads them)
 
-        plan_path = run_dir / "privacy_plan.json"
-        plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+        plan = run.plan(missing_ok=True) or {}
         eps = (row.get("train") or {}).get("epsilon-max")
         prov |= {
             "epsilon": eps,
@@ -170,7 +168,7 @@ class RunPublisher:
         if not self.target.every_round:
             return
         for r in sorted(_rows(self.run_dir)):
-            ckpt = self.run_dir / "checkpoints" / f"round-{r}"
+            ckpt = RunDir(self.run_dir).checkpoint_dir(r)
             if self.start_round < r < num_rounds and r not in self.published and r not in self.failed and ckpt.is_dir():
                 self._publish(r, ckpt, final=False)
 
@@ -179,19 +177,19 @@ class RunPublisher:
         self.poll(num_rounds)
         rows = _rows(self.run_dir)
         last = max(rows) if rows else num_rounds
-        self._publish(last, self.run_dir / "adapters" / "global", final=True)
+        self._publish(last, RunDir(self.run_dir).global_adapter_dir, final=True)
         self.publish_personal()
 
     def publish_personal(self) -> None:
         """The virtual clients' personal adapters of a simulation (``personalize.steps``), each
         as clients/<partition-p>/<run> with the provenance its client wrote beside it.
         (Deployed clients publish their own, with their own tokens.)"""
-        root = self.run_dir / "personal"
-        if not root.is_dir():
+        run = RunDir(self.run_dir)
+        personal = run.personal_adapters()
+        if not personal:
             return
-        config = json.loads((self.run_dir / "config.json").read_text())
-        base = describe_base_model(config.get("model-dir") or None)
-        for d in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
+        base = describe_base_model(run.config().get("model-dir") or None)
+        for d in personal.values():
             name = f"clients/{d.name}/{run_name(self.run_dir)}"
             sidecar = d / "personalize.json"
             prov = json.loads(sidecar.read_text()) if sidecar.is_file() else {"producer": self.producer}
