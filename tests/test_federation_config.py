@@ -158,13 +158,12 @@ def test_each_section_names_its_key(overrides: dict, message: str) -> None:
 
 def test_a_run_directory_from_before_the_sections_resumes(tmp_path: Path) -> None:
     import json
-    from types import SimpleNamespace
 
+    from fedlora.core.run_dir import RunDir
     from fedlora.server.app import prepare_run_dir
 
     stored = {**FLAT_DEFAULTS_BEFORE_SECTIONS, "strategy": "lora-fair", "lora-fair-steps": 200, "flexlora-ranks": "4"}
     (tmp_path / "config.json").write_text(json.dumps(stored | {"lr": 0.003, "lora-alpha": 16.0, "run-id": 7}))
     cfg = FederationConfig.from_run_config({k: v for k, v in stored.items() if k != "resume"} | {"resume": True})
     resolved = cfg.to_run_config() | {"lr": 0.003, "lora-alpha": 16.0, "run-id": 8}
-    run_dir = SimpleNamespace(root=tmp_path, metrics_path=tmp_path / "metrics.jsonl")
-    prepare_run_dir(run_dir, cfg, resolved)  # type: ignore[arg-type]
+    prepare_run_dir(RunDir(tmp_path), cfg, resolved)
