@@ -1,426 +1,108 @@
-"""The Flower ClientApp: local LoRA training and evaluation on this node's data.
+"""The ClientApp of deployed nodes: a thin process per message, the work in the node's warm trainer.
 
-Simulation keeps worker processes alive, so the base model, the PEFT wrapper and the encoded
-data are cached per process; in deployment every message starts a fresh process and the
-cache simply misses. The global adapter arrives in each message and is the only thing that
-changes between messages.
+Flower's deployment runtime starts a fresh client-app process for every message, and importing
+torch, transformers, PEFT and Opacus and loading the base model would cost seconds each time.
+``fl-client start`` keeps one trainer process warm (:mod:`fedlora.client.trainer`, model loaded once,
+listening on a Unix socket in the node's state directory, owner only); this app imports only
+Flower and numpy, hands the message's arrays and config to the trainer and turns its answer
+into the reply. Without a trainer (``trainer`` absent from the node config, or its socket
+gone) it computes the reply itself, in this process, exactly as the simulation app does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from peft import PeftModel
-from safetensors.torch import save_file
-from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedlora.client.edge import ReplyContent, Request, app
-from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance, push_adapter
-from fedlora.client.node import node_partition
-from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
-from fedlora.client.private_train import train_private
-from fedlora.core.client_data import client_examples, node_examples
-from fedlora.core.config import FederationConfig
-from fedlora.core.data import Encoded, encode
-from fedlora.core.embedded import default_model_dir
-from fedlora.core.model import (
-    Factors,
-    get_adapter_state,
-    load_base_model,
-    load_tokenizer,
-    max_positions,
-    save_adapter,
-    set_adapter_state,
-    set_base_deltas,
-    set_trainable_factors,
-    wrap_lora,
-)
-from fedlora.core.run_dir import RunDir
-from fedlora.core.train import TrainSettings, evaluate, train
-from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
-from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, load_public_key
-from fedlora.hub.sdk.names import check_segment
-from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
-from fedlora.privacy.ledger import PrivacyLedger
-from fedlora.privacy.planning import default_delta
-from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, adapter_part, base_deltas
+from fedlora.client.messages import ReplyContent, Request
+from fedlora.client.trainer import ask
 
-__all__ = ["app", "compute"]  # app: the same ClientApp deployed nodes run (fedlora.client.edge), computing here
+app = ClientApp()
 
 
-@dataclass(frozen=True)
-class NodeContext:
-    """What a reply depends on besides the message: Flower's run config, node config and run id."""
-
-    run_config: Mapping[str, Any]
-    node_config: Mapping[str, Any]
-    run_id: int
-
-
-@dataclass
-class LocalSetup:
-    """What a node keeps between messages when its process lives on (simulation)."""
-
-    model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
-    scaling: float
-    pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
-    data: OrderedDict[tuple[object, ...], tuple[list[Encoded], list[Encoded]]] = field(default_factory=OrderedDict)
+def process_start_time() -> float:
+    """When this process started (Unix time; Linux ``/proc``, else now): Flower starts a fresh
+    process per message in deployment, and what that costs before our code runs is worth seeing."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])  # to 10 ms; /proc/stat's btime is whole seconds
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
-_CACHE: dict[tuple[object, ...], LocalSetup] = {}
-#: encoded datasets kept per process: a worker serving thousands of virtual clients keeps the
-#: most recent ones only, so memory does not grow with the number of clients it has served
-DATA_CACHE_SIZE = 64
+PROCESS_STARTED = process_start_time()
 
 
-@dataclass(frozen=True)
-class Node:
-    """Who this client is: a virtual client of a simulation (partition of the run's pool) or a
-    deployed node bringing its own data (``data-path`` in its node config, from ``fl-client start``)."""
-
-    partition: int
-    data: str | None = None  # the node's own data: a JSONL file or embedded:TASKS
-    state_dir: str | None = None
-    name: str | None = None
-
-
-def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded], float]:
-    """The cached model and this node's encoded data, and how long loading the model took now
-    (0 in a warm process)."""
-    torch.set_num_threads(cfg.threads)
-    defaults = cfg.algorithm_class.defaults
-    partition = node.partition
-    rank = cfg.client_rank(partition)
-    lora = cfg.lora_settings(rank, cfg.alpha_for(defaults.alpha))
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
-    key = (str(model_dir), lora)
-    setup = _CACHE.get(key)
-    load_seconds = 0.0
-    if setup is None:
-        started = time.perf_counter()
-        tokenizer = load_tokenizer(model_dir)
-        model = wrap_lora(load_base_model(model_dir, "cpu"), lora)  # safetensors, memory-mapped by transformers
-        setup = LocalSetup(model, tokenizer, lora.scaling)
-        _CACHE[key] = setup
-        load_seconds = time.perf_counter() - started
-    data_key = (*cfg.data_key(), partition, node.data)
-    if data_key in setup.data:
-        setup.data.move_to_end(data_key)
-    else:
-        if node.data:
-            train_ex, test_ex = node_examples(cfg, node.data, cfg.seed * 100_003 + partition)
-        else:
-            train_ex, test_ex = client_examples(cfg, partition)
-        max_len = max_positions(setup.model)
-        setup.data[data_key] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
-        while len(setup.data) > DATA_CACHE_SIZE:
-            setup.data.popitem(last=False)
-    train_data, test_data = setup.data[data_key]
-    return setup, train_data, test_data, load_seconds
+def to_message(msg: Message, content: ReplyContent) -> Message:
+    """The reply to ``msg``: metrics, the tensors, why it declined and who sent it."""
+    record = RecordDict({"metrics": MetricRecord(dict(content.metrics))})
+    if content.tensors is not None:
+        record["arrays"] = ArrayRecord(array_dict={k: Array(v) for k, v in content.tensors.items()})
+    if content.status is not None:
+        record["status"] = ConfigRecord({"reason": content.status})
+    if content.name:  # a deployed node's name, so reports can say who is who
+        record["client"] = ConfigRecord({"name": content.name})
+    return Message(record, reply_to=msg)
 
 
-def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Tensor], rank: int) -> None:
-    """Put the downloaded global state into the local model, the way the strategy ships it
-    (FFA-LoRA rebuilds A from the shared seed, FlexLoRA truncates to this client's rank, ...)."""
-    adapter = cfg.algorithm_class.client_adapter(
-        adapter_part(state),
-        local_a=get_adapter_state(setup.model, "A"),
-        seed=cfg.seed,
-        rank=rank,
-        scaling=setup.scaling,
+def request_of(kind: str, msg: Message, context: Context) -> Request:
+    """The work ``msg`` asks for, in plain Python."""
+    arrays = msg.content.array_records["arrays"]
+    config = msg.content.config_records.get("config")
+    return Request(
+        kind=kind,
+        run_config=dict(context.run_config),
+        node_config=dict(context.node_config),
+        run_id=int(context.run_id),
+        state={k: a.numpy() for k, a in arrays.items()},
+        config=dict(config) if config is not None else {},
     )
-    set_adapter_state(setup.model, adapter)
-    set_base_deltas(setup.model, base_deltas(state), setup.pristine)
 
 
-def _node(context: NodeContext) -> tuple[FederationConfig, Node]:
-    cfg = FederationConfig.from_run_config(context.run_config)
-    config = context.node_config
-    state_dir = str(config["state-dir"]) if config.get("state-dir") else None
-    if config.get("data-path"):  # a deployed node (fl-client start)
-        name = str(config.get("client-name") or "")
-        return cfg, Node(node_partition(name), str(config["data-path"]), state_dir, name)
-    return cfg, Node(int(config.get("partition-id", 0)), None, state_dir)
+def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side fixed clipping, only when the server's DP wrapper asked for it."""
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
-def round_digest(state: Mapping[str, Tensor], round_config: Mapping[str, Any], num_examples: int) -> str:
-    """What a round is trained from: the downloaded arrays, the round's config and the data size."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(state[key].detach().contiguous().cpu().numpy().tobytes())
-    h.update(json.dumps({k: str(v) for k, v in round_config.items()}, sort_keys=True).encode())
-    h.update(str(num_examples).encode())
-    return h.hexdigest()
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    request = request_of(kind, msg, context)
+    socket_path = str(context.node_config.get("trainer") or "")
+    if socket_path and Path(socket_path).exists():
+        content = ask(socket_path, request)
+    else:  # no warm trainer on this node: do the work here
+        # lazy: torch, transformers, PEFT and Opacus load only when this process computes the reply itself
+        from fedlora.client.compute import compute
+
+        content = compute(request)
+    if kind == "train":
+        content.metrics["process-seconds"] = time.time() - PROCESS_STARTED  # what this message cost end to end
+    return to_message(msg, content)
 
 
-def compute(request: Request) -> ReplyContent:
-    """The reply to one message, in plain Python and numpy (called in the message's own process,
-    or in the node's warm trainer)."""
-    context = NodeContext(request.run_config, request.node_config, request.run_id)
-    state = {k: torch.tensor(v) for k, v in request.state.items()}
-    if request.kind == "train":
-        return train_reply(context, state, request.config)
-    if request.kind == "evaluate":
-        return evaluate_reply(context, state)
-    if request.kind == "personalize":
-        return personalize_reply(context, state, request.config)
-    raise ValueError(f"unknown message kind {request.kind!r}")
+@app.train(mods=[client_level_clipping_mod])
+def train_handler(msg: Message, context: Context) -> Message:
+    """Local training: see :func:`fedlora.client.compute.train_reply`."""
+    return _handle("train", msg, context)
 
 
-def _declined(privacy: Mapping[str, int | float], reason: str, node: Node) -> ReplyContent:
-    return ReplyContent({"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """The global adapter on this node's test split: see :func:`fedlora.client.compute.evaluate_reply`."""
+    return _handle("evaluate", msg, context)
 
 
-def _numpy(tensors: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().contiguous().cpu().numpy() for k, v in tensors.items()}
-
-
-def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config: Mapping[str, Any]) -> ReplyContent:
-    """Train the factors the server asks for, starting from the global adapter.
-
-    With DP on, the client's lifetime ledger decides first whether it may take part at all,
-    and is charged before the reply leaves: a crash after the charge over-reports, never under.
-    """
-    started = time.perf_counter()
-    cfg, node = _node(context)
-    partition = node.partition
-    setup, train_data, test_data, load_seconds = _setup(cfg, node)
-    server_round = int(round_config["server-round"])
-    factors: Factors = str(round_config["train-factors"])  # type: ignore[assignment]
-    rank = cfg.client_rank(partition)
-    settings = TrainSettings(
-        steps=int(round_config["local-steps"]),
-        lr=float(round_config["lr"]),
-        batch_size=cfg.batch_size,
-        max_grad_norm=None if cfg.dp.enabled else TrainSettings.max_grad_norm,
-        seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition,
-    )
-    privacy: dict[str, int | float] = {}
-    ledger: PrivacyLedger | None = None
-    if cfg.dp.enabled:
-        # the ledger's key for this run: the first run id of a resumed run, so a round trained
-        # again after an interruption is recognised as the same round
-        ledger_run = str(round_config.get("ledger-run", context.run_id))
-        ledger = PrivacyLedger(cfg.client_state_dir(partition, node.state_dir))
-        sigma = float(round_config["dp-noise-multiplier"])
-        q = sample_rate(cfg.batch_size, len(train_data))
-        run_delta = round_config.get("dp-delta")  # the run's one delta, from the server's plan
-        delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp.delta or default_delta(len(train_data))
-        spent = ledger.epsilon(delta, cfg.dp.accountant)
-        privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
-        if not 0 < delta < 1 / len(train_data):
-            reason = f"dp-delta {delta} from the server is not below 1/n = 1/{len(train_data)} for this client's data"
-            return _declined(privacy, reason, node)
-        planned_q = round_config.get("dp-sample-rate")  # the plan's q: a smaller client would exceed its epsilon
-        if isinstance(planned_q, float) and q > planned_q * (1 + 1e-9):
-            reason = (
-                f"this client's {len(train_data)} examples give sample rate {q:.4g} > the plan's {planned_q:.4g} "
-                "(dp.plan-examples): its epsilon would exceed the target"
-            )
-            return _declined(privacy, reason, node)
-        try:
-            check_poisson_batches(settings.batch_size, len(train_data), settings.steps)
-        except ValueError as err:
-            return _declined(privacy, str(err), node)
-        digest = round_digest(state, round_config, len(train_data))
-        charged = ledger.charged_entry(ledger_run, server_round)
-        if charged is not None and ledger.round_input(ledger_run, server_round) != digest:
-            # only an exact replay (same input, same secret seed, same output) may be released again
-            reason = f"round {server_round} of run {ledger_run} was already charged for another input"
-            return _declined(privacy, reason, node)
-        if cfg.dp.max_epsilon and charged is None:  # a replayed round releases nothing new
-            over, projected = ledger.would_exceed(
-                cfg.dp.max_epsilon, delta, cfg.dp.accountant, sigma, q, settings.steps
-            )
-            if over:
-                reason = (
-                    f"privacy budget: this round would take epsilon from {spent:.3f} to {projected:.3f}, "
-                    f"past dp.max-epsilon = {cfg.dp.max_epsilon}"
-                )
-                return _declined(privacy, reason, node)
-    load_global(setup, cfg, state, rank)
-    set_trainable_factors(setup.model, factors)
-    if ledger is not None:
-        # secret DP randomness by default; from the public config only when asked for (research replays)
-        # The opt-out of secret randomness is honoured only on a node that says it is simulated
-        # (the simulation runtime sets num-partitions): in deployment the server sets the run config.
-        simulated = "num-partitions" in context.node_config
-        public = simulated and not cfg.dp.secret_noise
-        dp_seed = settings.seed if public else ledger.dp_seed(ledger_run, server_round)
-        with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
-            torch.manual_seed(dp_seed + 2)
-            t0 = time.perf_counter()
-            dp = DPSGDConfig(
-                noise_multiplier=float(privacy["noise-multiplier"]),
-                max_grad_norm=cfg.dp.max_grad_norm,
-                engine=cfg.dp.engine,
-            )
-            result = train_private(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id), dp, dp_seed)
-            train_seconds = time.perf_counter() - t0
-        ledger.record_input(ledger_run, server_round, digest)  # before the charge: a replay needs both
-        ledger.charge(  # idempotent: a replayed round (same seed, same output) is charged once
-            ledger_run,
-            server_round,
-            privacy["noise-multiplier"],
-            privacy["sample-rate"],
-            settings.steps,
-            accountant=cfg.dp.accountant,
-            delta=privacy["delta"],
-        )
-        privacy["epsilon"] = ledger.epsilon(privacy["delta"], cfg.dp.accountant)
-        history = ledger.history()
-        privacy["dp-steps"] = sum(steps for _, _, steps in history)
-        # the whole lifetime history (public parameters only): the server's report recomputes this
-        # client's epsilon from it when the ledger itself stays on the client's machine
-        ledger_lists: dict[str, list[int] | list[float]] = {
-            "ledger-noise": [float(h[0]) for h in history],
-            "ledger-rate": [float(h[1]) for h in history],
-            "ledger-steps": [int(h[2]) for h in history],
-        }
-    else:
-        t0 = time.perf_counter()
-        result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
-        train_seconds = time.perf_counter() - t0
-        ledger_lists = {}
-    local: dict[str, int | float] = {}
-    if test_data:  # the locally trained adapter on this client's own test split: what personalising would give
-        res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
-        local = {"local-exact-match": res.exact_match, "local-eval-loss": res.loss}
-    # Under DP the training loss is a non-private function of the training examples: it stays here.
-    losses = {} if ledger is not None else {"train-loss": result.mean_loss, "train-loss-final": result.final_loss}
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": len(train_data),
-        **losses,
-        "lora-scaling": setup.scaling,
-        "lora-rank": rank,
-        "partition-id": partition,
-        "seconds": time.perf_counter() - started,
-        "train-seconds": train_seconds,
-        "load-seconds": load_seconds,
-        "pid": os.getpid(),
-        **local,
-        **privacy,
-        **ledger_lists,
-    }
-    return ReplyContent(metrics, _numpy(get_adapter_state(setup.model, factors)), name=node.name)
-
-
-def evaluate_reply(context: NodeContext, state: Mapping[str, Tensor]) -> ReplyContent:
-    """Exact match and loss of the global adapter on this node's test split."""
-    cfg, node = _node(context)
-    setup, _, test_data, _ = _setup(cfg, node)
-    load_global(setup, cfg, state, cfg.client_rank(node.partition))
-    res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": res.num_examples,
-        "eval-loss": res.loss,
-        "exact-match": res.exact_match,
-        "partition-id": node.partition,
-    }
-    return ReplyContent(metrics, name=node.name)
-
-
-def _personal_data_label(cfg: FederationConfig, node: Node) -> str:
-    """A data spec naming where a node's examples come from (it labels the personal adapter)."""
-    if node.data:
-        return node.data
-    if cfg.data_path and Path(cfg.data_path).is_dir():
-        return str(cfg.client_files()[node.partition])
-    return cfg.data_path or "embedded:" + cfg.tasks
-
-
-def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config: Mapping[str, Any]) -> ReplyContent:
-    """The end of a run: fine-tune the final global adapter on this node's own split (DP-SGD
-    charged to its ledger in a DP run, see :mod:`fedlora.client.personalize`), keep it, and publish it to
-    the node's own hub namespace when ``fl-client start --hub`` configured one.
-
-    The personal adapter goes to ``<state-dir>/personal/<run>`` on a deployed node and to
-    ``<run-dir>/personal/partition-<p>`` in simulation (where ``fl-sim --hub`` publishes it)."""
-    cfg, node = _node(context)
-    # the run's name comes from the server and becomes a directory here: one plain path segment
-    run_name, final_round = check_segment(str(config["run-name"]), "run name"), int(config["server-round"])
-    setup, _, _, _ = _setup(cfg, node)
-    load_global(setup, cfg, state, cfg.client_rank(node.partition))
-    if node.data:
-        examples = node_examples(cfg, node.data, cfg.seed * 100_003 + node.partition)
-        out = Path(str(node.state_dir)) / "personal" / run_name
-    else:
-        examples = client_examples(cfg, node.partition)
-        out = RunDir(cfg.run_dir).personal_adapter_dir(node.partition)
-    state_dir = cfg.client_state_dir(node.partition, node.state_dir)
-    personal = PersonalizeConfig(
-        data=_personal_data_label(cfg, node),
-        state_dir=state_dir,
-        steps=cfg.personalize.steps,
-        batch_size=cfg.batch_size,
-        target_epsilon=cfg.personalize.epsilon,
-        max_grad_norm=cfg.dp.max_grad_norm,
-        delta=cfg.dp.delta,
-        accountant=cfg.dp.accountant,
-        max_epsilon=(cfg.dp.max_epsilon or None) if cfg.dp.enabled else None,
-        dp_engine=cfg.dp.engine,
-        model_dir=cfg.model_dir or None,
-        seed=cfg.seed,
-        num_train=cfg.num_train,
-        num_test=cfg.num_test,
-        name=node.name or f"partition-{node.partition}",
-        threads=cfg.threads,
-        dp=cfg.dp.enabled,
-    )
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=state_dir, prefix=".global-") as tmp:
-        save_adapter(setup.model, tmp)
-        deltas = {k: v.contiguous() for k, v in state.items() if k.endswith(BASE_DELTA_SUFFIX)}
-        if deltas:  # FedEx-LoRA: the residual the global adapter needs on top of the base weights
-            save_file(deltas, str(Path(tmp) / BASE_DELTA_FILE))
-        try:
-            result = personalize(Path(tmp), personal, out, examples=examples)
-        except PrivacyBudgetError as err:
-            return ReplyContent({"declined": 1}, status=str(err), name=node.name)
-    global_info = {
-        "name": f"global/{run_name}/{final_round}",
-        "provenance": {"strategy": cfg.strategy, "run": run_name, "round": final_round},
-    }
-    provenance = personal_provenance(result, global_info)
-    (out / PERSONALIZE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    metrics: dict[str, int | float] = {
-        "global-exact-match": result.before_exact_match,
-        "personal-exact-match": result.after_exact_match,
-        "num-test": result.num_test_examples,
-        "personalize-seconds": result.seconds,
-        "pushed": 0,
-    }
-    if result.dp:
-        metrics |= {
-            "epsilon": float(result.lifetime_epsilon or 0.0),
-            "personalize-epsilon": float(result.personalization_epsilon or 0.0),
-        }
-    status = None
-    hub_url = str(context.node_config.get("hub-url") or "")
-    if hub_url:  # the node publishes to its own namespace with its own token
-        key = str(context.node_config.get("hub-key") or "")
-        try:
-            with HubClient(
-                hub_url,
-                read_token(None, str(context.node_config["hub-token-file"])),
-                load_public_key(Path(key)) if key else None,
-            ) as hub:
-                push_adapter(hub, run_name, out, Path(cfg.model_dir) if cfg.model_dir else None)
-            metrics["pushed"] = 1
-        except (HubRequestError, ValueError, OSError) as err:
-            status = f"personal adapter kept in {out}, not published: {err}"
-    return ReplyContent(dict(metrics), status=status, name=node.name)
+@app.query("personalize")
+def personalize_handler(msg: Message, context: Context) -> Message:
+    """The end of a run (``personalize.steps`` > 0): see :func:`fedlora.client.compute.personalize_reply`."""
+    return _handle("personalize", msg, context)

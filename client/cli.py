@@ -183,7 +183,8 @@ def _keygen(args: argparse.Namespace, console: Console) -> int:
 
 
 def _start(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.client.node import NodeError, NodeOptions, default_name, start
+    from fedlora.client.identity import default_name
+    from fedlora.client.node import NodeError, NodeOptions, start
     from fedlora.core.pki import CertificateError
 
     try:

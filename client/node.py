@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -407,13 +406,3 @@ def start(options: NodeOptions, console: Console) -> int:
         supervisor.terminate()
         trainer.close()
         signal.signal(signal.SIGTERM, previous)
-
-
-def default_name() -> str:
-    """A node's default name: this host's name (what an operator would call the machine)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.") or "client"
-
-
-def node_partition(name: str) -> int:
-    """A deployed node's stable number (seeds, reply order, FlexLoRA rank): a hash of its name."""
-    return zlib.crc32(name.encode("utf-8")) % 2**31

@@ -5,7 +5,7 @@ by a federation or pulled from the hub) is loaded trainable onto the base model,
 client's local test split, fine-tuned on its local training split and evaluated again; the result
 is written as a PEFT directory with the global adapter's own config (rank, targets, alpha).
 
-Privacy follows the deployed client's rules (:mod:`fedlora.client.app`):
+Privacy follows the deployed client's rules (:mod:`fedlora.client.compute`):
 
 - the client's data and split are built exactly as ``fl-client start --data`` builds them, so the
   test split is the one the node held out of federated training;
@@ -39,7 +39,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedlora.atomic import atomic_directory
-from fedlora.client.node import default_name, node_partition
+from fedlora.client.identity import default_name, node_partition
 from fedlora.client.private_train import train_private
 from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
 from fedlora.core.config import FederationConfig
@@ -164,7 +164,7 @@ class PersonalizeConfig:
 
     @property
     def split_seed(self) -> int:
-        """The seed a deployed node splits its data with (fedlora.client.app: run seed and node name)."""
+        """The seed a deployed node splits its data with (fedlora.client.compute: run seed and node name)."""
         return self.seed * 100_003 + node_partition(self.node_name)
 
 

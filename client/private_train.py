@@ -1,6 +1,6 @@
 """Local training under DP-SGD: the one training loop, wrapped by Opacus.
 
-Both a federated round (:mod:`fedlora.client.app`) and a personalisation
+Both a federated round (:mod:`fedlora.client.compute`) and a personalisation
 (:mod:`fedlora.client.personalize`) train this way, so it sits below both.
 """
 

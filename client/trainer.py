@@ -2,8 +2,8 @@
 
 ``fl-client start`` runs :func:`serve` on a Unix socket in the node's state directory (mode
 0600 in a 0700 directory: only the node's own user can talk to it); every client-app process
-Flower starts for a message (:mod:`fedlora.client.edge`) sends its :class:`~fedlora.client.edge.Request` and
-waits for the :class:`~fedlora.client.edge.ReplyContent`. Requests are served one at a time, as the
+Flower starts for a message (:mod:`fedlora.client.app`) sends its :class:`~fedlora.client.app.Request` and
+waits for the :class:`~fedlora.client.app.ReplyContent`. Requests are served one at a time, as the
 node trains one message at a time. The payload is pickled: both ends are this node's own
 processes of the same installation.
 """
@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fedlora.client.edge import ReplyContent, Request
+from fedlora.client.messages import ReplyContent, Request
 
 SOCKET_NAME = "trainer.sock"
 _HEADER = struct.Struct("!Q")
@@ -70,7 +70,8 @@ def ask(path: str, request: Request) -> ReplyContent:
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        from fedlora.client.app import compute
+        # lazy: torch, transformers, PEFT and Opacus; the ClientApp's process imports this module for ask()
+        from fedlora.client.compute import compute
 
         request = _receive(self.request)
         server: Trainer = self.server  # type: ignore[assignment]
@@ -96,7 +97,8 @@ class Trainer(socketserver.ThreadingUnixStreamServer):
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        import fedlora.client.app  # noqa: F401  # torch, transformers, PEFT, Opacus: once, before the first message
+        # lazy: torch, transformers, PEFT and Opacus, loaded once here before the first message
+        import fedlora.client.compute  # noqa: F401
 
         threading.Thread(target=self.serve_forever, name="fedlora-trainer", daemon=True).start()
 

@@ -158,8 +158,8 @@ def run_plan(
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     request = SimulationRequest(
-        # fedlora.client.edge: a thin process per message that hands the work to the node's warm trainer
-        components=("fedlora.server.app:app", "fedlora.client.edge:app"),
+        # fedlora.client.app: a thin process per message that hands the work to the node's warm trainer
+        components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=overrides,

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.embedded import default_model_dir
 from fedlora.server.app import algorithm_kwargs
-from fedlora.simulations.cli import simulate
+from fedlora.simulations.simulate import simulate
 from fedlora.strategies import registry
 from fedlora.strategies.adapter import split_adapter
 from fedlora.strategies.algorithms import Reply

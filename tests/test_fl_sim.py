@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from fedlora.core import flower_runner as runner
 from fedlora.core.run_dir import RunDir
-from fedlora.simulations.cli import MAIN_JOB, main
+from fedlora.simulations.cli import main
+from fedlora.simulations.simulate import MAIN_JOB
 
 FL_SIM = [sys.executable, "-m", "fedlora.simulations.cli"]
 TINY = [

@@ -306,7 +306,7 @@ def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
 
 
 def test_a_run_name_from_the_server_cannot_leave_the_state_directory() -> None:
-    from fedlora.client.app import NodeContext, personalize_reply
+    from fedlora.client.compute import NodeContext, personalize_reply
 
     context = NodeContext(run_config={}, node_config={}, run_id=1)
     for bad in ("../../home", "/tmp/victim", "a/b"):

@@ -48,7 +48,7 @@ def test_layer_contract_is_kept() -> None:
     ("module", "wrong_import", "complaint"),
     [
         ("core/tasks.py", "import fedlora.server.app", "fedlora.core is not allowed to import fedlora.server"),
-        ("client/edge.py", "from fedlora.simulations import cli", "fedlora.client is not allowed to import"),
+        ("client/app.py", "from fedlora.simulations import cli", "fedlora.client is not allowed to import"),
         ("strategies/linalg.py", "from fedlora.core import config", "fedlora.strategies is not allowed to import"),
         ("hub/sdk/names.py", "from fedlora.hub import store", "fedlora.hub.sdk is not allowed to import"),
     ],
