@@ -22,6 +22,12 @@ from fedlora.client.hub_commands import (
     pull,
     push,
 )
+from fedlora.client.identity import default_name
+from fedlora.client.node import NodeError, NodeOptions, start
+from fedlora.core.pki import CertificateError, fingerprint, load_node_public_key, write_node_keypair
+from fedlora.core.tasks import TASKS
+from fedlora.hub.sdk.client import HubRequestError
+from fedlora.hub.sdk.manifest import VerificationError
 
 
 def _finetune_parser(sub: Any) -> None:
@@ -55,6 +61,7 @@ def _finetune_parser(sub: Any) -> None:
 
 
 def _finetune_config(args: argparse.Namespace) -> Any:
+    # lazy: pulls in torch, which this module does not need at import
     from fedlora.client.finetune import FinetuneConfig
 
     values: dict[str, Any] = {}
@@ -166,8 +173,6 @@ def _start_parser(sub: Any) -> None:
 def _keygen(args: argparse.Namespace, console: Console) -> int:
     import socket
 
-    from fedlora.core.pki import fingerprint, load_node_public_key, write_node_keypair
-
     try:
         private, public = write_node_keypair(args.out, args.name or socket.gethostname())
     except (FileExistsError, ValueError, OSError) as e:
@@ -183,10 +188,6 @@ def _keygen(args: argparse.Namespace, console: Console) -> int:
 
 
 def _start(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.client.identity import default_name
-    from fedlora.client.node import NodeError, NodeOptions, start
-    from fedlora.core.pki import CertificateError
-
     try:
         options = NodeOptions(
             server=args.server,
@@ -219,9 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("keygen", "start"):
         return {"keygen": _keygen, "start": _start}[args.command](args, Console(soft_wrap=True))
     if args.command in ("pull", "push", "personalize"):
-        from fedlora.hub.sdk.client import HubRequestError
-        from fedlora.hub.sdk.manifest import VerificationError
-
         if args.command == "personalize":
             _quiet_libraries()
         try:
@@ -233,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     if args.command == "finetune":
         if args.list_tasks:
-            from fedlora.core.tasks import TASKS
-
             for t in TASKS.values():
                 console.print(f"{t.name:12s} {'held out ' if t.held_out else ''}{t.descriptions[0]}")
             return 0
@@ -242,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _finetune_config(args)
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             return _fail(e)
+        # lazy: pulls in torch, which this module does not need at import
         from fedlora.client.finetune import run
 
         try:

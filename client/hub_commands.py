@@ -9,7 +9,11 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.hub.sdk.manifest import GENERATOR_METHODS
+from fedlora.core.embedded import default_model_dir
+from fedlora.hub.sdk.client import PULLED_MANIFEST, HubClient, read_token
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS, describe_base_model, load_public_key, weights_sha256
+from fedlora.hub.sdk.publish import adapter_files, fedlora_version
+from fedlora.hub.sdk.request import MAX_EXAMPLES
 from fedlora.privacy.engines import ENGINES
 
 
@@ -112,9 +116,6 @@ def add_personalize_parser(sub: Any) -> None:
 
 
 def connect(args: argparse.Namespace) -> Any:
-    from fedlora.hub.sdk.client import HubClient, read_token
-    from fedlora.hub.sdk.manifest import load_public_key
-
     key = load_public_key(args.hub_key) if args.hub_key else None
     return HubClient(args.hub, read_token(args.token, args.token_file), key, ca=args.hub_ca)
 
@@ -132,8 +133,6 @@ def pull(args: argparse.Namespace, console: Console) -> int:
                 raise ValueError("--version does not apply to a generated adapter")
             if hub.public_key is None:
                 raise ValueError("pulling needs the hub's public key (--hub-key hub.pub) to verify signatures")
-            from fedlora.core.embedded import default_model_dir
-            from fedlora.hub.sdk.manifest import weights_sha256
 
             local = weights_sha256(args.base_model or default_model_dir())
             record = hub.generate(args.task, args.method, examples, base_model_sha256=local)
@@ -160,8 +159,8 @@ def pull(args: argparse.Namespace, console: Console) -> int:
 
 def _read_examples(path: Path) -> list[Any]:
     """A few examples of a task: JSONL records {"prompt", "completion"} (at most 32)."""
+    # lazy: pulls in torch, which this module does not need at import
     from fedlora.core.data import load_jsonl
-    from fedlora.hub.sdk.request import MAX_EXAMPLES
 
     examples = load_jsonl(path)
     if len(examples) > MAX_EXAMPLES:
@@ -200,8 +199,6 @@ PERSONALIZE_FILE = "personalize.json"
 
 def push_adapter(hub: Any, personal: str, adapter_dir: Path, base_model_dir: Path | None) -> dict[str, Any]:
     """Publish ``adapter_dir`` as clients/<me>/``personal`` with the provenance beside it."""
-    from fedlora.hub.sdk.manifest import describe_base_model
-    from fedlora.hub.sdk.publish import adapter_files, fedlora_version
 
     base = describe_base_model(base_model_dir)
     sidecar = adapter_dir / PERSONALIZE_FILE
@@ -224,7 +221,6 @@ def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> 
     """What a personal adapter claims: this client's lifetime epsilon (the ledger composes the
     federated rounds it took part in with this personalisation), the evaluation of both adapters
     on its held-out split, and the global adapter it started from."""
-    from fedlora.hub.sdk.publish import fedlora_version
 
     g = (global_manifest or {}).get("provenance", {})
     prov: dict[str, Any] = {
@@ -273,9 +269,11 @@ def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> 
 
 
 def personalize(args: argparse.Namespace, console: Console) -> int:
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.client.personalize import DEFAULT_LR, PersonalizeConfig
+
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.client.personalize import personalize as run_personalize
-    from fedlora.hub.sdk.client import PULLED_MANIFEST
 
     if (args.global_run or args.push) and not args.hub:
         raise ValueError("--global and --push need --hub URL and a token")

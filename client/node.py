@@ -34,7 +34,10 @@ from typing import IO
 
 from rich.console import Console
 
+from fedlora.client.trainer import Trainer, socket_path
 from fedlora.core.flower_runner import free_port, terminate_group
+from fedlora.core.pki import NODE_NAME, check_validity, fingerprint, load_certificate
+from fedlora.hub.sdk.manifest import load_public_key
 
 #: backoff between attempts to reach the server or restart the SuperNode (seconds)
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
@@ -73,7 +76,6 @@ class NodeOptions:
     def __post_init__(self) -> None:
         host, port = split_address(self.server)
         del host, port
-        from fedlora.core.pki import NODE_NAME
 
         if not NODE_NAME.fullmatch(self.name):
             raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
@@ -95,7 +97,6 @@ class NodeOptions:
             raise NodeError(f"--hub {self.hub!r}: a URL starting with http:// or https://")
         if self.hub_token_file is None or self.hub_key is None:
             raise NodeError("--hub needs --hub-token-file (this client's token) and --hub-key (the hub's hub.pub)")
-        from fedlora.hub.sdk.manifest import load_public_key
 
         try:
             if not self.hub_token_file.read_text().strip():
@@ -119,8 +120,8 @@ def split_address(address: str) -> tuple[str, int]:
 
 def check_inputs(options: NodeOptions) -> None:
     """Everything local that can be wrong, checked before the first connection."""
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.core.client_data import check_node_data
-    from fedlora.core.pki import check_validity, load_certificate
 
     if options.ca is not None and not options.insecure:
         cert = load_certificate(options.ca)
@@ -137,8 +138,6 @@ def node_public_key(key_path: Path) -> str:
     """The fingerprint of the node's key (what the operator enrolled), from the private key file."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-
-    from fedlora.core.pki import fingerprint
 
     if not key_path.is_file():
         raise NodeError(f"--key {key_path} does not exist (create it with fl-client keygen)")
@@ -385,7 +384,6 @@ def start(options: NodeOptions, console: Console) -> int:
     else:
         assert options.key is not None
         console.print(f"fl-client: node key {node_public_key(options.key)}", markup=False, highlight=False)
-    from fedlora.client.trainer import Trainer, socket_path
 
     # the warm trainer: torch, transformers, PEFT and the base model load once, here, instead of
     # in every client-app process Flower starts per message

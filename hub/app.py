@@ -32,8 +32,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fedlora.hub.generators.service import GeneratorService
+from fedlora.hub.hub_dir import HubDir
 from fedlora.hub.sdk.manifest import public_pem
 from fedlora.hub.sdk.names import Principal
+from fedlora.hub.sdk.request import MAX_REQUEST_BYTES, GenerationRequest
 from fedlora.hub.store import HubError, Registry
 
 log = logging.getLogger("fedlora.hub")
@@ -58,8 +61,6 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
 
     def generator_service() -> Any:
         if not services:
-            from fedlora.hub.generators.service import GeneratorService
-
             services.append(GeneratorService(registry, base_model_dirs))
         return services[0]
 
@@ -149,8 +150,6 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> Response:
-        from fedlora.hub.sdk.request import MAX_REQUEST_BYTES, GenerationRequest
-
         who = principal(request)
         payload = _parse_json(await _read_body(request, MAX_REQUEST_BYTES))
         generation = _checked(lambda: GenerationRequest.from_json(payload))
@@ -220,8 +219,6 @@ def app_from_env() -> FastAPI:
     """uvicorn's factory in each worker process (``fl-hub serve --workers N``): the hub
     directory comes from the serving command through the environment."""
     import os
-
-    from fedlora.hub.hub_dir import HubDir
 
     hub = HubDir(os.environ[HUB_DIR_ENV])
     settings = hub.settings()

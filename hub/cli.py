@@ -27,8 +27,10 @@ from typing import Any
 from rich.console import Console
 
 from fedlora.core.run_dir import RunDir
+from fedlora.hub.evaluate import evaluate_prefix, load_examples
 from fedlora.hub.sdk.client import read_token, remote_client
-from fedlora.hub.sdk.manifest import CONFIG_FILE, GENERATOR_METHODS, load_public_key
+from fedlora.hub.sdk.manifest import CONFIG_FILE, GENERATOR_METHODS, describe_base_model, load_public_key
+from fedlora.hub.sdk.names import Principal
 from fedlora.hub.sdk.publish import HubTarget, fedlora_version, publish_global
 
 
@@ -173,6 +175,7 @@ def _remote_options(p: argparse.ArgumentParser) -> None:
 
 
 def _init(args: argparse.Namespace, console: Console) -> int:
+    # lazy: pulls in sqlalchemy, which this module does not need at import
     from fedlora.hub.hub_dir import DEFAULT_PORT, HubDir, HubSettings
 
     settings = HubSettings(
@@ -192,7 +195,10 @@ def _init(args: argparse.Namespace, console: Console) -> int:
 def _serve(args: argparse.Namespace, console: Console) -> int:
     import uvicorn
 
+    # lazy: pulls in fastapi, which this module does not need at import
     from fedlora.hub.app import BASE_MODELS_ENV, HUB_DIR_ENV, create_app
+
+    # lazy: pulls in sqlalchemy, which this module does not need at import
     from fedlora.hub.hub_dir import HubDir, HubSettings
 
     hub = HubDir(args.dir.resolve())
@@ -229,6 +235,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
 
 def _token(args: argparse.Namespace, console: Console) -> int:
+    # lazy: pulls in sqlalchemy, which this module does not need at import
     from fedlora.hub.hub_dir import HubDir
 
     registry = HubDir(args.dir).registry()
@@ -251,8 +258,8 @@ def _token(args: argparse.Namespace, console: Console) -> int:
 
 
 def _base_model(args: argparse.Namespace, console: Console) -> int:
+    # lazy: pulls in sqlalchemy, which this module does not need at import
     from fedlora.hub.hub_dir import HubDir
-    from fedlora.hub.sdk.manifest import describe_base_model
 
     registry = HubDir(args.dir).registry()
     if args.base_command == "add":
@@ -268,8 +275,8 @@ def _base_model(args: argparse.Namespace, console: Console) -> int:
 
 def _ls(args: argparse.Namespace, console: Console) -> int:
     if args.dir is not None:
+        # lazy: pulls in sqlalchemy, which this module does not need at import
         from fedlora.hub.hub_dir import HubDir
-        from fedlora.hub.sdk.names import Principal
 
         rows = HubDir(args.dir).registry().list(Principal("operator", label="local"), args.prefix, args.query)
     else:
@@ -296,8 +303,6 @@ def _ls(args: argparse.Namespace, console: Console) -> int:
 
 
 def _publish(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.hub.sdk.manifest import describe_base_model
-
     provenance: dict[str, Any] = {}
     if args.provenance is not None:
         provenance = json.loads(args.provenance.read_text())
@@ -334,20 +339,20 @@ def _publish_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _build_experts(args: argparse.Namespace, console: Console) -> int:
+    # lazy: pulls in torch, which this module does not need at import
     from fedlora.hub.generators.commands import build_experts_command
 
     return build_experts_command(args, console)
 
 
 def _train_generator(args: argparse.Namespace, console: Console) -> int:
+    # lazy: pulls in torch, which this module does not need at import
     from fedlora.hub.generators.commands import train_generator_command
 
     return train_generator_command(args, console)
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.hub.evaluate import evaluate_prefix, load_examples
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     examples = load_examples(args.data, args.num_examples, args.seed)

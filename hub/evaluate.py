@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.tasks import Example
+from fedlora.hub.sdk.manifest import describe_base_model
 
 #: the most adapters one evaluation lists (the hub's listing limit)
 LIST_LIMIT = 1000
@@ -40,8 +41,13 @@ class HubEvaluation:
 def load_examples(spec: str, num: int, seed: int) -> list[Example]:
     """A JSONL file of {prompt, completion} (all of it, up to ``num``) or ``embedded:TASK[,TASK]``
     (``num`` examples of the tasks' test streams)."""
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
+
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.core.config import FederationConfig
+
+    # lazy: pulls in torch, which this module does not need at import
     from fedlora.core.data import load_jsonl
 
     if num < 1:
@@ -66,10 +72,14 @@ def evaluate_prefix(
 ) -> HubEvaluation:
     """Fetch (verified) the latest adapter of every name under ``prefix`` made for the local base
     model and score them all on ``examples``."""
+    # lazy: pulls in torch, which this module does not need at import
     from fedlora.core.data import encode
+
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.core.model import load_base_model, load_tokenizer, max_positions
+
+    # lazy: pulls in peft, which this module does not need at import
     from fedlora.core.multi_adapter import LoadedAdapter, check_fits, evaluate_many
-    from fedlora.hub.sdk.manifest import describe_base_model
 
     if not examples:
         raise ValueError("no examples to evaluate on")

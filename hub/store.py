@@ -45,6 +45,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from fedlora.atomic import fsync_dir, write_atomic
 from fedlora.hub.sdk.manifest import (
     AdapterInfo,
+    BaseModel,
     Provenance,
     build_manifest,
     canonical,
@@ -363,8 +364,6 @@ class Registry:
 
     # --- base models ------------------------------------------------------------------
     def add_base_model(self, model_id: str, sha256: str) -> None:
-        from fedlora.hub.sdk.manifest import BaseModel
-
         BaseModel(model_id, sha256)
         with self.session() as s, s.begin():
             row = s.get(BaseModelRow, model_id)

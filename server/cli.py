@@ -21,6 +21,12 @@ from typing import Any
 
 from rich.console import Console
 
+from fedlora.core.flower_runner import SimulationError
+from fedlora.core.pki import CertificateError
+from fedlora.hub.sdk.publish import Following, RunPublisher, add_hub_options, fedlora_version, hub_target
+from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
+from fedlora.server.server_dir import ServerDir
+
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     """Write report/privacy.{json,md,html} for a run directory and print the headline and paths."""
@@ -47,6 +53,7 @@ def _error(message: object) -> int:
 
 def _run_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``--run-config 'k=v k2=v2'`` through Flower's own parser (strings quoted)."""
+    # lazy: pulls in flwr, which this module does not need at import
     from fedlora.core.cli import parse_run_config_pairs
 
     return parse_run_config_pairs(pairs)
@@ -54,7 +61,6 @@ def _run_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 def _init(args: argparse.Namespace, console: Console) -> int:
     """Create the server directory and say what each client needs."""
-    from fedlora.server.server_dir import ServerDir
 
     try:
         sd = ServerDir.init(
@@ -88,8 +94,6 @@ def _init(args: argparse.Namespace, console: Console) -> int:
 
 
 def _enroll(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.server.server_dir import ServerDir
-
     try:
         sd = ServerDir(args.server_dir)
         if not sd.settings_path.is_file():
@@ -103,8 +107,6 @@ def _enroll(args: argparse.Namespace, console: Console) -> int:
 
 
 def _revoke(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.server.server_dir import ServerDir
-
     try:
         enrollment = ServerDir(args.server_dir).revoke(args.name)
     except (ValueError, FileNotFoundError) as err:
@@ -115,11 +117,8 @@ def _revoke(args: argparse.Namespace, console: Console) -> int:
 
 def _start(args: argparse.Namespace, console: Console) -> int:
     """Validate everything, then run the federation until it ends or Ctrl-C."""
+    # lazy: pulls in flwr, which this module does not need at import
     from fedlora.core.cli import report_published, summary
-    from fedlora.core.flower_runner import SimulationError
-    from fedlora.core.pki import CertificateError
-    from fedlora.hub.sdk.publish import Following, RunPublisher, fedlora_version, hub_target
-    from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
 
     try:
         options = StartOptions(
@@ -165,7 +164,6 @@ def _start(args: argparse.Namespace, console: Console) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fl-server`` parser with one subparser per verb."""
-    from fedlora.hub.sdk.publish import add_hub_options
 
     parser = argparse.ArgumentParser(prog="fl-server", description="fedlora server")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from fedlora.core.pki import fingerprint_pem
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -55,7 +57,6 @@ def is_loopback(host: str | None) -> bool:
 
 def key_fingerprint(header_value: bytes) -> str:
     """SSH-style fingerprint of the PEM key a SuperNode sent (base64 in a header)."""
-    from fedlora.core.pki import fingerprint_pem
 
     try:
         return fingerprint_pem(base64.b64decode(header_value, validate=True))

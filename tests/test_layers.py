@@ -74,7 +74,8 @@ def _python_files() -> list[Path]:
 
 
 def _function_level_own_imports(path: Path) -> list[tuple[int, str, str]]:
-    """(line, imported module, source line) of every ``fedlora`` import inside a function body."""
+    """(line, imported module, source line with the line above) of every ``fedlora`` import inside a
+    function body."""
     source = path.read_text()
     lines = source.splitlines()
     found: list[tuple[int, str, str]] = []
@@ -88,7 +89,8 @@ def _function_level_own_imports(path: Path) -> list[tuple[int, str, str]]:
             elif isinstance(child, ast.ImportFrom):
                 names = ["fedlora"] if child.level else [child.module or ""]
             if in_function and any(n == "fedlora" or n.startswith("fedlora.") for n in names):
-                found.append((child.lineno, names[0], lines[child.lineno - 1]))
+                above = lines[child.lineno - 2] if child.lineno >= 2 else ""
+                found.append((child.lineno, names[0], above + "\n" + lines[child.lineno - 1]))
             visit(child, inside)
 
     visit(ast.parse(source), False)
@@ -98,7 +100,7 @@ def _function_level_own_imports(path: Path) -> list[tuple[int, str, str]]:
 def test_own_imports_inside_functions_are_declared_lazy() -> None:
     """An own-module import inside a function hides a cycle unless it defers a heavy dependency
     (torch, flwr, transformers...) from a light path such as a CLI's start: those say so with
-    ``# lazy: <why>`` on the line."""
+    ``# lazy: <why>`` on the line or the line above."""
     undeclared = [
         f"{path.relative_to(PACKAGE)}:{line}: {text.strip()}"
         for path in _python_files()

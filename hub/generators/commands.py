@@ -9,18 +9,18 @@ from dataclasses import asdict
 import torch
 from rich.console import Console
 
-from fedlora.core.model import ALL_LINEAR, LoraSettings
+from fedlora.atomic import atomic_directory
+from fedlora.core.model import ALL_LINEAR, LoraSettings, load_base_model, load_tokenizer
 from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
 from fedlora.hub.generators.library import ExpertLibrary
 from fedlora.hub.generators.registry import generator_class
 from fedlora.hub.sdk.client import remote_client
 from fedlora.hub.sdk.manifest import describe_base_model
+from fedlora.hub.sdk.publish import fedlora_version
 
 
 def build_experts_command(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.hub.sdk.publish import fedlora_version
-
     torch.set_num_threads(args.threads)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or (ALL_LINEAR,)
     cfg = ExpertConfig(
@@ -63,10 +63,6 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def train_generator_command(args: argparse.Namespace, console: Console) -> int:
-    from fedlora.atomic import atomic_directory
-    from fedlora.core.model import load_base_model, load_tokenizer
-    from fedlora.hub.sdk.publish import fedlora_version
-
     torch.set_num_threads(args.threads)
     settings = CVAESettings(steps=args.steps, seed=args.seed)
     base = describe_base_model(args.base_model)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedlora.core.model import max_positions
 from fedlora.core.tasks import Example
 
 NUMBER = re.compile(r"(?<![\w.])(\d{1,4})(?!\w|\.\d)|\b([a-z]+)\b")
@@ -173,7 +174,6 @@ def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example])
     token of each ``prompt + completion``, averaged over the examples (hidden_size,)."""
     if not examples:
         raise ValueError("a hidden-state task vector needs at least one example")
-    from fedlora.core.model import max_positions  # transformers and PEFT: only for requests with examples
 
     texts = [e.prompt + e.completion for e in examples]
     max_len = max_positions(model)

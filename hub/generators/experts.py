@@ -35,7 +35,7 @@ from fedlora.core.run_dir import RunDir
 from fedlora.core.tasks import Task, get_task, seen_tasks
 from fedlora.core.train import TrainSettings, batches, evaluate, train
 from fedlora.hub.generators.library import BUILD_FILE, TASK_FILE
-from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model
+from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model, read_adapter_dir
 from fedlora.hub.sdk.request import examples_json
 
 #: the expert adapters' default shape: small enough for a generator to model every parameter
@@ -254,7 +254,6 @@ def federated_checkpoints(
 def publish_experts(hub: Any, root: str | Path, build: str, producer: str, names: Sequence[str] = ()) -> list[str]:
     """Publish every checkpoint of every expert under ``root`` as versions of ``tasks/<task>``
     (oldest checkpoint first, so the latest version is the final adapter)."""
-    from fedlora.hub.sdk.manifest import read_adapter_dir
 
     root = Path(root)
     base = json.loads((root / BUILD_FILE).read_text())["config"]["base_model"]

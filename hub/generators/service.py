@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.core.model import load_base_model, load_tokenizer
 from fedlora.hub.generators.base import Generator
 from fedlora.hub.generators.registry import load_generator
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model
@@ -117,8 +118,6 @@ class GeneratorService:
         """The base model (and tokenizer) whose weights have ``sha256``: the embedded one or a
         directory given to ``fl-hub serve --base-model``."""
         if sha256 not in self._task_models:
-            from fedlora.core.model import load_base_model, load_tokenizer
-
             if self._base_dirs is None:  # hashed once per process
                 candidates: list[Path | None] = [None, *self.base_model_dirs]
                 self._base_dirs = {describe_base_model(p).sha256: p for p in candidates}

@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedlora.core.embedded import default_model_dir
 from fedlora.hub.sdk.manifest import (
+    ADAPTER_FILES,
     VerificationError,
     load_public_key,
     read_adapter_dir,
@@ -26,6 +28,7 @@ from fedlora.hub.sdk.manifest import (
     write_adapter_dir,
 )
 from fedlora.hub.sdk.names import check_name, check_prefix
+from fedlora.hub.sdk.request import GenerationRequest
 
 PULLED_MANIFEST = "hub_manifest.json"
 
@@ -160,8 +163,6 @@ class HubClient:
                 )
         base = manifest["provenance"]["base_model"]
         if base_model_dir is None:
-            from fedlora.core.embedded import default_model_dir
-
             base_model_dir = default_model_dir()
         local = weights_sha256(base_model_dir)
         if local != base["sha256"]:
@@ -203,7 +204,6 @@ class HubClient:
     ) -> dict[str, Any]:
         """Ask the hub for a zero-shot adapter; the answer is the signed record of
         ``generated/<id>`` (pull it by that record to verify and write it)."""
-        from fedlora.hub.sdk.request import GenerationRequest
 
         if self.public_key is None:
             raise ValueError("generating needs the hub's public key (--hub-key hub.pub) to verify the answer")
@@ -239,7 +239,6 @@ class HubClient:
 def _previous_pull(out: Path) -> dict[str, Any] | None:
     """The manifest of what an earlier pull wrote to ``out`` (None: nothing there); anything
     else in ``out`` (a user's files) is refused, never replaced."""
-    from fedlora.hub.sdk.manifest import ADAPTER_FILES
 
     if not out.exists():
         return None

@@ -33,6 +33,7 @@ from fedlora.core.adapter_format import BASE_DELTA_FILE as BASE_DELTA_FILE
 from fedlora.core.adapter_format import CONFIG_FILE as CONFIG_FILE
 from fedlora.core.adapter_format import WEIGHTS_FILE as WEIGHTS_FILE
 from fedlora.core.adapter_format import read_adapter_dir as read_adapter_dir
+from fedlora.core.embedded import default_model_dir
 
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
@@ -437,7 +438,6 @@ def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
 
     The id is informative (the embedded model's, else ``_name_or_path`` of its config, else
     the directory's name); the hash is what the hub and a pull compare."""
-    from fedlora.core.embedded import default_model_dir
 
     path = Path(model_dir) if model_dir else default_model_dir()
     if path.resolve() == default_model_dir().resolve():

@@ -20,8 +20,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedlora.core.run_dir import RunDir
-from fedlora.hub.sdk.client import HubClient, HubRequestError
-from fedlora.hub.sdk.manifest import CONFIG_FILE, VerificationError, describe_base_model, read_adapter_dir
+from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
+from fedlora.hub.sdk.manifest import (
+    CONFIG_FILE,
+    VerificationError,
+    describe_base_model,
+    load_public_key,
+    read_adapter_dir,
+)
 from fedlora.hub.sdk.names import check_segment
 
 log = logging.getLogger("fedlora.hub")
@@ -116,6 +122,7 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
             "accountant": report.get("accountant"),
         }
     else:  # a round's adapter: the largest lifetime epsilon the clients reported so far
+        # lazy: pulls in matplotlib, which this module does not need at import
         from fedlora.privacy.report import PRIVACY_UNIT  # torch, Opacus: only here (the hub itself never loads them)
 
         plan = run.plan(missing_ok=True) or {}
@@ -227,8 +234,6 @@ def add_hub_options(p: Any) -> None:
 def hub_target(url: str | None, token_file: Path | None, key_file: Path | None, every_round: bool) -> HubTarget | None:
     """A validated target, or None without a URL; a token file or key that is missing fails now,
     before a run starts, not after it finished."""
-    from fedlora.hub.sdk.client import read_token
-    from fedlora.hub.sdk.manifest import load_public_key
 
     if not url:
         if token_file or key_file or every_round:
