@@ -76,7 +76,7 @@ from sim_scale import QUIET, TAG_VAR, MemorySampler, wait_until_quiet  # noqa: E
 from fedlora.core.flower_runner import (  # noqa: E402
     CONNECTION,
     RUN_TAG_VAR,
-    SimulationError,
+    FlowerRunError,
     _FlowerCli,
     _json_object,
     _kill_tagged,
@@ -865,5 +865,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except SimulationError as exc:  # the SuperLink did not come up
+    except FlowerRunError as exc:  # the SuperLink did not come up
         sys.exit(f"error: {exc}")

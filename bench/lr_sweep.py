@@ -2,7 +2,7 @@
 
 Each cell is one run of our real Flower server and client apps (``fedlora.server.app:app``,
 ``fedlora.client.app:app``) on a private SuperLink with Ray simulation, through
-:func:`fedlora.core.flower_runner.run_simulation_app`; the numbers come from the run's own
+:func:`fedlora.core.flower_runner.run_flower_app`; the numbers come from the run's own
 ``metrics.jsonl``. This is the sweep behind the per-strategy defaults (``defaults =
 AlgorithmDefaults(...)`` in each method's module in ``strategies/``): frozen-factor methods (FFA-LoRA, FedSVD,
 RoLoRA's half-rounds) move only one factor, so their grid starts at plain LoRA's rate and
@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
-from fedlora.core.flower_runner import SimulationError, SimulationRequest, run_simulation_app
+from fedlora.core.flower_runner import FlowerRunError, FlowerRunRequest, run_flower_app
 from fedlora.core.run_dir import RunDir
 from fedlora.strategies.registry import STRATEGIES
 
@@ -157,7 +157,7 @@ def run_one(settings: Settings, strategy: str, lr: float, seed: int, workroot: P
     """One federated simulation; failures are recorded, not raised, so the sweep goes on."""
     cell = workroot / f"{strategy}_lr{lr:g}_seed{seed}"
     run_dir = cell / "run"
-    request = SimulationRequest(
+    request = FlowerRunRequest(
         components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
@@ -170,8 +170,8 @@ def run_one(settings: Settings, strategy: str, lr: float, seed: int, workroot: P
     result = RunResult(strategy=strategy, lr=lr, seed=seed, status="not-started")
     started = time.monotonic()
     try:
-        outcome = run_simulation_app(request)
-    except SimulationError as err:
+        outcome = run_flower_app(request)
+    except FlowerRunError as err:
         result.status, result.error = "simulation-error", str(err).splitlines()[0][:300]
     else:
         result.status = outcome.status + (" (timed out)" if outcome.timed_out else "")

@@ -70,7 +70,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from fedlora.core.flower_runner import SimulationOutcome, SimulationRequest, run_simulation_app  # noqa: E402
+from fedlora.core.flower_runner import FlowerRunOutcome, FlowerRunRequest, run_flower_app  # noqa: E402
 
 TAG_VAR = "FEDLORA_BENCH_TAG"
 SAMPLED = 10  # clients sampled per round, for training and for evaluation
@@ -334,7 +334,7 @@ class RunResult:
 
 def ours_request(
     n: int, rounds: int, workdir: Path, tmp: Path, tag: str, extra: Mapping[str, str] | None = None
-) -> SimulationRequest:
+) -> FlowerRunRequest:
     federation = import_app_module("fedlora.core.config")
     defaults: Mapping[str, Any] = federation.DEFAULT_RUN_CONFIG
     overrides: dict[str, bool | int | float | str] = {
@@ -362,7 +362,7 @@ def ours_request(
     )
 
 
-def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> SimulationRequest:
+def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> FlowerRunRequest:
     bare = import_app_module("bare_fedavg")
     overrides: dict[str, bool | int | float | str] = {
         "num-clients": n,
@@ -385,9 +385,9 @@ def _request(
     workdir: Path,
     tag: str,
     pythonpath: tuple[Path, ...] = (),
-) -> SimulationRequest:
+) -> FlowerRunRequest:
     """One benchmark run: n supernodes, one CPU per actor, tagged so its processes can be measured."""
-    return SimulationRequest(
+    return FlowerRunRequest(
         components=components,
         app_name=app_name,
         default_config=dict(defaults),
@@ -438,9 +438,9 @@ def run_one(
     print(f"# running {app} with {n:,} clients ...", flush=True)
     with MemorySampler(tag) as memory:
         try:
-            outcome: SimulationOutcome | None = run_simulation_app(request, on_log_line=clock)
+            outcome: FlowerRunOutcome | None = run_flower_app(request, on_log_line=clock)
             error = ""
-        except Exception as exc:  # SimulationError, or app code broken mid-edit
+        except Exception as exc:  # FlowerRunError, or app code broken mid-edit
             outcome, error = None, f"{type(exc).__name__}: {exc}"
     status = outcome.status if outcome is not None else "error"
     if outcome is not None and outcome.timed_out:

@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.core.flower_runner import SimulationError
+from fedlora.core.flower_runner import FlowerRunError
 from fedlora.core.pki import CertificateError
 from fedlora.hub.sdk.publish import Following, RunPublisher, add_hub_options, fedlora_version, hub_target
 from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
@@ -152,7 +152,7 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
         )
         return 130
-    except SimulationError as err:
+    except FlowerRunError as err:
         return _error(err)
     if not outcome.completed:
         detail = outcome.status_details if outcome.status_details not in ("", "N/A") else outcome.log_path

@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.core.flower_runner import Deployment, SimulationRequest, run_simulation_app
+from fedlora.core.flower_runner import Deployment, FlowerRunRequest, run_flower_app
 from fedlora.core.run_dir import RunDir
 from fedlora.server.server_dir import ServerDir
 
@@ -157,7 +157,7 @@ def run_plan(
 
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    request = SimulationRequest(
+    request = FlowerRunRequest(
         # fedlora.client.app: a thin process per message that hands the work to the node's warm trainer
         components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
@@ -179,9 +179,9 @@ def run_plan(
             on_log_line(line)
 
     if quiet:
-        return run_simulation_app(request, log_line)
+        return run_flower_app(request, log_line)
     with Progress(console, plan.run_dir, plan.num_rounds, plan.start_round):
-        return run_simulation_app(request, log_line)
+        return run_flower_app(request, log_line)
 
 
 class _WaitingLine:

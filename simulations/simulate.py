@@ -17,7 +17,7 @@ import fedlora
 from fedlora.core.cli import Progress, parse_run_config_pairs
 from fedlora.core.client_data import build_partition, client_train_sizes
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
-from fedlora.core.flower_runner import SimulationRequest, run_simulation_app
+from fedlora.core.flower_runner import FlowerRunRequest, run_flower_app
 from fedlora.core.run_dir import RunDir
 from fedlora.privacy.engines import ENGINES
 
@@ -194,7 +194,7 @@ def simulate(
     if cfg.data_path:
         overrides["data-path"] = str(Path(cfg.data_path).resolve())
     run.root.mkdir(parents=True, exist_ok=True)
-    request = SimulationRequest(
+    request = FlowerRunRequest(
         components=("fedlora.server.app:app", "fedlora.client.app:app"),
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
@@ -215,6 +215,6 @@ def simulate(
 
     start_round = run.last_round() if cfg.resume else 0
     if quiet:
-        return run_simulation_app(request, log_line)
+        return run_flower_app(request, log_line)
     with Progress(console, run.root, cfg.num_rounds, start_round):
-        return run_simulation_app(request, log_line)
+        return run_flower_app(request, log_line)

@@ -22,7 +22,7 @@ import pytest
 from flower_echo.apps import INITIAL_WEIGHTS
 
 from fedlora.core import flower_runner as runner
-from fedlora.core.flower_runner import SimulationError, SimulationOutcome, SimulationRequest, run_simulation_app
+from fedlora.core.flower_runner import FlowerRunError, FlowerRunOutcome, FlowerRunRequest, run_flower_app
 
 TESTS = Path(__file__).resolve().parent
 ECHO_SERVER = "flower_echo.apps:server_app"
@@ -38,7 +38,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
 }
 
 
-def _request(workdir: Path, **changes: Any) -> SimulationRequest:
+def _request(workdir: Path, **changes: Any) -> FlowerRunRequest:
     fields: dict[str, Any] = {
         "components": (ECHO_SERVER, ECHO_CLIENT),
         "app_name": "flower-echo",
@@ -50,7 +50,7 @@ def _request(workdir: Path, **changes: Any) -> SimulationRequest:
         "pythonpath": (TESTS,),  # the SuperLink's processes import flower_echo from here
     }
     fields.update(changes)
-    return SimulationRequest(**fields)
+    return FlowerRunRequest(**fields)
 
 
 def _live_descendants() -> list[str]:
@@ -215,7 +215,7 @@ def test_echo_simulation_gives_the_weighted_average(tmp_path: Path, monkeypatch:
     overrides = {"num-rounds": 2, "lr": 0.3, "out-dir": str(out), "tag": "from-test", "audit.save-updates": True}
     lines: list[str] = []
 
-    outcome = run_simulation_app(_request(tmp_path / "run", overrides=overrides), on_log_line=lines.append)
+    outcome = run_flower_app(_request(tmp_path / "run", overrides=overrides), on_log_line=lines.append)
 
     assert outcome.status == "finished:completed", outcome
     assert outcome.completed and not outcome.timed_out and outcome.leftover_pids_killed == ()
@@ -249,12 +249,12 @@ def test_echo_simulation_gives_the_weighted_average(tmp_path: Path, monkeypatch:
 def test_failing_server_app_and_timeout_are_reported_and_cleaned_up(tmp_path: Path) -> None:
     """Two runs at once (the runner holds no global state): a ServerApp that raises, and one
     that waits forever for 5 nodes out of 3, which only the runner's timeout ends."""
-    outcomes: dict[str, SimulationOutcome] = {}
+    outcomes: dict[str, FlowerRunOutcome] = {}
     errors: dict[str, BaseException] = {}
 
-    def run(name: str, request: SimulationRequest) -> None:
+    def run(name: str, request: FlowerRunRequest) -> None:
         try:
-            outcomes[name] = run_simulation_app(request)
+            outcomes[name] = run_flower_app(request)
         except BaseException as exc:  # surfaced by the asserts below
             errors[name] = exc
 
@@ -285,6 +285,6 @@ def test_failing_server_app_and_timeout_are_reported_and_cleaned_up(tmp_path: Pa
 @pytest.mark.flower
 def test_flwr_run_failure_raises_with_the_cli_output(tmp_path: Path) -> None:
     request = _request(tmp_path, components=("flower_echo.no_such_module:app", ECHO_CLIENT))
-    with pytest.raises(SimulationError, match=r"(?s)`flwr run` failed.*flower_echo.no_such_module"):
-        run_simulation_app(request)
+    with pytest.raises(FlowerRunError, match=r"(?s)`flwr run` failed.*flower_echo.no_such_module"):
+        run_flower_app(request)
     assert _live_descendants() == []

@@ -10,7 +10,7 @@ finishes), read the final status with ``flwr ls`` and always tear everything dow
 The app directory holds only a generated ``pyproject.toml`` (see :func:`write_app_dir`):
 ``flwr run`` ships the whole directory as a FAB, which drops ``*.safetensors`` and would
 shadow our installed packages, so the app code is imported from the environment of the
-SuperLink (our virtualenv plus ``SimulationRequest.pythonpath``). The same directory and
+SuperLink (our virtualenv plus ``FlowerRunRequest.pythonpath``). The same directory and
 run-config file work by hand: ``flwr run APP_DIR CONNECTION --run-config run_config.toml``.
 
 Everything listens on 127.0.0.1 only (the SuperLink, and Ray, which otherwise binds every
@@ -69,8 +69,8 @@ _TEARDOWN_GRACE = 5.0  # for processes to leave on their own before SIGKILL
 _LOG_TAIL_LINES = 40
 
 
-class SimulationError(RuntimeError):
-    """The simulation machinery (SuperLink, `flwr` CLI) failed, as opposed to the app."""
+class FlowerRunError(RuntimeError):
+    """The run machinery (SuperLink, SuperNodes, `flwr` CLI) failed, as opposed to the app."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,8 +99,9 @@ class Deployment:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimulationRequest:
-    """Everything one simulation run needs; validated here, once, with clear messages.
+class FlowerRunRequest:
+    """Everything one run of a Flower app needs (a simulation, or with ``deployment`` real SuperNodes);
+    validated here, once, with clear messages.
 
     ``default_config`` becomes ``[tool.flwr.app.config]``; keys may be dotted
     (``"audit.save-updates"``), which Flower hands to the apps under the same dotted key.
@@ -162,7 +163,7 @@ class SimulationRequest:
 
 
 @dataclass(frozen=True)
-class SimulationOutcome:
+class FlowerRunOutcome:
     """What happened: Flower's final status plus where to look for details.
 
     ``status`` is Flower's ``finished:completed|failed|stopped`` (``stopped`` after our
@@ -345,15 +346,13 @@ def write_run_config(path: Path, overrides: Mapping[str, ConfigValue]) -> Path:
 # --------------------------------------------------------------------------- running
 
 
-def run_simulation_app(
-    request: SimulationRequest, on_log_line: Callable[[str], None] | None = None
-) -> SimulationOutcome:
+def run_flower_app(request: FlowerRunRequest, on_log_line: Callable[[str], None] | None = None) -> FlowerRunOutcome:
     """Run one simulation end to end and always tear it down.
 
     ``on_log_line`` receives each line of the run's log (ANSI colours stripped) as it
     arrives, in the calling thread; the same lines go to ``workdir/logs/run.log``. After
     ``request.timeout`` seconds the run is stopped (``flwr stop``) and the outcome says
-    ``timed_out``. Raises :class:`SimulationError` when the SuperLink or ``flwr`` CLI fails.
+    ``timed_out``. Raises :class:`FlowerRunError` when the SuperLink or ``flwr`` CLI fails.
     """
     started = time.monotonic()
     deadline = started + request.timeout
@@ -397,7 +396,7 @@ def run_simulation_app(
                 break
             if deployment is None and attempt < 2 and "address already in use" in _tail(paths.superlink).lower():
                 continue  # lost the race for the free port
-            raise SimulationError(_describe(f"SuperLink exited with code {link.returncode} at start", paths))
+            raise FlowerRunError(_describe(f"SuperLink exited with code {link.returncode} at start", paths))
         _write_connection(home, port, ca_file)
         if deployment is not None:
             _register_nodes(cli, deployment.nodes, paths)
@@ -416,7 +415,7 @@ def run_simulation_app(
         shutil.rmtree(ray_tmp, ignore_errors=True)
         if reaper is not None:
             _release_reaper(reaper)
-    return SimulationOutcome(
+    return FlowerRunOutcome(
         run_id=run_id,
         status=status[0],
         status_details=status[1],
@@ -475,7 +474,7 @@ def _flower_bin_dir() -> Path:
         n for n in ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation") if not (bin_dir / n).exists()
     ]
     if missing:
-        raise SimulationError(
+        raise FlowerRunError(
             f"{bin_dir} lacks {missing}: install flwr[simulation] in the environment of {sys.executable}"
         )
     return bin_dir
@@ -485,7 +484,7 @@ def _short_tmp_root() -> str:
     return "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
 
 
-def _child_env(request: SimulationRequest, *, bin_dir: Path, home: Path, ray_tmp: Path, tag: str) -> dict[str, str]:
+def _child_env(request: FlowerRunRequest, *, bin_dir: Path, home: Path, ray_tmp: Path, tag: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _RESERVED_ENV}
     env.update(
         {
@@ -559,7 +558,7 @@ def _wait_healthy(
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise SimulationError(_describe(f"SuperLink on port {port} did not become healthy in time", paths))
+            raise FlowerRunError(_describe(f"SuperLink on port {port} did not become healthy in time", paths))
         time.sleep(0.1)
 
 
@@ -586,11 +585,11 @@ def _register_nodes(cli: _FlowerCli, nodes: Iterable[tuple[str, Path]], paths: _
     with ThreadPoolExecutor(max_workers=8) as pool:
         errors = [e for e in pool.map(register, nodes) if e is not None]
     if errors:
-        raise SimulationError(_describe("; ".join(errors), paths))
+        raise FlowerRunError(_describe("; ".join(errors), paths))
 
 
 def _submit(
-    cli: _FlowerCli, request: SimulationRequest, app_dir: Path, run_config: Path, deadline: float, paths: _LogPaths
+    cli: _FlowerCli, request: FlowerRunRequest, app_dir: Path, run_config: Path, deadline: float, paths: _LogPaths
 ) -> int:
     args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
     if request.deployment is None:
@@ -603,11 +602,11 @@ def _submit(
     budget = min(_CLI_TIMEOUT, deadline - time.monotonic())
     done = cli.call([*args, "--format", "json"], timeout=max(budget, 1.0))
     if done is None:
-        raise SimulationError(_describe(f"`flwr run` did not answer within {max(budget, 1.0):.0f} s", paths))
+        raise FlowerRunError(_describe(f"`flwr run` did not answer within {max(budget, 1.0):.0f} s", paths))
     payload = _json_object(done.stdout)
     if done.returncode != 0 or not payload.get("success") or not payload.get("run-id"):
         reason = str(payload.get("error-message") or (done.stdout + done.stderr)).strip()
-        raise SimulationError(_describe(f"`flwr run` failed: {reason}", paths))
+        raise FlowerRunError(_describe(f"`flwr run` failed: {reason}", paths))
     return int(payload["run-id"])
 
 
@@ -653,7 +652,7 @@ def _follow_logs(
                     if on_log_line is not None:
                         on_log_line(text)
                 if superlink.poll() is not None:
-                    raise SimulationError(
+                    raise FlowerRunError(
                         _describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths)
                     )
                 if time.monotonic() > deadline:
@@ -676,10 +675,10 @@ def _wait_finished(
     """Flower's final (status, details); None if the run is not finished by the deadline."""
     while True:
         if superlink.poll() is not None:
-            raise SimulationError(_describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths))
+            raise FlowerRunError(_describe(f"SuperLink died (exit {superlink.returncode}) during the run", paths))
         status = _read_status(cli, run_id)
         if status is None:
-            raise SimulationError(_describe(f"`flwr ls` could not report run {run_id}", paths))
+            raise FlowerRunError(_describe(f"`flwr ls` could not report run {run_id}", paths))
         if status[0].startswith("finished"):
             return status
         if time.monotonic() > deadline:
