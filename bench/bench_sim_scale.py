@@ -1,6 +1,6 @@
 """Simulation scale benchmark: round time and whole-run memory at 10 to 10,000 virtual clients.
 
-Run ``python bench/sim_scale.py`` (sizes 10, 1,000 and 10,000; several minutes) or ``--quick``
+Run ``python bench/bench_sim_scale.py`` (sizes 10, 1,000 and 10,000; several minutes) or ``--quick``
 (sizes 10 and 100, a smoke check). Absolute figures first, then ``peak_mb_10000 = <value>``
 and one ``ratio round_time_ours_vs_bare_<N> = <value>`` line per size, ratios last.
 
@@ -14,7 +14,7 @@ test examples per client, no DP:
 - ours: fedlora's ServerApp / ClientApp (``fedlora.server.app:app``, ``fedlora.client.app:app``) with
   strategy fedavg-lora, an IID split of the embedded tasks (when the run config has the
   partition key), a run directory in a temporary directory;
-- bare: ``bench/bare_fedavg.py``, stock ``flwr.serverapp.strategy.FedAvg`` and a minimal
+- bare: ``bench/bench_bare_fedavg.py``, stock ``flwr.serverapp.strategy.FedAvg`` and a minimal
   ClientApp training the same LoRA model with the same building blocks on one embedded
   task per partition, model cached per worker process, one torch thread.
 
@@ -84,7 +84,7 @@ TASKS = "adddigit-4,rotate-2,repeat-3,sort-desc"
 APPS = ("ours", "bare")
 
 
-APP_PACKAGES = ("client", "server", "strategies", "privacy", "bare_fedavg")
+APP_PACKAGES = ("client", "server", "strategies", "privacy", "bench_bare_fedavg")
 
 
 def import_app_module(name: str, attempts: int = 5, wait: float = 60.0) -> ModuleType:
@@ -363,7 +363,7 @@ def ours_request(
 
 
 def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> SimulationRequest:
-    bare = import_app_module("bare_fedavg")
+    bare = import_app_module("bench_bare_fedavg")
     overrides: dict[str, bool | int | float | str] = {
         "num-clients": n,
         "fraction-train": SAMPLED / n,
@@ -372,7 +372,7 @@ def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> SimulationRequ
         **WORKLOAD,
         "tasks": TASKS,
     }
-    components = ("bare_fedavg:server_app", "bare_fedavg:client_app")
+    components = ("bench_bare_fedavg:server_app", "bench_bare_fedavg:client_app")
     return _request(components, "bare-fedavg", bare.DEFAULT_CONFIG, overrides, n, workdir, tag, (BENCH,))
 
 

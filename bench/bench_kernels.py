@@ -10,7 +10,7 @@
   LoRA r=8 on all linear layers, batch 32, through ``fedlora.privacy.dp.dp_sgd``: ``dp.engine = fused``
   against ``opacus`` (goal: >= parity).
 
-Run: ``python bench/kernels.py``; the last lines are the ratios (> 1: the first named is faster).
+Run: ``python bench/bench_kernels.py``; the last lines are the ratios (> 1: the first named is faster).
 
 glibc's malloc returns freed megabyte-sized buffers to the OS and takes them back with page
 faults, depending on what ran before: measured here, that alone made the same gathered matmul
@@ -31,9 +31,6 @@ from pathlib import Path
 
 import torch
 
-# the repo instead of bench/ on the path: transformers probes for the optional package "kernels"
-# by importing it, which would otherwise import this script a second time
-sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.core.multi_adapter import lora_gathered

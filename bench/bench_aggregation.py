@@ -1,6 +1,6 @@
 """Aggregation benchmark: streaming memory and time per reply, and LoRA-FAIR's two solvers.
 
-Run ``python bench/aggregation.py`` (about 2 minutes on two idle cores) or ``--quick`` (smaller
+Run ``python bench/bench_aggregation.py`` (about 2 minutes on two idle cores) or ``--quick`` (smaller
 adapter and LoRA-FAIR module, about half a minute). Absolute figures first, then one
 ``ratio <name> = <value>`` line per ratio.
 
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procmem import reset_peak, status_mb
+from bench_procmem import reset_peak, status_mb
 
 from fedlora.strategies import (
     ErrorSketch,

@@ -1,6 +1,6 @@
 """Hub load benchmark: pull throughput and latency of ``fl-hub serve`` under 64 concurrent clients.
 
-Run ``python bench/hub_load.py`` (about 1 minute on two idle cores; longer while it waits for
+Run ``python bench/bench_hub_load.py`` (about 1 minute on two idle cores; longer while it waits for
 other processes to finish) and ``--save`` to write ``bench/results/hub_load.txt``;
 ``--hub-src DIR`` serves the ``hub`` package in ``DIR`` instead of the installed one (to measure
 a patch side by side with the bare app). Absolute figures first, then ``ratio <name> = <value>``
@@ -763,7 +763,7 @@ def publish_and_snapshot(
     from fedlora.hub.sdk.manifest import describe_base_model, load_public_key
 
     key = load_public_key(hub_dir / "hub.pub")
-    provenance = {"base_model": describe_base_model().__dict__, "producer": "bench/hub_load.py"}
+    provenance = {"base_model": describe_base_model().__dict__, "producer": "bench/bench_hub_load.py"}
     with HubClient(hub.url, operator, key) as client:
         client.publish(ADAPTER, files, provenance)
     (bare_dir / "blobs").mkdir(parents=True, exist_ok=True)

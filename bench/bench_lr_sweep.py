@@ -8,7 +8,7 @@ Each cell is one run of our real Flower server and client apps (``fedlora.server
 RoLoRA's half-rounds) move only one factor, so their grid starts at plain LoRA's rate and
 goes 30x higher.
 
-Run ``python bench/lr_sweep.py`` (24 runs, about 30 minutes on two shared cores) or
+Run ``python bench/bench_lr_sweep.py`` (24 runs, about 30 minutes on two shared cores) or
 ``--quick`` (FedAvg-LoRA at one rate, 2 rounds: a smoke test of the machinery). Results go
 to ``--outdir`` (default ``bench/results``) as ``lr_sweep.md`` and ``lr_sweep.csv``; the
 script prints one progress line per run, then ``best-lr <strategy> = <lr>`` per strategy and
@@ -305,7 +305,7 @@ def write_markdown(
     tasks = settings.tasks.split(",")
     all_lrs = sorted({lr for s in strategies for lr in grids[s]})
     lines = [
-        "# Learning-rate sweep per strategy (`bench/lr_sweep.py`)",
+        "# Learning-rate sweep per strategy (`bench/bench_lr_sweep.py`)",
         "",
         f"Date: {started:%Y-%m-%d %H:%M} (local time); total wall time {total_seconds / 60:.1f} min "
         f"for {len(results)} runs on {_cpus()} CPU cores shared with other work (timings are indicative only).",
@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lr in grids[s]:
             cfg = {k: v for k, v in settings.overrides(s, lr, seeds[0], Path("x")).items() if k != "run-dir"}
             FederationConfig.from_run_config(cfg)
-    command = shlex.join(["python", "bench/lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "bench/bench_lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
     started_at = dt.datetime.now()
     t0 = time.monotonic()
     n_runs = sum(len(grids[s]) for s in strategies) * len(seeds)

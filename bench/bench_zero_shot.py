@@ -2,7 +2,7 @@
 retrieval, the uniform average of all experts, SG-LoRA, ICM-LoRA and the oracle adapter
 trained on the task, side by side in one run.
 
-    python bench/zero_shot.py [--experts DIR] [--steps 200] [--generator-steps 600]
+    python bench/bench_zero_shot.py [--experts DIR] [--steps 200] [--generator-steps 600]
 
 Experts: one adapter per seen task (3 late checkpoints each, one shared initialisation), built
 here unless ``--experts`` names a directory from ``fl-hub build-experts``. Held out: unseen

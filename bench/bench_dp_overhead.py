@@ -1,6 +1,6 @@
 """DP-SGD overhead benchmark: step time and peak memory of DP-SGD (Opacus) against plain LoRA.
 
-Run ``python bench/dp_overhead.py`` (about 6 minutes on two idle cores) or ``--quick`` (about
+Run ``python bench/bench_dp_overhead.py`` (about 6 minutes on two idle cores) or ``--quick`` (about
 1.5 minutes: fewer repetitions, noisier; live-allocator memory of trainable=both only).
 Absolute figures first, then one ``ratio <name> = <value>`` line per ratio, the four headline
 ratios last.
@@ -65,7 +65,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procmem import reset_peak, status_mb
+from bench_procmem import reset_peak, status_mb
 
 from fedlora.core.data import Encoded, collate, encode
 from fedlora.core.model import Factors, LoraSettings, load_base_model, load_tokenizer, wrap_lora
