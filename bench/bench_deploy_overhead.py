@@ -4,7 +4,9 @@ Run ``python bench/bench_deploy_overhead.py --only bare`` (3 clients, 4 rounds, 
 about 3 minutes per app on two idle cores) and ``--save`` to write
 ``bench/results/deploy_overhead.txt``. Absolute figures first, then
 ``ratio deploy_overhead_ours_over_bare = <value>`` last (NaN while one app is missing).
-Goal: ours / bare <= 0.5.
+Goal: ours / bare <= 0.5. ``--quick`` is a smoke run of all three apps (1 client, 2 rounds of
+2 local steps, no waiting for an idle machine, no re-runs): a minute or two per app on two
+shared cores, meaningless figures.
 
 Knobs: ``--threads`` (torch threads per process, default 1: three clients on two cores
 with torch's default of one thread per core run their training loops up to 20x slower, and
@@ -836,7 +838,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep work directories and logs")
     parser.add_argument("--save", action="store_true", help="write the report to --out")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "deploy_overhead.txt")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 client, 2 rounds of 2 steps, no idle wait")
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.rounds, args.local_steps, args.retries, args.max_wait = 1, 2, 2, 0, 0.0
     if args.clients < 1 or args.rounds < 2 or args.local_steps < 1:
         parser.error("need clients >= 1, rounds >= 2 (round 1 is warm-up) and local steps >= 1")
     signal.signal(signal.SIGTERM, _sigterm)
