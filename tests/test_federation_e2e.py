@@ -24,7 +24,7 @@ from fedlora.strategies.algorithms import ALGORITHMS, Reply
 from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
 from fedlora.strategies.flower import STRATEGIES
 
-pytestmark = pytest.mark.flower
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 SMALL = {
     "num-rounds": 3,

@@ -73,6 +73,7 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
     """Ctrl-C after round 2 of 4, ``fl-sim --resume``: the same final adapter as one straight run."""
@@ -111,6 +112,7 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Pat
     assert len(config["resumed-as"]) == 1 and config["run-id"] != config["resumed-as"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_compare_writes_the_table_and_keeps_finished_runs(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
