@@ -2,8 +2,10 @@
 and its last lines are ``ratio <name> = <number>`` (a NaN or a missing ratio fails).
 
 The quick modes use tiny sizes and one repetition: the figures mean nothing, the code paths are
-the real ones. Slow lane (``-m slow``): a few minutes for all of them, three of which start real
-Flower processes (SuperLink, Ray, SuperNodes).
+the real ones. Slow lane (``-m slow``). Three of the scripts start real Flower processes
+(SuperLink, Ray, SuperNodes) and spend much of their time waiting on them, so the selected
+scripts run ``FEDLORA_BENCH_SMOKE_JOBS`` at a time (default 3; 1: one after the other), the
+longest first, from the first of these tests on; each test waits for its own script.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,9 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 #: every runnable script (helpers such as bench_procmem.py and bench_bare_fedavg.py have no main)
 SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py") if 'if __name__ == "__main__":' in p.read_text())
-#: seconds before a quick run counts as hung (on two shared cores; the Flower ones take longest)
-TIMEOUT = {"bench_deploy_overhead.py": 900, "bench_sim_scale.py": 600, "bench_lr_sweep.py": 600}
-DEFAULT_TIMEOUT = 420
+#: rough seconds of each quick run alone on two shared cores: the longest start first
+EXPECTED = {
+    "bench_deploy_overhead.py": 120,
+    "bench_sim_scale.py": 90,
+    "bench_dp_overhead.py": 50,
+    "bench_lr_sweep.py": 45,
+    "bench_zero_shot.py": 30,
+}
+#: seconds before a quick run counts as hung, from its own start (runs share the cores)
+TIMEOUT = 900
 RATIO = re.compile(r"ratio \S+ = [0-9.eE+-]+")
 
 
@@ -39,37 +53,94 @@ def test_every_bench_script_is_smoke_tested() -> None:
     )
 
 
-def _run(script: str) -> tuple[int, str, str]:
-    """The script's quick mode in its own session; on timeout the whole group is killed."""
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH / script), "--quick"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    timeout = TIMEOUT.get(script, DEFAULT_TIMEOUT)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)  # the benches tear their servers down on SIGTERM
+@dataclass(frozen=True)
+class Run:
+    code: int | None  # None: timed out, killed
+    out: str
+    err: str
+    seconds: float
+
+
+class QuickRuns:
+    """The selected scripts' quick runs, a few at a time, each in its own session (killed as a
+    group on timeout or when the tests end early)."""
+
+    def __init__(self, scripts: list[str], jobs: int) -> None:
+        self._procs: dict[str, subprocess.Popen[str]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="bench-smoke")
+        order = sorted(scripts, key=lambda s: -EXPECTED.get(s, 0))
+        self._futures: dict[str, Future[Run]] = {s: self._pool.submit(self._run, s) for s in order}
+
+    def _run(self, script: str) -> Run:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH / script), "--quick"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        with self._lock:
+            self._procs[script] = proc
         try:
-            out, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=TIMEOUT)
+            return Run(proc.returncode, out, err, time.monotonic() - started)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        pytest.fail(f"{script} --quick ran over {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
-    return proc.returncode, out, err
+            out, err = self._stop(proc)
+            return Run(None, out, err, time.monotonic() - started)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+        """SIGTERM to the group (the benches tear their servers down on it), SIGKILL after 30 s."""
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                return proc.communicate(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        return "", ""
+
+    def result(self, script: str) -> Run:
+        return self._futures[script].result()
+
+    def close(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+        with self._lock:
+            live = [p for p in self._procs.values() if p.poll() is None]
+        for proc in live:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self._pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(request: pytest.FixtureRequest) -> Iterator[QuickRuns]:
+    selected = [
+        item.callspec.params["script"]
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.path == Path(__file__) and item.originalname == "test_bench_quick"
+    ]
+    runs = QuickRuns(selected, int(os.environ.get("FEDLORA_BENCH_SMOKE_JOBS", "3")))
+    yield runs
+    runs.close()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_bench_quick(script: str) -> None:
-    code, out, err = _run(script)
-    tail = f"--- stdout (tail)\n{out[-4000:]}\n--- stderr (tail)\n{err[-4000:]}"
-    assert code == 0, f"{script} --quick exited with {code}\n{tail}"
-    lines = [line.strip() for line in out.splitlines() if line.strip()]
+def test_bench_quick(script: str, quick_runs: QuickRuns) -> None:
+    run = quick_runs.result(script)
+    tail = f"--- stdout (tail)\n{run.out[-4000:]}\n--- stderr (tail)\n{run.err[-4000:]}"
+    assert run.code is not None, f"{script} --quick ran over {TIMEOUT} s and was stopped\n{tail}"
+    assert run.code == 0, f"{script} --quick exited with {run.code} after {run.seconds:.0f} s\n{tail}"
+    lines = [line.strip() for line in run.out.splitlines() if line.strip()]
     ratios = []
     for line in reversed(lines):  # the trailing block of ratio lines (comment lines may sit among them)
         if line.startswith("#"):
@@ -80,3 +151,4 @@ def test_bench_quick(script: str) -> None:
     assert ratios, f"{script} --quick printed no ratio lines last\n{tail}"
     bad = [line for line in ratios if not RATIO.fullmatch(line)]
     assert not bad, f"{script} --quick: ratio lines without a number: {bad}\n{tail}"
+    print(f"{script} --quick: {run.seconds:.0f} s, {len(ratios)} ratio lines")
