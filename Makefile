@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test lint pretrain clean
+.PHONY: install demo test test-fast test-slow lint pretrain clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,17 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# everything, as CI runs it (`.ci/run`)
 test: lint
 	$(VENV)/bin/pytest -q
+
+# the fast lane: lint and every test not marked slow (a few minutes on two cores)
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# the slow lane: real Flower processes and servers, long training, the benchmarks' quick runs
+test-slow: install
+	$(VENV)/bin/pytest -q -m slow
 
 pretrain: install
 	$(PY) -m fedlora.simulations.pretrain --out fedlora/core/embedded/base-model

@@ -93,6 +93,7 @@ def test_cli_refuses_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_finetune_end_to_end(tmp_path: Path) -> None:
     """The installed console script, as a user runs it."""
     out = tmp_path / "run"

@@ -30,7 +30,7 @@ from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.server.server_dir import ServerDir
 
-pytestmark = pytest.mark.flower
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 CLIENTS = ("alice", "bob", "carol")

@@ -21,6 +21,7 @@ from fedlora.core.train import evaluate
 SEEN_FLOOR = {"adddigit": 0.9, "copy": 0.9, "repeat": 0.9, "reverse": 0.9, "rotate": 0.9, "upper": 0.9, "sort": 0.8}
 
 
+@pytest.mark.slow
 def test_loads_offline_with_plain_auto_classes() -> None:
     code = (
         "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"

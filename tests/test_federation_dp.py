@@ -13,7 +13,7 @@ from fedlora.core.flower_runner import FlowerRunRequest, run_flower_app
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 
-pytestmark = pytest.mark.flower
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 DP = {
     "num-rounds": 2,

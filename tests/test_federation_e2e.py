@@ -24,7 +24,7 @@ from fedlora.strategies.adapter import split_adapter
 from fedlora.strategies.algorithms import Reply
 from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
 
-pytestmark = pytest.mark.flower
+pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 SMALL = {
     "num-rounds": 3,

@@ -78,6 +78,7 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
     """Ctrl-C after round 2 of 4, ``fl-sim --resume``: the same final adapter as one straight run."""
@@ -137,6 +138,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> None:
     """SIGKILL to fl-sim's whole process group after round 1 (no ``finally`` runs): the runner's
@@ -176,6 +178,7 @@ def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> No
     assert json.loads(run.privacy_json.read_text())["rounds_completed"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_compare_writes_the_table_and_keeps_finished_runs(tmp_path: Path) -> None:
     out = tmp_path / "cmp"

@@ -29,6 +29,8 @@ from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key, read_adapter_dir
 from fedlora.hub.sdk.publish import adapter_files
 
+pytestmark = pytest.mark.slow  # a real hub server (module fixture) in every test
+
 PROMPT = torch.tensor([[5, 17, 23, 9, 31, 4, 12, 8]])
 
 

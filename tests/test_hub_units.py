@@ -220,6 +220,7 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
 # --- commands against a real server ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hub_server import HubServer
 
@@ -270,6 +271,7 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert alice not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
     from hub_server import HubServer
 
@@ -329,6 +331,7 @@ def test_token_cache_is_emptied_by_any_commit_and_never_refilled_with_a_stale_re
     assert serving._principals == {}
 
 
+@pytest.mark.slow
 def test_the_hub_never_imports_torch() -> None:
     """The hub stores and checks files; a server process without torch starts in a fraction of a second."""
     import subprocess

@@ -85,6 +85,7 @@ def test_bad_shapes_are_refused() -> None:
         lora_gathered(x.float(), a[None].float(), b[None].float(), torch.tensor([0]), S)
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_the_interpreter_equal_the_reference() -> None:
     """Triton's interpreter on CPU tensors (a subprocess: TRITON_INTERPRET must be set before
     the kernels are defined); skipped with a message only when triton is not installed."""

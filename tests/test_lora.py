@@ -28,6 +28,7 @@ def _data(tokenizer: PreTrainedTokenizerBase, task: str, n: int, split: str, see
     return encode(tokenizer, get_task(task).examples(n, seed, split), 64)
 
 
+@pytest.mark.slow
 def test_lora_learns_held_out_task(tokenizer: PreTrainedTokenizerBase) -> None:
     model = wrap_lora(load_base_model(), LoraSettings(rank=8, alpha=16))
     test = _data(tokenizer, "adddigit-4", 200, "test")

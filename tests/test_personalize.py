@@ -61,6 +61,7 @@ def _jsonl(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dp_personalize_charges_the_ledger_and_writes_a_loadable_adapter(global_adapter: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = personalize(global_adapter, _cfg(state), tmp_path / "out")
@@ -139,6 +140,7 @@ def test_max_epsilon_refuses_before_training_and_charges_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_without_dp_a_few_steps_learn_the_task(global_adapter: Path, tmp_path: Path) -> None:
     # measured: exact match 0.0 -> 0.953 (20 steps, lr 1e-2, 256 examples, node-a); node-b 0.92, node-c 0.94
     cfg = _cfg(tmp_path / "state", dp=False, steps=20, num_test=64)
@@ -179,6 +181,7 @@ def test_bad_global_adapter(tmp_path: Path, kind: str, error: type[Exception], m
         personalize(path, _cfg(tmp_path / "state"), tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_an_adapter_for_another_model_is_refused(global_adapter: Path, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong"
     wrong.mkdir()

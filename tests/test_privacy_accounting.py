@@ -79,6 +79,7 @@ def test_compact_history_is_what_step_builds() -> None:
     assert compact_history(history) == acc.history == [(1.0, 0.016, 5), (0.8, 0.032, 1), (1.0, 0.016, 1)]
 
 
+@pytest.mark.slow
 def test_prv_grouping_only_moves_within_eps_error() -> None:
     """Unmerged per-round entries are another PRV grid and convolution order: eps_error apart at most."""
     rounds = [(1.0, 0.016, 30)] * 10
@@ -176,6 +177,7 @@ def test_plan_rdp_golden_and_reaches_target(rdp_plan: BudgetPlan) -> None:
     )
 
 
+@pytest.mark.slow
 def test_plan_prv_reaches_target() -> None:
     plan = plan_noise(3.0, DELTA, rounds=10, participation_rate=0.5, local_steps=6, sample_rate=0.05, accountant="prv")
     assert plan.expected_steps == 30

@@ -152,6 +152,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_reaper_kills_the_run_when_the_runner_dies_without_teardown(tmp_path: Path) -> None:
     """SIGKILL (or a `timeout` wrapper's SIGTERM) skips `finally`: the reaper must clean up."""
     ray_tmp = tmp_path / "ray"
@@ -207,6 +208,7 @@ def test_terminate_group_sigterms_then_sigkills_what_stays() -> None:
 # --------------------------------------------------------------------------- real simulations
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_echo_simulation_gives_the_weighted_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ray_tmpdirs = _record_ray_tmpdirs(monkeypatch)
@@ -245,6 +247,7 @@ def test_echo_simulation_gives_the_weighted_average(tmp_path: Path, monkeypatch:
     print(f"echo simulation: {outcome.seconds:.1f} s")
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_failing_server_app_and_timeout_are_reported_and_cleaned_up(tmp_path: Path) -> None:
     """Two runs at once (the runner holds no global state): a ServerApp that raises, and one
@@ -282,6 +285,7 @@ def test_failing_server_app_and_timeout_are_reported_and_cleaned_up(tmp_path: Pa
     print(f"failing run: {failed.seconds:.1f} s, timed-out run: {stopped.seconds:.1f} s, both: {elapsed:.1f} s")
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_flwr_run_failure_raises_with_the_cli_output(tmp_path: Path) -> None:
     request = _request(tmp_path, components=("flower_echo.no_such_module:app", ECHO_CLIENT))

@@ -29,6 +29,8 @@ from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
 from fedlora.hub.sdk.request import GenerationRequest
 
+pytestmark = pytest.mark.slow  # a real hub server (module fixture) with trained experts and generators
+
 
 class Hub:
     def __init__(self, root: Path) -> None:

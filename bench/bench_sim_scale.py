@@ -1,8 +1,10 @@
 """Simulation scale benchmark: round time and whole-run memory at 10 to 10,000 virtual clients.
 
-Run ``python bench/sim_scale.py`` (sizes 10, 1,000 and 10,000; several minutes) or ``--quick``
-(sizes 10 and 100, a smoke check). Absolute figures first, then ``peak_mb_10000 = <value>``
-and one ``ratio round_time_ours_vs_bare_<N> = <value>`` line per size, ratios last.
+Run ``python bench/bench_sim_scale.py`` (sizes 10, 1,000 and 10,000; several minutes) or ``--quick``
+(a smoke check, about a minute per app: 4 clients, all sampled, one task each, 2 rounds, no
+waiting for an idle machine, no re-runs, no report file unless ``--out`` is given). Absolute
+figures first, then ``peak_mb_<largest N> = <value>`` and one
+``ratio round_time_ours_vs_bare_<N> = <value>`` line per size, ratios last.
 
 What runs: for every N, two Flower simulations through ``fedlora.core.flower_runner`` (a private
 SuperLink on 127.0.0.1, Flower's simulation runtime on Ray, 2 actors of 1 CPU each on two
@@ -14,7 +16,7 @@ test examples per client, no DP:
 - ours: fedlora's ServerApp / ClientApp (``fedlora.server.app:app``, ``fedlora.client.app:app``) with
   strategy fedavg-lora, an IID split of the embedded tasks (when the run config has the
   partition key), a run directory in a temporary directory;
-- bare: ``bench/bare_fedavg.py``, stock ``flwr.serverapp.strategy.FedAvg`` and a minimal
+- bare: ``bench/bench_bare_fedavg.py``, stock ``flwr.serverapp.strategy.FedAvg`` and a minimal
   ClientApp training the same LoRA model with the same building blocks on one embedded
   task per partition, model cached per worker process, one torch thread.
 
@@ -84,7 +86,7 @@ TASKS = "adddigit-4,rotate-2,repeat-3,sort-desc"
 APPS = ("ours", "bare")
 
 
-APP_PACKAGES = ("client", "server", "strategies", "privacy", "bare_fedavg")
+APP_PACKAGES = ("client", "server", "strategies", "privacy", "bench_bare_fedavg")
 
 
 def import_app_module(name: str, attempts: int = 5, wait: float = 60.0) -> ModuleType:
@@ -339,8 +341,8 @@ def ours_request(
     defaults: Mapping[str, Any] = federation.DEFAULT_RUN_CONFIG
     overrides: dict[str, bool | int | float | str] = {
         "num-clients": n,
-        "fraction-train": SAMPLED / n,
-        "fraction-evaluate": SAMPLED / n,
+        "fraction-train": min(SAMPLED, n) / n,
+        "fraction-evaluate": min(SAMPLED, n) / n,
         "num-rounds": rounds,
         **WORKLOAD,
         "run-dir": str(tmp / "runs" / workdir.name),
@@ -363,16 +365,16 @@ def ours_request(
 
 
 def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> FlowerRunRequest:
-    bare = import_app_module("bare_fedavg")
+    bare = import_app_module("bench_bare_fedavg")
     overrides: dict[str, bool | int | float | str] = {
         "num-clients": n,
-        "fraction-train": SAMPLED / n,
-        "fraction-evaluate": SAMPLED / n,
+        "fraction-train": min(SAMPLED, n) / n,
+        "fraction-evaluate": min(SAMPLED, n) / n,
         "num-rounds": rounds,
         **WORKLOAD,
         "tasks": TASKS,
     }
-    components = ("bare_fedavg:server_app", "bare_fedavg:client_app")
+    components = ("bench_bare_fedavg:server_app", "bench_bare_fedavg:client_app")
     return _request(components, "bare-fedavg", bare.DEFAULT_CONFIG, overrides, n, workdir, tag, (BENCH,))
 
 
@@ -479,7 +481,7 @@ def run_one(
 def report(results: list[RunResult], sizes: list[int], rounds: int, extra: Mapping[str, str]) -> list[str]:
     lines = [
         "# Simulation scale benchmark",
-        f"{SAMPLED} clients sampled per round (train and evaluate), {rounds} rounds, embedded model, LoRA r=8, "
+        f"min({SAMPLED}, N) clients sampled per round (train and evaluate), {rounds} rounds, embedded model, LoRA r=8, "
         f"local-steps {WORKLOAD['local-steps']}, batch {WORKLOAD['batch-size']}, {WORKLOAD['num-train']} train / "
         f"{WORKLOAD['num-test']} test examples per client, no DP; 2 Ray actors x 1 CPU; "
         f"{os.cpu_count()} CPUs on this machine",
@@ -532,7 +534,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes", default="10,1000,10000", help="numbers of virtual clients, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="sizes 10 and 100: a smoke check")
+    parser.add_argument("--quick", action="store_true", help="smoke check: size 10, 2 rounds, no idle wait")
     parser.add_argument("--apps", default="ours,bare", help="which apps to run: ours, bare or both")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config override of our app"
@@ -542,11 +544,16 @@ def main() -> None:
     )
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for an idle machine per run")
     parser.add_argument("--keep", action="store_true", help="keep the run directories and logs")
-    parser.add_argument("--out", type=Path, default=BENCH / "results" / "sim_scale.txt")
+    parser.add_argument("--out", type=Path, default=None, help="report file (default: bench/results/sim_scale.txt)")
     args = parser.parse_args()
-    sizes = [10, 100] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.quick:
+        args.rounds, args.retries, args.max_wait = 2, 0, 0.0
+    elif args.out is None:
+        args.out = BENCH / "results" / "sim_scale.txt"
+    quick_size = len(TASKS.split(","))  # one task per client, as the full run's clients have
+    sizes = [quick_size] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
     apps = [a for a in args.apps.split(",") if a in APPS]
-    if any(n < SAMPLED for n in sizes) or args.rounds < 1:
+    if any(n < SAMPLED for n in sizes if not args.quick) or args.rounds < 1:
         parser.error(f"sizes must be >= {SAMPLED} and rounds >= 1")
 
     extra = dict(item.split("=", 1) for item in args.set)
@@ -567,8 +574,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print()
     print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
     if all(r.ok for r in results) and not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -1,7 +1,8 @@
 """DP-SGD overhead benchmark: step time and peak memory of DP-SGD (Opacus) against plain LoRA.
 
-Run ``python bench/dp_overhead.py`` (about 6 minutes on two idle cores) or ``--quick`` (about
-1.5 minutes: fewer repetitions, noisier; live-allocator memory of trainable=both only).
+Run ``python bench/bench_dp_overhead.py`` (about 6 minutes on two idle cores) or ``--quick`` (a
+smoke run, about a minute: one repetition of one timed step, trainable=both only, live-allocator
+memory of one step of the embedded model only; same code paths, meaningless figures).
 Absolute figures first, then one ``ratio <name> = <value>`` line per ratio, the four headline
 ratios last.
 
@@ -65,7 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procmem import reset_peak, status_mb
+from bench_procmem import reset_peak, status_mb
 
 from fedlora.core.data import Encoded, collate, encode
 from fedlora.core.model import Factors, LoraSettings, load_base_model, load_tokenizer, wrap_lora
@@ -233,7 +234,7 @@ def spawn(*args: str, allocator: str = "default") -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions; about 1.5 minutes")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one repetition, trainable=both only")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -245,9 +246,10 @@ def main() -> None:
         return
 
     # (repetitions, timed steps per block) per model; memory runs per cell, steps per run
-    plan = {"embedded": (3, 5), "20m": (3, 2)} if args.quick else {"embedded": (6, 10), "20m": (5, 3)}
-    mem_repeats, mem_steps = (1, 2) if args.quick else (2, 3)
-    quick = " --quick: fewer repetitions, noisier" if args.quick else ""
+    plan = {"embedded": (1, 1), "20m": (1, 1)} if args.quick else {"embedded": (6, 10), "20m": (5, 3)}
+    mem_repeats, mem_steps = (1, 1) if args.quick else (2, 3)
+    time_factors = FACTORS[:1] if args.quick else FACTORS
+    quick = " --quick: a smoke run, meaningless figures" if args.quick else ""
     print(f"# DP-SGD overhead benchmark{quick}")
     print(
         f"LoRA r={RANK} all-linear, batch {BATCH} of rotate-2 ({NUM_EXAMPLES} examples, DP Poisson q = "
@@ -259,14 +261,13 @@ def main() -> None:
     timing: dict[tuple[str, str], dict[str, Any]] = {}
     for kind in MODELS:
         reps, steps = plan[kind]
-        for trainable in FACTORS:
+        for trainable in time_factors:
             timing[(kind, trainable)] = spawn("time", kind, trainable, str(reps), str(steps))
         t = timing[(kind, "both")]
-        lora = {f: timing[(kind, f)]["lora_params"] for f in FACTORS}
+        lora = ", ".join(f"{timing[(kind, f)]['lora_params']:,} ({'B only' if f == 'B' else f})" for f in time_factors)
         print(
             f"model {kind}: {t['base_params']:,} base parameters; trainable LoRA parameters "
-            f"{lora['both']:,} (both), {lora['B']:,} (B only); {reps} interleaved repetitions x "
-            f"{steps} timed steps per mode"
+            f"{lora}; {reps} interleaved repetitions x {steps} timed steps per mode"
         )
     print()
     print("step time, median ms [min, max of block medians]; mean batch x width of the timed steps")
@@ -286,10 +287,11 @@ def main() -> None:
 
     allocators = ("live",) if args.quick else ("live", "default")
     mem_factors = FACTORS[:1] if args.quick else FACTORS
+    mem_models = MODELS[:1] if args.quick else MODELS
     growth: dict[tuple[str, str, str, str], float] = {}
     for allocator in allocators:
         memory: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        for kind in MODELS:
+        for kind in mem_models:
             for trainable in mem_factors:
                 for rep in range(mem_repeats):
                     for mode in MODES if rep % 2 == 0 else MODES[::-1]:
@@ -321,18 +323,20 @@ def main() -> None:
 
     for kind in MODELS:
         print(f"ratio dp_step_time_end_to_end_{kind} = {time_ratio(kind, 'both', 'e2e'):.3f}")
-        print(f"ratio dp_step_time_end_to_end_ffa_{kind} = {time_ratio(kind, 'B', 'e2e'):.3f}")
+        if "B" in time_factors:
+            print(f"ratio dp_step_time_end_to_end_ffa_{kind} = {time_ratio(kind, 'B', 'e2e'):.3f}")
     if "default" in allocators:
         for kind in MODELS:
             print(f"ratio dp_peak_memory_default_malloc_{kind} = {memory_ratio(kind, 'both', 'default'):.3f}")
             print(f"ratio dp_peak_memory_default_malloc_ffa_{kind} = {memory_ratio(kind, 'B', 'default'):.3f}")
     for kind in MODELS:
-        print(f"ratio dp_step_time_ffa_{kind} = {time_ratio(kind, 'B', 'fixed'):.3f}")
+        if "B" in time_factors:
+            print(f"ratio dp_step_time_ffa_{kind} = {time_ratio(kind, 'B', 'fixed'):.3f}")
         if "B" in mem_factors:
             print(f"ratio dp_peak_memory_ffa_{kind} = {memory_ratio(kind, 'B'):.3f}")
     for kind in MODELS:
         print(f"ratio dp_step_time_{kind} = {time_ratio(kind, 'both', 'fixed'):.3f}")
-    for kind in MODELS:
+    for kind in mem_models:
         print(f"ratio dp_peak_memory_{kind} = {memory_ratio(kind, 'both'):.3f}")
 
 

@@ -1,7 +1,8 @@
 """Aggregation benchmark: streaming memory and time per reply, and LoRA-FAIR's two solvers.
 
-Run ``python bench/aggregation.py`` (about 2 minutes on two idle cores) or ``--quick`` (smaller
-adapter and LoRA-FAIR module, about half a minute). Absolute figures first, then one
+Run ``python bench/bench_aggregation.py`` (about 2 minutes on two idle cores) or ``--quick`` (a
+smoke run, about half a minute: smaller adapter and LoRA-FAIR module, 10 and 100 replies, one
+run per memory cell; ratios at 100 replies instead of 1000). Absolute figures first, then one
 ``ratio <name> = <value>`` line per ratio.
 
 Memory is measured two ways:
@@ -37,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procmem import reset_peak, status_mb
+from bench_procmem import reset_peak, status_mb
 
 from fedlora.strategies import (
     ErrorSketch,
@@ -277,8 +278,8 @@ def print_cell(method: str, n: int, runs: list[dict[str, float | bool | str]]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes; about half a minute")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per memory cell (median)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: smaller sizes, one run per cell")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per memory cell (median; default 3, quick 1)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -287,6 +288,9 @@ def main() -> None:
         return
 
     torch.set_num_threads(2)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    sizes = (10, 100) if args.quick else (10, 100, 1000)
     layers, width, rank = (8, 1024, 16) if args.quick else (32, 4096, 16)
     fair_width, fair_steps = (1024, 200) if args.quick else (4096, 1000)
     reply_mb = 2 * len(module_names(layers)) * rank * width * 4 / 2**20
@@ -306,7 +310,7 @@ def main() -> None:
     print(f"{header[0]:<{widths[0]}}" + "".join(cols[1:]) + "  growth MB  [min, max]")
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for method in METHODS:
-        for n in (10, 100, 1000):
+        for n in sizes:
             runs = [measure(method, n, layers, width, rank) for _ in range(args.repeats)]
             cells[(method, n)] = print_cell(method, n, runs)
     live = 4 * reply_mb  # float64 sums of A and B, one reply in flight, the fp32 result
@@ -338,13 +342,15 @@ def main() -> None:
         print(f"  {label:<36}" + "".join(f"{v:>10.6f}" for v in values))
     print()
 
+    most, fewest = sizes[-1], sizes[0]
+
     def ratio(method: str, key: str) -> float:
-        return cells[(method, 1000)][key] / cells[(method, 10)][key]
+        return cells[(method, most)][key] / cells[(method, fewest)][key]
 
     cos_ratio = fair["cos_closed"] / fair["cos_iter"]
-    print(f"ratio fedavg_state_1000_vs_10 = {ratio('fedavg', 'state_mb'):.3f}")
-    print(f"ratio ffa_memory_1000_vs_10 = {ratio('ffa', 'growth_mb'):.3f}")
-    print(f"ratio fedavg_memory_1000_vs_10 = {ratio('fedavg', 'growth_mb'):.3f}")
+    print(f"ratio fedavg_state_{most}_vs_{fewest} = {ratio('fedavg', 'state_mb'):.3f}")
+    print(f"ratio ffa_memory_{most}_vs_{fewest} = {ratio('ffa', 'growth_mb'):.3f}")
+    print(f"ratio fedavg_memory_{most}_vs_{fewest} = {ratio('fedavg', 'growth_mb'):.3f}")
     print(f"ratio error_sketch_vs_exact = {estimate / exact:.4f}")
     print(f"ratio lora_fair_cosine_objective_closed_vs_iterative = {cos_ratio:.4f}")
     print(f"ratio lora_fair_closed_vs_iterative_speed = {iter_s / fair['closed_s']:.1f}")

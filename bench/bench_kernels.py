@@ -10,7 +10,9 @@
   LoRA r=8 on all linear layers, batch 32, through ``fedlora.privacy.dp.dp_sgd``: ``dp.engine = fused``
   against ``opacus`` (goal: >= parity).
 
-Run: ``python bench/kernels.py``; the last lines are the ratios (> 1: the first named is faster).
+Run: ``python bench/bench_kernels.py``; the last lines are the ratios (> 1: the first named is faster).
+``--quick`` (a smoke run, seconds): T = 8 and 16 only, 8 adapters to evaluate, one repetition of
+every timing pass, a few repeats per timing; same code paths, meaningless figures.
 
 glibc's malloc returns freed megabyte-sized buffers to the OS and takes them back with page
 faults, depending on what ran before: measured here, that alone made the same gathered matmul
@@ -22,6 +24,7 @@ of every ratio run under the same allocator.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import statistics
 import sys
@@ -31,9 +34,6 @@ from pathlib import Path
 
 import torch
 
-# the repo instead of bench/ on the path: transformers probes for the optional package "kernels"
-# by importing it, which would otherwise import this script a second time
-sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.core.multi_adapter import lora_gathered
@@ -58,7 +58,7 @@ def ghost_norms(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tens
     return norm_a + norm_b
 
 
-def dp_step_times() -> tuple[float, float, float]:
+def dp_step_times(repeat: int = 15, passes: int = 2) -> tuple[float, float, float]:
     """Median seconds of one private step (zero_grad, forward, backward, optimizer step) through
     ``fedlora.privacy.dp.dp_sgd``: the fused engine and Opacus' hooks (same model, batch, C, sigma), and
     of the same step without DP (what neither engine can make faster)."""
@@ -84,19 +84,19 @@ def dp_step_times() -> tuple[float, float, float]:
         return step
 
     times: dict[str, list[float]] = {"opacus": [], "fused": [], "plain": []}
-    for engine in ("opacus", "fused", "plain", "opacus", "fused", "plain"):
+    for engine in ("opacus", "fused", "plain") * passes:
         m = copy.deepcopy(model)
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
         if engine == "plain":
-            times[engine].append(timed(step_of(m, opt), repeat=15))
+            times[engine].append(timed(step_of(m, opt), repeat=repeat))
             continue
         config = DPSGDConfig(1.0, 1.0, engine)  # type: ignore[arg-type]
         with dp_sgd(m, opt, data, lambda b: collate(b, 0), 32, config, seed=0) as pt:
-            times[engine].append(timed(step_of(pt.model, pt.optimizer), repeat=15))
+            times[engine].append(timed(step_of(pt.model, pt.optimizer), repeat=repeat))
     return min(times["fused"]), min(times["opacus"]), min(times["plain"])
 
 
-def batched_eval_times(adapters: int = 64, per_adapter: int = 8) -> tuple[float, float]:
+def batched_eval_times(adapters: int = 64, per_adapter: int = 8, repeat: int = 3) -> tuple[float, float]:
     """Seconds to evaluate ``adapters`` personal adapters (r=8, all linear layers) on
     ``per_adapter`` test examples each: one batched pass against loading each into PEFT in turn."""
     import tempfile
@@ -145,7 +145,7 @@ def batched_eval_times(adapters: int = 64, per_adapter: int = 8) -> tuple[float,
 
     for got, want in zip(batched(), loop(), strict=True):
         assert abs(got.loss - want.loss) <= 1e-4 * abs(want.loss) and got.exact_match == want.exact_match
-    return min(timed(batched, 3), timed(batched, 3)), min(timed(loop, 3), timed(loop, 3))
+    return min(timed(batched, repeat), timed(batched, repeat)), min(timed(loop, repeat), timed(loop, repeat))
 
 
 def steady_malloc() -> None:
@@ -160,6 +160,10 @@ def steady_malloc() -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repetition (seconds)")
+    args = parser.parse_args()
+    repeat = 3 if args.quick else 30
     steady_malloc()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -167,7 +171,7 @@ def main() -> int:
     bank_a, bank_b = torch.randn(k, r, d, generator=gen), torch.randn(k, d, r, generator=gen)
     index = torch.randint(0, k, (n,), generator=gen)  # a batch of 128 sequences over 64 adapters
     ratios: dict[int, float] = {}
-    for t in (8, 16, 32, 64):
+    for t in (8, 16) if args.quick else (8, 16, 32, 64):
         x = torch.randn(n, t, d, generator=gen)
 
         def gathered(x: torch.Tensor = x) -> torch.Tensor:
@@ -182,25 +186,27 @@ def main() -> int:
             return out
 
         assert torch.allclose(gathered(), loop_over(), atol=1e-3)
-        op, loop = min(timed(gathered), timed(gathered)), min(timed(loop_over), timed(loop_over))
+        op = min(timed(gathered, repeat), timed(gathered, repeat))
+        loop = min(timed(loop_over, repeat), timed(loop_over, repeat))
         ratios[t] = loop / op
         print(
             f"gathered LoRA layer, {n} sequences over {k} adapters, d={d} r={r} T={t}: "
             f"op {1e3 * op:.3f} ms, loop {1e3 * loop:.3f} ms, {ratios[t]:.2f}x"
         )
-    batched_s, loop_s = batched_eval_times()
+    adapters, per_adapter = (8, 2) if args.quick else (64, 8)
+    batched_s, loop_s = batched_eval_times(adapters, per_adapter, 1 if args.quick else 3)
     print(
-        f"evaluating 64 adapters (r=8, all linear) on 8 examples each, embedded model: "
+        f"evaluating {adapters} adapters (r=8, all linear) on {per_adapter} examples each, embedded model: "
         f"batched {batched_s:.3f} s, one adapter at a time (PEFT) {loop_s:.3f} s"
     )
     x = torch.randn(32, 64, d, generator=gen)
     g = torch.randn(32, 64, d, generator=gen)
     a, b = bank_a[0], bank_b[0]
     assert torch.allclose(sum(lora_per_sample_sq_norms(x, g, a, b, s)), ghost_norms(x, g, a, b, s), rtol=1e-3)
-    mat = timed(lambda: lora_per_sample_sq_norms(x, g, a, b, s))
-    ghost = timed(lambda: ghost_norms(x, g, a, b, s))
+    mat = timed(lambda: lora_per_sample_sq_norms(x, g, a, b, s), repeat)
+    ghost = timed(lambda: ghost_norms(x, g, a, b, s), repeat)
     print(f"per-sample norms, N=32 T=64 d={d} r={r}: materialised {1e3 * mat:.3f} ms, ghost {1e3 * ghost:.3f} ms")
-    fused_s, opacus_s, plain_s = dp_step_times()
+    fused_s, opacus_s, plain_s = dp_step_times(2, 1) if args.quick else dp_step_times()
     print(
         f"DP-SGD step, embedded model, LoRA r=8 all-linear, batch 32: fused {1e3 * fused_s:.1f} ms, "
         f"Opacus {1e3 * opacus_s:.1f} ms (without DP {1e3 * plain_s:.1f} ms)"

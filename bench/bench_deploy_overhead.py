@@ -1,10 +1,12 @@
 """Deployment overhead benchmark: per-round overhead of a real SuperLink + SuperNodes run.
 
-Run ``python bench/deploy_overhead.py --only bare`` (3 clients, 4 rounds, 20 local steps;
+Run ``python bench/bench_deploy_overhead.py --only bare`` (3 clients, 4 rounds, 20 local steps;
 about 3 minutes per app on two idle cores) and ``--save`` to write
 ``bench/results/deploy_overhead.txt``. Absolute figures first, then
 ``ratio deploy_overhead_ours_over_bare = <value>`` last (NaN while one app is missing).
-Goal: ours / bare <= 0.5.
+Goal: ours / bare <= 0.5. ``--quick`` is a smoke run of bare and ours (1 client, 2 rounds of 2
+local steps, no waiting for an idle machine, no re-runs; ``--only`` picks other apps): about a
+minute per app on two shared cores, meaningless figures.
 
 Knobs: ``--threads`` (torch threads per process, default 1: three clients on two cores
 with torch's default of one thread per core run their training loops up to 20x slower, and
@@ -26,7 +28,7 @@ Two apps behind one :class:`App` interface (start server side and clients, wait 
 read round stamps and train seconds), on the same machine and model (the embedded model,
 LoRA r = 8 on all linear layers), every process on 127.0.0.1:
 
-- bare (:class:`BareApp`): ``bench/bare_deploy/``, Flower's stock FedAvg with Flower's
+- bare (:class:`BareApp`): ``bench/bench_bare_deploy/``, Flower's stock FedAvg with Flower's
   defaults (a train and an evaluate message to every node each round), a ClientApp that
   imports torch / transformers / peft and loads the model in every message, as Flower's LLM
   example does; ``flower-superlink --insecure`` + N ``flower-supernode --insecure``, submitted
@@ -41,7 +43,7 @@ Every process the benchmark starts gets its own process group (killed by group o
 error or exit: ``finally`` and ``atexit``) and the run's env tag, which the teardown sweep
 and ``fedlora.core.flower_runner``'s reaper (a watchdog for when this process is killed outright)
 use to find anything left over. The same quiet-machine check and CPU/memory sampler as
-``bench/sim_scale.py``.
+``bench/bench_sim_scale.py``.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-import sim_scale  # noqa: E402
-from sim_scale import QUIET, TAG_VAR, MemorySampler, wait_until_quiet  # noqa: E402
+import bench_sim_scale  # noqa: E402
+from bench_sim_scale import QUIET, TAG_VAR, MemorySampler, wait_until_quiet  # noqa: E402
 
 from fedlora.core.flower_runner import (  # noqa: E402
     CONNECTION,
@@ -90,7 +92,7 @@ from fedlora.core.flower_runner import (  # noqa: E402
 )
 from fedlora.core.run_dir import RunDir  # noqa: E402
 
-BARE_APP_DIR = BENCH / "bare_deploy"
+BARE_APP_DIR = BENCH / "bench_bare_deploy"
 RUN_TIMEOUT = 900.0
 START_TIMEOUT = 60.0
 TEARDOWN_GRACE = 5.0
@@ -98,7 +100,7 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 APPS = ("bare", "ours", "ours-nodp")
 # The sampler's /proc scans cost CPU, which on two cores is part of what we measure: once a
 # second, not every 0.2 s (a process's last < 1 s of CPU before it exits goes uncounted).
-sim_scale.SAMPLE_EVERY = 1.0
+bench_sim_scale.SAMPLE_EVERY = 1.0
 NAN = float("nan")
 
 
@@ -333,7 +335,7 @@ class App(abc.ABC):
 
 
 class BareApp(App):
-    """``bench/bare_deploy/`` on ``flower-superlink`` + N ``flower-supernode``, plain HTTP."""
+    """``bench/bench_bare_deploy/`` on ``flower-superlink`` + N ``flower-supernode``, plain HTTP."""
 
     name = "bare"
 
@@ -801,7 +803,8 @@ def report(results: list[RunResult], args: argparse.Namespace) -> list[str]:
     figure = {app: _mean(by[app].overheads(2)) if app in by and by[app].ok else NAN for app in APPS}
     for app in APPS:
         lines.append(f"deploy_overhead_{app}_s = {figure[app]:.3f}")
-    lines.append(f"ratio deploy_overhead_ours_nodp_over_bare = {figure['ours-nodp'] / figure['bare']:.3f}")
+    if "ours-nodp" in (args.only or APPS):
+        lines.append(f"ratio deploy_overhead_ours_nodp_over_bare = {figure['ours-nodp'] / figure['bare']:.3f}")
     lines.append(f"ratio deploy_overhead_ours_over_bare = {figure['ours'] / figure['bare']:.3f}")
     return lines
 
@@ -833,7 +836,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep work directories and logs")
     parser.add_argument("--save", action="store_true", help="write the report to --out")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "deploy_overhead.txt")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 client, 2 rounds of 2 steps, no idle wait")
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.rounds, args.local_steps, args.retries, args.max_wait = 1, 2, 2, 0, 0.0
+        args.only = args.only or ["bare", "ours"]
     if args.clients < 1 or args.rounds < 2 or args.local_steps < 1:
         parser.error("need clients >= 1, rounds >= 2 (round 1 is warm-up) and local steps >= 1")
     signal.signal(signal.SIGTERM, _sigterm)

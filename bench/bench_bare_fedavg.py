@@ -1,4 +1,4 @@
-"""The simplest faithful Flower app doing fedlora's work: the baseline of ``bench/sim_scale.py``.
+"""The simplest faithful Flower app doing fedlora's work: the baseline of ``bench/bench_sim_scale.py``.
 
 A ServerApp running Flower's stock ``flwr.serverapp.strategy.FedAvg`` on the LoRA adapter of
 the embedded model, and a ClientApp that trains and evaluates that adapter with the project's
@@ -8,8 +8,8 @@ partition) as fedlora's ``fedavg-lora`` client, without anything else (no run di
 checkpoints, validation, privacy or audit). Model and data are cached per worker process, as
 fedlora's client does, with one torch thread.
 
-Run it through ``fedlora.core.flower_runner`` with components ``bare_fedavg:server_app`` and
-``bare_fedavg:client_app``, ``pythonpath=(bench/,)`` and :data:`DEFAULT_CONFIG`.
+Run it through ``fedlora.core.flower_runner`` with components ``bench_bare_fedavg:server_app`` and
+``bench_bare_fedavg:client_app``, ``pythonpath=(bench/,)`` and :data:`DEFAULT_CONFIG`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Hub load benchmark: pull throughput and latency of ``fl-hub serve`` under 64 concurrent clients.
 
-Run ``python bench/hub_load.py`` (about 1 minute on two idle cores; longer while it waits for
+Run ``python bench/bench_hub_load.py`` (about 1 minute on two idle cores; longer while it waits for
 other processes to finish) and ``--save`` to write ``bench/results/hub_load.txt``;
 ``--hub-src DIR`` serves the ``hub`` package in ``DIR`` instead of the installed one (to measure
-a patch side by side with the bare app). Absolute figures first, then ``ratio <name> = <value>``
+a patch side by side with the bare app); ``--quick`` is a smoke run (seconds: 1 worker, 8
+clients, 1 s measured in one segment, 2 client pulls, no waiting for an idle machine, no
+re-runs; meaningless figures). Absolute figures first, then ``ratio <name> = <value>``
 lines, the goal's three last:
 
 - ``ratio hub_pulls_per_s_over_goal``: the hub's pulls/s / 500 (goal >= 1);
@@ -763,7 +765,7 @@ def publish_and_snapshot(
     from fedlora.hub.sdk.manifest import describe_base_model, load_public_key
 
     key = load_public_key(hub_dir / "hub.pub")
-    provenance = {"base_model": describe_base_model().__dict__, "producer": "bench/hub_load.py"}
+    provenance = {"base_model": describe_base_model().__dict__, "producer": "bench/bench_hub_load.py"}
     with HubClient(hub.url, operator, key) as client:
         client.publish(ADAPTER, files, provenance)
     (bare_dir / "blobs").mkdir(parents=True, exist_ok=True)
@@ -960,7 +962,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (hub, server logs)")
     parser.add_argument("--serve-bare", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 worker, 8 clients, 1 s, no idle wait")
     args = parser.parse_args()
+    if args.quick and args.serve_bare is None:
+        args.workers, args.clients, args.duration, args.rounds, args.warmup = "1", 8, 1.0, 1, 0.2
+        args.pulls, args.max_wait, args.retries = 2, 0.0, 0
     if args.serve_bare is not None:
         serve_bare(args.serve_bare, args.port, int(args.workers))
         return

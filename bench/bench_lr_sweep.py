@@ -8,8 +8,10 @@ AlgorithmDefaults(...)`` in each method's module in ``strategies/``): frozen-fac
 RoLoRA's half-rounds) move only one factor, so their grid starts at plain LoRA's rate and
 goes 30x higher.
 
-Run ``python bench/lr_sweep.py`` (24 runs, about 30 minutes on two shared cores) or
-``--quick`` (FedAvg-LoRA at one rate, 2 rounds: a smoke test of the machinery). Results go
+Run ``python bench/bench_lr_sweep.py`` (24 runs, about 30 minutes on two shared cores) or
+``--quick`` (FFA-LoRA at plain LoRA's rate only, 2 clients, 2 rounds of 2 steps on 32
+examples: a smoke test of the machinery, about a minute; its report goes to a temporary
+directory unless ``--outdir`` is given). Results go
 to ``--outdir`` (default ``bench/results``) as ``lr_sweep.md`` and ``lr_sweep.csv``; the
 script prints one progress line per run, then ``best-lr <strategy> = <lr>`` per strategy and
 ``ratio ffa_best_over_ffa_at_lora_lr = <value>``.
@@ -55,6 +57,7 @@ FROZEN_GRID = (3e-3, 1e-2, 3e-2, 1e-1)
 FROZEN_FACTOR = ("ffa-lora", "fedsvd", "rolora")
 STRATEGY_ORDER = ("fedavg-lora", "lora-fair", "fedex-lora", "flexlora", "ffa-lora", "fedsvd", "rolora")
 LORA_LR = 3e-3  # plain LoRA's rate; FFA-LoRA's grid includes it on purpose
+BENCH = Path(__file__).resolve().parent
 EXTRA_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -185,11 +188,12 @@ def run_one(settings: Settings, strategy: str, lr: float, seed: int, workroot: P
 def baseline(settings: Settings, seeds: Sequence[int]) -> dict[int, tuple[float, dict[str, float]]]:
     """Exact match of the untrained global adapter (B = 0) on each client's test split, per seed.
 
-    Same data path as the client app: ``FederationConfig.data_spec(partition)``, ``encode``,
+    Same data path as the client app: ``fedlora.core.client_data.client_examples``, ``encode``,
     ``evaluate``; the test split depends on the seed, the adapter's B = 0 does not.
     """
     import torch
 
+    from fedlora.core.client_data import build_partition, client_examples
     from fedlora.core.data import encode
     from fedlora.core.model import load_base_model, load_tokenizer, wrap_lora
     from fedlora.core.train import evaluate
@@ -206,13 +210,14 @@ def baseline(settings: Settings, seeds: Sequence[int]) -> dict[int, tuple[float,
         assert all(float(p.detach().abs().max()) == 0.0 for n, p in model.named_parameters() if ".lora_B." in n)
         max_len = int(getattr(model.config, "max_position_embeddings", 2048))
         hits, total, per_task = 0.0, 0, {}
+        split = build_partition(cfg)
+        assert split is not None  # the embedded pool, split among the clients
         for partition in range(cfg.num_clients):
-            spec = cfg.data_spec(partition)
-            _, test = spec.load()
+            _, test = client_examples(cfg, partition)
             res = evaluate(model, encode(tokenizer, test, max_len), int(tokenizer.pad_token_id))
             hits += res.exact_match * res.num_examples
             total += res.num_examples
-            per_task[str(spec.task)] = res.exact_match
+            per_task["+".join(share.task for share in split.clients[partition])] = res.exact_match
         out[seed] = (hits / total, per_task)
     return out
 
@@ -303,7 +308,7 @@ def write_markdown(
     tasks = settings.tasks.split(",")
     all_lrs = sorted({lr for s in strategies for lr in grids[s]})
     lines = [
-        "# Learning-rate sweep per strategy (`bench/lr_sweep.py`)",
+        "# Learning-rate sweep per strategy (`bench/bench_lr_sweep.py`)",
         "",
         f"Date: {started:%Y-%m-%d %H:%M} (local time); total wall time {total_seconds / 60:.1f} min "
         f"for {len(results)} runs on {_cpus()} CPU cores shared with other work (timings are indicative only).",
@@ -404,12 +409,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-fair-steps", type=int, default=d.lora_fair_steps)
     p.add_argument("--flexlora-ranks", default=d.flexlora_ranks)
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per run before it is stopped")
-    p.add_argument("--outdir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument(
+        "--outdir", type=Path, default=None, help="where the report goes (default: bench/results; --quick: a temp dir)"
+    )
     p.add_argument(
         "--workdir", type=Path, default=None, help="keep the runs here (default: a temporary directory, removed)"
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained-adapter row")
-    p.add_argument("--quick", action="store_true", help="smoke test: fedavg-lora at 3e-3, 2 rounds")
+    p.add_argument("--quick", action="store_true", help="smoke test: ffa-lora at 3e-3, 2 clients, 2 short rounds")
     return p.parse_args(argv)
 
 
@@ -419,8 +426,10 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.quick:
-        args.strategies, args.lrs, args.rounds = "fedavg-lora", "3e-3", 2
+    if args.quick:  # FFA-LoRA at LoRA's rate: the ratio's code path, with the fewest runs
+        args.strategies, args.lrs, args.rounds, args.clients = "ffa-lora", f"{LORA_LR:g}", 2, 2
+        args.local_steps, args.num_train, args.num_test = 2, 32, 8
+        args.tasks = ",".join(args.tasks.split(",")[: args.clients])  # one task per client
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -443,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lr in grids[s]:
             cfg = {k: v for k, v in settings.overrides(s, lr, seeds[0], Path("x")).items() if k != "run-dir"}
             FederationConfig.from_run_config(cfg)
-    command = shlex.join(["python", "bench/lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "bench/bench_lr_sweep.py", *(sys.argv[1:] if argv is None else argv)])
     started_at = dt.datetime.now()
     t0 = time.monotonic()
     n_runs = sum(len(grids[s]) for s in strategies) * len(seeds)
@@ -486,8 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ffa_best is not None:
             num = mean([r.final_em for r in ffa if r.lr == ffa_best])
             den = mean([r.final_em for r in ffa if r.lr == LORA_LR])
-            ratio = num / den if den > 0 else (math.inf if num > 0 else math.nan)
+            if ffa_best == LORA_LR:  # the same runs above and below the line
+                ratio = 1.0
+            else:
+                ratio = num / den if den > 0 else (math.inf if num > 0 else math.nan)
 
+    if args.outdir is None:
+        args.outdir = Path(tempfile.mkdtemp(prefix="lr_sweep_report_")) if args.quick else BENCH / "results"
     args.outdir.mkdir(parents=True, exist_ok=True)
     write_csv(args.outdir / "lr_sweep.csv", results, settings.tasks.split(","))
     write_markdown(

@@ -2,7 +2,10 @@
 retrieval, the uniform average of all experts, SG-LoRA, ICM-LoRA and the oracle adapter
 trained on the task, side by side in one run.
 
-    python bench/zero_shot.py [--experts DIR] [--steps 200] [--generator-steps 600]
+    python bench/bench_zero_shot.py [--experts DIR] [--steps 200] [--generator-steps 600] [--quick]
+
+``--quick`` is a smoke run (about a minute): every expert, oracle and generator trained for a
+few steps on a few examples, scored on 8 test examples; same code path, meaningless figures.
 
 Experts: one adapter per seen task (3 late checkpoints each, one shared initialisation), built
 here unless ``--experts`` names a directory from ``fl-hub build-experts``. Held out: unseen
@@ -76,9 +79,16 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None, help="SG-LoRA's softmax temperature")
     p.add_argument("--embedding", default="tfidf", choices=["tfidf", "minilm"], help="description embedding")
+    p.add_argument("--quick", action="store_true", help="smoke run: a few steps and examples everywhere")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = ExpertConfig(steps=args.steps, seed=args.seed)
+    if args.quick:
+        args.generator_steps = min(args.generator_steps, 10)
+        cfg = ExpertConfig(
+            steps=3, checkpoint_every=1, batch_size=8, train_examples=32, test_examples=8, seed=args.seed
+        )
+    else:
+        cfg = ExpertConfig(steps=args.steps, seed=args.seed)
     tmp = tempfile.TemporaryDirectory()
     experts_dir = args.experts
     t0 = time.perf_counter()
