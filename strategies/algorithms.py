@@ -43,7 +43,7 @@ class Accumulator(Protocol):
 
 @dataclass(frozen=True)
 class AlgorithmDefaults:
-    """Per-method hyperparameters, chosen by the sweep in ``bench/lr_sweep.py``
+    """Per-method hyperparameters, chosen by the sweep in ``bench/bench_lr_sweep.py``
     (``bench/results/lr_sweep.md``: 4 non-IID clients, 6 rounds x 10 AdamW steps, 2 seeds).
 
     Frozen-factor methods (FFA-LoRA, FedSVD, RoLoRA) train one factor, so they need a larger
