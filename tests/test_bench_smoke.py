@@ -125,7 +125,7 @@ class QuickRuns:
 @pytest.fixture(scope="module")
 def quick_runs(request: pytest.FixtureRequest) -> Iterator[QuickRuns]:
     selected = [
-        item.callspec.params["script"]
+        str(item.callspec.params["script"])
         for item in request.session.items
         if isinstance(item, pytest.Function) and item.path == Path(__file__) and item.originalname == "test_bench_quick"
     ]
