@@ -86,14 +86,14 @@ TASKS = "adddigit-4,rotate-2,repeat-3,sort-desc"
 APPS = ("ours", "bare")
 
 
-APP_PACKAGES = ("client", "server", "strategies", "privacy", "bench_bare_fedavg")
+APP_PACKAGES = ("fedlora", "bench_bare_fedavg")  # reloaded between runs (the runner itself stays)
 
 
 def import_app_module(name: str, attempts: int = 5, wait: float = 60.0) -> ModuleType:
     """Import the current version of a module of the app (the code may change between runs),
     retrying: another engineer may be mid-edit."""
     for attempt in range(attempts):
-        stale = [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES or m.startswith("simulations.")]
+        stale = [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES and m != "fedlora"]
         for mod in stale:
             if mod != "fedlora.core.flower_runner":  # ours, and in use
                 del sys.modules[mod]

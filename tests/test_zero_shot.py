@@ -18,7 +18,7 @@ from tiny_experts import TINY
 from tiny_experts import TINY_TASKS as TASKS
 
 from fedlora.client.cli import main as fl_client
-from fedlora.core.model import load_base_model
+from fedlora.core.model import load_base_model, load_tokenizer
 from fedlora.core.tasks import get_task
 from fedlora.hub.cli import main as fl_hub
 from fedlora.hub.generators.experts import build_experts, publish_experts
@@ -114,7 +114,7 @@ def test_fl_client_pull_generates_a_signed_adapter_that_peft_loads(hub: Hub, met
     # what the hub generated is exactly what the trained generator gives for that request
     gen = load_generator({f: (hub.root / method / f).read_bytes() for f in GENERATOR_FILES})
     if gen.needs_base_model:
-        gen.task_model = (load_base_model().eval(), __import__("fedlora.core.model").model.load_tokenizer())
+        gen.task_model = (load_base_model().eval(), load_tokenizer())
     from fedlora.core.data import load_jsonl
 
     expected = gen.generate("add 4 to each digit modulo 10", load_jsonl(examples) if method == "icm-lora" else [])
