@@ -32,7 +32,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedlora.hub.generators.service import GeneratorService
 from fedlora.hub.hub_dir import HubDir
 from fedlora.hub.sdk.manifest import public_pem
 from fedlora.hub.sdk.names import Principal
@@ -61,6 +60,9 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
 
     def generator_service() -> Any:
         if not services:
+            # lazy: torch, loaded only when a generation request arrives (the hub itself never needs it)
+            from fedlora.hub.generators.service import GeneratorService
+
             services.append(GeneratorService(registry, base_model_dirs))
         return services[0]
 
