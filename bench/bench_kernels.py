@@ -101,6 +101,7 @@ def batched_eval_times(adapters: int = 64, per_adapter: int = 8, repeat: int = 3
     ``per_adapter`` test examples each: one batched pass against loading each into PEFT in turn."""
     import tempfile
 
+    from fedlora.core.adapter_format import read_adapter_dir
     from fedlora.core.data import encode
     from fedlora.core.model import (
         LoraSettings,
@@ -114,7 +115,6 @@ def batched_eval_times(adapters: int = 64, per_adapter: int = 8, repeat: int = 3
     from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
     from fedlora.core.tasks import get_task
     from fedlora.core.train import evaluate
-    from fedlora.hub.sdk.manifest import read_adapter_dir
 
     tok = load_tokenizer()
     peft_model = wrap_lora(load_base_model(), LoraSettings(rank=8))

@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
-from fedlora.core.flower_runner import FlowerRunError, FlowerRunRequest, run_flower_app
+from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunError, FlowerRunRequest, run_flower_app
 from fedlora.core.run_dir import RunDir
 from fedlora.strategies.registry import STRATEGIES
 
@@ -161,7 +161,7 @@ def run_one(settings: Settings, strategy: str, lr: float, seed: int, workroot: P
     cell = workroot / f"{strategy}_lr{lr:g}_seed{seed}"
     run_dir = cell / "run"
     request = FlowerRunRequest(
-        components=("fedlora.server.app:app", "fedlora.client.app:app"),
+        components=FEDLORA_COMPONENTS,
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=settings.overrides(strategy, lr, seed, run_dir),

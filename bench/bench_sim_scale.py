@@ -72,7 +72,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from fedlora.core.flower_runner import FlowerRunOutcome, FlowerRunRequest, run_flower_app  # noqa: E402
+from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunOutcome, FlowerRunRequest, run_flower_app  # noqa: E402
 
 TAG_VAR = "FEDLORA_BENCH_TAG"
 SAMPLED = 10  # clients sampled per round, for training and for evaluation
@@ -359,9 +359,7 @@ def ours_request(
         elif isinstance(default, int | float):
             value = type(default)(text)
         overrides[key] = value
-    return _request(
-        ("fedlora.server.app:app", "fedlora.client.app:app"), "fedlora-sim-scale", defaults, overrides, n, workdir, tag
-    )
+    return _request(FEDLORA_COMPONENTS, "fedlora-sim-scale", defaults, overrides, n, workdir, tag)
 
 
 def bare_request(n: int, rounds: int, workdir: Path, tag: str) -> FlowerRunRequest:

@@ -1,4 +1,4 @@
-"""The ClientApp of deployed nodes: a thin process per message, the work in the node's warm trainer.
+"""fedlora's Flower ClientApp, in simulation and deployment: thin, the work in :mod:`fedlora.client.compute`.
 
 Flower's deployment runtime starts a fresh client-app process for every message, and importing
 torch, transformers, PEFT and Opacus and loading the base model would cost seconds each time.
@@ -6,7 +6,8 @@ torch, transformers, PEFT and Opacus and loading the base model would cost secon
 listening on a Unix socket in the node's state directory, owner only); this app imports only
 Flower and numpy, hands the message's arrays and config to the trainer and turns its answer
 into the reply. Without a trainer (``trainer`` absent from the node config, or its socket
-gone) it computes the reply itself, in this process, exactly as the simulation app does.
+gone), and always in simulation, it computes the reply itself in this process; Ray's workers keep
+that process, and with it the loaded model, across messages.
 """
 
 from __future__ import annotations

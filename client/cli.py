@@ -171,10 +171,8 @@ def _start_parser(sub: Any) -> None:
 
 
 def _keygen(args: argparse.Namespace, console: Console) -> int:
-    import socket
-
     try:
-        private, public = write_node_keypair(args.out, args.name or socket.gethostname())
+        private, public = write_node_keypair(args.out, args.name or default_name())
     except (FileExistsError, ValueError, OSError) as e:
         return _fail(e)
     console.print(f"private key {private} (keep it here)", markup=False, highlight=False)

@@ -33,6 +33,7 @@ from fedlora.client.identity import node_partition
 from fedlora.client.messages import ReplyContent, Request
 from fedlora.client.personalize import PersonalizeConfig, PrivacyBudgetError, personalize
 from fedlora.client.private_train import train_private
+from fedlora.core.adapter_format import BASE_DELTA_FILE
 from fedlora.core.client_data import client_examples, node_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import Encoded, encode
@@ -52,7 +53,7 @@ from fedlora.core.model import (
 from fedlora.core.run_dir import RunDir
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
-from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, load_public_key
+from fedlora.hub.sdk.manifest import load_public_key
 from fedlora.hub.sdk.names import check_segment
 from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.ledger import PrivacyLedger

@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 
 from fedlora.core.embedded import default_model_dir
-from fedlora.hub.sdk.client import PULLED_MANIFEST, HubClient, read_token
-from fedlora.hub.sdk.manifest import GENERATOR_METHODS, describe_base_model, load_public_key, weights_sha256
+from fedlora.hub.sdk.client import PULLED_MANIFEST, HubClient, open_hub
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS, describe_base_model, weights_sha256
 from fedlora.hub.sdk.publish import adapter_files, fedlora_version
 from fedlora.hub.sdk.request import MAX_EXAMPLES
 from fedlora.privacy.engines import ENGINES
@@ -115,9 +115,8 @@ def add_personalize_parser(sub: Any) -> None:
     add_hub_connection(p, key_required=False, hub_required=False)  # for --global (with --hub-key) and --push
 
 
-def connect(args: argparse.Namespace) -> Any:
-    key = load_public_key(args.hub_key) if args.hub_key else None
-    return HubClient(args.hub, read_token(args.token, args.token_file), key, ca=args.hub_ca)
+def connect(args: argparse.Namespace) -> HubClient:
+    return open_hub(args.hub, args.token, args.token_file, args.hub_key, args.hub_ca)
 
 
 def pull(args: argparse.Namespace, console: Console) -> int:
@@ -269,10 +268,8 @@ def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> 
 
 
 def personalize(args: argparse.Namespace, console: Console) -> int:
-    # lazy: pulls in peft, which this module does not need at import
+    # lazy: torch, PEFT and Opacus, which pull and push never need
     from fedlora.client.personalize import DEFAULT_LR, PersonalizeConfig
-
-    # lazy: pulls in peft, which this module does not need at import
     from fedlora.client.personalize import personalize as run_personalize
 
     if (args.global_run or args.push) and not args.hub:

@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from fedlora.atomic import atomic_directory
 from fedlora.client.identity import default_name, node_partition
 from fedlora.client.private_train import train_private
+from fedlora.core.adapter_format import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import encode
@@ -56,13 +57,12 @@ from fedlora.core.model import (
 )
 from fedlora.core.tasks import Example
 from fedlora.core.train import TrainSettings, evaluate, train
-from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.privacy.accounting import check_accountant, compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.engines import Engine, check_engine
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta, plan_noise
-from fedlora.privacy.report import PRIVACY_UNIT
+from fedlora.privacy.units import PRIVACY_UNIT
 from fedlora.strategies.algorithms import base_deltas
 from fedlora.strategies.fedavg_lora import FedAvgLora
 

@@ -2,8 +2,8 @@
 
 ``fl-client start`` runs :func:`serve` on a Unix socket in the node's state directory (mode
 0600 in a 0700 directory: only the node's own user can talk to it); every client-app process
-Flower starts for a message (:mod:`fedlora.client.app`) sends its :class:`~fedlora.client.app.Request` and
-waits for the :class:`~fedlora.client.app.ReplyContent`. Requests are served one at a time, as the
+Flower starts for a message (:mod:`fedlora.client.app`) sends its :class:`~fedlora.client.messages.Request` and
+waits for the :class:`~fedlora.client.messages.ReplyContent`. Requests are served one at a time, as the
 node trains one message at a time. The payload is pickled: both ends are this node's own
 processes of the same installation.
 """

@@ -26,10 +26,11 @@ from typing import Any
 
 from rich.console import Console
 
+from fedlora.core.adapter_format import CONFIG_FILE
 from fedlora.core.run_dir import RunDir
 from fedlora.hub.evaluate import evaluate_prefix, load_examples
-from fedlora.hub.sdk.client import read_token, remote_client
-from fedlora.hub.sdk.manifest import CONFIG_FILE, GENERATOR_METHODS, describe_base_model, load_public_key
+from fedlora.hub.sdk.client import HubClient, open_hub, read_token
+from fedlora.hub.sdk.manifest import GENERATOR_METHODS, describe_base_model, load_public_key
 from fedlora.hub.sdk.names import Principal
 from fedlora.hub.sdk.publish import HubTarget, fedlora_version, publish_global
 
@@ -166,6 +167,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (verifies every adapter)")
     ev.add_argument("--json", action="store_true")
     return p
+
+
+def remote_client(args: argparse.Namespace, key_required: bool = False) -> HubClient:
+    """The HubClient that ``--hub``, ``--token``/``--token-file`` and ``--hub-key`` name."""
+    if not args.hub:
+        raise ValueError(f"fl-hub {args.command} needs --hub URL")
+    key_file = getattr(args, "hub_key", None)
+    if key_required and key_file is None:
+        raise ValueError(f"fl-hub {args.command} needs --hub-key hub.pub (what the hub signs is verified)")
+    return open_hub(args.hub, args.token, args.token_file, key_file)
 
 
 def _remote_options(p: argparse.ArgumentParser) -> None:

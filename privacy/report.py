@@ -37,13 +37,10 @@ from fedlora.atomic import write_atomic
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedlora.privacy.planning import default_delta
+from fedlora.privacy.units import PRIVACY_UNIT
 
 REPORT_FORMAT = "fedlora-privacy-report"
 REPORT_VERSION = 1
-PRIVACY_UNIT = (
-    "one training example of one client's local dataset (sample-level DP-SGD); epsilon composes over "
-    "every round the client took part in, across runs that share its state directory"
-)
 DP_OFF = "Differential privacy was off for this run (dp.enabled = false): no privacy guarantee, no epsilon."
 
 

@@ -216,11 +216,6 @@ def with_client_level_dp(strategy: LoraStrategy, cfg: FederationConfig, run_dir:
     return wrapper(strategy, cfg.dp.client_noise_multiplier, cfg.dp.client_clipping_norm, m)
 
 
-#: resolved-config keys a resumed run may change
-#: run-config keys a resumed run may change. Not dp.engine: the engines agree only up to float
-#: rounding, and a round replayed after a resume must release the identical bits (it is charged once)
-
-
 def prepare_run_dir(run_dir: RunDir, cfg: FederationConfig, resolved: dict[str, Any]) -> None:
     """Refuse to mix two runs in one directory; on resume, refuse a different configuration."""
     if not cfg.resume:

@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.core.flower_runner import FlowerRunError
+from fedlora.core.flower_runner import FlowerRunError, parse_run_config_pairs
 from fedlora.core.pki import CertificateError
 from fedlora.hub.sdk.publish import Following, RunPublisher, add_hub_options, fedlora_version, hub_target
 from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
@@ -53,9 +53,6 @@ def _error(message: object) -> int:
 
 def _run_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``--run-config 'k=v k2=v2'`` through Flower's own parser (strings quoted)."""
-    # lazy: pulls in flwr, which this module does not need at import
-    from fedlora.core.cli import parse_run_config_pairs
-
     return parse_run_config_pairs(pairs)
 
 

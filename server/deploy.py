@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.core.flower_runner import Deployment, FlowerRunRequest, run_flower_app
+from fedlora.core.flower_runner import FEDLORA_COMPONENTS, Deployment, FlowerRunRequest, run_flower_app
 from fedlora.core.run_dir import RunDir
 from fedlora.server.server_dir import ServerDir
 
@@ -60,7 +60,7 @@ class Plan:
 
     run_config: dict[str, Any]
     run_dir: Path
-    deployment: Any  # fedlora.core.flower_runner.Deployment
+    deployment: Deployment
     num_rounds: int
     start_round: int
     nodes: tuple[str, ...]
@@ -158,8 +158,7 @@ def run_plan(
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     request = FlowerRunRequest(
-        # fedlora.client.app: a thin process per message that hands the work to the node's warm trainer
-        components=("fedlora.server.app:app", "fedlora.client.app:app"),
+        components=FEDLORA_COMPONENTS,
         app_name="fedlora",
         default_config=DEFAULT_RUN_CONFIG,
         overrides=overrides,

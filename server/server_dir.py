@@ -113,8 +113,7 @@ class ServerSettings:
 
     def federation_config(self) -> FederationConfig:
         """The run as ``fl-server start`` submits it: to real SuperNodes (``deployed``)."""
-        # imported here: it loads torch and transformers, which enrol/revoke need not wait for
-        # lazy: pulls in peft, which this module does not need at import
+        # lazy: torch, transformers and PEFT, which enrol and revoke need not wait for
         from fedlora.core.config import FederationConfig
 
         return FederationConfig.from_run_config({**self.run, "deployed": True})

@@ -23,15 +23,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedlora.core.cli import report_published, resume_config, summary
 from fedlora.core.flower_runner import run_config_toml
-from fedlora.core.reports import write_plots, write_privacy_report
 from fedlora.core.run_dir import RunDir
 from fedlora.hub.sdk.publish import Following, RunPublisher, add_hub_options, fedlora_version, hub_target
-from fedlora.simulations.compare import cmd_compare
-from fedlora.simulations.personal_eval import evaluate_personal, markdown
-from fedlora.simulations.simulate import OPTION_KEYS, add_run_options, run_config_from, simulate, validate
-from fedlora.strategies.registry import STRATEGIES
+from fedlora.simulations.options import OPTION_KEYS, add_run_options, run_config_from
 
 # -------------------------------------------------------------------------------- commands
 
@@ -68,6 +63,11 @@ def _clear_keeping_ledgers(run: RunDir, console: Console) -> None:
 
 def cmd_run(argv: Sequence[str], console: Console) -> int:
     args = _run_parser().parse_args(argv)
+    # lazy: torch, PEFT and Flower load once a run is asked for; fl-sim --help and option errors answer at once
+    from fedlora.core.cli import report_published, resume_config, summary
+    from fedlora.simulations.simulate import simulate, validate
+    from fedlora.strategies.registry import STRATEGIES
+
     if args.list_strategies:
         console.print("\n".join(sorted(STRATEGIES)))
         return 0
@@ -138,6 +138,8 @@ def personal_evaluation(run_dir: Path, console: Console) -> None:
     (a failure here is reported, never fails the finished run)."""
     if not RunDir(run_dir).personal_adapters():
         return
+    from fedlora.simulations.personal_eval import evaluate_personal  # lazy: torch, PEFT
+
     try:
         evaluate_personal(run_dir)
     except Exception as err:  # the run is complete whatever happens here
@@ -155,6 +157,8 @@ def cmd_personal_eval(argv: Sequence[str], console: Console) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from fedlora.simulations.personal_eval import evaluate_personal, markdown  # lazy: torch, PEFT
+
     report = evaluate_personal(args.run_dir, args.batch_size)
     console.print(markdown(report), markup=False, highlight=False)
     console.print(str(RunDir(args.run_dir).personal_eval_md), markup=False, highlight=False)
@@ -168,11 +172,22 @@ def cmd_report(argv: Sequence[str], console: Console) -> int:
     run = RunDir(args.run_dir)
     if not run.metrics_path.is_file():
         raise FileNotFoundError(f"{run.root} is not a run directory: no {run.metrics_path.name}")
+    # lazy: matplotlib, torch (the run configuration) only when reports are written
+    from fedlora.core.cli import summary
+    from fedlora.core.reports import write_plots, write_privacy_report
+
     privacy = write_privacy_report(run)
     paths = [privacy.json, privacy.markdown, privacy.html, *write_plots(run)]
     console.print("\n".join(str(p) for p in paths), markup=False)
     console.print("\n".join(summary(args.run_dir)), markup=False, highlight=False)
     return 0
+
+
+def cmd_compare(argv: Sequence[str], console: Console) -> int:
+    """``fl-sim compare``: see :mod:`fedlora.simulations.compare`."""
+    from fedlora.simulations import compare  # lazy: torch, PEFT and Flower (the centralised baseline trains)
+
+    return compare.cmd_compare(argv, console)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[Sequence[str], Console], int]] = {
         "report": cmd_report,
         "personal-eval": cmd_personal_eval,
+        "compare": cmd_compare,
     }
     try:
-        commands["compare"] = cmd_compare
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:], console)
         return cmd_run(argv, console)

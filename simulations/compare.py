@@ -22,7 +22,8 @@ from fedlora.core.config import FederationConfig
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, RunDir, config_changes
 from fedlora.simulations.centralised import run_centralised
 from fedlora.simulations.compare_report import load_run_result, write_compare
-from fedlora.simulations.simulate import MAIN_JOB, add_run_options, run_config_from, simulate, validate
+from fedlora.simulations.options import MAIN_JOB, add_run_options, run_config_from
+from fedlora.simulations.simulate import simulate, validate
 from fedlora.strategies.registry import STRATEGIES
 
 DEFAULT_STRATEGIES = "fedavg-lora,ffa-lora,lora-fair,fedex-lora"

@@ -1,7 +1,7 @@
 """Rebuild the embedded base model: a tiny Llama with a byte tokenizer, pretrained on the
 task suite's seen tasks (tagged prompts). Seeded and offline.
 
-    python -m fedlora.simulations.pretrain --out simulations/embedded/base-model
+    python -m fedlora.simulations.pretrain --out fedlora/core/embedded/base-model
 """
 
 from __future__ import annotations

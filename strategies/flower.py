@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fedlora.strategies import registry
 from fedlora.strategies.algorithms import LoraAlgorithm, Reply, update_norm
 from fedlora.strategies.validation import TensorSpec, check_reply, payload_bytes
 
@@ -335,9 +334,4 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def create(name: str, algorithm_kwargs: Mapping[str, Any], **strategy_kwargs: Any) -> LoraStrategy:
-    """The strategy of the method registered as ``name``, its algorithm built from ``algorithm_kwargs``."""
-    return LoraStrategy(registry.create(name, **algorithm_kwargs), **strategy_kwargs)
-
-
-__all__ = ["LoraStrategy", "ReplyHook", "RoundRecord", "create"]
+__all__ = ["LoraStrategy", "ReplyHook", "RoundRecord"]

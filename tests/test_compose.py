@@ -315,7 +315,7 @@ def _container_ports(service: Mapping[str, Any]) -> set[int]:
 def deployment_problems(compose: Compose) -> list[str]:
     """What the server and client services must agree on."""
     from fedlora.client.node import NodeError, split_address
-    from fedlora.core.cli import parse_run_config_pairs
+    from fedlora.core.flower_runner import parse_run_config_pairs
     from fedlora.server.server_dir import DEFAULT_DEPLOY_RUN_CONFIG, DEFAULT_PORT
 
     services = compose["services"]
@@ -622,8 +622,8 @@ def test_supernodes_use_data_they_can_load() -> None:
 
 def test_the_run_the_superlink_starts_is_a_valid_deployment() -> None:
     """server.toml as `fl-server init` writes it, with the start's overrides, as `fl-server start` checks it."""
-    from fedlora.core.cli import parse_run_config_pairs
     from fedlora.core.config import FederationConfig
+    from fedlora.core.flower_runner import parse_run_config_pairs
     from fedlora.server.deploy import DEPLOYED_KEY
     from fedlora.server.server_dir import DEFAULT_DEPLOY_RUN_CONFIG
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlora.core.flower_runner import free_port
 from fedlora.core.pki import fingerprint, load_node_public_key
 from fedlora.core.run_dir import RunDir
 from fedlora.privacy.accounting import compute_epsilon
@@ -38,12 +39,6 @@ RUN = (
     "num-rounds=2 local-steps=3 num-train=64 num-test=8 dp.plan-examples=64 round-timeout=60.0 "
     'min-replies=2 fraction-evaluate=0.0 tasks="adddigit-4,repeat-3"'
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Proc:
@@ -98,7 +93,7 @@ class Federation:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.server_dir = ServerDir.init(root / "server", ["127.0.0.1", "localhost"], port=self.port)
         self.procs: list[Proc] = []
         for name in CLIENTS:

@@ -401,8 +401,8 @@ def test_warm_trainer_answers_like_the_in_process_client(tmp_path: Path) -> None
     """A deployed node's message process hands its work to the trainer over the Unix socket."""
     import os as _os
 
-    from fedlora.client.app import Request
     from fedlora.client.compute import compute
+    from fedlora.client.messages import Request
     from fedlora.client.trainer import Trainer, ask, socket_path
 
     run = {**DEFAULT_RUN_CONFIG, "num-train": 40, "num-test": 8, "tasks": "adddigit-4", "strategy": "ffa-lora"}

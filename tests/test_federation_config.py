@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fedlora.core.cli import resume_config
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.run_dir import ResumeError, RunDir
 from fedlora.server.app import prepare_run_dir
@@ -157,13 +158,17 @@ def test_each_section_names_its_key(overrides: dict, message: str) -> None:
 
 
 def test_a_run_directory_from_before_the_sections_resumes(tmp_path: Path) -> None:
-    import json
-
-    from fedlora.core.run_dir import RunDir
-    from fedlora.server.app import prepare_run_dir
-
+    """A config.json written by the flat config of before: fl-sim --resume reads it back into the
+    sections with the same values, and the stored run is accepted (a changed key is not)."""
     stored = {**FLAT_DEFAULTS_BEFORE_SECTIONS, "strategy": "lora-fair", "lora-fair-steps": 200, "flexlora-ranks": "4"}
+    stored["run-dir"] = str(tmp_path)  # a run stores the directory it ran in
     (tmp_path / "config.json").write_text(json.dumps(stored | {"lr": 0.003, "lora-alpha": 16.0, "run-id": 7}))
-    cfg = FederationConfig.from_run_config({k: v for k, v in stored.items() if k != "resume"} | {"resume": True})
+    cfg = FederationConfig.from_run_config(resume_config(tmp_path))  # what fl-sim --resume submits
+    assert cfg.resume and cfg.method.steps == 200 and cfg.methods["flexlora"].ranks == "4"
     resolved = cfg.to_run_config() | {"lr": 0.003, "lora-alpha": 16.0, "run-id": 8}
+    same = set(stored) - {"resume", "lr", "lora-alpha"}  # resume and the strategy's defaults set these
+    assert {k: resolved[k] for k in same} == {k: stored[k] for k in same}
     prepare_run_dir(RunDir(tmp_path), cfg, resolved)
+    changed = cfg.to_run_config() | {"lr": 0.003, "lora-alpha": 16.0, "lora-fair-steps": 300}
+    with pytest.raises(ResumeError, match=r"lora-fair-steps: 200 -> 300"):
+        prepare_run_dir(RunDir(tmp_path), cfg, changed)

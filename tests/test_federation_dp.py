@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG
-from fedlora.core.flower_runner import FlowerRunRequest, run_flower_app
+from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunRequest, run_flower_app
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 
@@ -31,7 +31,7 @@ def _run(tmp_path: Path, name: str, **overrides: object) -> tuple[Path, list[dic
     run_dir = tmp_path / name
     outcome = run_flower_app(
         FlowerRunRequest(
-            components=("fedlora.server.app:app", "fedlora.client.app:app"),
+            components=FEDLORA_COMPONENTS,
             app_name="fedlora",
             default_config=DEFAULT_RUN_CONFIG,
             overrides={**DP, "run-dir": str(run_dir), **overrides},

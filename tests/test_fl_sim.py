@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.common.config import flatten_dict
+from processes import gone
 from safetensors.torch import load_file
 
 from fedlora.core import flower_runner as runner
 from fedlora.core.run_dir import RunDir
 from fedlora.simulations.cli import main
-from fedlora.simulations.simulate import MAIN_JOB
+from fedlora.simulations.options import MAIN_JOB
 
 FL_SIM = [sys.executable, "-m", "fedlora.simulations.cli"]
 TINY = [
@@ -131,13 +132,6 @@ def _reaper_of(run: RunDir) -> tuple[int, str] | None:
     return None
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.slow
 @pytest.mark.flower
 def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> None:
@@ -155,10 +149,10 @@ def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> No
     assert proc.wait(timeout=30) == -signal.SIGKILL
     pid, tag = reaper
     deadline = time.monotonic() + 60
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not gone(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     teardown_log = (run.sim_workdir / "logs" / "teardown.log").read_text()
-    assert _gone(pid) and "runner died without teardown" in teardown_log
+    assert gone(pid) and "runner died without teardown" in teardown_log
     assert runner._pids_with_env(runner.RUN_TAG_VAR, tag) == set(), teardown_log  # no Flower or Ray process left
     assert not run.global_adapter_dir.exists()
     with run.metrics_path.open("a") as f:  # the tear a kill mid-append leaves, made certain
@@ -207,9 +201,9 @@ def test_resume_refuses_new_options_and_force_keeps_the_ledgers(
     (run / "client-state" / "partition-0" / "privacy_ledger.json").write_text("{}")
     (run / "checkpoints").mkdir()
     (run / "metrics.jsonl").write_text('{"round": 1}\n')
-    import fedlora.simulations.cli as cli
+    import fedlora.simulations.simulate as simulate
 
-    monkeypatch.setattr(cli, "simulate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(simulate, "simulate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["--force", "--out", str(run), "--quiet"]) == 130
     assert sorted(p.name for p in run.iterdir()) == ["client-state"]
     assert (run / "client-state" / "partition-0" / "privacy_ledger.json").exists()

@@ -22,11 +22,12 @@ from hub_server import HubServer
 from peft import PeftModel
 from safetensors.torch import save_file
 
+from fedlora.core.adapter_format import read_adapter_dir
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
 from fedlora.hub.hub_dir import HubDir, HubSettings
 from fedlora.hub.sdk.client import HubClient, HubRequestError
-from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key, read_adapter_dir
+from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key
 from fedlora.hub.sdk.publish import adapter_files
 
 pytestmark = pytest.mark.slow  # a real hub server (module fixture) in every test

@@ -74,11 +74,26 @@ def _python_files() -> list[Path]:
 
 
 def _function_level_own_imports(path: Path) -> list[tuple[int, str, str]]:
-    """(line, imported module, source line with the line above) of every ``fedlora`` import inside a
-    function body."""
+    """(line, imported module, source lines) of every ``fedlora`` import inside a function body."""
     source = path.read_text()
     lines = source.splitlines()
     found: list[tuple[int, str, str]] = []
+
+    tree = ast.parse(source)
+    import_lines = {
+        n for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+        for n in range(node.lineno, (node.end_lineno or node.lineno) + 1)
+    }  # fmt: skip
+
+    def with_comments_above(lineno: int) -> str:
+        """The import's first line and the comment and import lines right above it (one comment
+        may explain a block of lazy imports)."""
+        block = [lines[lineno - 1]]
+        k = lineno - 1
+        while k >= 1 and (k in import_lines or lines[k - 1].strip().startswith("#")):
+            block.append(lines[k - 1])
+            k -= 1
+        return "\n".join(block)
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -89,18 +104,17 @@ def _function_level_own_imports(path: Path) -> list[tuple[int, str, str]]:
             elif isinstance(child, ast.ImportFrom):
                 names = ["fedlora"] if child.level else [child.module or ""]
             if in_function and any(n == "fedlora" or n.startswith("fedlora.") for n in names):
-                above = lines[child.lineno - 2] if child.lineno >= 2 else ""
-                found.append((child.lineno, names[0], above + "\n" + lines[child.lineno - 1]))
+                found.append((child.lineno, names[0], with_comments_above(child.lineno)))
             visit(child, inside)
 
-    visit(ast.parse(source), False)
+    visit(tree, False)
     return found
 
 
 def test_own_imports_inside_functions_are_declared_lazy() -> None:
     """An own-module import inside a function hides a cycle unless it defers a heavy dependency
     (torch, flwr, transformers...) from a light path such as a CLI's start: those say so with
-    ``# lazy: <why>`` on the line or the line above."""
+    ``# lazy: <why>`` on the line, or in a comment right above it (one comment may head a block)."""
     undeclared = [
         f"{path.relative_to(PACKAGE)}:{line}: {text.strip()}"
         for path in _python_files()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from fedlora.core.adapter_format import BASE_DELTA_FILE, read_adapter_dir
 from fedlora.core.data import encode
 from fedlora.core.model import (
     LoraSettings,
@@ -26,7 +27,6 @@ from fedlora.core.model import (
 from fedlora.core.multi_adapter import AdapterBank, LoadedAdapter, evaluate_many
 from fedlora.core.tasks import get_task
 from fedlora.core.train import evaluate
-from fedlora.hub.sdk.manifest import BASE_DELTA_FILE, read_adapter_dir
 from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX
 
 SETTINGS = [

@@ -24,7 +24,7 @@ from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedlora.privacy.planning import default_delta
-from fedlora.privacy.report import PRIVACY_UNIT
+from fedlora.privacy.units import PRIVACY_UNIT
 
 #: a task held out of pretraining: the base model (and the global adapter) cannot do it
 TASK = "embedded:rotate-2"

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import pytest
 from flower_echo.apps import INITIAL_WEIGHTS
+from processes import gone
 
 from fedlora.core import flower_runner as runner
 from fedlora.core.flower_runner import FlowerRunError, FlowerRunOutcome, FlowerRunRequest, run_flower_app
@@ -145,13 +146,6 @@ def test_app_dir_and_run_config_file_give_flower_the_dotted_keys(tmp_path: Path)
         runner.write_app_dir(app_dir, app_name="flower-echo", components=(ECHO_SERVER, ECHO_CLIENT), default_config={})
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.slow
 def test_reaper_kills_the_run_when_the_runner_dies_without_teardown(tmp_path: Path) -> None:
     """SIGKILL (or a `timeout` wrapper's SIGTERM) skips `finally`: the reaper must clean up."""
@@ -176,9 +170,9 @@ os.kill(os.getpid(), signal.SIGKILL)
     pids = [int(p) for p in done.stdout.split()]
     assert len(pids) == 2
     deadline = time.monotonic() + 20
-    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert all(_gone(pid) for pid in pids), (tmp_path / "teardown.log").read_text()
+    assert all(gone(pid) for pid in pids), (tmp_path / "teardown.log").read_text()
     while ray_tmp.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not ray_tmp.exists()

@@ -156,6 +156,10 @@ def test_a_torn_middle_line_is_refused_naming_file_and_line(tmp_path: Path) -> N
     (run / "metrics.jsonl").write_text('{"round": -1}\n')
     with pytest.raises(ValueError, match=r"line 1: 'round' must be a non-negative integer, got -1"):
         RunDir(run).rows()
+    for bad in ("Infinity", "NaN", "1.5"):  # JSON that Python's parser takes, and no round number
+        (run / "metrics.jsonl").write_text(f'{{"round": {bad}}}\n{{"round": 1}}\n')
+        with pytest.raises(ValueError, match=r"metrics\.jsonl, line 1: 'round' must be a non-negative integer"):
+            RunDir(run).rows()
 
 
 def test_a_torn_last_line_is_skipped_by_every_reader(tmp_path: Path) -> None:

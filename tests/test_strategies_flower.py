@@ -14,7 +14,7 @@ from fedlora.strategies.adapter import split_adapter
 from fedlora.strategies.fedavg_lora import FedAvgLora, fedavg_lora_aggregate
 from fedlora.strategies.ffa_lora import FfaLora, shared_a_state
 from fedlora.strategies.flexlora import FlexLoraSettings
-from fedlora.strategies.flower import LoraStrategy, create
+from fedlora.strategies.flower import LoraStrategy
 
 KEYS = [f"base_model.model.m{i}.lora_{f}.weight" for i in range(2) for f in "AB"]
 
@@ -50,7 +50,7 @@ def test_registry_holds_the_seven_methods() -> None:
         registry.get("fedprox")
     with pytest.raises(ValueError, match="already registered"):
         registry.register(FedAvgLora)
-    s = create("lora-fair", {"scaling": 2.0})
+    s = LoraStrategy(registry.create("lora-fair", scaling=2.0))
     assert (
         isinstance(s, LoraStrategy)
         and s.algorithm.name == "lora-fair"
@@ -69,7 +69,7 @@ def test_frozen_factor_methods_default_to_a_larger_learning_rate() -> None:
 
 
 def test_replies_are_aggregated_exactly_as_the_pure_function() -> None:
-    strategy = create("fedavg-lora", {"scaling": 2.0})
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=2.0))
     state = _adapter(0)
     clients = [_adapter(i) for i in (1, 2, 3)]
     new, summary = strategy.aggregate_train_from(1, [_reply(i + 1, c) for i, c in enumerate(clients)], state)
@@ -107,9 +107,9 @@ def _bad_cases() -> list[tuple[Message, str]]:
 def test_each_malformed_reply_is_rejected_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
     state = _adapter(0)
     size = sum(t.numel() * 4 for t in state.values())
-    strategy = create("fedavg-lora", {"scaling": 1.0}, max_reply_bytes=2 * size)
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=1.0), max_reply_bytes=2 * size)
     cases = _bad_cases()
-    strategy_small = create("fedavg-lora", {"scaling": 1.0}, max_reply_bytes=size - 1)
+    strategy_small = LoraStrategy(registry.create("fedavg-lora", scaling=1.0), max_reply_bytes=size - 1)
     good = [_reply(1, _adapter(1)), _reply(2, _adapter(2))]
     with caplog.at_level(logging.WARNING):
         new, summary = strategy.aggregate_train_from(1, [*good, *(m for m, _ in cases)], state)
@@ -125,7 +125,7 @@ def test_each_malformed_reply_is_rejected_with_its_reason(caplog: pytest.LogCapt
 
 
 def test_round_fails_cleanly_without_enough_valid_replies() -> None:
-    strategy = create("fedavg-lora", {"scaling": 1.0}, min_replies=2)
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=1.0), min_replies=2)
     new, summary = strategy.aggregate_train_from(3, [_reply(1, _adapter(1)), _reply(2, None)], _adapter(0))
     assert new is None  # Flower keeps the previous global adapter
     assert summary["accepted"] == 1 and summary["rejected"] == 1
@@ -135,7 +135,7 @@ def test_round_fails_cleanly_without_enough_valid_replies() -> None:
 
 
 def test_declined_replies_are_counted_not_rejected() -> None:
-    strategy = create("fedavg-lora", {"scaling": 1.0})
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=1.0))
     declined = _reply(4, None, {"declined": 1, "num-examples": 0})
     _, summary = strategy.aggregate_train_from(1, [_reply(1, _adapter(1)), declined], _adapter(0))
     assert summary["declined"] == 1 and summary["rejected"] == 0 and summary["accepted"] == 1
@@ -159,7 +159,7 @@ def test_ffa_downloads_only_b_and_keeps_a_bit_identical() -> None:
 
 
 def test_rolora_alternates_and_rejects_a_changed_frozen_factor() -> None:
-    strategy = create("rolora", {"scaling": 1.0})
+    strategy = LoraStrategy(registry.create("rolora", scaling=1.0))
     state = _adapter(0)
     assert strategy.algorithm.trained_factors(1) == "B" and strategy.algorithm.trained_factors(2) == "A"
     b_only = {k: v for k, v in _adapter(1).items() if ".lora_B." in k}
@@ -172,7 +172,9 @@ def test_fedavg_error_sketch_equals_exact_error_on_narrow_modules() -> None:
     """The constant-memory sketch is exact when a layer is at most its width (128) wide."""
     state = _adapter(0)
     replies = [_reply(i, _adapter(i)) for i in (1, 2, 3)]
-    _, sketched = create("fedavg-lora", {"scaling": 1.0}).aggregate_train_from(1, replies, state)
-    _, exact = create("fedavg-lora", {"scaling": 1.0, "exact_error": True}).aggregate_train_from(1, replies, state)
+    _, sketched = LoraStrategy(registry.create("fedavg-lora", scaling=1.0)).aggregate_train_from(1, replies, state)
+    _, exact = LoraStrategy(registry.create("fedavg-lora", scaling=1.0, exact_error=True)).aggregate_train_from(
+        1, replies, state
+    )
     assert exact["aggregation-error"] > 0.05
     assert sketched["aggregation-error"] == pytest.approx(exact["aggregation-error"], rel=1e-6)

@@ -18,6 +18,7 @@ from tiny_experts import TINY
 from tiny_experts import TINY_TASKS as TASKS
 
 from fedlora.client.cli import main as fl_client
+from fedlora.core.adapter_format import read_adapter_dir
 from fedlora.core.model import load_base_model, load_tokenizer
 from fedlora.core.tasks import get_task
 from fedlora.hub.cli import main as fl_hub
@@ -26,7 +27,7 @@ from fedlora.hub.generators.library import ExpertLibrary
 from fedlora.hub.generators.registry import load_generator
 from fedlora.hub.hub_dir import HubDir, HubSettings
 from fedlora.hub.sdk.client import HubClient, HubRequestError
-from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, load_public_key, read_adapter_dir
+from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, load_public_key
 from fedlora.hub.sdk.request import GenerationRequest
 
 pytestmark = pytest.mark.slow  # a real hub server (module fixture) with trained experts and generators

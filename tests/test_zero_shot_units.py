@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from tiny_experts import TINY, TINY_TASKS
 
+from fedlora.core.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer
 from fedlora.core.tasks import Example, get_task
 from fedlora.hub.generators.cvae import CVAESettings
@@ -32,7 +33,7 @@ from fedlora.hub.generators.icm_lora import (
 from fedlora.hub.generators.library import ExpertLibrary, Layout
 from fedlora.hub.generators.registry import generator_class, load_generator
 from fedlora.hub.generators.sg_lora import mixture_prior, mixture_weights
-from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, check_generator_files, describe_base_model
+from fedlora.hub.sdk.manifest import check_generator_files, describe_base_model
 from fedlora.hub.sdk.request import GenerationRequest
 
 QUICK = CVAESettings(steps=30, batch_size=4)

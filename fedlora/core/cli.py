@@ -4,26 +4,15 @@ summary a user reads when a run ends, and publishing a finished run's adapter to
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.common.config import parse_config_args
 from rich.console import Console
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG
 from fedlora.core.run_dir import RunDir
 from fedlora.privacy.report import client_label
-
-
-def parse_run_config_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``--run-config 'k=v k2="s"'`` values through Flower's own parser, so the same pairs work
-    for ``flwr run --run-config`` (strings must be quoted)."""
-
-    try:
-        return dict(parse_config_args(list(pairs or [])))
-    except Exception as e:  # click.ClickException carries Flower's explanation
-        raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
 
 
 def resume_config(run_dir: Path) -> dict[str, Any]:

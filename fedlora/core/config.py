@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, cast
 
 from fedlora.core.model import ALL_LINEAR, LoraSettings
@@ -257,7 +258,7 @@ class FederationConfig:
         if self.model_dir and not (Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model-dir {self.model_dir} does not exist or has no config.json")
         registry.get(self.strategy)  # raises with the known names
-        object.__setattr__(self, "methods", {**_method_sections(), **self.methods})
+        object.__setattr__(self, "methods", MappingProxyType({**_method_sections(), **self.methods}))  # frozen too
         for name, section in self.methods.items():
             if type(section) is not registry.get(name).settings_cls:
                 want = registry.get(name).settings_cls.__name__
@@ -470,7 +471,9 @@ def run_config_layout() -> dict[str, _Slot]:
 
 
 #: Flower run-config defaults: every key a run may override. 0 for lr / lora-alpha means
-#: "the strategy's own tuned default".
+#: "the strategy's own tuned default". A snapshot of the registry at import, when the built-in
+#: methods register; validation (:func:`run_config_layout`) reads the live registry, so a method
+#: registered later (a test's toy) is validated but has no defaults in Flower's app config.
 DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     key: slot.default for key, slot in run_config_layout().items()
 }

@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,9 @@ ConfigValue = bool | int | float | str
 PUBLISHER = "fedlora"
 CONNECTION = "local-sim"  # name of the SuperLink connection in the run's own FLWR_HOME
 RUN_TAG_VAR = "FEDLORA_SIM_TAG"  # env marker that every process of one run inherits
+#: fedlora's own ServerApp and ClientApp, the components of every run (simulated or deployed): the
+#: ClientApp is thin (Flower and numpy) and hands the work to a node's warm trainer when there is one
+FEDLORA_COMPONENTS = ("fedlora.server.app:app", "fedlora.client.app:app")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")  # flwr's APP_VERSION_PATTERN
@@ -330,6 +333,17 @@ def write_app_dir(
     return app_dir
 
 
+def parse_run_config_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--run-config 'k=v k2="s"'`` values through Flower's own parser, so the same pairs work
+    for ``flwr run --run-config`` (strings must be quoted)."""
+    from flwr.common.config import parse_config_args  # Flower's CLI stack: only when pairs are parsed
+
+    try:
+        return dict(parse_config_args(list(pairs or [])))
+    except Exception as e:  # click.ClickException carries Flower's explanation
+        raise ValueError(f"--run-config: {getattr(e, 'message', e)}") from None
+
+
 def run_config_toml(overrides: Mapping[str, ConfigValue]) -> str:
     """Overrides as the TOML text ``flwr run --run-config FILE`` reads (dotted keys as tables)."""
     return tomli_w.dumps(_nested(_checked_flat_config(overrides)))
@@ -347,7 +361,7 @@ def write_run_config(path: Path, overrides: Mapping[str, ConfigValue]) -> Path:
 
 
 def run_flower_app(request: FlowerRunRequest, on_log_line: Callable[[str], None] | None = None) -> FlowerRunOutcome:
-    """Run one simulation end to end and always tear it down.
+    """Run one Flower app end to end (a simulation, or a deployment) and always tear it down.
 
     ``on_log_line`` receives each line of the run's log (ANSI colours stripped) as it
     arrives, in the calling thread; the same lines go to ``workdir/logs/run.log``. After

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedlora.core.adapter_format import CONFIG_FILE
 from fedlora.core.embedded import default_model_dir
 
 Factors = Literal["both", "A", "B"]
@@ -213,8 +214,8 @@ def save_adapter(model: PeftModel, out_dir: str | Path, base_model_dir: str | Pa
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
     """Load a PEFT adapter directory onto a base model, as any PEFT user would."""
     path = Path(adapter_dir)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no {CONFIG_FILE})")
     return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
 
 

@@ -140,7 +140,7 @@ class LoadedAdapter:
 
     @classmethod
     def from_files(cls, name: str, files: Mapping[str, bytes]) -> LoadedAdapter:
-        """From a PEFT directory's files (``fedlora.hub.sdk.manifest.read_adapter_dir``, or what the hub returns)."""
+        """From a PEFT directory's files (``fedlora.core.adapter_format.read_adapter_dir``, or what the hub returns)."""
         if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
             raise ValueError(f"adapter {name}: a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
         try:

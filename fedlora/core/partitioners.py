@@ -34,8 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from fedlora.atomic import write_atomic
 from fedlora.core.tasks import TASKS, Example, get_task
 
 # A Dirichlet draw that leaves a client empty is redrawn up to this many times before giving up.
@@ -440,7 +439,7 @@ def partition_examples(labels: Sequence[str], spec: PartitionSpec) -> Partition:
 
 
 def write_partition_manifest(path: str | Path, partition: Partition) -> Path:
-    """Write spec, summary and every client's indices as JSON, atomically (temp file + os.replace)."""
+    """Write spec, summary and every client's indices as JSON, atomically and durably."""
     p = Path(path)
     doc = {
         "format": MANIFEST_FORMAT,
@@ -449,16 +448,7 @@ def write_partition_manifest(path: str | Path, partition: Partition) -> Path:
         "summary": partition.summary(),
         "clients": [[{"task": s.task, "indices": list(s.indices)} for s in shares] for shares in partition.clients],
     }
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(p, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
     return p
 
 

@@ -19,13 +19,14 @@ runs/<name>/
 Every path is a property of :class:`RunDir`, so no other module joins these names. Its reader is
 the only parser of ``metrics.jsonl``: an append is one ``write`` + ``fsync``, so a hard kill can
 leave only the *last* line torn, and the reader skips exactly that; a bad line before it is
-damage, reported with the file and line. Only the stdlib is imported at the top (the hub and
-light CLI paths read run directories); the adapter writer imports torch and PEFT when it runs.
+damage, reported with the file and line. Nothing heavier than numpy is imported at the top (the
+hub and light CLI paths read run directories); the adapter writer imports torch and PEFT when it runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -46,7 +47,9 @@ STATE_FILE = "state.safetensors"
 STRATEGY_STATE_FILE = "strategy_state.json"
 _PARTITION_DIR = re.compile(r"partition-(\d+)")
 
-#: run-config keys a resumed run may change (everything else must match the stored config.json)
+#: run-config keys a resumed run may change (everything else must match the stored config.json).
+#: Not dp.engine: the engines agree only up to float rounding, and a round replayed after a resume
+#: must release the identical bits (it is charged once)
 RESUME_MAY_CHANGE = frozenset({"resume", "run-id", "resumed-as", "round-timeout"})
 
 
@@ -226,7 +229,7 @@ class RunDir:
             r = row.get("round") if isinstance(row, dict) else None
             if not isinstance(row, dict) or "round" not in row:
                 raise ValueError(f"{path}, line {lineno}: expected an object with a 'round'")
-            if isinstance(r, bool) or not isinstance(r, int | float) or r != int(r) or r < 0:
+            if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r != int(r) or r < 0:
                 raise ValueError(f"{path}, line {lineno}: 'round' must be a non-negative integer, got {r!r}")
             row["round"] = int(r)
             rows.append(row)
@@ -271,7 +274,7 @@ class RunDir:
 
     def partition_summary(self) -> dict[str, Any] | None:
         """The ``summary`` of ``partition.json`` (client sizes and task counts), None without one."""
-        doc = _read_object(self.partition_path, missing_ok=True)
+        doc = _read_object(self.partition_path, missing_ok=True)  # the stored summary: any tasks, a user's too
         summary = doc.get("summary") if doc is not None else None
         return summary if isinstance(summary, dict) else None
 
@@ -297,7 +300,7 @@ class RunDir:
         if not done:
             raise ResumeError(f"{self.root} has no complete checkpoint (checkpoints/round-N/{STATE_FILE}) to resume")
         server_round, d = max(done)
-        extra = json.loads((d / STRATEGY_STATE_FILE).read_text())
+        extra = _read_object(d / STRATEGY_STATE_FILE, missing_ok=False) or {}
         return server_round, dict(load_file(str(d / STATE_FILE))), extra
 
     # ------------------------------------------------------------------------------ writing

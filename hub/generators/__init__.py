@@ -4,9 +4,3 @@ LoRA parameters, trained on a library of expert adapters (SG-LoRA, ICM-LoRA).
 Unlike the rest of ``hub``, this package needs torch: the hub server imports it only when a
 generation request arrives, so a hub that serves no generators starts without it.
 """
-
-from __future__ import annotations
-
-from fedlora.hub.sdk.request import METHODS, check_method
-
-__all__ = ["METHODS", "check_method"]

@@ -162,12 +162,6 @@ def embedder_from_state(state: Mapping[str, Any]) -> TextEmbedder:
     raise ValueError(f"unknown embedding {kind!r} (known: {', '.join(EMBEDDERS)})")
 
 
-def task_embedding(embedder: TextEmbedder, descriptions: Sequence[str]) -> np.ndarray:
-    """One task's embedding: the normalised mean of its descriptions' embeddings."""
-    mean = embedder.embed(descriptions).mean(0)
-    return (mean / max(float(np.linalg.norm(mean)), 1e-8)).astype(np.float32)
-
-
 @torch.no_grad()
 def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example]) -> np.ndarray:
     """ICM-LoRA's in-context task vector: the base model's last-layer hidden state at the last

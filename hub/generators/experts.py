@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fedlora.atomic import atomic_directory
+from fedlora.core.adapter_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_dir
 from fedlora.core.data import collate, encode
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import (
@@ -35,7 +36,7 @@ from fedlora.core.run_dir import RunDir
 from fedlora.core.tasks import Task, get_task, seen_tasks
 from fedlora.core.train import TrainSettings, batches, evaluate, train
 from fedlora.hub.generators.library import BUILD_FILE, TASK_FILE
-from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, describe_base_model, read_adapter_dir
+from fedlora.hub.sdk.manifest import describe_base_model
 from fedlora.hub.sdk.request import examples_json
 
 #: the expert adapters' default shape: small enough for a generator to model every parameter

@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from fedlora.core.adapter_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_dir
 from fedlora.core.tasks import Example
-from fedlora.hub.sdk.manifest import CONFIG_FILE, WEIGHTS_FILE, BaseModel, read_adapter_dir
+from fedlora.hub.sdk.manifest import BaseModel
 from fedlora.hub.sdk.request import check_description, check_examples
 
 TASK_FILE = "task.json"

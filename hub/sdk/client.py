@@ -4,7 +4,6 @@ the base model's hash and every file's hash have been checked."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import builtins
 import json
@@ -16,12 +15,11 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedlora.core.adapter_format import ADAPTER_FILES, read_adapter_dir
 from fedlora.core.embedded import default_model_dir
 from fedlora.hub.sdk.manifest import (
-    ADAPTER_FILES,
     VerificationError,
     load_public_key,
-    read_adapter_dir,
     verify_file,
     verify_record,
     weights_sha256,
@@ -271,11 +269,14 @@ def read_token(token: str | None, token_file: str | Path | None) -> str:
     return str(token)
 
 
-def remote_client(args: argparse.Namespace, key_required: bool = False) -> HubClient:
-    """The HubClient that ``--hub``, ``--token``/``--token-file`` and ``--hub-key`` name."""
-    if not args.hub:
-        raise ValueError(f"fl-hub {args.command} needs --hub URL")
-    key_file = getattr(args, "hub_key", None)
-    if key_required and key_file is None:
-        raise ValueError(f"fl-hub {args.command} needs --hub-key hub.pub (what the hub signs is verified)")
-    return HubClient(args.hub, read_token(args.token, args.token_file), load_public_key(key_file) if key_file else None)
+def open_hub(
+    url: str,
+    token: str | None,
+    token_file: str | Path | None,
+    key_file: str | Path | None = None,
+    ca: str | Path | None = None,
+) -> HubClient:
+    """A HubClient from what a command line names: the URL, a token or its file, the hub's public
+    key file (pulls are verified with it) and a CA for a hub with its own certificate."""
+    key = load_public_key(Path(key_file)) if key_file is not None else None
+    return HubClient(url, read_token(token, token_file), key, ca=ca)

@@ -26,13 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from safetensors import SafetensorError, deserialize
 
 from fedlora.atomic import atomic_directory
-
-# the adapter file format, re-exported: the SDK's users name it through the manifest
-from fedlora.core.adapter_format import ADAPTER_FILES as ADAPTER_FILES
-from fedlora.core.adapter_format import BASE_DELTA_FILE as BASE_DELTA_FILE
-from fedlora.core.adapter_format import CONFIG_FILE as CONFIG_FILE
-from fedlora.core.adapter_format import WEIGHTS_FILE as WEIGHTS_FILE
-from fedlora.core.adapter_format import read_adapter_dir as read_adapter_dir
+from fedlora.core.adapter_format import ADAPTER_FILES, BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.core.embedded import default_model_dir
 
 DOMAIN = b"fedlora-hub-manifest-v1\n"

@@ -19,16 +19,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedlora.core.adapter_format import CONFIG_FILE, read_adapter_dir
 from fedlora.core.run_dir import RunDir
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
-from fedlora.hub.sdk.manifest import (
-    CONFIG_FILE,
-    VerificationError,
-    describe_base_model,
-    load_public_key,
-    read_adapter_dir,
-)
+from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key
 from fedlora.hub.sdk.names import check_segment
+from fedlora.privacy.units import PRIVACY_UNIT
 
 log = logging.getLogger("fedlora.hub")
 
@@ -122,9 +118,6 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
             "accountant": report.get("accountant"),
         }
     else:  # a round's adapter: the largest lifetime epsilon the clients reported so far
-        # lazy: pulls in matplotlib, which this module does not need at import
-        from fedlora.privacy.report import PRIVACY_UNIT  # torch, Opacus: only here (the hub itself never loads them)
-
         plan = run.plan(missing_ok=True) or {}
         eps = (row.get("train") or {}).get("epsilon-max")
         prov |= {

@@ -12,13 +12,10 @@ from typing import Any
 from fedlora.core.tasks import Example
 from fedlora.hub.sdk.manifest import GENERATOR_METHODS
 
-#: generation methods the hub serves; each is stored under ``generators/<method>``
-METHODS: tuple[str, ...] = GENERATOR_METHODS
-
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown generation method {method!r} (known: {', '.join(METHODS)})")
+    if method not in GENERATOR_METHODS:  # each is stored under generators/<method>
+        raise ValueError(f"unknown generation method {method!r} (known: {', '.join(GENERATOR_METHODS)})")
     return method
 
 
