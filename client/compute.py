@@ -26,7 +26,6 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.hub_commands import PERSONALIZE_FILE, personal_provenance, push_adapter
 from fedlora.client.identity import node_partition
@@ -36,21 +35,17 @@ from fedlora.client.private_train import train_private
 from fedlora.core.adapter_format import BASE_DELTA_FILE
 from fedlora.core.client_data import client_examples, node_examples
 from fedlora.core.config import FederationConfig
-from fedlora.core.data import Encoded, encode
-from fedlora.core.embedded import default_model_dir
+from fedlora.core.data import Item
 from fedlora.core.model import (
     Factors,
     get_adapter_state,
-    load_base_model,
-    load_tokenizer,
-    max_positions,
     save_adapter,
     set_adapter_state,
     set_base_deltas,
     set_trainable_factors,
-    wrap_lora,
 )
 from fedlora.core.run_dir import RunDir
+from fedlora.core.run_model import RunModel, load_run_model, model_dir, run_device
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
 from fedlora.hub.sdk.manifest import load_public_key
@@ -58,7 +53,7 @@ from fedlora.hub.sdk.names import check_segment
 from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta
-from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, adapter_part, base_deltas
+from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas, factor_part, head_part
 
 
 @dataclass(frozen=True)
@@ -74,11 +69,18 @@ class NodeContext:
 class LocalSetup:
     """What a node keeps between messages when its process lives on (simulation)."""
 
-    model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
+    run: RunModel
     scaling: float
     pristine: dict[str, Tensor] = field(default_factory=dict)  # base weights before FedEx deltas
-    data: OrderedDict[tuple[object, ...], tuple[list[Encoded], list[Encoded]]] = field(default_factory=OrderedDict)
+    data: OrderedDict[tuple[object, ...], tuple[list[Item], list[Item]]] = field(default_factory=OrderedDict)
+
+    @property
+    def model(self) -> PeftModel:
+        return self.run.model
+
+    @property
+    def pad(self) -> int:
+        return self.run.pad_id
 
 
 _CACHE: dict[tuple[object, ...], LocalSetup] = {}
@@ -98,7 +100,7 @@ class Node:
     name: str | None = None
 
 
-def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded], list[Encoded], float]:
+def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Item], list[Item], float]:
     """The cached model and this node's encoded data, and how long loading the model took now
     (0 in a warm process)."""
     torch.set_num_threads(cfg.threads)
@@ -106,15 +108,15 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
     partition = node.partition
     rank = cfg.client_rank(partition)
     lora = cfg.lora_settings(rank, cfg.alpha_for(defaults.alpha))
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
-    key = (str(model_dir), lora)
+    device = run_device(cfg)
+    key = (str(model_dir(cfg)), lora, cfg.model, str(device), cfg.data_key()[:3])
     setup = _CACHE.get(key)
     load_seconds = 0.0
     if setup is None:
         started = time.perf_counter()
-        tokenizer = load_tokenizer(model_dir)
-        model = wrap_lora(load_base_model(model_dir, "cpu"), lora)  # safetensors, memory-mapped by transformers
-        setup = LocalSetup(model, tokenizer, lora.scaling)
+        # safetensors, memory-mapped by transformers; one base model per worker process, whatever
+        # the number of virtual clients it serves
+        setup = LocalSetup(load_run_model(cfg, lora, device), lora.scaling)
         _CACHE[key] = setup
         load_seconds = time.perf_counter() - started
     data_key = (*cfg.data_key(), partition, node.data)
@@ -125,8 +127,7 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Encoded]
             train_ex, test_ex = node_examples(cfg, node.data, cfg.seed * 100_003 + partition)
         else:
             train_ex, test_ex = client_examples(cfg, partition)
-        max_len = max_positions(setup.model)
-        setup.data[data_key] = (encode(setup.tokenizer, train_ex, max_len), encode(setup.tokenizer, test_ex, max_len))
+        setup.data[data_key] = (setup.run.encode(train_ex).items, setup.run.encode(test_ex).items)
         while len(setup.data) > DATA_CACHE_SIZE:
             setup.data.popitem(last=False)
     train_data, test_data = setup.data[data_key]
@@ -137,13 +138,13 @@ def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Te
     """Put the downloaded global state into the local model, the way the strategy ships it
     (FFA-LoRA rebuilds A from the shared seed, FlexLoRA truncates to this client's rank, ...)."""
     adapter = cfg.algorithm_class.client_adapter(
-        adapter_part(state),
-        local_a=get_adapter_state(setup.model, "A"),
+        factor_part(state),
+        local_a={k: v for k, v in get_adapter_state(setup.model, "A").items() if ".lora_A." in k},
         seed=cfg.seed,
         rank=rank,
         scaling=setup.scaling,
     )
-    set_adapter_state(setup.model, adapter)
+    set_adapter_state(setup.model, adapter | head_part(state))
     set_base_deltas(setup.model, base_deltas(state), setup.pristine)
 
 
@@ -270,7 +271,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
                 max_grad_norm=cfg.dp.max_grad_norm,
                 engine=cfg.dp.engine,
             )
-            result = train_private(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id), dp, dp_seed)
+            result = train_private(setup.model, train_data, settings, setup.pad, dp, dp_seed)
             train_seconds = time.perf_counter() - t0
         ledger.record_input(ledger_run, server_round, digest)  # before the charge: a replay needs both
         ledger.charge(  # idempotent: a replayed round (same seed, same output) is charged once
@@ -294,13 +295,14 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         }
     else:
         t0 = time.perf_counter()
-        result = train(setup.model, train_data, settings, int(setup.tokenizer.pad_token_id))
+        result = train(setup.model, train_data, settings, setup.pad)
         train_seconds = time.perf_counter() - t0
         ledger_lists = {}
     local: dict[str, int | float] = {}
     if test_data:  # the locally trained adapter on this client's own test split: what personalising would give
-        res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
+        res = evaluate(setup.model, test_data, setup.pad, cfg.model.eval_batch_size)
         local = {"local-exact-match": res.exact_match, "local-eval-loss": res.loss}
+        local |= {f"local-{k}": v for k, v in res.metrics.items()}
     # Under DP the training loss is a non-private function of the training examples: it stays here.
     losses = {} if ledger is not None else {"train-loss": result.mean_loss, "train-loss-final": result.final_loss}
     metrics: dict[str, int | float | list[int] | list[float]] = {
@@ -325,11 +327,12 @@ def evaluate_reply(context: NodeContext, state: Mapping[str, Tensor]) -> ReplyCo
     cfg, node = _node(context)
     setup, _, test_data, _ = _setup(cfg, node)
     load_global(setup, cfg, state, cfg.client_rank(node.partition))
-    res = evaluate(setup.model, test_data, int(setup.tokenizer.pad_token_id))
+    res = evaluate(setup.model, test_data, setup.pad, cfg.model.eval_batch_size)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": res.num_examples,
         "eval-loss": res.loss,
         "exact-match": res.exact_match,
+        **res.metrics,
         "partition-id": node.partition,
     }
     return ReplyContent(metrics, name=node.name)

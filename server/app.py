@@ -26,9 +26,9 @@ from flwr.serverapp.strategy import (
 
 from fedlora.core.client_data import build_partition, client_train_sizes, server_eval_sets
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
-from fedlora.core.embedded import default_model_dir
-from fedlora.core.model import get_adapter_state, load_base_model, load_tokenizer, wrap_lora
+from fedlora.core.model import get_adapter_state
 from fedlora.core.reports import write_plots, write_privacy_report
+from fedlora.core.run_model import load_run_model, model_dir
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, ResumeError, RunDir, config_changes
 from fedlora.hub.sdk.publish import run_name
 from fedlora.privacy.accounting import compute_epsilon
@@ -258,11 +258,12 @@ def main(grid: Grid, context: Context) -> None:
     alpha = cfg.alpha_for(algo_cls.defaults.alpha)
     rank = cfg.max_rank()
     lora = cfg.lora_settings(rank, algo_cls.global_alpha(rank, alpha))  # FlexLoRA's state is at scaling 1
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
-    model = wrap_lora(load_base_model(model_dir, "cpu"), lora)
+    base_dir = model_dir(cfg)
+    run_model = load_run_model(cfg, lora)
+    model = run_model.model
     fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))
     scaling = cfg.lora_settings(rank, alpha).scaling
-    run_dir = RunDir(cfg.run_dir, model, model_dir)
+    run_dir = RunDir(cfg.run_dir, model, base_dir)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling, "run-id": context.run_id}
     prepare_run_dir(run_dir, cfg, resolved)
@@ -300,7 +301,7 @@ def main(grid: Grid, context: Context) -> None:
         sigma, delta, q = plan_privacy(cfg, run_dir)
         train_config["dp-noise-multiplier"], train_config["dp-delta"], train_config["dp-sample-rate"] = sigma, delta, q
     log(INFO, "fedlora: %s, lr %s, alpha %s, run directory %s", cfg.strategy, lr, alpha, run_dir.root)
-    evaluator = ServerEvaluator(model, load_tokenizer(model_dir), server_eval_sets(cfg))
+    evaluator = ServerEvaluator(run_model, server_eval_sets(cfg), cfg.model.eval_batch_size)
     writer = RoundWriter(run_dir, strategy, cfg, evaluator, elapsed_before)
     final = ArrayRecord(initial)
     if cfg.num_rounds > done:

@@ -9,27 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from peft import PeftModel
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
-from fedlora.core.data import Encoded, encode
-from fedlora.core.model import max_positions, set_adapter_state, set_base_deltas
-from fedlora.core.tasks import Example
+from fedlora.core.data import Item
+from fedlora.core.model import set_adapter_state, set_base_deltas
+from fedlora.core.records import Record
+from fedlora.core.run_model import RunModel
 from fedlora.core.train import evaluate
 from fedlora.strategies.algorithms import adapter_part, base_deltas
 
 
 class ServerEvaluator:
-    """Exact match and loss of a global state on fixed per-task test sets."""
+    """Exact match (a classifier's accuracy, plus its macro-F1) and loss of a global state on
+    fixed per-task test sets."""
 
-    def __init__(
-        self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, sets: Mapping[str, Sequence[Example]]
-    ) -> None:
-        self.model = model
-        self.pad = int(tokenizer.pad_token_id)
-        max_len = max_positions(model)
-        self.sets: dict[str, list[Encoded]] = {t: encode(tokenizer, ex, max_len) for t, ex in sets.items() if ex}
+    def __init__(self, run: RunModel, sets: Mapping[str, Sequence[Record]], batch_size: int = 64) -> None:
+        self.model = run.model
+        self.pad = run.pad_id
+        self.batch_size = batch_size
+        self.sets: dict[str, list[Item]] = {t: run.encode(ex).items for t, ex in sets.items() if ex}
         self.pristine: dict[str, Tensor] = {}
 
     def __bool__(self) -> bool:
@@ -40,6 +38,11 @@ class ServerEvaluator:
         set_base_deltas(self.model, base_deltas(state), self.pristine)
         out = {}
         for task, data in self.sets.items():
-            res = evaluate(self.model, data, self.pad)
-            out[task] = {"exact-match": res.exact_match, "eval-loss": res.loss, "num-examples": res.num_examples}
+            res = evaluate(self.model, data, self.pad, self.batch_size)
+            out[task] = {
+                "exact-match": res.exact_match,
+                "eval-loss": res.loss,
+                "num-examples": res.num_examples,
+                **res.metrics,
+            }
         return out

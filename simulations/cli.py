@@ -114,6 +114,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
                 verbose=args.verbose,
                 timeout=args.timeout,
                 cpus_per_client=args.cpus_per_client,
+                gpus_per_client=args.gpus_per_client,
                 ray_address=args.ray_address,
             )
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.flower_runner import parse_run_config_pairs
+from fedlora.core.kinds import KINDS
 from fedlora.privacy.engines import ENGINES
 
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
@@ -63,6 +64,26 @@ OPTION_KEYS: dict[str, str] = {
     "min_replies": "min-replies",
     "round_timeout": "round-timeout",
     "state_dir": "state-dir",
+    "kind": "model.kind",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "max_length": "model.max-length",
+    "eval_batch_size": "model.eval-batch-size",
+    "labels": "model.labels",
+    "text_column": "columns.text",
+    "label_column": "columns.label",
+    "prompt_column": "columns.prompt",
+    "completion_column": "columns.completion",
+    "messages_column": "columns.messages",
+    "image_column": "columns.image",
+    "task_column": "columns.task",
+}
+
+#: what ``--kind`` changes in the main job: one domain or task family per client, a pool that a
+#: 22.7M-parameter encoder or the tiny ViT trains through in a few minutes on 2 CPU cores
+KIND_JOBS: dict[str, dict[str, Any]] = {
+    "seq-cls": {"num-clients": 4, "partition.tasks-per-client": 1, "num-train": 400, "local-steps": 10},
+    "image-cls": {"num-clients": 4, "partition.tasks-per-client": 1, "num-train": 500, "local-steps": 20},
 }
 
 
@@ -109,8 +130,32 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", help="comma-separated embedded tasks making up the pool")
     g.add_argument("--num-train", type=int, help="mean training examples per client (default 1000)")
     g.add_argument("--num-test", type=int, help="test examples per client (default 100)")
-    g.add_argument("--data", help="a JSONL file split by us, or a directory with one JSONL file per client")
-    g.add_argument("--model", help="a local Hugging Face model directory (default: the embedded model)")
+    g.add_argument(
+        "--data",
+        help="a JSONL, JSON, CSV or Parquet file or a saved datasets directory, split by us; or a directory with "
+        "one JSONL file per client",
+    )
+    for name, what in (
+        ("text", "the text to classify (default: text or sentence)"),
+        ("label", "the class label (default: label)"),
+        ("prompt", "a causal LM's prompt (default: prompt; instruction/input with Alpaca-style records)"),
+        ("completion", "a causal LM's completion (default: completion; output with Alpaca-style records)"),
+        ("messages", "chat turns, role/content objects (default: messages)"),
+        ("image", "the image: an image feature, pixel array or file path (default: image or img)"),
+        ("task", "what splits the data among clients (default: task; else a classifier's label)"),
+    ):
+        g.add_argument(f"--{name}-column", help=f"column of {what}")
+    g.add_argument("--model", help="a local Hugging Face model directory (default: the kind's shipped model)")
+    g = p.add_argument_group("model")
+    g.add_argument("--kind", choices=list(KINDS), help="model kind (default causal-lm)")
+    g.add_argument("--device", help="auto (default: a GPU when the process sees one), cpu, cuda or cuda:N")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="base weights' dtype (default float32)")
+    g.add_argument("--max-length", type=int, help="truncate records to this many tokens (default: refuse longer)")
+    g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 64)")
+    g.add_argument("--labels", help="a classifier's labels, comma-separated (default: from the tasks or the data)")
+    g.add_argument(
+        "--gpus-per-client", type=float, default=0.0, help="GPU share Ray gives each virtual client (default 0)"
+    )
     g.add_argument("--seed", type=int, help="seeds the split, the adapters and local training (default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--run-config", action="append", default=[], help="extra run-config 'key=value' pairs")
@@ -129,6 +174,10 @@ def run_config_from(args: argparse.Namespace, base: Mapping[str, Any] = MAIN_JOB
     from flwr.common.config import flatten_dict  # Flower's own, loaded only for a --config file
 
     values = dict(base)
+    kind = getattr(args, "kind", None)
+    if kind is not None and base is MAIN_JOB:
+        values.pop("tasks", None)  # the kind's own default tasks
+        values |= KIND_JOBS.get(kind, {})
     if args.config is not None:
         if not args.config.is_file():
             raise FileNotFoundError(f"config file {args.config} does not exist")

@@ -37,6 +37,7 @@ def simulate(
     timeout: float = 3600.0,
     on_log_line: Callable[[str], None] | None = None,
     cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
     ray_address: str | None = None,
 ) -> Any:
     """Validate, run on the simulation runtime, and return the runner's outcome."""
@@ -58,6 +59,7 @@ def simulate(
         overrides=overrides,
         num_supernodes=cfg.num_clients,
         client_num_cpus=cpus_per_client,
+        client_num_gpus=gpus_per_client,
         ray_address=ray_address,
         timeout=timeout,
         workdir=run.sim_workdir,

@@ -14,7 +14,9 @@ whole state, the server averages each factor (exact methods override only what d
 
 The global state is a flat mapping of PEFT adapter keys (``<module>.lora_A.weight``,
 ``<module>.lora_B.weight``) plus, for FedEx-LoRA, ``<module>.base_delta`` (the accumulated
-residual s R laid out like the base weight).
+residual s R laid out like the base weight), plus a classifier's heads (PEFT's
+``modules_to_save``). Methods see only the factors; every method's heads are averaged weighted by
+examples by the one Flower strategy, outside the method's math.
 """
 
 from __future__ import annotations
@@ -93,9 +95,21 @@ def factor_keys(state: Mapping[str, Tensor], factors: Factors) -> list[str]:
     return [k for k in state if k.endswith(suffixes)]
 
 
-def adapter_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The LoRA factors of a global state, without extra entries such as base deltas."""
+def factor_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The LoRA factors of a global state: what the methods' math works on."""
     return {k: v for k, v in state.items() if k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))}
+
+
+def head_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The heads of a global state (a classifier's ``modules_to_save``, trained in full): every
+    entry that is neither a LoRA factor nor a base delta. Every method averages them weighted by
+    examples (:class:`fedlora.strategies.streaming.HeadAccumulator`)."""
+    return {k: v for k, v in state.items() if not k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX, BASE_DELTA_SUFFIX))}
+
+
+def adapter_part(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The PEFT adapter of a global state (LoRA factors and heads), without base deltas."""
+    return {k: v for k, v in state.items() if not k.endswith(BASE_DELTA_SUFFIX)}
 
 
 def base_deltas(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -209,8 +223,8 @@ class LoraAlgorithm:
 
     def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
         """Per-module factors of a reply; factors the client did not train come from ``state``."""
-        flat = dict(adapter_part(state))
-        flat.update(reply.tensors)
+        flat = factor_part(state)
+        flat.update(factor_part(reply.tensors))
         return split_adapter(flat, reply.scaling)
 
     def finish(

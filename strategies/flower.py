@@ -21,7 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fedlora.strategies.algorithms import LoraAlgorithm, Reply, update_norm
+from fedlora.strategies.algorithms import LoraAlgorithm, Reply, factor_part, head_part, update_norm
+from fedlora.strategies.streaming import HeadAccumulator
 from fedlora.strategies.validation import TensorSpec, check_reply, payload_bytes
 
 #: called for every accepted reply: (round, node id, the reply as aggregated)
@@ -132,7 +133,7 @@ class LoraStrategy(FedAvg):
         self._started = True
         state = dict(arrays.to_torch_state_dict())
         self._state = state  # what this round's replies are trained from
-        download = self.algorithm.download(server_round, state)
+        download = self.algorithm.download(server_round, state) | head_part(state)
         config["train-factors"] = self.algorithm.trained_factors(server_round)
         config["lr"] = self.lr * self.lr_decay ** (server_round - 1)  # the schedule lives on the server
         messages = [
@@ -175,8 +176,12 @@ class LoraStrategy(FedAvg):
         """
         rec = self._record(server_round)
         algo = self.algorithm
-        expected = algo.reply_spec(server_round, state)
+        heads = head_part(state)
+        expected = algo.reply_spec(server_round, state) | {
+            k: TensorSpec(tuple(v.shape), v.dtype) for k, v in heads.items()
+        }
         acc = algo.new_accumulator(server_round)
+        head_acc = HeadAccumulator()
         total_examples, loss_sum = 0.0, 0.0
         for msg in sorted(replies, key=_arrival_free_order):
             node = msg.metadata.src_node_id
@@ -190,7 +195,9 @@ class LoraStrategy(FedAvg):
             if reason is None:
                 assert reply is not None
                 try:
-                    acc.add(algo.reply_modules(state, reply), reply.num_examples)
+                    factors = Reply(factor_part(reply.tensors), reply.num_examples, reply.scaling)
+                    acc.add(algo.reply_modules(state, factors), reply.num_examples)
+                    head_acc.add(head_part(reply.tensors), reply.num_examples)
                 except ValueError as err:
                     reason = str(err)
             if reason is not None:
@@ -223,6 +230,7 @@ class LoraStrategy(FedAvg):
             rec.train = summary
             return None, summary
         new_state, diagnostics = algo.finish(server_round, acc, state)
+        new_state |= head_acc.result()
         epsilons = [float(e) for m in rec.clients_train.values() if isinstance(e := m.get("epsilon"), float)]
         if epsilons:  # a maximum, never Flower's weighted mean of epsilons
             summary["epsilon-max"] = max(epsilons)
@@ -272,7 +280,8 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        download = self.algorithm.download(server_round, arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()
+        download = self.algorithm.download(server_round, state) | head_part(state)
         return super().configure_evaluate(server_round, ArrayRecord(download), config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -290,7 +299,7 @@ class LoraStrategy(FedAvg):
             return None
         total = sum(r["num-examples"] for r in rows.values())
         out: dict[str, float] = {"num-examples": total, "clients": len(rows)}
-        for key in ("eval-loss", "exact-match"):
+        for key in ("eval-loss", "exact-match", "macro-f1"):
             vals = [r[key] for r in rows.values() if key in r]
             if len(vals) == len(rows):
                 out[key] = sum(r[key] * r["num-examples"] for r in rows.values()) / total

@@ -336,3 +336,31 @@ class DeltaSumAccumulator(BaseAccumulator):
                 for name, spec in self._specs.items()
             }
         return self._result
+
+
+class HeadAccumulator:
+    """Example-weighted running sums of the heads a classifier trains in full (``modules_to_save``):
+    every method averages them the same way, FedAvg's rule, as they have no low-rank structure.
+    Results come back in the replies' dtype."""
+
+    def __init__(self, *, accum_dtype: torch.dtype = torch.float64) -> None:
+        self.accum_dtype = accum_dtype
+        self._sums: dict[str, Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._total = 0.0
+
+    def add(self, heads: Mapping[str, Tensor], weight: float) -> None:
+        """Fold one reply's heads in (they were checked against the state's names and shapes)."""
+        w = check_weight(weight)
+        if self._sums and set(heads) != set(self._sums):
+            raise ValueError(f"reply heads {sorted(heads)} differ from earlier replies' {sorted(self._sums)}")
+        for name, t in heads.items():
+            term = t.to(self.accum_dtype) * w
+            self._sums[name] = self._sums[name] + term if name in self._sums else term
+            self._dtypes[name] = t.dtype
+        self._total += w
+
+    def result(self) -> dict[str, Tensor]:
+        if not self._sums:
+            return {}
+        return {k: (v / self._total).to(self._dtypes[k]) for k, v in self._sums.items()}

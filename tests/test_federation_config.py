@@ -17,7 +17,9 @@ from fedlora.server.app import prepare_run_dir
 def test_defaults_round_trip_through_flower_keys() -> None:
     cfg = FederationConfig.from_run_config(DEFAULT_RUN_CONFIG)
     assert cfg == FederationConfig()
-    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG
+    # an empty ``tasks`` is the kind's default, written out resolved so a resumed run never depends on it
+    assert DEFAULT_RUN_CONFIG["tasks"] == "" and DEFAULT_RUN_CONFIG["model.kind"] == "causal-lm"
+    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG | {"tasks": "adddigit-4,rotate-2,repeat-3,sort-desc"}
     assert {"audit.save-updates", "dp.enabled", "dp.max-grad-norm", "dp.client-level"} <= set(DEFAULT_RUN_CONFIG)
 
 
@@ -102,9 +104,19 @@ FLAT_DEFAULTS_BEFORE_SECTIONS = {
 }  # fmt: skip
 
 
+#: keys added with the model kinds; an old run directory lacks them and resumes at these defaults
+MODEL_KIND_KEYS = {
+    "model.kind": "causal-lm", "model.device": "auto", "model.dtype": "float32", "model.max-length": 0,
+    "model.eval-batch-size": 64, "model.labels": "", "columns.text": "", "columns.label": "", "columns.prompt": "",
+    "columns.completion": "", "columns.messages": "", "columns.image": "", "columns.task": "",
+}  # fmt: skip
+
+
 def test_the_flat_keys_and_defaults_are_those_of_before_the_sections() -> None:
-    assert DEFAULT_RUN_CONFIG == FLAT_DEFAULTS_BEFORE_SECTIONS
-    assert FederationConfig().to_run_config() == FLAT_DEFAULTS_BEFORE_SECTIONS
+    before = FLAT_DEFAULTS_BEFORE_SECTIONS
+    assert DEFAULT_RUN_CONFIG == before | {"tasks": ""} | MODEL_KIND_KEYS  # "": the kind's default tasks
+    assert FederationConfig().to_run_config() == before | MODEL_KIND_KEYS
+    assert FederationConfig.from_run_config(before) == FederationConfig()
 
 
 def test_flat_keys_land_in_their_sections_and_come_back() -> None:
@@ -132,7 +144,9 @@ def test_flat_keys_land_in_their_sections_and_come_back() -> None:
         8,
     )
     assert cfg.methods["lora-fair"].solver_config().solver == "closed_form"  # type: ignore[attr-defined]
-    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG | flat | {"partition.alpha": 2.0}
+    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG | {"tasks": "adddigit-4,rotate-2,repeat-3,sort-desc"} | flat | {
+        "partition.alpha": 2.0
+    }
     again = FederationConfig.from_run_config(cfg.to_run_config())
     assert again == cfg and hash(again) == hash(cfg)
 

@@ -94,7 +94,11 @@ def test_a_registered_toy_strategy_goes_through_config_validation(
     cfg = FederationConfig.from_run_config({"strategy": "toy-server-step", "lora-rank": 4})
     assert cfg.algorithm_class is ServerStepB and cfg.method == MethodSettings()
     assert (cfg.client_rank(3), cfg.max_rank()) == (4, 4)
-    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG | {"strategy": "toy-server-step", "lora-rank": 4}
+    assert cfg.to_run_config() == DEFAULT_RUN_CONFIG | {
+        "tasks": "adddigit-4,rotate-2,repeat-3,sort-desc",
+        "strategy": "toy-server-step",
+        "lora-rank": 4,
+    }
     with pytest.raises(ValueError, match=r"dp\.client-level works with \['fedavg-lora'\] only, not 'toy-server-step'"):
         FederationConfig.from_run_config({"strategy": "toy-server-step", "dp.client-level": "server-side"})
     with pytest.raises(ValueError, match=r"SecAgg\+ only as a legacy workflow"):  # a sum-only method

@@ -16,22 +16,25 @@ are checked by :class:`FederationConfig` itself.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, cast
 
+from fedlora.core.kinds import DEFAULT_KIND, check_kind, get_kind
 from fedlora.core.model import ALL_LINEAR, LoraSettings
 from fedlora.core.partitioners import PartitionSpec
 from fedlora.core.run_dir import RunDir
-from fedlora.core.tasks import get_task
 from fedlora.privacy.accounting import check_accountant
 from fedlora.privacy.engines import Engine, check_engine
 from fedlora.strategies import registry
 from fedlora.strategies.algorithms import LoraAlgorithm, MethodSettings
 
 Value = bool | int | float | str
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
 
 
 def secure_aggregation_refusal(strategy: str) -> str:
@@ -167,8 +170,68 @@ class PersonalizeSection:
             raise ValueError(f"personalize.epsilon must be a finite number > 0, got {self.epsilon!r}")
 
 
+@dataclass(frozen=True)
+class ModelSection:
+    """The base model and where it runs: ``model.kind`` (causal-lm, seq-cls, image-cls),
+    ``model.device`` (auto: CUDA when this process sees a GPU, else the CPU; cpu; cuda[:i]),
+    ``model.dtype`` (float32, bfloat16, float16: the frozen base weights; LoRA factors, heads and
+    optimizer state stay float32), ``model.max-length`` (0: the model's own limit, and longer
+    records are refused; > 0: longer records are truncated and counted) and
+    ``model.eval-batch-size``, ``model.labels`` (a classifier's label space, comma-separated;
+    empty: the tasks' labels or the data's; deployed nodes need it, as no party sees all data)."""
+
+    prefix: ClassVar[str] = "model."
+
+    kind: str = DEFAULT_KIND
+    device: str = "auto"
+    dtype: str = "float32"
+    max_length: int = 0
+    eval_batch_size: int = 64
+    labels: str = ""  # a classifier's label space, comma-separated; empty: from the tasks or the data
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
+        if self.device != "auto" and self.device != "cpu" and not _CUDA_DEVICE.fullmatch(self.device):
+            raise ValueError(f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 0:
+            raise ValueError(f"model.max-length must be an integer >= 0 (0: the model's own), got {self.max_length!r}")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise ValueError(f"model.eval-batch-size must be an integer >= 1, got {self.eval_batch_size!r}")
+
+
+@dataclass(frozen=True)
+class ColumnsSection:
+    """Which columns of a user's data file hold what (``columns.text``, ``columns.label``,
+    ``columns.prompt``, ``columns.completion``, ``columns.messages``, ``columns.image``,
+    ``columns.task``); empty: the usual names."""
+
+    prefix: ClassVar[str] = "columns."
+
+    text: str = ""
+    label: str = ""
+    prompt: str = ""
+    completion: str = ""
+    messages: str = ""
+    image: str = ""
+    task: str = ""
+
+
+#: files ``datasets.Dataset.save_to_disk`` and ``DatasetDict.save_to_disk`` write into their folder
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+def is_client_dir(path: str) -> bool:
+    """Whether ``data-path`` is a directory of per-client JSONL files (not a saved dataset)."""
+    p = Path(path)
+    return p.is_dir() and not any((p / name).is_file() for name in SAVED_DATASET_FILES)
+
+
 #: FederationConfig's section fields and their classes (the methods' sections come from the registry)
 _SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "columns": ColumnsSection,
     "lora": LoraSection,
     "partition": PartitionSection,
     "audit": AuditSection,
@@ -186,8 +249,8 @@ def _method_sections() -> dict[str, MethodSettings]:
 @dataclass(frozen=True)
 class FederationConfig:
     """Validated run configuration: top-level run fields (their names are the run-config keys in
-    snake case) and the nested sections ``lora``, ``partition``, ``audit``, ``dp``, ``personalize``
-    and ``methods`` (every registered strategy's own section; ``method`` is the run's)."""
+    snake case) and the nested sections ``model``, ``columns``, ``lora``, ``partition``, ``audit``, ``dp``,
+    ``personalize`` and ``methods`` (every registered strategy's own section; ``method`` is the run's)."""
 
     strategy: str = "fedavg-lora"
     num_rounds: int = 3
@@ -199,9 +262,11 @@ class FederationConfig:
     lr: float = 0.0
     lr_decay: float = 1.0
     batch_size: int = 32
+    model: ModelSection = field(default_factory=ModelSection)
+    columns: ColumnsSection = field(default_factory=ColumnsSection)
     lora: LoraSection = field(default_factory=LoraSection)
     methods: Mapping[str, MethodSettings] = field(default_factory=_method_sections)
-    tasks: str = "adddigit-4,rotate-2,repeat-3,sort-desc"
+    tasks: str = ""  # empty: the kind's default tasks
     tagged: bool = True
     num_train: int = 2000
     num_test: int = 100
@@ -242,18 +307,27 @@ class FederationConfig:
             raise ValueError("round-timeout and max-reply-mb must be > 0")
         if self.num_train < 1 or self.num_test < 1:
             raise ValueError(f"num-train and num-test must be >= 1, got {self.num_train}, {self.num_test}")
+        if not self.tasks:
+            object.__setattr__(self, "tasks", get_kind(self.model.kind).default_tasks)
+        known = get_kind(self.model.kind).task_names()
         for t in self.task_list:
-            get_task(t)  # raises with the known names
+            if t not in known:
+                raise ValueError(
+                    f"unknown task {t!r} for model.kind = {self.model.kind}; known tasks: {', '.join(known)}"
+                )
         if self.data_path and not Path(self.data_path).exists():
-            raise FileNotFoundError(f"data-path {self.data_path} does not exist (a JSONL file or a directory of them)")
-        if self.data_path and Path(self.data_path).is_dir():
+            raise FileNotFoundError(
+                f"data-path {self.data_path} does not exist (a JSONL, JSON, CSV or Parquet file, a saved "
+                "dataset directory, or a directory of JSONL files, one per client)"
+            )
+        if self.data_path and is_client_dir(self.data_path):
             files = self.client_files()
             if len(files) != self.num_clients:
                 raise ValueError(
                     f"data-path {self.data_path} holds {len(files)} .jsonl file(s) but num-clients is "
                     f"{self.num_clients}: a directory gives one file per client"
                 )
-        if not self.data_path or Path(self.data_path).is_file():
+        if not self.data_path or not is_client_dir(self.data_path):
             self.partition_spec()  # validates the split's feasibility for these clients and tasks, naming the problem
         if self.model_dir and not (Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model-dir {self.model_dir} does not exist or has no config.json")
@@ -410,7 +484,15 @@ class FederationConfig:
 
     def data_key(self) -> tuple[object, ...]:
         """Everything that decides the clients' data: a cache key for one process."""
-        return (self.data_path, self.partition_spec(), self.num_test, self.tagged)
+        return (
+            self.model.kind,
+            self.model.labels,
+            self.columns,
+            self.data_path,
+            self.partition_spec(),
+            self.num_test,
+            self.tagged,
+        )
 
 
 class _Slot(NamedTuple):

@@ -127,18 +127,79 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_
     return out
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions are masked out of attention and loss."""
-    width = max(len(e.input_ids) for e in batch)
+@dataclass(frozen=True)
+class EncodedLabel:
+    """A tokenised text to classify: ``label`` is the class id in the run's label space."""
+
+    input_ids: list[int]
+    label: int
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedImage:
+    """An image as the model's processor prepared it (C x H x W) and its class id."""
+
+    pixel_values: torch.Tensor
+    label: int
+
+
+#: what a model kind encodes records into; :func:`collate` and :func:`forward` dispatch on it
+Item = Encoded | EncodedLabel | EncodedImage
+
+
+def collate(batch: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack one kind's items into model inputs. Causal LMs and texts are right-padded, padded
+    positions masked out of attention and loss; classification batches carry ``label`` (N,)."""
+    first = batch[0]
+    if isinstance(first, EncodedImage):
+        return {
+            "pixel_values": torch.stack([e.pixel_values for e in batch if isinstance(e, EncodedImage)]),
+            "label": torch.tensor([e.label for e in batch], dtype=torch.long),
+        }
+    width = max(len(e.input_ids) for e in batch if not isinstance(e, EncodedImage))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, e in enumerate(batch):
+        assert not isinstance(e, EncodedImage), "a batch mixes model kinds"
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
+    if isinstance(first, EncodedLabel):
+        label = torch.tensor([e.label for e in batch if isinstance(e, EncodedLabel)], dtype=torch.long)
+        if len(label) != len(batch):
+            raise ValueError("a batch mixes model kinds")
+        return {"input_ids": ids, "attention_mask": mask, "label": label}
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(batch):
+        if not isinstance(e, Encoded):
+            raise ValueError("a batch mixes model kinds")
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class Outputs:
+    """One batch through a model: per-example loss (what training averages and DP-SGD clips per
+    example) and per-example correctness (exact match of a completion, or of a class)."""
+
+    loss: torch.Tensor  # (N,)
+    correct: torch.Tensor  # (N,) bool
+    predicted: torch.Tensor | None = None  # (N,) class ids of a classifier
+    target: torch.Tensor | None = None  # (N,)
+
+
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Outputs:
+    """Run ``model`` on a collated batch of any kind. The loss is computed in float32 whatever
+    the model's dtype, so bf16 and fp16 models train on the same objective."""
+    if "label" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "label"}
+        logits = model(**inputs).logits.float()
+        target = batch["label"]
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        predicted = logits.argmax(dim=-1)
+        return Outputs(loss, predicted == target, predicted.detach(), target)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return Outputs(per_sequence_loss(logits, batch["labels"]), exact_matches(logits, batch["labels"]))
 
 
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,7 +213,7 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     tok = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
         shift_labels.reshape(-1).clamp_min(0),
         reduction="none",
     ).view_as(shift_labels)

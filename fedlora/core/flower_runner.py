@@ -120,6 +120,7 @@ class FlowerRunRequest:
     overrides: Mapping[str, ConfigValue] = field(default_factory=dict)
     num_supernodes: int
     client_num_cpus: int = 1
+    client_num_gpus: float = 0.0  # a GPU share per virtual client (Ray assigns the device; 0.25: four per GPU)
     ray_num_cpus: int | None = None
     ray_address: str | None = None  # an existing (multi-node) Ray cluster, e.g. "auto" or "10.0.0.5:6379"
     timeout: float
@@ -135,6 +136,10 @@ class FlowerRunRequest:
         overrides = _checked_overrides(defaults, self.overrides)
         _check_count("num_supernodes", self.num_supernodes)
         _check_count("client_num_cpus", self.client_num_cpus)
+        if isinstance(self.client_num_gpus, bool) or not isinstance(self.client_num_gpus, int | float):
+            raise ValueError(f"client_num_gpus must be a number, got {self.client_num_gpus!r}")
+        if not (0.0 <= self.client_num_gpus <= 1.0 or float(self.client_num_gpus).is_integer()):
+            raise ValueError(f"client_num_gpus must be a share in [0, 1] or a whole number, got {self.client_num_gpus}")
         if self.ray_num_cpus is not None:
             _check_count("ray_num_cpus", self.ray_num_cpus)
             if self.ray_num_cpus < self.client_num_cpus:
@@ -608,6 +613,8 @@ def _submit(
     args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
     if request.deployment is None:
         federation = f"num-supernodes={request.num_supernodes} client-resources-num-cpus={request.client_num_cpus}"
+        if request.client_num_gpus:
+            federation += f" client-resources-num-gpus={float(request.client_num_gpus)}"
         if request.ray_num_cpus is not None:
             federation += f" init-args-num-cpus={request.ray_num_cpus}"
         if request.ray_address is not None:

@@ -23,6 +23,8 @@ from fedlora.core.embedded import default_model_dir
 
 Factors = Literal["both", "A", "B"]
 ALL_LINEAR = "all-linear"
+#: in a PEFT model's parameter names, what marks a head trained in full (``modules_to_save``)
+HEAD_MARKER = ".modules_to_save."
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,7 +76,9 @@ class LoraSettings:
     def scaling(self) -> float:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
-    def peft_config(self) -> LoraConfig:
+    def peft_config(self, task_type: str | None = "CAUSAL_LM", heads: tuple[str, ...] = ()) -> LoraConfig:
+        """PEFT's config; ``heads`` are trained in full and travel with the factors (a classifier's
+        head, PEFT's ``modules_to_save``)."""
         targets: str | list[str] = ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
         return LoraConfig(
             r=self.rank,
@@ -83,7 +87,9 @@ class LoraSettings:
             target_modules=targets,
             use_rslora=self.use_rslora,
             bias="none",
-            task_type="CAUSAL_LM",
+            task_type=task_type,  # type: ignore[arg-type]  # PEFT takes the TaskType's string
+            modules_to_save=list(heads) or None,
+            exclude_modules=list(heads) or None,  # a head trains in full, never through LoRA
         )
 
 
@@ -131,10 +137,14 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def wrap_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
+def wrap_lora(
+    model: PreTrainedModel, lora: LoraSettings, task_type: str | None = "CAUSAL_LM", heads: tuple[str, ...] = ()
+) -> PeftModel:
     """Wrap ``model`` (already on its device) with LoRA and freeze what must not train.
 
-    Freezing happens after PEFT wraps the model: flags set before wrapping are overwritten.
+    Freezing happens after PEFT wraps the model: flags set before wrapping are overwritten. The
+    LoRA factors and the ``heads`` train in float32 whatever the base model's dtype, so the
+    optimizer state and the aggregated state are float32 too.
     """
     if lora.target_modules != (ALL_LINEAR,):
         available = linear_module_names(model)
@@ -143,16 +153,21 @@ def wrap_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
             raise ValueError(f"unknown target module(s) {unknown}; this model's linear layers: {available}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora.init_seed)
-        peft_model = get_peft_model(model, lora.peft_config())
+        peft_model = get_peft_model(model, lora.peft_config(task_type, heads))
     assert isinstance(peft_model, PeftModel)
+    for name, p in peft_model.named_parameters():
+        if HEAD_MARKER in name and p.dtype != torch.float32:
+            p.data = p.data.float()
     set_trainable_factors(peft_model, lora.trainable)
     return peft_model
 
 
 def set_trainable_factors(model: PeftModel, trainable: Factors) -> None:
-    """Train lora_A, lora_B or both; everything else stays frozen."""
+    """Train lora_A, lora_B or both, and the heads always; everything else stays frozen."""
     for name, p in model.named_parameters():
-        if ".lora_A." in name:
+        if HEAD_MARKER in name:
+            p.requires_grad_(True)
+        elif ".lora_A." in name:
             p.requires_grad_(trainable in ("both", "A"))
         elif ".lora_B." in name:
             p.requires_grad_(trainable in ("both", "B"))
@@ -161,10 +176,15 @@ def set_trainable_factors(model: PeftModel, trainable: Factors) -> None:
 
 
 def get_adapter_state(model: PeftModel, factors: Factors = "both") -> dict[str, torch.Tensor]:
-    """The adapter as a flat mapping of PEFT state-dict keys to detached CPU tensors."""
+    """The adapter as a flat mapping of PEFT state-dict keys to detached CPU tensors: the given
+    factors, and the heads (always trained) when the model has any."""
     state = get_peft_model_state_dict(model)
     keep = {"both": (".lora_A.", ".lora_B."), "A": (".lora_A.",), "B": (".lora_B.",)}[factors]
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if any(s in k for s in keep)}
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in state.items()
+        if any(s in k for s in keep) or not any(s in k for s in (".lora_A.", ".lora_B."))
+    }
 
 
 def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from fedlora.atomic import write_atomic
-from fedlora.core.tasks import TASKS, Example, get_task
+from fedlora.core.records import Record
+from fedlora.core.tasks import any_task, known_tasks
 
 # A Dirichlet draw that leaves a client empty is redrawn up to this many times before giving up.
 MAX_RESAMPLES = 100
@@ -109,9 +110,9 @@ class PartitionSpec:
         if len(set(self.tasks)) != len(self.tasks):
             dupes = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
             raise ValueError(f"tasks must be distinct; repeated: {', '.join(dupes)}")
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in known_tasks()]
         if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(known_tasks())}")
         if self.tasks:
             check_feasible(self, [self.examples_per_task] * len(self.tasks))
 
@@ -325,8 +326,8 @@ class Partition:
         return sum(s.count for s in self.clients[client])
 
     def client_examples(
-        self, client: int, examples: Sequence[Example] | None = None, tagged: bool = False
-    ) -> list[Example]:
+        self, client: int, examples: Sequence[Record] | None = None, tagged: bool = False
+    ) -> list[Record]:
         """Materialise a client's training examples.
 
         ``examples`` is the list that was partitioned (required for ``source="examples"``,
@@ -341,7 +342,7 @@ class Partition:
             return [examples[i] for s in shares for i in s.indices]
         if examples is not None:
             raise ValueError("an embedded partition draws its own examples; do not pass `examples`")
-        out: list[Example] = []
+        out: list[Record] = []
         for s in shares:
             pool = embedded_pool(s.task, self.spec, tagged=tagged)
             out.extend(pool[i] for i in s.indices)
@@ -362,11 +363,11 @@ class Partition:
 
 
 @functools.lru_cache(maxsize=64)
-def embedded_pool(task: str, spec: PartitionSpec, tagged: bool = False) -> list[Example]:
+def embedded_pool(task: str, spec: PartitionSpec, tagged: bool = False) -> list[Record]:
     """The one training pool of an embedded task that every client's share indexes into.
 
     Cached: a simulation worker serves many clients of one split. Callers must not mutate it."""
-    return get_task(task).examples(spec.examples_per_task, seed=spec.seed, split="train", tagged=tagged)
+    return list(any_task(task).examples(spec.examples_per_task, seed=spec.seed, split="train", tagged=tagged))
 
 
 def partition_indices(labels: Sequence[str], spec: PartitionSpec) -> list[list[int]]:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from fedlora.core.records import Example, Record
 
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
@@ -26,14 +29,6 @@ DIGITS = string.digits
 HELD_OUT_TASKS: tuple[str, ...] = ("caesar-7", "caesar-19", "adddigit-4", "rotate-2", "swap")
 
 _MIN_LEN, _MAX_LEN = 4, 8
-
-
-@dataclass(frozen=True)
-class Example:
-    """One supervised pair: the model sees ``prompt`` and must produce ``completion``."""
-
-    prompt: str
-    completion: str
 
 
 @dataclass(frozen=True)
@@ -261,6 +256,40 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+class EmbeddedTask(Protocol):
+    """What every embedded task suite's tasks offer (causal tasks here, the text-classification
+    family, the digit-image domains): the partitioners and the clients' data need only this."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def family(self) -> str: ...
+
+    def examples(self, n: int, seed: int, split: str = "train", tagged: bool = False) -> Sequence[Record]: ...
+
+
+def _suites() -> tuple[Mapping[str, EmbeddedTask], ...]:
+    # lazy: the classification suites (their modules sit beside this one) are read only when asked
+    from fedlora.core.image_tasks import IMAGE_TASKS
+    from fedlora.core.text_tasks import TEXT_TASKS
+
+    return TASKS, TEXT_TASKS, IMAGE_TASKS
+
+
+def known_tasks() -> list[str]:
+    """Every embedded task's name, of every model kind."""
+    return [name for suite in _suites() for name in suite]
+
+
+def any_task(name: str) -> EmbeddedTask:
+    """The embedded task called ``name``, of any model kind; raises with the known names."""
+    for suite in _suites():
+        if name in suite:
+            return suite[name]
+    raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}")
 
 
 def families() -> list[str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedlora.core.data import Encoded, collate, exact_matches, per_sequence_loss
+from fedlora.core.data import Item, collate, forward
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,29 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """``exact_match``: the share of examples whose whole target the model gets right (a causal
+    LM's completion token for token, a classifier's class: its accuracy); ``metrics`` adds what
+    the kind reports besides (macro-F1 of a classifier)."""
+
     loss: float
     exact_match: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-def batches(data: Sequence[Encoded], batch_size: int, seed: int) -> Iterator[list[Encoded]]:
+def macro_f1(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """Unweighted mean over the classes that occur (as target or prediction) of each class's F1."""
+    classes = torch.unique(torch.cat([predicted, target]))
+    scores = []
+    for c in classes.tolist():
+        tp = int(((predicted == c) & (target == c)).sum())
+        fp = int(((predicted == c) & (target != c)).sum())
+        fn = int(((predicted != c) & (target == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def batches(data: Sequence[Item], batch_size: int, seed: int) -> Iterator[list[Item]]:
     """Endless shuffled epochs; deterministic in ``seed``."""
     if not data:
         raise ValueError("no training examples")
@@ -82,7 +99,7 @@ def _progress(enabled: bool) -> Progress:
 
 def train(
     model: torch.nn.Module,
-    data: Sequence[Encoded],
+    data: Sequence[Item],
     settings: TrainSettings,
     pad_id: int,
     progress: bool = False,
@@ -117,8 +134,7 @@ def train(
         for _ in range(settings.steps):
             batch = {k: v.to(device) for k, v in next(stream).items()}
             opt.zero_grad(set_to_none=True)  # before the forward: DP-SGD's per-sample grads go too
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = per_sequence_loss(logits, batch["labels"]).mean()
+            loss = forward(model, batch).loss.mean()
             loss.backward()
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -138,18 +154,25 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Sequence[Encoded], pad_id: int, batch_size: int = 128) -> EvalResult:
-    """Mean per-sequence loss and exact match in one teacher-forced pass."""
+def evaluate(model: torch.nn.Module, data: Sequence[Item], pad_id: int, batch_size: int = 128) -> EvalResult:
+    """Mean per-example loss and exact match (accuracy of a classifier, plus its macro-F1) in one
+    teacher-forced pass."""
     if not data:
         return EvalResult(float("nan"), 0.0, 0)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total_loss, hits = 0.0, 0
+    predicted: list[torch.Tensor] = []
+    target: list[torch.Tensor] = []
     for i in range(0, len(data), batch_size):
         batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total_loss += float(per_sequence_loss(logits, batch["labels"]).sum())
-        hits += int(exact_matches(logits, batch["labels"]).sum())
+        out = forward(model, batch)
+        total_loss += float(out.loss.sum())
+        hits += int(out.correct.sum())
+        if out.predicted is not None and out.target is not None:
+            predicted.append(out.predicted.cpu())
+            target.append(out.target.cpu())
     model.train(was_training)
-    return EvalResult(total_loss / len(data), hits / len(data), len(data))
+    metrics = {"macro-f1": macro_f1(torch.cat(predicted), torch.cat(target))} if predicted else {}
+    return EvalResult(total_loss / len(data), hits / len(data), len(data), metrics)
