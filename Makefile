@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow lint pretrain clean
+.PHONY: install demo test test-fast test-slow lint pretrain pretrain-vision clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ test-slow: install
 
 pretrain: install
 	$(PY) -m fedlora.simulations.pretrain --out fedlora/core/embedded/base-model
+
+pretrain-vision: install
+	$(PY) -m fedlora.simulations.pretrain_vision --out fedlora/core/embedded/vit-digits
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

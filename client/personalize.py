@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
@@ -44,7 +44,7 @@ from fedlora.client.private_train import train_private
 from fedlora.core.adapter_format import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
 from fedlora.core.config import FederationConfig
-from fedlora.core.data import encode
+from fedlora.core.data import Item, encode
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import (
     load_adapter,
@@ -339,7 +339,12 @@ def personalize(
     check_adapter_dir(global_dir)
     _check_out_dir(out_dir, global_dir)
     fed = FederationConfig(num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed)
-    train_ex, test_ex = examples if examples is not None else node_examples(fed, cfg.data, cfg.split_seed)
+    if examples is None:
+        records = node_examples(fed, cfg.data, cfg.split_seed)
+        if not all(isinstance(r, Example) for part in records for r in part):
+            raise ValueError(f"data {cfg.data!r}: personalisation trains causal LMs on prompt/completion records")
+        examples = cast(tuple[list[Example], list[Example]], records)
+    train_ex, test_ex = examples
     if len(train_ex) < cfg.batch_size:
         raise ValueError(
             f"data {cfg.data!r} gives {len(train_ex)} training examples, fewer than batch_size={cfg.batch_size}: "
@@ -372,7 +377,8 @@ def personalize(
         model = _load_model(global_dir, model_dir)
         pad = int(tokenizer.pad_token_id)
         max_len = max_positions(model)
-        train_data, test_data = encode(tokenizer, train_ex, max_len), encode(tokenizer, test_ex, max_len)
+        train_data: list[Item] = list(encode(tokenizer, train_ex, max_len))
+        test_data: list[Item] = list(encode(tokenizer, test_ex, max_len))
         before = evaluate(model, test_data, pad)
         settings = TrainSettings(
             steps=cfg.steps,

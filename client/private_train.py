@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.core.data import Encoded, collate
+from fedlora.core.data import Item, collate
 from fedlora.core.train import TrainResult, TrainSettings, train
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 
 
 def train_private(
-    model: torch.nn.Module, data: list[Encoded], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
+    model: torch.nn.Module, data: list[Item], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
 ) -> TrainResult:
     """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients,
     AdamW at a constant learning rate (the server's schedule sets it per round)."""

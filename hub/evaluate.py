@@ -57,7 +57,11 @@ def load_examples(spec: str, num: int, seed: int) -> list[Example]:
             check_node_data(spec)
         except KeyError as error:
             raise ValueError(f"--data {spec!r}: {error.args[0]}") from None
-        return node_examples(FederationConfig(num_train=1, num_test=num), spec, seed)[1]
+        records = node_examples(FederationConfig(num_train=1, num_test=num), spec, seed)[1]
+        examples = [r for r in records if isinstance(r, Example)]
+        if len(examples) != len(records):
+            raise ValueError(f"--data {spec!r}: the hub evaluates causal-LM adapters on prompt/completion tasks only")
+        return examples
     if not Path(spec).is_file():
         raise FileNotFoundError(f"--data {spec!r} is neither a JSONL file nor embedded:TASK[,TASK]")
     return load_jsonl(spec)[:num]

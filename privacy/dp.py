@@ -17,6 +17,7 @@ not done here: the caller charges its ledger with (sigma, q, steps).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from fedlora.privacy.engines import Engine, check_engine, load_engine
+from fedlora.privacy.engines import HEAD_MARKER, Engine, check_engine, load_engine
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,22 @@ def check_poisson_batches(batch_size: int, num_examples: int, steps: int) -> Non
     """Refuse a DP-SGD run whose Poisson batches could come out empty (see MAX_EMPTY_BATCH_RISK)."""
     risk = empty_batch_risk(sample_rate(batch_size, num_examples), num_examples, steps)
     if risk > MAX_EMPTY_BATCH_RISK:
+        safe = smallest_safe_batch(num_examples, steps)
+        fix = f"the smallest safe batch size is {safe}" if safe else "no batch size is safe: give this client more data"
         raise ValueError(
             f"batch size {batch_size} is too small for DP-SGD's Poisson batches over {num_examples} examples: "
             f"some of the {steps} steps would draw an empty batch with probability {risk:.2g}, which the training "
-            "loop cannot take; use a larger batch size"
+            f"loop cannot take; {fix}"
         )
+
+
+def smallest_safe_batch(num_examples: int, steps: int) -> int | None:
+    """The smallest expected batch size whose Poisson batches stay non-empty over ``steps`` steps
+    (risk at most MAX_EMPTY_BATCH_RISK); None when even the whole dataset is not."""
+    for batch_size in range(1, num_examples + 1):
+        if empty_batch_risk(sample_rate(batch_size, num_examples), num_examples, steps) <= MAX_EMPTY_BATCH_RISK:
+            return batch_size
+    return None
 
 
 @dataclass
@@ -124,7 +136,17 @@ def dp_sgd(
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
         raise ValueError("the optimizer holds parameters that are not the model's: DP-SGD would not clip them")
-    attached = load_engine(config.engine).attach(model)
+    engine = config.engine
+    if engine == "fused":
+        heads = [n for n, p in model.named_parameters() if p.requires_grad and HEAD_MARKER in n]
+        if heads:  # a head trained in full has no LoRA factors to tap: Opacus' hooks clip it
+            engine = "opacus"
+            warnings.warn(
+                f"dp.engine = fused taps LoRA factors only and this model trains a head in full ({heads[0]}"
+                f"{' ...' if len(heads) > 1 else ''}): DP-SGD runs on Opacus' engine instead",
+                stacklevel=3,
+            )
+    attached = load_engine(engine).attach(model)
 
     def endless() -> Iterator[dict[str, torch.Tensor]]:
         while True:

@@ -15,6 +15,10 @@ from typing import Any, NamedTuple
 
 Engine = str
 
+#: in a PEFT model's parameter names, what marks a module trained in full besides LoRA (PEFT's
+#: ``modules_to_save``: a classifier's head), which an engine clips like any other parameter
+HEAD_MARKER = ".modules_to_save."
+
 #: engine name -> the module implementing it. ``opacus``: Opacus' grad-sample hooks;
 #: ``fused``: taps on the LoRA layers (:mod:`fedlora.privacy.fused`)
 ENGINES: dict[str, str] = {

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -28,8 +27,8 @@ from fedlora.core.client_data import build_partition, client_train_sizes, server
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.model import get_adapter_state
 from fedlora.core.reports import write_plots, write_privacy_report
-from fedlora.core.run_model import load_run_model, model_dir
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, ResumeError, RunDir, config_changes
+from fedlora.core.run_model import load_run_model, model_dir
 from fedlora.hub.sdk.publish import run_name
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import sample_rate

@@ -18,10 +18,10 @@ import torch
 
 from fedlora.core.client_data import client_examples
 from fedlora.core.config import FederationConfig
-from fedlora.core.data import Encoded, collate, encode
-from fedlora.core.embedded import default_model_dir
-from fedlora.core.model import load_base_model, load_tokenizer, max_positions, wrap_lora
+from fedlora.core.data import Item, collate
+from fedlora.core.records import Record
 from fedlora.core.run_dir import RunDir
+from fedlora.core.run_model import load_run_model, model_dir
 from fedlora.core.train import TrainSettings, batches, evaluate, train
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
@@ -35,18 +35,17 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lr = cfg.lr_for(FedAvgLora.defaults.lr)
     alpha = cfg.alpha_for(FedAvgLora.defaults.alpha)
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
-    tokenizer = load_tokenizer(model_dir)
-    model = wrap_lora(load_base_model(model_dir, "cpu"), cfg.lora_settings(cfg.lora.rank, alpha))
-    run = RunDir(out, model, model_dir)
-    max_len = max_positions(model)
-    pad = int(tokenizer.pad_token_id)
-    train_ex, tests = [], []
+    loaded = load_run_model(cfg, cfg.lora_settings(cfg.lora.rank, alpha))
+    model = loaded.model
+    run = RunDir(out, model, model_dir(cfg))
+    pad = loaded.pad_id
+    train_ex: list[Record] = []
+    tests: list[list[Item]] = []
     for p in range(cfg.num_clients):
         tr, te = client_examples(cfg, p)
         train_ex.extend(tr)
-        tests.append(encode(tokenizer, te, max_len))
-    pooled = encode(tokenizer, train_ex, max_len)
+        tests.append(loaded.encode(te).items)
+    pooled = loaded.encode(train_ex).items
     sampled = cfg.clients_per_round
     steps_per_round = cfg.local_steps * sampled
     config: dict[str, Any] = {
@@ -95,7 +94,7 @@ def _record(
     server_round: int,
     loss: float,
     model: torch.nn.Module,
-    tests: list[list[Encoded]],
+    tests: list[list[Item]],
     pad: int,
     started: float,
     epsilon: float | None,

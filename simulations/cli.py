@@ -64,7 +64,7 @@ def _clear_keeping_ledgers(run: RunDir, console: Console) -> None:
 def cmd_run(argv: Sequence[str], console: Console) -> int:
     args = _run_parser().parse_args(argv)
     # lazy: torch, PEFT and Flower load once a run is asked for; fl-sim --help and option errors answer at once
-    from fedlora.core.cli import report_published, resume_config, summary
+    from fedlora.core.cli import never_accepted, report_published, resume_config, summary
     from fedlora.simulations.simulate import simulate, validate
     from fedlora.strategies.registry import STRATEGIES
 
@@ -123,6 +123,11 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
     if not outcome.completed:
         console.print(f"[red]run {outcome.status}[/red]: {outcome.status_details}", markup=True)
         console.print(f"log: {outcome.log_path}; continue with: fl-sim --resume {run_dir}")
+        return 1
+    nothing = never_accepted(run_dir.resolve())
+    if nothing is not None:
+        console.print(f"[red]run failed[/red]: {nothing}", markup=True, highlight=False)
+        console.print(f"log: {outcome.log_path}; per-round reasons: {RunDir(run_dir).metrics_path}")
         return 1
     personal_evaluation(run_dir.resolve(), console)
     lines = summary(run_dir.resolve())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedlora.atomic import write_atomic, write_json_atomic
 from fedlora.core.adapter_format import CONFIG_FILE, read_adapter_dir
@@ -22,6 +22,7 @@ from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.data import encode
 from fedlora.core.model import load_base_model, load_tokenizer, max_positions
 from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
+from fedlora.core.records import Example
 from fedlora.core.run_dir import RunDir
 
 
@@ -40,7 +41,8 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
     max_len = max_positions(model)
     clients = list(personal)
-    tests = [encode(tokenizer, client_examples(cfg, p)[1], max_len) for p in clients]
+    # personalisation runs on causal LMs only (FederationConfig refuses it otherwise): prompt/completion records
+    tests = [encode(tokenizer, cast(list[Example], client_examples(cfg, p)[1]), max_len) for p in clients]
     names, adapters = [], []
     global_dir = run.global_adapter_dir
     if (global_dir / CONFIG_FILE).is_file():

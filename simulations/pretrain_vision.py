@@ -18,8 +18,13 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoImageProcessor, BaseImageProcessor, ViTConfig, ViTForImageClassification
-from transformers import ViTImageProcessorPil as ViTImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    BaseImageProcessor,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
 
 from fedlora.core.embedded import default_vision_model_dir
 from fedlora.core.image_tasks import IMAGE_SIZE, IMAGE_TASKS, LABELS
@@ -31,10 +36,11 @@ PIXEL_STD = 0.5
 LABEL2ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
 
 
-def make_processor() -> ViTImageProcessor:
+def make_processor() -> ViTImageProcessorPil:
     """Resize to ``IMAGE_SIZE`` (a no-op for the domains' images), rescale to [0, 1] and
-    normalise to [-1, 1]: one grey channel, as the domains' images have."""
-    return ViTImageProcessor(
+    normalise to [-1, 1]: one grey channel, as the domains' images have. The PIL backend needs
+    no torchvision; it saves as a plain ``ViTImageProcessor``."""
+    return ViTImageProcessorPil(
         do_resize=True,
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_rescale=True,
@@ -114,7 +120,8 @@ def pretrain(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, min(100, steps // 10 + 1)))
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
-    cursor, recent = 0, list[float]()
+    cursor = 0
+    recent: list[float] = []
     model.train()
     for _ in range(steps):
         if cursor + batch_size > len(order):

@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from transformers import AutoConfig
 
 import fedlora
 from fedlora.core.cli import Progress
-from fedlora.core.client_data import build_partition, client_train_sizes
+from fedlora.core.client_data import build_partition, client_examples, client_train_sizes, run_labels
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunRequest, run_flower_app
+from fedlora.core.kinds import get_kind
 from fedlora.core.run_dir import RunDir
+from fedlora.core.run_model import model_dir
+from fedlora.privacy.dp import check_poisson_batches
 
 
 def validate(run_config: Mapping[str, Any]) -> FederationConfig:
@@ -25,7 +29,43 @@ def validate(run_config: Mapping[str, Any]) -> FederationConfig:
         raise ValueError(f"fraction-train {cfg.fraction_train} of {cfg.num_clients} clients samples nobody; raise it")
     build_partition(cfg)  # a split that leaves a client empty, or an unreadable file, fails here
     client_train_sizes(cfg)  # with a directory of files: every client's file is read and checked
+    check_records(cfg)
     return cfg
+
+
+def check_records(cfg: FederationConfig) -> int:
+    """Encode every client's records as its client will, before anything starts, so a bad record,
+    a label outside the run's label space, an over-long record or a DP batch too small for a
+    client is refused here with the reason, never found by every client in every round. Returns
+    how many records ``model.max-length`` truncates."""
+    kind = get_kind(cfg.model.kind)
+    path = model_dir(cfg)
+    processor = kind.load_processor(path)
+    limit = cfg.model.max_length or _max_positions(path)
+    labels = run_labels(cfg)
+    if kind.classifier and len(labels) < 2:
+        raise ValueError(f"a {kind.name} run needs at least 2 labels, got {list(labels)} (set --labels)")
+    cut = total = 0
+    for p in range(cfg.num_clients):
+        train, test = client_examples(cfg, p)
+        cut += kind.encode(processor, [*train, *test], labels, limit, truncate=True).truncated
+        total += len(train) + len(test)
+        if cfg.dp.enabled:
+            try:
+                check_poisson_batches(cfg.batch_size, len(train), cfg.local_steps)
+            except ValueError as err:
+                raise ValueError(f"client {p}: {err}") from None
+    if cut and not cfg.model.max_length:
+        raise ValueError(
+            f"{cut} of {total} records are longer than the model's {limit} positions: pass --max-length {limit} "
+            "(model.max-length) to truncate them, or shorten them"
+        )
+    return cut
+
+
+def _max_positions(path: Path) -> int:
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
 
 
 def simulate(

@@ -275,13 +275,13 @@ def test_a_missing_column_is_refused_with_the_columns_there_are(tmp_path: Path) 
             "jsonl",
             "causal-lm",
             [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}],
-            "line 2: 'completion' is empty",
+            ":2: 'completion' is empty",
         ),
         (
             "jsonl",
             "causal-lm",
             [{"prompt": "a", "completion": "b"}, {"prompt": 5, "completion": "c"}],
-            "line 2: 'prompt' must be a string, got int 5",
+            ":2: 'prompt' must be a string, got int 5",
         ),
         ("json", "causal-lm", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "row 2: missing 'completion'"),
         ("csv", "seq-cls", [{"text": "a", "label": "x"}, {"text": "b", "label": ""}], "row 2: 'label' is empty"),
@@ -302,7 +302,7 @@ def test_a_missing_column_is_refused_with_the_columns_there_are(tmp_path: Path) 
             "jsonl",
             "causal-lm",
             [{"messages": [{"role": "bot", "content": "x"}]}],
-            "line 1: message 1 has unknown role 'bot'; roles: system, user, assistant",
+            ":1: message 1 has unknown role 'bot'; roles: system, user, assistant",
         ),
         (
             "parquet",
@@ -314,7 +314,7 @@ def test_a_missing_column_is_refused_with_the_columns_there_are(tmp_path: Path) 
             "jsonl",
             "causal-lm",
             [{"prompt": "a", "completion": "b", "task": ""}],
-            "line 1: 'task' .* must be a non-empty string",
+            ":1: 'task' .* must be a non-empty string",
         ),
         (
             "json",
@@ -335,7 +335,8 @@ def test_a_bad_record_is_refused_with_file_and_row(
     tmp_path: Path, fmt: str, kind: str, rows: list[dict[str, Any]], problem: str
 ) -> None:
     path = write(tmp_path, rows, fmt)
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}, {problem}"):
+    sep = "" if problem.startswith(":") else ", "  # JSONL lines read like compiler messages: file:line
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}{sep}{problem}"):
         read_records(path, kind)
 
 
@@ -355,7 +356,7 @@ def test_empty_and_unreadable_sources_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not one written by save_to_disk"):
         read_records(tmp_path, "seq-cls")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         read_records(tmp_path / "bad.jsonl", "causal-lm")
     with pytest.raises(ValueError, match="kind must be one of causal-lm, seq-cls, image-cls"):
         read_records(tmp_path / "bad.jsonl", "seq2seq")

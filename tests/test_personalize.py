@@ -223,7 +223,7 @@ def test_bad_config(tmp_path: Path, overrides: dict[str, object], error: type[Ex
         (20, {}, r"gives 18 training examples, fewer than batch_size=32"),
         (8, {"batch_size": 2}, r"gives no test examples .*at least 10 records"),
         (100, {"delta": 0.05}, r"delta 0.05 is not below 1/n = 1/90"),
-        (100, {"batch_size": 4}, r"batch size 4 is too small .* probability 0.16, .*use a larger batch size"),
+        (100, {"batch_size": 4}, r"batch size 4 is too small .* 0.16, .*the smallest safe batch size is 11"),
     ],
 )
 def test_too_little_data(

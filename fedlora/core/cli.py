@@ -4,6 +4,7 @@ summary a user reads when a run ends, and publishing a finished run's adapter to
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from fedlora.core.config import DEFAULT_RUN_CONFIG
+from fedlora.core.kinds import DEFAULT_KIND, headline
 from fedlora.core.run_dir import RunDir
 from fedlora.privacy.report import client_label
 
@@ -37,6 +39,7 @@ class Progress:
         self.t0: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._metric: str | None = None
 
     def __enter__(self) -> Progress:
         self._thread.start()
@@ -60,6 +63,12 @@ class Progress:
                 self.seen = r
                 self.console.print(self.describe(row), soft_wrap=True)
 
+    def metric(self) -> str:
+        """The run's headline metric (exact match, or a classifier's accuracy), once its config is written."""
+        if self._metric is None and self.run.config_path.is_file():
+            self._metric = run_metric(self.run)
+        return self._metric or "exact match"
+
     def describe(self, row: Mapping[str, Any]) -> str:
         r = int(row["round"])
         train, ev = row.get("train") or {}, row.get("evaluate") or {}
@@ -73,17 +82,18 @@ class Progress:
             parts.append(f"loss {train['train-loss']:.3f}")
         elif "eval-loss" in ev:  # DP clients do not report their training loss
             parts.append(f"test loss {ev['eval-loss']:.3f}")
+        metric = self.metric()
         if "exact-match" in ev:
-            parts.append(f"exact match {ev['exact-match']:.3f}")
+            parts.append(f"{metric} {ev['exact-match']:.3f}")
         else:  # no evaluation round trip (deployment): the clients' own test splits after training
             local = [
                 m["local-exact-match"] for m in (row.get("per-client-train") or {}).values() if "local-exact-match" in m
             ]
             if local:
-                parts.append(f"local exact match {sum(local) / len(local):.3f}")
+                parts.append(f"local {metric} {sum(local) / len(local):.3f}")
         server_eval = [t["exact-match"] for t in (row.get("server-eval") or {}).values() if "exact-match" in t]
         if server_eval:
-            parts.append(f"server exact match {sum(server_eval) / len(server_eval):.3f}")
+            parts.append(f"server {metric} {sum(server_eval) / len(server_eval):.3f}")
         if "epsilon-max" in train:
             parts.append(f"max ε {train['epsilon-max']:.2f}")
         if row.get("failed"):
@@ -102,24 +112,53 @@ def _clock(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
+_HINTS = (
+    ("longer than the model's", "records too long for the model: pass --max-length to truncate them"),
+    ("too small for DP-SGD's Poisson batches", "the DP batch is too small for the clients' data: see the reason"),
+    ("Per sample gradient", "per-example gradients failed: target other modules with --targets, or use --no-dp"),
+)
+
+
+def run_metric(run: RunDir) -> str:
+    """What a run's headline metric is called: exact match, or a classifier's accuracy."""
+    config = run.config() if run.config_path.is_file() else {}
+    return headline(str(config.get("model.kind", DEFAULT_KIND)))
+
+
+def never_accepted(run_dir: Path) -> str | None:
+    """Why a finished run accomplished nothing, or None: no round accepted a single reply. The
+    reasons the server logged for every dropped or declined reply are counted, most common first."""
+    rows = [r for r in RunDir(run_dir).rounds() if int(r.get("round", 0)) > 0]
+    if not rows or any(int((r.get("train") or {}).get("accepted", 0)) > 0 for r in rows):
+        return None
+    reasons: Counter[str] = Counter(str(v) for r in rows for v in (r.get("dropped") or {}).values())
+    lines = [f"no client reply was accepted in any of {len(rows)} round(s); the global adapter never changed"]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(5)]
+    lines += [f"  hint: {hint}" for needle, hint in _HINTS if any(needle in reason for reason in reasons)]
+    return "\n".join(lines)
+
+
 def summary(run_dir: Path) -> list[str]:
     """What a user wants to read when a run ends: per-task accuracy before and after, epsilon
     per client, and where the adapter and the reports are."""
 
     run = RunDir(run_dir)
     rows = run.rounds()
+    metric = run_metric(run)
     lines: list[str] = []
     first = next((r["server-eval"] for r in rows if r.get("server-eval")), None)
     last = next((r["server-eval"] for r in reversed(rows) if r.get("server-eval")), None)
     if first and last:
-        lines.append("exact match per task (server test sets), before -> after:")
+        lines.append(f"{metric} per task (server test sets), before -> after:")
         for task in last:
             before = first.get(task, {}).get("exact-match", float("nan"))
-            lines.append(f"  {task:<14} {before:.2f} -> {last[task]['exact-match']:.2f}")
+            f1 = last[task].get("macro-f1")
+            extra = f"  (macro-F1 {f1:.2f})" if isinstance(f1, float) else ""
+            lines.append(f"  {task:<14} {before:.2f} -> {last[task]['exact-match']:.2f}{extra}")
     ev = next((r["evaluate"] for r in reversed(rows) if r.get("evaluate")), None)
     if ev:
         lines.append(
-            f"clients' own test splits: exact match {ev['exact-match']:.3f} "
+            f"clients' own test splits: {metric} {ev['exact-match']:.3f} "
             f"(min {ev.get('exact-match-min', float('nan')):.2f}, max {ev.get('exact-match-max', float('nan')):.2f})"
         )
     report = run.privacy_report()

@@ -351,6 +351,11 @@ class FederationConfig:
             )
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
+        if self.personalize.steps and self.model.kind != DEFAULT_KIND:
+            raise ValueError(
+                f"personalize.steps works with model.kind = {DEFAULT_KIND} only for now, not {self.model.kind!r}: "
+                "a personal classifier would need the run's label space stored with the global adapter"
+            )
 
     def __hash__(self) -> int:
         """Hashable like any frozen config, although ``methods`` is a mapping."""

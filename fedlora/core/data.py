@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.core.tasks import Example, get_task
 
 IGNORE_INDEX = -100
+R = TypeVar("R")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[Example, str | None]]:
@@ -92,7 +94,7 @@ class DataSpec:
         return split_train_test(load_jsonl(self.path), self.num_test, self.seed)
 
 
-def split_train_test(records: Sequence[Example], num_test: int, seed: int) -> tuple[list[Example], list[Example]]:
+def split_train_test(records: Sequence[R], num_test: int, seed: int) -> tuple[list[R], list[R]]:
     """A seeded shuffle, then at most ``num_test`` and at most 10% of the records held out for testing."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(records), generator=g).tolist()
@@ -152,9 +154,12 @@ def collate(batch: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     positions masked out of attention and loss; classification batches carry ``label`` (N,)."""
     first = batch[0]
     if isinstance(first, EncodedImage):
+        images = [e for e in batch if isinstance(e, EncodedImage)]
+        if len(images) != len(batch):
+            raise ValueError("a batch mixes model kinds")
         return {
-            "pixel_values": torch.stack([e.pixel_values for e in batch if isinstance(e, EncodedImage)]),
-            "label": torch.tensor([e.label for e in batch], dtype=torch.long),
+            "pixel_values": torch.stack([e.pixel_values for e in images]),
+            "label": torch.tensor([e.label for e in images], dtype=torch.long),
         }
     width = max(len(e.input_ids) for e in batch if not isinstance(e, EncodedImage))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -165,9 +170,10 @@ def collate(batch: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
     if isinstance(first, EncodedLabel):
-        label = torch.tensor([e.label for e in batch if isinstance(e, EncodedLabel)], dtype=torch.long)
-        if len(label) != len(batch):
+        classes = [e.label for e in batch if isinstance(e, EncodedLabel)]
+        if len(classes) != len(batch):
             raise ValueError("a batch mixes model kinds")
+        label = torch.tensor(classes, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "label": label}
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(batch):

@@ -96,7 +96,7 @@ def read_records(path: str | Path, kind: str, columns: Columns = Columns()) -> l
         rows = _jsonl_rows(p)
         names = list(dict.fromkeys(k for _, row in rows for k in row))
         mapper = _Mapper.create(kind, columns, names, p, {})
-        return [mapper.record(row, n, f"{p}, line {n}") for n, row in rows]
+        return [mapper.record(row, n, f"{p}:{n}") for n, row in rows]
     ds = _load(p)
     mapper = _Mapper.create(kind, columns, ds.column_names, p, _class_names(ds))
     ds = ds.select_columns(sorted(set(mapper.cols.values())))
@@ -182,9 +182,9 @@ def _jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p}, line {n}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{p}, line {n}: expected a JSON object, got {type(row).__name__}")
+                raise ValueError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append((n, row))
     return rows
 

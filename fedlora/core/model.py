@@ -20,11 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fedlora.core.adapter_format import CONFIG_FILE
 from fedlora.core.embedded import default_model_dir
+from fedlora.privacy.engines import HEAD_MARKER
 
 Factors = Literal["both", "A", "B"]
 ALL_LINEAR = "all-linear"
-#: in a PEFT model's parameter names, what marks a head trained in full (``modules_to_save``)
-HEAD_MARKER = ".modules_to_save."
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,7 +86,7 @@ class LoraSettings:
             target_modules=targets,
             use_rslora=self.use_rslora,
             bias="none",
-            task_type=task_type,  # type: ignore[arg-type]  # PEFT takes the TaskType's string
+            task_type=task_type,
             modules_to_save=list(heads) or None,
             exclude_modules=list(heads) or None,  # a head trains in full, never through LoRA
         )

@@ -29,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedlora.core.kinds import DEFAULT_KIND, headline
 from fedlora.core.run_dir import RunDir, as_run_dir
 
 CLIENT_COLUMNS = (
@@ -114,18 +115,23 @@ def _no_data(ax: Axes, what: str) -> None:
 
 
 def _plot_train_loss(ax: Axes, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The clients' training loss; under DP, where clients keep it to themselves, their test loss."""
     points = [(r["round"], v) for r in rows if (v := finite(section(r, "train").get("train-loss"))) is not None]
+    what = "train"
+    if not points:
+        points = [(r["round"], v) for r in rows if (v := finite(section(r, "evaluate").get("eval-loss"))) is not None]
+        what = "test"
     if points:
-        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label="train loss (weighted mean)")
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=f"{what} loss (weighted mean)")
         ax.legend(fontsize="small")
     else:
-        _no_data(ax, "no round reported a train loss")
+        _no_data(ax, "no round reported a train or test loss")
     ax.set_xlabel("server round")
-    ax.set_ylabel("train loss")
-    ax.set_title("Training loss")
+    ax.set_ylabel(f"{what} loss")
+    ax.set_title("Training loss" if what == "train" else "Test loss (DP clients keep their train loss)")
 
 
-def _plot_exact_match(ax: Axes, rows: Sequence[Mapping[str, Any]]) -> None:
+def _plot_exact_match(ax: Axes, rows: Sequence[Mapping[str, Any]], metric: str) -> None:
     fed: list[tuple[int, float, float, float]] = []
     tasks: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
@@ -151,11 +157,11 @@ def _plot_exact_match(ax: Axes, rows: Sequence[Mapping[str, Any]]) -> None:
         _no_data(ax, "no round was evaluated")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("server round")
-    ax.set_ylabel("exact match")
-    ax.set_title("Exact match of the global model")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric.capitalize()} of the global model")
 
 
-def _plot_client_spread(ax: Axes, rows: Sequence[Mapping[str, Any]]) -> None:
+def _plot_client_spread(ax: Axes, rows: Sequence[Mapping[str, Any]], metric: str) -> None:
     per_round: list[tuple[int, list[float]]] = []
     for row in rows:
         clients = [m for m in section(row, "per-client").values() if isinstance(m, dict)]
@@ -175,7 +181,7 @@ def _plot_client_spread(ax: Axes, rows: Sequence[Mapping[str, Any]]) -> None:
         _no_data(ax, "no per-client evaluation")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("server round")
-    ax.set_ylabel("exact match per client")
+    ax.set_ylabel(f"{metric} per client")
     ax.set_title("Per-client accuracy spread")
 
 
@@ -185,8 +191,9 @@ def training_figure(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     _plot_train_loss(axes[0], rows)
-    _plot_exact_match(axes[1], rows)
-    _plot_client_spread(axes[2], rows)
+    metric = headline(str(config.get("model.kind", DEFAULT_KIND)))
+    _plot_exact_match(axes[1], rows, metric)
+    _plot_client_spread(axes[2], rows, metric)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

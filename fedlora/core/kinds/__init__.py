@@ -8,18 +8,34 @@ causal run never loads the vision model's modules and the registry itself is che
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from fedlora.core.kinds.base import ModelKind
 
-#: kind name -> the module defining ``KIND``
-KINDS: dict[str, str] = {
-    "causal-lm": "fedlora.core.kinds.causal_lm",
-    "seq-cls": "fedlora.core.kinds.seq_cls",
-    "image-cls": "fedlora.core.kinds.image_cls",
+
+class KindEntry(NamedTuple):
+    """Where a kind lives and what its headline metric (``exact-match`` in the metrics) is called."""
+
+    module: str
+    headline: str
+
+
+#: kind name -> the module defining ``KIND``, and the headline metric's name in reports
+KINDS: dict[str, KindEntry] = {
+    "causal-lm": KindEntry("fedlora.core.kinds.causal_lm", "exact match"),
+    "seq-cls": KindEntry("fedlora.core.kinds.seq_cls", "accuracy"),
+    "image-cls": KindEntry("fedlora.core.kinds.image_cls", "accuracy"),
 }
 DEFAULT_KIND = "causal-lm"
+
+
+def headline(kind: str) -> str:
+    """What reports call a run's headline metric: a causal LM's exact match, a classifier's accuracy
+    (both are the share of examples whose whole target the model gets right). Unknown kinds (a
+    run directory of a newer version) read as exact match."""
+    entry = KINDS.get(kind)
+    return entry.headline if entry is not None else "exact match"
 
 
 def check_kind(name: object) -> str:
@@ -31,5 +47,5 @@ def check_kind(name: object) -> str:
 
 def get_kind(name: str) -> ModelKind:
     """The kind called ``name`` (its module is imported on first use)."""
-    kind: ModelKind = importlib.import_module(KINDS[check_kind(name)]).KIND
+    kind: ModelKind = importlib.import_module(KINDS[check_kind(name)].module).KIND
     return kind

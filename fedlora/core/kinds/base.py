@@ -46,8 +46,6 @@ class ModelKind(ABC):
     name: ClassVar[str]
     #: PEFT's task type (None: PEFT's generic model; the head then is named in ``modules_to_save``)
     peft_task_type: ClassVar[str | None]
-    #: what ``EvalResult.exact_match`` means for this kind, as reports print it
-    headline: ClassVar[str]
     #: the embedded tasks a run of this kind uses by default
     default_tasks: ClassVar[str]
     classifier: ClassVar[bool] = True
@@ -103,7 +101,7 @@ class ModelKind(ABC):
                 str(path), local_files_only=True, dtype=dtype, **self.model_kwargs(labels)
             )
         torch.nn.Module.to(model, device)
-        return model  # type: ignore[no-any-return]
+        return model
 
     def head_modules(self, model: torch.nn.Module) -> tuple[str, ...]:
         """Short names of the modules trained in full besides LoRA (the classification head)."""

@@ -18,7 +18,6 @@ from fedlora.core.tasks import TASKS
 class CausalLM(ModelKind):
     name: ClassVar[str] = "causal-lm"
     peft_task_type: ClassVar[str | None] = "CAUSAL_LM"
-    headline: ClassVar[str] = "exact match"
     default_tasks: ClassVar[str] = "adddigit-4,rotate-2,repeat-3,sort-desc"
     classifier: ClassVar[bool] = False
 

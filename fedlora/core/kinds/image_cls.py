@@ -26,7 +26,6 @@ _CHUNK = 256  # images per processor call: bounded memory for large datasets
 class ImageClassification(ModelKind):
     name: ClassVar[str] = "image-cls"
     peft_task_type: ClassVar[str | None] = None
-    headline: ClassVar[str] = "accuracy"
     default_tasks: ClassVar[str] = DEFAULT_IMAGE_TASKS
 
     def default_model_dir(self) -> Path:

@@ -22,7 +22,6 @@ from fedlora.core.text_tasks import DEFAULT_TEXT_TASKS, TEXT_TASKS
 class SequenceClassification(ModelKind):
     name: ClassVar[str] = "seq-cls"
     peft_task_type: ClassVar[str | None] = "SEQ_CLS"
-    headline: ClassVar[str] = "accuracy"
     default_tasks: ClassVar[str] = DEFAULT_TEXT_TASKS
 
     def default_model_dir(self) -> Path:
