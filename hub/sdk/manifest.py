@@ -236,11 +236,21 @@ def check_adapter_files(files: Mapping[str, bytes]) -> AdapterInfo:
     if not isinstance(pattern, dict):
         raise ValueError(f"{CONFIG_FILE}: rank_pattern must map module names to ranks, got {pattern!r}")
     ranks = {rank, *(v for v in pattern.values() if isinstance(v, int))}
+    heads = config.get("modules_to_save") or []
+    if not isinstance(heads, list) or not all(isinstance(h, str) and h for h in heads):
+        raise ValueError(f"{CONFIG_FILE}: modules_to_save must name modules, got {heads!r}")
     weights = _tensors(files[WEIGHTS_FILE], WEIGHTS_FILE)
     count = 0
     for name, shape, _ in weights:
         if "lora_A" not in name and "lora_B" not in name:
-            raise ValueError(f"{WEIGHTS_FILE}: tensor {name!r} is not a LoRA factor (lora_A / lora_B)")
+            # a classifier's head (PEFT's modules_to_save) travels in full with the factors
+            if not any(h in name.split(".") for h in heads):
+                raise ValueError(
+                    f"{WEIGHTS_FILE}: tensor {name!r} is neither a LoRA factor (lora_A / lora_B) nor part of a "
+                    f"module {CONFIG_FILE} lists in modules_to_save ({heads or 'none'})"
+                )
+            count += math.prod(shape)
+            continue
         if len(shape) != 2:
             raise ValueError(f"{WEIGHTS_FILE}: LoRA factor {name!r} has shape {shape}, expected 2 dimensions")
         r = shape[0] if "lora_A" in name else shape[1]
