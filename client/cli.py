@@ -161,6 +161,12 @@ def _start_parser(sub: Any) -> None:
     )
     p.add_argument("--name", help="this node's name in logs and the data seed (default: this host's name)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to an --insecure test server (warns)")
+    p.add_argument("--device", help="where this node trains: auto (a GPU when present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the base model's dtype on this node (default float32)",
+    )
     p.add_argument("--max-wait", type=float, metavar="SECONDS", help="give up when the server is away this long")
     g = p.add_argument_group("hub: where this client's personal adapters go (runs with personalize.steps > 0)")
     g.add_argument(
@@ -199,6 +205,8 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             hub=args.hub,
             hub_token_file=args.hub_token_file,
             hub_key=args.hub_key,
+            device=args.device,
+            dtype=args.dtype,
         )
         return start(options, console)
     except (NodeError, CertificateError) as e:

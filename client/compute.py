@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -152,6 +152,10 @@ def load_global(setup: LocalSetup, cfg: FederationConfig, state: Mapping[str, Te
 def _node(context: NodeContext) -> tuple[FederationConfig, Node]:
     cfg = FederationConfig.from_run_config(context.run_config)
     config = context.node_config
+    # where the model runs is the node operator's choice (fl-client start --device/--dtype)
+    device, dtype = str(config.get("device") or cfg.model.device), str(config.get("dtype") or cfg.model.dtype)
+    if (device, dtype) != (cfg.model.device, cfg.model.dtype):
+        cfg = replace(cfg, model=replace(cfg.model, device=device, dtype=dtype))
     state_dir = str(config["state-dir"]) if config.get("state-dir") else None
     if config.get("data-path"):  # a deployed node (fl-client start)
         name = str(config.get("client-name") or "")

@@ -36,6 +36,7 @@ from rich.console import Console
 
 from fedlora.client.trainer import Trainer, socket_path
 from fedlora.core.flower_runner import free_port, terminate_group
+from fedlora.core.kinds import check_device, check_dtype
 from fedlora.core.pki import NODE_NAME, check_validity, fingerprint, load_certificate
 from fedlora.hub.sdk.manifest import load_public_key
 
@@ -72,11 +73,18 @@ class NodeOptions:
     hub: str | None = None  # where personal adapters go at the end of a run (personalize.steps > 0)
     hub_token_file: Path | None = None
     hub_key: Path | None = None
+    device: str | None = None  # where this node's model runs (model.device), whatever the server's run says
+    dtype: str | None = None  # the base weights' dtype on this node (model.dtype)
 
     def __post_init__(self) -> None:
         host, port = split_address(self.server)
         del host, port
 
+        try:  # the run config's own checks, so a node refuses what a run would
+            check_device(self.device or "auto", "--device")
+            check_dtype(self.dtype or "float32", "--dtype")
+        except ValueError as err:
+            raise NodeError(str(err)) from None
         if not NODE_NAME.fullmatch(self.name):
             raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
         if not self.insecure and (self.ca is None or self.key is None):
@@ -235,6 +243,10 @@ def supernode_command(options: NodeOptions, clientappio_port: int, trainer: Path
         assert options.hub_token_file is not None and options.hub_key is not None
         node_config += f' hub-url="{options.hub}" hub-token-file="{options.hub_token_file.resolve()}"'
         node_config += f' hub-key="{options.hub_key.resolve()}"'
+    if options.device is not None:
+        node_config += f' device="{options.device}"'
+    if options.dtype is not None:
+        node_config += f' dtype="{options.dtype}"'
     command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", options.server]
     if options.insecure:
         command.append("--insecure")

@@ -17,9 +17,18 @@ def train_private(
     model: torch.nn.Module, data: list[Item], settings: TrainSettings, pad: int, dp: DPSGDConfig, seed: int
 ) -> TrainResult:
     """The same training loop, wrapped by Opacus: Poisson batches, clipped and noised gradients,
-    AdamW at a constant learning rate (the server's schedule sets it per round)."""
+    AdamW at a constant learning rate (the server's schedule sets it per round). A Poisson batch
+    runs in physical batches of ``settings.physical_batch_size`` examples when that is set."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
         constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
-        return train(pt.model, data, settings, pad, optimizer=(pt.optimizer, constant), batch_stream=pt.batches)
+        return train(
+            pt.model,
+            data,
+            settings,
+            pad,
+            optimizer=(pt.optimizer, constant),
+            batch_stream=pt.batches,
+            accumulation=pt.accumulation,
+        )

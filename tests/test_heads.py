@@ -164,3 +164,26 @@ def test_one_forward_serves_every_kind(vision_run: tuple[FederationConfig, Path]
     assert torch.equal(out.correct, out.predicted == out.target)
     with pytest.raises(ValueError, match="mixes model kinds"):
         collate([items[0], Encoded([1, 2], [1, 2])], 0)
+
+
+@pytest.mark.parametrize("engine", [None, "opacus"])
+def test_a_bfloat16_base_trains_float32_factors_and_heads(engine: str | None) -> None:
+    from fedlora.client.private_train import train_private
+    from fedlora.core.train import TrainSettings, evaluate, train
+    from fedlora.privacy.dp import DPSGDConfig
+
+    cfg = FederationConfig(model=ModelSection(kind="image-cls", dtype="bfloat16"), num_train=64, num_test=16)
+    run = load_run_model(cfg, cfg.lora_settings(4, 8.0))
+    trained = {p.dtype for p in run.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and torch.bfloat16 in frozen
+    train_ex, test_ex = client_examples(cfg, 0)
+    data, test = run.encode(train_ex).items, run.encode(test_ex).items
+    before = evaluate(run.model, test, run.pad_id).loss
+    settings = TrainSettings(steps=8, lr=3e-3, batch_size=16)
+    if engine is None:
+        train(run.model, data, settings, run.pad_id)
+    else:
+        train_private(run.model, data, settings, run.pad_id, DPSGDConfig(0.5, 1.0, engine), seed=0)
+    assert evaluate(run.model, test, run.pad_id).loss < before
+    assert {v.dtype for v in get_adapter_state(run.model).values()} == {torch.float32}

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.core.config import ColumnsSection, FederationConfig, is_client_dir
-from fedlora.core.data import load_jsonl, split_train_test
+from fedlora.core.data import split_train_test
 from fedlora.core.data_files import Columns, label_names, read_records
-from fedlora.core.kinds import get_kind
+from fedlora.core.kinds import KINDS, get_kind
 from fedlora.core.partitioners import (
     Partition,
     PartitionSpec,
@@ -174,14 +174,25 @@ def _embedded_tasks(spec: str) -> list[str]:
 
 
 def check_node_data(spec: str) -> None:
-    """Refuse a node's ``--data`` that cannot work, before its SuperNode starts: a JSONL file of
-    prompt/completion records, or ``embedded:TASK[,TASK...]`` (examples generated on the node)."""
+    """Refuse a node's ``--data`` that cannot work, before its SuperNode starts: ``embedded:TASK[,TASK...]``
+    (examples generated on the node), or a data file (JSONL, JSON, CSV, Parquet, a saved dataset) whose
+    records some model kind reads with the usual column names. Which kind the run trains is the
+    server's to say; a file none can read is refused with the causal-LM reader's reason."""
     if spec.startswith(EMBEDDED_PREFIX):
         _embedded_tasks(spec)
         return
-    records = load_jsonl(spec)  # raises naming the file and line
-    if len(records) < 2:
-        raise ValueError(f"data file {spec} holds {len(records)} record(s); a client needs at least 2")
+    first: ValueError | None = None
+    for kind in KINDS:
+        try:
+            records = read_records(spec, kind)  # raises naming the file and line
+        except ValueError as err:
+            first = first or err
+            continue
+        if len(records) < 2:
+            raise ValueError(f"data file {spec} holds {len(records)} record(s); a client needs at least 2")
+        return
+    assert first is not None
+    raise first
 
 
 def node_examples(cfg: FederationConfig, spec: str, seed: int) -> tuple[list[Record], list[Record]]:

@@ -16,14 +16,13 @@ are checked by :class:`FederationConfig` itself.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, cast
 
-from fedlora.core.kinds import DEFAULT_KIND, check_kind, get_kind
+from fedlora.core.kinds import DEFAULT_KIND, check_device, check_dtype, check_kind, get_kind
 from fedlora.core.model import ALL_LINEAR, LoraSettings
 from fedlora.core.partitioners import PartitionSpec
 from fedlora.core.run_dir import RunDir
@@ -33,8 +32,6 @@ from fedlora.strategies import registry
 from fedlora.strategies.algorithms import LoraAlgorithm, MethodSettings
 
 Value = bool | int | float | str
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-_CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
 
 
 def secure_aggregation_refusal(strategy: str) -> str:
@@ -191,10 +188,8 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
-        if self.device != "auto" and self.device != "cpu" and not _CUDA_DEVICE.fullmatch(self.device):
-            raise ValueError(f"model.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        check_device(self.device)
+        check_dtype(self.dtype)
         if not isinstance(self.max_length, int) or self.max_length < 0:
             raise ValueError(f"model.max-length must be an integer >= 0 (0: the model's own), got {self.max_length!r}")
         if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:

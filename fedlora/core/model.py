@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlora.core.adapter_format import CONFIG_FILE
@@ -157,8 +158,19 @@ def wrap_lora(
     for name, p in peft_model.named_parameters():
         if HEAD_MARKER in name and p.dtype != torch.float32:
             p.data = p.data.float()
+    if heads and any(p.dtype != torch.float32 for p in peft_model.parameters() if p.is_floating_point()):
+        for module in peft_model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                # a bfloat16/float16 base hands its activations to a float32 head: PEFT does the same
+                # for the LoRA factors, and per-example gradients (Opacus) then see one dtype
+                module.register_forward_pre_hook(_to_float32)
     set_trainable_factors(peft_model, lora.trainable)
     return peft_model
+
+
+def _to_float32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    del module
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def set_trainable_factors(model: PeftModel, trainable: Factors) -> None:

@@ -8,6 +8,7 @@ causal run never loads the vision model's modules and the registry itself is che
 from __future__ import annotations
 
 import importlib
+import re
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -36,6 +37,24 @@ def headline(kind: str) -> str:
     run directory of a newer version) read as exact match."""
     entry = KINDS.get(kind)
     return entry.headline if entry is not None else "exact match"
+
+
+#: the dtypes a base model may be loaded in (LoRA factors, heads and optimizer state stay float32)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: object, what: str = "model.device") -> str:
+    """``device`` as a device name (auto, cpu, cuda, cuda:N), or a ValueError naming ``what``."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+    return device
+
+
+def check_dtype(dtype: object, what: str = "model.dtype") -> str:
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"{what} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return str(dtype)
 
 
 def check_kind(name: object) -> str:
