@@ -389,6 +389,8 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         name=node.name or f"partition-{node.partition}",
         threads=cfg.threads,
         dp=cfg.dp.enabled,
+        device=cfg.model.device,
+        dtype=cfg.model.dtype,
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=state_dir, prefix=".global-") as tmp:

@@ -111,6 +111,8 @@ def add_personalize_parser(sub: Any) -> None:
     p.add_argument("--no-dp", dest="dp", action="store_false", help="plain fine-tuning: nothing is charged or claimed")
     p.add_argument("--seed", type=int, default=0, help="the federation's run seed (it seeds the node's split)")
     p.add_argument("--model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present, default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weights")
     p.add_argument("--push", metavar="NAME", help="publish the result as clients/<me>/NAME (needs --hub)")
     add_hub_connection(p, key_required=False, hub_required=False)  # for --global (with --hub-key) and --push
 
@@ -289,6 +291,8 @@ def personalize(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         name=args.name,
         dp=args.dp,
+        device=args.device,
+        dtype=args.dtype,
     )
     hub: Any = connect(args) if args.hub else None
     try:

@@ -46,6 +46,8 @@ from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_exam
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import Item, encode
 from fedlora.core.embedded import default_model_dir
+from fedlora.core.kinds import check_device, check_dtype
+from fedlora.core.kinds.base import DTYPES
 from fedlora.core.model import (
     load_adapter,
     load_base_model,
@@ -107,8 +109,12 @@ class PersonalizeConfig:
     name: str | None = None  # the node's name, as given to fl-client start --name
     threads: int = 1
     dp: bool = True
+    device: str = "auto"  # where the model trains (auto: a GPU when this process sees one)
+    dtype: str = "float32"  # the base weights' dtype; the LoRA factors train in float32
 
     def __post_init__(self) -> None:
+        check_device(self.device, "device")
+        check_dtype(self.dtype, "dtype")
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be a JSONL path or embedded:TASK[,TASK], got {self.data!r}")
         if not self.data.startswith(EMBEDDED_PREFIX) and not Path(self.data).is_file():
@@ -287,14 +293,15 @@ def _brief(error: BaseException) -> str:
     return " ".join(lines[:2]) + more
 
 
-def _load_model(global_dir: Path, model_dir: Path) -> PeftModel:
-    """The base model on the CPU (before PEFT wraps it) with the global adapter, LoRA factors trainable.
+def _load_model(global_dir: Path, model_dir: Path, device: str = "cpu", dtype: str = "float32") -> PeftModel:
+    """The base model on ``device`` in ``dtype`` (before PEFT wraps it) with the global adapter, LoRA
+    factors trainable (float32: PEFT's autocast of adapter weights).
 
     Everything else is frozen before Opacus sees the model, including LoRA on embeddings and
     ``modules_to_save`` copies, which keep their global values (Opacus cannot compute per-sample
     gradients through PEFT's embedding LoRA).
     """
-    base = load_base_model(model_dir, "cpu")
+    base = load_base_model(model_dir, device, DTYPES[dtype])
     try:
         model = load_adapter(base, global_dir, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as error:
@@ -374,7 +381,7 @@ def personalize(
     try:
         model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
         tokenizer = load_tokenizer(model_dir)
-        model = _load_model(global_dir, model_dir)
+        model = _load_model(global_dir, model_dir, cfg.device, cfg.dtype)
         pad = int(tokenizer.pad_token_id)
         max_len = max_positions(model)
         train_data: list[Item] = list(encode(tokenizer, train_ex, max_len))
