@@ -676,3 +676,35 @@ def test_two_server_processes_on_one_registry_stay_consistent(
                         dave.record("tasks/two-servers")
     finally:
         second.stop()
+
+
+def test_an_image_classifier_run_is_published_and_pulled_with_its_head(hub: Hub, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageClassification
+
+    from fedlora.core.embedded import default_vision_model_dir
+
+    run = tmp_path / "vision"
+    argv = [sys.executable, "-m", "fedlora.simulations.cli", "--kind", "image-cls", "--no-dp", "--quiet"]
+    argv += ["--clients", "2", "--rounds", "1", "--local-steps", "3", "--num-train", "40", "--num-test", "8"]
+    argv += ["--tasks", "digits-rotate,digits-invert", "--batch-size", "8", "--out", str(run)]
+    argv += ["--hub", hub.server.url, "--hub-token-file", str(hub.dir.operator_token_path)]
+    argv += ["--hub-key", str(hub.dir.public_key_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with hub.client(hub.alice) as alice:
+        pulled = alice.pull("global/vision/1", tmp_path / "pulled")
+    assert pulled.manifest["adapter"]["rank"] == 8
+    config = json.loads((pulled.path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+
+    def logits(adapter: Path) -> torch.Tensor:
+        base = AutoModelForImageClassification.from_pretrained(
+            str(default_vision_model_dir()), num_labels=10, local_files_only=True
+        )
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, str(adapter))(pixel_values=torch.ones(2, 1, 16, 16)).logits
+
+    assert torch.equal(logits(pulled.path), logits(run / "adapters" / "global"))
