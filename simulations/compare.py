@@ -19,6 +19,7 @@ from rich.console import Console
 
 from fedlora.core.cli import resume_config
 from fedlora.core.config import FederationConfig
+from fedlora.core.kinds import DEFAULT_KIND, headline
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, RunDir, config_changes
 from fedlora.simulations.centralised import run_centralised
 from fedlora.simulations.compare_report import load_run_result, write_compare
@@ -92,6 +93,7 @@ def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
 def cmd_compare(argv: Sequence[str], console: Console) -> int:
     args = _parser().parse_args(argv)
     runs = plan_runs(args)
+    metric = headline(str(runs[0].get("model.kind", DEFAULT_KIND)))
     dirs: list[Path] = []
     console.print(f"fl-sim compare: {len(runs)} federated runs -> {args.out}")
     for i, config in enumerate(runs, start=1):
@@ -122,7 +124,7 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
         if not outcome.completed:
             raise RuntimeError(f"{label} {outcome.status}: {outcome.status_details} (log: {outcome.log_path})")
         result = load_run_result(run_dir, args.target)
-        console.print(f"{label}: exact match {result.final_exact_match:.3f} ({outcome.seconds:.0f} s)", markup=False)
+        console.print(f"{label}: {metric} {result.final_exact_match:.3f} ({outcome.seconds:.0f} s)", markup=False)
     if not args.no_centralised:
         seeds = sorted({int(c["seed"]) for c in runs})
         for seed in seeds:
@@ -139,10 +141,10 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
                 shutil.rmtree(run_dir)  # a partial pooled run is cheap to redo
             run_centralised(FederationConfig.from_run_config(base), run_dir)
             result = load_run_result(run_dir, args.target)
-            console.print(f"centralised seed {seed}: exact match {result.final_exact_match:.3f}", markup=False)
+            console.print(f"centralised seed {seed}: {metric} {result.final_exact_match:.3f}", markup=False)
     results = [load_run_result(d, args.target) for d in dirs]
     title = args.title or _title(runs[0])
-    paths = write_compare(args.out, results, title, args.target)
+    paths = write_compare(args.out, results, title, args.target, metric)
     md = next((p for p in paths if p.suffix == ".md"), None)
     if md is not None:
         console.print(md.read_text(), markup=False, highlight=False)

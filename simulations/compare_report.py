@@ -257,28 +257,35 @@ def _rounds_text(row: SummaryRow) -> str:
     return f"{row.rounds_to_target_mean:.1f} ({row.reached_target}/{row.n_seeds} reached)"
 
 
-def tie_rule_text(target: float) -> str:
+def _abbrev(metric: str) -> str:
+    return "".join(w[0] for w in metric.split()).upper() if " " in metric else metric[:3].upper()
+
+
+def tie_rule_text(target: float, metric: str = "exact match") -> str:
     """The footer: how verdicts are decided and what rounds-to-target means."""
+    em = _abbrev(metric)
     return (
-        "Verdict: the federated strategy with the best mean final exact match (EM) is *best*. Another strategy is "
+        f"Verdict: the federated strategy with the best mean final {metric} ({em}) is *best*. Another strategy is "
         "*tie* when the difference of means to the best is smaller than or equal to the larger of the two standard "
         "deviations over seeds (sample sd, ddof = 1; 0 with one seed), else *worse*: a difference within the spread "
         "is never called a win. With one seed the spread is 0, so run more seeds before trusting a verdict. "
         f"The centralised baseline is a *reference*, excluded from verdicts; *gap to centralised* is a strategy's "
-        f"mean EM minus the centralised mean. Rounds to target: the first round whose federated EM is >= {target:g}, "
-        "averaged over the seeds that reached it. When several learning rates were run, the lr with the best mean "
-        "final EM is shown, chosen on the same seeds (an optimistic choice). MB communicated: mean over seeds of "
-        "bytes sent + received over all rounds, 1 MB = 10^6 bytes. Epsilon: the largest per-client epsilon any "
-        "round reported (DP runs)."
+        f"mean {em} minus the centralised mean. Rounds to target: the first round whose federated {em} is >= "
+        f"{target:g}, averaged over the seeds that reached it. When several learning rates were run, the lr with the "
+        f"best mean final {em} is shown, chosen on the same seeds (an optimistic choice). MB communicated: mean "
+        "over seeds of bytes sent + received over all rounds, 1 MB = 10^6 bytes. Epsilon: the largest per-client "
+        "epsilon any round reported (DP runs)."
     )
 
 
-def render_markdown(rows: Sequence[SummaryRow], title: str, target: float) -> str:
-    """``compare.md``: one table row per strategy, the tie rule in the footer."""
+def render_markdown(rows: Sequence[SummaryRow], title: str, target: float, metric: str = "exact match") -> str:
+    """``compare.md``: one table row per strategy, the tie rule in the footer; ``metric`` names the
+    kind's headline metric (a classifier's accuracy)."""
+    em = _abbrev(metric)
     with_gap = any(r.is_reference for r in rows)
-    header = ["strategy", "lr", "seeds", "final EM mean ± sd [min, max]", "verdict"]
+    header = ["strategy", "lr", "seeds", f"final {em} mean ± sd [min, max]", "verdict"]
     header += ["gap to centralised"] if with_gap else []
-    header += [f"rounds to EM ≥ {target:g}", "MB communicated", "epsilon"]
+    header += [f"rounds to {em} ≥ {target:g}", "MB communicated", "epsilon"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         cells = [r.strategy, _lr_text(r), str(r.n_seeds), _em_text(r), r.verdict]
@@ -289,7 +296,7 @@ def render_markdown(rows: Sequence[SummaryRow], title: str, target: float) -> st
             "—" if r.epsilon_max is None else f"{r.epsilon_max:.3g}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", tie_rule_text(target), ""])
+    return "\n".join([*lines, "", tie_rule_text(target, metric), ""])
 
 
 def _csv_value(value: object) -> object:
@@ -320,7 +327,9 @@ def _curve_band(runs: Sequence[RunResult]) -> tuple[list[int], list[float], list
     return rounds, means, sds
 
 
-def compare_figure(rows: Sequence[SummaryRow], results: Sequence[RunResult], title: str, target: float) -> Figure:
+def compare_figure(
+    rows: Sequence[SummaryRow], results: Sequence[RunResult], title: str, target: float, metric: str = "exact match"
+) -> Figure:
     """Left: final EM mean ± sd per strategy with each seed as a dot. Right: EM per round, mean ± sd band."""
     fig = Figure(figsize=(12, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -343,8 +352,8 @@ def compare_figure(rows: Sequence[SummaryRow], results: Sequence[RunResult], tit
         bars.scatter([x + o for o in offsets], r.finals, color=color, edgecolor="black", s=18, zorder=3)
     bars.set_xticks(positions, [f"{r.strategy}\n({r.verdict})" for r in rows], fontsize="small")
     bars.set_ylim(0, 1.02)
-    bars.set_ylabel("final exact match")
-    bars.set_title("Final exact match (mean ± sd, dots = seeds)")
+    bars.set_ylabel(f"final {metric}")
+    bars.set_title(f"Final {metric} (mean ± sd, dots = seeds)")
 
     for r, color in zip(rows, colors, strict=True):
         chosen = [x for x in results if x.strategy == r.strategy and x.lr == r.lr and x.seed in r.seeds]
@@ -364,8 +373,8 @@ def compare_figure(rows: Sequence[SummaryRow], results: Sequence[RunResult], tit
     curves.set_ylim(0, 1.02)
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set_xlabel("server round (centralised: local steps x sampled clients)")
-    curves.set_ylabel("exact match")
-    curves.set_title("Exact match per round (mean ± sd over seeds)")
+    curves.set_ylabel(metric)
+    curves.set_title(f"{metric.capitalize()} per round (mean ± sd over seeds)")
     curves.legend(fontsize="small")
     for ax in (bars, curves):
         ax.grid(alpha=0.3, axis="y")
@@ -373,7 +382,9 @@ def compare_figure(rows: Sequence[SummaryRow], results: Sequence[RunResult], tit
     return fig
 
 
-def write_compare(out_dir: Path | str, results: Sequence[RunResult], title: str, target: float) -> list[Path]:
+def write_compare(
+    out_dir: Path | str, results: Sequence[RunResult], title: str, target: float, metric: str = "exact match"
+) -> list[Path]:
     """Write ``compare.{md,csv,png,pdf}`` and ``compare_runs.csv`` (every run) to ``out_dir``; returns the paths."""
     if not results:
         raise ValueError("no run results to compare")
@@ -381,7 +392,7 @@ def write_compare(out_dir: Path | str, results: Sequence[RunResult], title: str,
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(results)
     md = out / "compare.md"
-    md.write_text(render_markdown(rows, title, target), encoding="utf-8")
+    md.write_text(render_markdown(rows, title, target, metric), encoding="utf-8")
     summary_csv = _write_csv(
         out / "compare.csv",
         SUMMARY_COLUMNS,
@@ -400,7 +411,7 @@ def write_compare(out_dir: Path | str, results: Sequence[RunResult], title: str,
             for r in sorted(results, key=lambda x: (x.strategy, x.lr, x.seed))
         ],
     )
-    figures = save_figure(compare_figure(rows, results, title, target), out / "compare")
+    figures = save_figure(compare_figure(rows, results, title, target, metric), out / "compare")
     return [md, summary_csv, runs_csv, *figures]
 
 
