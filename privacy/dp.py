@@ -88,14 +88,37 @@ def smallest_safe_batch(num_examples: int, steps: int) -> int | None:
     return None
 
 
+class ClippedAccumulation:
+    """Physical batches under DP-SGD (``fedlora.core.train.Accumulation``), as Opacus'
+    ``BatchMemoryManager`` does it: each physical batch backpropagates its own mean loss (both
+    engines recover each example's gradient from it), the optimizer clips those examples into its
+    running sum and drops their per-sample gradients (a skipped step), and the logical batch's
+    last backward is followed by the one real step: noise once, divided by the expected batch
+    size. The same release as the whole Poisson batch at once, up to float rounding; the ledger
+    charges the logical batch (one step at rate q), whatever the physical size."""
+
+    def __init__(self, optimizer: DPOptimizer) -> None:
+        self.optimizer = optimizer
+
+    def loss(self, losses: torch.Tensor, logical_size: int) -> torch.Tensor:
+        return losses.mean()
+
+    def accumulate(self) -> None:
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()  # clips this physical batch into p.summed_grad; no noise, no update
+        self.optimizer.zero_grad(set_to_none=True)  # per-sample gradients go; the clipped sum stays
+
+
 @dataclass
 class PrivateTraining:
-    """What the wrapped training loop uses: the model to call, the optimizer, the batches."""
+    """What the wrapped training loop uses: the model to call, the optimizer, the batches and how
+    physical batches of one Poisson batch add up."""
 
     model: torch.nn.Module
     optimizer: DPOptimizer
     batches: Iterator[dict[str, torch.Tensor]]
     sample_rate: float
+    accumulation: ClippedAccumulation
 
 
 @contextmanager
@@ -111,7 +134,9 @@ def dp_sgd(
     """Private versions of ``model``, ``optimizer`` and batches of ``dataset`` for one local run.
 
     The training loop calls ``optimizer.zero_grad()``, one forward and one backward of the
-    batch-mean loss, and ``optimizer.step()``. The engine's hooks are removed on exit, so a
+    batch-mean loss, and ``optimizer.step()``; or, in physical batches, one forward and backward
+    of each one's mean loss, with ``accumulation.accumulate()`` between them, and one
+    ``optimizer.step()``. The engine's hooks are removed on exit, so a
     model cached across messages (simulation) can be wrapped again next round with other
     trainable factors.
     """
@@ -154,7 +179,7 @@ def dp_sgd(
 
     try:  # from here on the hooks come off whatever happens, a failing optimizer included
         private_opt = attached.make_optimizer(optimizer, settings)
-        yield PrivateTraining(attached.model, private_opt, endless(), q)
+        yield PrivateTraining(attached.model, private_opt, endless(), q, ClippedAccumulation(private_opt))
     finally:
         attached.close()
         for p in model.parameters():  # the optimizers' bookkeeping attribute

@@ -213,8 +213,11 @@ def clipped_sums(taps: LoraTaps, max_grad_norm: float) -> dict[Tensor, Tensor]:
 class FusedDPOptimizer(DPOptimizer):
     """Opacus' DPOptimizer with its per-sample gradients replaced by the LoRA taps' clipped sums.
 
-    One forward and one backward per step (no gradient accumulation); the loss is the mean
-    over the batch (``loss_reduction = "mean"``), as in the Opacus engine."""
+    One forward and one backward of the batch-mean loss (``loss_reduction = "mean"``, as in the
+    Opacus engine) per step, or per physical batch with a skipped step between them
+    (Opacus' ``signal_skip_step``, see ``fedlora.privacy.dp.ClippedAccumulation``): each skipped
+    step clips its examples into ``p.summed_grad``, the real step adds the last ones, the noise
+    and the division by the expected batch size."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, taps: LoraTaps, **kwargs: Any) -> None:
         super().__init__(optimizer, loss_reduction="mean", **kwargs)
@@ -226,11 +229,18 @@ class FusedDPOptimizer(DPOptimizer):
                 f"dp.engine = fused: {len(untapped)} optimizer parameter(s) are not trainable LoRA factors"
             )
 
-    def pre_step(self, closure: Any = None) -> bool:
+    def clip_and_accumulate(self) -> None:
+        """Add the tapped examples' clipped gradients to ``p.summed_grad``; the taps are emptied."""
         sums = clipped_sums(self.taps, self.max_grad_norm)
         for p in self.params:
-            p.summed_grad = sums[p]
+            p.summed_grad = sums[p] if p.summed_grad is None else p.summed_grad + sums[p]
         self.taps.clear()
+
+    def pre_step(self, closure: Any = None) -> bool:
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():  # a physical batch of a larger logical one: no noise yet
+            self._is_last_step_skipped = True
+            return False
         self.add_noise()  # Opacus' own: the same generator draws the same noise in the same order
         for p in self.params:
             assert p.grad is not None
@@ -242,7 +252,8 @@ class FusedDPOptimizer(DPOptimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
-            p.summed_grad = None
+            if not self._is_last_step_skipped:  # after a skipped step the clipped sum carries on
+                p.summed_grad = None
         self.taps.clear_gradients()  # a forward may come before zero_grad; its inputs stay
         self.original_optimizer.zero_grad(set_to_none)
 

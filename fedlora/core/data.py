@@ -6,6 +6,7 @@ look at the completion (plus the end-of-sequence token), so the same code serves
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -183,6 +184,31 @@ def collate(batch: Sequence[Item], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    """The number of examples of a collated batch (the first dimension of every tensor)."""
+    return int(next(iter(batch.values())).shape[0])
+
+
+def physical_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """A collated (logical) batch as consecutive batches of at most ``size`` examples each (0, or
+    at least the batch: the batch itself). A text part keeps only the positions its own longest
+    sequence uses: right padding past them changes no output, as no position attends to it."""
+    n = batch_size(batch)
+    if size < 0:
+        raise ValueError(f"physical batch size must be >= 0 (0: the whole batch), got {size}")
+    if size == 0 or size >= n:
+        return [batch]
+    parts = []
+    for start in range(0, n, size):
+        part = {k: v[start : start + size] for k, v in batch.items()}
+        mask = part.get("attention_mask")
+        if mask is not None:
+            width = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else mask.shape[1]
+            part = {k: v[:, :width] if v.shape == mask.shape else v for k, v in part.items()}
+        parts.append(part)
+    return parts
+
+
 @dataclass
 class Outputs:
     """One batch through a model: per-example loss (what training averages and DP-SGD clips per
@@ -196,7 +222,14 @@ class Outputs:
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Outputs:
     """Run ``model`` on a collated batch of any kind. The loss is computed in float32 whatever
-    the model's dtype, so bf16 and fp16 models train on the same objective."""
+    the model's dtype, so bf16 and fp16 models train on the same objective.
+
+    A causal LM computes its LM head only at the positions some target token needs
+    (:func:`target_positions`, passed as transformers' ``logits_to_keep``): with a large
+    vocabulary the logits of every position, not the model, dominate memory. Loss and exact match
+    equal :func:`per_sequence_loss` and :func:`exact_matches` on the full logits (the other
+    positions carry no target). A model whose ``forward`` takes no ``logits_to_keep`` computes
+    every position, as before."""
     if "label" in batch:
         inputs = {k: v for k, v in batch.items() if k != "label"}
         logits = model(**inputs).logits.float()
@@ -204,27 +237,72 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Outputs:
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         predicted = logits.argmax(dim=-1)
         return Outputs(loss, predicted == target, predicted.detach(), target)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return Outputs(per_sequence_loss(logits, batch["labels"]), exact_matches(logits, batch["labels"]))
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    positions = target_positions(labels)
+    if positions.numel() and takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=positions).logits  # (N, K, V): position t predicts t + 1
+        targets = labels[:, positions + 1]  # (N, K)
+    else:
+        logits = model(**inputs).logits[:, :-1]  # (N, T - 1, V)
+        targets = labels[:, 1:]
+    return Outputs(target_loss(logits, targets), target_matches(logits, targets))
 
 
-def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of each sequence over its own target tokens.
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose next-token logits some sequence of the batch is scored on, ascending:
+    every t with ``labels[n, t + 1] != -100`` for some n. labels: (N, T) -> (K,), K <= T - 1.
+
+    One set for the whole batch (the union over its sequences), so the kept logits stay
+    (N, K, V), example first, as per-example gradients need; the positions other sequences
+    need carry -100 in this one's targets."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM inside ``model`` (under Opacus' GradSampleModule, a PEFT model:
+    wrappers that pass keyword arguments through) computes logits only where told to."""
+    inner = model
+    for _ in range(8):  # wrappers nest a few levels at most
+        wrapped = getattr(inner, "_module", None)  # Opacus' GradSampleModule
+        get_base = getattr(inner, "get_base_model", None)  # PEFT
+        if not isinstance(wrapped, torch.nn.Module) and callable(get_base):
+            wrapped = get_base()
+        if not isinstance(wrapped, torch.nn.Module) or wrapped is inner:
+            break
+        inner = wrapped
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each sequence over its own target tokens (-100: none).
 
     Normalising per sequence (not per batch of tokens) means one sample's gradient never
     depends on another sample's length, which DP-SGD's per-sample clipping relies on.
-    logits: (N, T, V), labels: (N, T) -> (N,)
+    logits: (N, K, V) predicting targets: (N, K) -> (N,)
     """
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
+    mask = targets != IGNORE_INDEX
     tok = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-        shift_labels.reshape(-1).clamp_min(0),
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1).clamp_min(0),
         reduction="none",
-    ).view_as(shift_labels)
+    ).view_as(targets)
     tok = tok * mask
     return tok.sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+
+
+def target_matches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per sequence: whether the argmax equals every target token (-100: none).
+    logits: (N, K, V), targets: (N, K) -> (N,) bool"""
+    mask = targets != IGNORE_INDEX
+    return ((logits.argmax(dim=-1) == targets) | ~mask).all(dim=1)
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`target_loss` of full next-token logits against the labels shifted by one.
+    logits: (N, T, V), labels: (N, T) -> (N,)
+    """
+    return target_loss(logits[:, :-1, :], labels[:, 1:])
 
 
 def exact_matches(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -232,8 +310,6 @@ def exact_matches(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     This equals exact match of greedy decoding: if every next-token argmax along the gold
     completion is right, greedy generation produces exactly that completion.
+    logits: (N, T, V), labels: (N, T) -> (N,) bool
     """
-    pred = logits[:, :-1, :].argmax(dim=-1)
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    return ((pred == target) | ~mask).all(dim=1)
+    return target_matches(logits[:, :-1, :], labels[:, 1:])

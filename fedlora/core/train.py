@@ -7,20 +7,27 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedlora.core.data import Item, collate, forward
+from fedlora.core.data import Item, batch_size, collate, forward, physical_batches
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local optimisation: AdamW on whatever parameters require gradients."""
+    """Local optimisation: AdamW on whatever parameters require gradients.
+
+    ``batch_size`` is the logical batch: one optimizer step (under DP-SGD, the expected size of
+    one Poisson batch, one noise draw). ``physical_batch_size`` > 0 runs it through the model
+    at most that many examples at a time, accumulating gradients: the same step up to float
+    rounding, with the activation memory of the smaller batch (0: the whole batch at once)."""
 
     steps: int = 200
     lr: float = 3e-3
     batch_size: int = 32
+    physical_batch_size: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     warmup_steps: int = 0
@@ -33,12 +40,41 @@ class TrainSettings:
             raise ValueError(f"train lr must be a finite number > 0, got {self.lr!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"train batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.physical_batch_size, int) or self.physical_batch_size < 0:
+            raise ValueError(
+                f"train physical_batch_size must be an integer >= 0 (0: the whole batch at once), "
+                f"got {self.physical_batch_size!r}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"train weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"train max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"train warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+class Accumulation(Protocol):
+    """How the physical batches of one logical batch add up to one optimizer step."""
+
+    def loss(self, losses: torch.Tensor, logical_size: int) -> torch.Tensor:
+        """The scalar to backpropagate for one physical batch's per-example losses (n,), part of
+        a logical batch of ``logical_size`` examples."""
+        ...
+
+    def accumulate(self) -> None:
+        """After a physical batch's backward, when another of the same logical batch follows."""
+        ...
+
+
+class GradientAccumulation:
+    """Plain training: each physical batch backpropagates its share of the logical batch's mean
+    loss, sum(losses) / N, and autograd sums the gradients in ``.grad``."""
+
+    def loss(self, losses: torch.Tensor, logical_size: int) -> torch.Tensor:
+        return losses.sum() / logical_size
+
+    def accumulate(self) -> None:
+        pass
 
 
 @dataclass
@@ -106,12 +142,15 @@ def train(
     description: str = "train",
     optimizer: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler] | None = None,
     batch_stream: Iterator[dict[str, torch.Tensor]] | None = None,
+    accumulation: Accumulation | None = None,
 ) -> TrainResult:
     """Fine-tune the parameters that require gradients for ``settings.steps`` steps.
 
     ``optimizer`` replaces the default AdamW with linear warm-up (pretraining uses cosine);
-    ``batch_stream`` replaces the shuffled epochs over ``data`` (DP-SGD's Poisson batches).
-    Wrappers such as DP-SGD supply both and leave this loop as it is.
+    ``batch_stream`` replaces the shuffled epochs over ``data`` (DP-SGD's Poisson batches);
+    ``accumulation`` how physical batches add up (default :class:`GradientAccumulation`;
+    DP-SGD clips each physical batch's examples into the step). Wrappers such as DP-SGD supply
+    all three and leave this loop as it is.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -129,18 +168,26 @@ def train(
     losses: list[float] = []
     start = time.perf_counter()
     stream = batch_stream or (collate(b, pad_id) for b in batches(data, settings.batch_size, settings.seed))
+    combine = accumulation or GradientAccumulation()
     with _progress(progress) as bar:
         task = bar.add_task(description, total=settings.steps, loss=float("nan"))
         for _ in range(settings.steps):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
+            logical = next(stream)
+            n = batch_size(logical)
             opt.zero_grad(set_to_none=True)  # before the forward: DP-SGD's per-sample grads go too
-            loss = forward(model, batch).loss.mean()
-            loss.backward()
+            parts = physical_batches(logical, settings.physical_batch_size)
+            total = torch.zeros((), device=device)
+            for i, part in enumerate(parts):
+                per_example = forward(model, {k: v.to(device) for k, v in part.items()}).loss
+                combine.loss(per_example, n).backward()
+                total += per_example.detach().sum()
+                if i < len(parts) - 1:
+                    combine.accumulate()
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(total) / n)
             bar.update(task, advance=1, loss=losses[-1])
     seconds = time.perf_counter() - start
     model.eval()
