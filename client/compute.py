@@ -215,6 +215,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         batch_size=cfg.batch_size,
         max_grad_norm=None if cfg.dp.enabled else TrainSettings.max_grad_norm,
         seed=cfg.seed * 1_000_003 + server_round * 10_007 + partition,
+        physical_batch_size=cfg.model.physical_batch_size,
     )
     privacy: dict[str, int | float] = {}
     ledger: PrivacyLedger | None = None
@@ -389,6 +390,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         name=node.name or f"partition-{node.partition}",
         threads=cfg.threads,
         dp=cfg.dp.enabled,
+        physical_batch_size=cfg.model.physical_batch_size,
         device=cfg.model.device,
         dtype=cfg.model.dtype,
     )

@@ -109,6 +109,7 @@ class PersonalizeConfig:
     name: str | None = None  # the node's name, as given to fl-client start --name
     threads: int = 1
     dp: bool = True
+    physical_batch_size: int = 0  # 0: a batch at once; else chunks of this many (one step, one noise draw)
     device: str = "auto"  # where the model trains (auto: a GPU when this process sees one)
     dtype: str = "float32"  # the base weights' dtype; the LoRA factors train in float32
 
@@ -393,6 +394,7 @@ def personalize(
             batch_size=cfg.batch_size,
             max_grad_norm=None if cfg.dp else cfg.max_grad_norm,  # under DP, Opacus clips per example
             seed=cfg.seed,
+            physical_batch_size=cfg.physical_batch_size,
         )
         run_id: str | None = None
         lifetime: float | None = None

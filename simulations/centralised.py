@@ -62,7 +62,13 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    settings = TrainSettings(steps=steps_per_round, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    settings = TrainSettings(
+        steps=steps_per_round,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        physical_batch_size=cfg.model.physical_batch_size,
+    )
     started = time.perf_counter()
     if not cfg.dp.enabled:
         run.write_config(config)
@@ -82,7 +88,15 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         with dp_sgd(model, optimizer, pooled, lambda b: collate(b, pad), cfg.batch_size, dp, cfg.seed) as pt:
             sched = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
             for r in range(1, cfg.num_rounds + 1):
-                res = train(pt.model, pooled, settings, pad, optimizer=(pt.optimizer, sched), batch_stream=pt.batches)
+                res = train(
+                    pt.model,
+                    pooled,
+                    settings,
+                    pad,
+                    optimizer=(pt.optimizer, sched),
+                    batch_stream=pt.batches,
+                    accumulation=pt.accumulation,
+                )
                 eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta, cfg.dp.accountant)
                 _record(run, r, res.mean_loss, model, tests, pad, started, eps)
     run.save_global()

@@ -69,6 +69,7 @@ OPTION_KEYS: dict[str, str] = {
     "dtype": "model.dtype",
     "max_length": "model.max-length",
     "eval_batch_size": "model.eval-batch-size",
+    "physical_batch_size": "model.physical-batch-size",
     "labels": "model.labels",
     "text_column": "columns.text",
     "label_column": "columns.label",
@@ -152,6 +153,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="base weights' dtype (default float32)")
     g.add_argument("--max-length", type=int, help="truncate records to this many tokens (default: refuse longer)")
     g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 64)")
+    g.add_argument(
+        "--physical-batch-size",
+        type=int,
+        help="run each batch in chunks of this many examples (one optimizer step, one DP noise draw; default: whole)",
+    )
     g.add_argument("--labels", help="a classifier's labels, comma-separated (default: from the tasks or the data)")
     g.add_argument(
         "--gpus-per-client", type=float, default=0.0, help="GPU share Ray gives each virtual client (default 0)"

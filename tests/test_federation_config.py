@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,7 +108,8 @@ FLAT_DEFAULTS_BEFORE_SECTIONS = {
 #: keys added with the model kinds; an old run directory lacks them and resumes at these defaults
 MODEL_KIND_KEYS = {
     "model.kind": "causal-lm", "model.device": "auto", "model.dtype": "float32", "model.max-length": 0,
-    "model.eval-batch-size": 64, "model.labels": "", "columns.text": "", "columns.label": "", "columns.prompt": "",
+    "model.eval-batch-size": 64, "model.physical-batch-size": 0, "model.labels": "", "columns.text": "",
+    "columns.label": "", "columns.prompt": "",
     "columns.completion": "", "columns.messages": "", "columns.image": "", "columns.task": "",
 }  # fmt: skip
 
@@ -186,3 +188,26 @@ def test_a_run_directory_from_before_the_sections_resumes(tmp_path: Path) -> Non
     changed = cfg.to_run_config() | {"lr": 0.003, "lora-alpha": 16.0, "lora-fair-steps": 300}
     with pytest.raises(ResumeError, match=r"lora-fair-steps: 200 -> 300"):
         prepare_run_dir(RunDir(tmp_path), cfg, changed)
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"model.kind": "audio-cls"}, "kind must be one of causal-lm, seq-cls, image-cls, got 'audio-cls'"),
+        ({"model.device": "tpu"}, "model.device must be auto, cpu, cuda or cuda:<index>, got 'tpu'"),
+        ({"model.dtype": "int8"}, "model.dtype must be one of float32, bfloat16, float16, got 'int8'"),
+        ({"model.max-length": -1}, "model.max-length must be an integer >= 0"),
+        ({"model.physical-batch-size": -2}, "model.physical-batch-size must be an integer >= 0"),
+        ({"model.kind": "seq-cls", "tasks": "adddigit-4"}, "unknown task 'adddigit-4' for model.kind = seq-cls"),
+        ({"model.kind": "image-cls", "personalize.steps": 3}, "personalize.steps works with model.kind = causal-lm"),
+    ],
+)
+def test_model_section_refuses_bad_values_by_key(values: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        FederationConfig.from_run_config(values)
+
+
+def test_a_kind_brings_its_default_tasks() -> None:
+    cfg = FederationConfig.from_run_config({"model.kind": "image-cls", "model.physical-batch-size": 4})
+    assert cfg.task_list == ["digits-rotate", "digits-scale", "digits-noise", "digits-invert"]
+    assert cfg.model.physical_batch_size == 4 and cfg.to_run_config()["tasks"] == cfg.tasks

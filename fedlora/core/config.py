@@ -174,7 +174,9 @@ class ModelSection:
     ``model.dtype`` (float32, bfloat16, float16: the frozen base weights; LoRA factors, heads and
     optimizer state stay float32), ``model.max-length`` (0: the model's own limit, and longer
     records are refused; > 0: longer records are truncated and counted) and
-    ``model.eval-batch-size``, ``model.labels`` (a classifier's label space, comma-separated;
+    ``model.eval-batch-size``, ``model.physical-batch-size`` (0: a batch at once; else a logical batch,
+    which DP-SGD samples, clips and charges as one step, runs in chunks of this many examples, so
+    memory follows the chunk), ``model.labels`` (a classifier's label space, comma-separated;
     empty: the tasks' labels or the data's; deployed nodes need it, as no party sees all data)."""
 
     prefix: ClassVar[str] = "model."
@@ -184,6 +186,7 @@ class ModelSection:
     dtype: str = "float32"
     max_length: int = 0
     eval_batch_size: int = 64
+    physical_batch_size: int = 0  # 0: each batch at once; else chunks of this many (one step, one noise draw)
     labels: str = ""  # a classifier's label space, comma-separated; empty: from the tasks or the data
 
     def __post_init__(self) -> None:
@@ -192,6 +195,11 @@ class ModelSection:
         check_dtype(self.dtype)
         if not isinstance(self.max_length, int) or self.max_length < 0:
             raise ValueError(f"model.max-length must be an integer >= 0 (0: the model's own), got {self.max_length!r}")
+        if not isinstance(self.physical_batch_size, int) or self.physical_batch_size < 0:
+            raise ValueError(
+                f"model.physical-batch-size must be an integer >= 0 (0: the whole batch), "
+                f"got {self.physical_batch_size!r}"
+            )
         if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
             raise ValueError(f"model.eval-batch-size must be an integer >= 1, got {self.eval_batch_size!r}")
 
