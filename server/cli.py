@@ -115,7 +115,7 @@ def _revoke(args: argparse.Namespace, console: Console) -> int:
 def _start(args: argparse.Namespace, console: Console) -> int:
     """Validate everything, then run the federation until it ends or Ctrl-C."""
     # lazy: pulls in flwr, which this module does not need at import
-    from fedlora.core.cli import report_published, summary
+    from fedlora.core.cli import never_accepted, report_published, summary
 
     try:
         options = StartOptions(
@@ -154,6 +154,9 @@ def _start(args: argparse.Namespace, console: Console) -> int:
     if not outcome.completed:
         detail = outcome.status_details if outcome.status_details not in ("", "N/A") else outcome.log_path
         return _error(f"run ended {outcome.status}: {detail}")
+    nothing = never_accepted(plan.run_dir)
+    if nothing is not None:
+        return _error(f"run failed: {nothing}")
     for line in summary(plan.run_dir):
         console.print(line, markup=False, highlight=False)
     return report_published(publisher, plan.num_rounds, console)
