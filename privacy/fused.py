@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fedlora.privacy.engines import Attached
 from fedlora.privacy.kernels import lora_clipped_noised_sum, lora_per_sample_sq_norms, per_sample_linear_grads
+from fedlora.privacy.opacus_engine import BatchSize, check_per_example
 
 
 @dataclass
@@ -62,6 +63,9 @@ class LoraTaps:
         from peft.tuners.lora import LoraLayer
 
         self.taps: list[_Tap] = []
+        self.model = model
+        self.batch = BatchSize()  # how many examples the model was called on: what a tap's rows must be
+        self._batch_hook = model.register_forward_pre_hook(self.batch.record, with_kwargs=True)
         covered: set[int] = set()
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer):
@@ -148,6 +152,7 @@ class LoraTaps:
             tap.g = tap.v = None
 
     def close(self) -> None:
+        self._batch_hook.remove()
         for tap in self.taps:
             for h in tap.handles:
                 h.remove()
@@ -162,6 +167,9 @@ def clipped_sums(taps: LoraTaps, max_grad_norm: float) -> dict[Tensor, Tensor]:
     The loss was the batch mean, so per-example gradients of per-example losses are the tapped
     ones times the batch size N; N is applied to the norms and the sums, never to the large
     tapped tensors."""
+    if taps.batch.n is not None:  # a model that folds examples together (OPT's fc1/fc2) would clip per token
+        leading = {f"{tap.name}.lora_A.weight": tap.x.shape[0] for tap in taps.taps if tap.x is not None}
+        check_per_example(leading, taps.batch.n, taps.model)
     sizes = {tap.x.shape[0] for tap in taps.taps if tap.x is not None}
     if len(sizes) > 1:
         raise RuntimeError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -187,3 +188,17 @@ def test_a_bfloat16_base_trains_float32_factors_and_heads(engine: str | None) ->
         train_private(run.model, data, settings, run.pad_id, DPSGDConfig(0.5, 1.0, engine), seed=0)
     assert evaluate(run.model, test, run.pad_id).loss < before
     assert {v.dtype for v in get_adapter_state(run.model).values()} == {torch.float32}
+
+
+def test_images_get_the_channels_the_model_takes() -> None:
+    from fedlora.core.kinds.image_cls import with_channels
+
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert with_channels(grey, 1, "g").shape == (3, 4, 1)
+    rgb = with_channels(grey, 3, "g")
+    assert rgb.shape == (3, 4, 3) and all(np.array_equal(rgb[:, :, c], grey) for c in range(3))
+    assert np.array_equal(with_channels(rgb, 1, "rgb")[:, :, 0], grey)  # equal channels: luminance is the grey
+    rgba = np.concatenate([rgb, np.full((3, 4, 1), 255, np.uint8)], axis=2)
+    assert with_channels(rgba, 3, "rgba").shape == (3, 4, 3)
+    with pytest.raises(ValueError, match="image two has 2 channels; the model takes 3"):
+        with_channels(np.zeros((3, 4, 2), np.uint8), 3, "two")

@@ -116,6 +116,11 @@ _HINTS = (
     ("longer than the model's", "records too long for the model: pass --max-length to truncate them"),
     ("too small for DP-SGD's Poisson batches", "the DP batch is too small for the clients' data: see the reason"),
     ("Per sample gradient", "per-example gradients failed: target other modules with --targets, or use --no-dp"),
+    (
+        "flattens examples before",
+        "the model folds a batch's examples together before the layers named, so DP-SGD cannot clip per example "
+        "there: leave them out of LoRA with the --targets the reason gives, or use --no-dp",
+    ),
 )
 
 

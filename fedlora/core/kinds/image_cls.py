@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -52,13 +53,38 @@ class ImageClassification(ModelKind):
             if r.label not in index:
                 raise ValueError(f"label {r.label!r} of image {r.key} is not in the run's labels {list(labels)}")
             images.append(r)
+        channels = _channels(processor)
         items: list[EncodedImage] = []
         for start in range(0, len(images), _CHUNK):
             chunk = images[start : start + _CHUNK]
-            pixels = processor(images=[r.image for r in chunk], return_tensors="pt")["pixel_values"]
+            arrays = [with_channels(r.image, channels, r.key) for r in chunk]
+            pixels = processor(images=arrays, return_tensors="pt")["pixel_values"]
             for r, p in zip(chunk, pixels, strict=True):
                 items.append(EncodedImage(p.to(torch.float32).contiguous(), index[r.label]))
         return Encoding(list(items), 0)
+
+
+def _channels(processor: Any) -> int:
+    """How many channels the model takes: as many as its processor normalises (3 when it says nothing)."""
+    mean = getattr(processor, "image_mean", None)
+    return len(mean) if isinstance(mean, list | tuple) else 3
+
+
+def with_channels(image: np.ndarray, channels: int, key: str) -> np.ndarray:
+    """An H x W x ``channels`` uint8 image: a grey image gets its channel axis (and is repeated for
+    an RGB model), an RGB one is reduced to its luminance for a grey model (ITU-R BT.601 weights)."""
+    arr = image[:, :, None] if image.ndim == 2 else image
+    have = arr.shape[2]
+    if have == 4:
+        arr, have = arr[:, :, :3], 3  # no alpha
+    if have == channels:
+        return arr
+    if have == 1 and channels == 3:
+        return np.repeat(arr, 3, axis=2)
+    if have == 3 and channels == 1:
+        grey = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[:, :, None]
+    raise ValueError(f"image {key} has {have} channels; the model takes {channels}")
 
 
 KIND = ImageClassification()
