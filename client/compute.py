@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +44,6 @@ from fedlora.core.model import (
     set_base_deltas,
     set_trainable_factors,
 )
-from fedlora.core.records import Example
 from fedlora.core.run_dir import RunDir
 from fedlora.core.run_model import RunModel, load_run_model, model_dir, run_device
 from fedlora.core.train import TrainSettings, evaluate, train
@@ -401,9 +400,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         if deltas:  # FedEx-LoRA: the residual the global adapter needs on top of the base weights
             save_file(deltas, str(Path(tmp) / BASE_DELTA_FILE))
         try:
-            # FederationConfig refuses personalize.steps for other kinds: these are prompt/completion records
-            causal = cast(tuple[list[Example], list[Example]], examples)
-            result = personalize(Path(tmp), personal, out, examples=causal)
+            result = personalize(Path(tmp), personal, out, examples=examples)
         except PrivacyBudgetError as err:
             return ReplyContent({"declined": 1}, status=str(err), name=node.name)
     global_info = {

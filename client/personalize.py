@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -44,9 +44,9 @@ from fedlora.client.private_train import train_private
 from fedlora.core.adapter_format import BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
 from fedlora.core.client_data import EMBEDDED_PREFIX, check_node_data, node_examples
 from fedlora.core.config import FederationConfig
-from fedlora.core.data import Item, encode
+from fedlora.core.data import Item
 from fedlora.core.embedded import default_model_dir
-from fedlora.core.kinds import check_device, check_dtype
+from fedlora.core.kinds import DEFAULT_KIND, check_device, check_dtype, get_kind
 from fedlora.core.kinds.base import DTYPES
 from fedlora.core.model import (
     load_adapter,
@@ -57,7 +57,7 @@ from fedlora.core.model import (
     set_base_deltas,
     set_trainable_factors,
 )
-from fedlora.core.tasks import Example
+from fedlora.core.records import ChatExample, Example, Record
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.privacy.accounting import check_accountant, compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
@@ -333,7 +333,7 @@ def personalize(
     global_adapter_dir: Path,
     cfg: PersonalizeConfig,
     out_dir: Path,
-    examples: tuple[Sequence[Example], Sequence[Example]] | None = None,
+    examples: tuple[Sequence[Record], Sequence[Record]] | None = None,
 ) -> PersonalizeResult:
     """Fine-tune ``global_adapter_dir`` on this client's data, charge the ledger, write ``out_dir``.
 
@@ -348,11 +348,10 @@ def personalize(
     _check_out_dir(out_dir, global_dir)
     fed = FederationConfig(num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed)
     if examples is None:
-        records = node_examples(fed, cfg.data, cfg.split_seed)
-        if not all(isinstance(r, Example) for part in records for r in part):
-            raise ValueError(f"data {cfg.data!r}: personalisation trains causal LMs on prompt/completion records")
-        examples = cast(tuple[list[Example], list[Example]], records)
+        examples = node_examples(fed, cfg.data, cfg.split_seed)
     train_ex, test_ex = examples
+    if not all(isinstance(r, Example | ChatExample) for part in examples for r in part):
+        raise ValueError(f"data {cfg.data!r}: personalisation trains causal LMs on prompt/completion or chat records")
     if len(train_ex) < cfg.batch_size:
         raise ValueError(
             f"data {cfg.data!r} gives {len(train_ex)} training examples, fewer than batch_size={cfg.batch_size}: "
@@ -385,8 +384,9 @@ def personalize(
         model = _load_model(global_dir, model_dir, cfg.device, cfg.dtype)
         pad = int(tokenizer.pad_token_id)
         max_len = max_positions(model)
-        train_data: list[Item] = list(encode(tokenizer, train_ex, max_len))
-        test_data: list[Item] = list(encode(tokenizer, test_ex, max_len))
+        causal = get_kind(DEFAULT_KIND)  # prompt/completion and chat records, as the run's clients encode them
+        train_data: list[Item] = causal.encode(tokenizer, train_ex, (), max_len, truncate=False).items
+        test_data: list[Item] = causal.encode(tokenizer, test_ex, (), max_len, truncate=False).items
         before = evaluate(model, test_data, pad)
         settings = TrainSettings(
             steps=cfg.steps,

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from fedlora.atomic import write_atomic, write_json_atomic
 from fedlora.core.adapter_format import CONFIG_FILE, read_adapter_dir
 from fedlora.core.cli import summary_line
 from fedlora.core.client_data import client_examples
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
-from fedlora.core.data import encode
+from fedlora.core.data import Encoded
+from fedlora.core.kinds import DEFAULT_KIND, get_kind
 from fedlora.core.model import load_base_model, load_tokenizer, max_positions
 from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
-from fedlora.core.records import Example
 from fedlora.core.run_dir import RunDir
 
 
@@ -41,8 +41,10 @@ def evaluate_personal(run_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     tokenizer, model = load_tokenizer(model_dir), load_base_model(model_dir)
     max_len = max_positions(model)
     clients = list(personal)
-    # personalisation runs on causal LMs only (FederationConfig refuses it otherwise): prompt/completion records
-    tests = [encode(tokenizer, cast(list[Example], client_examples(cfg, p)[1]), max_len) for p in clients]
+    # personalisation runs on causal LMs only (FederationConfig refuses it otherwise)
+    causal = get_kind(DEFAULT_KIND)
+    encoded = [causal.encode(tokenizer, client_examples(cfg, p)[1], (), max_len, truncate=False) for p in clients]
+    tests = [[e for e in enc.items if isinstance(e, Encoded)] for enc in encoded]  # all are: a causal LM's
     names, adapters = [], []
     global_dir = run.global_adapter_dir
     if (global_dir / CONFIG_FILE).is_file():

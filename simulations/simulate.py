@@ -4,6 +4,7 @@ Flower's simulation runtime (``fl-sim`` and ``fl-sim compare`` both start runs t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def validate(run_config: Mapping[str, Any]) -> FederationConfig:
     return cfg
 
 
+@functools.lru_cache(maxsize=4)  # fl-sim validates, then simulates: the records are encoded once
 def check_records(cfg: FederationConfig) -> int:
     """Encode every client's records as its client will, before anything starts, so a bad record,
     a label outside the run's label space, an over-long record or a DP batch too small for a
@@ -41,7 +43,13 @@ def check_records(cfg: FederationConfig) -> int:
     kind = get_kind(cfg.model.kind)
     path = model_dir(cfg)
     processor = kind.load_processor(path)
-    limit = cfg.model.max_length or _max_positions(path)
+    positions = _max_positions(path)
+    if cfg.model.max_length > positions:
+        raise ValueError(
+            f"--max-length {cfg.model.max_length} is longer than the model's {positions} positions: "
+            f"use at most {positions}"
+        )
+    limit = cfg.model.max_length or positions
     labels = run_labels(cfg)
     if kind.classifier and len(labels) < 2:
         raise ValueError(f"a {kind.name} run needs at least 2 labels, got {list(labels)} (set --labels)")
@@ -63,9 +71,25 @@ def check_records(cfg: FederationConfig) -> int:
     return cut
 
 
+def start_notes(cfg: FederationConfig) -> list[str]:
+    """What a user should know before the run starts: records truncated to ``--max-length``, and a
+    DP engine the run cannot use for this kind."""
+    notes = []
+    cut = check_records(cfg)
+    if cut:
+        notes.append(f"{cut} record(s) truncated to --max-length {cfg.model.max_length} tokens")
+    if cfg.dp.enabled and cfg.dp.engine == "fused" and get_kind(cfg.model.kind).classifier:
+        notes.append(
+            f"dp.engine = fused taps LoRA factors only and a {cfg.model.kind} model trains its head in full: "
+            "the clients run DP-SGD on Opacus' engine"
+        )
+    return notes
+
+
 def _max_positions(path: Path) -> int:
+    """As the kinds read it from a loaded model (2048 when the config does not say)."""
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
 def simulate(
@@ -82,6 +106,8 @@ def simulate(
 ) -> Any:
     """Validate, run on the simulation runtime, and return the runner's outcome."""
     cfg = validate(run_config)
+    for note in [] if quiet else start_notes(cfg):
+        console.print(f"fl-sim: {note}", markup=False, highlight=False)
     run = RunDir(Path(cfg.run_dir).resolve())
     overrides = {k: v for k, v in run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
     overrides["run-dir"] = str(run.root)

@@ -2,6 +2,10 @@
 
 Averaging factors is not averaging updates: B_bar A_bar - T = -sum_k p_k (B_k - B_bar)(A_k - A_bar)
 with T = sum_k p_k B_k A_k, so the error vanishes only when one factor agrees on all clients.
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ W0' + s B_bar A_bar = W0 + s T exactly. The base weight's layout decides the ori
 ``nn.Linear`` stores d_out x d_in and gets s R; GPT-2's ``Conv1D`` stores d_in x d_out (PEFT's
 ``fan_in_fan_out=True``) and gets s R^T. A wrong orientation on a square matrix raises no
 error and silently corrupts the model, hence the explicit flag.
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

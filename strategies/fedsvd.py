@@ -3,6 +3,10 @@
 The server averages B with A frozen, then resets A <- V^T[:r] and B <- U[:, :r] S[:r] from the
 SVD of B_bar @ A = U S V^T. Exact (rank(B_bar A) <= r), A gets orthonormal rows, and under DP
 it is post-processing of a private B_bar. The scaling s is untouched: s B' A' = s B_bar A.
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Exact by construction: B_bar @ A == sum_k p_k B_k @ A because A is the same matrix everywhere.
 Only B travels, both ways: clients rebuild A from the run seed (:func:`shared_a_state`).
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ Delta = sum_k p_k s_k B_k A_k and gives client k the best rank-r_k approximation
 (Eckart-Young), as factors with that client's own scaling s_k: s_k B A = U_r S_r V_r^T, with
 A = V_r^T (orthonormal rows, as FedSVD) and B = U_r S_r / s_k. The truncation error squared
 equals the sum of the dropped squared singular values.
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ class LoraStrategy(FedAvg):
             return None
         total = sum(r["num-examples"] for r in rows.values())
         out: dict[str, float] = {"num-examples": total, "clients": len(rows)}
-        for key in ("eval-loss", "exact-match", "macro-f1"):
+        for key in ("eval-loss", "exact-match", "macro-f1", "token-accuracy", "perplexity"):
             vals = [r[key] for r in rows.values() if key in r]
             if len(vals) == len(rows):
                 out[key] = sum(r[key] * r["num-examples"] for r in rows.values()) / total

@@ -13,6 +13,10 @@ variant ``||T - (B_bar + dB) A_bar||_F^2 + lam ||dB||_F^2`` has the closed form
 an r x r solve, used as the fast path. Either way A_bar is left unchanged and clients restart
 from (A_bar, B_bar + dB). Note that lam does not mean the same in the two objectives: the
 cosine term is scale free, the squared error scales with ||T||^2.
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

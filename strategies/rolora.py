@@ -2,6 +2,10 @@
 
 Each round is exact (one factor is common to all clients), sends half the parameters, and is
 a plain weighted sum, so it works behind secure aggregation.
+
+A classifier's heads (PEFT's ``modules_to_save``) are not this method's business: every method's
+replies carry them in full and :class:`fedlora.strategies.flower.LoraStrategy` averages them
+weighted by examples (FedAvg), outside the math above.
 """
 
 from __future__ import annotations

@@ -200,6 +200,7 @@ def test_a_run_directory_from_before_the_sections_resumes(tmp_path: Path) -> Non
         ({"model.physical-batch-size": -2}, "model.physical-batch-size must be an integer >= 0"),
         ({"model.kind": "seq-cls", "tasks": "adddigit-4"}, "unknown task 'adddigit-4' for model.kind = seq-cls"),
         ({"model.kind": "image-cls", "personalize.steps": 3}, "personalize.steps works with model.kind = causal-lm"),
+        ({"model.kind": "seq-cls", "deployed": True}, "model.labels must be set for a deployed seq-cls run"),
     ],
 )
 def test_model_section_refuses_bad_values_by_key(values: dict[str, object], problem: str) -> None:

@@ -5,6 +5,7 @@ and loaded back with plain PEFT and the kind's Auto class."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 
 def _reply(node: int, tensors: dict[str, torch.Tensor], n: int) -> Message:
     request = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({"metrics": MetricRecord({"num-examples": n}), "arrays": ArrayRecord(tensors)})
+    metrics = MetricRecord({"num-examples": n, "lora-scaling": 2.0, "lora-rank": 2})  # FlexLoRA reads both
+    content = RecordDict({"metrics": metrics, "arrays": ArrayRecord(tensors)})
     return Message(content, reply_to=request)
 
 
@@ -59,7 +61,9 @@ def test_state_parts_split_factors_heads_and_deltas() -> None:
     assert sorted(adapter_part(state)) == sorted(FACTORS + HEADS)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg-lora", "ffa-lora", "lora-fair", "fedex-lora", "fedsvd"])
+@pytest.mark.parametrize(
+    "strategy", ["fedavg-lora", "ffa-lora", "lora-fair", "fedex-lora", "fedsvd", "rolora", "flexlora"]
+)
 def test_every_strategy_averages_heads_by_examples(strategy: str) -> None:
     algo = registry.create(strategy, scaling=2.0)
     s = LoraStrategy(algo)
@@ -202,3 +206,19 @@ def test_images_get_the_channels_the_model_takes() -> None:
     assert with_channels(rgba, 3, "rgba").shape == (3, 4, 3)
     with pytest.raises(ValueError, match="image two has 2 channels; the model takes 3"):
         with_channels(np.zeros((3, 4, 2), np.uint8), 3, "two")
+
+
+def test_a_causal_lm_reports_token_accuracy_and_perplexity() -> None:
+    from fedlora.core.train import evaluate
+
+    cfg = FederationConfig(num_train=8, num_test=8)
+    run = load_run_model(cfg, cfg.lora_settings(4, 8.0))
+    items = run.encode(client_examples(cfg, 0)[1]).items
+    result = evaluate(run.model, items, run.pad_id, batch_size=3)
+    out = forward(run.model, collate(items, run.pad_id))
+    assert out.tokens is not None and out.token_hits is not None
+    tokens = float(out.tokens.sum())
+    assert result.metrics["token-accuracy"] == pytest.approx(float(out.token_hits.sum()) / tokens)
+    per_token = float((out.loss.detach().double() * out.tokens).sum()) / tokens
+    assert result.metrics["perplexity"] == pytest.approx(math.exp(per_token), rel=1e-5)
+    assert result.exact_match <= result.metrics["token-accuracy"]  # a whole completion right: each token right

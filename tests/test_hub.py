@@ -695,8 +695,11 @@ def test_an_image_classifier_run_is_published_and_pulled_with_its_head(hub: Hub,
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     with hub.client(hub.alice) as alice:
-        pulled = alice.pull("global/vision/1", tmp_path / "pulled")
+        with pytest.raises(VerificationError, match="base model"):  # not the byte Llama's adapter
+            alice.pull("global/vision/1", tmp_path / "wrong")
+        pulled = alice.pull("global/vision/1", tmp_path / "pulled", base_model_dir=default_vision_model_dir())
     assert pulled.manifest["adapter"]["rank"] == 8
+    assert pulled.manifest["provenance"]["base_model"]["id"] == "fedlora/embedded-vit-digits"
     config = json.loads((pulled.path / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"]
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.core.image_tasks import IMAGE_TASKS, LABELS
 from fedlora.core.text_tasks import TEXT_TASKS
 from fedlora.simulations.cli import main
-from fedlora.simulations.simulate import check_records, validate
+from fedlora.simulations.simulate import check_records, start_notes, validate
 
 MAX_POSITIONS = 64  # the embedded causal model's max_position_embeddings
 
@@ -78,7 +78,10 @@ def test_overlong_records_are_refused_and_max_length_truncates_them(
     }
     cfg = validate(config)  # accepted: the long records are cut, not refused
     assert check_records(cfg) == too_long
+    assert start_notes(cfg) == [f"{too_long} record(s) truncated to --max-length {MAX_POSITIONS} tokens"]
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=f"--max-length 65 is longer than the model's {MAX_POSITIONS} positions"):
+        validate(config | {"model.max-length": MAX_POSITIONS + 1})
 
 
 def test_a_dp_batch_too_small_is_refused_with_the_smallest_safe_size(

@@ -354,6 +354,11 @@ class FederationConfig:
             )
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
+        if self.deployed and self.model.kind != DEFAULT_KIND and not self.model.labels:
+            raise ValueError(
+                f"model.labels must be set for a deployed {self.model.kind} run: no party sees every node's "
+                "data, so the label space (and with it the head) is the run's to state"
+            )
         if self.personalize.steps and self.model.kind != DEFAULT_KIND:
             raise ValueError(
                 f"personalize.steps works with model.kind = {DEFAULT_KIND} only for now, not {self.model.kind!r}: "

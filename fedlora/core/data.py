@@ -218,6 +218,8 @@ class Outputs:
     correct: torch.Tensor  # (N,) bool
     predicted: torch.Tensor | None = None  # (N,) class ids of a classifier
     target: torch.Tensor | None = None  # (N,)
+    tokens: torch.Tensor | None = None  # (N,) a causal LM's target tokens per example
+    token_hits: torch.Tensor | None = None  # (N,) how many of them the argmax gets right
 
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Outputs:
@@ -246,7 +248,10 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Outputs:
     else:
         logits = model(**inputs).logits[:, :-1]  # (N, T - 1, V)
         targets = labels[:, 1:]
-    return Outputs(target_loss(logits, targets), target_matches(logits, targets))
+    mask = targets != IGNORE_INDEX
+    hits = (logits.detach().argmax(dim=-1) == targets) & mask
+    correct = (hits | ~mask).all(dim=1)  # target_matches, from the same argmax
+    return Outputs(target_loss(logits, targets), correct, tokens=mask.sum(dim=1), token_hits=hits.sum(dim=1))
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:

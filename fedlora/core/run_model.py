@@ -66,5 +66,9 @@ def load_run_model(cfg: FederationConfig, lora: LoraSettings, device: torch.devi
         raise ValueError(f"a {kind.name} run needs at least 2 labels, got {list(labels)} (set model.labels)")
     processor = kind.load_processor(path)
     base = kind.load_model(path, device or run_device(cfg), DTYPES[cfg.model.dtype], labels, seed=cfg.seed)
+    config = getattr(base, "config", None)
+    if kind.classifier and config is not None and getattr(config, "pad_token_id", None) is None:
+        # a decoder classifier pools the last non-pad token: it must know which id pads
+        config.pad_token_id = kind.pad_id(processor)
     model = wrap_lora(base, lora, kind.peft_task_type, kind.head_modules(base))
     return RunModel(model, processor, kind, labels, cfg.model.max_length)

@@ -202,8 +202,9 @@ def train(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Sequence[Item], pad_id: int, batch_size: int = 128) -> EvalResult:
-    """Mean per-example loss and exact match (accuracy of a classifier, plus its macro-F1) in one
-    teacher-forced pass."""
+    """Mean per-example loss and exact match in one teacher-forced pass, plus a classifier's
+    macro-F1 (its exact match is its accuracy) or a causal LM's token accuracy and perplexity
+    (the exponential of the mean cross-entropy per target token)."""
     if not data:
         return EvalResult(float("nan"), 0.0, 0)
     was_training = model.training
@@ -212,6 +213,8 @@ def evaluate(model: torch.nn.Module, data: Sequence[Item], pad_id: int, batch_si
     total_loss, hits = 0.0, 0
     predicted: list[torch.Tensor] = []
     target: list[torch.Tensor] = []
+    tokens = token_hits = 0
+    token_loss = 0.0
     for i in range(0, len(data), batch_size):
         batch = {k: v.to(device) for k, v in collate(data[i : i + batch_size], pad_id).items()}
         out = forward(model, batch)
@@ -220,6 +223,12 @@ def evaluate(model: torch.nn.Module, data: Sequence[Item], pad_id: int, batch_si
         if out.predicted is not None and out.target is not None:
             predicted.append(out.predicted.cpu())
             target.append(out.target.cpu())
+        if out.tokens is not None and out.token_hits is not None:
+            tokens += int(out.tokens.sum())
+            token_hits += int(out.token_hits.sum())
+            token_loss += float((out.loss.double() * out.tokens).sum())
     model.train(was_training)
     metrics = {"macro-f1": macro_f1(torch.cat(predicted), torch.cat(target))} if predicted else {}
+    if tokens:  # a causal LM: per-token figures beside the per-example ones
+        metrics |= {"token-accuracy": token_hits / tokens, "perplexity": math.exp(min(token_loss / tokens, 700.0))}
     return EvalResult(total_loss / len(data), hits / len(data), len(data), metrics)

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, deserialize
 
 from fedlora.atomic import atomic_directory
 from fedlora.core.adapter_format import ADAPTER_FILES, BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
-from fedlora.core.embedded import default_model_dir
+from fedlora.core.embedded import default_model_dir, default_vision_model_dir
 
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
@@ -435,6 +435,7 @@ def write_adapter_dir(out: Path, files: Mapping[str, bytes], manifest: Mapping[s
 
 
 EMBEDDED_BASE_ID = "fedlora/embedded-base"
+EMBEDDED_VISION_ID = "fedlora/embedded-vit-digits"
 
 
 def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
@@ -446,6 +447,8 @@ def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
     path = Path(model_dir) if model_dir else default_model_dir()
     if path.resolve() == default_model_dir().resolve():
         model_id = EMBEDDED_BASE_ID
+    elif path.resolve() == default_vision_model_dir().resolve():
+        model_id = EMBEDDED_VISION_ID
     else:
         try:
             model_id = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or path.name)

@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedlora.core.adapter_format import CONFIG_FILE, read_adapter_dir
+from fedlora.core.kinds import run_model_dir
 from fedlora.core.run_dir import RunDir
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
 from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key
@@ -88,7 +89,7 @@ def run_provenance(run_dir: Path, server_round: int, final: bool, producer: str)
     """Provenance of the global adapter after ``server_round`` of the run in ``run_dir``."""
     run = RunDir(run_dir)
     config = run.config()
-    base = describe_base_model(config.get("model-dir") or None)
+    base = describe_base_model(run_model_dir(config))
     row = _rows(run_dir).get(server_round, {})
     prov: dict[str, Any] = {
         "base_model": {"id": base.id, "sha256": base.sha256},
@@ -188,7 +189,7 @@ class RunPublisher:
         personal = run.personal_adapters()
         if not personal:
             return
-        base = describe_base_model(run.config().get("model-dir") or None)
+        base = describe_base_model(run_model_dir(run.config()))
         for d in personal.values():
             name = f"clients/{d.name}/{run_name(self.run_dir)}"
             sidecar = d / "personalize.json"

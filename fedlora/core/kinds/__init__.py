@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from fedlora.core import embedded
 
 if TYPE_CHECKING:
     from fedlora.core.kinds.base import ModelKind
 
 
 class KindEntry(NamedTuple):
-    """Where a kind lives and what its headline metric (``exact-match`` in the metrics) is called."""
+    """Where a kind lives, what its headline metric (``exact-match`` in the metrics) is called, and
+    its shipped base model (cheap to ask: the hub SDK describes a run's base model without torch)."""
 
     module: str
     headline: str
+    default_dir: Callable[[], Path]
 
 
-#: kind name -> the module defining ``KIND``, and the headline metric's name in reports
+#: kind name -> the module defining ``KIND``, the headline metric's name in reports, the default model
 KINDS: dict[str, KindEntry] = {
-    "causal-lm": KindEntry("fedlora.core.kinds.causal_lm", "exact match"),
-    "seq-cls": KindEntry("fedlora.core.kinds.seq_cls", "accuracy"),
-    "image-cls": KindEntry("fedlora.core.kinds.image_cls", "accuracy"),
+    "causal-lm": KindEntry("fedlora.core.kinds.causal_lm", "exact match", embedded.default_model_dir),
+    "seq-cls": KindEntry("fedlora.core.kinds.seq_cls", "accuracy", embedded.default_text_model_dir),
+    "image-cls": KindEntry("fedlora.core.kinds.image_cls", "accuracy", embedded.default_vision_model_dir),
 }
 DEFAULT_KIND = "causal-lm"
 
@@ -55,6 +61,15 @@ def check_dtype(dtype: object, what: str = "model.dtype") -> str:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"{what} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     return str(dtype)
+
+
+def run_model_dir(config: Mapping[str, Any]) -> Path:
+    """The base model directory of a run config (flat keys, as a run directory's ``config.json``):
+    ``model-dir``, else the shipped default of its ``model.kind``."""
+    explicit = config.get("model-dir")
+    if explicit:
+        return Path(str(explicit))
+    return KINDS[check_kind(config.get("model.kind") or DEFAULT_KIND)].default_dir()
 
 
 def check_kind(name: object) -> str:

