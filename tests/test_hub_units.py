@@ -157,7 +157,7 @@ def test_adapter_checks() -> None:
     cases = [
         ({"adapter_model.safetensors": _weights(rank=3)}, "has rank 3, but adapter_config.json says r = 2"),
         ({"adapter_model.safetensors": save_numpy({"lora_A.weight": np.ones((2, 8), np.int32)})}, "floating type"),
-        ({"adapter_model.safetensors": save_numpy({"embed.weight": np.ones((2, 8), np.float32)})}, "neither a LoRA factor"),
+        ({"adapter_model.safetensors": save_numpy({"embed.weight": np.ones((2, 8), np.float32)})}, "neither a LoRA"),
         ({"adapter_config.json": b"{"}, "not valid JSON"),
         ({"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 0}).encode()}, "r must be a positive integer"),
         ({"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 2}).encode()}, "target_modules must name"),
