@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.core.data import Item, collate
-from fedlora.core.train import TrainResult, TrainSettings, train
+from fedlora.core.train import TrainResult, TrainSettings, train_in
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 
 
@@ -22,13 +22,4 @@ def train_private(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     with dp_sgd(model, optimizer, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
-        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
-        return train(
-            pt.model,
-            data,
-            settings,
-            pad,
-            optimizer=(pt.optimizer, constant),
-            batch_stream=pt.batches,
-            accumulation=pt.accumulation,
-        )
+        return train_in(pt, data, settings, pad)

@@ -22,7 +22,7 @@ from fedlora.core.data import Item, collate
 from fedlora.core.records import Record
 from fedlora.core.run_dir import RunDir
 from fedlora.core.run_model import load_run_model, model_dir
-from fedlora.core.train import TrainSettings, batches, evaluate, train
+from fedlora.core.train import TrainSettings, batches, evaluate, train, train_in
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
 from fedlora.privacy.planning import default_delta, plan_noise
@@ -86,17 +86,8 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
         run.write_config(config)
         dp = DPSGDConfig(sigma, cfg.dp.max_grad_norm, cfg.dp.engine)
         with dp_sgd(model, optimizer, pooled, lambda b: collate(b, pad), cfg.batch_size, dp, cfg.seed) as pt:
-            sched = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
             for r in range(1, cfg.num_rounds + 1):
-                res = train(
-                    pt.model,
-                    pooled,
-                    settings,
-                    pad,
-                    optimizer=(pt.optimizer, sched),
-                    batch_stream=pt.batches,
-                    accumulation=pt.accumulation,
-                )
+                res = train_in(pt, pooled, settings, pad)
                 eps = compute_epsilon([(sigma, q, steps_per_round * r)], delta, cfg.dp.accountant)
                 _record(run, r, res.mean_loss, model, tests, pad, started, eps)
     run.save_global()

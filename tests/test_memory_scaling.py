@@ -32,7 +32,7 @@ from fedlora.core.data import (
 )
 from fedlora.core.model import LoraSettings, get_adapter_state, load_base_model, set_adapter_state, wrap_lora
 from fedlora.core.tasks import get_task
-from fedlora.core.train import TrainSettings, train
+from fedlora.core.train import TrainSettings, train, train_in
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 from fedlora.privacy.engines import ENGINES
 
@@ -256,16 +256,7 @@ def _private_sgd(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr)
     with dp_sgd(model, opt, data, lambda b: collate(b, pad), settings.batch_size, dp, seed) as pt:
-        constant = torch.optim.lr_scheduler.LambdaLR(pt.optimizer, lambda _: 1.0)
-        train(
-            pt.model,
-            data,
-            settings,
-            pad,
-            optimizer=(pt.optimizer, constant),
-            batch_stream=pt.batches,
-            accumulation=pt.accumulation,
-        )
+        train_in(pt, data, settings, pad)
 
 
 def _assert_same_states(chunked: dict[str, torch.Tensor], whole: dict[str, torch.Tensor], start: Any) -> None:

@@ -7,12 +7,15 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedlora.core.data import Item, batch_size, collate, forward, physical_batches
+
+if TYPE_CHECKING:
+    from fedlora.privacy.dp import PrivateTraining
 
 
 @dataclass(frozen=True)
@@ -232,3 +235,19 @@ def evaluate(model: torch.nn.Module, data: Sequence[Item], pad_id: int, batch_si
     if tokens:  # a causal LM: per-token figures beside the per-example ones
         metrics |= {"token-accuracy": token_hits / tokens, "perplexity": math.exp(min(token_loss / tokens, 700.0))}
     return EvalResult(total_loss / len(data), hits / len(data), len(data), metrics)
+
+
+def train_in(private: PrivateTraining, data: Sequence[Item], settings: TrainSettings, pad_id: int) -> TrainResult:
+    """``settings.steps`` steps inside an open DP-SGD context (:func:`fedlora.privacy.dp.dp_sgd`):
+    its hooked model, its private optimizer at a constant learning rate (the server's schedule sets
+    it per round), its Poisson batches and its per-example accumulation over physical batches."""
+    constant = torch.optim.lr_scheduler.LambdaLR(private.optimizer, lambda _: 1.0)
+    return train(
+        private.model,
+        data,
+        settings,
+        pad_id,
+        optimizer=(private.optimizer, constant),
+        batch_stream=private.batches,
+        accumulation=private.accumulation,
+    )
