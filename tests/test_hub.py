@@ -686,6 +686,8 @@ def test_an_image_classifier_run_is_published_and_pulled_with_its_head(hub: Hub,
 
     from fedlora.core.embedded import default_vision_model_dir
 
+    vision = describe_base_model(default_vision_model_dir())
+    hub.dir.registry().add_base_model(vision.id, vision.sha256)  # the operator's fl-hub base-model add
     run = tmp_path / "vision"
     argv = [sys.executable, "-m", "fedlora.simulations.cli", "--kind", "image-cls", "--no-dp", "--quiet"]
     argv += ["--clients", "2", "--rounds", "1", "--local-steps", "3", "--num-train", "40", "--num-test", "8"]
