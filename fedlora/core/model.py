@@ -93,7 +93,8 @@ class LoraSettings:
         )
 
 
-def _check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path) -> None:
+    """Refuse a path that is not a local Hugging Face model directory, naming what is missing."""
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
@@ -102,7 +103,7 @@ def _check_model_dir(path: Path) -> None:
 
 def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     path = Path(model_dir) if model_dir is not None else default_model_dir()
-    _check_model_dir(path)
+    check_model_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -116,7 +117,7 @@ def load_base_model(
 ) -> PreTrainedModel:
     """Load a causal LM from a local directory (default: the embedded model), never the hub."""
     path = Path(model_dir) if model_dir is not None else default_model_dir()
-    _check_model_dir(path)
+    check_model_dir(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     torch.nn.Module.to(model, resolve_device(device) if isinstance(device, str) else device)

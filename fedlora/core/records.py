@@ -9,8 +9,9 @@ avoid inputs a client trains on.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -74,6 +75,24 @@ class ImageExample:
 
 
 Record = Example | ChatExample | TextExample | ImageExample
+
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=Named)
+
+
+def by_name(items: Iterable[N], what: str = "task") -> dict[str, N]:
+    """A suite's registry: its items by name, a repeated name refused (it would shadow another)."""
+    registry: dict[str, N] = {}
+    for item in items:
+        if item.name in registry:
+            raise AssertionError(f"duplicate {what} {item.name}")
+        registry[item.name] = item
+    return registry
 
 
 def label_of(record: Any) -> str | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from fedlora.core.records import Example, Record
+from fedlora.core.records import Example, Record, by_name
 
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
@@ -239,12 +239,7 @@ def _build() -> dict[str, Task]:
             _swap_pairs,
         )
     )
-    registry: dict[str, Task] = {}
-    for t in tasks:
-        if t.name in registry:
-            raise AssertionError(f"duplicate task {t.name}")
-        registry[t.name] = t
-    return registry
+    return by_name(tasks)
 
 
 TASKS: dict[str, Task] = _build()

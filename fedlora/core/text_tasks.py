@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from fedlora.core.records import TextExample
+from fedlora.core.records import TextExample, by_name
 
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -703,12 +703,7 @@ def _build() -> dict[str, TextTask]:
             grammar=_intent_grammar("travel"),
         ),
     ]
-    registry: dict[str, TextTask] = {}
-    for t in tasks:
-        if t.name in registry:
-            raise AssertionError(f"duplicate text task {t.name}")
-        registry[t.name] = t
-    return registry
+    return by_name(tasks, "text task")
 
 
 TEXT_TASKS: dict[str, TextTask] = _build()

@@ -19,17 +19,11 @@ import torch
 from transformers import PreTrainedModel
 
 from fedlora.core.data import Item
+from fedlora.core.model import check_model_dir
 from fedlora.core.records import Record
 
 #: the dtypes a run may load its base model in (the LoRA factors and heads always train in fp32)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_model_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model)")
 
 
 @dataclass(frozen=True)

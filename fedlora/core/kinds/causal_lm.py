@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fedlora.core.data import IGNORE_INDEX, Encoded
 from fedlora.core.embedded import default_model_dir
-from fedlora.core.kinds.base import Encoding, ModelKind, check_model_dir
+from fedlora.core.kinds.base import Encoding, ModelKind
+from fedlora.core.model import load_tokenizer
 from fedlora.core.records import ChatExample, Example, Record
 from fedlora.core.tasks import TASKS
 
@@ -31,11 +32,7 @@ class CausalLM(ModelKind):
         return AutoModelForCausalLM
 
     def load_processor(self, path: Path) -> PreTrainedTokenizerBase:
-        check_model_dir(path)
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return load_tokenizer(path)
 
     def encode(
         self, processor: Any, records: Sequence[Record], labels: Sequence[str], limit: int, truncate: bool
