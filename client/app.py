@@ -1,20 +1,13 @@
 """fedlora's Flower ClientApp, in simulation and deployment: thin, the work in :mod:`fedlora.client.compute`.
 
-Flower's deployment runtime starts a fresh client-app process for every message, and importing
-torch, transformers, PEFT and Opacus and loading the base model would cost seconds each time.
-``fl-client start`` keeps one trainer process warm (:mod:`fedlora.client.trainer`, model loaded once,
-listening on a Unix socket in the node's state directory, owner only); this app imports only
-Flower and numpy, hands the message's arrays and config to the trainer and turns its answer
-into the reply. Without a trainer (``trainer`` absent from the node config, or its socket
-gone), and always in simulation, it computes the reply itself in this process; Ray's workers keep
-that process, and with it the loaded model, across messages.
+In simulation Ray's worker processes run it and keep the loaded model across messages. On a
+deployed node ``fl-client start`` runs it in its own process (:mod:`fedlora.client.executor`),
+never from the app bundle a server sends, so the model also stays loaded there.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,24 +15,10 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedlora.client.compute import compute
 from fedlora.client.messages import ReplyContent, Request
-from fedlora.client.trainer import ask
 
 app = ClientApp()
-
-
-def process_start_time() -> float:
-    """When this process started (Unix time; Linux ``/proc``, else now): Flower starts a fresh
-    process per message in deployment, and what that costs before our code runs is worth seeing."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])  # to 10 ms; /proc/stat's btime is whole seconds
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
-PROCESS_STARTED = process_start_time()
 
 
 def to_message(msg: Message, content: ReplyContent) -> Message:
@@ -77,17 +56,10 @@ def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientA
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
-    request = request_of(kind, msg, context)
-    socket_path = str(context.node_config.get("trainer") or "")
-    if socket_path and Path(socket_path).exists():
-        content = ask(socket_path, request)
-    else:  # no warm trainer on this node: do the work here
-        # lazy: torch, transformers, PEFT and Opacus load only when this process computes the reply itself
-        from fedlora.client.compute import compute
-
-        content = compute(request)
-    if kind == "train":
-        content.metrics["process-seconds"] = time.time() - PROCESS_STARTED  # what this message cost end to end
+    started = time.time()
+    content = compute(request_of(kind, msg, context))
+    if kind == "train" and "declined" not in content.metrics:
+        content.metrics["process-seconds"] = time.time() - started  # what this message cost on the node
     return to_message(msg, content)
 
 

@@ -28,6 +28,7 @@ from fedlora.core.pki import CertificateError, fingerprint, load_node_public_key
 from fedlora.core.tasks import TASKS
 from fedlora.hub.sdk.client import HubRequestError
 from fedlora.hub.sdk.manifest import VerificationError
+from fedlora.privacy.policy import PolicyError
 
 
 def _finetune_parser(sub: Any) -> None:
@@ -145,7 +146,9 @@ def _start_parser(sub: Any) -> None:
         "start",
         help="join a federation as a SuperNode: train with DP on local data, keep the privacy ledger",
         description="Run Flower's SuperNode against the server, with TLS verified by --ca and the node key; "
-        "reconnects with backoff when the server is away; Ctrl-C stops it and its client-app processes.",
+        "reconnects with backoff when the server is away; Ctrl-C stops it. Every message is run by this "
+        "process with the installed fedlora client: app bundles that carry code are refused, and rounds "
+        "that break this node's privacy policy are declined before any training.",
     )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's SuperLink address")
     p.add_argument("--ca", type=Path, metavar="CA", help="the federation's ca.pem (from the operator)")
@@ -174,6 +177,51 @@ def _start_parser(sub: Any) -> None:
     )
     g.add_argument("--hub-token-file", type=Path, metavar="FILE", help="this client's hub token (fl-hub token create)")
     g.add_argument("--hub-key", type=Path, metavar="HUB_PUB", help="the hub's public key (hub.pub)")
+    _policy_options(p)
+
+
+def _policy_options(p: Any) -> None:
+    """This node's privacy policy (kept in STATE_DIR/policy.toml; a server's run can only tighten it)."""
+    g = p.add_argument_group(
+        "privacy policy: kept in STATE_DIR/policy.toml, these options change it; rounds that break it are declined"
+    )
+    dp = g.add_mutually_exclusive_group()
+    dp.add_argument(
+        "--require-dp", dest="require_dp", action="store_true", default=None, help="train with DP only (default)"
+    )
+    dp.add_argument("--allow-no-dp", dest="require_dp", action="store_false", help="also take part in runs without DP")
+    g.add_argument("--min-noise", type=float, metavar="SIGMA", help="smallest noise multiplier accepted (default 0.5)")
+    g.add_argument(
+        "--max-sample-rate", type=float, metavar="Q", help="largest Poisson sample rate accepted (default 1)"
+    )
+    g.add_argument("--max-delta", type=float, metavar="DELTA", help="largest delta accepted (default: below 1/n)")
+    g.add_argument("--accountant", choices=["rdp", "prv"], help="how this node measures its epsilon (default rdp)")
+    g.add_argument("--max-epsilon", type=float, metavar="EPS", help="lifetime epsilon cap over all runs (default 10)")
+    share = g.add_mutually_exclusive_group()
+    share.add_argument(
+        "--share-metrics", dest="share_metrics", action="store_true", default=None,
+        help="let evaluation results and losses leave this node in DP runs",
+    )  # fmt: skip
+    share.add_argument(
+        "--no-share-metrics", dest="share_metrics", action="store_false", help="keep them here (default)"
+    )
+    g.add_argument(
+        "--allow-bundle", action="append", metavar="SHA256",
+        help="also accept this app bundle (its SHA-256, from a refusal in the log); its code never runs",
+    )  # fmt: skip
+
+
+def _policy_changes(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "require_dp": args.require_dp,
+        "min_noise_multiplier": args.min_noise,
+        "max_sample_rate": args.max_sample_rate,
+        "max_delta": args.max_delta,
+        "accountant": args.accountant,
+        "max_epsilon": args.max_epsilon,
+        "share_metrics": args.share_metrics,
+        "allowed_bundles": tuple(args.allow_bundle) if args.allow_bundle else None,
+    }
 
 
 def _keygen(args: argparse.Namespace, console: Console) -> int:
@@ -207,9 +255,10 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             hub_key=args.hub_key,
             device=args.device,
             dtype=args.dtype,
+            policy_changes=_policy_changes(args),
         )
         return start(options, console)
-    except (NodeError, CertificateError) as e:
+    except (NodeError, CertificateError, PolicyError) as e:
         return _fail(e)
 
 

@@ -53,6 +53,7 @@ from fedlora.hub.sdk.names import check_segment
 from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta
+from fedlora.privacy.policy import PrivacyPolicy, RoundRequest, check_round
 from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas, factor_part, head_part
 
 
@@ -187,6 +188,16 @@ def compute(request: Request) -> ReplyContent:
     raise ValueError(f"unknown message kind {request.kind!r}")
 
 
+def node_policy(cfg: FederationConfig, context: NodeContext) -> PrivacyPolicy:
+    """The privacy policy this reply obeys: a deployed node's own (its state directory's
+    ``policy.toml``, set by its operator), or in simulation one derived from the run config."""
+    config = context.node_config
+    if config.get("data-path") and config.get("state-dir"):  # a deployed node: set by fl-client start
+        return PrivacyPolicy.load(Path(str(config["state-dir"])))
+    personal = cfg.personalize.epsilon if cfg.personalize.steps > 0 else 0.0
+    return PrivacyPolicy.for_run(cfg.dp.enabled, cfg.dp.target_epsilon, cfg.dp.max_epsilon, cfg.dp.accountant, personal)
+
+
 def _declined(privacy: Mapping[str, int | float], reason: str, node: Node) -> ReplyContent:
     return ReplyContent({"declined": 1, "num-examples": 0, **privacy}, status=reason, name=node.name)
 
@@ -203,6 +214,9 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
     """
     started = time.perf_counter()
     cfg, node = _node(context)
+    policy = node_policy(cfg, context)
+    if not cfg.dp.enabled and policy.require_dp:
+        return _declined({}, "policy: this node trains with DP only (the run has dp.enabled = false)", node)
     partition = node.partition
     setup, train_data, test_data, load_seconds = _setup(cfg, node)
     server_round = int(round_config["server-round"])
@@ -227,11 +241,8 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         q = sample_rate(cfg.batch_size, len(train_data))
         run_delta = round_config.get("dp-delta")  # the run's one delta, from the server's plan
         delta = float(run_delta) if isinstance(run_delta, float) else cfg.dp.delta or default_delta(len(train_data))
-        spent = ledger.epsilon(delta, cfg.dp.accountant)
+        spent = ledger.epsilon(delta, policy.accountant) if 0 < delta < 1 else 0.0
         privacy = {"epsilon": spent, "delta": delta, "noise-multiplier": sigma, "sample-rate": q}
-        if not 0 < delta < 1 / len(train_data):
-            reason = f"dp-delta {delta} from the server is not below 1/n = 1/{len(train_data)} for this client's data"
-            return _declined(privacy, reason, node)
         planned_q = round_config.get("dp-sample-rate")  # the plan's q: a smaller client would exceed its epsilon
         if isinstance(planned_q, float) and q > planned_q * (1 + 1e-9):
             reason = (
@@ -249,16 +260,22 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
             # only an exact replay (same input, same secret seed, same output) may be released again
             reason = f"round {server_round} of run {ledger_run} was already charged for another input"
             return _declined(privacy, reason, node)
-        if cfg.dp.max_epsilon and charged is None:  # a replayed round releases nothing new
-            over, projected = ledger.would_exceed(
-                cfg.dp.max_epsilon, delta, cfg.dp.accountant, sigma, q, settings.steps
+        if charged is None:  # a replayed round releases nothing new
+            entries = ledger.entries()
+            request = RoundRequest(
+                dp_enabled=True,
+                noise_multiplier=sigma,
+                sample_rate=q,
+                delta=delta,
+                accountant=cfg.dp.accountant,
+                steps=settings.steps,
+                num_examples=len(train_data),
+                run_target=cfg.dp.target_epsilon,
             )
-            if over:
-                reason = (
-                    f"privacy budget: this round would take epsilon from {spent:.3f} to {projected:.3f}, "
-                    f"past dp.max-epsilon = {cfg.dp.max_epsilon}"
-                )
-                return _declined(privacy, reason, node)
+            this_run = [e.history_entry for e in entries if e.run_id == ledger_run]
+            breach = check_round(policy, request, [e.history_entry for e in entries], this_run)
+            if breach is not None:
+                return _declined(privacy, breach, node)
     load_global(setup, cfg, state, rank)
     set_trainable_factors(setup.model, factors)
     if ledger is not None:
@@ -285,10 +302,10 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
             privacy["noise-multiplier"],
             privacy["sample-rate"],
             settings.steps,
-            accountant=cfg.dp.accountant,
+            accountant=policy.accountant,
             delta=privacy["delta"],
         )
-        privacy["epsilon"] = ledger.epsilon(privacy["delta"], cfg.dp.accountant)
+        privacy["epsilon"] = ledger.epsilon(privacy["delta"], policy.accountant)
         history = ledger.history()
         privacy["dp-steps"] = sum(steps for _, _, steps in history)
         # the whole lifetime history (public parameters only): the server's report recomputes this
@@ -304,7 +321,8 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         train_seconds = time.perf_counter() - t0
         ledger_lists = {}
     local: dict[str, int | float] = {}
-    if test_data:  # the locally trained adapter on this client's own test split: what personalising would give
+    if test_data and policy.metrics_may_leave(ledger is not None):
+        # the locally trained adapter on this client's own test split: what personalising would give
         res = evaluate(setup.model, test_data, setup.pad, cfg.model.eval_batch_size)
         local = {"local-exact-match": res.exact_match, "local-eval-loss": res.loss}
         local |= {f"local-{k}": v for k, v in res.metrics.items()}
@@ -328,8 +346,11 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
 
 
 def evaluate_reply(context: NodeContext, state: Mapping[str, Tensor]) -> ReplyContent:
-    """Exact match and loss of the global adapter on this node's test split."""
+    """Exact match and loss of the global adapter on this node's test split (declined when the
+    node's policy keeps evaluation results here)."""
     cfg, node = _node(context)
+    if not node_policy(cfg, context).metrics_may_leave(cfg.dp.enabled):
+        return _declined({}, "policy: evaluation results do not leave this node in DP runs", node)
     setup, _, test_data, _ = _setup(cfg, node)
     load_global(setup, cfg, state, cfg.client_rank(node.partition))
     res = evaluate(setup.model, test_data, setup.pad, cfg.model.eval_batch_size)
@@ -360,6 +381,8 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
     The personal adapter goes to ``<state-dir>/personal/<run>`` on a deployed node and to
     ``<run-dir>/personal/partition-<p>`` in simulation (where ``fl-sim --hub`` publishes it)."""
     cfg, node = _node(context)
+    policy = node_policy(cfg, context)
+    dp = cfg.dp.enabled or policy.require_dp  # a server cannot turn DP off where the node requires it
     # the run's name comes from the server and becomes a directory here: one plain path segment
     run_name, final_round = check_segment(str(config["run-name"]), "run name"), int(config["server-round"])
     setup, _, _, _ = _setup(cfg, node)
@@ -380,7 +403,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         max_grad_norm=cfg.dp.max_grad_norm,
         delta=cfg.dp.delta,
         accountant=cfg.dp.accountant,
-        max_epsilon=(cfg.dp.max_epsilon or None) if cfg.dp.enabled else None,
+        max_epsilon=(cfg.dp.max_epsilon or None) if dp else None,
         dp_engine=cfg.dp.engine,
         model_dir=cfg.model_dir or None,
         seed=cfg.seed,
@@ -388,10 +411,11 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         num_test=cfg.num_test,
         name=node.name or f"partition-{node.partition}",
         threads=cfg.threads,
-        dp=cfg.dp.enabled,
+        dp=dp,
         physical_batch_size=cfg.model.physical_batch_size,
         device=cfg.model.device,
         dtype=cfg.model.dtype,
+        policy=policy,
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=state_dir, prefix=".global-") as tmp:
@@ -407,15 +431,16 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
         "name": f"global/{run_name}/{final_round}",
         "provenance": {"strategy": cfg.strategy, "run": run_name, "round": final_round},
     }
-    provenance = personal_provenance(result, global_info)
+    share = policy.metrics_may_leave(result.dp)
+    provenance = personal_provenance(result, global_info, share_metrics=share)
     (out / PERSONALIZE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    metrics: dict[str, int | float] = {
-        "global-exact-match": result.before_exact_match,
-        "personal-exact-match": result.after_exact_match,
-        "num-test": result.num_test_examples,
-        "personalize-seconds": result.seconds,
-        "pushed": 0,
-    }
+    metrics: dict[str, int | float] = {"personalize-seconds": result.seconds, "pushed": 0}
+    if share:  # not noised: only where the node's policy lets them leave
+        metrics |= {
+            "global-exact-match": result.before_exact_match,
+            "personal-exact-match": result.after_exact_match,
+            "num-test": result.num_test_examples,
+        }
     if result.dp:
         metrics |= {
             "epsilon": float(result.lifetime_epsilon or 0.0),

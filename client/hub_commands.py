@@ -15,6 +15,7 @@ from fedlora.hub.sdk.manifest import GENERATOR_METHODS, describe_base_model, wei
 from fedlora.hub.sdk.publish import adapter_files, fedlora_version
 from fedlora.hub.sdk.request import MAX_EXAMPLES
 from fedlora.privacy.engines import ENGINES
+from fedlora.privacy.policy import PrivacyPolicy
 
 
 def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True, hub_required: bool = True) -> None:
@@ -218,10 +219,14 @@ def push(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> dict[str, Any]:
+def personal_provenance(
+    result: Any, global_manifest: dict[str, Any] | None, share_metrics: bool = True
+) -> dict[str, Any]:
     """What a personal adapter claims: this client's lifetime epsilon (the ledger composes the
     federated rounds it took part in with this personalisation), the evaluation of both adapters
-    on its held-out split, and the global adapter it started from."""
+    on its held-out split, and the global adapter it started from. Without ``share_metrics``
+    (the node's policy in a DP run) the evaluation and the training-set size stay on the node:
+    they are not noised."""
 
     g = (global_manifest or {}).get("provenance", {})
     prov: dict[str, Any] = {
@@ -266,6 +271,9 @@ def personal_provenance(result: Any, global_manifest: dict[str, Any] | None) -> 
         }
     else:
         prov["privacy_unit"] = "none for this client's data: personalised without differential privacy"
+    if not share_metrics:
+        del prov["evaluation"]
+        del prov["extra"]["personalization"]["num_train"]
     return prov
 
 
@@ -276,6 +284,7 @@ def personalize(args: argparse.Namespace, console: Console) -> int:
 
     if (args.global_run or args.push) and not args.hub:
         raise ValueError("--global and --push need --hub URL and a token")
+    policy = PrivacyPolicy.load(args.state_dir)  # the node's own, as in its federated rounds
     cfg = PersonalizeConfig(
         data=args.data,
         state_dir=args.state_dir,
@@ -293,6 +302,7 @@ def personalize(args: argparse.Namespace, console: Console) -> int:
         dp=args.dp,
         device=args.device,
         dtype=args.dtype,
+        policy=policy,
     )
     hub: Any = connect(args) if args.hub else None
     try:
@@ -305,7 +315,7 @@ def personalize(args: argparse.Namespace, console: Console) -> int:
         sidecar = global_dir / PULLED_MANIFEST
         global_manifest = json.loads(sidecar.read_text()) if sidecar.is_file() else None
         result = run_personalize(global_dir, cfg, args.out)
-        provenance = personal_provenance(result, global_manifest)
+        provenance = personal_provenance(result, global_manifest, policy.metrics_may_leave(result.dp))
         (args.out / PERSONALIZE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         spent = ""
         if result.dp:

@@ -1,7 +1,6 @@
 """What one message asks of a client and what it answers, in plain Python and numpy: the
-ClientApp (:mod:`fedlora.client.app`), the node's warm trainer (:mod:`fedlora.client.trainer`) and
-the reply's computation (:mod:`fedlora.client.compute`) all speak it, and it crosses the trainer's
-socket as is."""
+ClientApp (:mod:`fedlora.client.app`) turns Flower's messages into these, and the reply's
+computation (:mod:`fedlora.client.compute`) never sees a Flower object."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ MetricValue = int | float | list[int] | list[float]
 
 @dataclass
 class ReplyContent:
-    """What a reply carries, independent of Flower's message objects (so it can cross a socket)."""
+    """What a reply carries, independent of Flower's message objects."""
 
     metrics: dict[str, MetricValue]
     tensors: dict[str, np.ndarray] | None = None
@@ -25,7 +24,7 @@ class ReplyContent:
 
 @dataclass(frozen=True)
 class Request:
-    """One message's work, as the trainer receives it (plain Python and numpy)."""
+    """One message's work, in plain Python and numpy."""
 
     kind: str  # "train", "evaluate" or "personalize"
     run_config: dict[str, Any]

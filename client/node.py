@@ -11,10 +11,14 @@ module checks everything first and supervises it:
 - the SuperNode is restarted with backoff whenever it exits on its own (the server restarted,
   the network dropped), and stopped with its whole process group on Ctrl-C;
 - a key the server refuses is retried and reported with its fingerprint, to give the operator;
-- the work of every message is done by a warm trainer (:mod:`fedlora.client.trainer`) in this process.
+- the SuperNode runs in Flower's ``process`` isolation with a SuperExec secret: it starts no
+  client-app process of its own, and its local runtime API gives tasks only to this process's
+  executor (:mod:`fedlora.client.executor`), which refuses bundles that carry code and runs every
+  message with the installed client, the model loaded once;
+- the node's privacy policy (:mod:`fedlora.privacy.policy`) is the operator's: kept in the
+  state directory, changed by this command's options, never by a server.
 
-The node's data path, state directory (privacy ledger, DP secret) and name reach the client
-app through Flower's node config.
+The node's data path, state directory and name reach the client app through Flower's node config.
 """
 
 from __future__ import annotations
@@ -28,17 +32,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console
 
-from fedlora.client.trainer import Trainer, socket_path
+from fedlora.client.executor import SECRET_FILE, Executor, ensure_secret
 from fedlora.core.flower_runner import free_port, terminate_group
 from fedlora.core.kinds import check_device, check_dtype
 from fedlora.core.pki import NODE_NAME, check_validity, fingerprint, load_certificate
 from fedlora.hub.sdk.manifest import load_public_key
+from fedlora.privacy.policy import PolicyError, PrivacyPolicy
 
 #: backoff between attempts to reach the server or restart the SuperNode (seconds)
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
@@ -75,6 +80,7 @@ class NodeOptions:
     hub_key: Path | None = None
     device: str | None = None  # where this node's model runs (model.device), whatever the server's run says
     dtype: str | None = None  # the base weights' dtype on this node (model.dtype)
+    policy_changes: dict[str, Any] = field(default_factory=dict)  # --min-noise & co. (None: keep the file's)
 
     def __post_init__(self) -> None:
         host, port = split_address(self.server)
@@ -233,12 +239,10 @@ def _verification_message(err: ssl.SSLCertVerificationError, options: NodeOption
     return f"the server's certificate at {options.server} was refused: {what}"
 
 
-def supernode_command(options: NodeOptions, clientappio_port: int, trainer: Path | None = None) -> list[str]:
-    """Flower's SuperNode for these options (the node config carries data, state, name and the
-    warm trainer's socket)."""
+def supernode_command(options: NodeOptions, runtime_port: int) -> list[str]:
+    """Flower's SuperNode for these options: process isolation with this node's SuperExec secret
+    (the node config carries data, state and name)."""
     node_config = f'data-path="{options.data}" state-dir="{options.state_dir.resolve()}" client-name="{options.name}"'
-    if trainer is not None:
-        node_config += f' trainer="{trainer}"'
     if options.hub is not None:
         assert options.hub_token_file is not None and options.hub_key is not None
         node_config += f' hub-url="{options.hub}" hub-token-file="{options.hub_token_file.resolve()}"'
@@ -253,7 +257,9 @@ def supernode_command(options: NodeOptions, clientappio_port: int, trainer: Path
     else:
         assert options.ca is not None and options.key is not None
         command += ["--root-certificates", str(options.ca), "--auth-supernode-private-key", str(options.key)]
-    command += ["--node-config", node_config, "--port", str(clientappio_port), "--host", "127.0.0.1"]
+    command += ["--node-config", node_config, "--port", str(runtime_port), "--host", "127.0.0.1"]
+    secret = (options.state_dir / SECRET_FILE).resolve()
+    command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     return command
 
 
@@ -263,7 +269,6 @@ def _env() -> dict[str, str]:
         {
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",  # start the client app as soon as a message lands
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
@@ -282,10 +287,10 @@ class Supervisor:
         self,
         options: NodeOptions,
         console: Console,
-        trainer: Path | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.options = options
-        self.trainer = trainer
+        self.executor = executor
         self.console = console
         self.stop = threading.Event()
         self._sleep = self.stop.wait  # True when stopped meanwhile
@@ -335,7 +340,10 @@ class Supervisor:
         return 0
 
     def _run_supernode(self) -> int:
-        command = supernode_command(self.options, free_port(), self.trainer)
+        port = free_port()
+        command = supernode_command(self.options, port)
+        if self.executor is not None:
+            self.executor.port = port  # it acquires this SuperNode's tasks from now on
         self.proc = proc = subprocess.Popen(
             command,
             env=_env(),
@@ -381,11 +389,23 @@ def _die_with_parent() -> None:
         pass  # not Linux: Ctrl-C and SIGTERM still stop the group through terminate()
 
 
+def node_policy(options: NodeOptions) -> PrivacyPolicy:
+    """The policy in the state directory with this start's options applied, written back (0600)."""
+    try:
+        policy = PrivacyPolicy.load(options.state_dir).with_options(**options.policy_changes)
+    except PolicyError as err:
+        raise NodeError(str(err)) from None
+    policy.save(options.state_dir)
+    return policy
+
+
 def start(options: NodeOptions, console: Console) -> int:
     """Check, then run the supervised SuperNode until Ctrl-C or SIGTERM."""
     check_inputs(options)
     options.state_dir.mkdir(parents=True, exist_ok=True)
-    options.state_dir.chmod(0o700)  # the privacy ledger and the DP secret live here
+    options.state_dir.chmod(0o700)  # the privacy ledger, the DP secret and the SuperExec secret live here
+    policy = node_policy(options)
+    console.print(f"fl-client: privacy policy: {policy.describe()}", markup=False, highlight=False)
     if options.insecure:
         console.print(
             "WARNING: --insecure: plain HTTP, the server is not authenticated and this node's updates travel "
@@ -397,11 +417,14 @@ def start(options: NodeOptions, console: Console) -> int:
         assert options.key is not None
         console.print(f"fl-client: node key {node_public_key(options.key)}", markup=False, highlight=False)
 
-    # the warm trainer: torch, transformers, PEFT and the base model load once, here, instead of
-    # in every client-app process Flower starts per message
-    trainer = Trainer(socket_path(options.state_dir))
-    trainer.start()
-    supervisor = Supervisor(options, console, trainer=trainer.path)
+    # lazy: torch, transformers, PEFT and Opacus load once, here, before the first message
+    from fedlora.client.app import app
+
+    secret = ensure_secret(options.state_dir).read_bytes()
+    supervisor = Supervisor(options, console)
+    executor = Executor(options.state_dir, secret, app, supervisor.say)
+    supervisor.executor = executor
+    executor.start()
 
     def on_signal(signum: int, frame: object) -> None:
         del signum, frame
@@ -414,5 +437,5 @@ def start(options: NodeOptions, console: Console) -> int:
         return 0
     finally:
         supervisor.terminate()
-        trainer.close()
+        executor.close()
         signal.signal(signal.SIGTERM, previous)

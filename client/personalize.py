@@ -64,6 +64,7 @@ from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
 from fedlora.privacy.engines import Engine, check_engine
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta, plan_noise
+from fedlora.privacy.policy import PrivacyPolicy, RoundRequest, check_round
 from fedlora.privacy.units import PRIVACY_UNIT
 from fedlora.strategies.algorithms import base_deltas
 from fedlora.strategies.fedavg_lora import FedAvgLora
@@ -112,6 +113,7 @@ class PersonalizeConfig:
     physical_batch_size: int = 0  # 0: a batch at once; else chunks of this many (one step, one noise draw)
     device: str = "auto"  # where the model trains (auto: a GPU when this process sees one)
     dtype: str = "float32"  # the base weights' dtype; the LoRA factors train in float32
+    policy: PrivacyPolicy | None = None  # the node's privacy policy: checked before anything is trained
 
     def __post_init__(self) -> None:
         check_device(self.device, "device")
@@ -282,6 +284,25 @@ def _plan_privacy(cfg: PersonalizeConfig, n_train: int) -> _Privacy:
     return _Privacy(sigma, q, delta, cost)
 
 
+def _check_policy(
+    cfg: PersonalizeConfig, policy: PrivacyPolicy, plan: _Privacy | None, ledger: PrivacyLedger | None, n: int
+) -> None:
+    """The node's policy, as for a federated round: raises :class:`PrivacyBudgetError` with the reason."""
+    request = RoundRequest(
+        dp_enabled=plan is not None,
+        noise_multiplier=plan.sigma if plan is not None else 0.0,
+        sample_rate=plan.q if plan is not None else 0.0,
+        delta=plan.delta if plan is not None else 0.0,
+        accountant=cfg.accountant,
+        steps=cfg.steps,
+        num_examples=n,
+        run_target=cfg.target_epsilon if cfg.noise_multiplier is None else math.inf,
+    )
+    reason = check_round(policy, request, ledger.history() if ledger is not None else [], [])
+    if reason is not None:
+        raise PrivacyBudgetError(f"personalisation declined: {reason}; nothing was trained or charged")
+
+
 def new_run_id() -> str:
     """A ledger run id no federated run (Flower's integer run ids) and no other call can have."""
     return f"{RUN_PREFIX}{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(4)}"
@@ -364,6 +385,8 @@ def personalize(
         )
     ledger = PrivacyLedger(cfg.state_dir) if cfg.dp else None
     plan = _plan_privacy(cfg, len(train_ex)) if cfg.dp else None
+    if cfg.policy is not None:
+        _check_policy(cfg, cfg.policy, plan, ledger, len(train_ex))
     if ledger is not None and plan is not None and cfg.max_epsilon is not None:
         over, projected = ledger.would_exceed(
             cfg.max_epsilon, plan.delta, cfg.accountant, plan.sigma, plan.q, cfg.steps

@@ -42,11 +42,15 @@ app = ServerApp()
 
 
 class PromptGrid:
-    """Flower's Grid, collecting replies every ``poll`` seconds instead of every 3 s.
+    """Flower's Grid, collecting replies every ``poll`` seconds instead of every 3 s, with messages
+    that expire when their round does.
 
     Flower 1.41's deployment grid sleeps 3 s between pulls in ``send_and_receive`` (0-3 s lost
     per round after the last reply lands); this re-implements that one method with the Grid's
-    own public ``push_messages`` / ``pull_messages`` and delegates everything else.
+    own public ``push_messages`` / ``pull_messages`` and delegates everything else. Flower's
+    messages live 12 hours by default, so a node that came back after its round timed out would
+    still get the round's message, train it and spend privacy budget on a reply nobody reads:
+    here each message's time to live is the round's timeout.
     """
 
     def __init__(self, grid: Grid, poll: float = 0.2) -> None:
@@ -57,6 +61,10 @@ class PromptGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if timeout is not None:
+            for msg in messages:  # a round's messages expire with it: a late node never trains a closed round
+                msg.metadata.ttl = float(timeout)
         waiting = set(self._grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
@@ -325,7 +333,7 @@ def main(grid: Grid, context: Context) -> None:
         why = f"{type(err).__name__}: {err}"
         log(WARNING, "fedlora: training plots not written (%s); `fl-sim report %s` retries", why, run_dir.root)
     if cfg.personalize.steps > 0:
-        personalize_clients(grid, cfg, run_dir, final, cfg.num_rounds)
+        personalize_clients(cast(Grid, PromptGrid(grid)), cfg, run_dir, final, cfg.num_rounds)
 
 
 def personalize_clients(
@@ -359,7 +367,8 @@ def personalize_clients(
             if "status" in content.config_records:
                 row["status"] = str(content.config_records["status"]["reason"])
         clients.append(row)
-    done = [c for c in clients if "personal-exact-match" in c]
+    done = [c for c in clients if "personalize-seconds" in c and not c.get("declined")]
+    scored = [c for c in done if "personal-exact-match" in c]  # a node's policy may keep its scores (DP runs)
     summary: dict[str, Any] = {
         "round": final_round,
         "steps": cfg.personalize.steps,
@@ -368,14 +377,14 @@ def personalize_clients(
         "personalised": len(done),
         "clients": clients,
     }
-    if done:
-        summary["global-exact-match-mean"] = sum(c["global-exact-match"] for c in done) / len(done)
-        summary["personal-exact-match-mean"] = sum(c["personal-exact-match"] for c in done) / len(done)
+    log(INFO, "fedlora: personalised on %d of %d clients", len(done), len(nodes))
+    if scored:
+        summary["global-exact-match-mean"] = sum(c["global-exact-match"] for c in scored) / len(scored)
+        summary["personal-exact-match-mean"] = sum(c["personal-exact-match"] for c in scored) / len(scored)
         log(
             INFO,
-            "fedlora: personalised on %d of %d clients; exact match on their own test splits %.3f -> %.3f",
-            len(done),
-            len(nodes),
+            "fedlora: exact match on the own test splits of the %d clients that report it: %.3f -> %.3f",
+            len(scored),
             summary["global-exact-match-mean"],
             summary["personal-exact-match-mean"],
         )

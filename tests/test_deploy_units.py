@@ -20,7 +20,8 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app.constants import DEFAULT_TTL
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -30,7 +31,7 @@ from starlette.testclient import TestClient
 from fedlora.client.cli import main as client_main
 from fedlora.client.node import NodeError, NodeOptions, ServerAway, probe_server, split_address
 from fedlora.core.client_data import check_node_data, node_examples
-from fedlora.core.config import DEFAULT_RUN_CONFIG, DpSection, FederationConfig
+from fedlora.core.config import DpSection, FederationConfig
 from fedlora.core.pki import (
     create_ca,
     fingerprint,
@@ -367,15 +368,17 @@ def test_ec_key_helper_is_p384() -> None:
 
 
 class _SlowGrid:
-    """Replies arrive over three pulls; counts pulls."""
+    """Replies arrive over three pulls; counts pulls and keeps what was pushed."""
 
     def __init__(self, batches: list[list[str]]) -> None:
         self.batches = batches
         self.pulls = 0
         self.run_id = 7
+        self.pushed: list[_Msg] = []
 
-    def push_messages(self, messages: list[str]) -> list[str]:
-        return list(messages)
+    def push_messages(self, messages: list[_Msg]) -> list[str]:
+        self.pushed = list(messages)
+        return [m.metadata.group_id for m in messages]
 
     def pull_messages(self, ids: set[str]) -> list[object]:
         self.pulls += 1
@@ -383,45 +386,42 @@ class _SlowGrid:
         return [type("M", (), {"metadata": type("D", (), {"reply_to_message_id": i})()})() for i in got if i in ids]
 
 
+class _Meta:
+    def __init__(self, group_id: str) -> None:
+        self.group_id, self.ttl = group_id, DEFAULT_TTL
+
+
+class _Msg:
+    """What PromptGrid touches of a message: its metadata (Flower's own need a running run)."""
+
+    def __init__(self, group_id: str) -> None:
+        self.metadata = _Meta(group_id)
+
+
+def _messages(*ids: str) -> list[Message]:
+    return [_Msg(i) for i in ids]  # type: ignore[misc]
+
+
 def test_prompt_grid_collects_every_reply_quickly_and_delegates() -> None:
     from fedlora.server.app import PromptGrid
 
     grid = _SlowGrid([["a"], [], ["b", "c"]])
     prompt = PromptGrid(grid, poll=0.01)  # type: ignore[arg-type]
-    replies = list(prompt.send_and_receive(["a", "b", "c"], timeout=10))  # type: ignore[arg-type]
+    replies = list(prompt.send_and_receive(_messages("a", "b", "c"), timeout=10))
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
     assert grid.pulls == 3
     assert prompt.run_id == 7  # everything else is the wrapped grid's
     late = _SlowGrid([])
-    assert list(PromptGrid(late, poll=0.01).send_and_receive(["x"], timeout=0.05)) == []  # type: ignore[arg-type]
+    assert list(PromptGrid(late, poll=0.01).send_and_receive(_messages("x"), timeout=0.05)) == []  # type: ignore[arg-type]
     assert late.pulls >= 2
 
 
-def test_warm_trainer_answers_like_the_in_process_client(tmp_path: Path) -> None:
-    """A deployed node's message process hands its work to the trainer over the Unix socket."""
-    import os as _os
+def test_round_messages_expire_with_the_round() -> None:
+    """Flower's default lifetime is 12 h: a node back after the round's timeout would still train it."""
+    from fedlora.server.app import PromptGrid
 
-    from fedlora.client.compute import compute
-    from fedlora.client.messages import Request
-    from fedlora.client.trainer import Trainer, ask, socket_path
-
-    run = {**DEFAULT_RUN_CONFIG, "num-train": 40, "num-test": 8, "tasks": "adddigit-4", "strategy": "ffa-lora"}
-    node = {"data-path": "embedded:adddigit-4", "state-dir": str(tmp_path / "state"), "client-name": "alice"}
-    cfg = FederationConfig.from_run_config(run)
-    from fedlora.core.model import get_adapter_state, load_base_model, wrap_lora
-
-    lora = cfg.lora_settings(cfg.lora.rank, 16.0)
-    state = {k: v.numpy() for k, v in get_adapter_state(wrap_lora(load_base_model(), lora), "B").items()}
-    request = Request("evaluate", run, node, 1, state, {})
-    trainer = Trainer(socket_path(tmp_path / "state"))
-    trainer.start()
-    try:
-        assert _os.stat(trainer.path).st_mode & 0o777 == 0o600  # the node's own user only
-        remote = ask(str(trainer.path), request)
-        with pytest.raises(RuntimeError, match="unknown message kind"):
-            ask(str(trainer.path), Request("dance", run, node, 1, state, {}))
-    finally:
-        trainer.close()
-    local = compute(request)
-    assert remote.metrics == local.metrics and remote.name == "alice"
-    assert not trainer.path.exists()
+    messages = _messages("a", "b")
+    assert messages[0].metadata.ttl == 43200  # Flower's default (12 h), what the fix is about
+    grid = _SlowGrid([["a", "b"]])
+    list(PromptGrid(grid, poll=0.01).send_and_receive(messages, timeout=37.5))  # type: ignore[arg-type]
+    assert [m.metadata.ttl for m in grid.pushed] == [37.5, 37.5]
