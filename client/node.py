@@ -355,7 +355,7 @@ class Supervisor:
             start_new_session=True,  # its client-app processes go down with it, as a group
             preexec_fn=_die_with_parent,
         )
-        self.say(f"SuperNode started (pid {proc.pid}) for {self.options.server}")
+        self.say(f"SuperNode started (pid {proc.pid}) for {self.options.server}, local runtime API 127.0.0.1:{port}")
         assert proc.stdout is not None
         pump = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
         pump.start()

@@ -16,12 +16,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from processes import Proc, wait_for
 from safetensors.torch import load_file
 
 from fedlora.core.flower_runner import free_port
@@ -39,53 +40,6 @@ RUN = (
     "num-rounds=2 local-steps=3 num-train=64 num-test=8 dp.plan-examples=64 round-timeout=60.0 "
     'min-replies=2 fraction-evaluate=0.0 tasks="adddigit-4,repeat-3"'
 )
-
-
-class Proc:
-    """A command in its own session with its output in a file; stopped by process group."""
-
-    def __init__(self, argv: list[str], log: Path, cwd: Path) -> None:
-        self.log = log
-        env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-        with log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"{self.popen.args} did not finish within {timeout:.0f} s:\n{self.text()[-3000:]}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self) -> None:
-        """SIGTERM the group, SIGKILL what is left after 15 s; the group must then be empty."""
-        self.kill(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Federation:
