@@ -109,7 +109,12 @@ def add_personalize_parser(sub: Any) -> None:
         default="opacus",
         help="per-example clipping engine (the same result up to float rounding)",
     )
-    p.add_argument("--no-dp", dest="dp", action="store_false", help="plain fine-tuning: nothing is charged or claimed")
+    p.add_argument(
+        "--no-dp",
+        dest="dp",
+        action="store_false",
+        help="plain fine-tuning, nothing charged or claimed (only where STATE_DIR/policy.toml has require-dp = false)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the federation's run seed (it seeds the node's split)")
     p.add_argument("--model", type=Path, metavar="DIR", help="the local base model (default: the embedded one)")
     p.add_argument("--device", default="auto", help="auto (a GPU when present, default), cpu, cuda or cuda:N")
