@@ -176,10 +176,15 @@ def summary(run_dir: Path) -> list[str]:
     p = run.personalize()
     if p is not None:
         if p.get("personalised"):
-            lines.append(
-                f"personalised on {p['personalised']}/{p['asked']} clients ({p['steps']} steps each): exact match on "
-                f"their own test splits {p['global-exact-match-mean']:.3f} -> {p['personal-exact-match-mean']:.3f}"
-            )
+            line = f"personalised on {p['personalised']}/{p['asked']} clients ({p['steps']} steps each)"
+            if "personal-exact-match-mean" in p:  # the clients whose policy lets their scores leave
+                line += (
+                    f": exact match on their own test splits {p['global-exact-match-mean']:.3f} -> "
+                    f"{p['personal-exact-match-mean']:.3f}"
+                )
+            else:
+                line += ": their scores stay on the clients (their privacy policy, DP run)"
+            lines.append(line)
     personal_eval = run.personal_eval()
     if personal_eval is not None:
         lines.append(summary_line(personal_eval))
