@@ -206,8 +206,8 @@ def test_client_killed_in_round_one_does_not_stop_the_run(federation: Federation
     server = fed.server("--run-dir", str(run_dir), "--run-config", "round-timeout=90.0 num-rounds=5")
     clients = {name: fed.client(name) for name in CLIENTS}
     victim = clients["carol"]
-    wait_for("carol to start training in round 1", lambda: "Start `flwr-clientapp` process" in victim.text(), 240)
-    victim.kill()  # SIGKILL to the whole group: SuperNode and its client-app process, mid-round
+    wait_for("carol to receive round 1", lambda: "Receiving: train message" in victim.text(), 240)
+    victim.kill()  # SIGKILL to the whole group: fl-client (training the message) and its SuperNode, mid-round
     wait_for("round 1 to be written", lambda: len(_rows(run_dir)) >= 2, 200)
     clients["carol"] = fed.client("carol", log="client-carol-again.log")  # it may rejoin later
     assert server.wait(timeout=400) == 0, server.text()[-3000:]
@@ -226,7 +226,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_adapter(federation: F
     """Without DP (whose noise is secret per client, by design), a resumed run equals a straight one."""
     fed = federation
     for name in CLIENTS:
-        fed.client(name)
+        fed.client(name, "--allow-no-dp")  # their operators accept a run without DP
     plain = "dp.enabled=false num-rounds=2"
     straight = fed.root / "straight"
     assert fed.server("--run-dir", str(straight), "--run-config", plain, log="straight.log").wait(400) == 0

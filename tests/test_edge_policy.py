@@ -220,3 +220,54 @@ def test_under_dp_no_unnoised_metric_leaves_unless_the_policy_lets_it(tmp_path: 
     shared = compute(_node_request(tmp_path, "evaluate"))
     assert "exact-match" in shared.metrics and "declined" not in shared.metrics
     assert np.isfinite(shared.metrics["eval-loss"])
+
+
+# ---------------------------------------------------------------------------------------- the executor
+
+
+class _App:
+    """Stands in for the ClientApp: records whether it was called."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, message: object, context: object) -> object:
+        self.calls += 1
+        raise RuntimeError("the app ran")
+
+
+def _message(created_ago: float, ttl: float) -> object:
+    import time
+
+    from flwr.app import Metadata, RecordDict
+    from flwr.app.message import make_message
+
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time() - created_ago,
+        ttl=ttl,
+        message_type="train",
+    )
+    return make_message(meta, RecordDict())
+
+
+def test_the_executor_trains_no_expired_round_and_no_refused_bundle(tmp_path: Path) -> None:
+    """A node back after its round closed spends nothing on it; a refused bundle never reaches the app."""
+    from fedlora.client.executor import Executor
+
+    app = _App()
+    executor = Executor(tmp_path, b"secret", app, lambda line: None)  # type: ignore[arg-type]
+    honest = _fab({"pyproject.toml": _honest_pyproject(tmp_path)})
+    outcome, reply = executor._answer(_message(120, 60), None, honest)  # type: ignore[arg-type]
+    assert not outcome.ran and "expired 60 s ago" in outcome.detail and app.calls == 0
+    assert reply.has_error() and "its round is over" in reply.error.reason
+    evil = _fab({"pyproject.toml": _honest_pyproject(tmp_path), "fedlora/client/app.py": "import os"})
+    outcome, reply = executor._answer(_message(0, 60), None, evil)  # type: ignore[arg-type]
+    assert not outcome.ran and "refused" in outcome.detail and app.calls == 0
+    outcome, reply = executor._answer(_message(0, 60), None, honest)  # type: ignore[arg-type]
+    assert app.calls == 1 and "the app ran" in reply.error.reason  # an app's failure goes back as an error

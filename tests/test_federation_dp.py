@@ -73,7 +73,7 @@ def test_lifetime_ledgers_compose_across_runs_and_enforce_the_cap(tmp_path: Path
     assert rows2[0]["train"]["accepted"] == 3
     assert rows2[0]["train"]["epsilon-max"] == pytest.approx(three, rel=1e-9)
     assert rows2[1]["train"]["declined"] == 3 and rows2[1]["train"]["accepted"] == 0
-    assert all("past dp.max-epsilon" in reason for reason in rows2[1]["dropped"].values())
+    assert all(f"past this node's cap {overrides['dp.max-epsilon']:g}" in r for r in rows2[1]["dropped"].values())
     for ledger in ledgers:
         assert len(ledger.history()) == 3  # never charged for the declined round
         assert ledger.epsilon(delta, "rdp") == pytest.approx(three, rel=1e-9)
