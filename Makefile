@@ -33,11 +33,9 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-# everything, as CI runs it (`.ci/run`): three test files at a time (pytest-xdist; a file's tests
-# stay together, in order, in one worker), since most slow tests wait on real processes
-TEST_JOBS ?= 3
+# everything, as CI runs it (`.ci/run`); the 25 slowest tests are listed at the end
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile --durations=25
+	$(VENV)/bin/pytest -q --durations=25
 
 # the fast lane: lint and every test not marked slow (a few minutes on two cores)
 test-fast: lint
@@ -45,7 +43,7 @@ test-fast: lint
 
 # the slow lane: real Flower processes and servers, long training, the benchmarks' quick runs
 test-slow: install
-	$(VENV)/bin/pytest -q -m slow -n $(TEST_JOBS) --dist loadfile
+	$(VENV)/bin/pytest -q -m slow
 
 pretrain: install
 	$(PY) -m fedlora.simulations.pretrain --out fedlora/core/embedded/base-model
