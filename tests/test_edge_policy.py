@@ -271,3 +271,20 @@ def test_the_executor_trains_no_expired_round_and_no_refused_bundle(tmp_path: Pa
     assert not outcome.ran and "refused" in outcome.detail and app.calls == 0
     outcome, reply = executor._answer(_message(0, 60), None, honest)  # type: ignore[arg-type]
     assert app.calls == 1 and "the app ran" in reply.error.reason  # an app's failure goes back as an error
+
+
+def test_fl_client_start_options_change_the_policy_file_and_bad_ones_are_named(tmp_path: Path) -> None:
+    from fedlora.client.node import NodeError, NodeOptions, node_policy
+
+    def options(**changes: object) -> NodeOptions:
+        return NodeOptions(
+            server="127.0.0.1:9092", ca=None, key=None, data="embedded:adddigit-4", state_dir=tmp_path,
+            name="alice", insecure=True, policy_changes=dict(changes),
+        )  # fmt: skip
+
+    assert node_policy(options(min_noise_multiplier=0.8, require_dp=None)).min_noise_multiplier == 0.8
+    kept = node_policy(options(allowed_bundles=("ab" * 32,)))  # the next start keeps what the file says
+    assert kept.min_noise_multiplier == 0.8 and kept.allowed_bundles == ("ab" * 32,)
+    with pytest.raises(NodeError, match="max-sample-rate must be in"):
+        node_policy(options(max_sample_rate=2.0))
+    assert PrivacyPolicy.load(tmp_path) == kept  # a refused change leaves the file as it was
