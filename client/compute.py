@@ -1,11 +1,11 @@
 """What a client message computes: local LoRA training (DP-SGD under the node's ledger),
-evaluation and personalisation on this node's data. The ClientApp (:mod:`fedlora.client.app`)
-calls :func:`compute` in its own process, or the node's warm trainer does.
+evaluation and personalisation on this node's data, within the node's privacy policy
+(:mod:`fedlora.privacy.policy`). The ClientApp (:mod:`fedlora.client.app`) calls :func:`compute`
+in a Ray worker (simulation) or in ``fl-client start``'s own process (deployment).
 
-Simulation keeps worker processes alive, so the base model, the PEFT wrapper and the encoded
-data are cached per process; in deployment every message starts a fresh process and the
-cache simply misses. The global adapter arrives in each message and is the only thing that
-changes between messages.
+Both processes live for many messages, so the base model, the PEFT wrapper and the encoded
+data are cached per process. The global adapter arrives in each message and is the only thing
+that changes between messages.
 """
 
 from __future__ import annotations
@@ -175,8 +175,7 @@ def round_digest(state: Mapping[str, Tensor], round_config: Mapping[str, Any], n
 
 
 def compute(request: Request) -> ReplyContent:
-    """The reply to one message, in plain Python and numpy (called in the message's own process,
-    or in the node's warm trainer)."""
+    """The reply to one message, in plain Python and numpy."""
     context = NodeContext(request.run_config, request.node_config, request.run_id)
     state = {k: torch.tensor(v) for k, v in request.state.items()}
     if request.kind == "train":

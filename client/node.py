@@ -352,7 +352,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            start_new_session=True,  # its client-app processes go down with it, as a group
+            start_new_session=True,  # whatever it starts goes down with it, as a group
             preexec_fn=_die_with_parent,
         )
         self.say(f"SuperNode started (pid {proc.pid}) for {self.options.server}, local runtime API 127.0.0.1:{port}")

@@ -52,8 +52,8 @@ ConfigValue = bool | int | float | str
 PUBLISHER = "fedlora"
 CONNECTION = "local-sim"  # name of the SuperLink connection in the run's own FLWR_HOME
 RUN_TAG_VAR = "FEDLORA_SIM_TAG"  # env marker that every process of one run inherits
-#: fedlora's own ServerApp and ClientApp, the components of every run (simulated or deployed): the
-#: ClientApp is thin (Flower and numpy) and hands the work to a node's warm trainer when there is one
+#: fedlora's own ServerApp and ClientApp, the components of every run (simulated or deployed); a
+#: deployed node runs its installed ClientApp whatever a bundle names (fedlora.client.executor)
 FEDLORA_COMPONENTS = ("fedlora.server.app:app", "fedlora.client.app:app")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?$")
