@@ -192,7 +192,7 @@ def node_policy(cfg: FederationConfig, context: NodeContext) -> PrivacyPolicy:
     ``policy.toml``, set by its operator), or in simulation one derived from the run config."""
     config = context.node_config
     if config.get("data-path") and config.get("state-dir"):  # a deployed node: set by fl-client start
-        return PrivacyPolicy.load(Path(str(config["state-dir"])))
+        return PrivacyPolicy.load(Path(str(config["state-dir"]))).capped_at(cfg.dp.max_epsilon)
     personal = cfg.personalize.epsilon if cfg.personalize.steps > 0 else 0.0
     return PrivacyPolicy.for_run(cfg.dp.enabled, cfg.dp.target_epsilon, cfg.dp.max_epsilon, cfg.dp.accountant, personal)
 

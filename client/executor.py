@@ -18,6 +18,7 @@ Only one task runs at a time, as the node trains one message at a time.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -51,8 +52,6 @@ HEARTBEAT_SECONDS = 10.0
 
 def ensure_secret(state_dir: Path) -> Path:
     """The shared secret of this node's SuperNode and executor (created once, owner only)."""
-    import secrets
-
     path = Path(state_dir) / SECRET_FILE
     if not path.exists() or path.stat().st_size < SECRET_BYTES:
         write_atomic(path, secrets.token_hex(SECRET_BYTES).encode(), mode=0o600)
@@ -60,12 +59,10 @@ def ensure_secret(state_dir: Path) -> Path:
     return path
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskOutcome:
-    """What happened to one task (for the log and tests)."""
+    """Whether the app ran on a task's message, and what to log about it."""
 
-    task_id: int
-    run_id: int
     ran: bool
     detail: str
 
@@ -88,7 +85,6 @@ class Executor:
         self.poll = poll
         self.port: int | None = None  # the SuperNode's runtime API port (set when it starts)
         self.stop = threading.Event()
-        self.outcomes: list[TaskOutcome] = []
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -152,11 +148,9 @@ class Executor:
         context: Context | None = None
         status, detail = SubStatus.FAILED, "the task did not finish"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, _, fab = pull_task_input(client)
             outcome, reply = self._answer(message, context, fab.content)
-            outcome.task_id, outcome.run_id = task_id, run_id
-            self.outcomes.append(outcome)
-            self.say(f"run {run.run_id}: {message.metadata.message_type}: {outcome.detail}")
+            self.say(f"run {run_id}, task {task_id}: {message.metadata.message_type}: {outcome.detail}")
             push_message(client, reply, context)
             status, detail = (SubStatus.COMPLETED, "") if outcome.ran else (SubStatus.FAILED, outcome.detail)
         finally:
@@ -178,12 +172,12 @@ class Executor:
             reply = self.app(message=message, context=context)
         except Exception as err:  # the app's own failure goes back to the server, as Flower's runtime does
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}")
-            return TaskOutcome(0, 0, False, f"failed: {type(err).__name__}: {err}"), Message(error, reply_to=message)
-        return TaskOutcome(0, 0, True, f"done ({verdict.reason}, sha256:{verdict.sha256[:12]})"), reply
+            return TaskOutcome(False, f"failed: {type(err).__name__}: {err}"), Message(error, reply_to=message)
+        return TaskOutcome(True, f"done ({verdict.reason}, sha256:{verdict.sha256[:12]})"), reply
 
     def _refuse(self, message: Message, reason: str) -> tuple[TaskOutcome, Message]:
         error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"fedlora node: {reason}")
-        return TaskOutcome(0, 0, False, f"REFUSED: {reason}"), Message(error, reply_to=message)
+        return TaskOutcome(False, f"REFUSED: {reason}"), Message(error, reply_to=message)
 
     def _heartbeat(self, client: RuntimeHttpClient, done: threading.Event) -> None:
         """Keep the task alive while it trains (Flower's sender would SIGINT this whole process on a

@@ -148,6 +148,12 @@ class PrivacyPolicy:
             given["allowed_bundles"] = (*self.allowed_bundles, *given["allowed_bundles"])
         return replace(self, **given)
 
+    def capped_at(self, max_epsilon: float) -> PrivacyPolicy:
+        """This policy with a run's own lifetime cap (``dp.max-epsilon``, 0: none), which may only lower it."""
+        if 0 < max_epsilon < self.max_epsilon:
+            return replace(self, max_epsilon=float(max_epsilon))
+        return self
+
     def describe(self) -> str:
         """One line for the operator's log."""
         dp = "DP required" if self.require_dp else "DP optional"

@@ -288,3 +288,12 @@ def test_fl_client_start_options_change_the_policy_file_and_bad_ones_are_named(t
     with pytest.raises(NodeError, match="max-sample-rate must be in"):
         node_policy(options(max_sample_rate=2.0))
     assert PrivacyPolicy.load(tmp_path) == kept  # a refused change leaves the file as it was
+
+
+def test_a_runs_own_lifetime_cap_can_lower_the_nodes_never_raise_it(tmp_path: Path) -> None:
+    assert PrivacyPolicy(max_epsilon=10).capped_at(4.0).max_epsilon == 4.0
+    assert PrivacyPolicy(max_epsilon=10).capped_at(50.0).max_epsilon == 10.0
+    assert PrivacyPolicy(max_epsilon=10).capped_at(0.0).max_epsilon == 10.0  # 0: the run sets none
+    PrivacyPolicy(max_epsilon=50).save(tmp_path / "state")
+    reply = compute(_node_request(tmp_path, **{"dp.max-epsilon": 0.5}))  # the server's cap, tighter
+    assert reply.metrics["declined"] == 1 and "past this node's cap 0.5" in str(reply.status)
