@@ -21,3 +21,10 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerBase:
     return load_tokenizer()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first, in file order, then the rest: with pytest-xdist the long real-process
+    tests start while the other worker is still free and the many short tests fill the tail.
+    The order is the same on every worker (xdist checks it)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

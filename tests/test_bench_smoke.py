@@ -5,7 +5,8 @@ The quick modes use tiny sizes and one repetition: the figures mean nothing, the
 the real ones. Slow lane (``-m slow``). Three of the scripts start real Flower processes
 (SuperLink, Ray, SuperNodes) and spend much of their time waiting on them, so the selected
 scripts run ``FEDLORA_BENCH_SMOKE_JOBS`` at a time (default 3; 1: one after the other), the
-longest first, from the first of these tests on; each test waits for its own script.
+longest first, from the first of these tests on; each test waits for its own script. Under
+pytest-xdist (``make test``) each test runs its own script instead, the workers sharing the cores.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class QuickRuns:
         return "", ""
 
     def result(self, script: str) -> Run:
-        return self._futures[script].result()
+        future = self._futures.get(script)
+        return future.result() if future is not None else self._run(script)
 
     def close(self) -> None:
         for future in self._futures.values():
@@ -134,11 +136,19 @@ class QuickRuns:
 
 @pytest.fixture(scope="module")
 def quick_runs(request: pytest.FixtureRequest) -> Iterator[QuickRuns]:
-    selected = [
-        str(item.callspec.params["script"])
-        for item in request.session.items
-        if isinstance(item, pytest.Function) and item.path == Path(__file__) and item.originalname == "test_bench_quick"
-    ]
+    # Under pytest-xdist each worker collects every test but runs only some: there each test
+    # runs its own script when it comes (the other worker keeps the second core busy).
+    selected = (
+        [
+            str(item.callspec.params["script"])
+            for item in request.session.items
+            if isinstance(item, pytest.Function)
+            and item.path == Path(__file__)
+            and item.originalname == "test_bench_quick"
+        ]
+        if "PYTEST_XDIST_WORKER" not in os.environ
+        else []
+    )
     runs = QuickRuns(selected, int(os.environ.get("FEDLORA_BENCH_SMOKE_JOBS", "3")))
     yield runs
     runs.close()

@@ -38,7 +38,8 @@ from fedlora.privacy.policy import POLICY_FILE
 from fedlora.server.deploy import DEPLOYED_KEY, superlink_command
 from fedlora.server.server_dir import ServerDir
 
-pytestmark = [pytest.mark.flower, pytest.mark.slow]
+# one federation (module fixture) for every test: they share one pytest-xdist worker
+pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.xdist_group("edge-security")]
 
 BIN = Path(sys.executable).parent
 RUN = {

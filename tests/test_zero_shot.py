@@ -30,7 +30,9 @@ from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, load_public_key
 from fedlora.hub.sdk.request import GenerationRequest
 
-pytestmark = pytest.mark.slow  # a real hub server (module fixture) with trained experts and generators
+# a real hub server (module fixture) with trained experts and generators, built once: the tests
+# share one pytest-xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zero-shot")]
 
 
 class Hub:

@@ -68,7 +68,7 @@ _RESERVED_ENV = frozenset({"FLWR_HOME", "RAY_TMPDIR", "RAY_ADDRESS", "RAY_ENABLE
 _SUPERLINK_START_TIMEOUT = 60.0
 _CLI_TIMEOUT = 60.0  # one `flwr run|ls|stop` call; each takes ~1 s
 _STATUS_POLL = 0.5
-_TEARDOWN_GRACE = 5.0  # for processes to leave on their own before SIGKILL
+_TEARDOWN_GRACE = 15.0  # for processes to leave on their own before SIGKILL (Ray is slow under load)
 _LOG_TAIL_LINES = 40
 
 
