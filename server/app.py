@@ -86,7 +86,21 @@ def algorithm_kwargs(cfg: FederationConfig, scaling: float, fan_in_fan_out: bool
         "settings": cfg.method,
         "lora_rank": cfg.lora.rank,
         "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": cfg.lora.rslora,
     }
+
+
+#: the weight cap in deployment when ``robust.max-examples`` is 0 (the server cannot see the data)
+DEPLOYED_MAX_EXAMPLES = 100_000
+
+
+def weight_cap(cfg: FederationConfig) -> int:
+    """The most examples (weight) one reply may claim: ``robust.max-examples``, else in simulation
+    the largest client's training set (the server builds the same partition), else
+    :data:`DEPLOYED_MAX_EXAMPLES`."""
+    if cfg.robust.max_examples:
+        return cfg.robust.max_examples
+    return DEPLOYED_MAX_EXAMPLES if cfg.deployed else max(client_train_sizes(cfg))
 
 
 class RoundWriter:
@@ -296,6 +310,9 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=cfg.num_clients,
         min_replies=cfg.min_replies,
         max_reply_bytes=int(cfg.max_reply_mb * 2**20),
+        max_examples=weight_cap(cfg),
+        norm_factor=cfg.robust.norm_factor,
+        max_update_norm=cfg.robust.max_update_norm,
         on_accepted_reply=run_dir.audit_reply if cfg.audit.save_updates else None,
         lr=lr,
         lr_decay=cfg.lr_decay,

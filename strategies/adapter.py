@@ -154,6 +154,26 @@ def delta_weight(factors: LoraFactors) -> Tensor:
     return factors.scaling * (factors.B @ factors.A)
 
 
+def product_inner(f: LoraFactors, g: LoraFactors) -> float:
+    """<s_f B_f A_f, s_g B_g A_g> (Frobenius) = s_f s_g tr((B_f^T B_g)(A_g A_f^T)): r x r
+    products only, never the d_out x d_in matrices, in float64."""
+    bf, af, bg, ag = (t.detach().to(torch.float64) for t in (f.B, f.A, g.B, g.A))
+    return f.scaling * g.scaling * float(torch.trace((bf.T @ bg) @ (ag @ af.T)))
+
+
+def product_distance(ours: Mapping[str, LoraFactors], theirs: Mapping[str, LoraFactors]) -> float:
+    """||s B A - s' B' A'||_F over every module of either side (a module missing on one side
+    counts as zero there): how far one adapter moves the model from another, whatever the
+    ranks and scalings of the two."""
+    total = 0.0
+    for name in ours.keys() | theirs.keys():
+        f, g = ours.get(name), theirs.get(name)
+        total += product_inner(f, f) if f is not None else 0.0
+        total += product_inner(g, g) if g is not None else 0.0
+        total -= 2.0 * product_inner(f, g) if f is not None and g is not None else 0.0
+    return math.sqrt(max(total, 0.0))  # rounding can leave a tiny negative for equal adapters
+
+
 def client_proportions(weights: Sequence[float]) -> list[float]:
     """p_k = n_k / sum(n), after checking that the weights can be normalised."""
     checked = [check_weight(w) for w in weights]

@@ -132,7 +132,8 @@ class LoraAlgorithm:
 
     ``scaling`` is the LoRA scaling s shared by all clients; ``seed`` the run seed (FFA-LoRA's
     shared A); ``settings`` the method's run-config section (default: its defaults);
-    ``lora_rank`` the run's ``lora-rank``; ``fan_in_fan_out`` True for GPT-2 style ``Conv1D``
+    ``lora_rank`` the run's ``lora-rank`` (and ``use_rslora`` its ``lora-rslora``: together they
+    give the scaling of any other rank); ``fan_in_fan_out`` True for GPT-2 style ``Conv1D``
     layers (FedEx-LoRA's residual layout). ``exact_error`` asks methods with an aggregation-error
     diagnostic for the exact value instead of a constant-memory estimate.
 
@@ -159,6 +160,7 @@ class LoraAlgorithm:
         settings: MethodSettings | None = None,
         lora_rank: int = 8,
         fan_in_fan_out: bool = False,
+        use_rslora: bool = False,
     ) -> None:
         if not math.isfinite(scaling) or scaling <= 0:
             raise ValueError(f"scaling must be finite and > 0, got {scaling}")
@@ -174,6 +176,14 @@ class LoraAlgorithm:
         self.settings = settings
         self.lora_rank = lora_rank
         self.fan_in_fan_out = fan_in_fan_out
+        self.use_rslora = use_rslora
+
+    def scaling_at(self, rank: int) -> float:
+        """The LoRA scaling of a client training at ``rank``: the run's alpha over r (over sqrt(r)
+        with rsLoRA), derived from the run's own scaling at ``lora_rank``. The server computes it
+        and never takes it from a client: a client claiming a larger one would weigh more."""
+        ratio = self.lora_rank / rank
+        return self.scaling * (math.sqrt(ratio) if self.use_rslora else ratio)
 
     # -- what clients get -------------------------------------------------------------
     def initial_state(self, adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -220,6 +230,10 @@ class LoraAlgorithm:
     def new_accumulator(self, server_round: int) -> Accumulator:
         """An empty accumulator for ``server_round``'s replies."""
         return FactorSumAccumulator(self.trained_factors(server_round))
+
+    def state_modules(self, state: Mapping[str, Tensor]) -> dict[str, LoraFactors]:
+        """The global state's per-module factors, at the scaling its s B A is taken with."""
+        return split_adapter(factor_part(state), self.scaling)
 
     def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
         """Per-module factors of a reply; factors the client did not train come from ``state``."""

@@ -36,6 +36,7 @@ from fedlora.strategies.algorithms import (
     MethodSettings,
     Reply,
     factor_keys,
+    factor_part,
 )
 from fedlora.strategies.linalg import thin_svd
 from fedlora.strategies.streaming import DeltaSum, DeltaSumAccumulator
@@ -203,15 +204,18 @@ class FlexLora(LoraAlgorithm):
         return specs
 
     def reply_scaling(self, tensors: Mapping[str, Tensor], metrics: Mapping[str, Any]) -> float:
-        """The client's own scaling (metric ``lora-scaling``); its rank is one value in 1..max_rank."""
-        s = metrics.get("lora-scaling")
-        if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"lora-scaling must be a positive number, got {s!r}")
+        """The scaling of the reply's rank, computed here from the run's alpha (a client's own
+        ``lora-scaling`` metric is ignored: a false one would multiply its weight in the average);
+        the rank is one value in 1..max_rank."""
         ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(LORA_A_SUFFIX)}
         ranks |= {t.shape[1] for k, t in tensors.items() if k.endswith(LORA_B_SUFFIX)}
         if len(ranks) != 1 or not 1 <= next(iter(ranks)) <= self.max_rank:
             raise ValueError(f"ranks {sorted(ranks)} must be one value in 1..{self.max_rank}")
-        return float(s)
+        return self.scaling_at(next(iter(ranks)))
+
+    def state_modules(self, state: Mapping[str, Tensor]) -> dict[str, LoraFactors]:
+        """The state is kept at scaling 1 (B = U S, A = Vh)."""
+        return split_adapter(factor_part(state), 1.0)
 
     def reply_modules(self, state: Mapping[str, Tensor], reply: Reply) -> dict[str, LoraFactors]:
         """The reply alone: a client's factors are of its own rank, never mixed with the state's."""

@@ -10,6 +10,7 @@ validated and aggregated (streaming). Everything method-specific is asked of the
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -21,9 +22,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
+from fedlora.strategies.adapter import LoraFactors, product_distance
 from fedlora.strategies.algorithms import LoraAlgorithm, Reply, factor_part, head_part, update_norm
 from fedlora.strategies.streaming import HeadAccumulator
-from fedlora.strategies.validation import TensorSpec, check_reply, payload_bytes
+from fedlora.strategies.validation import (
+    TensorSpec,
+    check_array_bytes,
+    check_metrics,
+    check_reply,
+    payload_bytes,
+)
 
 #: called for every accepted reply: (round, node id, the reply as aggregated)
 ReplyHook = Callable[[int, int, Reply], None]
@@ -65,6 +73,12 @@ class LoraStrategy(FedAvg):
         kept and the round is recorded as failed.
     max_reply_bytes
         Replies whose tensors exceed this many bytes are dropped (None: no limit).
+    max_examples
+        Replies claiming more examples (their weight) are dropped (None: no cap).
+    norm_factor, max_update_norm
+        A reply whose update (its s B A minus the global one) is longer than ``norm_factor``
+        times the round's median update (with 3 replies or more), or than ``max_update_norm``,
+        is dropped; 0 turns either bound off.
     on_accepted_reply
         Hook for audit trails: sees every reply that passed validation.
     round_offset
@@ -83,6 +97,9 @@ class LoraStrategy(FedAvg):
         min_available_nodes: int = 2,
         min_replies: int = 1,
         max_reply_bytes: int | None = None,
+        max_examples: float | None = None,
+        norm_factor: float = 0.0,
+        max_update_norm: float = 0.0,
         on_accepted_reply: ReplyHook | None = None,
         lr: float | None = None,
         lr_decay: float = 1.0,
@@ -107,8 +124,17 @@ class LoraStrategy(FedAvg):
         if round_offset < 0:
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
         self.round_offset = round_offset
+        if max_examples is not None and not max_examples > 0:
+            raise ValueError(f"max_examples must be > 0 or None, got {max_examples}")
+        if not (norm_factor == 0 or norm_factor >= 1) or not max_update_norm >= 0:
+            raise ValueError(
+                f"norm_factor must be 0 or >= 1 and max_update_norm >= 0, got {norm_factor}, {max_update_norm}"
+            )
         self.min_replies = min_replies
         self.max_reply_bytes = max_reply_bytes
+        self.max_examples = max_examples
+        self.norm_factor = norm_factor
+        self.max_update_norm = max_update_norm
         self.on_accepted_reply = on_accepted_reply
         self.rounds: dict[int, RoundRecord] = {}
         self.excluded: set[int] = set()  # nodes that declined (privacy budget): not sampled again
@@ -183,6 +209,15 @@ class LoraStrategy(FedAvg):
         acc = algo.new_accumulator(server_round)
         head_acc = HeadAccumulator()
         total_examples, loss_sum = 0.0, 0.0
+
+        def reject(node: int, reason: str) -> None:
+            rec.rejected += 1
+            rec.reasons[node] = reason
+            log(WARNING, "round %s: rejected reply of node %s: %s", server_round, node, reason)
+
+        # (node, reply, its metrics and client name, its factors): all parsed before any is
+        # folded in, since the bound on updates depends on the round's median
+        parsed: list[tuple[int, Reply, dict[str, Any], dict[str, LoraFactors]]] = []
         for msg in sorted(replies, key=_arrival_free_order):
             node = msg.metadata.src_node_id
             reason, reply, metrics = self._parse(msg, expected)
@@ -196,18 +231,27 @@ class LoraStrategy(FedAvg):
                 assert reply is not None
                 try:
                     factors = Reply(factor_part(reply.tensors), reply.num_examples, reply.scaling)
-                    acc.add(algo.reply_modules(state, factors), reply.num_examples)
-                    head_acc.add(head_part(reply.tensors), reply.num_examples)
+                    modules = algo.reply_modules(state, factors)
+                    parsed.append((node, reply, metrics | _client_name(msg), modules))
+                    continue
                 except ValueError as err:
                     reason = str(err)
-            if reason is not None:
-                rec.rejected += 1
-                rec.reasons[node] = reason
-                log(WARNING, "round %s: rejected reply of node %s: %s", server_round, node, reason)
+            reject(node, reason)
+        glob = algo.state_modules(state)
+        norms = [product_distance(modules, glob) for _, _, _, modules in parsed]
+        bound, why = self._update_bound(norms)
+        for (node, reply, metrics, modules), norm in zip(parsed, norms, strict=True):
+            if norm > bound:
+                reject(node, f"update norm {norm:.4g} is above {bound:.4g} ({why})")
                 continue
-            assert reply is not None
+            try:
+                acc.add(modules, reply.num_examples)
+                head_acc.add(head_part(reply.tensors), reply.num_examples)
+            except ValueError as err:
+                reject(node, str(err))
+                continue
             rec.accepted += 1
-            rec.clients_train[node] = {**_numbers(metrics), **_client_name(msg)}
+            rec.clients_train[node] = {**_numbers(metrics), **_strings(metrics), "update-norm": norm}
             rec.bytes_received += payload_bytes(reply.tensors)
             total_examples += reply.num_examples
             loss_sum += reply.num_examples * float(metrics.get("train-loss", math.nan))
@@ -244,6 +288,19 @@ class LoraStrategy(FedAvg):
         rec.train = summary
         return new_state, summary
 
+    def _update_bound(self, norms: list[float]) -> tuple[float, str]:
+        """The longest update this round accepts, and which setting says so (inf: no bound)."""
+        bound, why = math.inf, ""
+        if self.max_update_norm > 0:
+            bound, why = self.max_update_norm, "robust.max-update-norm"
+        median = statistics.median(norms) if len(norms) >= 3 else 0.0
+        if self.norm_factor > 0 and median > 0 and self.norm_factor * median < bound:
+            bound, why = (
+                self.norm_factor * median,
+                f"robust.norm-factor {self.norm_factor:g} x the round's median update",
+            )
+        return bound, why
+
     def _parse(
         self, msg: Message, expected: Mapping[str, TensorSpec]
     ) -> tuple[str | None, Reply | None, dict[str, Any]]:
@@ -255,17 +312,25 @@ class LoraStrategy(FedAvg):
         metrics: dict[str, Any] = dict(content.metric_records.get("metrics", {}))
         if metrics.get("declined", 0):
             status = content.config_records.get("status")
-            metrics["status"] = str(status["reason"]) if status is not None and "reason" in status else "declined"
-            return "declined", None, metrics
+            why = str(status["reason"]) if status is not None and "reason" in status else "declined"
+            return "declined", None, {"status": why[:300]}
         if "arrays" not in content.array_records:
-            return "reply has no 'arrays' record", None, metrics
+            return "reply has no 'arrays' record", None, {}
         n = metrics.get("num-examples")
-        if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
-            return f"num-examples must be a positive number, got {n!r}", None, metrics
+        if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+            return f"num-examples must be a positive number, got {str(n)[:40]}", None, {}
+        if self.max_examples is not None and n > self.max_examples:
+            return f"num-examples {n:g} is above the run's cap of {self.max_examples:g} (robust.max-examples)", None, {}
+        reason = check_metrics(metrics)
+        if reason is not None:
+            return reason, None, {}
+        reason = check_array_bytes(content.array_records["arrays"], self.max_reply_bytes)
+        if reason is not None:
+            return reason, None, {}
         try:
             tensors = dict(content.array_records["arrays"].to_torch_state_dict())
-        except (TypeError, ValueError) as err:
-            return f"arrays cannot be read as tensors: {err}", None, metrics
+        except Exception as err:  # any malformed bytes a client sends end here, not the run
+            return f"arrays cannot be read as tensors: {type(err).__name__}: {str(err)[:200]}", None, {}
         reason = check_reply(tensors, expected, self.max_reply_bytes)
         if reason is not None:
             return reason, None, metrics
@@ -292,9 +357,19 @@ class LoraStrategy(FedAvg):
         for msg in replies:
             if msg.has_error() or "metrics" not in msg.content.metric_records:
                 continue
-            m = {k: float(v) for k, v in msg.content.metric_records["metrics"].items() if isinstance(v, int | float)}
+            raw = dict(msg.content.metric_records["metrics"])
+            node = msg.metadata.src_node_id
+            left_out = check_metrics(raw)
+            n = raw.get("num-examples", 0)
+            cap = self.max_examples
+            if left_out is None and cap is not None and isinstance(n, int | float) and n > cap:
+                left_out = f"num-examples {n:g} is above the run's cap of {cap:g} (robust.max-examples)"
+            if left_out is not None:
+                log(WARNING, "round %s: evaluation of node %s left out: %s", server_round, node, left_out)
+                continue
+            m = {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
             if m.get("num-examples", 0) > 0:
-                rows[msg.metadata.src_node_id] = m
+                rows[node] = m
         if not rows:
             return None
         total = sum(r["num-examples"] for r in rows.values())
@@ -316,7 +391,9 @@ def _arrival_free_order(msg: Message) -> tuple[float, int]:
         return math.inf, node
     metrics = msg.content.metric_records.get("metrics")
     value = metrics.get("partition-id") if metrics is not None else None
-    return (float(value) if isinstance(value, int | float) else math.inf), node
+    if isinstance(value, int | float) and math.isfinite(value):  # a bad one is rejected later
+        return float(value), node
+    return math.inf, node
 
 
 def _client_name(msg: Message) -> dict[str, str]:
@@ -337,6 +414,11 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float | list[float]]:
         elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
             out[key] = [float(v) for v in value]
     return out
+
+
+def _strings(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """The string entries (a deployed client's name, added by :func:`_client_name`)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, str)}
 
 
 def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

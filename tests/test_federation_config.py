@@ -112,12 +112,14 @@ MODEL_KIND_KEYS = {
     "columns.label": "", "columns.prompt": "",
     "columns.completion": "", "columns.messages": "", "columns.image": "", "columns.task": "",
 }  # fmt: skip
+#: keys added after the sections (new keys only: every earlier key keeps its name and default)
+ROBUST_KEYS = {"robust.max-examples": 0, "robust.norm-factor": 10.0, "robust.max-update-norm": 0.0}
 
 
 def test_the_flat_keys_and_defaults_are_those_of_before_the_sections() -> None:
     before = FLAT_DEFAULTS_BEFORE_SECTIONS
-    assert DEFAULT_RUN_CONFIG == before | {"tasks": ""} | MODEL_KIND_KEYS  # "": the kind's default tasks
-    assert FederationConfig().to_run_config() == before | MODEL_KIND_KEYS
+    assert DEFAULT_RUN_CONFIG == before | {"tasks": ""} | MODEL_KIND_KEYS | ROBUST_KEYS  # "": the kind's tasks
+    assert FederationConfig().to_run_config() == before | MODEL_KIND_KEYS | ROBUST_KEYS
     assert FederationConfig.from_run_config(before) == FederationConfig()
 
 

@@ -108,6 +108,30 @@ class AuditSection:
 
 
 @dataclass(frozen=True)
+class RobustSection:
+    """What one client can do to a round (``robust.*``): ``max-examples`` caps the weight a reply
+    may claim (0: the largest client's training set in simulation, where the server knows the
+    partition; 100,000 in deployment, where it cannot), ``norm-factor`` drops a reply whose
+    update is more than that many times the round's median update (0: off; needs 3 replies),
+    ``max-update-norm`` drops one whose update is longer than that (0: off). An update's norm is
+    that of s B A minus the global s B A, summed over modules (the server computes it)."""
+
+    prefix: ClassVar[str] = "robust."
+
+    max_examples: int = 0
+    norm_factor: float = 10.0
+    max_update_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 0:
+            raise ValueError(f"robust.max-examples must be an integer >= 0, got {self.max_examples!r}")
+        if not math.isfinite(self.norm_factor) or not (self.norm_factor == 0 or self.norm_factor >= 1):
+            raise ValueError(f"robust.norm-factor must be 0 (off) or a finite number >= 1, got {self.norm_factor!r}")
+        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
+            raise ValueError(f"robust.max-update-norm must be a finite number >= 0, got {self.max_update_norm!r}")
+
+
+@dataclass(frozen=True)
 class DpSection:
     """Differential privacy (``dp.*``): sample-level DP-SGD on the clients, planned by the server
     (``enabled``, ``noise-multiplier`` or ``target-epsilon``, ``delta``, ``max-grad-norm``, ...),
@@ -238,6 +262,7 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "partition": PartitionSection,
     "audit": AuditSection,
+    "robust": RobustSection,
     "dp": DpSection,
     "personalize": PersonalizeSection,
 }
@@ -252,7 +277,7 @@ def _method_sections() -> dict[str, MethodSettings]:
 @dataclass(frozen=True)
 class FederationConfig:
     """Validated run configuration: top-level run fields (their names are the run-config keys in
-    snake case) and the nested sections ``model``, ``columns``, ``lora``, ``partition``, ``audit``, ``dp``,
+    snake case) and the nested sections ``model``, ``columns``, ``lora``, ``partition``, ``audit``, ``robust``, ``dp``,
     ``personalize`` and ``methods`` (every registered strategy's own section; ``method`` is the run's)."""
 
     strategy: str = "fedavg-lora"
@@ -283,6 +308,7 @@ class FederationConfig:
     max_reply_mb: float = 256.0
     threads: int = 1
     audit: AuditSection = field(default_factory=AuditSection)
+    robust: RobustSection = field(default_factory=RobustSection)
     state_dir: str = ""
     dp: DpSection = field(default_factory=DpSection)
     secure_aggregation: bool = False

@@ -1,0 +1,245 @@
+"""No single client can crash or dominate a round: every field of a train reply is checked by
+type and range, a reply's weight is capped, an update far longer than the round's others is
+dropped, and FlexLoRA's scalings come from the server. Each bad reply is dropped with its reason
+and the round goes on with the honest ones, whose aggregate it then equals exactly."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.core.client_data import client_train_sizes
+from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.server.app import DEPLOYED_MAX_EXAMPLES, algorithm_kwargs, weight_cap
+from fedlora.strategies import registry
+from fedlora.strategies.adapter import LoraFactors, product_distance, split_adapter
+from fedlora.strategies.flexlora import FlexLoraSettings
+from fedlora.strategies.flower import LoraStrategy
+from fedlora.strategies.validation import MAX_HISTORY, check_metrics
+
+KEYS = [f"base_model.model.m{i}.lora_{f}.weight" for i in range(2) for f in ("A", "B")]
+HONEST = {"num-examples": 10, "train-loss": 0.5, "partition-id": 0, "lora-rank": 2, "lora-scaling": 2.0}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages need a run identity outside a Flower process."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _adapter(seed: int, rank: int = 2, b_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn((rank, 3) if ".lora_A." in k else (4, rank), generator=g) * (b_scale if ".lora_B." in k else 1)
+        for k in KEYS
+    }
+
+
+def _reply(node: int, arrays: ArrayRecord | dict[str, torch.Tensor] | None, metrics: dict | None = None) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict({"metrics": MetricRecord({**HONEST, "partition-id": node} if metrics is None else metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
+    return Message(content, reply_to=request)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _odd_arrays(good: dict[str, torch.Tensor]) -> list[tuple[ArrayRecord, str]]:
+    """Array records whose bytes no tensor can be read from, each of another kind."""
+
+    def record(array: Array) -> ArrayRecord:
+        rec = ArrayRecord({k: v for k, v in good.items() if k != KEYS[0]})
+        rec[KEYS[0]] = array
+        return rec
+
+    def npy(data: bytes) -> ArrayRecord:
+        return record(Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data))
+
+    plain = _npy(np.zeros((2, 3), dtype=np.float32))
+    # NumPy would allocate 400 GB for this header before finding the data missing (MemoryError)
+    huge = plain.replace(b"(2, 3)", b"(99999999999, 1)")
+    assert huge != plain
+    return [
+        (record(Array(dtype="float32", shape=(2, 3), stype="torch.Tensor", data=b"\x80\x04junk")), "serialised as"),
+        (npy(b"\x93NUMPY"), "has no readable .npy header"),
+        (npy(huge), "declares 399999999996 bytes of data but carries"),
+        (npy(plain[:-4]), "declares 24 bytes of data but carries 20"),
+        (npy(_npy(np.zeros(2, dtype=[("a", "<f4")]))), "not a plain number type"),
+        (npy(_npy(np.array(["a", "b"]))), "cannot be read as tensors: TypeError"),
+        (npy(_npy(np.zeros((2, 3), dtype=">f4"))), "cannot be read as tensors: ValueError"),
+    ]
+
+
+BAD_METRICS = [
+    ({"train-loss": [0.5]}, "metric 'train-loss' is a list"),
+    ({"partition-id": math.nan}, "metric 'partition-id' must be a finite number, got nan"),
+    ({"partition-id": 1.5}, "metric 'partition-id' must be an integer >= 0, got 1.5"),
+    ({"partition-id": -1}, "metric 'partition-id' must be an integer >= 0, got -1"),
+    ({"epsilon": math.inf}, "metric 'epsilon' must be a finite number, got inf"),
+    ({"sample-rate": 2.0}, "metric 'sample-rate' must be a number in (0, 1], got 2.0"),
+    ({"some-new-metric": -math.inf}, "metric 'some-new-metric' must be a finite number"),
+    ({"ledger-noise": [1.0], "ledger-rate": [0.1, 0.1], "ledger-steps": [3]}, "must come together, of equal length"),
+    ({"ledger-noise": [1.0], "ledger-rate": [1.5], "ledger-steps": [3]}, "metric 'ledger-rate' must hold numbers in"),
+    ({"ledger-noise": [1.0], "ledger-rate": [0.1], "ledger-steps": [2.5]}, "metric 'ledger-steps' must hold integers"),
+    ({"ledger-noise": [1.0], "ledger-rate": [0.1]}, "must come together"),
+    ({"pid": [1, 2]}, "metric 'pid' is a list"),
+]
+
+
+def test_metric_rules_accept_an_honest_reply_and_name_each_bad_field() -> None:
+    ledger = {"ledger-noise": [1.1, 1.1], "ledger-rate": [0.1, 0.1], "ledger-steps": [3, 3]}
+    assert check_metrics({**HONEST, **ledger, "epsilon": 1.2, "delta": 1e-5, "local-exact-match": 0.5}) is None
+    for bad, reason in BAD_METRICS:
+        got = check_metrics({**HONEST, **bad})
+        assert got is not None and reason in got, (bad, got)
+    too_long = {k: [1] * (MAX_HISTORY + 1) for k in ledger}
+    assert f"more than {MAX_HISTORY}" in str(check_metrics({**HONEST, **too_long}))
+
+
+def test_every_malformed_field_is_dropped_with_its_reason_and_the_round_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Wrong-typed and non-finite metrics and identifiers, unreadable arrays of several kinds and
+    a huge example count each drop their reply only; the result is the honest replies' aggregate."""
+    state = _adapter(0)
+    honest = [_reply(i, _adapter(i)) for i in (1, 2)]
+    bad: list[tuple[Message, str]] = []
+    for node, (fields, reason) in enumerate(BAD_METRICS, start=10):
+        bad.append((_reply(node, _adapter(node), {**HONEST, "partition-id": node, **fields}), reason))
+    for node, (arrays, reason) in enumerate(_odd_arrays(_adapter(3)), start=40):
+        bad.append((_reply(node, arrays), reason))
+    huge = _reply(50, _adapter(50), {**HONEST, "partition-id": 50, "num-examples": 1e12})
+    bad.append((huge, "num-examples 1e+12 is above the run's cap of 1000 (robust.max-examples)"))
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), max_examples=1000)
+    with caplog.at_level(logging.WARNING):
+        new, summary = strategy.aggregate_train_from(1, [*honest, *(m for m, _ in bad)], state)
+    assert summary["accepted"] == 2 and summary["rejected"] == len(bad)
+    reasons = strategy.rounds[1].reasons
+    for msg, reason in bad:
+        node = msg.metadata.src_node_id
+        assert reason in reasons[node], (node, reasons[node])
+        assert f"rejected reply of node {node}: " in caplog.text
+    reference, _ = LoraStrategy(registry.create("fedavg-lora", scaling=2.0)).aggregate_train_from(1, honest, state)
+    assert new is not None and reference is not None
+    assert new.keys() == reference.keys() and all(torch.equal(new[k], reference[k]) for k in new)
+
+
+def test_a_declined_reply_with_an_endless_reason_is_counted_and_cut() -> None:
+    declined = _reply(4, None, {"declined": 1})
+    declined.content["status"] = ConfigRecord({"reason": "x" * 10_000})
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=1.0))
+    _, summary = strategy.aggregate_train_from(1, [_reply(1, _adapter(1)), declined], _adapter(0))
+    assert summary["declined"] == 1 and len(strategy.rounds[1].reasons[4]) == 300
+
+
+def test_a_huge_finite_update_is_dropped_and_the_global_adapter_stays_the_honest_one() -> None:
+    """B scaled by 1e12 (finite, well-formed): more than 10 x the round's median update, dropped;
+    the round's result equals the honest-only aggregate bit for bit."""
+    state = _adapter(0)
+    honest = [_reply(i, _adapter(i)) for i in (1, 2, 3)]
+    attacker = _reply(9, _adapter(9, b_scale=1e12))
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), norm_factor=10.0)
+    new, summary = strategy.aggregate_train_from(1, [*honest, attacker], state)
+    assert summary["accepted"] == 3 and summary["rejected"] == 1
+    assert "x the round's median update" in strategy.rounds[1].reasons[9]
+    assert "robust.norm-factor 10" in strategy.rounds[1].reasons[9]
+    reference, _ = LoraStrategy(registry.create("fedavg-lora", scaling=2.0)).aggregate_train_from(1, honest, state)
+    assert new is not None and reference is not None and all(torch.equal(new[k], reference[k]) for k in new)
+    norms = [strategy.rounds[1].clients_train[n]["update-norm"] for n in (1, 2, 3)]
+    assert all(isinstance(v, float) and v > 0 for v in norms)  # the server's own figure, per client
+
+    # without the bound the same reply moves the global adapter by orders of magnitude
+    unbounded, _ = LoraStrategy(registry.create("fedavg-lora", scaling=2.0)).aggregate_train_from(
+        1, [*honest, attacker], state
+    )
+    assert unbounded is not None
+    assert max(float(unbounded[k].abs().max()) for k in unbounded) > 1e9
+
+    absolute = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), max_update_norm=1e-6)
+    _, s2 = absolute.aggregate_train_from(1, honest, state)
+    assert s2["accepted"] == 0 and "robust.max-update-norm" in absolute.rounds[1].reasons[1]
+
+
+def test_flexlora_takes_each_scaling_from_the_run_not_from_the_client() -> None:
+    """A rank-2 client of a rank-4 run claiming lora-scaling 1e6 weighs what an honest one does:
+    s = alpha / r is the server's (alpha 16: 8 at rank 2; rsLoRA: alpha / sqrt(r))."""
+    algo = registry.create("flexlora", scaling=4.0, lora_rank=4, settings=FlexLoraSettings(ranks="4,2"))
+    assert algo.scaling_at(2) == 8.0 and algo.scaling_at(4) == 4.0
+    rs = registry.create("flexlora", scaling=8.0, lora_rank=4, settings=FlexLoraSettings(ranks="4,2"), use_rslora=True)
+    assert rs.scaling_at(1) == pytest.approx(16.0)
+    state = _adapter(0, rank=4)
+    replies = [_reply(1, _adapter(1, rank=4)), _reply(2, _adapter(2, rank=2))]
+    liar = _reply(2, _adapter(2, rank=2), {**HONEST, "partition-id": 2, "lora-scaling": 1e6})
+    honest_new, _ = LoraStrategy(algo).aggregate_train_from(1, replies, state)
+    liar_new, summary = LoraStrategy(algo).aggregate_train_from(1, [replies[0], liar], state)
+    assert summary["accepted"] == 2 and honest_new is not None and liar_new is not None
+    assert all(torch.equal(honest_new[k], liar_new[k]) for k in honest_new)
+
+
+def test_product_distance_equals_the_dense_norm() -> None:
+    """Against ||s B A - s' B' A'||_F of the dense matrices: other ranks, scalings, missing modules."""
+    g = torch.Generator().manual_seed(0)
+
+    def factors(rank: int, scaling: float) -> LoraFactors:
+        return LoraFactors(A=torch.randn(rank, 5, generator=g), B=torch.randn(6, rank, generator=g), scaling=scaling)
+
+    ours = {"m0": factors(2, 3.0), "m1": factors(4, 0.5)}
+    theirs = {"m0": factors(3, 1.0), "m2": factors(1, 2.0)}
+
+    def dense(f: LoraFactors | None) -> torch.Tensor:
+        return torch.zeros(6, 5, dtype=torch.float64) if f is None else f.scaling * (f.B.double() @ f.A.double())
+
+    want = math.sqrt(sum(float((dense(ours.get(m)) - dense(theirs.get(m))).pow(2).sum()) for m in ("m0", "m1", "m2")))
+    assert product_distance(ours, theirs) == pytest.approx(want, rel=1e-12)
+    assert product_distance(ours, ours) == pytest.approx(0.0, abs=1e-6)
+    state = _adapter(7)
+    assert product_distance(split_adapter(state, 2.0), {}) > 0
+
+
+def test_evaluation_rows_with_bad_numbers_are_left_out() -> None:
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=1.0), max_examples=100)
+
+    def evaluated(node: int, metrics: dict) -> Message:
+        request = Message(RecordDict(), dst_node_id=node, message_type="evaluate")
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=request)
+
+    good = {"num-examples": 10, "eval-loss": 1.0, "exact-match": 0.5}
+    rows = [
+        evaluated(1, good),
+        evaluated(2, {**good, "exact-match": math.nan}),
+        evaluated(3, {**good, "num-examples": 1e9}),
+        evaluated(4, {**good, "eval-loss": [1.0, 2.0]}),
+    ]
+    out = strategy.aggregate_evaluate(1, rows)
+    assert out is not None and out["clients"] == 1 and out["exact-match"] == 0.5
+    assert list(strategy.rounds[1].per_client) == [1]
+
+
+def test_robust_settings_are_validated_and_the_weight_cap_follows_the_run() -> None:
+    for key, value, message in [
+        ("robust.norm-factor", 0.5, "robust.norm-factor must be 0 (off) or a finite number >= 1"),
+        ("robust.max-update-norm", -1.0, "robust.max-update-norm must be a finite number >= 0"),
+        ("robust.max-examples", -2, "robust.max-examples must be an integer >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, key: value})
+    assert DEFAULT_RUN_CONFIG["robust.norm-factor"] == 10.0 and DEFAULT_RUN_CONFIG["robust.max-examples"] == 0
+    sim = FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, "num-clients": 4, "num-train": 90})
+    assert weight_cap(sim) == max(client_train_sizes(sim)) > 0
+    deployed = FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, "deployed": True})
+    assert weight_cap(deployed) == DEPLOYED_MAX_EXAMPLES
+    explicit = FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, "deployed": True, "robust.max-examples": 512})
+    assert weight_cap(explicit) == 512
+    assert algorithm_kwargs(sim, 2.0, fan_in_fan_out=False)["use_rslora"] is sim.lora.rslora
