@@ -30,7 +30,9 @@ from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key
 from fedlora.hub.sdk.publish import adapter_files
 
-pytestmark = pytest.mark.slow  # a real hub server (module fixture) in every test
+# a real hub server (module fixture) in every test; later tests read what earlier ones published,
+# so the module stays on one pytest-xdist worker, in file order
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hub")]
 
 PROMPT = torch.tensor([[5, 17, 23, 9, 31, 4, 12, 8]])
 

@@ -377,11 +377,12 @@ def run_flower_app(request: FlowerRunRequest, on_log_line: Callable[[str], None]
     deadline = started + request.timeout
     bin_dir = _flower_bin_dir()
     workdir = request.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)  # logs, the app's FLWR_HOME and run config: the operator's alone
     logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
     paths = _LogPaths(superlink=logs / "superlink.log", run=logs / "run.log", cli=logs / "flwr-cli.log")
-    for path in (paths.superlink, paths.run, paths.cli, logs / "teardown.log"):
-        path.unlink(missing_ok=True)  # a reused workdir must not mix two runs' logs
+    keep_earlier_logs(logs, (paths.superlink, paths.run, paths.cli, logs / "teardown.log"))
     app_dir = write_app_dir(
         workdir / "app",
         app_name=request.app_name,
@@ -856,12 +857,38 @@ def _kill_tagged(tag: str, grace: float, log_path: Path, *, sigterm: bool = Fals
     return tuple(killed)
 
 
+def keep_earlier_logs(logs: Path, files: tuple[Path, ...]) -> Path | None:
+    """Move an earlier attempt's logs (a resumed run reuses its workdir) to ``logs/attempt-N``,
+    N the next free number, so two runs' lines never mix and none is lost; returns that folder."""
+    present = [f for f in files if f.exists()]
+    if not present:
+        return None
+    n = 1 + max(
+        (int(p.name.split("-")[1]) for p in logs.glob("attempt-*") if p.name.split("-")[1].isdigit()), default=0
+    )
+    folder = logs / f"attempt-{n}"
+    folder.mkdir()
+    for f in present:
+        f.rename(folder / f.name)
+    return folder
+
+
+#: command-line options whose value is a secret (flwr-simulation's and flwr-serverapp's runtime token)
+_SECRET_OPTIONS = ("--token",)
+
+
+def redact(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every secret option replaced, for logs."""
+    return [("<redacted>" if i and argv[i - 1] in _SECRET_OPTIONS else a) for i, a in enumerate(argv)]
+
+
 def _cmdline(pid: int) -> str:
     try:
         raw = Path("/proc", str(pid), "cmdline").read_bytes()
     except OSError:
         return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+    argv = raw.decode(errors="replace").split("\0")
+    return " ".join(redact(argv)).strip()[:300]
 
 
 def _pids_with_env(key: str, value: str) -> set[int]:
