@@ -20,8 +20,13 @@ from fedlora.privacy.policy import PrivacyPolicy
 
 def add_hub_connection(p: argparse.ArgumentParser, key_required: bool = True, hub_required: bool = True) -> None:
     p.add_argument("--hub", required=hub_required, metavar="URL", help="the hub, e.g. https://hub.example:9480")
-    p.add_argument("--token", help="this client's hub token (fl-hub token create --client NAME)")
-    p.add_argument("--token-file", type=Path, help="a file holding the token (safer than the command line)")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # refused with the reason: a token in ps
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file (0600) holding this client's hub token (fl-hub token create --client NAME --out FILE); "
+        "or set FEDLORA_HUB_TOKEN",
+    )
     p.add_argument(
         "--hub-key", type=Path, required=key_required, metavar="HUB_PUB", help="the hub's public key (hub.pub)"
     )

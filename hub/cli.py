@@ -2,11 +2,11 @@
 
 fl-hub init DIR [--host H] [--port P] [--database URL] [--max-upload-mb N]
 fl-hub serve DIR [--host H] [--port P] [--workers N]
-fl-hub token create DIR (--client NAME | --operator) [--label TEXT]
-fl-hub token revoke DIR (--client NAME | --token T)
+fl-hub token create DIR (--client NAME | --operator) [--label TEXT] [--out FILE]
+fl-hub token revoke DIR (--client NAME | --token-file F)
 fl-hub token ls DIR
 fl-hub base-model add DIR MODEL_DIR [--id ID]
-fl-hub ls [PREFIX] (--dir DIR | --hub URL --token T) [--query WORDS] [--json]
+fl-hub ls [PREFIX] (--dir DIR | --hub URL --token-file F) [--query WORDS] [--json]
 fl-hub publish NAME ADAPTER_DIR --hub URL --token-file F [--provenance JSON_FILE]
 fl-hub build-experts --out DIR [--tasks T,T] [--steps N] [--hub URL --token-file F]
 fl-hub train-generator --method sg-lora|icm-lora (--experts DIR | --hub URL --hub-key K) [--out DIR]
@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedlora.atomic import write_atomic
 from fedlora.core.adapter_format import CONFIG_FILE
 from fedlora.core.run_dir import RunDir
 from fedlora.hub.evaluate import evaluate_prefix, load_examples
@@ -73,11 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     who.add_argument("--operator", action="store_true", help="an operator token: publishes anywhere")
     create.add_argument("--label", default="")
+    create.add_argument(
+        "--out", type=Path, default=None, help="write the token to this file (0600) instead of printing it"
+    )
     revoke = tsub.add_parser("revoke", help="revoke a client's tokens or one token")
     revoke.add_argument("dir", type=Path)
     what = revoke.add_mutually_exclusive_group(required=True)
     what.add_argument("--client")
-    what.add_argument("--token")
+    what.add_argument("--token-file", type=Path, help="revoke the one token this file holds")
     tls = tsub.add_parser("ls", help="list tokens (never their values)")
     tls.add_argument("dir", type=Path)
 
@@ -181,8 +185,10 @@ def remote_client(args: argparse.Namespace, key_required: bool = False) -> HubCl
 
 def _remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hub", default=None, help="hub URL, e.g. http://127.0.0.1:9480")
-    p.add_argument("--token", default=None)
-    p.add_argument("--token-file", type=Path, default=None)
+    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with the reason: a token in ps
+    p.add_argument(
+        "--token-file", type=Path, default=None, help="a file (0600) holding the token; or FEDLORA_HUB_TOKEN"
+    )
 
 
 def _init(args: argparse.Namespace, console: Console) -> int:
@@ -254,10 +260,15 @@ def _token(args: argparse.Namespace, console: Console) -> int:
         token = registry.create_token(
             "operator" if args.operator else "client", None if args.operator else args.client, args.label
         )
-        print(token)
+        if args.out is None:
+            print(token)
+        else:
+            write_atomic(args.out, (token + "\n").encode(), 0o600)
+            console.print(f"token written to {args.out} (mode 0600)")
         return 0
     if args.token_command == "revoke":
-        n = registry.revoke_tokens(client=args.client, token=args.token)
+        one = read_token(None, args.token_file) if args.token_file else None
+        n = registry.revoke_tokens(client=args.client, token=one)
         if n == 0:
             raise ValueError("no matching token that is not already revoked")
         console.print(f"revoked {n} token(s)")

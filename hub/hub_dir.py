@@ -98,6 +98,7 @@ class HubDir:
         if hub.key_path.exists():
             raise ValueError(f"{hub.root} already holds a hub (hub.key exists); serve it or pick another directory")
         hub.root.mkdir(parents=True, exist_ok=True)
+        hub.root.chmod(0o700)
         key = Ed25519PrivateKey.generate()
         write_atomic(hub.key_path, private_pem(key), 0o600)
         write_atomic(hub.public_key_path, public_pem(key.public_key()), 0o644)
@@ -145,4 +146,16 @@ class HubDir:
         if not self.key_path.is_file():
             raise FileNotFoundError(f"{self.key_path} does not exist: is {self.root} a hub directory (fl-hub init)?")
         key = load_private_key(self.key_path)
-        return Registry(self.database_url(), self.blob_dir, key, key_id(key.public_key()))
+        url = self.database_url()
+        registry = Registry(url, self.blob_dir, key, key_id(key.public_key()))
+        self._tighten(url)
+        return registry
+
+    def _tighten(self, database_url: str) -> None:
+        """The directory 0700 and its SQLite database 0600, every time it is opened (a hub made
+        before these modes gets them too): it holds every client's personal adapter, which token
+        scopes guard over HTTP and file modes on the disk."""
+        self.root.chmod(0o700)
+        db = Path(database_url.removeprefix("sqlite:///")) if database_url.startswith("sqlite:///") else None
+        if db is not None and db.is_file() and db.resolve().parent == self.root.resolve():
+            db.chmod(0o600)

@@ -204,7 +204,7 @@ class BlobStore:
         # identical content is stored once; a stored copy that no longer matches its hash (a disk
         # error, a tamperer) is replaced by the good bytes a publisher just sent
         if not path.exists() or sha256_hex(path.read_bytes()) != digest:
-            write_atomic(path, data, 0o644)
+            write_atomic(path, data, 0o600)  # personal adapters among them: the hub's alone
         return digest
 
     def get(self, sha256: str) -> bytes:

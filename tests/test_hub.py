@@ -601,6 +601,9 @@ def test_personalize_pull_global_charge_push_and_pull_from_another_device(
             _provenance(run="fed", round=5, strategy="ffa-lora"),
         )
     phone = hub.dir.registry().create_token("client", "alice", "phone")  # a second device of the same client
+    token_file = tmp_path / "alice.token"
+    token_file.write_text(hub.alice + "\n")
+    token_file.chmod(0o600)
     state = tmp_path / "state"
     argv = [
         "personalize",
@@ -608,8 +611,8 @@ def test_personalize_pull_global_charge_push_and_pull_from_another_device(
         "fed",
         "--hub",
         hub.server.url,
-        "--token",
-        hub.alice,
+        "--token-file",
+        str(token_file),
         "--hub-key",
         str(hub.dir.public_key_path),
     ]

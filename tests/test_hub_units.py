@@ -191,6 +191,16 @@ def test_settings_and_hub_directory(tmp_path: Path) -> None:
     assert kid.startswith("SHA256:") and hub.settings().port == 9999
     assert oct(hub.key_path.stat().st_mode & 0o777) == "0o600"
     assert oct(hub.operator_token_path.stat().st_mode & 0o777) == "0o600"
+    # every client's personal adapter lives here: the directory, database and blobs are the hub's
+    assert oct(hub.root.stat().st_mode & 0o777) == "0o700"
+    assert oct((hub.root / "hub.db").stat().st_mode & 0o777) == "0o600"
+    digest = hub.registry().blobs.put(b"a personal adapter")
+    assert oct(hub.registry().blobs.path(digest).stat().st_mode & 0o777) == "0o600"
+    hub.root.chmod(0o755)  # a hub made before these modes is tightened when opened
+    (hub.root / "hub.db").chmod(0o644)
+    hub.registry()
+    assert oct(hub.root.stat().st_mode & 0o777) == "0o700"
+    assert oct((hub.root / "hub.db").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(ValueError, match="already holds a hub"):
         HubDir.init(tmp_path / "h", HubSettings())
     hub.settings_path.write_text(hub.settings_path.read_text() + "colour = 'blue'\n")
@@ -221,7 +231,9 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_token_ls_pull_push(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hub_server import HubServer
 
     from fedlora.client.cli import main as fl_client
@@ -230,8 +242,14 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     assert fl_hub(["init", str(tmp_path / "h")]) == 0
     hub = HubDir(tmp_path / "h")
-    assert fl_hub(["token", "create", str(hub.root), "--client", "alice", "--label", "phone"]) == 0
-    alice = capsys.readouterr().out.strip().splitlines()[-1]
+    alice_file = tmp_path / "alice.token"
+    assert (
+        fl_hub(["token", "create", str(hub.root), "--client", "alice", "--label", "phone", "--out", str(alice_file)])
+        == 0
+    )
+    assert oct(alice_file.stat().st_mode & 0o777) == "0o600" and "(mode 0600)" in capsys.readouterr().out
+    alice = alice_file.read_text().strip()
+    assert alice.startswith("flh_")
     adapter = save_adapter(wrap_lora(load_base_model(), LoraSettings(rank=2)), tmp_path / "adapter")
     with HubServer(hub.root, tmp_path / "hub.log") as server:
         url, key = server.url, str(hub.public_key_path)
@@ -241,7 +259,11 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
             == 0
         )
         assert "published tasks/demo v1" in capsys.readouterr().out
-        common = ["--hub", url, "--token", alice, "--hub-key", key]
+        common = ["--hub", url, "--token-file", str(alice_file), "--hub-key", key]
+        # a token on the command line is refused with the reason (any local account reads ps)
+        refused = ["pull", "--hub", url, "--token", alice, "--hub-key", key, "--task", "demo", "--out", "r"]
+        assert fl_client(refused) == 2
+        assert "--token puts the token where any local account reads it" in capsys.readouterr().err
         assert fl_client(["pull", *common, "--task", "demo", "--out", str(tmp_path / "t")]) == 0
         out = capsys.readouterr().out
         assert "pulled tasks/demo v1" in out and "signature and hashes verified" in out
@@ -258,7 +280,8 @@ def test_cli_token_ls_pull_push(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
         assert fl_client(["pull", *common, "--task", "nope", "--out", str(tmp_path / "n")]) == 2
         assert "hub refused (404): no adapter tasks/nope" in capsys.readouterr().err
-        assert fl_hub(["ls", "--hub", url, "--token", alice]) == 0
+        monkeypatch.setenv("FEDLORA_HUB_TOKEN", alice)  # the other way in: the environment
+        assert fl_hub(["ls", "--hub", url]) == 0
         listing = capsys.readouterr().out
         assert "clients/alice/mine" in listing and "tasks/demo" in listing
         assert fl_hub(["token", "revoke", str(hub.root), "--client", "alice"]) == 0

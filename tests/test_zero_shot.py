@@ -229,7 +229,7 @@ def test_a_method_without_a_generator_and_a_client_pull_without_the_key(hub: Hub
     out = tmp_path / "x"
     args = ["pull", "--task", "add 4", "--method", "sg-lora", "--out", str(out), "--hub", hub.server.url]
     with pytest.raises(SystemExit):  # no --hub-key: refused before asking
-        fl_client([*args, "--token", hub.alice])
+        fl_client([*args, *hub.connection(hub.root / "alice.token")[2:4]])
     connection = hub.connection(hub.root / "alice.token")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "1", "output": "5"}\n')

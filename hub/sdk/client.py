@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import builtins
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,17 +257,32 @@ def _previous_pull(out: Path) -> dict[str, Any] | None:
         return None
 
 
+#: where a hub token may come from besides ``--token-file`` (never the command line: ``ps``
+#: and shell histories show it to every local account)
+TOKEN_ENV = "FEDLORA_HUB_TOKEN"
+
+
 def read_token(token: str | None, token_file: str | Path | None) -> str:
-    """The token from ``--token`` or ``--token-file`` (exactly one)."""
-    if bool(token) == bool(token_file):
-        raise ValueError("give the hub token with --token or --token-file (one of them)")
+    """The token from ``--token-file``, else from the ``FEDLORA_HUB_TOKEN`` environment variable.
+
+    ``token`` is what a ``--token`` option received: refused with the reason, since a token on
+    a command line is readable in ``ps`` by any local account.
+    """
+    if token:
+        raise ValueError(
+            f"--token puts the token where any local account reads it (ps, shell history): "
+            f"give it with --token-file FILE (mode 0600) or the {TOKEN_ENV} environment variable"
+        )
     if token_file:
         path = Path(token_file)
         try:
             return path.read_text().strip()
         except FileNotFoundError:
             raise FileNotFoundError(f"token file {path} does not exist") from None
-    return str(token)
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if not env:
+        raise ValueError(f"give the hub token with --token-file FILE or the {TOKEN_ENV} environment variable")
+    return env
 
 
 def open_hub(
