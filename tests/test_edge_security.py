@@ -326,25 +326,32 @@ def _runtime_port(edge: Edge, name: str) -> str | None:
 
 def _probe_nodes(edge: Edge) -> None:
     for name in ("alice", "bob"):
-        wait_for(f"{name}'s SuperNode", lambda n=name: _runtime_port(edge, n) is not None, 120)  # type: ignore[misc]
-        port = str(_runtime_port(edge, name))
         state = edge.state(name)
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
         for path in [p for p in state.rglob("*") if p.is_file()]:
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} is readable by others"
         assert (state / POLICY_FILE).is_file() and (state / SECRET_FILE).is_file()
-        probe = subprocess.run(
-            ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", NOBODY_PROBE, port, str(state / SECRET_FILE)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        secret = str(state / SECRET_FILE)
+        for attempt in range(3):  # a SuperNode restarted between finding its port and probing it: again
+            wait_for(f"{name}'s SuperNode", lambda n=name: _runtime_port(edge, n) is not None, 120)  # type: ignore[misc]
+            port = str(_runtime_port(edge, name))
+            probe = subprocess.run(
+                ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", NOBODY_PROBE, port, secret],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            # the same request signed with the secret (what the node's own executor does) is served
+            own = subprocess.run(
+                [sys.executable, "-c", _SIGNED_PROBE, port, secret],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            refused = any(word in p.stderr for p in (probe, own) for word in ("ConnectError", "Connection refused"))
+            if attempt < 2 and refused:
+                time.sleep(2)
+                continue
+            break
         assert probe.returncode == 0, probe.stdout + probe.stderr
         status = int(re.findall(r"STATUS (\d+)", probe.stdout)[0])
         assert status in (401, 403), probe.stdout  # refused: not signed with the node's secret
-        # the same request signed with the secret (what the node's own executor does) is served
-        own = subprocess.run(
-            [sys.executable, "-c", _SIGNED_PROBE, port, str(state / SECRET_FILE)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
         assert own.returncode == 0 and "ACQUIRED-NOTHING" in own.stdout, own.stdout + own.stderr
 
 

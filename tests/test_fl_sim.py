@@ -83,8 +83,9 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.flower
 def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
     """Ctrl-C after round 2 of 4, ``fl-sim --resume``: the same final adapter as one straight run."""
-    # two rounds left after the interrupt: it lands before round 4 ends even on a fast machine
-    common = [*TINY, "--rounds", "4", "--local-steps", "10", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
+    # rounds long enough (a few seconds) that the interrupt, which stops the Flower run through
+    # its CLI, lands before round 4 ends (10 steps a round were too few under load)
+    common = [*TINY, "--rounds", "4", "--local-steps", "30", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
     # DP randomness from the public config, so two separate runs (two client secrets) can match
     common += ["--run-config", "dp.secret-noise=false"]
     straight = tmp_path / "straight"
