@@ -129,6 +129,7 @@ def process_mb(pid: int) -> float | None:
 
 _KINDS = {
     "flower-superlink": "superlink",
+    "fedlora.core.superlink": "superlink",
     "flower-superexec": "superexec",
     "flwr-simulation": "flwr-simulation (ServerApp)",
     "flwr": "flwr-cli",

@@ -15,6 +15,7 @@ fl-hub train-generator --method sg-lora|icm-lora (--experts DIR | --hub URL --hu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -214,21 +215,14 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
     # lazy: pulls in fastapi, which this module does not need at import
     from fedlora.hub.app import BASE_MODELS_ENV, HUB_DIR_ENV, create_app
+    from fedlora.hub.http_timeouts import BODY_TIMEOUT_ENV, HEADER_TIMEOUT_ENV, TimedH11Protocol
 
     # lazy: pulls in sqlalchemy, which this module does not need at import
-    from fedlora.hub.hub_dir import HubDir, HubSettings
+    from fedlora.hub.hub_dir import HubDir
 
     hub = HubDir(args.dir.resolve())
     s = hub.settings()
-    s = HubSettings(
-        host=args.host or s.host,
-        port=args.port or s.port,
-        database=s.database,
-        max_upload_mb=s.max_upload_mb,
-        workers=args.workers or s.workers,
-        tls_cert=s.tls_cert,
-        tls_key=s.tls_key,
-    )
+    s = dataclasses.replace(s, host=args.host or s.host, port=args.port or s.port, workers=args.workers or s.workers)
     registry = hub.registry()  # fail here, before binding, on a broken directory or database
     base_dirs = [str(p.resolve()) for p in args.base_model]
     for p in args.base_model:
@@ -241,7 +235,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tls: dict[str, Any] = {"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key} if s.tls_cert else {}
+    # every worker process reads the request timeouts from its environment
+    os.environ[HEADER_TIMEOUT_ENV], os.environ[BODY_TIMEOUT_ENV] = str(s.header_timeout), str(s.body_timeout)
     common: dict[str, Any] = {"host": s.host, "port": s.port, "log_level": "warning", "access_log": False, **tls}
+    common["http"] = TimedH11Protocol
     if s.workers == 1:
         uvicorn.run(create_app(registry, s.max_upload_bytes, base_dirs), **common)
     else:

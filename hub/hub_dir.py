@@ -35,6 +35,8 @@ class HubSettings:
     workers: int = 1
     tls_cert: str = ""
     tls_key: str = ""
+    header_timeout: float = 10.0  # seconds for a request's headers (half-open connections are closed)
+    body_timeout: float = 30.0  # seconds between reads of a request body
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not is_host(self.host):
@@ -51,6 +53,9 @@ class HubSettings:
             raise ValueError(f"max-upload-mb must be in (0, 4096], got {self.max_upload_mb!r}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64, got {self.workers!r}")
+        for what, seconds in (("header-timeout", self.header_timeout), ("body-timeout", self.body_timeout)):
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds <= 3600:
+                raise ValueError(f"{what} must be seconds in (0, 3600], got {seconds!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls-cert and tls-key go together")
         for what, path in (("tls-cert", self.tls_cert), ("tls-key", self.tls_key)):

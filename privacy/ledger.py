@@ -327,6 +327,7 @@ class PrivacyLedger:
         if self.state_dir.is_dir():
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # the ledger and the DP secret: the client's alone
         fsync_dir(self.state_dir.parent)
 
     @contextmanager

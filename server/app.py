@@ -285,7 +285,7 @@ def main(grid: Grid, context: Context) -> None:
     fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))
     scaling = cfg.lora_settings(rank, alpha).scaling
     run_dir = RunDir(cfg.run_dir, model, base_dir)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
+    run_dir.make()
     resolved = cfg.to_run_config() | {"lr": lr, "lora-alpha": alpha, "scaling": scaling, "run-id": context.run_id}
     prepare_run_dir(run_dir, cfg, resolved)
     if cfg.resume:  # the run keeps its first id (the clients' ledgers key rounds by it)

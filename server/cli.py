@@ -103,12 +103,20 @@ def _enroll(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+#: when a revocation bites: the running SuperLink registered every enrolled key when it started
+REVOKED_WHEN = (
+    "refused from the next `fl-server start`; a run in progress keeps the key until it ends "
+    "(to drop it now: Ctrl-C the server, then `fl-server start SERVER_DIR --resume RUN_DIR`)"
+)
+
+
 def _revoke(args: argparse.Namespace, console: Console) -> int:
     try:
         enrollment = ServerDir(args.server_dir).revoke(args.name)
     except (ValueError, FileNotFoundError) as err:
         return _error(err)
     console.print(f"revoked {enrollment.name} ({enrollment.fingerprint})", markup=False, highlight=False)
+    console.print(REVOKED_WHEN, markup=False, highlight=False)
     return 0
 
 
@@ -190,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a name or address clients dial (repeat for several); it goes into the certificate",
     )
     init.add_argument("--port", type=int, default=9092, help="SuperLink port (default 9092)")
-    init.add_argument("--bind", default="0.0.0.0", help="address the SuperLink listens on (default 0.0.0.0)")
+    init.add_argument(
+        "--bind",
+        default="0.0.0.0",
+        help="address the SuperLink listens on: 0.0.0.0 (default) or a loopback address; IPv4, since "
+        "fl-server start reaches its control API at 127.0.0.1",
+    )
     init.add_argument(
         "--run-config",
         action="append",

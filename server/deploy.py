@@ -1,6 +1,6 @@
 """``fl-server start``: one federated run on real SuperNodes, secure by default.
 
-The SuperLink is Flower's own (``fedlora.server.superlink`` adds only a loopback guard for the
+The SuperLink is Flower's own (``fedlora.core.superlink`` adds only a loopback guard for the
 Control and Runtime APIs), started with TLS from the server directory and SuperNode
 authentication on; every enrolled key is registered before the run is submitted. The
 run itself is our ServerApp, submitted with ``flwr run`` like ``fl-sim`` does, through the
@@ -75,7 +75,7 @@ def superlink_command(server_dir: Any, host: str, port: int, insecure: bool, exp
     and would keep a crashed run's node sessions "online", refusing their reconnection for up
     to a minute.
     """
-    command = [sys.executable, "-m", "fedlora.server.superlink"]
+    command = [sys.executable, "-m", "fedlora.core.superlink"]
     if expose_control:
         command.append("--expose-control")
     command.append("--")
@@ -156,7 +156,7 @@ def run_plan(
     from fedlora.core.config import DEFAULT_RUN_CONFIG  # lazy: torch, PEFT
 
     overrides = {k: v for k, v in plan.run_config.items() if DEFAULT_RUN_CONFIG.get(k) != v}
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    RunDir(plan.run_dir).make()
     request = FlowerRunRequest(
         components=FEDLORA_COMPONENTS,
         app_name="fedlora",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import ipaddress
 import json
 import os
 import tomllib
@@ -77,6 +78,26 @@ _SUPERLINK_KEYS = ("host", "port", "names", "expose-control")
 _SECTIONS = ("superlink", "run")
 
 
+def _check_bind(host: str) -> None:
+    """The SuperLink must also listen on 127.0.0.1: ``fl-server start`` and the operator's ``flwr``
+    reach its control API there (the guard answers local connections only)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a host name: resolved where the SuperLink starts
+    if isinstance(address, ipaddress.IPv6Address):
+        raise ValueError(
+            f"superlink host {host!r}: an IPv6 listener here is IPv6-only (asyncio sets IPV6_V6ONLY), so IPv4 "
+            "clients and fl-server start itself, which reaches the control API at 127.0.0.1, could not connect; "
+            "use 0.0.0.0 (every IPv4 interface) and let IPv6 clients in through a proxy"
+        )
+    if not (address.is_unspecified or address.is_loopback):
+        raise ValueError(
+            f"superlink host {host!r}: a listener on one interface leaves out 127.0.0.1, where fl-server start "
+            "and the operator's flwr reach the control API; use 0.0.0.0 and a firewall to choose interfaces"
+        )
+
+
 @dataclass(frozen=True)
 class SuperlinkSettings:
     """Where the SuperLink listens and what clients dial (also the certificate's SANs)."""
@@ -89,6 +110,7 @@ class SuperlinkSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not is_host(self.host):
             raise ValueError(f"superlink host {self.host!r} is neither an IP address nor a host name")
+        _check_bind(self.host)
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise ValueError(f"superlink port must be an integer in 1..65535, got {self.port!r}")
         if isinstance(self.names, str) or not self.names:

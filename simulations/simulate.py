@@ -117,7 +117,7 @@ def simulate(
         overrides["model-dir"] = str(Path(cfg.model_dir).resolve())
     if cfg.data_path:
         overrides["data-path"] = str(Path(cfg.data_path).resolve())
-    run.root.mkdir(parents=True, exist_ok=True)
+    run.make()
     request = FlowerRunRequest(
         components=FEDLORA_COMPONENTS,
         app_name="fedlora",

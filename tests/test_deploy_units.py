@@ -9,11 +9,14 @@ import datetime
 import ipaddress
 import json
 import logging
+import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,11 +44,11 @@ from fedlora.core.pki import (
     write_private_key_pem,
 )
 from fedlora.core.reports import privacy_records
+from fedlora.core.superlink import SOCKET_TABLES, ControlGuard, is_loopback, peer_owner, socket_owner
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.report import build_report
 from fedlora.server.cli import main as server_main
 from fedlora.server.server_dir import ServerDir
-from fedlora.server.superlink import ControlGuard, is_loopback
 from fedlora.strategies.ffa_lora import FfaLora
 from fedlora.strategies.flower import LoraStrategy
 
@@ -61,15 +64,71 @@ def _app(status: int = 200) -> Starlette:
     return Starlette(routes=routes)
 
 
+def _guard(owner: int | None = 1000, **kwargs: Any) -> ControlGuard:
+    """The guard of a SuperLink run by uid 1000, every connection owned by ``owner``."""
+    return ControlGuard(_app(), operator_uid=1000, owner_of=lambda scope: owner, **kwargs)
+
+
 @pytest.mark.parametrize("path", ["/v1/control/x", "/v1/runtime/y"])
 def test_guard_refuses_control_and_runtime_from_other_machines(path: str) -> None:
-    remote = TestClient(ControlGuard(_app()), client=("10.1.2.3", 40000))
+    remote = TestClient(_guard(), client=("10.1.2.3", 40000))
     assert remote.get(path).status_code == 403
     assert remote.get("/v1/fleet/pull").status_code == 200  # nodes must reach the Fleet API
     for local in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
-        assert TestClient(ControlGuard(_app()), client=(local, 40000)).get(path).status_code == 200
-    exposed = TestClient(ControlGuard(_app(), expose_control=True), client=("10.1.2.3", 40000))
+        assert TestClient(_guard(), client=(local, 40000)).get(path).status_code == 200
+    exposed = TestClient(_guard(expose_control=True), client=("10.1.2.3", 40000))
     assert exposed.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/control/x", "/v1/runtime/y"])
+def test_guard_refuses_loopback_connections_of_other_accounts(path: str) -> None:
+    for owner in (65534, 0, None):  # nobody, root (not the operator here), a socket not found
+        answer = TestClient(_guard(owner), client=("127.0.0.1", 40000)).get(path)
+        assert answer.status_code == 403
+        assert "operator's account (uid 1000) only" in answer.json()["detail"]
+    other = TestClient(_guard(65534), client=("127.0.0.1", 40000))
+    assert other.get("/v1/fleet/pull").status_code == 200  # the Fleet API is for everyone (node auth is Flower's)
+    assert TestClient(_guard(65534, expose_control=True), client=("127.0.0.1", 1)).get(path).status_code == 200
+
+
+_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:2384 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 11 1
+   1: 0100007F:9C40 0100007F:2384 01 00000000:00000000 00:00000000 00000000 65534        0 12 1
+   2: 0100007F:2384 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 13 1
+   3: 0100007F:9C41 0100007F:2384 06 00000000:00000000 00:00000000 00000000     0        0 0 1
+"""
+_TCP6 = """\
+  sl  local_address                         remote_address                        st tx rx tr retr uid
+   0: 0000000000000000FFFF00000100007F:9C42 0000000000000000FFFF00000100007F:2384 01 0:0 0:0 0 1001
+   1: 00000000000000000000000001000000:9C43 00000000000000000000000001000000:2384 01 0:0 0:0 0 1002
+"""
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="the tables above are as a little-endian kernel prints them")
+def test_socket_owner_reads_the_kernels_tables() -> None:
+    port = 0x2384
+    assert socket_owner(("127.0.0.1", 0x9C40), ("127.0.0.1", port), [_TCP, _TCP6]) == 65534  # the client's end
+    assert socket_owner(("127.0.0.1", port), ("127.0.0.1", 0x9C40), [_TCP]) == 1000  # the server's own end
+    assert socket_owner(("::ffff:127.0.0.1", 0x9C42), ("127.0.0.1", port), [_TCP, _TCP6]) == 1001  # v4-mapped
+    assert socket_owner(("::1", 0x9C43), ("::1", port), [_TCP, _TCP6]) == 1002
+    assert socket_owner(("127.0.0.1", 0x9C41), ("127.0.0.1", port), [_TCP]) is None  # TIME_WAIT has no owner
+    assert socket_owner(("127.0.0.1", 1), ("127.0.0.1", port), [_TCP, _TCP6, "garbage\n 0: zz:zz"]) is None
+
+
+def test_peer_owner_finds_this_process_on_a_real_connection() -> None:
+    assert all(Path(p).exists() for p in SOCKET_TABLES)
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as server:
+            server.bind((host, 0))
+            server.listen()
+            with socket.create_connection(server.getsockname()[:2]) as client:
+                accepted, _ = server.accept()
+                with accepted:
+                    scope = {"client": accepted.getpeername()[:2], "server": accepted.getsockname()[:2]}
+                    assert peer_owner(scope) == os.getuid()
+                    assert client.getsockname()[:2] == scope["client"]
+    assert peer_owner({"client": ("testclient", 1), "server": ("127.0.0.1", 2)}) is None
 
 
 def test_loopback_means_loopback() -> None:

@@ -5,6 +5,7 @@ recompute an aggregation."""
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,7 @@ def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
     for name in ("partition.json", "report/privacy.md", "report/training.png", "report/clients.csv"):
         assert (run_dir / name).is_file(), name
     assert all(0 <= m["local-exact-match"] <= 1 for m in rows[-1]["per-client-train"].values())
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700  # the operator's alone
 
     state = _state(final)
     if strategy == "ffa-lora":  # A never moves: bit-identical to round 0

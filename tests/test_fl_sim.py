@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -118,6 +119,13 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Pat
     assert report["epsilon_max"] <= 8.0 + 1e-6
     config = json.loads((broken / "config.json").read_text())
     assert len(config["resumed-as"]) == 1 and config["run-id"] != config["resumed-as"][0]
+    # the operator's alone: the run directory, each virtual client's state and every secret in it
+    assert stat.S_IMODE(broken.stat().st_mode) == 0o700
+    states = [d for d in (broken / "client-state").iterdir() if d.is_dir()]
+    assert len(states) == 3 and all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in states)
+    assert all((d / "privacy_ledger.json").is_file() for d in states)
+    files = [f for d in states for f in d.iterdir() if f.is_file()]
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), files
 
 
 def _reaper_of(run: RunDir) -> tuple[int, str] | None:

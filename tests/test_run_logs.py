@@ -62,3 +62,18 @@ def test_the_workdir_is_the_operators_alone(tmp_path: Path) -> None:
             )
         )
     assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
+
+
+def test_a_run_directory_is_its_operators_alone(tmp_path: Path) -> None:
+    from fedlora.core.run_dir import RunDir
+
+    old = os.umask(0o022)
+    try:
+        run = RunDir(tmp_path / "runs" / "r1")
+        run.make()
+        assert stat.S_IMODE(run.root.stat().st_mode) == 0o700
+        run.root.chmod(0o755)  # a run made before, or loosened: resuming it tightens it again
+        run.make()
+        assert stat.S_IMODE(run.root.stat().st_mode) == 0o700
+    finally:
+        os.umask(old)

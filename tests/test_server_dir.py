@@ -118,9 +118,13 @@ def test_init_settings_round_trip(server_dir: ServerDir) -> None:
 
 def test_init_with_overrides_and_options(tmp_path: Path) -> None:
     overrides = {"dp": {"enabled": False}, "num-rounds": 8, "lora-rank": 4, "dp.target-epsilon": 3}
-    server_dir = ServerDir.init(tmp_path / "srv", ["10.1.2.3"], port=10443, host="::", run_overrides=overrides)
+    server_dir = ServerDir.init(tmp_path / "srv", ["10.1.2.3"], port=10443, host="127.0.0.1", run_overrides=overrides)
     settings = server_dir.settings()
-    assert (settings.superlink.host, settings.superlink.port, settings.superlink.names) == ("::", 10443, ("10.1.2.3",))
+    assert (settings.superlink.host, settings.superlink.port, settings.superlink.names) == (
+        "127.0.0.1",
+        10443,
+        ("10.1.2.3",),
+    )
     assert settings.run == DEFAULT_DEPLOY_RUN_CONFIG | {
         "dp.enabled": False,
         "num-rounds": 8,
@@ -395,3 +399,30 @@ def test_revoke_removes_key_and_entry(tmp_path: Path) -> None:
     again = server_dir.enroll(alice_pub, "alice-new")  # the key may come back under a new name
     assert again.fingerprint == alice.fingerprint
     assert [e.name for e in server_dir.enrolled()] == ["alice-new", "bob"]
+
+
+@pytest.mark.parametrize(
+    ("bind", "reason"),
+    [("::", "IPv6-only"), ("::1", "IPv6-only"), ("10.1.2.3", "leaves out 127.0.0.1")],
+)
+def test_init_refuses_a_bind_address_fl_server_start_could_not_reach(tmp_path: Path, bind: str, reason: str) -> None:
+    """Before, ``--bind ::`` was accepted and ``fl-server start`` then failed (an IPv6-only listener)."""
+    with pytest.raises(ValueError, match=reason):
+        ServerDir.init(tmp_path / "srv", ["10.1.2.3"], host=bind)
+    assert not (tmp_path / "srv").exists()  # nothing half-made
+    for good in ("0.0.0.0", "127.0.0.1", "localhost"):
+        ServerDir.init(tmp_path / good, ["10.1.2.3"], host=good)
+
+
+def test_fl_server_revoke_says_when_the_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, ``revoke`` printed only "revoked": the running server kept admitting the key."""
+    from fedlora.server.cli import main as server_main
+
+    server_dir = ServerDir(tmp_path / "srv")
+    server_dir.enroll(node_key(tmp_path, "alice"), "alice")
+    assert server_main(["revoke", str(server_dir.root), "alice"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "revoked alice" in out and "refused from the next `fl-server start`" in out
+    assert "a run in progress keeps the key until it ends" in out and "--resume" in out
+    assert server_main(["revoke", str(server_dir.root), "alice"]) == 2
+    assert "no node named 'alice'" in capsys.readouterr().err

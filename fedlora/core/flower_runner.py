@@ -542,9 +542,14 @@ def free_port() -> int:
 
 
 def _simulation_superlink_command(bin_dir: Path, port: int) -> list[str]:
+    """Flower's SuperLink behind our guard (``fedlora.core.superlink``): on a shared host every
+    local account reaches 127.0.0.1, and the control API has no login in open-source Flower."""
     return [
-        str(bin_dir / "flower-superlink"),
-        "--insecure",  # loopback only: the control API has no login in open-source Flower
+        sys.executable,  # bin_dir's interpreter: Flower's tools are found beside it
+        "-m",
+        "fedlora.core.superlink",
+        "--",
+        "--insecure",  # loopback only, the operator's account only (the guard)
         "--simulation",
         "--disable-runtime-dependency-installation",
         "--host",

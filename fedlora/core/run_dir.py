@@ -305,6 +305,13 @@ class RunDir:
 
     # ------------------------------------------------------------------------------ writing
 
+    def make(self) -> None:
+        """Create the run directory for its operator alone (0700): it holds the virtual clients'
+        ledgers and DP secrets, per-client metrics and the logs. Share a copy without
+        ``client-state/`` (README, "What may be shared")."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+
     def append_row(self, row: Mapping[str, Any]) -> None:
         """Append one metrics row and fsync it; a hard kill mid-write can leave a torn last line,
         which :meth:`rows` and a resume skip."""
