@@ -177,6 +177,7 @@ def _start_parser(sub: Any) -> None:
     )
     g.add_argument("--hub-token-file", type=Path, metavar="FILE", help="this client's hub token (fl-hub token create)")
     g.add_argument("--hub-key", type=Path, metavar="HUB_PUB", help="the hub's public key (hub.pub)")
+    g.add_argument("--hub-ca", type=Path, metavar="CA", help="the hub's ca.pem (fl-hub init made it)")
     _policy_options(p)
 
 
@@ -253,6 +254,7 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             hub=args.hub,
             hub_token_file=args.hub_token_file,
             hub_key=args.hub_key,
+            hub_ca=args.hub_ca,
             device=args.device,
             dtype=args.dtype,
             policy_changes=_policy_changes(args),

@@ -454,6 +454,7 @@ def personalize_reply(context: NodeContext, state: Mapping[str, Tensor], config:
                 hub_url,
                 read_token(None, str(context.node_config["hub-token-file"])),
                 load_public_key(Path(key)) if key else None,
+                ca=str(context.node_config.get("hub-ca") or "") or None,
             ) as hub:
                 push_adapter(hub, run_name, out, Path(cfg.model_dir) if cfg.model_dir else None)
             metrics["pushed"] = 1

@@ -78,6 +78,7 @@ class NodeOptions:
     hub: str | None = None  # where personal adapters go at the end of a run (personalize.steps > 0)
     hub_token_file: Path | None = None
     hub_key: Path | None = None
+    hub_ca: Path | None = None
     device: str | None = None  # where this node's model runs (model.device), whatever the server's run says
     dtype: str | None = None  # the base weights' dtype on this node (model.dtype)
     policy_changes: dict[str, Any] = field(default_factory=dict)  # --min-noise & co. (None: keep the file's)
@@ -95,7 +96,7 @@ class NodeOptions:
             raise NodeError(f"--name {self.name!r}: use 1-63 letters, digits, '.', '_' or '-'")
         if not self.insecure and (self.ca is None or self.key is None):
             raise NodeError("--ca and --key are required (or --insecure for a plain-HTTP test server)")
-        hub_files = (("--hub-token-file", self.hub_token_file), ("--hub-key", self.hub_key))
+        hub_files = (("--hub-token-file", self.hub_token_file), ("--hub-key", self.hub_key), ("--hub-ca", self.hub_ca))
         for label, value in (("--data", self.data), ("--state-dir", str(self.state_dir)), *hub_files):
             if value is not None and re.search(r'[\s"\']', str(value)):
                 raise NodeError(f"{label} {value!r}: paths with spaces or quotes cannot travel in Flower's node config")
@@ -104,8 +105,8 @@ class NodeOptions:
     def _check_hub(self) -> None:
         """A hub is checked now (URL, token file, key), not at the end of the first run."""
         if self.hub is None:
-            if self.hub_token_file is not None or self.hub_key is not None:
-                raise NodeError("--hub-token-file and --hub-key need --hub URL")
+            if self.hub_token_file is not None or self.hub_key is not None or self.hub_ca is not None:
+                raise NodeError("--hub-token-file, --hub-key and --hub-ca need --hub URL")
             return
         if not self.hub.startswith(("http://", "https://")) or re.search(r'[\s"\']', self.hub):
             raise NodeError(f"--hub {self.hub!r}: a URL starting with http:// or https://")
@@ -116,6 +117,8 @@ class NodeOptions:
             if not self.hub_token_file.read_text().strip():
                 raise NodeError(f"--hub-token-file {self.hub_token_file} is empty")
             load_public_key(self.hub_key)
+            if self.hub_ca is not None and not self.hub_ca.is_file():
+                raise NodeError(f"--hub-ca {self.hub_ca} does not exist")
         except (OSError, ValueError) as err:
             raise NodeError(f"hub: {err}") from None
 
@@ -247,6 +250,8 @@ def supernode_command(options: NodeOptions, runtime_port: int) -> list[str]:
         assert options.hub_token_file is not None and options.hub_key is not None
         node_config += f' hub-url="{options.hub}" hub-token-file="{options.hub_token_file.resolve()}"'
         node_config += f' hub-key="{options.hub_key.resolve()}"'
+        if options.hub_ca is not None:
+            node_config += f' hub-ca="{options.hub_ca.resolve()}"'
     if options.device is not None:
         node_config += f' device="{options.device}"'
     if options.dtype is not None:

@@ -49,8 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--port", type=int, default=None)
     init.add_argument("--database", default="", help="SQLAlchemy URL (default: sqlite in DIR/hub.db)")
     init.add_argument("--max-upload-mb", type=float, default=64.0)
-    init.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM)")
-    init.add_argument("--tls-key", type=Path, default=None, help="... and its private key (PEM)")
+    init.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address clients dial (repeatable; the certificate's SANs, loopback always included)",
+    )
+    init.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS with this certificate (PEM) ...")
+    init.add_argument("--tls-key", type=Path, default=None, help="... and its private key (PEM), not the hub's own CA")
+    init.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plain HTTP (tokens and adapters travel in clear): only behind a TLS proxy of your own",
+    )
 
     serve = sub.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("dir", type=Path)
@@ -181,11 +193,12 @@ def remote_client(args: argparse.Namespace, key_required: bool = False) -> HubCl
     key_file = getattr(args, "hub_key", None)
     if key_required and key_file is None:
         raise ValueError(f"fl-hub {args.command} needs --hub-key hub.pub (what the hub signs is verified)")
-    return open_hub(args.hub, args.token, args.token_file, key_file)
+    return open_hub(args.hub, args.token, args.token_file, key_file, args.hub_ca)
 
 
 def _remote_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hub", default=None, help="hub URL, e.g. http://127.0.0.1:9480")
+    p.add_argument("--hub", default=None, help="hub URL, e.g. https://127.0.0.1:9480")
+    p.add_argument("--hub-ca", type=Path, default=None, help="the hub's ca.pem (fl-hub init made it)")
     p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with the reason: a token in ps
     p.add_argument(
         "--token-file", type=Path, default=None, help="a file (0600) holding the token; or FEDLORA_HUB_TOKEN"
@@ -204,8 +217,19 @@ def _init(args: argparse.Namespace, console: Console) -> int:
         tls_cert=str(args.tls_cert.resolve()) if args.tls_cert else "",
         tls_key=str(args.tls_key.resolve()) if args.tls_key else "",
     )
-    hub, kid = HubDir.init(args.dir, settings)
+    if args.insecure and (args.tls_cert or args.name):
+        raise ValueError("--insecure serves plain HTTP: it takes no --tls-cert or --name")
+    own_ca = not args.insecure and not args.tls_cert
+    names = args.name or ([args.host] if args.host not in ("0.0.0.0", "::") else []) or ["localhost"]
+    hub, kid = HubDir.init(args.dir, settings, tls_names=names if own_ca else ())
     console.print(f"hub directory {hub.root}\nsigning key {kid} (give clients {hub.public_key_path})")
+    if own_ca:
+        console.print(
+            f"HTTPS with the hub's own CA: certificate for {', '.join(names)} (+ loopback); "
+            f"give clients {hub.ca_cert_path} (--hub-ca)"
+        )
+    elif args.insecure:
+        console.print("plain HTTP (--insecure): tokens and adapters travel in clear")
     console.print(f"operator token in {hub.operator_token_path}\nserve it with: fl-hub serve {hub.root}")
     return 0
 
@@ -341,9 +365,8 @@ def _publish_run(args: argparse.Namespace, console: Console) -> int:
     if not args.hub:
         raise ValueError("fl-hub publish-run needs --hub URL")
     run = RunDir(args.run_dir.resolve())
-    target = HubTarget(
-        args.hub, read_token(args.token, args.token_file), load_public_key(args.hub_key) if args.hub_key else None
-    )
+    key = load_public_key(args.hub_key) if args.hub_key else None
+    target = HubTarget(args.hub, read_token(args.token, args.token_file), key, ca=args.hub_ca)
     if args.round is None:
         server_round, adapter_dir, final = run.last_round(), run.global_adapter_dir, True
         if not (adapter_dir / CONFIG_FILE).is_file():

@@ -11,7 +11,8 @@ HUB_DIR/
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedlora.atomic import write_atomic
-from fedlora.core.pki import is_host
+from fedlora.core.pki import create_ca, is_host, issue_server_certificate, write_certificate, write_private_key_pem
 from fedlora.hub.sdk.manifest import describe_base_model, key_id, load_private_key, private_pem, public_pem
 from fedlora.hub.store import Registry
 
@@ -95,15 +96,46 @@ class HubDir:
     def operator_token_path(self) -> Path:
         return self.root / "operator.token"
 
+    @property
+    def ca_cert_path(self) -> Path:
+        """The hub's own CA (``fl-hub init`` without ``--insecure``): clients verify with it."""
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return self.root / "tls.pem"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.root / "tls.key"
+
     @classmethod
-    def init(cls, root: str | Path, settings: HubSettings) -> tuple[HubDir, str]:
+    def init(cls, root: str | Path, settings: HubSettings, tls_names: Sequence[str] = ()) -> tuple[HubDir, str]:
         """Create the directory, key, settings and database; register the embedded base
-        model; write the first operator token. Refuses a directory that already has a key."""
+        model; write the first operator token. With ``tls_names``, also a CA of the hub's own
+        and a server certificate for those names (plus loopback), which the settings then
+        serve, as ``fl-server init`` does for the SuperLink. Refuses a directory that already
+        has a key."""
         hub = cls(root)
         if hub.key_path.exists():
             raise ValueError(f"{hub.root} already holds a hub (hub.key exists); serve it or pick another directory")
+        if tls_names and settings.tls_cert:
+            raise ValueError("a certificate of your own (tls-cert) or one from the hub's own CA (names), not both")
         hub.root.mkdir(parents=True, exist_ok=True)
         hub.root.chmod(0o700)
+        if tls_names:
+            ca_key, ca_cert = create_ca("fedlora hub CA")
+            server_key, server_cert = issue_server_certificate(ca_key, ca_cert, list(tls_names))
+            write_private_key_pem(hub.ca_key_path, ca_key)
+            write_certificate(hub.ca_cert_path, ca_cert)
+            write_private_key_pem(hub.tls_key_path, server_key)
+            write_certificate(hub.tls_cert_path, server_cert)
+            cert, key_file = str(hub.tls_cert_path.resolve()), str(hub.tls_key_path.resolve())
+            settings = replace(settings, tls_cert=cert, tls_key=key_file)
         key = Ed25519PrivateKey.generate()
         write_atomic(hub.key_path, private_pem(key), 0o600)
         write_atomic(hub.public_key_path, public_pem(key.public_key()), 0o644)

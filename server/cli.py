@@ -136,7 +136,7 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             timeout=args.timeout,
         )
         plan = plan_start(options)
-        target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round))
+        target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round), args.hub_ca)
     except (ValueError, FileNotFoundError, KeyError, CertificateError) as err:
         return _error(err.args[0] if isinstance(err, KeyError) and err.args else err)
     if args.insecure:

@@ -89,7 +89,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
         validate(run_config)
         console.print(run_config_toml(run_config), markup=False, highlight=False)
         return 0
-    target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round))
+    target = hub_target(args.hub, args.hub_token_file, args.hub_key, bool(args.hub_every_round), args.hub_ca)
     run_dir = Path(str(run_config["run-dir"]))
     if args.resume is None and RunDir(run_dir).holds_run():
         if not args.force:

@@ -4,6 +4,7 @@ checks, settings; and the ``fl-hub`` / ``fl-client`` commands against a real ser
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,13 @@ def test_cli_token_ls_pull_push(
     from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
     from fedlora.hub.cli import main as fl_hub
 
-    assert fl_hub(["init", str(tmp_path / "h")]) == 0
+    assert fl_hub(["init", str(tmp_path / "h")]) == 0  # HTTPS with the hub's own CA, by default
     hub = HubDir(tmp_path / "h")
+    assert "give clients" in capsys.readouterr().out
+    for secret in (hub.ca_key_path, hub.tls_key_path):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert hub.settings().tls_cert == str(hub.tls_cert_path.resolve())
+    ca = str(hub.ca_cert_path)
     alice_file = tmp_path / "alice.token"
     assert (
         fl_hub(["token", "create", str(hub.root), "--client", "alice", "--label", "phone", "--out", str(alice_file)])
@@ -251,15 +257,16 @@ def test_cli_token_ls_pull_push(
     alice = alice_file.read_text().strip()
     assert alice.startswith("flh_")
     adapter = save_adapter(wrap_lora(load_base_model(), LoraSettings(rank=2)), tmp_path / "adapter")
-    with HubServer(hub.root, tmp_path / "hub.log") as server:
+    with HubServer(hub.root, tmp_path / "hub.log", ca=hub.ca_cert_path) as server:
         url, key = server.url, str(hub.public_key_path)
+        assert url.startswith("https://")
         token_file = str(hub.operator_token_path)
-        assert (
-            fl_hub(["publish", "tasks/demo", str(adapter), "--hub", url, "--token-file", token_file, "--hub-key", key])
-            == 0
-        )
+        publish = ["publish", "tasks/demo", str(adapter), "--hub", url, "--token-file", token_file, "--hub-key", key]
+        assert fl_hub(publish) == 2  # the hub's certificate is from its own CA: not trusted without --hub-ca
+        assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+        assert fl_hub([*publish, "--hub-ca", ca]) == 0
         assert "published tasks/demo v1" in capsys.readouterr().out
-        common = ["--hub", url, "--token-file", str(alice_file), "--hub-key", key]
+        common = ["--hub", url, "--token-file", str(alice_file), "--hub-key", key, "--hub-ca", ca]
         # a token on the command line is refused with the reason (any local account reads ps)
         refused = ["pull", "--hub", url, "--token", alice, "--hub-key", key, "--task", "demo", "--out", "r"]
         assert fl_client(refused) == 2
@@ -281,7 +288,7 @@ def test_cli_token_ls_pull_push(
         assert fl_client(["pull", *common, "--task", "nope", "--out", str(tmp_path / "n")]) == 2
         assert "hub refused (404): no adapter tasks/nope" in capsys.readouterr().err
         monkeypatch.setenv("FEDLORA_HUB_TOKEN", alice)  # the other way in: the environment
-        assert fl_hub(["ls", "--hub", url]) == 0
+        assert fl_hub(["ls", "--hub", url, "--hub-ca", ca]) == 0
         listing = capsys.readouterr().out
         assert "clients/alice/mine" in listing and "tasks/demo" in listing
         assert fl_hub(["token", "revoke", str(hub.root), "--client", "alice"]) == 0
@@ -317,6 +324,11 @@ def test_hub_over_tls_is_verified_by_the_ca(tmp_path: Path) -> None:
     ]
     assert fl_hub(argv) == 0
     assert fl_hub(["init", str(tmp_path / "h2"), "--tls-cert", str(tmp_path / "nothing.pem"), "--tls-key", "k"]) == 2
+    assert fl_hub(["init", str(tmp_path / "h3"), "--insecure", "--name", "hub.example"]) == 2
+    assert fl_hub(["init", str(tmp_path / "h4"), "--insecure"]) == 0  # plain HTTP only when asked for
+    assert HubDir(tmp_path / "h4").settings().tls_cert == "" and not HubDir(tmp_path / "h4").ca_cert_path.exists()
+    assert HubDir(tmp_path / "h").settings().tls_cert == str((tmp_path / "hub.pem").resolve())  # its own certificate
+    assert not HubDir(tmp_path / "h").ca_cert_path.exists()
     hub = HubDir(tmp_path / "h")
     token = hub.operator_token_path.read_text().strip()
     with HubServer(hub.root, tmp_path / "hub.log", ca=tmp_path / "ca.pem") as server:

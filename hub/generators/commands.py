@@ -15,9 +15,16 @@ from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
 from fedlora.hub.generators.library import ExpertLibrary
 from fedlora.hub.generators.registry import generator_class
-from fedlora.hub.sdk.client import open_hub
+from fedlora.hub.sdk.client import HubClient, open_hub
 from fedlora.hub.sdk.manifest import describe_base_model
 from fedlora.hub.sdk.publish import fedlora_version
+
+
+def remote_hub(args: argparse.Namespace) -> HubClient | None:
+    """The hub ``--hub`` names (None without one): a bad token file or URL fails before training."""
+    if not args.hub:
+        return None
+    return open_hub(args.hub, args.token, args.token_file, getattr(args, "hub_key", None), args.hub_ca)
 
 
 def build_experts_command(args: argparse.Namespace, console: Console) -> int:
@@ -37,7 +44,7 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
         raise ValueError("--federated experts all start from the shared initialisation (--warm-start shared)")
     federated = FederatedExperts(args.clients, args.rounds, args.local_steps) if args.federated else None
     # a bad token file or URL fails before any training
-    hub = open_hub(args.hub, args.token, args.token_file, getattr(args, "hub_key", None)) if args.hub else None
+    hub = remote_hub(args)
     how = (
         f"a federation each ({args.clients} clients, {args.rounds} rounds of {args.local_steps} steps), "
         f"checkpoints after the last {cfg.checkpoints} rounds"
@@ -67,7 +74,7 @@ def train_generator_command(args: argparse.Namespace, console: Console) -> int:
     torch.set_num_threads(args.threads)
     settings = CVAESettings(steps=args.steps, seed=args.seed)
     base = describe_base_model(args.base_model)
-    hub = open_hub(args.hub, args.token, args.token_file, getattr(args, "hub_key", None)) if args.hub else None
+    hub = remote_hub(args)
     if args.experts is not None:
         library = ExpertLibrary.from_dir(args.experts, base)
     elif hub is not None:

@@ -57,9 +57,10 @@ class HubTarget:
     token: str
     public_key: Ed25519PublicKey | None = None
     every_round: bool = False
+    ca: Path | None = None  # the hub's own CA (fl-hub init), for its HTTPS certificate
 
     def client(self) -> HubClient:
-        return HubClient(self.url, self.token, self.public_key)
+        return HubClient(self.url, self.token, self.public_key, ca=self.ca)
 
 
 def run_name(run_dir: Path) -> str:
@@ -222,21 +223,26 @@ def add_hub_options(p: Any) -> None:
     g.add_argument("--hub", default=None, help="hub URL; the final global adapter is published as global/<run>/<round>")
     g.add_argument("--hub-token-file", type=Path, default=None, help="file holding an operator token of the hub")
     g.add_argument("--hub-key", type=Path, default=None, help="the hub's public key (hub.pub): check what it signed")
+    g.add_argument("--hub-ca", type=Path, default=None, help="the hub's ca.pem (fl-hub init made it)")
     g.add_argument("--hub-every-round", action="store_true", default=None, help="also publish every round's adapter")
 
 
-def hub_target(url: str | None, token_file: Path | None, key_file: Path | None, every_round: bool) -> HubTarget | None:
+def hub_target(
+    url: str | None, token_file: Path | None, key_file: Path | None, every_round: bool, ca: Path | None = None
+) -> HubTarget | None:
     """A validated target, or None without a URL; a token file or key that is missing fails now,
     before a run starts, not after it finished."""
 
     if not url:
-        if token_file or key_file or every_round:
-            raise ValueError("--hub-token-file, --hub-key and --hub-every-round need --hub URL")
+        if token_file or key_file or every_round or ca:
+            raise ValueError("--hub-token-file, --hub-key, --hub-ca and --hub-every-round need --hub URL")
         return None
     if token_file is None:
         raise ValueError("--hub needs --hub-token-file (an operator token: fl-hub init writes one)")
     key = load_public_key(Path(key_file)) if key_file else None
-    target = HubTarget(url, read_token(None, token_file), key, every_round)
+    if ca is not None and not Path(ca).is_file():
+        raise ValueError(f"--hub-ca {ca} does not exist")
+    target = HubTarget(url, read_token(None, token_file), key, every_round, Path(ca).resolve() if ca else None)
     target.client().close()  # the URL and token are well-formed
     return target
 
