@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedlora.hub.hub_dir import HubDir
-from fedlora.hub.sdk.manifest import public_pem
+from fedlora.hub.sdk.manifest import NONCE, public_pem, sign_freshness
 from fedlora.hub.sdk.names import Principal
 from fedlora.hub.sdk.request import MAX_REQUEST_BYTES, GenerationRequest
 from fedlora.hub.store import HubError, Registry
@@ -41,6 +41,8 @@ from fedlora.hub.store import HubError, Registry
 log = logging.getLogger("fedlora.hub")
 #: a version query parameter: a positive 31-bit integer (larger ones cannot name a version)
 Version = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
+#: a client's nonce for a signed "this is the latest" answer (hex, 128 to 512 bits)
+Nonce = Annotated[str | None, Query(pattern=NONCE.pattern)]
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -56,6 +58,13 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
     generators may need (ICM-LoRA reads examples with the base model)."""
     app = FastAPI(title="fedlora hub", docs_url=None, redoc_url=None, openapi_url=None)
     key_pem = public_pem(registry.signing_key.public_key()).decode()
+
+    def _fresh(record: dict[str, Any], nonce: str | None, asked: str) -> dict[str, Any]:
+        """A "latest" answer, signed over the client's nonce when it sent one (so it cannot be replayed)."""
+        if nonce is not None:
+            record["fresh"] = sign_freshness(registry.signing_key, nonce, asked, record["name"], record["version"])
+        return record
+
     services: list[Any] = []  # the generator service, created at the first generation (it imports torch)
 
     def generator_service() -> Any:
@@ -117,9 +126,10 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
         return _json(_checked(lambda: registry.list(who, prefix, q, limit)))
 
     @app.get("/v1/adapters/{name:path}")
-    async def get_adapter(request: Request, name: str, version: Version = None) -> Response:
+    async def get_adapter(request: Request, name: str, version: Version = None, nonce: Nonce = None) -> Response:
         who = principal(request)
-        return _json(_checked(lambda: registry.get(who, name, version)).to_dict())
+        record = _checked(lambda: registry.get(who, name, version)).to_dict()
+        return _json(_fresh(record, nonce, name) if version is None else record)
 
     @app.get("/v1/versions/{name:path}")
     async def versions(request: Request, name: str) -> Response:
@@ -127,9 +137,9 @@ def create_app(registry: Registry, max_upload_bytes: int, base_model_dirs: Seque
         return _json({"name": name, "versions": _checked(lambda: registry.versions(who, name))})
 
     @app.get("/v1/latest/{prefix:path}")
-    async def latest(request: Request, prefix: str) -> Response:
+    async def latest(request: Request, prefix: str, nonce: Nonce = None) -> Response:
         who = principal(request)
-        return _json(_checked(lambda: registry.latest_under(who, prefix)).to_dict())
+        return _json(_fresh(_checked(lambda: registry.latest_under(who, prefix)).to_dict(), nonce, prefix))
 
     @app.get("/v1/files/{sha256}")
     async def file(request: Request, sha256: str, name: str) -> Response:

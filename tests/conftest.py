@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+if "FEDLORA_HUB_SEEN" not in os.environ:  # the hub versions a test's clients accept: never the user's own record
+    import tempfile
+
+    os.environ["FEDLORA_HUB_SEEN"] = os.path.join(tempfile.mkdtemp(prefix="fedlora-tests-"), "hub-seen.json")
 
 import pytest
 import torch

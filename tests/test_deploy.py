@@ -118,16 +118,17 @@ def test_secure_federation_of_three_with_dp_refuses_strangers(
     from fedlora.hub.sdk.manifest import load_public_key
 
     fed = federation
-    hub_dir, _ = HubDir.init(fed.root / "hub", HubSettings())
+    hub_dir, _ = HubDir.init(fed.root / "hub", HubSettings(), tls_names=["localhost"])  # HTTPS, the hub's own CA
     alice_token = fed.root / "alice.token"
     alice_token.write_text(hub_dir.registry().create_token("client", "alice") + "\n")
-    hub = HubServer(hub_dir.root, fed.root / "hub.log").start()
+    hub = HubServer(hub_dir.root, fed.root / "hub.log", ca=hub_dir.ca_cert_path).start()
     request.addfinalizer(hub.stop)
     hub_key = str(hub_dir.public_key_path)
     run_dir = fed.root / "run"
-    publish = ["--hub", hub.url, "--hub-token-file", str(hub_dir.operator_token_path), "--hub-key", hub_key]
+    hub_ca = ["--hub-ca", str(hub_dir.ca_cert_path)]
+    publish = ["--hub", hub.url, "--hub-token-file", str(hub_dir.operator_token_path), "--hub-key", hub_key, *hub_ca]
     server = fed.server("--run-dir", str(run_dir), *publish, "--run-config", "personalize.steps=3")
-    with_hub = ["--hub", hub.url, "--hub-token-file", str(alice_token), "--hub-key", hub_key]
+    with_hub = ["--hub", hub.url, "--hub-token-file", str(alice_token), "--hub-key", hub_key, *hub_ca]
     clients = [fed.client(name, *(with_hub if name == "alice" else [])) for name in CLIENTS]
 
     stranger_keys = fed.root / "keys" / "mallory"
@@ -182,7 +183,10 @@ def test_secure_federation_of_three_with_dp_refuses_strangers(
     assert sorted(c["client"] for c in personalised["clients"]) == list(CLIENTS)
     for name in ("bob", "carol"):  # no hub: their personal adapters stay on their machines
         assert (fed.state(name) / "personal" / "run" / "adapter_model.safetensors").is_file()
-    with HubClient(hub.url, alice_token.read_text().strip(), load_public_key(hub_dir.public_key_path)) as alice:
+    alice_client = HubClient(
+        hub.url, alice_token.read_text().strip(), load_public_key(hub_dir.public_key_path), ca=hub_dir.ca_cert_path
+    )
+    with alice_client as alice:
         final = alice.pull("global/run/2", fed.root / "pulled-global")
         assert final.manifest["provenance"]["epsilon"] == pytest.approx(report["epsilon_max"], rel=1e-12)
         mine = alice.pull("clients/alice/run", fed.root / "pulled-personal")

@@ -9,6 +9,7 @@ import http.server
 import json
 import shutil
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,9 @@ from fedlora.core.embedded import default_model_dir
 from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
 from fedlora.hub.hub_dir import HubDir, HubSettings
 from fedlora.hub.sdk.client import HubClient, HubRequestError
-from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key
+from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key, sign_freshness
 from fedlora.hub.sdk.publish import adapter_files
+from fedlora.hub.sdk.seen import SeenVersions
 
 # a real hub server (module fixture) in every test; later tests read what earlier ones published,
 # so the module stays on one pytest-xdist worker, in file order
@@ -245,12 +247,75 @@ def test_substituted_latest_and_rollback_are_refused(hub: Hub, adapters: tuple[P
             mitm.latest("global/case")
 
     def roll_back(path: str, body: bytes) -> bytes:
-        return json.dumps(old).encode() if path == "/v1/adapters/tasks/rolling" else body
+        latest = path.startswith("/v1/adapters/tasks/rolling") and "version=" not in path
+        return json.dumps(old).encode() if latest else body
 
+    # before: v1 for v2 into a fresh directory was accepted (validly signed); now the "latest"
+    # answer must be signed over this request's nonce, and the recorded v1 is not
     with _proxied(hub.server.url, roll_back) as url, HubClient(url, hub.alice, hub.key) as mitm:
-        with pytest.raises(VerificationError, match="holds tasks/rolling v2, the hub offers v1 as the latest"):
-            mitm.pull("tasks/rolling", tmp_path / "rolling")
+        with pytest.raises(VerificationError, match="not signed over this request's nonce"):
+            mitm.pull("tasks/rolling", tmp_path / "fresh")
+        assert not (tmp_path / "fresh").exists()
         assert mitm.pull("tasks/rolling", tmp_path / "rolling", version=1).version == 1  # asked for: fine
+    with hub.client(hub.alice) as alice:  # a genuine fresh answer, recorded, then replayed seconds later
+        recorded = alice.record("tasks/rolling")
+        assert recorded["version"] == 2 and "fresh" in recorded
+
+    def replay(path: str, body: bytes) -> bytes:
+        latest = path.startswith("/v1/adapters/tasks/rolling") and "version=" not in path
+        return json.dumps(recorded).encode() if latest else body
+
+    with _proxied(hub.server.url, replay) as url, HubClient(url, hub.alice, hub.key) as mitm:
+        with pytest.raises(VerificationError, match="not signed over this request's nonce"):
+            mitm.record("tasks/rolling")
+
+    # a hub that itself answers an older version as the latest (its key signs anything): a client
+    # keeping its marks refuses it in any directory, once it accepted the newer one
+    seen = SeenVersions(tmp_path / "seen.json")
+    signing_key = hub.dir.registry().signing_key
+
+    def bad_hub(path: str, body: bytes) -> bytes:
+        if not (path.startswith("/v1/adapters/tasks/rolling") and "version=" not in path):
+            return body
+        nonce = path.split("nonce=", 1)[1].split("&", 1)[0]
+        return json.dumps(
+            old | {"fresh": sign_freshness(signing_key, nonce, "tasks/rolling", "tasks/rolling", 1)}
+        ).encode()
+
+    with HubClient(hub.server.url, hub.alice, hub.key, seen=seen) as alice:
+        assert alice.pull("tasks/rolling", tmp_path / "marked").version == 2
+    with _proxied(hub.server.url, bad_hub) as url, HubClient(url, hub.alice, hub.key, seen=seen) as fooled:
+        with pytest.raises(VerificationError, match="this client accepted tasks/rolling v2 before"):
+            fooled.pull("tasks/rolling", tmp_path / "elsewhere")
+        assert not (tmp_path / "elsewhere").exists()
+    with _proxied(hub.server.url, bad_hub) as url, HubClient(url, hub.alice, hub.key) as forgetful:
+        assert forgetful.pull("tasks/rolling", tmp_path / "elsewhere").version == 1  # without marks: fooled
+    assert json.loads((tmp_path / "seen.json").read_text())  # kept in a file, across directories
+
+    # the same for the latest round of a run: round 7 replayed, or answered by a bad hub, after 8
+    with hub.client(hub.operator) as op:
+        round7 = op.record("global/case/7")
+        op.publish_dir("global/case/8", adapters[0], _provenance(run="case", round=8))
+
+    def old_round(path: str, body: bytes) -> bytes:
+        if not path.startswith("/v1/latest/global/case"):
+            return body
+        nonce = path.split("nonce=", 1)[1].split("&", 1)[0]
+        return json.dumps(
+            round7 | {"fresh": sign_freshness(signing_key, nonce, "global/case", "global/case/7", 1)}
+        ).encode()
+
+    with HubClient(hub.server.url, hub.alice, hub.key, seen=seen) as alice:
+        assert alice.latest("global/case")["name"] == "global/case/8"
+    with _proxied(
+        hub.server.url, lambda path, body: json.dumps(round7).encode() if "/v1/latest/" in path else body
+    ) as url:
+        with HubClient(url, hub.alice, hub.key) as mitm, pytest.raises(VerificationError, match="nonce"):
+            mitm.latest("global/case")
+    with _proxied(hub.server.url, old_round) as url, HubClient(url, hub.alice, hub.key, seen=seen) as fooled:
+        with pytest.raises(VerificationError, match="global/case/7 as the latest under global/case/, older than"):
+            fooled.latest("global/case")
+    assert stat.S_IMODE((tmp_path / "seen.json").stat().st_mode) == 0o600
     (tmp_path / "rolling" / "notes.txt").write_text("mine")
     with hub.client(hub.alice) as alice, pytest.raises(ValueError, match="or holds other files"):
         alice.pull("tasks/rolling", tmp_path / "rolling")

@@ -8,6 +8,7 @@ import base64
 import builtins
 import json
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,17 @@ from fedlora.core.adapter_format import ADAPTER_FILES, read_adapter_dir
 from fedlora.core.embedded import default_model_dir
 from fedlora.hub.sdk.manifest import (
     VerificationError,
+    key_id,
     load_public_key,
     verify_file,
+    verify_freshness,
     verify_record,
     weights_sha256,
     write_adapter_dir,
 )
 from fedlora.hub.sdk.names import check_name, check_prefix
 from fedlora.hub.sdk.request import GenerationRequest
+from fedlora.hub.sdk.seen import SeenVersions, default_seen_path, prefix_rank
 
 PULLED_MANIFEST = "hub_manifest.json"
 
@@ -64,6 +68,7 @@ class HubClient:
         *,
         timeout: float = 30.0,
         ca: str | Path | None = None,
+        seen: SeenVersions | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"hub URL must start with http:// or https://, got {url!r}")
@@ -71,6 +76,7 @@ class HubClient:
             raise ValueError("a hub token is required (fl-hub token create prints one)")
         self.url = url.rstrip("/")
         self.public_key = public_key
+        self.seen = seen  # the highest versions this client accepted before (None: not kept)
         verify: Any = str(ca) if ca else True
         self.http = httpx.Client(
             base_url=self.url, headers={"authorization": f"Bearer {token}"}, timeout=timeout, verify=verify
@@ -120,19 +126,44 @@ class HubClient:
         return result
 
     def record(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """A version's record, or the latest one's: then (with the hub's key) signed over a fresh
+        nonce of this request, so no recorded answer can be replayed as the latest."""
         check_name(name)
-        params = {"version": version} if version is not None else {}
+        params: dict[str, Any] = {"version": version} if version is not None else {}
+        nonce = secrets.token_hex(16) if version is None and self.public_key is not None else None
+        if nonce is not None:
+            params["nonce"] = nonce
         result: dict[str, Any] = self._request("GET", f"/v1/adapters/{name}", params=params).json()
+        if nonce is not None and self.public_key is not None:
+            verify_freshness(result, self.public_key, nonce, name)
         return result
 
     def latest(self, prefix: str) -> dict[str, Any]:
         """The hub's newest adapter under ``prefix``; an answer naming anything outside it is
-        refused (the signature check of a pull then binds the content to that name)."""
+        refused (the signature check of a pull then binds the content to that name). With the
+        hub's key the answer must be signed over this request's nonce, and must not be older
+        than the newest this client accepted under ``prefix`` before."""
         check_prefix(prefix)
         prefix = prefix.rstrip("/")
-        result: dict[str, Any] = self._request("GET", f"/v1/latest/{prefix}").json()
+        nonce = secrets.token_hex(16) if self.public_key is not None else None
+        params = {"nonce": nonce} if nonce is not None else {}
+        result: dict[str, Any] = self._request("GET", f"/v1/latest/{prefix}", params=params).json()
         if not str(result.get("name", "")).startswith(prefix + "/"):
             raise VerificationError(f"the hub answered {result.get('name')!r} for the latest adapter under {prefix}/")
+        if nonce is None or self.public_key is None:
+            return result
+        verify_freshness(result, self.public_key, nonce, prefix)
+        manifest = verify_record(result, self.public_key, str(result["name"]))
+        if self.seen is not None:
+            kid, rank = key_id(self.public_key), prefix_rank(manifest["name"], str(manifest["created"]))
+            before = self.seen.newest_under(kid, prefix)
+            if before is not None and rank < before:
+                raise VerificationError(
+                    f"the hub offers {manifest['name']} as the latest under {prefix}/, older than what this "
+                    f"client accepted before (round {before[0]}, {before[1]}): refusing a rollback "
+                    f"(record: {self.seen.path}); nothing was written"
+                )
+            self.seen.accept_under(kid, prefix, rank)
         return result
 
     def pull(
@@ -160,6 +191,15 @@ class HubClient:
                     f"{out} holds {name} v{previous['version']}, the hub offers v{manifest['version']} as the latest: "
                     "refusing a rollback (ask for --version explicitly to go back); nothing was written"
                 )
+        kid = key_id(self.public_key)
+        if self.seen is not None and version is None:
+            highest = self.seen.highest(kid, name)
+            if highest > int(manifest["version"]):
+                raise VerificationError(
+                    f"this client accepted {name} v{highest} before, the hub offers v{manifest['version']} as the "
+                    f"latest: refusing a rollback (record: {self.seen.path}; ask for --version explicitly to go "
+                    "back); nothing was written"
+                )
         base = manifest["provenance"]["base_model"]
         if base_model_dir is None:
             base_model_dir = default_model_dir()
@@ -172,7 +212,10 @@ class HubClient:
                 "it would not load correctly; nothing was written"
             )
         manifest, files = self.fetch(name, manifest["version"], record=record)
-        return Pulled(write_adapter_dir(out, files, manifest), manifest)
+        pulled = Pulled(write_adapter_dir(out, files, manifest), manifest)
+        if self.seen is not None:
+            self.seen.accept(kid, name, int(manifest["version"]))
+        return pulled
 
     def fetch(
         self, name: str, version: int | None = None, record: Mapping[str, Any] | None = None
@@ -295,4 +338,5 @@ def open_hub(
     """A HubClient from what a command line names: the URL, a token or its file, the hub's public
     key file (pulls are verified with it) and a CA for a hub with its own certificate."""
     key = load_public_key(Path(key_file)) if key_file is not None else None
-    return HubClient(url, read_token(token, token_file), key, ca=ca)
+    seen = SeenVersions(default_seen_path()) if key is not None else None  # a command-line client keeps marks
+    return HubClient(url, read_token(token, token_file), key, ca=ca, seen=seen)

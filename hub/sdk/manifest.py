@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -100,6 +101,46 @@ def load_public_key(data: bytes | str | Path) -> Ed25519PublicKey:
 
 def sign(private_key: Ed25519PrivateKey, manifest: bytes) -> str:
     return base64.b64encode(private_key.sign(DOMAIN + manifest)).decode()
+
+
+# --- freshness ----------------------------------------------------------------------------
+
+#: what a "this is the latest" statement is signed under (never a manifest's domain)
+FRESH_DOMAIN = b"fedlora-hub-latest-v1\n"
+#: a client's nonce: 128 to 512 random bits, hex
+NONCE = re.compile(r"[0-9a-f]{32,128}")
+
+
+def freshness_statement(nonce: str, asked: str, name: str, version: int) -> bytes:
+    """The bytes the hub signs when asked for the latest of ``asked`` (a name or a prefix)
+    with ``nonce``: no answer recorded earlier, even seconds earlier, carries this nonce."""
+    return canonical({"asked": asked, "name": name, "nonce": nonce, "version": version})
+
+
+def sign_freshness(private_key: Ed25519PrivateKey, nonce: str, asked: str, name: str, version: int) -> dict[str, str]:
+    statement = freshness_statement(nonce, asked, name, version)
+    signature = base64.b64encode(private_key.sign(FRESH_DOMAIN + statement)).decode()
+    return {"nonce": nonce, "asked": asked, "signature": signature}
+
+
+def verify_freshness(record: Mapping[str, Any], public_key: Ed25519PublicKey, nonce: str, asked: str) -> None:
+    """The hub's answer to "the latest of ``asked``" is signed over this request's ``nonce``:
+    a replayed answer (a man in the middle, a cache) is refused."""
+    fresh = record.get("fresh")
+    if not isinstance(fresh, Mapping) or fresh.get("nonce") != nonce or fresh.get("asked") != asked:
+        raise VerificationError(
+            f"the hub's answer for the latest of {asked} is not signed over this request's nonce: "
+            "it may be a replayed older answer; nothing was written"
+        )
+    try:
+        signature = base64.b64decode(str(fresh.get("signature")), validate=True)
+        statement = freshness_statement(nonce, asked, str(record["name"]), int(record["version"]))
+        public_key.verify(signature, FRESH_DOMAIN + statement)
+    except (KeyError, TypeError, ValueError, InvalidSignature):
+        raise VerificationError(
+            f"the hub's freshness signature for the latest of {asked} does not verify: the answer was "
+            "altered or replayed; nothing was written"
+        ) from None
 
 
 # --- provenance ---------------------------------------------------------------------------
@@ -405,6 +446,12 @@ def verify_record(
     manifest = json.loads(manifest_bytes)
     if manifest.get("format") != MANIFEST_FORMAT:
         raise VerificationError(f"not a {MANIFEST_FORMAT}: {manifest.get('format')!r}")
+    outer = (record.get("name", manifest.get("name")), record.get("version", manifest.get("version")))
+    if outer != (manifest.get("name"), manifest.get("version")):
+        raise VerificationError(
+            f"the hub's answer names {outer[0]} v{outer[1]} around a signed manifest of "
+            f"{manifest.get('name')} v{manifest.get('version')}: it was altered; nothing was written"
+        )
     if manifest.get("name") != name or (version is not None and manifest.get("version") != version):
         raise VerificationError(
             f"the hub answered for {manifest.get('name')} v{manifest.get('version')} when {name}"
