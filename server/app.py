@@ -312,6 +312,8 @@ def main(grid: Grid, context: Context) -> None:
         max_reply_bytes=int(cfg.max_reply_mb * 2**20),
         max_examples=weight_cap(cfg),
         norm_factor=cfg.robust.norm_factor,
+        aggregate=cfg.robust.aggregate,
+        trim=cfg.robust.trim,
         max_update_norm=cfg.robust.max_update_norm,
         on_accepted_reply=run_dir.audit_reply if cfg.audit.save_updates else None,
         lr=lr,

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from torch import Tensor
 
 from fedlora.strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraFactors, join_adapter, split_adapter
+from fedlora.strategies.robust import RobustFactorAccumulator, check_rule
 from fedlora.strategies.streaming import FactorSumAccumulator
 from fedlora.strategies.validation import TensorSpec
 
@@ -125,6 +126,16 @@ def update_norm(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> float:
         diff = v.double() - prev.double() if prev is not None and prev.shape == v.shape else v.double()
         total += float(diff.pow(2).sum())
     return math.sqrt(total)
+
+
+def robust_refusal(strategy: str, rule: str) -> str:
+    """Why robust aggregation is refused for a product-based method."""
+    return (
+        f"robust.aggregate = {rule!r} cannot work with {strategy!r}: it combines the clients' factors "
+        "coordinate by coordinate, while this method's server combines each client's product B_k A_k "
+        "(a median of factors is not a median of products); use fedavg-lora, ffa-lora, rolora or fedsvd, "
+        "or keep 'mean' with robust.norm-factor / robust.max-update-norm"
+    )
 
 
 class LoraAlgorithm:
@@ -230,6 +241,14 @@ class LoraAlgorithm:
     def new_accumulator(self, server_round: int) -> Accumulator:
         """An empty accumulator for ``server_round``'s replies."""
         return FactorSumAccumulator(self.trained_factors(server_round))
+
+    def robust_accumulator(self, server_round: int, rule: str, trim: float) -> Accumulator:
+        """An accumulator that combines the round's factors by ``rule`` (median, trimmed mean:
+        :mod:`fedlora.strategies.robust`); ValueError for a method that combines products."""
+        check_rule(rule, trim)
+        if self.product_based:
+            raise ValueError(robust_refusal(self.name, rule))
+        return RobustFactorAccumulator(self.trained_factors(server_round), rule, trim)  # type: ignore[arg-type]
 
     def state_modules(self, state: Mapping[str, Tensor]) -> dict[str, LoraFactors]:
         """The global state's per-module factors, at the scaling its s B A is taken with."""

@@ -124,6 +124,8 @@ class FedAvgLora(LoraAlgorithm):
             }
             err = aggregation_error_from_sums(sums)
             return join_adapter(factors), {"aggregation-error": err.overall}
+        if isinstance(acc, FactorSumAccumulator):  # robust aggregation: no diagnostic of a plain average
+            return join_adapter(acc.result()), {}
         assert isinstance(acc, SketchedFactorSum)
         averaged = acc.sums.result()
         return join_adapter(averaged), {"aggregation-error": acc.sketch.estimate(averaged).overall}

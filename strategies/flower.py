@@ -79,6 +79,10 @@ class LoraStrategy(FedAvg):
         A reply whose update (its s B A minus the global one) is longer than ``norm_factor``
         times the round's median update (with 3 replies or more), or than ``max_update_norm``,
         is dropped; 0 turns either bound off.
+    aggregate, trim
+        ``"mean"`` (the method's own weighted average), or ``"median"`` / ``"trimmed-mean"``
+        (dropping ``trim`` of the values at each end) of each factor coordinate, unweighted:
+        :mod:`fedlora.strategies.robust`; refused for methods that combine products.
     on_accepted_reply
         Hook for audit trails: sees every reply that passed validation.
     round_offset
@@ -100,6 +104,8 @@ class LoraStrategy(FedAvg):
         max_examples: float | None = None,
         norm_factor: float = 0.0,
         max_update_norm: float = 0.0,
+        aggregate: str = "mean",
+        trim: float = 0.1,
         on_accepted_reply: ReplyHook | None = None,
         lr: float | None = None,
         lr_decay: float = 1.0,
@@ -135,6 +141,10 @@ class LoraStrategy(FedAvg):
         self.max_examples = max_examples
         self.norm_factor = norm_factor
         self.max_update_norm = max_update_norm
+        if aggregate != "mean":
+            algorithm.robust_accumulator(1, aggregate, trim)  # refuses now, before any round, naming why
+        self.aggregate = aggregate
+        self.trim = trim
         self.on_accepted_reply = on_accepted_reply
         self.rounds: dict[int, RoundRecord] = {}
         self.excluded: set[int] = set()  # nodes that declined (privacy budget): not sampled again
@@ -206,7 +216,11 @@ class LoraStrategy(FedAvg):
         expected = algo.reply_spec(server_round, state) | {
             k: TensorSpec(tuple(v.shape), v.dtype) for k, v in heads.items()
         }
-        acc = algo.new_accumulator(server_round)
+        acc = (
+            algo.new_accumulator(server_round)
+            if self.aggregate == "mean"
+            else algo.robust_accumulator(server_round, self.aggregate, self.trim)
+        )
         head_acc = HeadAccumulator()
         total_examples, loss_sum = 0.0, 0.0
 

@@ -113,7 +113,13 @@ MODEL_KIND_KEYS = {
     "columns.completion": "", "columns.messages": "", "columns.image": "", "columns.task": "",
 }  # fmt: skip
 #: keys added after the sections (new keys only: every earlier key keeps its name and default)
-ROBUST_KEYS = {"robust.max-examples": 0, "robust.norm-factor": 10.0, "robust.max-update-norm": 0.0}
+ROBUST_KEYS = {
+    "robust.max-examples": 0,
+    "robust.norm-factor": 10.0,
+    "robust.max-update-norm": 0.0,
+    "robust.aggregate": "mean",
+    "robust.trim": 0.1,
+}
 
 
 def test_the_flat_keys_and_defaults_are_those_of_before_the_sections() -> None:

@@ -243,3 +243,74 @@ def test_robust_settings_are_validated_and_the_weight_cap_follows_the_run() -> N
     explicit = FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, "deployed": True, "robust.max-examples": 512})
     assert weight_cap(explicit) == 512
     assert algorithm_kwargs(sim, 2.0, fan_in_fan_out=False)["use_rslora"] is sim.lora.rslora
+
+
+# ------------------------------------------------------------------------- robust aggregation
+
+
+def test_median_and_trimmed_mean_match_numpy_and_scipy() -> None:
+    from scipy.stats import trim_mean
+
+    from fedlora.strategies.robust import coordinate_median, trimmed_mean
+
+    g = torch.Generator().manual_seed(3)
+    for k in (1, 2, 5, 6, 11):
+        stack = torch.randn((k, 4, 3), generator=g, dtype=torch.float64)
+        assert np.array_equal(coordinate_median(stack).numpy(), np.median(stack.numpy(), axis=0))
+        for trim in (0.0, 0.1, 0.25, 0.4):
+            np.testing.assert_allclose(
+                trimmed_mean(stack, trim).numpy(), trim_mean(stack.numpy(), trim, axis=0), rtol=1e-12, atol=1e-15
+            )
+
+
+@pytest.mark.parametrize(("strategy", "rule"), [("fedavg-lora", "median"), ("ffa-lora", "trimmed-mean")])
+def test_robust_aggregation_is_the_coordinatewise_rule_and_ignores_a_huge_reply(strategy: str, rule: str) -> None:
+    """Five replies, one with B scaled by 1e12 and a claimed weight of 1e5 (within the cap):
+    the weighted mean is carried away, the median or 20%-trimmed mean of each coordinate is not."""
+    from scipy.stats import trim_mean
+
+    state = _adapter(0)
+    algo = registry.create(strategy, scaling=2.0)
+    trained = algo.trained_factors(1)
+    keys = [k for k in KEYS if trained == "both" or f".lora_{trained}." in k]
+
+    def sent(seed: int, b_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        adapter = _adapter(seed, b_scale=b_scale)
+        return {k: adapter[k] for k in keys}
+
+    honest = [_reply(i, sent(i)) for i in (1, 2, 3, 4)]
+    attacker = _reply(9, sent(9, b_scale=1e12), {**HONEST, "partition-id": 9, "num-examples": 100000})
+    robust = LoraStrategy(algo, norm_factor=0.0, aggregate=rule, trim=0.2)
+    new, summary = robust.aggregate_train_from(1, [*honest, attacker], state)
+    assert new is not None and summary["accepted"] == 5
+    replies = [sent(i) for i in (1, 2, 3, 4)] + [sent(9, b_scale=1e12)]
+    for key in KEYS:
+        if key not in keys:  # a frozen factor passes through
+            assert torch.equal(new[key], state[key])
+            continue
+        stack = np.stack([r[key].double().numpy() for r in replies])
+        want = np.median(stack, axis=0) if rule == "median" else trim_mean(stack, 0.2, axis=0)
+        np.testing.assert_allclose(new[key].double().numpy(), want, rtol=1e-6, atol=1e-6)
+    assert max(float(new[k].abs().max()) for k in keys) < 10  # within the honest clients' range
+    mean, _ = LoraStrategy(registry.create(strategy, scaling=2.0), norm_factor=0.0).aggregate_train_from(
+        1, [*honest, attacker], state
+    )
+    assert mean is not None and max(float(mean[k].abs().max()) for k in keys) > 1e9
+
+
+@pytest.mark.parametrize("strategy", ["lora-fair", "fedex-lora", "flexlora"])
+def test_robust_aggregation_is_refused_for_methods_that_combine_products(strategy: str) -> None:
+    with pytest.raises(ValueError, match=f"cannot work with '{strategy}': it combines the clients' factors"):
+        LoraStrategy(registry.create(strategy, scaling=2.0), aggregate="median")
+    with pytest.raises(ValueError, match="a median of factors is not a median of products"):
+        FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, "strategy": strategy, "robust.aggregate": "median"})
+    for key, value, message in [
+        ("robust.aggregate", "mode", "robust.aggregate must be one of"),
+        ("robust.trim", 0.5, r"robust.trim must be a fraction in \[0, 0.5\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            FederationConfig.from_run_config({**DEFAULT_RUN_CONFIG, key: value})
+    cfg = FederationConfig.from_run_config(
+        {**DEFAULT_RUN_CONFIG, "robust.aggregate": "trimmed-mean", "robust.trim": 0.25}
+    )
+    assert (cfg.robust.aggregate, cfg.robust.trim) == ("trimmed-mean", 0.25)

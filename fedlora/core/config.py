@@ -29,7 +29,8 @@ from fedlora.core.run_dir import RunDir
 from fedlora.privacy.accounting import check_accountant
 from fedlora.privacy.engines import Engine, check_engine
 from fedlora.strategies import registry
-from fedlora.strategies.algorithms import LoraAlgorithm, MethodSettings
+from fedlora.strategies.algorithms import LoraAlgorithm, MethodSettings, robust_refusal
+from fedlora.strategies.robust import check_rule
 
 Value = bool | int | float | str
 
@@ -114,15 +115,20 @@ class RobustSection:
     partition; 100,000 in deployment, where it cannot), ``norm-factor`` drops a reply whose
     update is more than that many times the round's median update (0: off; needs 3 replies),
     ``max-update-norm`` drops one whose update is longer than that (0: off). An update's norm is
-    that of s B A minus the global s B A, summed over modules (the server computes it)."""
+    that of s B A minus the global s B A, summed over modules (the server computes it).
+    ``aggregate`` = ``median`` or ``trimmed-mean`` (dropping ``trim`` at each end) combines the
+    factors coordinate-wise, unweighted, instead of the method's mean (factor-space methods only)."""
 
     prefix: ClassVar[str] = "robust."
 
     max_examples: int = 0
     norm_factor: float = 10.0
     max_update_norm: float = 0.0
+    aggregate: str = "mean"
+    trim: float = 0.1
 
     def __post_init__(self) -> None:
+        check_rule(self.aggregate, self.trim)
         if isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 0:
             raise ValueError(f"robust.max-examples must be an integer >= 0, got {self.max_examples!r}")
         if not math.isfinite(self.norm_factor) or not (self.norm_factor == 0 or self.norm_factor >= 1):
@@ -380,6 +386,8 @@ class FederationConfig:
             )
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
+        if self.robust.aggregate != "mean" and self.algorithm_class.product_based:
+            raise ValueError(robust_refusal(self.strategy, self.robust.aggregate))
         if self.deployed and self.model.kind != DEFAULT_KIND and not self.model.labels:
             raise ValueError(
                 f"model.labels must be set for a deployed {self.model.kind} run: no party sees every node's "
