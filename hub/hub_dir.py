@@ -20,7 +20,7 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedlora.atomic import write_atomic
-from fedlora.core.pki import create_ca, is_host, issue_server_certificate, write_certificate, write_private_key_pem
+from fedlora.core.pki import is_host, write_own_tls
 from fedlora.hub.sdk.manifest import describe_base_model, key_id, load_private_key, private_pem, public_pem
 from fedlora.hub.store import Registry
 
@@ -128,12 +128,8 @@ class HubDir:
         hub.root.mkdir(parents=True, exist_ok=True)
         hub.root.chmod(0o700)
         if tls_names:
-            ca_key, ca_cert = create_ca("fedlora hub CA")
-            server_key, server_cert = issue_server_certificate(ca_key, ca_cert, list(tls_names))
-            write_private_key_pem(hub.ca_key_path, ca_key)
-            write_certificate(hub.ca_cert_path, ca_cert)
-            write_private_key_pem(hub.tls_key_path, server_key)
-            write_certificate(hub.tls_cert_path, server_cert)
+            paths = (hub.ca_key_path, hub.ca_cert_path, hub.tls_key_path, hub.tls_cert_path)
+            write_own_tls(*paths, list(tls_names), ca_name="fedlora hub CA")
             cert, key_file = str(hub.tls_cert_path.resolve()), str(hub.tls_key_path.resolve())
             settings = replace(settings, tls_cert=cert, tls_key=key_file)
         key = Ed25519PrivateKey.generate()

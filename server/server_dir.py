@@ -36,10 +36,8 @@ from fedlora.core.pki import (
     NODE_NAME,
     CertificateError,
     check_validity,
-    create_ca,
     fingerprint,
     is_host,
-    issue_server_certificate,
     issued_by,
     load_certificate,
     load_node_public_key,
@@ -48,8 +46,7 @@ from fedlora.core.pki import (
     san_for_host,
     sans_of,
     write_atomic,
-    write_certificate,
-    write_private_key_pem,
+    write_own_tls,
 )
 
 RunConfigValue = bool | int | float | str
@@ -290,13 +287,15 @@ class ServerDir:
                 f"{server_dir.root} is already a server directory ({', '.join(existing)}); "
                 "re-initialising replaces its CA, so every client would need the new ca.pem: pass force to do that"
             )
-        ca_key, ca_cert = create_ca()
-        server_key, server_cert = issue_server_certificate(ca_key, ca_cert, settings.superlink.names, days=days)
         server_dir.root.mkdir(parents=True, exist_ok=True)
-        write_private_key_pem(server_dir.ca_key_path, ca_key)
-        write_certificate(server_dir.ca_cert_path, ca_cert)
-        write_private_key_pem(server_dir.server_key_path, server_key)
-        write_certificate(server_dir.server_cert_path, server_cert)
+        write_own_tls(
+            server_dir.ca_key_path,
+            server_dir.ca_cert_path,
+            server_dir.server_key_path,
+            server_dir.server_cert_path,
+            settings.superlink.names,
+            days=days,
+        )
         server_dir.nodes_dir.mkdir(exist_ok=True)
         server_dir.runs_dir.mkdir(exist_ok=True)
         write_atomic(server_dir.settings_path, settings_toml(settings).encode())  # last: marks a complete init

@@ -274,13 +274,20 @@ def test_substituted_latest_and_rollback_are_refused(hub: Hub, adapters: tuple[P
     seen = SeenVersions(tmp_path / "seen.json")
     signing_key = hub.dir.registry().signing_key
 
-    def bad_hub(path: str, body: bytes) -> bytes:
-        if not (path.startswith("/v1/adapters/tasks/rolling") and "version=" not in path):
-            return body
-        nonce = path.split("nonce=", 1)[1].split("&", 1)[0]
-        return json.dumps(
-            old | {"fresh": sign_freshness(signing_key, nonce, "tasks/rolling", "tasks/rolling", 1)}
-        ).encode()
+    def signed_anew(where: str, record: dict[str, Any], asked: str) -> Any:
+        """A proxy rewrite: the answer to the latest of ``asked`` (requests to ``where``) is
+        ``record``, signed over the request's own nonce with the hub's key (a bad hub)."""
+
+        def rewrite(path: str, body: bytes) -> bytes:
+            if not (path.startswith(where) and "version=" not in path):
+                return body
+            nonce = path.split("nonce=", 1)[1].split("&", 1)[0]
+            fresh = sign_freshness(signing_key, nonce, asked, record["name"], record["version"])
+            return json.dumps(record | {"fresh": fresh}).encode()
+
+        return rewrite
+
+    bad_hub = signed_anew("/v1/adapters/tasks/rolling", old, "tasks/rolling")
 
     with HubClient(hub.server.url, hub.alice, hub.key, seen=seen) as alice:
         assert alice.pull("tasks/rolling", tmp_path / "marked").version == 2
@@ -297,13 +304,7 @@ def test_substituted_latest_and_rollback_are_refused(hub: Hub, adapters: tuple[P
         round7 = op.record("global/case/7")
         op.publish_dir("global/case/8", adapters[0], _provenance(run="case", round=8))
 
-    def old_round(path: str, body: bytes) -> bytes:
-        if not path.startswith("/v1/latest/global/case"):
-            return body
-        nonce = path.split("nonce=", 1)[1].split("&", 1)[0]
-        return json.dumps(
-            round7 | {"fresh": sign_freshness(signing_key, nonce, "global/case", "global/case/7", 1)}
-        ).encode()
+    old_round = signed_anew("/v1/latest/global/case", round7, "global/case")
 
     with HubClient(hub.server.url, hub.alice, hub.key, seen=seen) as alice:
         assert alice.latest("global/case")["name"] == "global/case/8"

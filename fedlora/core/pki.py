@@ -236,6 +236,25 @@ def issue_server_certificate(
     return key, cert
 
 
+def write_own_tls(
+    ca_key_path: Path,
+    ca_cert_path: Path,
+    key_path: Path,
+    cert_path: Path,
+    hosts: Sequence[str],
+    days: int = 825,
+    ca_name: str = "fedlora federation CA",
+) -> None:
+    """A CA of one's own and a server certificate it issued for ``hosts`` (+ loopback), written
+    as PEM files (keys 0600): what ``fl-server init`` and ``fl-hub init`` serve TLS with."""
+    ca_key, ca_cert = create_ca(ca_name)
+    server_key, server_cert = issue_server_certificate(ca_key, ca_cert, hosts, days=days)
+    write_private_key_pem(ca_key_path, ca_key)
+    write_certificate(ca_cert_path, ca_cert)
+    write_private_key_pem(key_path, server_key)
+    write_certificate(cert_path, server_cert)
+
+
 def check_validity(cert: x509.Certificate, path: str | Path, now: datetime.datetime | None = None) -> None:
     """Raise :class:`CertificateError` unless ``cert`` is valid at ``now`` (default: now, UTC)."""
     now = now or datetime.datetime.now(datetime.UTC)
