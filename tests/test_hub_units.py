@@ -4,6 +4,7 @@ checks, settings; and the ``fl-hub`` / ``fl-client`` commands against a real ser
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -379,3 +380,25 @@ def test_the_hub_never_imports_torch() -> None:
     code += "print(sorted({'torch', 'opacus', 'peft'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_record_of_versions_seen_is_kept_or_refused_with_the_fix(tmp_path: Path) -> None:
+    from fedlora.hub.sdk.seen import SEEN_ENV, SeenVersions, prefix_rank
+
+    seen = SeenVersions(tmp_path / "state" / "seen.json").check()
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    seen.accept("k1", "tasks/t", 3)
+    seen.accept("k1", "tasks/t", 2)  # a lower version never lowers the mark
+    seen.accept_under("k1", "global/run", prefix_rank("global/run/10", "2026-01-02"))
+    seen.accept_under("k1", "global/run", prefix_rank("global/run/9", "2026-01-03"))  # round 10 > round 9
+    again = SeenVersions(tmp_path / "state" / "seen.json")
+    assert again.highest("k1", "tasks/t") == 3 and again.highest("k2", "tasks/t") == 0  # per hub key
+    assert again.newest_under("k1", "global/run") == [10, "2026-01-02"]
+    assert stat.S_IMODE(again.path.stat().st_mode) == 0o600
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(ValueError, match=SEEN_ENV):
+            SeenVersions(tmp_path / "ro" / "seen.json").check()
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a record of hub versions seen"):
+        SeenVersions(tmp_path / "bad.json").check()

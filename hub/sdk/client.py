@@ -338,5 +338,5 @@ def open_hub(
     """A HubClient from what a command line names: the URL, a token or its file, the hub's public
     key file (pulls are verified with it) and a CA for a hub with its own certificate."""
     key = load_public_key(Path(key_file)) if key_file is not None else None
-    seen = SeenVersions(default_seen_path()) if key is not None else None  # a command-line client keeps marks
+    seen = SeenVersions(default_seen_path()).check() if key is not None else None  # a command-line client keeps marks
     return HubClient(url, read_token(token, token_file), key, ca=ca, seen=seen)

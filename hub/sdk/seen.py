@@ -43,6 +43,23 @@ class SeenVersions:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    def check(self) -> SeenVersions:
+        """Fail now, naming the fix, if the record cannot be read or kept (before any pull)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            writable = os.access(self.path.parent, os.W_OK) and (
+                not self.path.exists() or os.access(self.path, os.W_OK)
+            )
+        except OSError:
+            writable = False
+        if not writable:
+            raise ValueError(
+                f"cannot keep the record of hub versions seen at {self.path}: set {SEEN_ENV} to a file this "
+                "account can write"
+            )
+        self._read()
+        return self
+
     def _read(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
