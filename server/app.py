@@ -313,6 +313,7 @@ def main(grid: Grid, context: Context) -> None:
         max_examples=weight_cap(cfg),
         norm_factor=cfg.robust.norm_factor,
         aggregate=cfg.robust.aggregate,
+        pin_examples=cfg.deployed,
         trim=cfg.robust.trim,
         max_update_norm=cfg.robust.max_update_norm,
         on_accepted_reply=run_dir.audit_reply if cfg.audit.save_updates else None,

@@ -79,6 +79,10 @@ class LoraStrategy(FedAvg):
         A reply whose update (its s B A minus the global one) is longer than ``norm_factor``
         times the round's median update (with 3 replies or more), or than ``max_update_norm``,
         is dropped; 0 turns either bound off.
+    pin_examples
+        Deployment, where the server cannot see the data: a node's first accepted reply of the run
+        fixes the most examples it may claim later (Flower gives each registered key one node id
+        per run), so a client cannot raise its weight once the run is under way.
     aggregate, trim
         ``"mean"`` (the method's own weighted average), or ``"median"`` / ``"trimmed-mean"``
         (dropping ``trim`` of the values at each end) of each factor coordinate, unweighted:
@@ -106,6 +110,7 @@ class LoraStrategy(FedAvg):
         max_update_norm: float = 0.0,
         aggregate: str = "mean",
         trim: float = 0.1,
+        pin_examples: bool = False,
         on_accepted_reply: ReplyHook | None = None,
         lr: float | None = None,
         lr_decay: float = 1.0,
@@ -145,6 +150,8 @@ class LoraStrategy(FedAvg):
             algorithm.robust_accumulator(1, aggregate, trim)  # refuses now, before any round, naming why
         self.aggregate = aggregate
         self.trim = trim
+        self.pin_examples = pin_examples
+        self.declared: dict[int, float] = {}  # node -> num-examples of its first accepted reply
         self.on_accepted_reply = on_accepted_reply
         self.rounds: dict[int, RoundRecord] = {}
         self.excluded: set[int] = set()  # nodes that declined (privacy budget): not sampled again
@@ -265,6 +272,7 @@ class LoraStrategy(FedAvg):
                 reject(node, str(err))
                 continue
             rec.accepted += 1
+            self.declared.setdefault(node, reply.num_examples)
             rec.clients_train[node] = {**_numbers(metrics), **_strings(metrics), "update-norm": norm}
             rec.bytes_received += payload_bytes(reply.tensors)
             total_examples += reply.num_examples
@@ -335,6 +343,10 @@ class LoraStrategy(FedAvg):
             return f"num-examples must be a positive number, got {str(n)[:40]}", None, {}
         if self.max_examples is not None and n > self.max_examples:
             return f"num-examples {n:g} is above the run's cap of {self.max_examples:g} (robust.max-examples)", None, {}
+        declared = self.declared.get(msg.metadata.src_node_id) if self.pin_examples else None
+        if declared is not None and n > declared:
+            why = f"num-examples {n:g} is above the {declared:g} this node declared in its first reply of the run"
+            return why, None, {}
         reason = check_metrics(metrics)
         if reason is not None:
             return reason, None, {}

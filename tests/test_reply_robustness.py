@@ -314,3 +314,27 @@ def test_robust_aggregation_is_refused_for_methods_that_combine_products(strateg
         {**DEFAULT_RUN_CONFIG, "robust.aggregate": "trimmed-mean", "robust.trim": 0.25}
     )
     assert (cfg.robust.aggregate, cfg.robust.trim) == ("trimmed-mean", 0.25)
+
+
+def test_in_deployment_a_node_cannot_raise_its_weight_after_its_first_reply() -> None:
+    """The server cannot see a deployed client's data: its first accepted reply fixes the most
+    examples it may claim for the rest of the run (below the run's cap)."""
+    state = _adapter(0)
+    strategy = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), max_examples=1000, pin_examples=True)
+    first = [_reply(i, _adapter(i), {**HONEST, "partition-id": i, "num-examples": 10}) for i in (1, 2)]
+    _, s1 = strategy.aggregate_train_from(1, first, state)
+    assert s1["accepted"] == 2 and strategy.declared == {1: 10.0, 2: 10.0}
+    later = [
+        _reply(1, _adapter(3), {**HONEST, "partition-id": 1, "num-examples": 900}),  # within the cap, above its own
+        _reply(2, _adapter(4), {**HONEST, "partition-id": 2, "num-examples": 8}),  # fewer: fine
+    ]
+    _, s2 = strategy.aggregate_train_from(2, later, state)
+    assert (s2["accepted"], s2["rejected"]) == (1, 1)
+    assert (
+        strategy.rounds[2].reasons[1]
+        == "num-examples 900 is above the 10 this node declared in its first reply of the run"
+    )
+    assert strategy.declared[2] == 10.0  # the first claim stays the bound
+    free = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), max_examples=1000)  # simulation: the cap alone
+    free.aggregate_train_from(1, first, state)
+    assert free.aggregate_train_from(2, later, state)[1]["accepted"] == 2
