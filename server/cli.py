@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.core.flower_runner import FlowerRunError, parse_run_config_pairs
+from fedlora.core.flower_runner import FlowerRunError, parse_run_config_pairs, unregister_node
 from fedlora.core.pki import CertificateError
+from fedlora.core.run_dir import RunDir
 from fedlora.hub.sdk.publish import Following, RunPublisher, add_hub_options, fedlora_version, hub_target
 from fedlora.server.deploy import INSECURE_WARNING, StartOptions, plan_start, run_plan
 from fedlora.server.server_dir import ServerDir
@@ -103,20 +105,27 @@ def _enroll(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-#: when a revocation bites: the running SuperLink registered every enrolled key when it started
-REVOKED_WHEN = (
-    "refused from the next `fl-server start`; a run in progress keeps the key until it ends "
-    "(to drop it now: Ctrl-C the server, then `fl-server start SERVER_DIR --resume RUN_DIR`)"
-)
-
-
 def _revoke(args: argparse.Namespace, console: Console) -> int:
+    """Remove the key from the server directory and, if a run is in progress, from its SuperLink."""
+    sd = ServerDir(args.server_dir)
     try:
-        enrollment = ServerDir(args.server_dir).revoke(args.name)
+        enrollment = sd.revoke(args.name)
     except (ValueError, FileNotFoundError) as err:
         return _error(err)
-    console.print(f"revoked {enrollment.name} ({enrollment.fingerprint})", markup=False, highlight=False)
-    console.print(REVOKED_WHEN, markup=False, highlight=False)
+    say = functools.partial(console.print, markup=False, highlight=False)
+    say(f"revoked {enrollment.name} ({enrollment.fingerprint}): refused from the next `fl-server start`")
+    run_dir = sd.running_run_dir()
+    if run_dir is None:
+        say("no run in progress")
+        return 0
+    try:
+        node = unregister_node(RunDir(run_dir).deploy_workdir, enrollment.name)
+    except FlowerRunError as err:
+        return _error(f"the run in progress ({run_dir}) still admits {enrollment.name}: {err}")
+    if node is None:
+        say(f"the run in progress ({run_dir}) never registered {enrollment.name}")
+    else:
+        say(f"dropped from the run in progress ({run_dir}): node {node} is disconnected and refused from now on")
     return 0
 
 
@@ -147,7 +156,8 @@ def _start(args: argparse.Namespace, console: Console) -> int:
     if target is not None:
         publisher = RunPublisher(target, plan.run_dir, f"fl-server {fedlora_version()}", plan.start_round)
     try:
-        with Following(publisher, plan.num_rounds) if publisher is not None else contextlib.nullcontext():
+        following = Following(publisher, plan.num_rounds) if publisher is not None else contextlib.nullcontext()
+        with ServerDir(args.server_dir).running(plan.run_dir), following:
             outcome = run_plan(plan, console, quiet=args.quiet, verbose=args.verbose, timeout=args.timeout)
     except KeyboardInterrupt:
         console.print(

@@ -260,6 +260,30 @@ class ServerDir:
     def runs_dir(self) -> Path:
         return self.root / "runs"
 
+    @property
+    def running_path(self) -> Path:
+        """Which run ``fl-server start`` is serving now (its pid and run directory), while it runs."""
+        return self.root / "running.json"
+
+    @contextmanager
+    def running(self, run_dir: Path) -> Iterator[None]:
+        """Mark ``run_dir`` as this server directory's run in progress (``fl-server revoke`` drops
+        a revoked key from it) until the block ends."""
+        write_json_atomic(self.running_path, {"pid": os.getpid(), "run-dir": str(run_dir.resolve())}, 0o600)
+        try:
+            yield
+        finally:
+            self.running_path.unlink(missing_ok=True)
+
+    def running_run_dir(self) -> Path | None:
+        """The run directory of the ``fl-server start`` serving now, or None (none, or it died)."""
+        try:
+            marker = json.loads(self.running_path.read_text(encoding="utf-8"))
+            os.kill(int(marker["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return Path(marker["run-dir"])
+
     @classmethod
     def init(
         cls,

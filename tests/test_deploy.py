@@ -226,6 +226,30 @@ def test_client_killed_in_round_one_does_not_stop_the_run(federation: Federation
     assert (run_dir / "adapters" / "global" / "adapter_model.safetensors").is_file()
 
 
+def test_a_revoked_client_is_dropped_from_the_run_in_progress(federation: Federation) -> None:
+    """Before, ``fl-server revoke`` took effect at the next start: the revoked key reconnected to
+    the running server. Now the running SuperLink unregisters it: its SuperNode is disconnected
+    within seconds, refused when it dials again, and the run goes on with the others."""
+    fed = federation
+    run_dir = fed.root / "run"
+    server = fed.server("--run-dir", str(run_dir), "--run-config", "num-rounds=4")
+    clients = {name: fed.client(name) for name in CLIENTS}
+    wait_for("round 1 to be written", lambda: len(_rows(run_dir)) >= 2, 300)
+    revoked = subprocess.run(
+        [str(BIN / "fl-server"), "revoke", str(fed.server_dir.root), "carol"],
+        cwd=fed.root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    assert "dropped from the run in progress" in revoked.stdout, revoked.stdout
+    wait_for("carol to be refused", lambda: "the server refused this node's key" in clients["carol"].text(), 120)
+    assert server.wait(timeout=400) == 0, server.text()[-3000:]
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    last = {m["client-name"] for m in rows[-1]["per-client-train"].values()}
+    assert last == {"alice", "bob"}  # carol trained no later round
+    assert not fed.server_dir.running_path.exists()  # the marker of the run in progress is gone with it
+
+
 def test_server_killed_after_round_one_resumes_to_the_same_adapter(federation: Federation) -> None:
     """Without DP (whose noise is secret per client, by design), a resumed run equals a straight one."""
     fed = federation

@@ -415,14 +415,23 @@ def test_init_refuses_a_bind_address_fl_server_start_could_not_reach(tmp_path: P
 
 
 def test_fl_server_revoke_says_when_the_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Before, ``revoke`` printed only "revoked": the running server kept admitting the key."""
+    """Without a run in progress the key is refused from the next start; a stale marker of a
+    server that died does not count as one."""
     from fedlora.server.cli import main as server_main
 
     server_dir = ServerDir(tmp_path / "srv")
     server_dir.enroll(node_key(tmp_path, "alice"), "alice")
+    server_dir.enroll(node_key(tmp_path, "bob"), "bob")
     assert server_main(["revoke", str(server_dir.root), "alice"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "revoked alice" in out and "refused from the next `fl-server start`" in out
-    assert "a run in progress keeps the key until it ends" in out and "--resume" in out
+    assert "revoked alice" in out and "refused from the next `fl-server start`" in out and "no run in progress" in out
     assert server_main(["revoke", str(server_dir.root), "alice"]) == 2
     assert "no node named 'alice'" in capsys.readouterr().err
+    with server_dir.running(tmp_path / "run"):
+        assert stat.S_IMODE(server_dir.running_path.stat().st_mode) == 0o600
+        assert server_dir.running_run_dir() == (tmp_path / "run").resolve()
+        assert server_main(["revoke", str(server_dir.root), "bob"]) == 0  # that run registered no one
+        assert "never registered bob" in capsys.readouterr().out
+    assert not server_dir.running_path.exists() and server_dir.running_run_dir() is None
+    server_dir.running_path.write_text('{"pid": 999999999, "run-dir": "/nowhere"}')  # its server died
+    assert server_dir.running_run_dir() is None

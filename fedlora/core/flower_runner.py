@@ -47,10 +47,13 @@ from typing import IO, Any
 
 import tomli_w  # a dependency of flwr itself
 
+from fedlora.atomic import write_json_atomic
+
 ConfigValue = bool | int | float | str
 
 PUBLISHER = "fedlora"
 CONNECTION = "local-sim"  # name of the SuperLink connection in the run's own FLWR_HOME
+NODES_FILE = "nodes.json"  # in a deployment's work dir: the node id Flower gave each enrolled name
 RUN_TAG_VAR = "FEDLORA_SIM_TAG"  # env marker that every process of one run inherits
 #: fedlora's own ServerApp and ClientApp, the components of every run (simulated or deployed); a
 #: deployed node runs its installed ClientApp whatever a bundle names (fedlora.client.executor)
@@ -419,7 +422,8 @@ def run_flower_app(request: FlowerRunRequest, on_log_line: Callable[[str], None]
             raise FlowerRunError(_describe(f"SuperLink exited with code {link.returncode} at start", paths))
         _write_connection(home, port, ca_file)
         if deployment is not None:
-            _register_nodes(cli, deployment.nodes, paths)
+            node_ids = _register_nodes(cli, deployment.nodes, paths)
+            write_json_atomic(workdir / NODES_FILE, node_ids, 0o600)
         run_id = _submit(cli, request, app_dir, run_config, deadline, paths)
         ended = _follow_logs(cli, run_id, link, deadline, paths, on_log_line)
         status = _wait_finished(cli, run_id, link, deadline, paths) if ended else None
@@ -594,23 +598,47 @@ def _write_connection(home: Path, port: int, ca_file: Path | None = None) -> Non
     (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
-def _register_nodes(cli: _FlowerCli, nodes: Iterable[tuple[str, Path]], paths: _LogPaths) -> None:
+def _register_nodes(cli: _FlowerCli, nodes: Iterable[tuple[str, Path]], paths: _LogPaths) -> dict[str, int]:
     """Register every enrolled SuperNode key with the SuperLink, whose state is fresh (in
-    parallel: nodes that dial in meanwhile are refused until theirs is done)."""
+    parallel: nodes that dial in meanwhile are refused until theirs is done); the node id
+    Flower gave each name."""
 
-    def register(node: tuple[str, Path]) -> str | None:
+    def register(node: tuple[str, Path]) -> tuple[str, int | None, str | None]:
         name, key = node
         done = cli.call(["supernode", "register", str(key), CONNECTION, "--name", name], timeout=_CLI_TIMEOUT)
         if done is None:
-            return f"`flwr supernode register` for {name} did not answer"
+            return name, None, f"`flwr supernode register` for {name} did not answer"
         if done.returncode != 0:
-            return f"registering SuperNode {name} ({key}) failed: {(done.stdout + done.stderr).strip()}"
-        return None
+            return name, None, f"registering SuperNode {name} ({key}) failed: {(done.stdout + done.stderr).strip()}"
+        found = re.search(r"SuperNode (\d+) registered", done.stdout + done.stderr)
+        return name, int(found.group(1)) if found else None, None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        errors = [e for e in pool.map(register, nodes) if e is not None]
+        results = list(pool.map(register, nodes))
+    errors = [e for _, _, e in results if e is not None]
     if errors:
         raise FlowerRunError(_describe("; ".join(errors), paths))
+    return {name: node_id for name, node_id, _ in results if node_id is not None}
+
+
+def unregister_node(workdir: Path, name: str) -> int | None:
+    """Remove ``name``'s key from the running SuperLink of the deployment in ``workdir`` (its
+    connected SuperNode is dropped and refused from then on); the node id, or None when that
+    run registered no node of that name. Raises :class:`FlowerRunError` if the SuperLink refuses."""
+    try:
+        node_ids = json.loads((workdir / NODES_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    node_id = node_ids.get(name)
+    if node_id is None:
+        return None
+    env = {**os.environ, "FLWR_HOME": str(workdir / "flwr_home"), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    cli = _FlowerCli(bin_dir=_flower_bin_dir(), env=env, log_path=workdir / "logs" / "flwr-cli.log")
+    done = cli.call(["supernode", "unregister", str(node_id), CONNECTION], timeout=_CLI_TIMEOUT)
+    if done is None or done.returncode != 0 or "unregistered successfully" not in done.stdout + done.stderr:
+        answer = "no answer" if done is None else (done.stdout + done.stderr).strip()[-300:]
+        raise FlowerRunError(f"the running SuperLink did not unregister node {node_id} ({name}): {answer}")
+    return int(node_id)
 
 
 def _submit(
