@@ -20,7 +20,7 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedlora.atomic import write_atomic
-from fedlora.core.pki import is_host, write_own_tls
+from fedlora.core.pki import OwnCaFiles, is_host, write_own_tls
 from fedlora.hub.sdk.manifest import describe_base_model, key_id, load_private_key, private_pem, public_pem
 from fedlora.hub.store import Registry
 
@@ -72,7 +72,7 @@ def _toml_key(name: str) -> str:
     return name.replace("_", "-")
 
 
-class HubDir:
+class HubDir(OwnCaFiles):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
@@ -95,15 +95,6 @@ class HubDir:
     @property
     def operator_token_path(self) -> Path:
         return self.root / "operator.token"
-
-    @property
-    def ca_cert_path(self) -> Path:
-        """The hub's own CA (``fl-hub init`` without ``--insecure``): clients verify with it."""
-        return self.root / "ca.pem"
-
-    @property
-    def ca_key_path(self) -> Path:
-        return self.root / "ca.key"
 
     @property
     def tls_cert_path(self) -> Path:

@@ -35,6 +35,7 @@ from fedlora.atomic import write_json_atomic
 from fedlora.core.pki import (
     NODE_NAME,
     CertificateError,
+    OwnCaFiles,
     check_validity,
     fingerprint,
     is_host,
@@ -222,19 +223,11 @@ class Enrollment:
     enrolled: str = ""  # ISO time, UTC
 
 
-class ServerDir:
+class ServerDir(OwnCaFiles):
     """A server directory; every path of the layout is a property."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-
-    @property
-    def ca_cert_path(self) -> Path:
-        return self.root / "ca.pem"
-
-    @property
-    def ca_key_path(self) -> Path:
-        return self.root / "ca.key"
 
     @property
     def server_cert_path(self) -> Path:

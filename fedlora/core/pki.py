@@ -236,6 +236,21 @@ def issue_server_certificate(
     return key, cert
 
 
+class OwnCaFiles:
+    """Where a directory that serves TLS with a CA of its own (``fl-server init``, ``fl-hub
+    init``) keeps that CA: clients are given ``ca.pem``; ``ca.key`` (0600) never leaves."""
+
+    root: Path
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.root / "ca.key"
+
+
 def write_own_tls(
     ca_key_path: Path,
     ca_cert_path: Path,
