@@ -86,6 +86,9 @@ def test_guard_refuses_loopback_connections_of_other_accounts(path: str) -> None
         answer = TestClient(_guard(owner), client=("127.0.0.1", 40000)).get(path)
         assert answer.status_code == 403
         assert "operator's account (uid 1000) only" in answer.json()["detail"]
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):  # the peer's address must be the socket's
+        answer = TestClient(_guard(1000), client=("127.0.0.1", 40000)).get(path, headers={header: "127.0.0.1:1"})
+        assert answer.status_code == 403 and "proxy headers" in answer.json()["detail"]
     other = TestClient(_guard(65534), client=("127.0.0.1", 40000))
     assert other.get("/v1/fleet/pull").status_code == 200  # the Fleet API is for everyone (node auth is Flower's)
     assert TestClient(_guard(65534, expose_control=True), client=("127.0.0.1", 1)).get(path).status_code == 200
@@ -97,11 +100,12 @@ _TCP = """\
    1: 0100007F:9C40 0100007F:2384 01 00000000:00000000 00:00000000 00000000 65534        0 12 1
    2: 0100007F:2384 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 13 1
    3: 0100007F:9C41 0100007F:2384 06 00000000:00000000 00:00000000 00000000     0        0 0 1
+   4: 0100007F:9C44 0100007F:2384 05 00000000:00000000 00:00000000 00000000     0        0 0 1
 """
 _TCP6 = """\
   sl  local_address                         remote_address                        st tx rx tr retr uid
-   0: 0000000000000000FFFF00000100007F:9C42 0000000000000000FFFF00000100007F:2384 01 0:0 0:0 0 1001
-   1: 00000000000000000000000001000000:9C43 00000000000000000000000001000000:2384 01 0:0 0:0 0 1002
+   0: 0000000000000000FFFF00000100007F:9C42 0000000000000000FFFF00000100007F:2384 01 0:0 0:0 0 1001 0 14
+   1: 00000000000000000000000001000000:9C43 00000000000000000000000001000000:2384 01 0:0 0:0 0 1002 0 15
 """
 
 
@@ -113,6 +117,8 @@ def test_socket_owner_reads_the_kernels_tables() -> None:
     assert socket_owner(("::ffff:127.0.0.1", 0x9C42), ("127.0.0.1", port), [_TCP, _TCP6]) == 1001  # v4-mapped
     assert socket_owner(("::1", 0x9C43), ("::1", port), [_TCP, _TCP6]) == 1002
     assert socket_owner(("127.0.0.1", 0x9C41), ("127.0.0.1", port), [_TCP]) is None  # TIME_WAIT has no owner
+    # a client that sent its request and closed (FIN_WAIT2): listed as uid 0, inode 0, not root's
+    assert socket_owner(("127.0.0.1", 0x9C44), ("127.0.0.1", port), [_TCP]) is None
     assert socket_owner(("127.0.0.1", 1), ("127.0.0.1", port), [_TCP, _TCP6, "garbage\n 0: zz:zz"]) is None
 
 

@@ -27,10 +27,12 @@ pytestmark = pytest.mark.flower
 PROBE = """
 import json, sys, urllib.error, urllib.request
 port = sys.argv[1]
-for method, path in (("POST", "/v1/control/list-runs"), ("GET", "/v1/control/list-runs"),
-                     ("POST", "/v1/runtime/pull-app-inputs")):
+for method, path, extra in (("POST", "/v1/control/list-runs", {}), ("GET", "/v1/control/list-runs", {}),
+                            ("POST", "/v1/runtime/pull-app-inputs", {}),
+                            # claiming another peer (before: uvicorn rewrote the peer from this header)
+                            ("POST", "/v1/control/list-runs", {"X-Forwarded-For": "127.0.0.1:" + sys.argv[2]})):
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"" if method == "POST" else None,
-                                     method=method, headers={"content-type": "application/protobuf"})
+                                     method=method, headers={"content-type": "application/protobuf", **extra})
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
             print("STATUS", answer.status)
@@ -102,6 +104,18 @@ def _status(port: int, path: str) -> int | None:
         return None
 
 
+def _operator_port(superlink: int) -> int:
+    """The local port of a connection the operator's SuperExec holds open to the SuperLink (what
+    a forged X-Forwarded-For would name), or 1 if none is open right now."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1].split(":"), fields[2].split(":")
+            if int(remote[1], 16) == superlink and fields[3] == "01" and int(fields[7]) == os.getuid():
+                return int(local[1], 16)
+    return 1
+
+
 def _flwr_ls(home: Path, port: int) -> subprocess.CompletedProcess[str]:
     """The operator's ``flwr ls`` against ``port`` (a connection in its own FLWR_HOME)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -116,15 +130,17 @@ def _flwr_ls(home: Path, port: int) -> subprocess.CompletedProcess[str]:
 
 def test_another_local_account_is_refused_and_the_operator_served(superlink: int, tmp_path: Path) -> None:
     _needs_root()
+    claimed = str(_operator_port(superlink))
     probe = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", PROBE, str(superlink)],
+        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", PROBE, str(superlink), claimed],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     answers = re.findall(r"STATUS (\d+) ?(.*)", probe.stdout)
-    assert [int(code) for code, _ in answers] == [403, 403, 403], probe.stdout  # before: 200 with the run list
+    assert [int(code) for code, _ in answers] == [403] * 4, probe.stdout  # before: 200 with the run list
     nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True, check=True).stdout)
-    assert all(f"this connection belongs to uid {nobody}" in detail for _, detail in answers), probe.stdout
+    assert all(f"this connection belongs to uid {nobody}" in detail for _, detail in answers[:3]), probe.stdout
+    assert "take no proxy headers" in answers[3][1], probe.stdout
 
     mine = _flwr_ls(tmp_path / "operator", superlink)  # the README's flwr commands keep working
     assert mine.returncode == 0, mine.stdout + mine.stderr

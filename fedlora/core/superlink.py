@@ -49,8 +49,11 @@ NODE_ACTIVATION_PATHS = ("/v1/fleet/activate-node", "/v1/fleet/register-node")
 PUBLIC_KEY_HEADER = b"flwr-public-key"  # Flower's FLEET_HTTP_PUBLIC_KEY_HEADER (base64 of a PEM key)
 #: the kernel's tables of TCP sockets in this network namespace (every account's, with owners)
 SOCKET_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
-#: socket states with no owning process left (TIME_WAIT, CLOSE) or not a connection (LISTEN)
-_ORPHAN_STATES = frozenset({"06", "07", "0A"})
+#: the one socket state a requesting client's end can be in: a client that closed its end
+#: (FIN_WAIT2 and the like) is listed with uid 0 and inode 0, the owner gone
+_ESTABLISHED = "01"
+#: headers with which a peer names another address: uvicorn would rewrite the peer from them
+PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 
 logger = logging.getLogger("fedlora.superlink")
 
@@ -95,8 +98,8 @@ def socket_owner(local: Address, remote: Address, tables: Sequence[str]) -> int 
     for table in tables:
         for line in table.splitlines()[1:]:
             fields = line.split()
-            if len(fields) < 8 or fields[3] in _ORPHAN_STATES:
-                continue
+            if len(fields) < 10 or fields[3] != _ESTABLISHED or fields[9] == "0":
+                continue  # not a live connection with an owning socket (inode 0: orphaned)
             try:
                 if (_proc_address(fields[1]), _proc_address(fields[2])) == want:
                     return int(fields[7])
@@ -165,6 +168,9 @@ class ControlGuard:
         """Why this Control/Runtime request is refused (None: it comes from the operator)."""
         if not is_loopback(peer):
             return "the control and runtime APIs of this SuperLink answer loopback only"
+        names = {name.lower() for name, _ in scope.get("headers") or []}
+        if any(h in names for h in PROXY_HEADERS):  # the peer address would not be the socket's own
+            return "the control and runtime APIs of this SuperLink take no proxy headers (X-Forwarded-For, Forwarded)"
         owner = self.owner_of(scope)
         if owner != self.operator_uid:
             who = "an unknown account" if owner is None else f"uid {owner}"
@@ -254,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default and would rewrite the peer
+    # address (port included) from it: the guard must see the socket's own address
+    os.environ["FORWARDED_ALLOW_IPS"] = ""
     _install_guard("--expose-control" in ours)
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
