@@ -85,14 +85,29 @@ def test_a_thousand_half_open_requests_are_closed_and_the_hub_serves_meanwhile(h
             sock.close()
 
 
-def test_a_slow_but_steady_upload_is_not_cut(hub: HubServer) -> None:
-    """The body clock runs between reads: a body sent in pieces, each within the timeout, is read."""
+def test_a_slow_but_steady_upload_is_not_cut_and_a_trickle_is(hub: HubServer) -> None:
+    """The body clock runs between reads, within an overall deadline of ``body_timeout`` plus the
+    body at 16 KiB/s: 48 KiB in three pieces 1.2 s apart is read; a byte every 1.2 s is not."""
+    body = b'{"x": "' + b"y" * (48 * 1024 - 10) + b'"}'
     with socket.create_connection(("127.0.0.1", hub.port), timeout=30) as sock:
-        body = b'{"x": 1}'
         sock.sendall(b"POST /v1/tokens HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n")
         sock.sendall(f"Content-Length: {len(body)}\r\n\r\n".encode())
-        for piece in (body[:3], body[3:6], body[6:]):
+        third = len(body) // 3
+        for piece in (body[:third], body[third : 2 * third], body[2 * third :]):
             time.sleep(TIMEOUT * 0.6)
             sock.sendall(piece)
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 "), answer  # an answer (401: no token), not a closed connection
+
+    with socket.create_connection(("127.0.0.1", hub.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/tokens HTTP/1.1\r\nHost: hub\r\nContent-Length: 1000\r\n\r\n")
+        started, closed = time.monotonic(), False
+        for _ in range(20):  # a byte every 0.6 x the timeout: each read in time, the whole far too slow
+            time.sleep(TIMEOUT * 0.6)
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                closed = True
+                break
+        assert closed and time.monotonic() - started < 10 * TIMEOUT
+    assert "the request body came slower than 16384 bytes/s on average" in hub.log.read_text()
