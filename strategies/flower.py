@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fedlora.strategies.adapter import LoraFactors, product_distance
 from fedlora.strategies.algorithms import LoraAlgorithm, Reply, factor_part, head_part, update_norm
+from fedlora.strategies.robust import RobustHeadAccumulator
 from fedlora.strategies.streaming import HeadAccumulator
 from fedlora.strategies.validation import (
     TensorSpec,
@@ -228,7 +229,7 @@ class LoraStrategy(FedAvg):
             if self.aggregate == "mean"
             else algo.robust_accumulator(server_round, self.aggregate, self.trim)
         )
-        head_acc = HeadAccumulator()
+        head_acc = HeadAccumulator() if self.aggregate == "mean" else RobustHeadAccumulator(self.aggregate, self.trim)
         total_examples, loss_sum = 0.0, 0.0
 
         def reject(node: int, reason: str) -> None:

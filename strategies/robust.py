@@ -43,12 +43,26 @@ def coordinate_median(stack: Tensor) -> Tensor:
     return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
 
 
+def trimmed_count(trim: float, k: int) -> int:
+    """How many values of each coordinate are dropped at each end: floor(trim * k), as Flower's
+    ``FedTrimmedAvg`` and SciPy's ``trim_mean`` do, but at least one once there are 3 or more
+    values and ``trim`` > 0 (else a trimmed mean of fewer than 1 / trim clients drops nothing)."""
+    cut = math.floor(trim * k)
+    return max(cut, 1) if trim > 0 and k >= 3 else cut
+
+
 def trimmed_mean(stack: Tensor, trim: float) -> Tensor:
-    """Mean over dim 0 of each coordinate after dropping its floor(trim * k) smallest and largest values."""
+    """Mean over dim 0 of each coordinate after dropping its :func:`trimmed_count` smallest and largest values."""
     ordered = torch.sort(stack.to(torch.float64), dim=0).values
     k = ordered.shape[0]
-    cut = math.floor(trim * k)
+    cut = trimmed_count(trim, k)
     return ordered[cut : k - cut].mean(dim=0)
+
+
+def combine(tensors: list[Tensor], rule: str, trim: float) -> Tensor:
+    """The coordinate-wise ``rule`` ("median" or "trimmed-mean") of equally shaped tensors."""
+    stack = torch.stack(tensors)
+    return coordinate_median(stack) if rule == "median" else trimmed_mean(stack, trim)
 
 
 class RobustFactorAccumulator(FactorSumAccumulator):
@@ -71,20 +85,36 @@ class RobustFactorAccumulator(FactorSumAccumulator):
             if self.trained in ("both", "B"):
                 self._b.setdefault(name, []).append(f.B.detach().clone())
 
-    def _combine(self, tensors: list[Tensor]) -> Tensor:
-        stack = torch.stack(tensors)
-        return coordinate_median(stack) if self.rule == "median" else trimmed_mean(stack, self.trim)
-
     def result(self) -> dict[str, LoraFactors]:
         averaged = super().result()
         if self.rule == "mean":
             return averaged
         out = {}
         for name, f in averaged.items():
-            a = self._combine(self._a[name]).to(f.A.dtype) if name in self._a else f.A
-            b = self._combine(self._b[name]).to(f.B.dtype) if name in self._b else f.B
+            a = combine(self._a[name], self.rule, self.trim).to(f.A.dtype) if name in self._a else f.A
+            b = combine(self._b[name], self.rule, self.trim).to(f.B.dtype) if name in self._b else f.B
             out[name] = LoraFactors(A=a, B=b, scaling=f.scaling)
         self._a.clear()
         self._b.clear()
         self._result = out
         return out
+
+
+class RobustHeadAccumulator:
+    """The heads a classifier trains in full, combined by the same rule as the factors (the
+    example-weighted mean would let one client's claimed weight set them)."""
+
+    def __init__(self, rule: str, trim: float = 0.1) -> None:
+        check_rule(rule, trim)
+        self.rule, self.trim = rule, trim
+        self._heads: dict[str, list[Tensor]] = {}
+
+    def add(self, heads: Mapping[str, Tensor], weight: float) -> None:
+        """Keep one reply's heads (its weight does not count: the rule is unweighted)."""
+        if self._heads and set(heads) != set(self._heads):
+            raise ValueError(f"reply heads {sorted(heads)} differ from earlier replies' {sorted(self._heads)}")
+        for name, t in heads.items():
+            self._heads.setdefault(name, []).append(t.detach().clone())
+
+    def result(self) -> dict[str, Tensor]:
+        return {k: combine(v, self.rule, self.trim).to(v[0].dtype) for k, v in self._heads.items()}

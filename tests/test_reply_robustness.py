@@ -251,15 +251,20 @@ def test_robust_settings_are_validated_and_the_weight_cap_follows_the_run() -> N
 def test_median_and_trimmed_mean_match_numpy_and_scipy() -> None:
     from scipy.stats import trim_mean
 
-    from fedlora.strategies.robust import coordinate_median, trimmed_mean
+    from fedlora.strategies.robust import coordinate_median, trimmed_count, trimmed_mean
 
     g = torch.Generator().manual_seed(3)
     for k in (1, 2, 5, 6, 11):
         stack = torch.randn((k, 4, 3), generator=g, dtype=torch.float64)
         assert np.array_equal(coordinate_median(stack).numpy(), np.median(stack.numpy(), axis=0))
         for trim in (0.0, 0.1, 0.25, 0.4):
+            cut = trimmed_count(trim, k)  # SciPy's int(p * k), at least 1 from 3 values on
+            assert cut == (max(int(trim * k), 1) if trim and k >= 3 else int(trim * k))
             np.testing.assert_allclose(
-                trimmed_mean(stack, trim).numpy(), trim_mean(stack.numpy(), trim, axis=0), rtol=1e-12, atol=1e-15
+                trimmed_mean(stack, trim).numpy(),
+                trim_mean(stack.numpy(), (cut + 0.5) / k, axis=0),
+                rtol=1e-12,
+                atol=1e-15,
             )
 
 
@@ -338,3 +343,26 @@ def test_in_deployment_a_node_cannot_raise_its_weight_after_its_first_reply() ->
     free = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), max_examples=1000)  # simulation: the cap alone
     free.aggregate_train_from(1, first, state)
     assert free.aggregate_train_from(2, later, state)[1]["accepted"] == 2
+
+
+def test_under_a_robust_rule_the_heads_follow_the_same_rule_not_the_claimed_weights() -> None:
+    """A classifier's head is trained in full and averaged by examples under the mean; under the
+    median a client claiming 100x the examples with a huge head moves it no more than any other."""
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    state = _adapter(0) | {head: torch.zeros(2, 3)}
+
+    def reply(node: int, value: float, n: int) -> Message:
+        return _reply(
+            node,
+            _adapter(node) | {head: torch.full((2, 3), value)},
+            {**HONEST, "partition-id": node, "num-examples": n},
+        )
+
+    replies = [reply(1, 1.0, 10), reply(2, 2.0, 10), reply(3, 3.0, 10), reply(9, 1e6, 1000)]
+    median = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), norm_factor=0.0, aggregate="median")
+    new, _ = median.aggregate_train_from(1, replies, state)
+    assert new is not None and torch.equal(new[head], torch.full((2, 3), 2.5))  # the median of 1, 2, 3, 1e6
+    mean, _ = LoraStrategy(registry.create("fedavg-lora", scaling=2.0), norm_factor=0.0).aggregate_train_from(
+        1, replies, state
+    )
+    assert mean is not None and float(mean[head][0, 0]) > 9e5  # weighted by the claimed examples
