@@ -469,7 +469,7 @@ class Registry:
     def latest_under(self, principal: Principal, prefix: str) -> Record:
         """The newest adapter whose name starts with ``prefix/``, by numeric last segment
         (``global/<run>`` -> its last published round)."""
-        listing = self.list(principal, prefix)
+        listing = self.list(principal, prefix, limit=None)  # every round: the newest may sort past any limit
         if not listing:
             raise NotFound(f"nothing published under {prefix}/")
         best = max(
@@ -482,11 +482,12 @@ class Registry:
         return self.get(principal, best["name"], best["version"])
 
     def list(
-        self, principal: Principal, prefix: str = "", query: str = "", limit: int = 1000
+        self, principal: Principal, prefix: str = "", query: str = "", limit: int | None = 1000
     ) -> builtins.list[dict[str, Any]]:
-        """The latest version of every readable adapter under ``prefix`` whose text matches ``query``."""
+        """The latest version of every readable adapter under ``prefix`` whose text matches ``query``
+        (by name, the first ``limit``; None: all, for :meth:`latest_under`)."""
         check_prefix(prefix)
-        if not 1 <= limit <= 10000:
+        if limit is not None and not 1 <= limit <= 10000:
             raise HubError(f"limit must be 1..10000, got {limit}")
         latest = select(AdapterRow.name, func.max(AdapterRow.version).label("v")).group_by(AdapterRow.name)
         if prefix:
@@ -505,7 +506,9 @@ class Registry:
         stmt = select(AdapterRow).join(sub, (AdapterRow.name == sub.c.name) & (AdapterRow.version == sub.c.v))
         for word in query.lower().split():
             stmt = stmt.where(AdapterRow.search_text.contains(word, autoescape=True))
-        stmt = stmt.order_by(AdapterRow.name).limit(limit)
+        stmt = stmt.order_by(AdapterRow.name)
+        if limit is not None:
+            stmt = stmt.limit(limit)
         with self.session() as s:
             rows = list(s.scalars(stmt))
         out = []

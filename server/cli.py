@@ -167,7 +167,7 @@ def _start(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
         )
         return 130
-    except FlowerRunError as err:
+    except (FlowerRunError, ValueError) as err:
         return _error(err)
     if not outcome.completed:
         detail = outcome.status_details if outcome.status_details not in ("", "N/A") else outcome.log_path

@@ -262,11 +262,19 @@ class ServerDir(OwnCaFiles):
     def running(self, run_dir: Path) -> Iterator[None]:
         """Mark ``run_dir`` as this server directory's run in progress (``fl-server revoke`` drops
         a revoked key from it) until the block ends."""
-        write_json_atomic(self.running_path, {"pid": os.getpid(), "run-dir": str(run_dir.resolve())}, 0o600)
+        serving = self.running_run_dir()
+        if serving is not None:
+            raise ValueError(f"{self.root} is already serving a run ({serving}): one fl-server start at a time")
+        me = os.getpid()
+        write_json_atomic(self.running_path, {"pid": me, "run-dir": str(run_dir.resolve())}, 0o600)
         try:
             yield
         finally:
-            self.running_path.unlink(missing_ok=True)
+            try:
+                if json.loads(self.running_path.read_text(encoding="utf-8")).get("pid") == me:
+                    self.running_path.unlink()
+            except (OSError, ValueError):
+                pass
 
     def running_run_dir(self) -> Path | None:
         """The run directory of the ``fl-server start`` serving now, or None (none, or it died)."""

@@ -430,7 +430,12 @@ def test_fl_server_revoke_says_when_the_key_is_refused(tmp_path: Path, capsys: p
     with server_dir.running(tmp_path / "run"):
         assert stat.S_IMODE(server_dir.running_path.stat().st_mode) == 0o600
         assert server_dir.running_run_dir() == (tmp_path / "run").resolve()
-        assert server_main(["revoke", str(server_dir.root), "bob"]) == 0  # that run registered no one
+        with pytest.raises(ValueError, match="is already serving a run"), server_dir.running(tmp_path / "other"):
+            pass  # a second start on this directory: refused, and the first one's marker stays
+        assert server_dir.running_run_dir() == (tmp_path / "run").resolve()
+        (tmp_path / "run" / "deploy").mkdir(parents=True)
+        (tmp_path / "run" / "deploy" / "nodes.json").write_text('{"alice": 7}')
+        assert server_main(["revoke", str(server_dir.root), "bob"]) == 0  # that run registered no bob
         assert "never registered bob" in capsys.readouterr().out
     assert not server_dir.running_path.exists() and server_dir.running_run_dir() is None
     server_dir.running_path.write_text('{"pid": 999999999, "run-dir": "/nowhere"}')  # its server died

@@ -611,7 +611,9 @@ def _register_nodes(cli: _FlowerCli, nodes: Iterable[tuple[str, Path]], paths: _
         if done.returncode != 0:
             return name, None, f"registering SuperNode {name} ({key}) failed: {(done.stdout + done.stderr).strip()}"
         found = re.search(r"SuperNode (\d+) registered", done.stdout + done.stderr)
-        return name, int(found.group(1)) if found else None, None
+        if found is None:  # `fl-server revoke` could not drop it from this run later
+            return name, None, f"`flwr supernode register` for {name} named no node id: {done.stdout.strip()[-200:]}"
+        return name, int(found.group(1)), None
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(register, nodes))
@@ -625,8 +627,12 @@ def unregister_node(workdir: Path, name: str) -> int | None:
     """Remove ``name``'s key from the running SuperLink of the deployment in ``workdir`` (its
     connected SuperNode is dropped and refused from then on); the node id, or None when that
     run registered no node of that name. Raises :class:`FlowerRunError` if the SuperLink refuses."""
+    nodes = workdir / NODES_FILE
+    deadline = time.monotonic() + _SUPERLINK_START_TIMEOUT + _CLI_TIMEOUT
+    while not nodes.exists() and time.monotonic() < deadline:  # the run is still registering its nodes
+        time.sleep(0.5)
     try:
-        node_ids = json.loads((workdir / NODES_FILE).read_text(encoding="utf-8"))
+        node_ids = json.loads(nodes.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     node_id = node_ids.get(name)
