@@ -490,3 +490,24 @@ def test_round_messages_expire_with_the_round() -> None:
     grid = _SlowGrid([["a", "b"]])
     list(PromptGrid(grid, poll=0.01).send_and_receive(messages, timeout=37.5))  # type: ignore[arg-type]
     assert [m.metadata.ttl for m in grid.pushed] == [37.5, 37.5]
+
+
+def test_the_guard_looks_up_each_connection_once_and_never_reuses_it_for_another() -> None:
+    """uvicorn gives every request of a connection the same ``client`` tuple: one lookup per
+    connection; a new connection from the same address and port (a new tuple) is looked up anew."""
+    calls: list[object] = []
+    owners = iter([1000, 65534])
+
+    def owner_of(scope: Any) -> int:
+        calls.append(scope["client"])
+        return next(owners)
+
+    guard = ControlGuard(_app(), operator_uid=1000, owner_of=owner_of)
+    first = ("127.0.0.1", 40000)
+    for _ in range(3):  # three requests on one keep-alive connection
+        assert guard.refusal({"client": first}, "127.0.0.1") is None
+    assert len(calls) == 1
+    again = tuple(["127.0.0.1", 40000])  # equal, but another connection (another account's, now)
+    assert again is not first
+    assert "belongs to uid 65534" in str(guard.refusal({"client": again}, "127.0.0.1"))
+    assert len(calls) == 2

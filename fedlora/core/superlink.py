@@ -27,9 +27,9 @@ import ipaddress
 import json
 import logging
 import os
-import socket
 import struct
 import sys
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -52,6 +52,8 @@ SOCKET_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 #: the one socket state a requesting client's end can be in: a client that closed its end
 #: (FIN_WAIT2 and the like) is listed with uid 0 and inode 0, the owner gone
 _ESTABLISHED = "01"
+#: connections whose owner the guard remembers (see ControlGuard._owners)
+_OWNER_CACHE = 1024
 #: headers with which a peer names another address: uvicorn would rewrite the peer from them
 PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 
@@ -79,32 +81,37 @@ def _normal(host: str) -> str:
     return str(address)
 
 
-def _proc_address(field: str) -> Address:
-    """``0100007F:1F90`` (IPv4) or 32 hex digits (IPv6) with a port, as the kernel prints them:
-    the address in 32-bit words of this machine's byte order."""
-    hex_host, hex_port = field.split(":")
-    if len(hex_host) not in (8, 32):
-        raise ValueError(f"not an address of a socket table: {field!r}")
-    words = [int(hex_host[i : i + 8], 16) for i in range(0, len(hex_host), 8)]
-    packed = struct.pack(f"={len(words)}I", *words)
-    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
-    return _normal(socket.inet_ntop(family, packed)), int(hex_port, 16)
+def _kernel_spellings(address: Address) -> frozenset[str]:
+    """How the kernel's socket tables print ``address``: ``0100007F:1F90`` in ``/proc/net/tcp``
+    (the address in 32-bit words of this machine's byte order, then the port), 32 hex digits in
+    ``/proc/net/tcp6``, where an IPv4 peer of an IPv6 socket appears IPv4-mapped."""
+    host, port = _normal(address[0]), int(address[1])
+    ip = ipaddress.ip_address(host)
+    forms = [ip.packed, ipaddress.IPv6Address(f"::ffff:{host}").packed] if ip.version == 4 else [ip.packed]
+    spellings = set()
+    for packed in forms:
+        words = struct.unpack(f"={len(packed) // 4}I", packed)
+        spellings.add("".join(f"{w:08X}" for w in words) + f":{port:04X}")
+    return frozenset(spellings)
 
 
 def socket_owner(local: Address, remote: Address, tables: Sequence[str]) -> int | None:
     """The uid owning the TCP socket whose own end is ``local`` and whose peer is ``remote``,
-    read from the text of ``/proc/net/tcp``-style tables; None if no live socket matches."""
-    want = ((_normal(local[0]), local[1]), (_normal(remote[0]), remote[1]))
+    read from the text of ``/proc/net/tcp``-style tables; None if no live socket matches.
+    Lines are matched as text (the addresses spelled as the kernel does): a lookup runs on every
+    control and runtime request, so it must stay cheap with thousands of sockets."""
+    ours, theirs = _kernel_spellings(local), _kernel_spellings(remote)
     for table in tables:
         for line in table.splitlines()[1:]:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != _ESTABLISHED or fields[9] == "0":
+            if len(fields) < 10 or fields[1] not in ours or fields[2] not in theirs:
+                continue
+            if fields[3] != _ESTABLISHED or fields[9] == "0":
                 continue  # not a live connection with an owning socket (inode 0: orphaned)
             try:
-                if (_proc_address(fields[1]), _proc_address(fields[2])) == want:
-                    return int(fields[7])
+                return int(fields[7])
             except ValueError:
-                continue
+                return None
     return None
 
 
@@ -163,6 +170,25 @@ class ControlGuard:
         self.expose_control = expose_control
         self.operator_uid = os.getuid() if operator_uid is None else operator_uid
         self.owner_of = owner_of
+        # connection -> its client socket's owner. uvicorn hands every request of one connection
+        # the same ``client`` tuple object, made when the connection opened; holding it here keeps
+        # its id from being reused, so a later connection (a new tuple) never hits another's entry.
+        # Reading the kernel's socket tables costs 10-30 ms here, and Flower polls the runtime API
+        # several times a second over one keep-alive connection.
+        self._owners: OrderedDict[int, tuple[object, int | None]] = OrderedDict()
+
+    def _owner(self, scope: Scope) -> int | None:
+        client = scope.get("client")
+        cached = self._owners.get(id(client))
+        if cached is not None and cached[0] is client:
+            self._owners.move_to_end(id(client))
+            return cached[1]
+        owner = self.owner_of(scope)
+        if client is not None:
+            self._owners[id(client)] = (client, owner)
+            while len(self._owners) > _OWNER_CACHE:
+                self._owners.popitem(last=False)
+        return owner
 
     def refusal(self, scope: Scope, peer: str | None) -> str | None:
         """Why this Control/Runtime request is refused (None: it comes from the operator)."""
@@ -171,7 +197,7 @@ class ControlGuard:
         names = {name.lower() for name, _ in scope.get("headers") or []}
         if any(h in names for h in PROXY_HEADERS):  # the peer address would not be the socket's own
             return "the control and runtime APIs of this SuperLink take no proxy headers (X-Forwarded-For, Forwarded)"
-        owner = self.owner_of(scope)
+        owner = self._owner(scope)
         if owner != self.operator_uid:
             who = "an unknown account" if owner is None else f"uid {owner}"
             return (
