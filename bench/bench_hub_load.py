@@ -730,11 +730,13 @@ def client_pulls(urls: dict[str, str], token: str, key_path: Path, workdir: Path
     times: dict[str, list[float]] = {kind: [] for kind in clients}
     try:
         for kind, client in clients.items():  # untimed: connection, base-model hash (cached per process)
-            client.pull(ADAPTER, workdir / f"pulled-{kind}")
+            client.pull(ADAPTER, workdir / f"pulled-{kind}", version=1)
         for i in range(count):
             for kind in list(clients) if i % 2 == 0 else list(clients)[::-1]:
                 t0 = time.perf_counter()
-                clients[kind].pull(ADAPTER, workdir / f"pulled-{kind}")
+                # version 1, asked for: the bare server replays recorded answers, which a "latest"
+                # request (signed over a fresh nonce) would refuse
+                clients[kind].pull(ADAPTER, workdir / f"pulled-{kind}", version=1)
                 times[kind].append(time.perf_counter() - t0)
     finally:
         for client in clients.values():
@@ -748,7 +750,8 @@ def client_pulls(urls: dict[str, str], token: str, key_path: Path, workdir: Path
 def setup(workdir: Path, adapter_mb: float) -> tuple[Path, str, str, dict[str, bytes], int]:
     """Hub directory, client token, operator token, adapter files, rank."""
     hub_dir = workdir / "hub"
-    fl_hub("init", str(hub_dir), "--port", str(free_port()))
+    # --insecure: the bench compares plain-HTTP request handling (fl-hub init defaults to HTTPS)
+    fl_hub("init", str(hub_dir), "--port", str(free_port()), "--insecure")
     token = fl_hub("token", "create", str(hub_dir), "--client", "bench", "--label", "hub_load").strip()
     operator = (hub_dir / "operator.token").read_text().strip()
     files, rank = make_adapter(adapter_mb * (1 << 20))
