@@ -248,7 +248,7 @@ class LoraAlgorithm:
         check_rule(rule, trim)
         if self.product_based:
             raise ValueError(robust_refusal(self.name, rule))
-        return RobustFactorAccumulator(self.trained_factors(server_round), rule, trim)  # type: ignore[arg-type]
+        return RobustFactorAccumulator(self.trained_factors(server_round), rule, trim)
 
     def state_modules(self, state: Mapping[str, Tensor]) -> dict[str, LoraFactors]:
         """The global state's per-module factors, at the scaling its s B A is taken with."""

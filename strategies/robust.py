@@ -69,7 +69,7 @@ class RobustFactorAccumulator(FactorSumAccumulator):
     """Keeps every reply's trained factors and combines them by ``rule`` at the end (same checks
     as :class:`FactorSumAccumulator`: frozen factors must repeat, shapes and dtypes agree)."""
 
-    def __init__(self, trained: TrainedFactors, rule: RobustRule, trim: float = 0.1) -> None:
+    def __init__(self, trained: TrainedFactors, rule: str, trim: float = 0.1) -> None:
         check_rule(rule, trim)
         super().__init__(trained)
         self.rule = rule

@@ -65,12 +65,9 @@ def is_loopback(host: str | None) -> bool:
     if not host:
         return False
     try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
+        return ipaddress.ip_address(_normal(host)).is_loopback
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def _normal(host: str) -> str:
