@@ -5,6 +5,11 @@ never per round. Calibrating per round (each round "spending" the target) compos
 the target over the run; the ledger would then correctly report a lifetime epsilon far above what
 the user asked for.
 
+Calibration is Opacus' bisection, 15 to 30 evaluations of the accountant (tens of seconds on a small
+CPU), and a run's setting repeats: each calibrated sigma is kept in a small cache file
+(:func:`calibration_cache`) and taken again only after the accountant confirms it meets the target
+within the tolerance, so a tampered or stale entry costs a fresh calibration, never privacy.
+
 The plan is for a client with the *expected* participation. A client sampled more often than
 expected spends more; ``BudgetPlan.epsilon_if_every_round`` shows the worst case, and budget
 enforcement (``PrivacyLedger.would_exceed``) is what actually caps a client.
@@ -12,11 +17,17 @@ enforcement (``PrivacyLedger.would_exceed``) is what actually caps a client.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedlora.atomic import write_atomic
 from fedlora.privacy.accounting import (
     PRV_EPS_ERROR,
     PRV_MAX_DOMAIN_SIZE,
@@ -154,8 +165,7 @@ def plan_noise(
     steps = n_rounds * local_steps
     if accountant == "prv":
         _check_prv_can_plan(target, delta, sample_rate, steps, tolerance)
-    sigma = _noise_multiplier(target, delta, sample_rate, steps, accountant, tolerance)
-    expected = compute_epsilon([(sigma, sample_rate, steps)], delta, accountant)
+    sigma, expected = _calibrated(target, delta, sample_rate, steps, accountant, tolerance)
     try:
         every_round: float | None = compute_epsilon([(sigma, sample_rate, rounds * local_steps)], delta, accountant)
     except PrivacyAccountingError:
@@ -175,6 +185,66 @@ def plan_noise(
         expected_epsilon=expected,
         epsilon_if_every_round=every_round,
     )
+
+
+CACHE_ENV = "FEDLORA_CACHE_DIR"
+"""Directory of the calibration cache; empty turns the cache off. Default: ``$XDG_CACHE_HOME/fedlora``
+(``~/.cache/fedlora``)."""
+
+CACHE_FILE = "noise-multipliers.json"
+CACHE_ENTRIES = 512
+"""Most settings kept; the oldest go first."""
+
+
+def calibration_cache() -> Path | None:
+    """The file that keeps calibrated noise multipliers, or None when ``$FEDLORA_CACHE_DIR`` is empty."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return Path(configured) / CACHE_FILE if configured else None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedlora" / CACHE_FILE
+
+
+def _calibrated(
+    target: float, delta: float, q: float, steps: int, accountant: str, tolerance: float
+) -> tuple[float, float]:
+    """(sigma, epsilon of the planned steps at sigma): Opacus' calibration, or a cached one the
+    accountant confirms lies in [target - tolerance, target], as the bisection's answer does."""
+    key = json.dumps([accountant, target, delta, q, steps, tolerance, version("opacus")])
+    path = calibration_cache()
+    entries = _read_cache(path)
+    cached = entries.get(key)
+    if isinstance(cached, float) and math.isfinite(cached) and cached > 0.0:
+        epsilon = compute_epsilon([(cached, q, steps)], delta, accountant)
+        if target - tolerance <= epsilon <= target:
+            return cached, epsilon
+    sigma = _noise_multiplier(target, delta, q, steps, accountant, tolerance)
+    epsilon = compute_epsilon([(sigma, q, steps)], delta, accountant)
+    if path is not None:
+        entries.pop(key, None)
+        entries[key] = sigma
+        _write_cache(path, dict(list(entries.items())[-CACHE_ENTRIES:]))
+    return sigma, epsilon
+
+
+def _read_cache(path: Path | None) -> dict[str, Any]:
+    """The cache's entries; an absent, unreadable or malformed file is an empty cache."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, entries: dict[str, Any]) -> None:
+    """Replace the cache file (0600 in a 0700 directory); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(entries, indent=0).encode(), 0o600)
+    except OSError:
+        pass
 
 
 def _noise_multiplier(target: float, delta: float, q: float, steps: int, accountant: str, tolerance: float) -> float:

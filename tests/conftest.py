@@ -12,6 +12,10 @@ if "FEDLORA_HUB_SEEN" not in os.environ:  # the hub versions a test's clients ac
     import tempfile
 
     os.environ["FEDLORA_HUB_SEEN"] = os.path.join(tempfile.mkdtemp(prefix="fedlora-tests-"), "hub-seen.json")
+if "FEDLORA_CACHE_DIR" not in os.environ:  # calibrated noise multipliers: shared by the session's runs, not the user's
+    import tempfile
+
+    os.environ["FEDLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlora-cache-")
 
 import pytest
 import torch

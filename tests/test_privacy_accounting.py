@@ -6,12 +6,17 @@ accountant, ``step()`` once per DP-SGD step, ``get_epsilon(delta)``.
 
 from __future__ import annotations
 
+import json
 import math
+import stat
+from pathlib import Path
+from typing import Any
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus_reference import opacus_reference
 
+from fedlora.privacy import planning
 from fedlora.privacy.accounting import (
     ACCOUNTANTS,
     PRV_EPS_ERROR,
@@ -24,7 +29,15 @@ from fedlora.privacy.accounting import (
     register,
     validate_history,
 )
-from fedlora.privacy.planning import BudgetPlan, default_delta, delta_warning, expected_rounds, plan_noise
+from fedlora.privacy.planning import (
+    CACHE_ENV,
+    BudgetPlan,
+    calibration_cache,
+    default_delta,
+    delta_warning,
+    expected_rounds,
+    plan_noise,
+)
 
 DELTA = 1e-5
 MIXED = [(1.0, 0.016, 100), (0.8, 0.032, 50), (1.2, 0.01, 200)]
@@ -191,6 +204,37 @@ def test_calibrating_per_round_overspends() -> None:
     per_round = plan_noise(8.0, DELTA, rounds=1, participation_rate=1.0, local_steps=30, sample_rate=0.016)
     ten_rounds = compute_epsilon([(per_round.noise_multiplier, 0.016, 30)] * 10, DELTA, "rdp")
     assert ten_rounds > 1.5 * 8.0
+
+
+def test_a_calibration_is_kept_and_taken_again_only_when_it_meets_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache saves Opacus' bisection on a repeated setting; a cached sigma that misses the target
+    (tampered: too little noise, or far too much) is calibrated afresh, and so is a broken file."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    calls: list[int] = []
+    real = planning.get_noise_multiplier
+
+    def counted(**kwargs: Any) -> float:
+        calls.append(1)
+        return float(real(**kwargs))
+
+    monkeypatch.setattr(planning, "get_noise_multiplier", counted)
+    args = (3.0, DELTA, 4, 1.0, 5, 0.05)
+    first = plan_noise(*args)
+    path = calibration_cache()
+    assert path is not None and len(calls) == 1
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert plan_noise(*args) == first and len(calls) == 1  # taken again: the same plan, no bisection
+    (key,) = json.loads(path.read_text())
+    for sigma in (0.9 * first.noise_multiplier, 3 * first.noise_multiplier, "0.5", -1.0):
+        path.write_text(json.dumps({key: sigma}))
+        assert plan_noise(*args) == first  # refused: recalibrated, and the right value written back
+        assert json.loads(path.read_text()) == {key: first.noise_multiplier}
+    path.write_text("{torn")
+    assert plan_noise(*args) == first and len(calls) == 6
+    monkeypatch.setenv(CACHE_ENV, "")
+    assert calibration_cache() is None and plan_noise(*args) == first and len(calls) == 7
 
 
 @pytest.mark.parametrize(
