@@ -80,21 +80,29 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
 
 
+#: a run that an interrupted one must reproduce bit for bit: DP randomness from the public config,
+#: so two separate runs (two client secrets) can match
+RESUMABLE = [*TINY, "--rounds", "3", "--local-steps", "8", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
+RESUMABLE += ["--run-config", "dp.secret-noise=false"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted run, shared by the interrupted ones (the same worker: one xdist group)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run([*FL_SIM, *RESUMABLE, "--out", str(out)], check=True, timeout=400)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.flower
-def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
-    """Ctrl-C after round 1 of 3, ``fl-sim --resume``: the same final adapter as one straight run."""
-    # two rounds left after the interrupt, each long enough (a few seconds) that the interrupt,
-    # which stops the Flower run through its CLI, lands before round 3 ends (20 steps a round,
-    # or one round of 10 steps left, were too little)
-    common = [*TINY, "--rounds", "3", "--local-steps", "30", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
-    # DP randomness from the public config, so two separate runs (two client secrets) can match
-    common += ["--run-config", "dp.secret-noise=false"]
-    straight = tmp_path / "straight"
-    subprocess.run([*FL_SIM, *common, "--out", str(straight)], check=True, timeout=400)
-
+@pytest.mark.xdist_group("resume")
+def test_resume_after_an_interrupt_gives_the_uninterrupted_adapter(straight: Path, tmp_path: Path) -> None:
+    """Ctrl-C after round 1 of 3, ``fl-sim --resume``: the same final adapter as one straight run.
+    The interrupt stops the run at once (the runner terminates the simulation, it does not wait
+    for the round in flight), so round 3 cannot finish first."""
     broken = tmp_path / "broken"
-    proc = subprocess.Popen([*FL_SIM, *common, "--out", str(broken)])
+    proc = subprocess.Popen([*FL_SIM, *RESUMABLE, "--out", str(broken)])
     deadline = time.monotonic() + 300
     while not (broken / "checkpoints" / "round-1" / "state.safetensors").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before round 1"
@@ -144,12 +152,13 @@ def _reaper_of(run: RunDir) -> tuple[int, str] | None:
 
 @pytest.mark.slow
 @pytest.mark.flower
-def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("resume")
+def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(straight: Path, tmp_path: Path) -> None:
     """SIGKILL to fl-sim's whole process group after round 1 (no ``finally`` runs): the runner's
     reaper takes the Flower and Ray processes down; ``fl-sim report`` reads the run despite a torn
-    last metrics line, and ``fl-sim --resume`` finishes it."""
+    last metrics line, and ``fl-sim --resume`` finishes it with the straight run's adapter."""
     run = RunDir((tmp_path / "killed").resolve())
-    argv = [*TINY, "--rounds", "3", "--strategy", "fedavg-lora", "--quiet", "--out", str(run.root)]
+    argv = [*RESUMABLE, "--out", str(run.root)]
     proc = subprocess.Popen([*FL_SIM, *argv], start_new_session=True)
     deadline = time.monotonic() + 300
     while (reaper := _reaper_of(run)) is None or run.last_round() < 1:
@@ -178,7 +187,8 @@ def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(tmp_path: Path) -> No
     subprocess.run([*FL_SIM, "--resume", str(run.root), "--quiet"], check=True, timeout=400)
     assert [r["round"] for r in run.rows()] == [0, 1, 2, 3]  # the torn line and repeated rounds replaced
     assert run.metrics_path.read_text().endswith("}\n")
-    assert (run.global_adapter_dir / "adapter_model.safetensors").is_file()
+    a, b = _adapter(straight), _adapter(run.root)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(run.privacy_json.read_text())["rounds_completed"] == 3
 
 

@@ -72,6 +72,7 @@ _SUPERLINK_START_TIMEOUT = 60.0
 _CLI_TIMEOUT = 60.0  # one `flwr run|ls|stop` call; each takes ~1 s
 _STATUS_POLL = 0.5
 _TEARDOWN_GRACE = 15.0  # for processes to leave on their own before SIGKILL (Ray is slow under load)
+_INTERRUPT_GRACE = 3.0  # after SIGTERM when the run is interrupted: every write of a run is atomic
 _LOG_TAIL_LINES = 40
 
 
@@ -432,6 +433,12 @@ def run_flower_app(request: FlowerRunRequest, on_log_line: Callable[[str], None]
             # The sampling wait for nodes never times out: stop the run, teardown kills the rest.
             cli.call(["stop", str(run_id), CONNECTION], timeout=15.0)
             status = _read_status_quietly(cli, run_id)
+    except BaseException:
+        # interrupted (Ctrl-C, a signal turned into an exception) or failed: stop training now. The
+        # SuperLink's SIGTERM reaches flwr-simulation only after the round in flight, and measured
+        # 17 s after a Ctrl-C, two more rounds had trained and written their checkpoints
+        _kill_tagged(tag, grace=_INTERRUPT_GRACE, log_path=logs / "teardown.log", sigterm=True)
+        raise
     finally:
         if superlink is not None:
             _stop_superlink(superlink)
