@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+# Opacus is imported inside the functions that compute: importing it imports torch (~3 s), which
+# the commands that only read a policy, a ledger's entries or a key (fl-client keygen, fl-server
+# enroll) never need.
 
 HistoryEntry = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, num_steps)``, the layout of Opacus' ``accountant.history``."""
@@ -154,6 +155,9 @@ def rdp_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in steps):
         return math.inf
+    from opacus.accountants import RDPAccountant  # heavy: see the imports
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     # RDPAccountant.get_privacy_spent, with each (q, sigma)'s per-step RDP computed once per
     # process: Opacus' compute_rdp is that vector times the step count, so the sum is bit for bit
     # the accountant's, and a ledger asked every round no longer spends seconds on the same orders
@@ -165,6 +169,9 @@ def rdp_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
 @functools.lru_cache(maxsize=256)
 def _rdp_per_step(q: float, sigma: float) -> np.ndarray:
     """Opacus' RDP of one step of the sampled Gaussian mechanism at its default orders."""
+    from opacus.accountants import RDPAccountant  # heavy: see the imports
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     vector = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
     vector.flags.writeable = False  # shared by every later call
     return vector
@@ -211,6 +218,8 @@ def prv_epsilon(
             f"(limit {max_domain_size:,}, ~100 bytes each); use the 'rdp' accountant for this history "
             f"or a larger eps_error (now {eps_error})"
         )
+    from opacus.accountants import PRVAccountant  # heavy: see the imports
+
     accountant = PRVAccountant()
     accountant.history = steps
     try:
@@ -231,6 +240,9 @@ def prv_domain_size(history: Sequence[HistoryEntry], delta: float, *, eps_error:
     steps = compact_history(history)
     if not steps:
         return 0
+    from opacus.accountants import PRVAccountant  # heavy: see the imports
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
     delta_error = check_delta(delta) / 1000  # Opacus' default in PRVAccountant.get_epsilon
     domain = PRVAccountant()._get_domain(
         prvs=[PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in steps],
