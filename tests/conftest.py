@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 if "FEDLORA_HUB_SEEN" not in os.environ:  # the hub versions a test's clients accept: never the user's own record
-    import tempfile
-
     os.environ["FEDLORA_HUB_SEEN"] = os.path.join(tempfile.mkdtemp(prefix="fedlora-tests-"), "hub-seen.json")
 if "FEDLORA_CACHE_DIR" not in os.environ:  # calibrated noise multipliers: shared by the session's runs, not the user's
-    import tempfile
-
     os.environ["FEDLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlora-cache-")
 
 import pytest

@@ -726,7 +726,11 @@ def _follow_logs(
                 if time.monotonic() > deadline:
                     return False
     finally:
-        _end(proc)
+        # a log reader only: killed at once (it ignores SIGTERM while streaming, and a graceful end
+        # delayed an interrupt's stop of the run by up to 10 s, in which rounds went on training)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
         reader.join(timeout=5.0)
         proc.stdout.close()
 
