@@ -23,14 +23,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.core.data import DataSpec, Encoded, encode
-from fedlora.core.model import (
-    LoraSettings,
-    get_adapter_state,
-    load_base_model,
-    load_tokenizer,
-    set_adapter_state,
-    wrap_lora,
-)
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import get_adapter_state, load_base_model, set_adapter_state, wrap_lora
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.train import TrainSettings, evaluate, train
 
 #: the run config of the bare app (fedlora's fedavg-lora defaults for lr, rank and alpha)

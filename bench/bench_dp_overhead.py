@@ -69,7 +69,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_procmem import reset_peak, status_mb
 
 from fedlora.core.data import Encoded, collate, encode
-from fedlora.core.model import Factors, LoraSettings, load_base_model, load_tokenizer, wrap_lora
+from fedlora.core.lora_settings import Factors, LoraSettings
+from fedlora.core.model import load_base_model, wrap_lora
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.tasks import get_task
 from fedlora.core.train import TrainSettings, batches, train
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd

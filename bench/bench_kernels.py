@@ -65,7 +65,9 @@ def dp_step_times(repeat: int = 15, passes: int = 2) -> tuple[float, float, floa
     import copy
 
     from fedlora.core.data import collate, encode, per_sequence_loss
-    from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
+    from fedlora.core.lora_settings import LoraSettings
+    from fedlora.core.model import load_base_model, wrap_lora
+    from fedlora.core.model_dirs import load_tokenizer
     from fedlora.core.tasks import get_task
     from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 
@@ -103,15 +105,9 @@ def batched_eval_times(adapters: int = 64, per_adapter: int = 8, repeat: int = 3
 
     from fedlora.core.adapter_format import read_adapter_dir
     from fedlora.core.data import encode
-    from fedlora.core.model import (
-        LoraSettings,
-        get_adapter_state,
-        load_base_model,
-        load_tokenizer,
-        save_adapter,
-        set_adapter_state,
-        wrap_lora,
-    )
+    from fedlora.core.lora_settings import LoraSettings
+    from fedlora.core.model import get_adapter_state, load_base_model, save_adapter, set_adapter_state, wrap_lora
+    from fedlora.core.model_dirs import load_tokenizer
     from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
     from fedlora.core.tasks import get_task
     from fedlora.core.train import evaluate

@@ -165,7 +165,7 @@ def build_kind(kind: str, examples: int) -> tuple[torch.nn.Module, list[Item], i
     """The kind's default model with LoRA as a client builds it, and client 0's training items."""
     from fedlora.core.client_data import client_examples
     from fedlora.core.config import FederationConfig, ModelSection
-    from fedlora.core.model import LoraSettings
+    from fedlora.core.lora_settings import LoraSettings
     from fedlora.core.run_model import load_run_model
 
     cfg = FederationConfig(model=ModelSection(kind=kind, device="cpu"), num_clients=4, num_train=examples)
@@ -255,7 +255,8 @@ def memory_worker(
     (0: the whole batch)."""
     torch.set_num_threads(1)
     import fedlora.privacy.dp  # noqa: F401  (Opacus, loaded before the baseline is taken)
-    from fedlora.core.model import LoraSettings, wrap_lora
+    from fedlora.core.lora_settings import LoraSettings
+    from fedlora.core.model import wrap_lora
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -195,7 +195,8 @@ def baseline(settings: Settings, seeds: Sequence[int]) -> dict[int, tuple[float,
 
     from fedlora.core.client_data import build_partition, client_examples
     from fedlora.core.data import encode
-    from fedlora.core.model import load_base_model, load_tokenizer, wrap_lora
+    from fedlora.core.model import load_base_model, wrap_lora
+    from fedlora.core.model_dirs import load_tokenizer
     from fedlora.core.train import evaluate
 
     torch.set_num_threads(1)

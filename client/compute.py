@@ -36,8 +36,8 @@ from fedlora.core.adapter_format import BASE_DELTA_FILE
 from fedlora.core.client_data import client_examples, node_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import Item
+from fedlora.core.lora_settings import Factors
 from fedlora.core.model import (
-    Factors,
     get_adapter_state,
     save_adapter,
     set_adapter_state,
@@ -45,15 +45,16 @@ from fedlora.core.model import (
     set_trainable_factors,
 )
 from fedlora.core.run_dir import RunDir
-from fedlora.core.run_model import RunModel, load_run_model, model_dir, run_device
+from fedlora.core.run_model import RunModel, load_run_model, run_device
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
 from fedlora.hub.sdk.manifest import load_public_key
 from fedlora.hub.sdk.names import check_segment
-from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
+from fedlora.privacy.dp import DPSGDConfig
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta
 from fedlora.privacy.policy import PrivacyPolicy, RoundRequest, check_round
+from fedlora.privacy.sampling import check_poisson_batches, sample_rate
 from fedlora.strategies.algorithms import BASE_DELTA_SUFFIX, base_deltas, factor_part, head_part
 
 
@@ -110,7 +111,7 @@ def _setup(cfg: FederationConfig, node: Node) -> tuple[LocalSetup, list[Item], l
     rank = cfg.client_rank(partition)
     lora = cfg.lora_settings(rank, cfg.alpha_for(defaults.alpha))
     device = run_device(cfg)
-    key = (str(model_dir(cfg)), lora, cfg.model, str(device), cfg.data_key()[:3])
+    key = (str(cfg.base_model_dir()), lora, cfg.model, str(device), cfg.data_key()[:3])
     setup = _CACHE.get(key)
     load_seconds = 0.0
     if setup is None:

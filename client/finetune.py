@@ -15,17 +15,17 @@ from rich.console import Console
 
 from fedlora.core.data import DataSpec, encode
 from fedlora.core.embedded import default_model_dir
+from fedlora.core.lora_settings import LoraSettings
 from fedlora.core.model import (
-    LoraSettings,
     from_mapping,
     load_base_model,
-    load_tokenizer,
     lora_settings_dict,
     max_positions,
     resolve_device,
     save_adapter,
     wrap_lora,
 )
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.train import EvalResult, TrainResult, TrainSettings, evaluate, train
 
 

@@ -51,20 +51,21 @@ from fedlora.core.kinds.base import DTYPES
 from fedlora.core.model import (
     load_adapter,
     load_base_model,
-    load_tokenizer,
     max_positions,
     save_adapter,
     set_base_deltas,
     set_trainable_factors,
 )
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.records import ChatExample, Example, Record
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.privacy.accounting import check_accountant, compute_epsilon
-from fedlora.privacy.dp import DPSGDConfig, check_poisson_batches, sample_rate
+from fedlora.privacy.dp import DPSGDConfig
 from fedlora.privacy.engines import Engine, check_engine
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.planning import default_delta, plan_noise
 from fedlora.privacy.policy import PrivacyPolicy, RoundRequest, check_round
+from fedlora.privacy.sampling import check_poisson_batches, sample_rate
 from fedlora.privacy.units import PRIVACY_UNIT
 from fedlora.strategies.algorithms import base_deltas
 from fedlora.strategies.fedavg_lora import FedAvgLora

@@ -78,9 +78,10 @@ def evaluate_prefix(
     model and score them all on ``examples``."""
     # lazy: pulls in torch, which this module does not need at import
     from fedlora.core.data import encode
+    from fedlora.core.model import load_base_model, max_positions
 
     # lazy: pulls in peft, which this module does not need at import
-    from fedlora.core.model import load_base_model, load_tokenizer, max_positions
+    from fedlora.core.model_dirs import load_tokenizer
 
     # lazy: pulls in peft, which this module does not need at import
     from fedlora.core.multi_adapter import LoadedAdapter, check_fits, evaluate_many

@@ -26,8 +26,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedlora.atomic import write_json_atomic
 from fedlora.privacy.accounting import (
     PRV_EPS_ERROR,
@@ -249,6 +247,8 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
 
 
 def _noise_multiplier(target: float, delta: float, q: float, steps: int, accountant: str, tolerance: float) -> float:
+    from opacus.accountants.utils import get_noise_multiplier  # heavy: Opacus imports all of itself (~1.3 s)
+
     try:
         return float(
             get_noise_multiplier(

@@ -28,12 +28,12 @@ from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.model import get_adapter_state
 from fedlora.core.reports import write_plots, write_privacy_report
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, ResumeError, RunDir, config_changes
-from fedlora.core.run_model import load_run_model, model_dir
+from fedlora.core.run_model import load_run_model
 from fedlora.hub.sdk.publish import run_name
 from fedlora.privacy.accounting import compute_epsilon
-from fedlora.privacy.dp import sample_rate
 from fedlora.privacy.planning import default_delta, delta_warning, plan_noise
 from fedlora.privacy.report import headline
+from fedlora.privacy.sampling import sample_rate
 from fedlora.server.evaluation import ServerEvaluator
 from fedlora.strategies import registry
 from fedlora.strategies.flower import LoraStrategy
@@ -279,7 +279,7 @@ def main(grid: Grid, context: Context) -> None:
     alpha = cfg.alpha_for(algo_cls.defaults.alpha)
     rank = cfg.max_rank()
     lora = cfg.lora_settings(rank, algo_cls.global_alpha(rank, alpha))  # FlexLoRA's state is at scaling 1
-    base_dir = model_dir(cfg)
+    base_dir = cfg.base_model_dir()
     run_model = load_run_model(cfg, lora)
     model = run_model.model
     fan_in_fan_out = bool(getattr(model.peft_config["default"], "fan_in_fan_out", False))

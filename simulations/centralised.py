@@ -21,11 +21,12 @@ from fedlora.core.config import FederationConfig
 from fedlora.core.data import Item, collate
 from fedlora.core.records import Record
 from fedlora.core.run_dir import RunDir
-from fedlora.core.run_model import load_run_model, model_dir
+from fedlora.core.run_model import load_run_model
 from fedlora.core.train import TrainSettings, batches, evaluate, train, train_in
 from fedlora.privacy.accounting import compute_epsilon
-from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 from fedlora.privacy.planning import default_delta, plan_noise
+from fedlora.privacy.sampling import sample_rate
 from fedlora.strategies.fedavg_lora import FedAvgLora
 
 
@@ -37,7 +38,7 @@ def run_centralised(cfg: FederationConfig, out: Path) -> Path:
     alpha = cfg.alpha_for(FedAvgLora.defaults.alpha)
     loaded = load_run_model(cfg, cfg.lora_settings(cfg.lora.rank, alpha))
     model = loaded.model
-    run = RunDir(out, model, model_dir(cfg))
+    run = RunDir(out, model, cfg.base_model_dir())
     pad = loaded.pad_id
     train_ex: list[Record] = []
     tests: list[list[Item]] = []

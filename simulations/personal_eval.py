@@ -21,7 +21,8 @@ from fedlora.core.client_data import client_examples
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.data import Encoded
 from fedlora.core.kinds import DEFAULT_KIND, get_kind
-from fedlora.core.model import load_base_model, load_tokenizer, max_positions
+from fedlora.core.model import load_base_model, max_positions
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.multi_adapter import LoadedAdapter, evaluate_many
 from fedlora.core.run_dir import RunDir
 

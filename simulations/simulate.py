@@ -19,8 +19,7 @@ from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunRequest, run_flower_app
 from fedlora.core.kinds import get_kind
 from fedlora.core.run_dir import RunDir
-from fedlora.core.run_model import model_dir
-from fedlora.privacy.dp import check_poisson_batches
+from fedlora.privacy.sampling import check_poisson_batches
 
 
 def validate(run_config: Mapping[str, Any]) -> FederationConfig:
@@ -41,7 +40,7 @@ def check_records(cfg: FederationConfig) -> int:
     client is refused here with the reason, never found by every client in every round. Returns
     how many records ``model.max-length`` truncates."""
     kind = get_kind(cfg.model.kind)
-    path = model_dir(cfg)
+    path = cfg.base_model_dir()
     processor = kind.load_processor(path)
     positions = _max_positions(path)
     if cfg.model.max_length > positions:

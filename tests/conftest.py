@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.core.model import load_tokenizer
+from fedlora.core.model_dirs import load_tokenizer
 
 torch.set_num_threads(1)
 

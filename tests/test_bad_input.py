@@ -12,7 +12,8 @@ import pytest
 from fedlora.client.cli import main as client_main
 from fedlora.client.finetune import FinetuneConfig
 from fedlora.core.data import DataSpec, load_jsonl
-from fedlora.core.model import LoraSettings, load_base_model, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import load_base_model, wrap_lora
 
 
 def test_missing_model_directory(tmp_path: Path) -> None:

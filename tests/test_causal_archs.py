@@ -36,7 +36,8 @@ from fedlora.client.private_train import train_private
 from fedlora.core.client_data import client_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import Encoded, collate, forward
-from fedlora.core.model import LoraSettings, save_adapter, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import save_adapter, wrap_lora
 from fedlora.core.run_dir import RunDir
 from fedlora.core.run_model import load_run_model
 from fedlora.core.train import TrainSettings, train

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from fedlora.core.data import IGNORE_INDEX, read_jsonl
 from fedlora.core.data_files import Columns, encode_chat, label_names, read_records
-from fedlora.core.model import load_tokenizer
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.records import ChatExample, Example, ImageExample, Message, TextExample
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "disk", "dict")

@@ -11,7 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from fedlora.core.data import collate, encode, per_sequence_loss
-from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, set_trainable_factors, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import load_base_model, set_trainable_factors, wrap_lora
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.tasks import get_task
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 from fedlora.privacy.fused import LoraTaps

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from fedlora.core.adapter_format import read_adapter_dir
 from fedlora.core.embedded import default_model_dir
-from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import load_base_model, save_adapter, wrap_lora
 from fedlora.hub.hub_dir import HubDir, HubSettings
 from fedlora.hub.sdk.client import HubClient, HubRequestError
 from fedlora.hub.sdk.manifest import VerificationError, describe_base_model, load_public_key, sign_freshness
@@ -607,7 +608,7 @@ def test_fl_sim_publishes_every_round_and_the_final_adapter(
     # fl-hub evaluate: the three personal adapters from the hub (verified), scored in one batch,
     # the same as PEFT scores each pulled adapter
     from fedlora.core.data import encode
-    from fedlora.core.model import load_tokenizer
+    from fedlora.core.model_dirs import load_tokenizer
     from fedlora.core.train import evaluate
     from fedlora.hub.cli import main as fl_hub
     from fedlora.hub.evaluate import load_examples

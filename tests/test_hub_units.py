@@ -239,7 +239,8 @@ def test_cli_token_ls_pull_push(
     from hub_server import HubServer
 
     from fedlora.client.cli import main as fl_client
-    from fedlora.core.model import LoraSettings, load_base_model, save_adapter, wrap_lora
+    from fedlora.core.lora_settings import LoraSettings
+    from fedlora.core.model import load_base_model, save_adapter, wrap_lora
     from fedlora.hub.cli import main as fl_hub
 
     assert fl_hub(["init", str(tmp_path / "h")]) == 0  # HTTPS with the hub's own CA, by default

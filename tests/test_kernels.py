@@ -166,7 +166,9 @@ def test_fused_engine_on_cuda_equals_opacus() -> None:
     import copy
 
     from fedlora.core.data import collate, encode, per_sequence_loss
-    from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, wrap_lora
+    from fedlora.core.lora_settings import LoraSettings
+    from fedlora.core.model import load_base_model, wrap_lora
+    from fedlora.core.model_dirs import load_tokenizer
     from fedlora.core.tasks import get_task
     from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 

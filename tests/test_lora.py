@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fedlora.core.data import encode
 from fedlora.core.embedded import default_model_dir
+from fedlora.core.lora_settings import LoraSettings
 from fedlora.core.model import (
-    LoraSettings,
     get_adapter_state,
     load_adapter,
     load_base_model,

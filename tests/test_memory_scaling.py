@@ -30,7 +30,8 @@ from fedlora.core.data import (
     takes_logits_to_keep,
     target_positions,
 )
-from fedlora.core.model import LoraSettings, get_adapter_state, load_base_model, set_adapter_state, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import get_adapter_state, load_base_model, set_adapter_state, wrap_lora
 from fedlora.core.tasks import get_task
 from fedlora.core.train import TrainSettings, train, train_in
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd

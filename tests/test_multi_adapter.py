@@ -13,17 +13,17 @@ from safetensors.torch import save as save_safetensors
 
 from fedlora.core.adapter_format import BASE_DELTA_FILE, read_adapter_dir
 from fedlora.core.data import encode
+from fedlora.core.lora_settings import LoraSettings
 from fedlora.core.model import (
-    LoraSettings,
     get_adapter_state,
     load_adapter,
     load_base_model,
-    load_tokenizer,
     save_adapter,
     set_adapter_state,
     set_base_deltas,
     wrap_lora,
 )
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.multi_adapter import AdapterBank, LoadedAdapter, evaluate_many
 from fedlora.core.tasks import get_task
 from fedlora.core.train import evaluate

@@ -18,7 +18,9 @@ from fedlora.client.personalize import DP_OFF, PersonalizeConfig, PrivacyBudgetE
 from fedlora.core.client_data import node_examples
 from fedlora.core.config import FederationConfig
 from fedlora.core.data import encode
-from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer, save_adapter, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import load_base_model, save_adapter, wrap_lora
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.tasks import get_task
 from fedlora.core.train import TrainSettings, evaluate, train
 from fedlora.privacy.accounting import compute_epsilon

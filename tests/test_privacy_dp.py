@@ -8,10 +8,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.core.data import collate, encode, per_sequence_loss
-from fedlora.core.model import LoraSettings, get_adapter_state, load_base_model, set_adapter_state, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import get_adapter_state, load_base_model, set_adapter_state, wrap_lora
 from fedlora.core.tasks import get_task
-from fedlora.privacy.dp import DPSGDConfig, dp_sgd, sample_rate
+from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 from fedlora.privacy.engines import ENGINES, Engine
+from fedlora.privacy.sampling import sample_rate
 
 
 def _model(trainable: str = "both") -> torch.nn.Module:
@@ -109,7 +111,7 @@ def test_sample_rate_and_config_validation() -> None:
 
 
 def test_empty_poisson_batch_risk_closed_form_and_refusal() -> None:
-    from fedlora.privacy.dp import check_poisson_batches, empty_batch_risk
+    from fedlora.privacy.sampling import check_poisson_batches, empty_batch_risk
 
     assert empty_batch_risk(1.0, 5, 3) == 0.0  # q = 1: every example in every batch
     assert empty_batch_risk(0.5, 1, 1) == pytest.approx(0.5)

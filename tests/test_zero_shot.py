@@ -19,7 +19,8 @@ from tiny_experts import TINY_TASKS as TASKS
 
 from fedlora.client.cli import main as fl_client
 from fedlora.core.adapter_format import read_adapter_dir
-from fedlora.core.model import load_base_model, load_tokenizer
+from fedlora.core.model import load_base_model
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.tasks import get_task
 from fedlora.hub.cli import main as fl_hub
 from fedlora.hub.generators.experts import build_experts, publish_experts

@@ -17,7 +17,9 @@ from peft import PeftModel
 from tiny_experts import TINY, TINY_TASKS
 
 from fedlora.core.adapter_format import CONFIG_FILE, WEIGHTS_FILE
-from fedlora.core.model import LoraSettings, load_base_model, load_tokenizer
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import load_base_model
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.tasks import Example, get_task
 from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.embedding import TfidfEmbedder, first_number, hidden_state_vector, numeric_features

@@ -3,7 +3,7 @@ six steps, two checkpoints (seconds, not minutes)."""
 
 from __future__ import annotations
 
-from fedlora.core.model import LoraSettings
+from fedlora.core.lora_settings import LoraSettings
 from fedlora.hub.generators.experts import ExpertConfig
 
 TINY_TASKS = ("adddigit-3", "adddigit-5", "rotate-1", "rotate-3")

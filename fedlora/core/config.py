@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, cast
 
 from fedlora.core.kinds import DEFAULT_KIND, check_device, check_dtype, check_kind, get_kind
-from fedlora.core.model import ALL_LINEAR, LoraSettings
+from fedlora.core.lora_settings import ALL_LINEAR, LoraSettings
 from fedlora.core.partitioners import PartitionSpec
 from fedlora.core.run_dir import RunDir
 from fedlora.privacy.accounting import check_accountant
@@ -504,6 +504,10 @@ class FederationConfig:
         if node_state_dir:
             return Path(node_state_dir)
         return RunDir(self.run_dir).client_state_dir(partition, self.state_dir)
+
+    def base_model_dir(self) -> Path:
+        """The run's base model directory: ``model-dir``, else the kind's shipped default."""
+        return Path(self.model_dir) if self.model_dir else get_kind(self.model.kind).default_model_dir()
 
     def client_files(self) -> list[Path]:
         """With ``data-path`` a directory: its ``*.jsonl`` files, sorted by name; client p gets file p."""

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import ModulesToSaveWrapper
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fedlora.core.adapter_format import CONFIG_FILE
 from fedlora.core.embedded import default_model_dir
+from fedlora.core.lora_settings import ALL_LINEAR, Factors, LoraSettings
+from fedlora.core.model_dirs import check_model_dir
 from fedlora.privacy.engines import HEAD_MARKER
-
-Factors = Literal["both", "A", "B"]
-ALL_LINEAR = "all-linear"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,70 +43,6 @@ def from_mapping(cls: Any, values: Mapping[str, Any], where: str) -> Any:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**args)
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """What the adapter looks like and which of its factors train."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = (ALL_LINEAR,)
-    use_rslora: bool = False
-    trainable: Factors = "both"
-    init_seed: int = 0  # seeds lora_A's init, so every client can draw the same A
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        if self.trainable not in ("both", "A", "B"):
-            raise ValueError(f"lora trainable must be 'both', 'A' or 'B', got {self.trainable!r}")
-        if not self.target_modules or any(not isinstance(t, str) or not t for t in self.target_modules):
-            raise ValueError(f"lora target_modules must be non-empty names, got {self.target_modules!r}")
-        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
-            raise ValueError(f"'{ALL_LINEAR}' cannot be combined with other target modules")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
-
-    def peft_config(self, task_type: str | None = "CAUSAL_LM", heads: tuple[str, ...] = ()) -> LoraConfig:
-        """PEFT's config; ``heads`` are trained in full and travel with the factors (a classifier's
-        head, PEFT's ``modules_to_save``)."""
-        targets: str | list[str] = ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,  # type: ignore[arg-type]  # PEFT divides it by r; floats work
-            lora_dropout=self.dropout,
-            target_modules=targets,
-            use_rslora=self.use_rslora,
-            bias="none",
-            task_type=task_type,
-            modules_to_save=list(heads) or None,
-            exclude_modules=list(heads) or None,  # a head trains in full, never through LoRA
-        )
-
-
-def check_model_dir(path: Path) -> None:
-    """Refuse a path that is not a local Hugging Face model directory, naming what is missing."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model)")
-
-
-def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
-    check_model_dir(path)
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def load_base_model(

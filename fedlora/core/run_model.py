@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,8 @@ from fedlora.core.client_data import run_labels
 from fedlora.core.config import FederationConfig
 from fedlora.core.kinds import get_kind
 from fedlora.core.kinds.base import DTYPES, Encoding, ModelKind
-from fedlora.core.model import LoraSettings, resolve_device, wrap_lora
+from fedlora.core.lora_settings import LoraSettings
+from fedlora.core.model import resolve_device, wrap_lora
 from fedlora.core.records import Record
 
 
@@ -46,11 +46,6 @@ class RunModel:
         return self.kind.encode(self.processor, records, self.labels, limit, truncate=self.max_length > 0)
 
 
-def model_dir(cfg: FederationConfig) -> Path:
-    """The run's base model directory: ``model-dir``, else the kind's shipped default."""
-    return Path(cfg.model_dir) if cfg.model_dir else get_kind(cfg.model.kind).default_model_dir()
-
-
 def run_device(cfg: FederationConfig) -> torch.device:
     """Where this process puts the model: ``model.device`` (auto: a GPU this process sees, as
     Ray assigns them to virtual clients with ``--gpus-per-client``, else the CPU)."""
@@ -60,7 +55,7 @@ def run_device(cfg: FederationConfig) -> torch.device:
 def load_run_model(cfg: FederationConfig, lora: LoraSettings, device: torch.device | None = None) -> RunModel:
     """The base model of the run's kind, on its device and in its dtype, wrapped with ``lora``."""
     kind = get_kind(cfg.model.kind)
-    path = model_dir(cfg)
+    path = cfg.base_model_dir()
     labels = run_labels(cfg)
     if kind.classifier and len(labels) < 2:
         raise ValueError(f"a {kind.name} run needs at least 2 labels, got {list(labels)} (set model.labels)")

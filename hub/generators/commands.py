@@ -10,7 +10,9 @@ import torch
 from rich.console import Console
 
 from fedlora.atomic import atomic_directory
-from fedlora.core.model import ALL_LINEAR, LoraSettings, load_base_model, load_tokenizer
+from fedlora.core.lora_settings import ALL_LINEAR, LoraSettings
+from fedlora.core.model import load_base_model
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.hub.generators.cvae import CVAESettings
 from fedlora.hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
 from fedlora.hub.generators.library import ExpertLibrary

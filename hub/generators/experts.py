@@ -21,17 +21,17 @@ from fedlora.atomic import atomic_directory
 from fedlora.core.adapter_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_dir
 from fedlora.core.data import collate, encode
 from fedlora.core.embedded import default_model_dir
+from fedlora.core.lora_settings import LoraSettings
 from fedlora.core.model import (
-    LoraSettings,
     get_adapter_state,
     load_base_model,
-    load_tokenizer,
     lora_settings_dict,
     max_positions,
     save_adapter,
     set_adapter_state,
     wrap_lora,
 )
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.run_dir import RunDir
 from fedlora.core.tasks import Task, get_task, seen_tasks
 from fedlora.core.train import TrainSettings, batches, evaluate, train

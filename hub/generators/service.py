@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.core.model import load_base_model, load_tokenizer
+from fedlora.core.model import load_base_model
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.hub.generators.base import Generator
 from fedlora.hub.generators.registry import load_generator
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model

@@ -13,14 +13,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel
 
 from fedlora.core.data import Item
-from fedlora.core.model import check_model_dir
+from fedlora.core.model_dirs import check_model_dir
 from fedlora.core.records import Record
+
+if TYPE_CHECKING:  # the model classes cost seconds to import; validation never needs them
+    from transformers import PreTrainedModel
 
 #: the dtypes a run may load its base model in (the LoRA factors and heads always train in fp32)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

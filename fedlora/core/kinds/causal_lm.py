@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from fedlora.core.data import IGNORE_INDEX, Encoded
 from fedlora.core.embedded import default_model_dir
 from fedlora.core.kinds.base import Encoding, ModelKind
-from fedlora.core.model import load_tokenizer
+from fedlora.core.model_dirs import load_tokenizer
 from fedlora.core.records import ChatExample, Example, Record
 from fedlora.core.tasks import TASKS
 

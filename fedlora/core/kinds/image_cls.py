@@ -19,7 +19,7 @@ from fedlora.core.data import EncodedImage
 from fedlora.core.embedded import default_vision_model_dir
 from fedlora.core.image_tasks import DEFAULT_IMAGE_TASKS, IMAGE_TASKS
 from fedlora.core.kinds.base import Encoding, ModelKind
-from fedlora.core.model import check_model_dir
+from fedlora.core.model_dirs import check_model_dir
 from fedlora.core.records import ImageExample, Record
 
 _CHUNK = 256  # images per processor call: bounded memory for large datasets

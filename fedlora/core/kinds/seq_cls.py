@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from fedlora.core.data import EncodedLabel
 from fedlora.core.embedded import default_text_model_dir
 from fedlora.core.kinds.base import Encoding, ModelKind
-from fedlora.core.model import check_model_dir
+from fedlora.core.model_dirs import check_model_dir
 from fedlora.core.records import Record, TextExample
 from fedlora.core.text_tasks import DEFAULT_TEXT_TASKS, TEXT_TASKS
 
