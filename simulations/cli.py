@@ -116,6 +116,7 @@ def cmd_run(argv: Sequence[str], console: Console) -> int:
                 cpus_per_client=args.cpus_per_client,
                 gpus_per_client=args.gpus_per_client,
                 ray_address=args.ray_address,
+                ray_cpus=args.ray_cpus,
             )
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/yellow]; continue with: fl-sim --resume {run_dir}")

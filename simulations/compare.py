@@ -120,6 +120,7 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
             cpus_per_client=args.cpus_per_client,
             gpus_per_client=args.gpus_per_client,
             ray_address=args.ray_address,
+            ray_cpus=args.ray_cpus,
         )
         if not outcome.completed:
             raise RuntimeError(f"{label} {outcome.status}: {outcome.status_details} (log: {outcome.log_path})")

@@ -170,6 +170,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", action="store_true", help="stream Flower's log")
     g.add_argument("--cpus-per-client", type=int, default=1, help="CPUs Ray gives each virtual client (default 1)")
     g.add_argument(
+        "--ray-cpus",
+        type=int,
+        help="CPUs the local Ray runtime may use, so at most this many clients train at once, each process "
+        "loading its own model (default: $FEDLORA_RAY_CPUS, else every core)",
+    )
+    g.add_argument(
         "--ray-address", help="run the virtual clients on an existing Ray cluster ('auto' or HOST:PORT), not locally"
     )
     g.add_argument("--quiet", action="store_true", help="no progress display; errors and a one-line result only")

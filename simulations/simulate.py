@@ -5,6 +5,7 @@ Flower's simulation runtime (``fl-sim`` and ``fl-sim compare`` both start runs t
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunRequest, run
 from fedlora.core.kinds import get_kind
 from fedlora.core.run_dir import RunDir
 from fedlora.privacy.sampling import check_poisson_batches
+
+RAY_CPUS_ENV = "FEDLORA_RAY_CPUS"
 
 
 def validate(run_config: Mapping[str, Any]) -> FederationConfig:
@@ -85,6 +88,26 @@ def start_notes(cfg: FederationConfig) -> list[str]:
     return notes
 
 
+def local_ray_cpus(ray_cpus: int | None, ray_address: str | None) -> int | None:
+    """The CPUs the run's own Ray runtime may use: ``--ray-cpus``, else ``$FEDLORA_RAY_CPUS``, else
+    None (every core). Each CPU is one Ray worker process that loads the model for the clients it
+    serves: fewer of them train fewer clients at once and start faster, which pays on a busy machine.
+    An existing cluster (``ray_address``) has its own CPUs: the option is refused there, the
+    variable ignored."""
+    if ray_cpus is not None:
+        if ray_address is not None:
+            raise ValueError("--ray-cpus caps a local Ray runtime; a Ray cluster (--ray-address) has its own CPUs")
+        if isinstance(ray_cpus, bool) or not isinstance(ray_cpus, int) or ray_cpus < 1:
+            raise ValueError(f"--ray-cpus must be an integer >= 1, got {ray_cpus!r}")
+        return ray_cpus
+    raw = os.environ.get(RAY_CPUS_ENV, "").strip()
+    if not raw or ray_address is not None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"${RAY_CPUS_ENV} must be an integer >= 1, got {raw!r}")
+    return int(raw)
+
+
 def _max_positions(path: Path) -> int:
     """As the kinds read it from a loaded model (2048 when the config does not say)."""
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -102,9 +125,12 @@ def simulate(
     cpus_per_client: int = 1,
     gpus_per_client: float = 0.0,
     ray_address: str | None = None,
+    ray_cpus: int | None = None,
 ) -> Any:
-    """Validate, run on the simulation runtime, and return the runner's outcome."""
+    """Validate, run on the simulation runtime, and return the runner's outcome. ``ray_cpus``
+    caps the CPUs of the local Ray runtime (default: ``$FEDLORA_RAY_CPUS``, else every core)."""
     cfg = validate(run_config)
+    ray_num_cpus = local_ray_cpus(ray_cpus, ray_address)
     for note in [] if quiet else start_notes(cfg):
         console.print(f"fl-sim: {note}", markup=False, highlight=False)
     run = RunDir(Path(cfg.run_dir).resolve())
@@ -126,6 +152,7 @@ def simulate(
         client_num_cpus=cpus_per_client,
         client_num_gpus=gpus_per_client,
         ray_address=ray_address,
+        ray_num_cpus=ray_num_cpus,
         timeout=timeout,
         workdir=run.sim_workdir,
         pythonpath=(Path(fedlora.__file__).resolve().parent.parent,),  # where the fedlora package is

@@ -13,6 +13,9 @@ if "FEDLORA_HUB_SEEN" not in os.environ:  # the hub versions a test's clients ac
     os.environ["FEDLORA_HUB_SEEN"] = os.path.join(tempfile.mkdtemp(prefix="fedlora-tests-"), "hub-seen.json")
 if "FEDLORA_CACHE_DIR" not in os.environ:  # calibrated noise multipliers: shared by the session's runs, not the user's
     os.environ["FEDLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedlora-cache-")
+# one Ray worker per simulation: two pytest workers already keep both cores busy, and each Ray
+# worker imports torch and loads the model (~6 s of CPU a run); results do not depend on it
+os.environ.setdefault("FEDLORA_RAY_CPUS", "1")
 
 import pytest
 import torch

@@ -147,3 +147,34 @@ def test_grey_images_from_a_file_are_accepted_for_the_shipped_vit(fmt: str, tmp_
     cfg = validate(config)
     assert check_records(cfg) == 0
     assert np.asarray(examples[0].image).ndim == 3
+
+
+def test_validating_a_run_imports_neither_peft_nor_opacus_nor_the_model_classes() -> None:
+    """fl-sim checks a run (config, split, every record through the tokenizer) before anything
+    starts; PEFT, Opacus and transformers' model classes once added ~4 s to every command."""
+    import subprocess
+    import sys
+
+    code = "import sys; from fedlora.simulations.simulate import validate; import fedlora.core.cli; "
+    code += "validate({'num-clients': 4, 'num-train': 16, 'num-test': 4, 'dp.enabled': True}); "
+    code += "print(sorted({'peft', 'opacus', 'transformers.modeling_utils'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_ray_cpus_come_from_the_option_then_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlora.simulations.simulate import RAY_CPUS_ENV, local_ray_cpus
+
+    monkeypatch.delenv(RAY_CPUS_ENV, raising=False)
+    assert local_ray_cpus(None, None) is None  # every core, Ray's own default
+    monkeypatch.setenv(RAY_CPUS_ENV, "3")
+    assert local_ray_cpus(None, None) == 3
+    assert local_ray_cpus(2, None) == 2  # the option wins
+    assert local_ray_cpus(None, "auto") is None  # a cluster has its own CPUs
+    with pytest.raises(ValueError, match=r"a Ray cluster \(--ray-address\) has its own CPUs"):
+        local_ray_cpus(2, "auto")
+    with pytest.raises(ValueError, match="--ray-cpus must be an integer >= 1, got 0"):
+        local_ray_cpus(0, None)
+    monkeypatch.setenv(RAY_CPUS_ENV, "two")
+    with pytest.raises(ValueError, match=r"\$FEDLORA_RAY_CPUS must be an integer >= 1, got 'two'"):
+        local_ray_cpus(None, None)
