@@ -28,7 +28,7 @@ from fedlora.strategies.fedavg_lora import fedavg_lora_aggregate
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
 SMALL = {
-    "num-rounds": 3,
+    "num-rounds": 2,  # round 2 aggregates onto a global that round 1 moved
     "num-clients": 3,
     "local-steps": 8,
     "num-train": 256,
@@ -65,7 +65,7 @@ def _state(adapter_dir: Path) -> dict[str, torch.Tensor]:
 def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
     run_dir = run_federation(tmp_path, strategy)
     rows = _rows(run_dir)
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train"]["accepted"] == 3 and r["train"]["rejected"] == 0 for r in rows)
     losses = [r["train"]["train-loss"] for r in rows]
     assert losses[-1] < losses[0], losses
@@ -73,7 +73,7 @@ def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
     assert len(rows[-1]["per-client"]) == 3
 
     final = run_dir / "adapters" / "global"
-    for r in range(4):
+    for r in range(3):
         assert (run_dir / "checkpoints" / f"round-{r}" / "adapter_model.safetensors").is_file()
     base = AutoModelForCausalLM.from_pretrained(str(default_model_dir()))
     model = PeftModel.from_pretrained(base, str(final))
@@ -105,7 +105,7 @@ def test_strategy_end_to_end(strategy: str, tmp_path: Path) -> None:
         _check_fedavg_from_audit_files(run_dir, server_round=2)
     if strategy == "flexlora":
         assert all("truncation-error" in r["train"] for r in rows)
-    _check_recompute_from_files(run_dir, strategy, server_round=3)
+    _check_recompute_from_files(run_dir, strategy, server_round=2)
 
 
 def _checkpoint(run_dir: Path, name: str) -> dict[str, torch.Tensor]:

@@ -527,6 +527,10 @@ def _child_env(request: FlowerRunRequest, *, bin_dir: Path, home: Path, ray_tmp:
             "RAY_TMPDIR": str(ray_tmp),
             "RAY_DEDUP_LOGS": "0",  # otherwise Ray folds look-alike lines of different clients
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # a 0-GPU client keeps CUDA_VISIBLE_DEVICES as is
+            # Ray prestarts a worker per CPU, but Flower's clients run in actors, each of which gets a
+            # worker of its own: the prestarted ones only import Ray and exit (CPU at the busiest moment)
+            "RAY_enable_worker_prestart": "0",
+            "RAY_prestart_worker_first_driver": "0",
             # Ray's GCS, raylet and workers listen on every interface by default, without
             # authentication; with "clusters" off Ray uses 127.0.0.1 for all of them.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
