@@ -199,6 +199,17 @@ def test_terminate_group_sigterms_then_sigkills_what_stays() -> None:
     leader.stdout.close()
 
 
+def test_terminate_group_takes_an_exited_unreaped_leader_as_gone() -> None:
+    """fl-client's SIGTERM handler runs in the thread that reaps the SuperNode: the SuperNode left
+    at once, but as a zombie its group answered ``kill(0)`` until SIGKILL 10 s later."""
+    leader = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    t0 = time.monotonic()
+    assert runner.terminate_group(leader.pid, grace=10.0) is False  # nobody reaps it meanwhile
+    assert time.monotonic() - t0 < 5
+    assert Path(f"/proc/{leader.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert leader.wait(timeout=5) == -15
+
+
 # --------------------------------------------------------------------------- real simulations
 
 

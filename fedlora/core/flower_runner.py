@@ -813,16 +813,39 @@ def terminate_processes(send: Callable[[int], bool], grace: float, *, sigterm: b
 
 
 def terminate_group(pgid: int, grace: float = 10.0) -> bool:
-    """SIGTERM the process group ``pgid``, SIGKILL what is left after ``grace`` seconds."""
+    """SIGTERM the process group ``pgid``, SIGKILL what is left after ``grace`` seconds.
+
+    A member that has exited but is not reaped yet (a zombie) counts as gone: ``fl-client``'s
+    SIGTERM handler runs this in the thread that would reap the SuperNode, which exits in half a
+    second, and the group looked alive until the grace ran out (every client stop took 11 s)."""
 
     def send(sig: int) -> bool:
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
             return False
-        return True
+        return sig != 0 or _group_has_live_members(pgid)
 
     return terminate_processes(send, grace)
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running, zombies aside (Linux ``/proc``; True
+    where it cannot be read, as ``kill(0)`` says)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def _end(proc: subprocess.Popen[Any], wait: float = 5.0) -> None:
