@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
 from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunError, FlowerRunRequest, run_flower_app
 from fedlora.core.run_dir import RunDir
+from fedlora.simulations.simulate import local_ray_cpus
 from fedlora.strategies.registry import STRATEGIES
 
 PLAIN_GRID = (1e-3, 3e-3, 1e-2)
@@ -166,6 +167,7 @@ def run_one(settings: Settings, strategy: str, lr: float, seed: int, workroot: P
         default_config=DEFAULT_RUN_CONFIG,
         overrides=settings.overrides(strategy, lr, seed, run_dir),
         num_supernodes=settings.num_clients,
+        ray_num_cpus=local_ray_cpus(None, None),  # $FEDLORA_RAY_CPUS, as fl-sim honours it
         timeout=settings.timeout,
         workdir=cell / "work",
         extra_env=EXTRA_ENV,

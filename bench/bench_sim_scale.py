@@ -7,9 +7,9 @@ figures first, then ``peak_mb_<largest N> = <value>`` and one
 ``ratio round_time_ours_vs_bare_<N> = <value>`` line per size, ratios last.
 
 What runs: for every N, two Flower simulations through ``fedlora.core.flower_runner`` (a private
-SuperLink on 127.0.0.1, Flower's simulation runtime on Ray, 2 actors of 1 CPU each on two
-cores), each with N virtual clients of which 10 are sampled per round for training and 10
-for evaluation (fraction-train = fraction-evaluate = 10 / N, at least 1 reply), 3 rounds,
+SuperLink on 127.0.0.1, Flower's simulation runtime on Ray with one actor of 1 CPU per core, or
+``$FEDLORA_RAY_CPUS`` actors, as fl-sim), each with N virtual clients of which 10 are sampled per
+round for training and 10 for evaluation (fraction-train = fraction-evaluate = 10 / N, at least 1 reply), 3 rounds,
 the embedded tiny model with LoRA r = 8, 5 local steps of batch 16 on 32 training and 16
 test examples per client, no DP:
 
@@ -73,6 +73,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 from fedlora.core.flower_runner import FEDLORA_COMPONENTS, FlowerRunOutcome, FlowerRunRequest, run_flower_app  # noqa: E402
+from fedlora.simulations.simulate import local_ray_cpus  # noqa: E402
 
 TAG_VAR = "FEDLORA_BENCH_TAG"
 SAMPLED = 10  # clients sampled per round, for training and for evaluation
@@ -395,6 +396,7 @@ def _request(
         overrides=overrides,
         num_supernodes=n,
         client_num_cpus=1,
+        ray_num_cpus=local_ray_cpus(None, None),  # $FEDLORA_RAY_CPUS, as fl-sim honours it
         timeout=RUN_TIMEOUT,
         workdir=workdir,
         extra_env={TAG_VAR: tag},
