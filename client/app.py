@@ -15,7 +15,6 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedlora.client.compute import compute
 from fedlora.client.messages import ReplyContent, Request
 
 app = ClientApp()
@@ -56,6 +55,10 @@ def client_level_clipping_mod(msg: Message, context: Context, call_next: ClientA
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
+    # lazy: PEFT and Opacus load with the first message; Flower also imports this module in the
+    # ServerApp's process, only to check that it loads (~0.8 s of CPU a simulation saved there)
+    from fedlora.client.compute import compute
+
     started = time.time()
     content = compute(request_of(kind, msg, context))
     if kind == "train" and "declined" not in content.metrics:

@@ -423,6 +423,7 @@ def start(options: NodeOptions, console: Console) -> int:
         console.print(f"fl-client: node key {node_public_key(options.key)}", markup=False, highlight=False)
 
     # lazy: torch, transformers, PEFT and Opacus load once, here, before the first message
+    import fedlora.client.compute  # noqa: F401
     from fedlora.client.app import app
 
     secret = ensure_secret(options.state_dir).read_bytes()
