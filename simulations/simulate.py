@@ -131,6 +131,11 @@ def simulate(
     caps the CPUs of the local Ray runtime (default: ``$FEDLORA_RAY_CPUS``, else every core)."""
     cfg = validate(run_config)
     ray_num_cpus = local_ray_cpus(ray_cpus, ray_address)
+    if ray_num_cpus is not None and ray_num_cpus < cpus_per_client:
+        raise ValueError(
+            f"--cpus-per-client {cpus_per_client} is more than the {ray_num_cpus} CPU(s) Ray may use "
+            f"(--ray-cpus or ${RAY_CPUS_ENV}): no client could ever be scheduled"
+        )
     for note in [] if quiet else start_notes(cfg):
         console.print(f"fl-sim: {note}", markup=False, highlight=False)
     run = RunDir(Path(cfg.run_dir).resolve())

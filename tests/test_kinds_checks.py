@@ -162,8 +162,10 @@ def test_validating_a_run_imports_neither_peft_nor_opacus_nor_the_model_classes(
     assert out.strip().splitlines()[-1] == "[]"
 
 
-def test_ray_cpus_come_from_the_option_then_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedlora.simulations.simulate import RAY_CPUS_ENV, local_ray_cpus
+def test_ray_cpus_come_from_the_option_then_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fedlora.simulations.simulate import RAY_CPUS_ENV, local_ray_cpus, simulate
 
     monkeypatch.delenv(RAY_CPUS_ENV, raising=False)
     assert local_ray_cpus(None, None) is None  # every core, Ray's own default
@@ -175,6 +177,10 @@ def test_ray_cpus_come_from_the_option_then_the_variable(monkeypatch: pytest.Mon
         local_ray_cpus(2, "auto")
     with pytest.raises(ValueError, match="--ray-cpus must be an integer >= 1, got 0"):
         local_ray_cpus(0, None)
+    monkeypatch.setenv(RAY_CPUS_ENV, "1")  # refused before anything starts: no run directory
+    with pytest.raises(ValueError, match=r"--cpus-per-client 2 is more than the 1 CPU\(s\) Ray may use"):
+        simulate({"run-dir": str(tmp_path / "run")}, console=Console(quiet=True), cpus_per_client=2)
+    assert not (tmp_path / "run").exists()
     monkeypatch.setenv(RAY_CPUS_ENV, "two")
     with pytest.raises(ValueError, match=r"\$FEDLORA_RAY_CPUS must be an integer >= 1, got 'two'"):
         local_ray_cpus(None, None)
