@@ -8,6 +8,7 @@ reproducible with ``flwr run --run-config`` too (``--print-run-config`` shows it
     fl-sim                       the main job: federated DP LoRA over non-IID clients
     fl-sim --resume DIR          continue an interrupted run from its last checkpoint
     fl-sim compare ...           strategies x seeds (+ centralised baseline) on one split
+    fl-sim reproduce CELL        a seed paper's setting in miniature, its claims checked (--list)
     fl-sim report DIR            rewrite a run's plots, client table and privacy report
     fl-sim personal-eval DIR     personal adapters x personalised clients' test splits, batched
 """
@@ -37,7 +38,8 @@ def _run_parser() -> argparse.ArgumentParser:
         description="Federated LoRA fine-tuning with virtual clients on Flower's simulation runtime. "
         "With no options: the main job (DP FFA-LoRA, 8 non-IID clients holding 2 of 4 tasks each, 8 rounds, "
         "epsilon 8). "
-        "Subcommands: 'fl-sim compare --help', 'fl-sim report DIR', 'fl-sim personal-eval DIR'.",
+        "Subcommands: 'fl-sim compare --help', 'fl-sim reproduce --list', 'fl-sim report DIR', "
+        "'fl-sim personal-eval DIR'.",
     )
     p.add_argument("--out", type=Path, help="run directory (default runs/sim)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
@@ -197,6 +199,13 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
     return compare.cmd_compare(argv, console)
 
 
+def cmd_reproduce(argv: Sequence[str], console: Console) -> int:
+    """``fl-sim reproduce``: see :mod:`fedlora.simulations.reproduce`."""
+    from fedlora.simulations import reproduce  # lazy: torch, PEFT and Flower (the cells train)
+
+    return reproduce.cmd_reproduce(argv, console)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(soft_wrap=True)
@@ -204,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": cmd_report,
         "personal-eval": cmd_personal_eval,
         "compare": cmd_compare,
+        "reproduce": cmd_reproduce,
     }
     try:
         if argv and argv[0] in commands:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from fedlora.core.config import FederationConfig
 from fedlora.core.kinds import DEFAULT_KIND, headline
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, RunDir, config_changes
 from fedlora.simulations.centralised import run_centralised
-from fedlora.simulations.compare_report import load_run_result, write_compare
+from fedlora.simulations.compare_report import RunResult, load_run_result, write_compare
 from fedlora.simulations.options import MAIN_JOB, add_run_options, run_config_from
 from fedlora.simulations.simulate import simulate, validate
 from fedlora.strategies.registry import STRATEGIES
@@ -50,21 +51,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The run config of every federated run of the comparison, validated before any starts."""
-    base = run_config_from(args, MAIN_JOB)
-    base["fraction-evaluate"] = 1.0  # every client evaluates: the comparison's metric
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+def parse_grid(text: str | None) -> tuple[float, ...]:
+    """``--lr-grid``: comma-separated multipliers > 0 of each strategy's tuned lr (none: just the tuned lr)."""
+    try:
+        grid = tuple(float(m) for m in text.split(",")) if text else (1.0,)
+    except ValueError:
+        raise ValueError(f"--lr-grid must be comma-separated numbers, got {text!r}") from None
+    if any(not m > 0 for m in grid):
+        raise ValueError(f"--lr-grid multipliers must be > 0, got {text!r}")
+    return grid
+
+
+def plan_grid(
+    base: Mapping[str, Any], strategies: Sequence[str], seeds: int, grid: Sequence[float], out: Path
+) -> list[dict[str, Any]]:
+    """The run config of every federated run: strategies x lrs (each strategy's tuned lr, or ``base``'s
+    explicit one, times the grid) x seeds, under ``out/runs/<strategy>/lr-<lr>/seed-<s>``; validated before
+    any starts."""
     if not strategies:
         raise ValueError("--strategies names no strategy")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    try:
-        grid = [float(m) for m in args.lr_grid.split(",")] if args.lr_grid else [1.0]
-    except ValueError:
-        raise ValueError(f"--lr-grid must be comma-separated numbers, got {args.lr_grid!r}") from None
-    if any(not m > 0 for m in grid):
-        raise ValueError(f"--lr-grid multipliers must be > 0, got {args.lr_grid!r}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     first_seed = int(base.get("seed", 0))
     runs = []
     for strategy in strategies:
@@ -72,12 +79,20 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise ValueError(f"unknown strategy {strategy!r}; registered: {', '.join(sorted(STRATEGIES))}")
         tuned = float(base["lr"]) if base.get("lr") else STRATEGIES[strategy].defaults.lr
         for lr in sorted({round(tuned * m, 10) for m in grid}):
-            for seed in range(first_seed, first_seed + args.seeds):
-                run_dir = args.out / "runs" / strategy / f"lr-{lr:g}" / f"seed-{seed}"
-                runs.append(base | {"strategy": strategy, "lr": lr, "seed": seed, "run-dir": str(run_dir)})
+            for seed in range(first_seed, first_seed + seeds):
+                run_dir = out / "runs" / strategy / f"lr-{lr:g}" / f"seed-{seed}"
+                runs.append(dict(base) | {"strategy": strategy, "lr": lr, "seed": seed, "run-dir": str(run_dir)})
     for config in {c["seed"]: c for c in runs}.values():  # the split depends on the seed only
         validate(config)
     return runs
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run config of every federated run of the comparison, validated before any starts."""
+    base = run_config_from(args, MAIN_JOB)
+    base["fraction-evaluate"] = 1.0  # every client evaluates: the comparison's metric
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    return plan_grid(base, strategies, args.seeds, parse_grid(args.lr_grid), args.out)
 
 
 def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
@@ -90,13 +105,46 @@ def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
     return config_changes(run.config(), planned, frozenset(ignore))
 
 
-def cmd_compare(argv: Sequence[str], console: Console) -> int:
-    args = _parser().parse_args(argv)
-    runs = plan_runs(args)
+@dataclass(frozen=True)
+class Launch:
+    """How each simulation of a comparison starts: the run options that are not run config."""
+
+    timeout: float = 3600.0
+    verbose: bool = False
+    cpus_per_client: int = 1
+    gpus_per_client: float = 0.0
+    ray_address: str | None = None
+    ray_cpus: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Launch:
+        return cls(
+            timeout=args.timeout,
+            verbose=args.verbose,
+            cpus_per_client=args.cpus_per_client,
+            gpus_per_client=args.gpus_per_client,
+            ray_address=args.ray_address,
+            ray_cpus=args.ray_cpus,
+        )
+
+
+def run_planned(
+    runs: Sequence[Mapping[str, Any]],
+    out: Path,
+    launch: Launch,
+    console: Console,
+    *,
+    target: float,
+    centralised: bool = True,
+    centralised_lr: float | None = None,
+) -> list[RunResult]:
+    """Run (or keep, or resume) every planned federated run, then the centralised baseline per seed
+    under ``out/runs/centralised/seed-<s>`` at FedAvg-LoRA's lr (``centralised_lr`` when given); returns
+    every run's result."""
     metric = headline(str(runs[0].get("model.kind", DEFAULT_KIND)))
     dirs: list[Path] = []
-    console.print(f"fl-sim compare: {len(runs)} federated runs -> {args.out}")
-    for i, config in enumerate(runs, start=1):
+    for i, planned in enumerate(runs, start=1):
+        config = dict(planned)
         run_dir = Path(config["run-dir"])
         dirs.append(run_dir)
         label = f"[{i}/{len(runs)}] {config['strategy']} lr {config['lr']:g} seed {config['seed']}"
@@ -115,35 +163,50 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
             config,
             console=console,
             quiet=True,
-            verbose=args.verbose,
-            timeout=args.timeout,
-            cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client,
-            ray_address=args.ray_address,
-            ray_cpus=args.ray_cpus,
+            verbose=launch.verbose,
+            timeout=launch.timeout,
+            cpus_per_client=launch.cpus_per_client,
+            gpus_per_client=launch.gpus_per_client,
+            ray_address=launch.ray_address,
+            ray_cpus=launch.ray_cpus,
         )
         if not outcome.completed:
             raise RuntimeError(f"{label} {outcome.status}: {outcome.status_details} (log: {outcome.log_path})")
-        result = load_run_result(run_dir, args.target)
+        result = load_run_result(run_dir, target)
         console.print(f"{label}: {metric} {result.final_exact_match:.3f} ({outcome.seconds:.0f} s)", markup=False)
-    if not args.no_centralised:
-        seeds = sorted({int(c["seed"]) for c in runs})
-        for seed in seeds:
-            run_dir = args.out / "runs" / "centralised" / f"seed-{seed}"
+    if centralised:
+        for seed in sorted({int(c["seed"]) for c in runs}):
+            run_dir = out / "runs" / "centralised" / f"seed-{seed}"
             dirs.append(run_dir)
             if RunDir(run_dir).global_adapter_dir.is_dir():
                 continue
-            # FedAvg-LoRA's lr: the explicit --lr, else its tuned default
             base = {k: v for k, v in runs[0].items() if k != "lr"} | {"seed": seed, "strategy": "fedavg-lora"}
-            if args.lr is not None:
-                base["lr"] = args.lr
+            if centralised_lr is not None:
+                base["lr"] = centralised_lr
             base["run-dir"] = str(run_dir)
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a partial pooled run is cheap to redo
             run_centralised(FederationConfig.from_run_config(base), run_dir)
-            result = load_run_result(run_dir, args.target)
+            result = load_run_result(run_dir, target)
             console.print(f"centralised seed {seed}: {metric} {result.final_exact_match:.3f}", markup=False)
-    results = [load_run_result(d, args.target) for d in dirs]
+    return [load_run_result(d, target) for d in dirs]
+
+
+def cmd_compare(argv: Sequence[str], console: Console) -> int:
+    args = _parser().parse_args(argv)
+    runs = plan_runs(args)
+    metric = headline(str(runs[0].get("model.kind", DEFAULT_KIND)))
+    console.print(f"fl-sim compare: {len(runs)} federated runs -> {args.out}")
+    # the centralised baseline takes FedAvg-LoRA's lr: the explicit --lr, else its tuned default
+    results = run_planned(
+        runs,
+        args.out,
+        Launch.from_args(args),
+        console,
+        target=args.target,
+        centralised=not args.no_centralised,
+        centralised_lr=args.lr,
+    )
     title = args.title or _title(runs[0])
     paths = write_compare(args.out, results, title, args.target, metric)
     md = next((p for p in paths if p.suffix == ".md"), None)
@@ -153,7 +216,7 @@ def cmd_compare(argv: Sequence[str], console: Console) -> int:
     return 0
 
 
-def _title(config: dict[str, Any]) -> str:
+def _title(config: Mapping[str, Any]) -> str:
     split = str(config.get("partition.scheme", "tasks-per-client"))
     if split == "dirichlet":
         split += f"({config.get('partition.alpha', 0.5)})"
