@@ -37,6 +37,7 @@ from fedlora.privacy.sampling import sample_rate
 from fedlora.server.evaluation import ServerEvaluator
 from fedlora.strategies import registry
 from fedlora.strategies.flower import LoraStrategy
+from fedlora.strategies.server_opt import OptimizerState
 
 app = ServerApp()
 
@@ -154,7 +155,9 @@ class RoundWriter:
         if self.evaluator:
             row["server-eval"] = self.evaluator(state)
         self.run_dir.append_row(row)
-        self.run_dir.checkpoint(server_round, state, {"server-round": server_round, "strategy": self.cfg.strategy})
+        extra = {"server-round": server_round, "strategy": self.cfg.strategy}
+        opt = self.strategy.server_opt_state.to_tensors() if self.strategy.server_opt is not None else None
+        self.run_dir.checkpoint(server_round, state, extra, opt)
         return None
 
 
@@ -320,6 +323,8 @@ def main(grid: Grid, context: Context) -> None:
         lr=lr,
         lr_decay=cfg.lr_decay,
         round_offset=done,
+        server_opt=cfg.server_opt,
+        server_opt_state=OptimizerState.from_tensors(run_dir.server_opt_state(done)) if done else None,
     )
     if not cfg.resume:
         initial = strategy.algorithm.initial_state(get_adapter_state(model))

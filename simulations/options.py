@@ -13,6 +13,7 @@ from typing import Any
 from fedlora.core.flower_runner import parse_run_config_pairs
 from fedlora.core.kinds import KINDS
 from fedlora.privacy.engines import ENGINES
+from fedlora.strategies.server_opt import OPTIMIZERS
 
 #: ``fl-sim`` with no options: a DP run on a non-IID split that visibly learns in a few minutes
 #: on 2 CPU cores (see README). Explicit options override these.
@@ -63,6 +64,8 @@ OPTION_KEYS: dict[str, str] = {
     "data": "data-path",
     "min_replies": "min-replies",
     "round_timeout": "round-timeout",
+    "server_opt": "server-opt.optimizer",
+    "server_lr": "server-opt.lr",
     "state_dir": "state-dir",
     "kind": "model.kind",
     "device": "model.device",
@@ -101,6 +104,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="local batch size (default 32)")
     g.add_argument("--min-replies", type=int, help="fewest valid replies that make a round (default 1)")
     g.add_argument("--round-timeout", type=float, help="seconds a round waits for replies (default 600)")
+    g.add_argument(
+        "--server-opt",
+        choices=list(OPTIMIZERS),
+        help="server optimizer over each round's aggregate (FedOpt; default none; betas and tau: "
+        "--run-config server-opt.beta1=...)",
+    )
+    g.add_argument("--server-lr", type=float, help="server learning rate over the aggregated update (default 1)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the strategy's)")

@@ -31,12 +31,14 @@ from typing import Any
 from rich.console import Console
 
 from fedlora.atomic import write_atomic, write_json_atomic
+from fedlora.core.flower_runner import parse_run_config_pairs
 from fedlora.core.kinds import headline
 from fedlora.simulations.claims import AtLeast, Claim, Extreme, GapGrows, Outcome, Score
-from fedlora.simulations.compare import Launch, plan_grid, run_planned
+from fedlora.simulations.compare import Launch, parse_grid, plan_grid, run_planned
 from fedlora.simulations.compare_report import RunResult, SummaryRow, is_reference, select_lr, summarise, write_compare
 
 QUICK_WARNING = " — **--quick: one seed, tiny sizes, a smoke run, not evidence**"
+PER_RUN_KEYS = frozenset({"strategy", "seed", "run-dir"})
 TARGET = 0.5  # the compare table's "rounds to reach"; the claims use the final metric only
 
 
@@ -80,12 +82,13 @@ class Cell:
             if unknown or strangers:
                 raise ValueError(f"cell {self.name}: claim {claim.text!r} names {sorted(unknown | strangers)}")
 
-    def run_config(self, arm: Arm, quick: bool) -> dict[str, Any]:
-        """The run config every run of ``arm`` shares (strategy, lr, seed and run-dir are set per run)."""
+    def run_config(self, arm: Arm, quick: bool, changes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The run config every run of ``arm`` shares (strategy, lr, seed and run-dir are set per run),
+        with ``changes`` (``--set``) applied last."""
         config = dict(self.base) | dict(arm.config)
         if quick:
             config |= dict(self.quick)
-        return config | {"fraction-evaluate": 1.0}
+        return config | dict(changes or {}) | {"fraction-evaluate": 1.0}
 
 
 _HETERO_TASKS = "caesar-7,caesar-19,adddigit-4,rotate-2,swap,adddigit-7,caesar-11,repeat-4"
@@ -260,12 +263,14 @@ def run_arm(
     *,
     quick: bool,
     strategies: Sequence[str],
+    changes: Mapping[str, Any] | None = None,
+    lr_grid: Sequence[float] | None = None,
 ) -> list[SummaryRow]:
     """Tune each strategy's lr on the first seed, run the other seeds at it, add the centralised
     baseline; write the arm's compare table under ``out/<arm>``; returns its summary rows."""
-    config = cell.run_config(arm, quick)
+    config = cell.run_config(arm, quick, changes)
     seeds = 1 if quick else cell.seeds
-    grid = (1.0,) if quick else cell.lr_grid
+    grid = (1.0,) if quick else tuple(lr_grid or cell.lr_grid)
     arm_out = out / arm.name
     tuning = plan_grid(config, strategies, 1, grid, arm_out)
     tuned = run_planned(tuning, arm_out, launch, console, target=TARGET, centralised=False)
@@ -294,6 +299,8 @@ class CellResult:
     outcomes: Sequence[tuple[Claim, Outcome]]
     seconds: float
     quick: bool
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    lr_grid: tuple[float, ...] | None = None
 
 
 def judge(cell: Cell, rows: Mapping[str, Sequence[SummaryRow]]) -> list[tuple[Claim, Outcome]]:
@@ -313,8 +320,10 @@ def render(result: CellResult) -> str:
         f"- Paper's setting: {cell.paper_setting}",
         f"- Ours: {cell.ours}" + (QUICK_WARNING if result.quick else ""),
         f"- Wall time: {result.seconds:.0f} s",
-        "",
     ]
+    if result.changes:
+        lines.append("- Changed from the cell (`--set`): " + ", ".join(f"`{k}={v}`" for k, v in result.changes.items()))
+    lines.append("")
     for arm in cell.arms:
         rows = result.rows.get(arm.name)
         if not rows:
@@ -334,7 +343,7 @@ def render(result: CellResult) -> str:
                 f"| {'—' if paper is None else f'{paper:.2f}%'} |"
             )
         lines.append("")
-    grid = "1 (--quick)" if result.quick else ", ".join(f"{m:g}" for m in cell.lr_grid)
+    grid = "1 (--quick)" if result.quick else ", ".join(f"{m:g}" for m in result.lr_grid or cell.lr_grid)
     lines += ["## Claims", "", "| claim | verdict | ours |", "|---|---|---|"]
     lines += [f"| {c.text} | {o.verdict} | {o.evidence} |" for c, o in result.outcomes]
     lines += [
@@ -355,6 +364,7 @@ def to_json(result: CellResult) -> dict[str, Any]:
         "cell": result.cell.name,
         "version": result.cell.version,
         "quick": result.quick,
+        "changes": dict(result.changes),
         "seconds": round(result.seconds, 1),
         "arms": {
             arm: [
@@ -385,6 +395,8 @@ def reproduce(
     quick: bool = False,
     strategies: Sequence[str] | None = None,
     arms: Sequence[str] | None = None,
+    changes: Mapping[str, Any] | None = None,
+    lr_grid: Sequence[float] | None = None,
 ) -> CellResult:
     """Run every arm of ``cell`` (kept and resumed per run), judge its claims, write ``reproduce.md``/``.json``."""
     chosen = tuple(strategies) if strategies else cell.strategies
@@ -398,14 +410,22 @@ def reproduce(
         names = ", ".join(a.name for a in cell.arms)
         raise ValueError(f"cell {cell.name} has no arm {', '.join(strangers)}; its arms: {names}")
     stamp = out / "cell.json"
-    wanted = {"cell": cell.name, "version": cell.version, "quick": quick}
+    wanted = {"cell": cell.name, "version": cell.version, "quick": quick} | (
+        {"changes": dict(changes)} if changes else {}
+    )
     if stamp.is_file() and json.loads(stamp.read_text()) != wanted:
         raise ValueError(f"{out} holds another cell or version ({stamp.read_text().strip()}): use another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stamp, wanted)
     started = time.perf_counter()
-    rows = {arm.name: run_arm(cell, arm, out, launch, console, quick=quick, strategies=chosen) for arm in chosen_arms}
-    result = CellResult(cell, rows, judge(cell, rows), time.perf_counter() - started, quick)
+    rows = {
+        arm.name: run_arm(
+            cell, arm, out, launch, console, quick=quick, strategies=chosen, changes=changes, lr_grid=lr_grid
+        )
+        for arm in chosen_arms
+    }
+    grid = tuple(lr_grid) if lr_grid else None
+    result = CellResult(cell, rows, judge(cell, rows), time.perf_counter() - started, quick, dict(changes or {}), grid)
     write_atomic(out / "reproduce.md", render(result).encode())
     write_json_atomic(out / "reproduce.json", to_json(result))
     return result
@@ -426,11 +446,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one seed, no lr grid, tiny sizes: a smoke run")
     p.add_argument("--strategies", help="comma-separated subset of the cell's strategies (default: all)")
     p.add_argument("--arms", help="comma-separated subset of the cell's arms (default: all; --list names them)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a run-config key for every run of the cell (e.g. server-opt.optimizer=adam); the report "
+        "lists the changes",
+    )
+    p.add_argument(
+        "--lr-grid", help="comma-separated multipliers of each strategy's lr instead of the cell's grid (1: no tuning)"
+    )
     p.add_argument("--out", type=Path, help="output directory (default runs/reproduce/CELL)")
     p.add_argument("--timeout", type=float, default=3600.0, help="stop any one run after this many seconds")
     p.add_argument("--verbose", action="store_true", help="stream Flower's log")
     p.add_argument("--ray-cpus", type=int, help="CPUs the local Ray runtime may use (default: $FEDLORA_RAY_CPUS)")
     return p
+
+
+def parse_changes(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs: values as Flower's run config reads them (numbers, booleans, quoted
+    strings), and a bare word as a string (``server-opt.optimizer=adam``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            out |= parse_run_config_pairs([pair])
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -455,7 +501,13 @@ def cmd_reproduce(argv: Sequence[str], console: Console) -> int:
     arms = _names(args.arms)
     out = args.out or Path("runs/reproduce") / (cell.name + ("-quick" if args.quick else ""))
     launch = Launch(timeout=args.timeout, verbose=args.verbose, ray_cpus=args.ray_cpus)
-    result = reproduce(cell, out, launch, console, quick=args.quick, strategies=strategies, arms=arms)
+    changes = parse_changes(args.set)
+    for key in changes.keys() & PER_RUN_KEYS:
+        raise ValueError(f"--set {key}=...: the cell sets {key} per run")
+    grid = parse_grid(args.lr_grid) if args.lr_grid else None
+    result = reproduce(
+        cell, out, launch, console, quick=args.quick, strategies=strategies, arms=arms, changes=changes, lr_grid=grid
+    )
     console.print(render(result), markup=False, highlight=False)
     console.print(f"{out / 'reproduce.md'}\n{out / 'reproduce.json'}", markup=False)
     return 0

@@ -161,6 +161,10 @@ class LoraAlgorithm:
     #: the full global state and noise the plain average, so clients must send every tensor they
     #: download and the server must only average
     client_level_dp: ClassVar[bool] = False
+    #: whether a server optimizer (``server-opt.*``) can step its global state: its factors keep their
+    #: coordinates from round to round, so moments over them mean something (not so for methods that
+    #: re-factorise, fold residuals into the base or alternate which factor exists)
+    server_optimizer: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -106,6 +106,7 @@ class FedExLora(LoraAlgorithm):
     """
 
     name = "fedex-lora"
+    server_optimizer = False  # its base residual makes each round exact; a server step would break that
     defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
     product_based = True
 

@@ -54,6 +54,7 @@ class FedSvd(LoraAlgorithm):
     """FedSVD: B-only training; each round the server re-factors B_bar A by SVD (A orthonormal)."""
 
     name = "fedsvd"
+    server_optimizer = False  # re-factorises the global product by SVD each round
     defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
 
     def trained_factors(self, server_round: int) -> Factors:

@@ -166,6 +166,7 @@ class FlexLora(LoraAlgorithm):
     """
 
     name = "flexlora"
+    server_optimizer = False  # re-factorises the global product by SVD each round
     defaults = AlgorithmDefaults(lr=3e-3, alpha=16.0)
     settings_cls = FlexLoraSettings
     product_based = True  # s_k B_k A_k of each client, ranks differing

@@ -25,6 +25,7 @@ from torch import Tensor
 from fedlora.strategies.adapter import LoraFactors, product_distance
 from fedlora.strategies.algorithms import LoraAlgorithm, Reply, factor_part, head_part, update_norm
 from fedlora.strategies.robust import RobustHeadAccumulator
+from fedlora.strategies.server_opt import OptimizerState, ServerOptimizer, server_step
 from fedlora.strategies.streaming import HeadAccumulator
 from fedlora.strategies.validation import (
     TensorSpec,
@@ -93,6 +94,9 @@ class LoraStrategy(FedAvg):
     round_offset
         Rounds already done before this start (a resumed run): Flower counts its loop from 1,
         the strategy, the clients and the records see ``round_offset + i``.
+    server_opt, server_opt_state
+        A server optimizer over each round's aggregate (:mod:`fedlora.strategies.server_opt`;
+        None: plain aggregation) and its state to continue from (a resumed run's checkpoint).
     """
 
     def __init__(
@@ -116,6 +120,8 @@ class LoraStrategy(FedAvg):
         lr: float | None = None,
         lr_decay: float = 1.0,
         round_offset: int = 0,
+        server_opt: ServerOptimizer | None = None,
+        server_opt_state: OptimizerState | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -133,6 +139,10 @@ class LoraStrategy(FedAvg):
         if not self.lr > 0 or not 0 < lr_decay <= 1:
             raise ValueError(f"lr must be > 0 and lr_decay in (0, 1], got {self.lr}, {lr_decay}")
         self.lr_decay = lr_decay
+        if server_opt is not None and not server_opt.plain and not algorithm.server_optimizer:
+            raise ValueError(f"{algorithm.name} cannot take a server optimizer (see LoraAlgorithm.server_optimizer)")
+        self.server_opt = server_opt if server_opt is not None and not server_opt.plain else None
+        self.server_opt_state = server_opt_state or OptimizerState()
         if round_offset < 0:
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
         self.round_offset = round_offset
@@ -298,6 +308,8 @@ class LoraStrategy(FedAvg):
             return None, summary
         new_state, diagnostics = algo.finish(server_round, acc, state)
         new_state |= head_acc.result()
+        if self.server_opt is not None:
+            new_state, self.server_opt_state = server_step(self.server_opt, state, new_state, self.server_opt_state)
         epsilons = [float(e) for m in rec.clients_train.values() if isinstance(e := m.get("epsilon"), float)]
         if epsilons:  # a maximum, never Flower's weighted mean of epsilons
             summary["epsilon-max"] = max(epsilons)

@@ -51,6 +51,7 @@ class RoLora(LoraAlgorithm):
     """RoLoRA: odd rounds train and average B (A frozen), even rounds A (B frozen)."""
 
     name = "rolora"
+    server_optimizer = False  # alternates the trained factor; momentum would move the frozen one
     defaults = AlgorithmDefaults(lr=1e-2, alpha=16.0)
 
     def trained_factors(self, server_round: int) -> Factors:

@@ -22,7 +22,7 @@ from processes import gone
 from safetensors.torch import load_file
 
 from fedlora.core import flower_runner as runner
-from fedlora.core.run_dir import RunDir
+from fedlora.core.run_dir import SERVER_OPT_FILE, RunDir
 from fedlora.simulations.cli import main
 from fedlora.simulations.options import MAIN_JOB
 
@@ -84,6 +84,8 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 #: so two separate runs (two client secrets) can match
 RESUMABLE = [*TINY, "--rounds", "3", "--local-steps", "8", "--strategy", "fedavg-lora", "--epsilon", "8", "--quiet"]
 RESUMABLE += ["--run-config", "dp.secret-noise=false"]
+# a server optimizer with moments: a resume that lost them would not give the straight run's adapter
+RESUMABLE += ["--server-opt", "adam", "--server-lr", "0.003"]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,7 @@ def test_a_hard_kill_leaves_a_run_that_reports_and_resumes(straight: Path, tmp_p
     assert gone(pid) and "runner died without teardown" in teardown_log
     assert runner._pids_with_env(runner.RUN_TAG_VAR, tag) == set(), teardown_log  # no Flower or Ray process left
     assert not run.global_adapter_dir.exists()
+    assert (run.checkpoint_dir(1) / SERVER_OPT_FILE).is_file()  # the moments, kept with the round's state
     with run.metrics_path.open("a") as f:  # the tear a kill mid-append leaves, made certain
         f.write('{"round": 2, "train": {"train-lo')
 

@@ -47,12 +47,18 @@ def test_the_cells_are_the_ones_the_papers_name() -> None:
         (["fedmagic"], "unknown cell 'fedmagic'"),
         (["fair-domains", "--strategies", "rolora"], "does not compare rolora"),
         (["ffa-dp-text", "--arms", "eps-2"], "has no arm eps-2; its arms: eps-6, eps-3, eps-1"),
+        (["fair-domains", "--set", "seed=3"], "the cell sets seed per run"),
+        (["fair-domains", "--set", "lora-rank"], "expected KEY=VALUE"),
+        (["fair-domains", "--set", "server-opt.optimizer=lamb"], "server-opt.optimizer 'lamb' is unknown"),
+        (["fair-domains", "--set", "server-opt.optimizer=adam"], "server-opt works with fedavg-lora, ffa-lora"),
+        (["fair-domains", "--lr-grid", "1,-2"], "--lr-grid multipliers must be > 0"),
     ],
 )
 def test_bad_requests_are_refused_before_anything_runs(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["reproduce", *argv, "--out", str(tmp_path / "out")]) == 2
+    # --quick: a refusal this test misses costs a smoke run, not a whole cell
+    assert main(["reproduce", *argv, "--quick", "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()
 
@@ -113,8 +119,14 @@ def test_ffa_dp_text_quick_runs_dp_on_the_encoder(tmp_path: Path) -> None:
 def test_hetero_tasks_quick_runs_the_causal_cell(tmp_path: Path) -> None:
     out = tmp_path / "hetero"
     argv = ["reproduce", "hetero-tasks", "--quick", "--arms", "eps-3", "--strategies", "ffa-lora,fedavg-lora"]
+    argv += ["--set", "server-opt.optimizer=avgm", "--set", "server-opt.lr=0.5"]
     assert main([*argv, "--out", str(out)]) == 0
     result = _result(out)
+    assert result["changes"] == {"server-opt.optimizer": "avgm", "server-opt.lr": 0.5}
+    assert "`server-opt.optimizer=avgm`" in (out / "reproduce.md").read_text()
+    config = json.loads((out / "eps-3" / "runs" / "ffa-lora" / "lr-0.01" / "seed-0" / "config.json").read_text())
+    assert config["server-opt.optimizer"] == "avgm" and config["server-opt.lr"] == 0.5
+    assert main([*argv[:-2], "--out", str(out)]) == 2  # other changes: not into the same directory
     verdicts = {c["claim"]: c["verdict"] for c in result["claims"]}
     assert verdicts["FFA-LoRA ≥ FedIT at ε = 3"] != NOT_RUN
     assert verdicts["FedEx-LoRA (exact aggregation) ≥ FedIT without DP"] == NOT_RUN

@@ -31,6 +31,7 @@ from fedlora.privacy.engines import Engine, check_engine
 from fedlora.strategies import registry
 from fedlora.strategies.algorithms import LoraAlgorithm, MethodSettings, robust_refusal
 from fedlora.strategies.robust import check_rule
+from fedlora.strategies.server_opt import ServerOptimizer
 
 Value = bool | int | float | str
 
@@ -269,6 +270,7 @@ _SECTIONS: dict[str, type] = {
     "partition": PartitionSection,
     "audit": AuditSection,
     "robust": RobustSection,
+    "server_opt": ServerOptimizer,
     "dp": DpSection,
     "personalize": PersonalizeSection,
 }
@@ -315,6 +317,7 @@ class FederationConfig:
     threads: int = 1
     audit: AuditSection = field(default_factory=AuditSection)
     robust: RobustSection = field(default_factory=RobustSection)
+    server_opt: ServerOptimizer = field(default_factory=ServerOptimizer)
     state_dir: str = ""
     dp: DpSection = field(default_factory=DpSection)
     secure_aggregation: bool = False
@@ -386,6 +389,13 @@ class FederationConfig:
             )
         if self.secure_aggregation:
             raise ValueError(secure_aggregation_refusal(self.strategy))
+        if not self.server_opt.plain and not self.algorithm_class.server_optimizer:
+            allowed = ", ".join(n for n, a in registry.STRATEGIES.items() if a.server_optimizer)
+            raise ValueError(
+                f"server-opt works with {allowed} only, not {self.strategy!r}: a server optimizer keeps moments "
+                "per coordinate of the global factors, and this method does not keep its factors' coordinates "
+                "from one round to the next"
+            )
         if self.robust.aggregate != "mean" and self.algorithm_class.product_based:
             raise ValueError(robust_refusal(self.strategy, self.robust.aggregate))
         if self.deployed and self.model.kind != DEFAULT_KIND and not self.model.labels:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.safetensors"
 STRATEGY_STATE_FILE = "strategy_state.json"
+SERVER_OPT_FILE = "server_optimizer.safetensors"  # a checkpoint's server-optimizer moments (server-opt.*)
 _PARTITION_DIR = re.compile(r"partition-(\d+)")
 
 #: run-config keys a resumed run may change (everything else must match the stored config.json).
@@ -348,11 +349,16 @@ class RunDir:
         return write_partition_manifest(self.partition_path, partition)
 
     def save_adapter(
-        self, out: Path, state: Mapping[str, Tensor] | None = None, extra: Mapping[str, Any] | None = None
+        self,
+        out: Path,
+        state: Mapping[str, Tensor] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        server_opt: Mapping[str, Tensor] | None = None,
     ) -> Path:
         """A PEFT directory of the model's adapter (after loading ``state`` into it, if given),
         built in a temporary sibling and renamed into place. FedEx-LoRA's residual in ``state``
-        goes beside it; with ``extra`` (the strategy state) the exact ``state`` too, to resume from."""
+        goes beside it; with ``extra`` (the strategy state) the exact ``state`` too, to resume from,
+        and the server optimizer's moments when the run has one."""
         from safetensors.torch import save_file  # lazy: torch, only where adapters are written
 
         from fedlora.core.model import save_adapter, set_adapter_state  # lazy: torch, PEFT
@@ -371,10 +377,25 @@ class RunDir:
             if extra is not None:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
                 write_json_atomic(tmp / STRATEGY_STATE_FILE, dict(extra))
+            if server_opt:
+                save_file({k: v.contiguous() for k, v in server_opt.items()}, str(tmp / SERVER_OPT_FILE))
         return out
 
-    def checkpoint(self, server_round: int, state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> Path:
-        return self.save_adapter(self.checkpoint_dir(server_round), state, extra)
+    def checkpoint(
+        self,
+        server_round: int,
+        state: Mapping[str, Tensor],
+        extra: Mapping[str, Any],
+        server_opt: Mapping[str, Tensor] | None = None,
+    ) -> Path:
+        return self.save_adapter(self.checkpoint_dir(server_round), state, extra, server_opt)
+
+    def server_opt_state(self, server_round: int) -> dict[str, Tensor]:
+        """The server optimizer's moments saved with checkpoint ``server_round`` (empty: none saved)."""
+        from safetensors.torch import load_file  # lazy: torch, only when a run resumes
+
+        path = self.checkpoint_dir(server_round) / SERVER_OPT_FILE
+        return dict(load_file(str(path))) if path.is_file() else {}
 
     def save_global(self, state: Mapping[str, Tensor] | None = None) -> Path:
         """The final global adapter, ``adapters/global``."""

@@ -1,0 +1,126 @@
+"""What moves federated LoRA toward centralised training on a ``fl-sim reproduce`` cell.
+
+Each *variant* changes run-config keys of one arm of a cell (more local steps and fewer rounds at the
+same gradient budget, a larger client lr, a server optimizer over the aggregate, a larger rank,
+LoRA-FAIR's lambda) and runs the chosen strategies over seeds at fixed client learning rates (the
+ones the cell's own run chose, ``--lrs``), plus the centralised baseline under the same change. The
+table reports each variant's mean ± sd and its gap to centralised, and how much of the baseline
+variant's gap it closes:
+
+    closed = (gap_baseline - gap_variant) / gap_baseline   (gap = centralised - federated, > 0)
+
+A variant that moves the centralised baseline too (rank, steps) is judged by its own gap. The last
+lines are ``ratio gap_closed_<strategy> = <best closed fraction>`` per strategy, the variant named
+beside it.
+
+    python bench/bench_gap.py --cell fair-domains --arm no-dp --strategies fedavg-lora,lora-fair \\
+        --lrs fedavg-lora=0.006,lora-fair=0.006 --out runs/bench-gap/fair
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedlora.simulations.compare import Launch, plan_grid, run_planned
+from fedlora.simulations.compare_report import SummaryRow, summarise
+from fedlora.simulations.reproduce import CELLS, parse_changes
+from fedlora.strategies.registry import STRATEGIES
+
+#: variant -> run-config changes (applied to every run of the variant, centralised included)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "client-lr-x2": {"lr-scale": 2.0},
+    "steps-x2-rounds-half": {"steps-scale": 2.0},
+    "steps-half-rounds-x2": {"steps-scale": 0.5},
+    "server-avgm-0.9": {"server-opt.optimizer": "avgm", "server-opt.beta1": 0.9, "server-opt.lr": 1.0},
+    "server-adam-1e-3": {"server-opt.optimizer": "adam", "server-opt.lr": 1e-3},
+    "server-lr-2": {"server-opt.optimizer": "none", "server-opt.lr": 2.0},
+    "rank-16": {"lora-rank": 16},
+    "lora-fair-lambda-0.1": {"lora-fair-lambda": 0.1},
+}
+
+
+def variant_config(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` applied; ``steps-scale`` keeps the gradient budget (steps x rounds)."""
+    config = dict(base)
+    change = dict(change)
+    scale = float(change.pop("steps-scale", 1.0))
+    if scale != 1.0:
+        config["local-steps"] = max(1, round(int(config["local-steps"]) * scale))
+        config["num-rounds"] = max(1, round(int(config["num-rounds"]) / scale))
+    change.pop("lr-scale", None)
+    return config | change
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", default="fair-domains")
+    p.add_argument("--arm", default="no-dp")
+    p.add_argument("--strategies", default="fedavg-lora,lora-fair")
+    p.add_argument("--lrs", default="", help="strategy=lr pairs (default: each strategy's tuned lr)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE changed in every variant (e.g. num-rounds=3)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-gap"))
+    args = p.parse_args(argv)
+    cell = CELLS[args.cell]
+    arm = next(a for a in cell.arms if a.name == args.arm)
+    strategies = [s for s in args.strategies.split(",") if s]
+    lrs = {k: float(v) for k, v in parse_changes([x for x in args.lrs.split(",") if x]).items()}
+    console = Console(soft_wrap=True)
+    launch = Launch()
+    base = cell.run_config(arm, quick=False, changes=parse_changes(args.set))
+    table: dict[str, list[SummaryRow]] = {}
+    for name in [v for v in args.variants.split(",") if v]:
+        change = VARIANTS[name]
+        started = time.perf_counter()
+        runs: list[dict[str, Any]] = []
+        out = args.out / name
+        for strategy in strategies:
+            if "lora-fair-" in ",".join(change) and strategy != "lora-fair":
+                continue
+            lr = lrs.get(strategy)
+            config = variant_config(base, change) | ({"lr": lr} if lr else {})
+            if "lr-scale" in change:
+                config["lr"] = (lr or STRATEGIES[strategy].defaults.lr) * float(change["lr-scale"])
+            runs += plan_grid(config, [strategy], args.seeds, (1.0,), out)
+        if not runs:
+            continue
+        central_lr = next((r["lr"] for r in runs if r["strategy"] == "fedavg-lora"), lrs.get("fedavg-lora"))
+        results = run_planned(runs, out, launch, console, target=0.5, centralised_lr=central_lr)
+        table[name] = summarise(results)
+        console.print(f"{name}: {time.perf_counter() - started:.0f} s", markup=False)
+    base_gaps = {r.strategy: -(r.gap_to_centralised or 0.0) for r in table.get("baseline", [])}
+    lines = ["| variant | strategy | mean ± sd | centralised | gap | closed |", "|---|---|---|---|---|---|"]
+    best: dict[str, tuple[float, str]] = {}
+    for name, rows in table.items():
+        central = next((r for r in rows if r.strategy == "centralised"), None)
+        for r in rows:
+            if r.strategy == "centralised":
+                continue
+            gap = -(r.gap_to_centralised or 0.0)
+            closed = (base_gaps[r.strategy] - gap) / base_gaps[r.strategy] if base_gaps.get(r.strategy) else None
+            if closed is not None and name != "baseline":
+                best[r.strategy] = max(best.get(r.strategy, (-float("inf"), "")), (closed, name))
+            lines.append(
+                f"| {name} | {r.strategy} | {r.final_em_mean:.3f} ± {r.final_em_sd:.3f} "
+                f"| {central.final_em_mean if central else float('nan'):.3f} | {gap:+.3f} "
+                f"| {'—' if closed is None else f'{closed:+.0%}'} |"
+            )
+    print("\n".join(lines))
+    for strategy, (_, name) in sorted(best.items()):
+        print(f"best variant {strategy} = {name}")
+    for strategy, (closed, _) in sorted(best.items()):
+        print(f"ratio gap_closed_{strategy} = {closed:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
