@@ -102,12 +102,12 @@ def test_fair_domains_quick_writes_the_table_beside_the_papers_numbers(tmp_path:
 @pytest.mark.flower
 def test_ffa_dp_text_quick_runs_dp_on_the_encoder(tmp_path: Path) -> None:
     out = tmp_path / "text"
-    assert main(["reproduce", "ffa-dp-text", "--quick", "--arms", "eps-1", "--out", str(out)]) == 0
+    argv = ["reproduce", "ffa-dp-text", "--quick", "--arms", "eps-1", "--strategies", "ffa-lora", "--out", str(out)]
+    assert main(argv) == 0
     result = _result(out)
     assert set(result["arms"]) == {"eps-1"}
-    assert {r["strategy"] for r in result["arms"]["eps-1"]} == {"ffa-lora", "fedavg-lora", "centralised"}
-    verdicts = [c["verdict"] for c in result["claims"]]
-    assert verdicts[2] != NOT_RUN and verdicts[0] == verdicts[1] == verdicts[3] == NOT_RUN
+    assert {r["strategy"] for r in result["arms"]["eps-1"]} == {"ffa-lora", "centralised"}
+    assert all(c["verdict"] == NOT_RUN for c in result["claims"])  # each needs FedAvg-LoRA or another arm
     runs = json.loads((out / "eps-1" / "runs" / "ffa-lora" / "lr-0.01" / "seed-0" / "config.json").read_text())
     assert runs["model.kind"] == "seq-cls" and runs["dp.enabled"] and runs["dp.target-epsilon"] == 1.0
     central = (out / "eps-1" / "compare.csv").read_text()
@@ -118,7 +118,7 @@ def test_ffa_dp_text_quick_runs_dp_on_the_encoder(tmp_path: Path) -> None:
 @pytest.mark.flower
 def test_hetero_tasks_quick_runs_the_causal_cell(tmp_path: Path) -> None:
     out = tmp_path / "hetero"
-    argv = ["reproduce", "hetero-tasks", "--quick", "--arms", "eps-3", "--strategies", "ffa-lora,fedavg-lora"]
+    argv = ["reproduce", "hetero-tasks", "--quick", "--arms", "eps-3", "--strategies", "ffa-lora"]
     argv += ["--set", "server-opt.optimizer=avgm", "--set", "server-opt.lr=0.5"]
     assert main([*argv, "--out", str(out)]) == 0
     result = _result(out)
@@ -127,6 +127,5 @@ def test_hetero_tasks_quick_runs_the_causal_cell(tmp_path: Path) -> None:
     config = json.loads((out / "eps-3" / "runs" / "ffa-lora" / "lr-0.01" / "seed-0" / "config.json").read_text())
     assert config["server-opt.optimizer"] == "avgm" and config["server-opt.lr"] == 0.5
     assert main([*argv[:-2], "--out", str(out)]) == 2  # other changes: not into the same directory
-    verdicts = {c["claim"]: c["verdict"] for c in result["claims"]}
-    assert verdicts["FFA-LoRA ≥ FedIT at ε = 3"] != NOT_RUN
-    assert verdicts["FedEx-LoRA (exact aggregation) ≥ FedIT without DP"] == NOT_RUN
+    assert {r["strategy"] for r in result["arms"]["eps-3"]} == {"ffa-lora", "centralised"}
+    assert result["arms"]["eps-3"][0]["finals"] and result["claims"][0]["verdict"] == NOT_RUN

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flower_replies import set_task_identity, train_reply
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdagrad, FedAvgM, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.core.config import FederationConfig
 from fedlora.strategies import registry
@@ -25,7 +25,7 @@ KEYS = [f"base_model.model.m{i}.lora_{f}.weight" for i in range(2) for f in "AB"
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity()
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -34,9 +34,7 @@ def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def _reply(node: int, tensors: dict[str, torch.Tensor], n: int) -> Message:
-    request = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord(tensors), "metrics": MetricRecord({"num-examples": n})})
-    return Message(content, reply_to=request)
+    return train_reply(node, tensors, {"num-examples": n})
 
 
 @pytest.mark.parametrize(

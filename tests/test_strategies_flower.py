@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flower_replies import set_task_identity, train_reply
+from flwr.app import Error, Message, RecordDict
 
 from fedlora.strategies import registry
 from fedlora.strategies.adapter import split_adapter
@@ -21,8 +21,7 @@ KEYS = [f"base_model.model.m{i}.lora_{f}.weight" for i in range(2) for f in "AB"
 
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
-    """Messages need a run identity outside a Flower process."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity()
 
 
 def _adapter(seed: int, b_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -34,12 +33,7 @@ def _adapter(seed: int, b_scale: float = 1.0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reply(node: int, tensors: dict[str, torch.Tensor] | None, metrics: dict | None = None) -> Message:
-    request = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({"metrics": MetricRecord(metrics if metrics is not None else {"num-examples": 10 * node})})
-    if tensors is not None:
-        content["arrays"] = ArrayRecord(tensors)
-    return Message(content, reply_to=request)
+_reply = train_reply
 
 
 def test_registry_holds_the_seven_methods() -> None:
