@@ -15,12 +15,16 @@ beside it.
 
     python bench/bench_gap.py --cell fair-domains --arm no-dp --strategies fedavg-lora,lora-fair \\
         --lrs fedavg-lora=0.006,lora-fair=0.006 --out runs/bench-gap/fair
+
+``--quick``: the cell's ``--quick`` sizes, FedAvg-LoRA alone, one seed, the baseline and FedAvgM (a smoke
+run of the machinery, in a temporary directory unless ``--out`` is given; meaningless figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,15 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE changed in every variant (e.g. num-rounds=3)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("runs/bench-gap"))
+    p.add_argument("--out", type=Path, help="output directory (default runs/bench-gap)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one strategy, one seed, two variants")
     args = p.parse_args(argv)
+    if args.quick:
+        args.strategies, args.seeds, args.variants = "fedavg-lora", 1, "baseline,server-avgm-0.9"
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="bench-gap-")) if args.quick else Path("runs/bench-gap")
     cell = CELLS[args.cell]
     arm = next(a for a in cell.arms if a.name == args.arm)
     strategies = [s for s in args.strategies.split(",") if s]
     lrs = {k: float(v) for k, v in parse_changes([x for x in args.lrs.split(",") if x]).items()}
     console = Console(soft_wrap=True)
     launch = Launch()
-    base = cell.run_config(arm, quick=False, changes=parse_changes(args.set))
+    base = cell.run_config(arm, quick=args.quick, changes=parse_changes(args.set))
     table: dict[str, list[SummaryRow]] = {}
     for name in [v for v in args.variants.split(",") if v]:
         change = VARIANTS[name]

@@ -46,7 +46,7 @@ from fedlora.core.model import (
 )
 from fedlora.core.run_dir import RunDir
 from fedlora.core.run_model import RunModel, load_run_model, run_device
-from fedlora.core.train import TrainSettings, evaluate, train
+from fedlora.core.train import TrainSettings, evaluate, seeded_global_rng, train
 from fedlora.hub.sdk.client import HubClient, HubRequestError, read_token
 from fedlora.hub.sdk.manifest import load_public_key
 from fedlora.hub.sdk.names import check_segment
@@ -285,8 +285,7 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         simulated = "num-partitions" in context.node_config
         public = simulated and not cfg.dp.secret_noise
         dp_seed = settings.seed if public else ledger.dp_seed(ledger_run, server_round)
-        with torch.random.fork_rng(devices=[]):  # dropout and anything else drawing from torch's global RNG
-            torch.manual_seed(dp_seed + 2)
+        with seeded_global_rng(dp_seed + 2):
             t0 = time.perf_counter()
             dp = DPSGDConfig(
                 noise_multiplier=float(privacy["noise-multiplier"]),
@@ -317,7 +316,8 @@ def train_reply(context: NodeContext, state: Mapping[str, Tensor], round_config:
         }
     else:
         t0 = time.perf_counter()
-        result = train(setup.model, train_data, settings, setup.pad)
+        with seeded_global_rng(settings.seed):
+            result = train(setup.model, train_data, settings, setup.pad)
         train_seconds = time.perf_counter() - t0
         ledger_lists = {}
     local: dict[str, int | float] = {}

@@ -22,7 +22,7 @@ from fedlora.core.data import Item, collate
 from fedlora.core.records import Record
 from fedlora.core.run_dir import RunDir
 from fedlora.core.run_model import load_run_model
-from fedlora.core.train import TrainSettings, batches, evaluate, train, train_in
+from fedlora.core.train import TrainSettings, batches, evaluate, seeded_global_rng, train, train_in
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dp import DPSGDConfig, dp_sgd
 from fedlora.privacy.planning import default_delta, plan_noise
@@ -31,7 +31,15 @@ from fedlora.strategies.fedavg_lora import FedAvgLora
 
 
 def run_centralised(cfg: FederationConfig, out: Path) -> Path:
-    """Train and evaluate the pooled baseline for ``cfg``; returns the run directory ``out``."""
+    """Train and evaluate the pooled baseline for ``cfg``; returns the run directory ``out``.
+
+    Dropout draws from torch's global RNG, so the run forks it and seeds it from ``cfg.seed`` (as
+    clients do): the baseline is a function of its seed, not of what the process ran before."""
+    with seeded_global_rng(cfg.seed):
+        return _run_centralised(cfg, out)
+
+
+def _run_centralised(cfg: FederationConfig, out: Path) -> Path:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     lr = cfg.lr_for(FedAvgLora.defaults.lr)

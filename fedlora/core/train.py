@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -251,3 +252,12 @@ def train_in(private: PrivateTraining, data: Sequence[Item], settings: TrainSett
         batch_stream=private.batches,
         accumulation=private.accumulation,
     )
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Torch's global RNG forked and seeded for the block: dropout draws from it, so training is a
+    function of its seed, not of what the process (a Ray worker, a comparison) ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
