@@ -120,12 +120,21 @@ ROBUST_KEYS = {
     "robust.aggregate": "mean",
     "robust.trim": 0.1,
 }
+#: added with the server optimizers; their defaults are plain aggregation
+SERVER_OPT_KEYS = {
+    "server-opt.optimizer": "none",
+    "server-opt.lr": 1.0,
+    "server-opt.beta1": 0.9,
+    "server-opt.beta2": 0.99,
+    "server-opt.tau": 0.001,
+}
 
 
 def test_the_flat_keys_and_defaults_are_those_of_before_the_sections() -> None:
     before = FLAT_DEFAULTS_BEFORE_SECTIONS
-    assert DEFAULT_RUN_CONFIG == before | {"tasks": ""} | MODEL_KIND_KEYS | ROBUST_KEYS  # "": the kind's tasks
-    assert FederationConfig().to_run_config() == before | MODEL_KIND_KEYS | ROBUST_KEYS
+    added = MODEL_KIND_KEYS | ROBUST_KEYS | SERVER_OPT_KEYS
+    assert DEFAULT_RUN_CONFIG == before | {"tasks": ""} | added  # "": the kind's tasks
+    assert FederationConfig().to_run_config() == before | added
     assert FederationConfig.from_run_config(before) == FederationConfig()
 
 
