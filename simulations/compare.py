@@ -175,22 +175,31 @@ def run_planned(
             raise RuntimeError(f"{label} {outcome.status}: {outcome.status_details} (log: {outcome.log_path})")
         result = load_run_result(run_dir, target)
         console.print(f"{label}: {metric} {result.final_exact_match:.3f} ({outcome.seconds:.0f} s)", markup=False)
+    results = [load_run_result(d, target) for d in dirs]
     if centralised:
         for seed in sorted({int(c["seed"]) for c in runs}):
             run_dir = out / "runs" / "centralised" / f"seed-{seed}"
-            dirs.append(run_dir)
-            if RunDir(run_dir).global_adapter_dir.is_dir():
-                continue
-            base = {k: v for k, v in runs[0].items() if k != "lr"} | {"seed": seed, "strategy": "fedavg-lora"}
-            if centralised_lr is not None:
-                base["lr"] = centralised_lr
-            base["run-dir"] = str(run_dir)
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a partial pooled run is cheap to redo
-            run_centralised(FederationConfig.from_run_config(base), run_dir)
-            result = load_run_result(run_dir, target)
-            console.print(f"centralised seed {seed}: {metric} {result.final_exact_match:.3f}", markup=False)
-    return [load_run_result(d, target) for d in dirs]
+            results.append(run_pooled(runs[0], seed, centralised_lr, run_dir, console, target))
+    return results
+
+
+def run_pooled(
+    config: Mapping[str, Any], seed: int, lr: float | None, run_dir: Path, console: Console, target: float
+) -> RunResult:
+    """The centralised baseline of ``config``'s setting at ``seed`` and ``lr`` (None: FedAvg-LoRA's tuned lr)
+    in ``run_dir``, kept when it finished before."""
+    if not RunDir(run_dir).global_adapter_dir.is_dir():
+        base = {k: v for k, v in config.items() if k != "lr"} | {"seed": seed, "strategy": "fedavg-lora"}
+        if lr is not None:
+            base["lr"] = lr
+        base["run-dir"] = str(run_dir)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a partial pooled run is cheap to redo
+        run_centralised(FederationConfig.from_run_config(base), run_dir)
+    result = load_run_result(run_dir, target)
+    metric = headline(str(config.get("model.kind", DEFAULT_KIND)))
+    console.print(f"centralised lr {result.lr:g} seed {seed}: {metric} {result.final_exact_match:.3f}", markup=False)
+    return result
 
 
 def cmd_compare(argv: Sequence[str], console: Console) -> int:
