@@ -4,13 +4,13 @@ Each *variant* changes run-config keys of one arm of a cell (more local steps an
 same gradient budget, a larger client lr, a server optimizer over the aggregate, a larger rank,
 LoRA-FAIR's lambda) and runs the chosen strategies over seeds at fixed client learning rates (the
 ones the cell's own run chose, ``--lrs``), plus the centralised baseline under the same change. The
-table reports each variant's mean ± sd and its gap to centralised, and how much of the baseline
-variant's gap it closes:
+table reports each variant's mean ± sd, its move from the baseline variant and the share of the
+baseline's gap to centralised that move closes:
 
-    closed = (gap_baseline - gap_variant) / gap_baseline   (gap = centralised - federated, > 0)
+    closed = (variant - baseline) / (centralised - baseline)   (all on the baseline variant's setting)
 
-A variant that moves the centralised baseline too (rank, steps) is judged by its own gap. The last
-lines are ``ratio gap_closed_<strategy> = <best closed fraction>`` per strategy, the variant named
+The variant's own centralised mean is shown beside it: a change of rank or budget moves it too. The
+last lines are ``ratio gap_closed_<strategy> = <best closed fraction>`` per strategy, the variant named
 beside it.
 
     python bench/bench_gap.py --cell fair-domains --arm no-dp --strategies fedavg-lora,lora-fair \\
@@ -63,6 +63,54 @@ def variant_config(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[s
     return config | change
 
 
+def _closed(table: Mapping[str, list[SummaryRow]]) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """(variant, strategy) -> (its mean minus the baseline's, that as a share of the baseline's gap to the
+    baseline's centralised mean); the share is None without a baseline row or gap."""
+    base = {r.strategy: r.final_em_mean for r in table.get("baseline", [])}
+    central = base.get("centralised")
+    out = {}
+    for name, rows in table.items():
+        for r in rows:
+            if r.strategy == "centralised" or r.strategy not in base:
+                continue
+            moved = r.final_em_mean - base[r.strategy]
+            gap = None if central is None else central - base[r.strategy]
+            out[(name, r.strategy)] = (moved, moved / gap if gap and gap > 0 else None)
+    return out
+
+
+def render(table: Mapping[str, list[SummaryRow]]) -> list[str]:
+    """One row per variant and strategy: its mean ± sd, the move from the baseline variant, the share of the
+    baseline's gap to centralised that move closes, and the variant's own centralised mean (rank and budget
+    variants move it too)."""
+    closed = _closed(table)
+    lines = [
+        "| variant | strategy | mean ± sd | vs baseline | gap closed | own centralised |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in table.items():
+        central = next((r for r in rows if r.strategy == "centralised"), None)
+        for r in rows:
+            if r.strategy == "centralised":
+                continue
+            moved, share = closed.get((name, r.strategy), (None, None))
+            lines.append(
+                f"| {name} | {r.strategy} | {r.final_em_mean:.3f} ± {r.final_em_sd:.3f} "
+                f"| {'—' if moved is None else f'{moved:+.3f}'} | {'—' if share is None else f'{share:+.0%}'} "
+                f"| {'—' if central is None else f'{central.final_em_mean:.3f}'} |"
+            )
+    return lines
+
+
+def best_variants(table: Mapping[str, list[SummaryRow]]) -> dict[str, tuple[float, str]]:
+    """strategy -> (the largest share of the gap a variant closed, that variant)."""
+    best: dict[str, tuple[float, str]] = {}
+    for (name, strategy), (_, share) in _closed(table).items():
+        if share is not None and name != "baseline":
+            best[strategy] = max(best.get(strategy, (-float("inf"), "")), (share, name))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cell", default="fair-domains")
@@ -106,28 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         results = run_planned(runs, out, launch, console, target=0.5, centralised_lr=central_lr)
         table[name] = summarise(results)
         console.print(f"{name}: {time.perf_counter() - started:.0f} s", markup=False)
-    base_gaps = {r.strategy: -(r.gap_to_centralised or 0.0) for r in table.get("baseline", [])}
-    lines = ["| variant | strategy | mean ± sd | centralised | gap | closed |", "|---|---|---|---|---|---|"]
-    best: dict[str, tuple[float, str]] = {}
-    for name, rows in table.items():
-        central = next((r for r in rows if r.strategy == "centralised"), None)
-        for r in rows:
-            if r.strategy == "centralised":
-                continue
-            gap = -(r.gap_to_centralised or 0.0)
-            closed = (base_gaps[r.strategy] - gap) / base_gaps[r.strategy] if base_gaps.get(r.strategy) else None
-            if closed is not None and name != "baseline":
-                best[r.strategy] = max(best.get(r.strategy, (-float("inf"), "")), (closed, name))
-            lines.append(
-                f"| {name} | {r.strategy} | {r.final_em_mean:.3f} ± {r.final_em_sd:.3f} "
-                f"| {central.final_em_mean if central else float('nan'):.3f} | {gap:+.3f} "
-                f"| {'—' if closed is None else f'{closed:+.0%}'} |"
-            )
-    print("\n".join(lines))
-    for strategy, (_, name) in sorted(best.items()):
-        print(f"best variant {strategy} = {name}")
-    for strategy, (closed, _) in sorted(best.items()):
-        print(f"ratio gap_closed_{strategy} = {closed:.3f}")
+    print("\n".join(render(table)))
+    best = best_variants(table)
+    for strategy in strategies:
+        if strategy in best:
+            print(f"best variant {strategy} = {best[strategy][1]}")
+        else:  # the baseline reached centralised (quick sizes) or no variant ran: nothing to close
+            print(f"best variant {strategy} = none (no gap to centralised on the baseline, or no variant)")
+    for strategy in strategies:
+        print(f"ratio gap_closed_{strategy} = {best.get(strategy, (0.0, ''))[0]:.3f}")
     return 0
 
 
