@@ -46,6 +46,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "server-avgm-0.9": {"server-opt.optimizer": "avgm", "server-opt.beta1": 0.9, "server-opt.lr": 1.0},
     "server-adam-1e-3": {"server-opt.optimizer": "adam", "server-opt.lr": 1e-3},
     "server-lr-2": {"server-opt.optimizer": "none", "server-opt.lr": 2.0},
+    "steps-half-rounds-x2-avgm": {
+        "steps-scale": 0.5,
+        "server-opt.optimizer": "avgm",
+        "server-opt.beta1": 0.9,
+        "server-opt.lr": 1.0,
+    },
     "rank-16": {"lora-rank": 16},
     "lora-fair-lambda-0.1": {"lora-fair-lambda": 0.1},
 }

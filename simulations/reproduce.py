@@ -318,6 +318,7 @@ class CellResult:
     quick: bool
     changes: Mapping[str, Any] = field(default_factory=dict)
     lr_grid: tuple[float, ...] | None = None
+    invocations: int = 1
 
 
 def judge(cell: Cell, rows: Mapping[str, Sequence[SummaryRow]]) -> list[tuple[Claim, Outcome]]:
@@ -336,7 +337,8 @@ def render(result: CellResult) -> str:
         f"- Paper: {cell.paper}",
         f"- Paper's setting: {cell.paper_setting}",
         f"- Ours: {cell.ours}" + (QUICK_WARNING if result.quick else ""),
-        f"- Wall time: {result.seconds:.0f} s",
+        f"- Wall time: {result.seconds:.0f} s"
+        + (f" over {result.invocations} invocations (finished runs are kept)" if result.invocations > 1 else ""),
     ]
     if result.changes:
         lines.append("- Changed from the cell (`--set`): " + ", ".join(f"`{k}={v}`" for k, v in result.changes.items()))
@@ -442,7 +444,13 @@ def reproduce(
         for arm in chosen_arms
     }
     grid = tuple(lr_grid) if lr_grid else None
-    result = CellResult(cell, rows, judge(cell, rows), time.perf_counter() - started, quick, dict(changes or {}), grid)
+    # wall time over every invocation that ran part of the cell (runs finished before are kept, not redone)
+    timing = out / "wall_time.json"
+    seconds = time.perf_counter() - started
+    before = json.loads(timing.read_text()) if timing.is_file() else {}
+    total, invocations = float(before.get("seconds", 0.0)) + seconds, int(before.get("invocations", 0)) + 1
+    write_json_atomic(timing, {"seconds": total, "invocations": invocations})
+    result = CellResult(cell, rows, judge(cell, rows), total, quick, dict(changes or {}), grid, invocations)
     write_atomic(out / "reproduce.md", render(result).encode())
     write_json_atomic(out / "reproduce.json", to_json(result))
     return result

@@ -92,6 +92,7 @@ def test_fair_domains_quick_writes_the_table_beside_the_papers_numbers(tmp_path:
     assert verdicts["LoRA-FAIR ≥ FedIT (FedAvg-LoRA)"] != NOT_RUN
     md = (out / "reproduce.md").read_text()
     assert "77.07%" in md and "smoke run, not evidence" in md
+    assert json.loads((out / "wall_time.json").read_text())["invocations"] == 1
     assert (out / "no-dp" / "compare.md").is_file()
     with pytest.raises(SystemExit):
         main(["reproduce", "fair-domains", "--out", str(out), "--bogus"])
