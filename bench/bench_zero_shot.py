@@ -2,7 +2,8 @@
 retrieval, the uniform average of all experts, SG-LoRA, ICM-LoRA and the oracle adapter
 trained on the task, side by side in one run.
 
-    python bench/bench_zero_shot.py [--experts DIR] [--steps 200] [--generator-steps 600] [--quick]
+    python bench/bench_zero_shot.py [--suite both|procedural|text] [--experts DIR] [--steps 200]
+                                    [--text-steps 80] [--generator-steps 600] [--quick]
 
 ``--quick`` is a smoke run (about a minute): every expert, oracle and generator trained for a
 few steps on a few examples, scored on 8 test examples; same code path, meaningless figures.
@@ -20,6 +21,13 @@ Goals (last lines): generated adapters recover >= 70% of the oracle's gain in ex
 the base model on the seen-family tasks (``ratio <method>_gain_recovery``, goal >= 0.7) and
 more than retrieval does (``ratio <method>_minus_retrieval_gain``, goal > 0), and generation
 takes < 100 ms on the CPU (``ratio <method>_ms_over_goal``, goal <= 1).
+
+The second suite (``--suite text``) is the text-classification family on the MiniLM encoder,
+where related tasks share what a held-out task needs: overlapping topic label sets, one sentiment
+in several domains, the same intents in another domain. Experts carry the head over every
+label of the family; each method is scored by accuracy among the held-out task's labels (a
+device knows the labels it asks for). ``ratio text_<method>_gain_recovery`` (goal >= 0.7) and
+``ratio text_<method>_minus_retrieval_gain`` (goal > 0) close the output.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,13 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.core.data import IGNORE_INDEX, collate, exact_matches
 from fedlora.core.tasks import HELD_OUT_TASKS, Task, get_task
+from fedlora.core.text_tasks import TEXT_TASKS, TextTask, get_text_task
 from fedlora.hub.generators.base import Generator
 from fedlora.hub.generators.cvae import CVAESettings
-from fedlora.hub.generators.experts import ExpertConfig, ExpertTrainer, build_experts
+from fedlora.hub.generators.experts import ClassifierExpertTrainer, ExpertConfig, ExpertTrainer, build_experts
 from fedlora.hub.generators.library import ExpertLibrary, Layout
 from fedlora.hub.generators.registry import generator_class
 from fedlora.hub.generators.sg_lora import SGLoRA
 from fedlora.hub.sdk.manifest import describe_base_model
+from fedlora.hub.sdk.request import check_examples
 
 NEGATIVE_CONTROL = "swap"
 #: seen tasks described in words none of the library's descriptions use: a device that knows
@@ -55,6 +66,12 @@ PARAPHRASES = {
     "repeat-3": "triple every character",
     "reverse": "print the text backwards",
     "sort-desc": "arrange the digits from biggest to smallest",
+}
+#: the text suite's seen tasks in new words
+TEXT_PARAPHRASES = {
+    "text-sentiment-movie": "was the viewer happy with the film or not",
+    "text-topic-culture": "is this story about the arts, politicians or scientists",
+    "text-intent-shop": "what does the shopper want: to ask, to complain, to ask for something done, or to thank",
 }
 
 
@@ -73,6 +90,8 @@ def scores(trainer: ExpertTrainer, vector: torch.Tensor | None, task: Task, layo
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="both", choices=["both", "procedural", "text"])
+    p.add_argument("--text-steps", type=int, default=80, help="training steps per text expert and oracle")
     p.add_argument("--experts", type=Path, default=None, help="an expert directory (default: build one here)")
     p.add_argument("--steps", type=int, default=200, help="training steps per expert and oracle")
     p.add_argument("--generator-steps", type=int, default=600)
@@ -82,6 +101,18 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps and examples everywhere")
     args = p.parse_args()
     torch.set_num_threads(1)
+    lines: list[str] = []
+    if args.suite in ("both", "procedural"):
+        lines += procedural_suite(args)
+    if args.suite in ("both", "text"):
+        lines += text_suite(args)
+    for line in lines:  # every suite's goal lines last
+        print(line)
+    return 0
+
+
+def procedural_suite(args: argparse.Namespace) -> list[str]:
+    """The procedural string tasks on the byte Llama; returns the goal lines."""
     if args.quick:
         args.generator_steps = min(args.generator_steps, 10)
         cfg = ExpertConfig(
@@ -207,14 +238,131 @@ def main() -> int:
             f"{method} generation: median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms "
             f"over {len(ms)} requests (CPU, 1 thread)"
         )
-    print(f"total {time.perf_counter() - t0:.0f} s")
-    for method in generators:
-        print(f"ratio {method.replace('-', '_')}_gain_recovery = {recovery[method]:.3f}")
-        # goal > 0: beats nearest-expert retrieval (a ratio is undefined when retrieval gains nothing)
-        print(f"ratio {method.replace('-', '_')}_minus_retrieval_gain = {recovery[method] - recovery['retrieval']:.3f}")
+    print(f"procedural suite: total {time.perf_counter() - t0:.0f} s")
+    out = goal_lines("", recovery, generators)
     for method, ms in latency.items():
-        print(f"ratio {method.replace('-', '_')}_ms_over_goal = {statistics.median(ms) / 100:.3f}")
-    return 0
+        out.append(f"ratio {method.replace('-', '_')}_ms_over_goal = {statistics.median(ms) / 100:.3f}")
+    return out
+
+
+def goal_lines(prefix: str, recovery: dict[str, float], methods: Sequence[str]) -> list[str]:
+    out = []
+    for method in methods:
+        name = f"{prefix}{method.replace('-', '_')}"
+        out.append(f"ratio {name}_gain_recovery = {recovery[method]:.3f}")
+        # goal > 0: beats nearest-expert retrieval (a ratio is undefined when retrieval gains nothing)
+        out.append(f"ratio {name}_minus_retrieval_gain = {recovery[method] - recovery['retrieval']:.3f}")
+    return out
+
+
+def text_suite(args: argparse.Namespace) -> list[str]:
+    """The text-classification family on the MiniLM encoder; returns the goal lines."""
+    t0 = time.perf_counter()
+    if args.quick:
+        cfg = ExpertConfig(
+            kind="seq-cls", steps=3, checkpoint_every=1, batch_size=8, train_examples=32, test_examples=8,
+            seed=args.seed,
+        )  # fmt: skip
+        generator_steps = min(args.generator_steps, 10)
+    else:
+        cfg = ExpertConfig(
+            kind="seq-cls", steps=args.text_steps, checkpoint_every=10, train_examples=1000, seed=args.seed
+        )
+        generator_steps = args.generator_steps
+    held_out = [t for t in TEXT_TASKS.values() if t.held_out]
+    with tempfile.TemporaryDirectory() as tmp:
+        experts_dir = Path(tmp) / "text-experts"
+        print(f"\ntext suite: building {len(cfg.task_list())} experts ({cfg.steps} steps, warm start {cfg.warm_start})")
+        results = build_experts(cfg, experts_dir)
+        print(
+            f"experts built in {time.perf_counter() - t0:.0f} s; accuracy "
+            + ", ".join(f"{r.task} {r.exact_match:.3f}" for r in results)
+        )
+        trainer = ClassifierExpertTrainer(cfg)
+        library = ExpertLibrary.from_dir(experts_dir, describe_base_model(trainer.model_dir))
+    leaked = [t.name for t in held_out if t.name in library.names()]
+    if leaked:
+        raise SystemExit(f"the text expert library contains held-out task(s) {leaked}")
+    layout = library.layout
+    print(
+        f"{len(library.experts)} experts of {layout.size:,} values "
+        f"(LoRA and the head over {len(trainer.labels)} labels)"
+    )
+    oracle = {}
+    for task in held_out:
+        checkpoints, acc = trainer.train(task)
+        oracle[task.name] = layout.flatten(checkpoints[-1][1])
+        print(f"oracle {task.name}: accuracy {acc:.3f}")
+    settings = CVAESettings(steps=generator_steps, seed=args.seed)
+    task_model = (trainer.model.get_base_model(), trainer.tokenizer)
+    generators: dict[str, Generator] = {}
+    for method in ("sg-lora", "icm-lora"):
+        with trainer.model.disable_adapter():
+            options = {"temperature": args.temperature} if args.temperature and method == "sg-lora" else {}
+            generators[method] = generator_class(method).fit(
+                library, settings, task_model=task_model, embedding=args.embedding, **options
+            )
+        gen = generators[method]
+        print(f"{method}: {gen.training['parameters']:,} parameters, trained in {gen.training['seconds']:.1f} s")
+    sg = generators["sg-lora"]
+    assert isinstance(sg, SGLoRA)
+    uniform = torch.stack([e.mean for e in library.experts]).mean(0)
+    columns = ["base", "retrieval", "uniform", "sg-lora", "icm-lora", "oracle"]
+
+    def accuracy(vector: torch.Tensor | None, task: TextTask) -> float:
+        return trainer.evaluate(None if vector is None else layout.unflatten(vector), task)
+
+    def evaluate(task: TextTask, descriptions: Sequence[str], oracle_vector: torch.Tensor) -> dict[str, float]:
+        examples = check_examples(
+            [{"prompt": e.text, "completion": e.label} for e in task.examples(8, args.seed + 7, "train")]
+        )
+        per: dict[str, list[float]] = {c: [] for c in columns}
+        for description in descriptions:
+            nearest, _ = sg.retrieve(description)
+            vectors: dict[str, torch.Tensor | None] = {
+                "base": None,
+                "retrieval": library.get(nearest).checkpoints[-1],
+                "uniform": uniform,
+                "oracle": oracle_vector,
+            }
+            for method, gen in generators.items():
+                with trainer.model.disable_adapter():
+                    vectors[method] = gen.generate_vector(description, examples if method == "icm-lora" else ())
+            for c in columns:
+                per[c].append(accuracy(vectors[c], task))
+            print(f"  {task.name}: '{description}' -> nearest expert {nearest}", flush=True)
+        return {c: statistics.mean(v) for c, v in per.items()}
+
+    def show(table: dict[str, dict[str, float]], last: str) -> None:
+        print(f"| task | {' | '.join(columns[:-1])} | {last} |")
+        print(f"|---|{'---|' * len(columns)}")
+        for name, row in table.items():
+            print(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+
+    table = {t.name: evaluate(t, t.descriptions, oracle[t.name]) for t in held_out}
+    paraphrased = {
+        n: evaluate(get_text_task(n), [text], library.get(n).checkpoints[-1]) for n, text in TEXT_PARAPHRASES.items()
+    }
+    print()
+    print("text suite, held-out tasks: accuracy among the task's labels, mean over its descriptions")
+    show(table, "oracle")
+    print()
+    print("text suite, seen tasks in new words (the last column is the task's own expert)")
+    show(paraphrased, "expert")
+    recovery = {}
+    print()
+    for c in ["retrieval", "uniform", "sg-lora", "icm-lora"]:
+        gain = sum(table[n][c] - table[n]["base"] for n in table)
+        oracle_gain = sum(table[n]["oracle"] - table[n]["base"] for n in table)
+        para = sum(paraphrased[n][c] - paraphrased[n]["base"] for n in paraphrased)
+        para_oracle = sum(paraphrased[n]["oracle"] - paraphrased[n]["base"] for n in paraphrased)
+        recovery[c] = gain / max(oracle_gain, 1e-9)
+        print(
+            f"{c:>9}: held-out tasks: {recovery[c]:.3f} of the oracle's accuracy gain; "
+            f"paraphrased seen tasks: {para / max(para_oracle, 1e-9):.3f} of the expert's gain"
+        )
+    print(f"text suite: total {time.perf_counter() - t0:.0f} s")
+    return goal_lines("text_", recovery, generators)
 
 
 if __name__ == "__main__":

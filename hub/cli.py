@@ -132,12 +132,21 @@ def _parser() -> argparse.ArgumentParser:
         "build-experts", help="train one expert adapter per task (zero-shot generators learn from them)"
     )
     experts.add_argument("--out", type=Path, required=True, help="the expert directory to write")
+    experts.add_argument(
+        "--kind",
+        choices=["causal-lm", "seq-cls"],
+        default="causal-lm",
+        help="the suite: procedural string tasks on the byte Llama (default) or the text-classification "
+        "family on the MiniLM encoder (each expert with the head over the family's labels)",
+    )
     experts.add_argument("--tasks", default="", help="comma-separated embedded tasks (default: every seen task)")
     experts.add_argument("--steps", type=int, default=200)
     experts.add_argument("--checkpoints", type=int, default=3, help="late checkpoints kept per expert")
     experts.add_argument("--checkpoint-every", type=int, default=20)
     experts.add_argument("--rank", type=int, default=4)
-    experts.add_argument("--targets", default="all-linear", help="comma-separated target modules")
+    experts.add_argument(
+        "--targets", default="", help="comma-separated target modules (default: all-linear; query,value for seq-cls)"
+    )
     experts.add_argument("--lr", type=float, default=3e-3)
     experts.add_argument("--seed", type=int, default=0)
     experts.add_argument(

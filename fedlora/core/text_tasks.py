@@ -6,12 +6,13 @@ one attribute. Related tasks share labels, so a run with one task per client is 
 global classifier can still serve every client (a label means the same thing in every task), and
 zero-shot adapter generation has seen siblings of each held-out task:
 
-- ``topic``: the subject of a news sentence (``text-topic-news``, ``text-topic-health`` with a
-  shifted label set, held-out ``text-topic-leisure``);
+- ``topic``: the subject of a news sentence, six topics in overlapping label sets
+  (``text-topic-news`` with four, ``-health``, ``-culture``, ``-markets``, ``-gallery``,
+  ``-fitness``; held out ``-leisure`` and ``-policy``, every label of which some seen task has);
 - ``sentiment``: positive or negative reviews of products, films and (held out) restaurants:
   the same labels in different domain vocabulary;
 - ``intent``: what a customer message wants (question, complaint, request, praise) in a shop and
-  in travel bookings.
+  in travel bookings (held out: all four intents in travel, praise seen only in the shop).
 
 A label is carried by many paraphrases, and greetings, places, dates and remarks are shared by
 every label as distractors, so no single keyword decides the label but the sentence does: a
@@ -648,6 +649,61 @@ def _build() -> dict[str, TextTask]:
             grammar=_TOPIC_GRAMMAR,
         ),
         TextTask(
+            name="text-topic-culture",
+            family="topic",
+            labels=("arts", "politics", "science"),
+            descriptions=(
+                "classify a news sentence by topic: arts, politics or science",
+                "decide whether a report is about culture, government or research",
+            ),
+            held_out=False,
+            grammar=_TOPIC_GRAMMAR,
+        ),
+        TextTask(
+            name="text-topic-markets",
+            family="topic",
+            labels=("sports", "business"),
+            descriptions=(
+                "classify a news sentence by topic: sports or business",
+                "decide whether a report is about sport or companies",
+            ),
+            held_out=False,
+            grammar=_TOPIC_GRAMMAR,
+        ),
+        TextTask(
+            name="text-topic-gallery",
+            family="topic",
+            labels=("arts", "business", "health"),
+            descriptions=(
+                "classify a news sentence by topic: arts, business or health",
+                "decide whether a report is about culture, companies or medicine",
+            ),
+            held_out=False,
+            grammar=_TOPIC_GRAMMAR,
+        ),
+        TextTask(
+            name="text-topic-fitness",
+            family="topic",
+            labels=("sports", "health", "politics"),
+            descriptions=(
+                "classify a news sentence by topic: sports, health or politics",
+                "decide whether a report is about sport, medicine or government",
+            ),
+            held_out=False,
+            grammar=_TOPIC_GRAMMAR,
+        ),
+        TextTask(
+            name="text-topic-policy",
+            family="topic",
+            labels=("politics", "health", "science"),
+            descriptions=(
+                "classify a news sentence by topic: politics, health or science",
+                "decide whether a report is about government, medicine or research",
+            ),
+            held_out=True,
+            grammar=_TOPIC_GRAMMAR,
+        ),
+        TextTask(
             name="text-sentiment-product",
             family="sentiment",
             labels=("positive", "negative"),
@@ -700,6 +756,17 @@ def _build() -> dict[str, TextTask]:
                 "decide whether a traveller asks for information, complains or asks for a change",
             ),
             held_out=False,
+            grammar=_intent_grammar("travel"),
+        ),
+        TextTask(
+            name="text-intent-trip",
+            family="intent",
+            labels=("question", "complaint", "request", "praise"),
+            descriptions=(
+                "classify a message to a travel agency as a question, complaint, request or praise",
+                "decide what a traveller wants: information, to complain, a change, or to say thanks",
+            ),
+            held_out=True,
             grammar=_intent_grammar("travel"),
         ),
     ]

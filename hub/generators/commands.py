@@ -10,11 +10,19 @@ import torch
 from rich.console import Console
 
 from fedlora.atomic import atomic_directory
-from fedlora.core.lora_settings import ALL_LINEAR, LoraSettings
-from fedlora.core.model import load_base_model
-from fedlora.core.model_dirs import load_tokenizer
+from fedlora.core.embedded import default_text_model_dir
+from fedlora.core.lora_settings import LoraSettings
 from fedlora.hub.generators.cvae import CVAESettings
-from fedlora.hub.generators.experts import ExpertConfig, ExpertResult, FederatedExperts, build_experts, publish_experts
+from fedlora.hub.generators.embedding import load_task_model
+from fedlora.hub.generators.experts import (
+    EXPERT_LORA,
+    TEXT_EXPERT_LORA,
+    ExpertConfig,
+    ExpertResult,
+    FederatedExperts,
+    build_experts,
+    publish_experts,
+)
 from fedlora.hub.generators.library import ExpertLibrary
 from fedlora.hub.generators.registry import generator_class
 from fedlora.hub.sdk.client import HubClient, open_hub
@@ -31,8 +39,10 @@ def remote_hub(args: argparse.Namespace) -> HubClient | None:
 
 def build_experts_command(args: argparse.Namespace, console: Console) -> int:
     torch.set_num_threads(args.threads)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or (ALL_LINEAR,)
+    default = TEXT_EXPERT_LORA if args.kind == "seq-cls" else EXPERT_LORA
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or default.target_modules
     cfg = ExpertConfig(
+        kind=args.kind,
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else (),
         lora=LoraSettings(rank=args.rank, alpha=2.0 * args.rank, target_modules=targets, init_seed=args.seed),
         steps=args.steps,
@@ -54,16 +64,19 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
         else f"{cfg.steps} steps, checkpoints at {cfg.checkpoint_steps()}"
     )
     console.print(
-        f"training {len(cfg.task_list())} experts: LoRA r={cfg.lora.rank} on {', '.join(targets)}, {how} -> {args.out}"
+        f"training {len(cfg.task_list())} experts: LoRA r={cfg.adapter.rank} on {', '.join(targets)}, "
+        f"{how} -> {args.out}"
     )
 
+    metric = "accuracy" if cfg.kind == "seq-cls" else "exact match"  # a classifier's exact match
+
     def show(r: ExpertResult) -> None:
-        console.print(f"  {r.task:<12} exact match {r.exact_match:.3f}  ({r.seconds:.1f} s)", highlight=False)
+        console.print(f"  {r.task:<26} {metric} {r.exact_match:.3f}  ({r.seconds:.1f} s)", highlight=False)
 
     results = build_experts(cfg, args.out, args.base_model, progress=show, federated=federated)
     weak = [r.task for r in results if r.exact_match < 0.5]
     if weak:
-        console.print(f"[yellow]experts below 0.5 exact match (more --steps?): {', '.join(weak)}[/]")
+        console.print(f"[yellow]experts below 0.5 {metric} (more --steps?): {', '.join(weak)}[/]")
     if hub is not None:
         build = f"experts-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         with hub:
@@ -75,7 +88,8 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
 def train_generator_command(args: argparse.Namespace, console: Console) -> int:
     torch.set_num_threads(args.threads)
     settings = CVAESettings(steps=args.steps, seed=args.seed)
-    base = describe_base_model(args.base_model)
+    base_dir = args.base_model
+    base = describe_base_model(base_dir)
     hub = remote_hub(args)
     if args.experts is not None:
         library = ExpertLibrary.from_dir(args.experts, base)
@@ -85,6 +99,10 @@ def train_generator_command(args: argparse.Namespace, console: Console) -> int:
         library = ExpertLibrary.from_hub(hub)
     else:
         raise ValueError("name the experts: --experts DIR (fl-hub build-experts --out) or --hub URL")
+    task_type = library.layout.adapter_config.get("task_type")
+    if base_dir is None and task_type == "SEQ_CLS":  # text experts: the text classifiers' embedded encoder
+        base_dir = default_text_model_dir()
+        base = describe_base_model(base_dir)
     if library.base_model.sha256 != base.sha256:
         raise ValueError(
             f"the experts were trained on base model {library.base_model.id} (weights "
@@ -99,7 +117,7 @@ def train_generator_command(args: argparse.Namespace, console: Console) -> int:
     )
     task_model = None
     if args.method == "icm-lora":
-        task_model = (load_base_model(args.base_model).eval(), load_tokenizer(args.base_model))
+        task_model = load_task_model(base_dir, task_type)
     generator = generator_class(args.method).fit(library, settings, embedding=args.embedding, task_model=task_model)
     t = generator.training
     console.print(

@@ -162,12 +162,35 @@ def embedder_from_state(state: Mapping[str, Any]) -> TextEmbedder:
     raise ValueError(f"unknown embedding {kind!r} (known: {', '.join(EMBEDDERS)})")
 
 
+def load_task_model(model_dir: Any, task_type: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer) that reads a task's examples for a generator whose adapters have PEFT
+    ``task_type``: the causal LM itself, or a classifier's encoder without its head (its hidden
+    states do not depend on a head). ``model_dir`` None: the kind's embedded default."""
+    # lazy: pulls in transformers' model classes, which describing a generator does not need
+    from fedlora.core.kinds import get_kind
+    from fedlora.core.model import load_base_model
+    from fedlora.core.model_dirs import check_model_dir, load_tokenizer
+
+    if task_type != "SEQ_CLS":
+        return load_base_model(model_dir).eval(), load_tokenizer(model_dir)
+    from transformers import AutoModel
+
+    kind = get_kind("seq-cls")
+    path = model_dir if model_dir is not None else kind.default_model_dir()
+    check_model_dir(path)
+    return AutoModel.from_pretrained(str(path), local_files_only=True).eval(), kind.load_processor(path)
+
+
 @torch.no_grad()
 def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example]) -> np.ndarray:
     """ICM-LoRA's in-context task vector: the base model's last-layer hidden state at the last
-    token of each ``prompt + completion``, averaged over the examples (hidden_size,)."""
+    token of each ``prompt + completion``, averaged over the examples (hidden_size,). An encoder
+    (a classifier's base, which cannot generate) reads each example as the pair (text, label)
+    and mean-pools it, the way sentence encoders summarise a text."""
     if not examples:
         raise ValueError("a hidden-state task vector needs at least one example")
+    if not model.can_generate():
+        return _pooled_pairs(model, tokenizer, examples)
 
     texts = [e.prompt + e.completion for e in examples]
     max_len = max_positions(model)
@@ -185,3 +208,21 @@ def hidden_state_vector(model: Any, tokenizer: Any, examples: Sequence[Example])
     lengths = mask.sum(1) - 1
     picked = last[torch.arange(len(ids)), lengths.to(device)]  # (n, H)
     return picked.mean(0).float().cpu().numpy()
+
+
+def _pooled_pairs(model: Any, tokenizer: Any, examples: Sequence[Example]) -> np.ndarray:
+    limit = max_positions(model)
+    batch = tokenizer(
+        [e.prompt for e in examples],
+        [e.completion for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=min(limit, 512),
+        return_tensors="pt",
+    )
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
+    last = out.hidden_states[-1]  # (n, T, H)
+    mask = batch["attention_mask"].to(device).unsqueeze(-1).to(last.dtype)
+    pooled = (last * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return pooled.mean(0).float().cpu().numpy()

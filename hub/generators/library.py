@@ -32,7 +32,15 @@ from fedlora.hub.sdk.request import check_description, check_examples
 TASK_FILE = "task.json"
 BUILD_FILE = "experts.json"  # what fl-hub build-experts trained: settings, base model, results
 #: the adapter-config fields that must agree for adapters to share one parameter space
-LAYOUT_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern")
+LAYOUT_CONFIG_KEYS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+)
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,7 @@ class ExpertLibrary:
             for i, files in enumerate(checkpoints):
                 where = f"expert {name} checkpoint {i + 1} ({source})"
                 state, config = read_adapter(files, where)
-                state = {k: v for k, v in state.items() if "lora_A" in k or "lora_B" in k}
+                state = adapter_tensors(state, config)
                 if layout is None:
                     layout = Layout.of(state, _layout_config(config))
                 layout.check(state, config, where)
@@ -276,6 +284,13 @@ class ExpertLibrary:
         if base is None:
             raise ValueError(f"the hub has no adapters with descriptions under {prefix}/: run fl-hub build-experts")
         return cls.from_adapters(base, tasks)
+
+
+def adapter_tensors(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """What a generator models: the LoRA factors and the modules trained in full with them (a
+    classifier's head: a generated classifier is useless without its own head)."""
+    heads = tuple(str(h) for h in config.get("modules_to_save") or ())
+    return {k: v for k, v in state.items() if "lora_A" in k or "lora_B" in k or any(f".{h}." in k for h in heads)}
 
 
 def _layout_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.core.model import load_base_model
-from fedlora.core.model_dirs import load_tokenizer
 from fedlora.hub.generators.base import Generator
+from fedlora.hub.generators.embedding import load_task_model
 from fedlora.hub.generators.registry import load_generator
 from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model
 from fedlora.hub.sdk.names import Principal
@@ -73,7 +72,8 @@ class GeneratorService:
                 pass
             generator = self._load(generator_record, manifest)
             if request.examples and generator.needs_base_model and generator.task_model is None:
-                generator.task_model = self._task_model(generator.base_model.sha256)
+                task_type = generator.layout.adapter_config.get("task_type")
+                generator.task_model = self._task_model(generator.base_model.sha256, task_type)
             start = time.perf_counter()
             try:
                 files = generator.generate(request.description, request.examples)
@@ -115,23 +115,33 @@ class GeneratorService:
             self._generators[key] = generator
         return self._generators[key]
 
-    def _task_model(self, sha256: str) -> Any:
+    def _task_model(self, sha256: str, task_type: str | None) -> Any:
         """The base model (and tokenizer) whose weights have ``sha256``: the embedded one or a
-        directory given to ``fl-hub serve --base-model``."""
+        directory given to ``fl-hub serve --base-model`` (a text classifier's encoder among them)."""
         if sha256 not in self._task_models:
             if self._base_dirs is None:  # hashed once per process
-                candidates: list[Path | None] = [None, *self.base_model_dirs]
+                candidates: list[Path | None] = [None, *_text_model_dirs(), *self.base_model_dirs]
                 self._base_dirs = {describe_base_model(p).sha256: p for p in candidates}
             if sha256 in self._base_dirs:
-                path = self._base_dirs[sha256]
-                self._task_models[sha256] = (load_base_model(path).eval(), load_tokenizer(path))
+                self._task_models[sha256] = load_task_model(self._base_dirs[sha256], task_type)
             else:
                 raise HubError(
                     f"the generator needs base model weights {sha256[:16]}... to read examples, and this hub "
-                    "has only the embedded model: start it with fl-hub serve --base-model DIR",
+                    "has only the embedded models: start it with fl-hub serve --base-model DIR",
                     409,
                 )
         return self._task_models[sha256]
+
+
+def _text_model_dirs() -> list[Path]:
+    """The text classifiers' embedded encoder, where its optional wheel is installed."""
+    # lazy: the optional wheel is looked up only when a generator reads examples
+    from fedlora.core.embedded import default_text_model_dir
+
+    try:
+        return [default_text_model_dir()]
+    except FileNotFoundError:
+        return []
 
 
 def _provenance(

