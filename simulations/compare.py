@@ -82,7 +82,9 @@ def plan_grid(
             for seed in range(first_seed, first_seed + seeds):
                 run_dir = out / "runs" / strategy / f"lr-{lr:g}" / f"seed-{seed}"
                 runs.append(dict(base) | {"strategy": strategy, "lr": lr, "seed": seed, "run-dir": str(run_dir)})
-    for config in {c["seed"]: c for c in runs}.values():  # the split depends on the seed only
+    for config in runs:  # a strategy's own refusals (a server optimizer it cannot take) show here
+        FederationConfig.from_run_config(config)
+    for config in {c["seed"]: c for c in runs}.values():  # the data and its split depend on the seed only
         validate(config)
     return runs
 

@@ -56,6 +56,7 @@ OPTION_KEYS: dict[str, str] = {
     "dirichlet_alpha": "partition.alpha",
     "tasks_per_client": "partition.tasks-per-client",
     "size_skew": "partition.size-skew",
+    "partition_seed": "partition.seed",
     "tasks": "tasks",
     "num_train": "num-train",
     "num_test": "num-test",
@@ -138,6 +139,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (default 0.5; smaller: more skew)")
     g.add_argument("--tasks-per-client", type=int, help="tasks per client for --partition tasks-per-client (default 2)")
     g.add_argument("--size-skew", type=float, help="lognormal sigma of client sizes (default 0: equal)")
+    g.add_argument(
+        "--partition-seed", type=int, help="seed of the data and its split (default --seed; fixed: seeds vary training)"
+    )
     g.add_argument("--tasks", help="comma-separated embedded tasks making up the pool")
     g.add_argument("--num-train", type=int, help="mean training examples per client (default 1000)")
     g.add_argument("--num-test", type=int, help="test examples per client (default 100)")

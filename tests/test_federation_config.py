@@ -128,11 +128,13 @@ SERVER_OPT_KEYS = {
     "server-opt.beta2": 0.99,
     "server-opt.tau": 0.001,
 }
+#: added with a split that stays while the run's seed varies; -1: the run's seed, as before
+PARTITION_SEED_KEYS = {"partition.seed": -1}
 
 
 def test_the_flat_keys_and_defaults_are_those_of_before_the_sections() -> None:
     before = FLAT_DEFAULTS_BEFORE_SECTIONS
-    added = MODEL_KIND_KEYS | ROBUST_KEYS | SERVER_OPT_KEYS
+    added = MODEL_KIND_KEYS | ROBUST_KEYS | SERVER_OPT_KEYS | PARTITION_SEED_KEYS
     assert DEFAULT_RUN_CONFIG == before | {"tasks": ""} | added  # "": the kind's tasks
     assert FederationConfig().to_run_config() == before | added
     assert FederationConfig.from_run_config(before) == FederationConfig()
@@ -229,3 +231,13 @@ def test_a_kind_brings_its_default_tasks() -> None:
     cfg = FederationConfig.from_run_config({"model.kind": "image-cls", "model.physical-batch-size": 4})
     assert cfg.task_list == ["digits-rotate", "digits-scale", "digits-noise", "digits-invert"]
     assert cfg.model.physical_batch_size == 4 and cfg.to_run_config()["tasks"] == cfg.tasks
+
+
+def test_partition_seed_keeps_one_split_while_the_run_seed_varies() -> None:
+    runs = [FederationConfig.from_run_config({"seed": s, "partition.seed": 7}) for s in (0, 1)]
+    assert [c.partition_spec().seed for c in runs] == [7, 7]
+    default = [FederationConfig.from_run_config({"seed": s}) for s in (0, 3)]
+    assert [c.partition_spec().seed for c in default] == [0, 3]  # -1: the run's seed
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ValueError, match=r"partition\.seed must be"):
+            FederationConfig.from_run_config({"partition.seed": bad})

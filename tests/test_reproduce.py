@@ -26,12 +26,22 @@ def test_every_cell_validates_full_and_quick(name: str, tmp_path: Path) -> None:
             assert all(r["fraction-evaluate"] == 1.0 for r in runs)
 
 
+def test_a_plan_refuses_what_any_one_of_its_strategies_refuses(tmp_path: Path) -> None:
+    """Every planned run's config is checked, not one per seed: FedSVD refuses a server optimizer
+    that FedAvg-LoRA, planned with the same seeds, accepts."""
+    base = CELLS["hetero-tasks"].run_config(CELLS["hetero-tasks"].arms[0], True) | {"server-opt.optimizer": "adam"}
+    assert len(plan_grid(base, ["fedavg-lora"], 1, (1.0,), tmp_path)) == 1
+    with pytest.raises(ValueError, match="fedsvd"):
+        plan_grid(base, ["fedsvd", "fedavg-lora"], 1, (1.0,), tmp_path)
+
+
 def test_the_cells_are_the_ones_the_papers_name() -> None:
     assert {"ffa-dp-text", "fair-domains", "hetero-tasks"} <= set(CELLS)
     text = CELLS["ffa-dp-text"]
     assert text.base["model.kind"] == "seq-cls" and text.base["num-clients"] == 3
     assert text.base["partition.scheme"] == "dirichlet" and text.base["dp.delta"] == 1e-5
     assert [a.config["dp.target-epsilon"] for a in text.arms] == [6.0, 3.0, 1.0]
+    assert text.base["partition.seed"] == 0 and text.version == 2  # one split, the seeds vary training
     fair = CELLS["fair-domains"]
     assert fair.base["model.kind"] == "image-cls" and fair.base["partition.tasks-per-client"] == 1
     assert {"fedavg-lora", "ffa-lora", "flexlora", "lora-fair", "fedex-lora"} == set(fair.strategies)

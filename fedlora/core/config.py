@@ -83,8 +83,10 @@ class LoraSection:
 @dataclass(frozen=True)
 class PartitionSection:
     """How the pool is split among the clients: ``partition.scheme``, ``partition.alpha``
-    (Dirichlet), ``partition.tasks-per-client``, ``partition.size-skew``. Whether the split fits
-    the run's clients and tasks is the run's check (:meth:`FederationConfig.partition_spec`)."""
+    (Dirichlet), ``partition.tasks-per-client``, ``partition.size-skew``, ``partition.seed``
+    (-1, the default: the run's seed; set it to keep one split while the run's seed varies the
+    initialisation, the batches and the noise). Whether the split fits the run's clients and
+    tasks is the run's check (:meth:`FederationConfig.partition_spec`)."""
 
     prefix: ClassVar[str] = "partition."
 
@@ -92,8 +94,11 @@ class PartitionSection:
     alpha: float = 0.5
     tasks_per_client: int = 1
     size_skew: float = 0.0
+    seed: int = -1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < -1:
+            raise ValueError(f"partition.seed must be an integer >= 0 (or -1: the run's seed), got {self.seed!r}")
         PartitionSpec(
             scheme=self.scheme, alpha=self.alpha, tasks_per_client=self.tasks_per_client, size_skew=self.size_skew
         )
@@ -538,7 +543,7 @@ class FederationConfig:
             alpha=self.partition.alpha,
             tasks_per_client=self.partition.tasks_per_client,
             size_skew=self.partition.size_skew,
-            seed=self.seed,
+            seed=self.seed if self.partition.seed == -1 else self.partition.seed,
             tasks=tasks,
             examples_per_task=math.ceil(self.num_clients * self.num_train / len(tasks)) if embedded else 1,
         )
