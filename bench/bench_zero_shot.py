@@ -92,6 +92,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", default="both", choices=["both", "procedural", "text"])
     p.add_argument("--text-steps", type=int, default=80, help="training steps per text expert and oracle")
+    p.add_argument(
+        "--text-experts", type=Path, default=None, help="the text experts' directory: reused if built, else built there"
+    )
     p.add_argument("--experts", type=Path, default=None, help="an expert directory (default: build one here)")
     p.add_argument("--steps", type=int, default=200, help="training steps per expert and oracle")
     p.add_argument("--generator-steps", type=int, default=600)
@@ -255,29 +258,66 @@ def goal_lines(prefix: str, recovery: dict[str, float], methods: Sequence[str]) 
     return out
 
 
+#: SG-LoRA temperatures the text suite chooses from, by leave-one-out on the seen tasks
+TEMPERATURES = (0.02, 0.05, 0.1, 0.2)
+
+
+def loo_temperature(trainer: ClassifierExpertTrainer, library: ExpertLibrary, embedding: str) -> float:
+    """SG-LoRA's softmax temperature, chosen on the seen tasks only: each expert's task scored
+    with the mixture mean of the *other* experts its descriptions pick (the prior SG-LoRA starts
+    from); the held-out tasks play no part. A sharp temperature is nearest-expert retrieval, a
+    flat one the uniform average."""
+    gen = SGLoRA.fit(library, CVAESettings(steps=1), embedding=embedding)  # its keys and means; no training
+    scores = {}
+    for temperature in TEMPERATURES:
+        gen.temperature = temperature
+        accuracies = []
+        for k, expert in enumerate(library.experts):
+            task = get_text_task(expert.name)
+            for description in expert.descriptions:
+                mu, _ = gen.prior(gen.embedder.embed([description])[0], exclude=k)
+                accuracies.append(trainer.evaluate(library.layout.unflatten(mu), task))
+        scores[temperature] = statistics.mean(accuracies)
+    best = max(TEMPERATURES, key=lambda t: (scores[t], -t))
+    print(
+        "SG-LoRA temperature by leave-one-out on the seen tasks (mixture-mean accuracy): "
+        + ", ".join(f"{t}: {a:.3f}" for t, a in scores.items())
+        + f" -> {best}"
+    )
+    return best
+
+
 def text_suite(args: argparse.Namespace) -> list[str]:
     """The text-classification family on the MiniLM encoder; returns the goal lines."""
     t0 = time.perf_counter()
     if args.quick:
         cfg = ExpertConfig(
             kind="seq-cls", steps=3, checkpoint_every=1, batch_size=8, train_examples=32, test_examples=8,
-            seed=args.seed,
+            seed=args.seed, warm_start="shared",
         )  # fmt: skip
         generator_steps = min(args.generator_steps, 10)
     else:
         cfg = ExpertConfig(
-            kind="seq-cls", steps=args.text_steps, checkpoint_every=10, train_examples=1000, seed=args.seed
+            kind="seq-cls",
+            steps=args.text_steps,
+            checkpoint_every=10,
+            train_examples=1000,
+            seed=args.seed,
+            warm_start="shared",  # independent experts: a chain hands every expert its elders' label rows
         )
         generator_steps = args.generator_steps
     held_out = [t for t in TEXT_TASKS.values() if t.held_out]
     with tempfile.TemporaryDirectory() as tmp:
-        experts_dir = Path(tmp) / "text-experts"
-        print(f"\ntext suite: building {len(cfg.task_list())} experts ({cfg.steps} steps, warm start {cfg.warm_start})")
-        results = build_experts(cfg, experts_dir)
-        print(
-            f"experts built in {time.perf_counter() - t0:.0f} s; accuracy "
-            + ", ".join(f"{r.task} {r.exact_match:.3f}" for r in results)
-        )
+        experts_dir = args.text_experts or Path(tmp) / "text-experts"
+        if (experts_dir / "experts.json").is_file():
+            print(f"\ntext suite: the experts in {experts_dir}")
+        else:
+            print(f"\ntext suite: building {len(cfg.task_list())} experts ({cfg.steps} steps, {cfg.warm_start})")
+            results = build_experts(cfg, experts_dir)
+            print(
+                f"experts built in {time.perf_counter() - t0:.0f} s; accuracy "
+                + ", ".join(f"{r.task} {r.exact_match:.3f}" for r in results)
+            )
         trainer = ClassifierExpertTrainer(cfg)
         library = ExpertLibrary.from_dir(experts_dir, describe_base_model(trainer.model_dir))
     leaked = [t.name for t in held_out if t.name in library.names()]
@@ -293,12 +333,13 @@ def text_suite(args: argparse.Namespace) -> list[str]:
         checkpoints, acc = trainer.train(task)
         oracle[task.name] = layout.flatten(checkpoints[-1][1])
         print(f"oracle {task.name}: accuracy {acc:.3f}")
+    temperature = args.temperature or loo_temperature(trainer, library, args.embedding)
     settings = CVAESettings(steps=generator_steps, seed=args.seed)
     task_model = (trainer.model.get_base_model(), trainer.tokenizer)
     generators: dict[str, Generator] = {}
     for method in ("sg-lora", "icm-lora"):
         with trainer.model.disable_adapter():
-            options = {"temperature": args.temperature} if args.temperature and method == "sg-lora" else {}
+            options = {"temperature": temperature} if method == "sg-lora" else {}
             generators[method] = generator_class(method).fit(
                 library, settings, task_model=task_model, embedding=args.embedding, **options
             )

@@ -173,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, default=None, help="write the generator's files here")
     gen.add_argument("--embedding", default="tfidf", choices=["tfidf", "minilm"], help="description embedding")
     gen.add_argument("--exclude", default="", help="comma-separated experts to leave out (held-out evaluation)")
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sg-lora: the softmax temperature over the top experts (default 0.02, near retrieval; "
+        "larger mixes more of them)",
+    )
     gen.add_argument("--steps", type=int, default=600)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--threads", type=int, default=1)

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedlora.core.client_data import build_partition, client_train_sizes, server_eval_sets
-from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.config import FederationConfig, stored_run_config
 from fedlora.core.model import get_adapter_state
 from fedlora.core.reports import write_plots, write_privacy_report
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, ResumeError, RunDir, config_changes
@@ -251,9 +251,7 @@ def prepare_run_dir(run_dir: RunDir, cfg: FederationConfig, resolved: dict[str, 
         return
     if not run_dir.config_path.is_file():
         raise ResumeError(f"cannot resume {run_dir.root}: it has no {run_dir.config_path.name}")
-    # a key newer than the stored run (e.g. dp.engine) counts as its default, which that run used
-    stored = {**DEFAULT_RUN_CONFIG, **run_dir.config()}
-    changed = config_changes(stored, resolved, RESUME_MAY_CHANGE)
+    changed = config_changes(stored_run_config(run_dir), resolved, RESUME_MAY_CHANGE)
     if changed:
         raise ResumeError(f"cannot resume {run_dir.root} with a different configuration ({', '.join(changed)})")
 

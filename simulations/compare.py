@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from fedlora.core.cli import resume_config
-from fedlora.core.config import DEFAULT_RUN_CONFIG, FederationConfig
+from fedlora.core.config import FederationConfig, stored_run_config
 from fedlora.core.kinds import DEFAULT_KIND, headline
 from fedlora.core.run_dir import RESUME_MAY_CHANGE, RunDir, config_changes
 from fedlora.simulations.centralised import run_centralised
@@ -104,8 +104,7 @@ def stored_changes(config: dict[str, Any], run_dir: Path) -> list[str]:
         return []
     planned = FederationConfig.from_run_config(config).to_run_config()
     ignore = RESUME_MAY_CHANGE | {"run-dir", "scaling"} | ({"lora-alpha"} if not planned["lora-alpha"] else set())
-    # a key newer than the stored run counts as its default, which that run used (as a resume does)
-    return config_changes({**DEFAULT_RUN_CONFIG, **run.config()}, planned, frozenset(ignore))
+    return config_changes(stored_run_config(run), planned, frozenset(ignore))
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,12 @@ def test_fl_client_pulls_a_generated_text_classifier(hub: Hub, tmp_path: Path) -
     with torch.no_grad():
         logits = model(**tokenizer(["The soup was cold and the waiter rude."], return_tensors="pt")).logits
     assert logits.shape == (1, len(LABELS)) and torch.isfinite(logits).all()
+
+
+def test_train_generator_takes_sg_loras_temperature(hub: Hub, tmp_path: Path) -> None:
+    args = ["train-generator", "--experts", str(hub.root / "experts"), "--steps", "3", "--temperature", "0.1"]
+    assert fl_hub([*args, "--method", "sg-lora", "--out", str(tmp_path / "sg")]) == 0
+    config = json.loads((tmp_path / "sg" / "generator.json").read_text())
+    assert config["options"]["temperature"] == 0.1 and config["layout"]["adapter_config"]["task_type"] == "SEQ_CLS"
+    assert fl_hub([*args, "--method", "icm-lora", "--out", str(tmp_path / "icm")]) == 2
+    assert not (tmp_path / "icm").exists()

@@ -625,3 +625,9 @@ def run_config_layout() -> dict[str, _Slot]:
 DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     key: slot.default for key, slot in run_config_layout().items()
 }
+
+
+def stored_run_config(run_dir: RunDir) -> dict[str, Any]:
+    """A run directory's stored configuration, a key newer than the run (e.g. ``dp.engine``) read
+    as its default, which that run used: what a resume and a comparison compare against."""
+    return {**DEFAULT_RUN_CONFIG, **run_dir.config()}

@@ -118,7 +118,16 @@ def train_generator_command(args: argparse.Namespace, console: Console) -> int:
     task_model = None
     if args.method == "icm-lora":
         task_model = load_task_model(base_dir, task_type)
-    generator = generator_class(args.method).fit(library, settings, embedding=args.embedding, task_model=task_model)
+    options = {}
+    if args.temperature is not None:
+        if args.method != "sg-lora":
+            raise ValueError("--temperature is SG-LoRA's (the softmax over its top experts)")
+        if not args.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+        options["temperature"] = args.temperature
+    generator = generator_class(args.method).fit(
+        library, settings, embedding=args.embedding, task_model=task_model, **options
+    )
     t = generator.training
     console.print(
         f"trained in {t['seconds']:.1f} s: {t['parameters']:,} generator parameters, final MSE {t['final_mse']:.4f}",
