@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE changed in every variant (e.g. num-rounds=3)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--central-lr", type=float, default=None, help="the centralised baseline's lr (default: FedAvg-LoRA's)"
+    )
     p.add_argument("--out", type=Path, help="output directory (default runs/bench-gap)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one strategy, one seed, two variants")
     args = p.parse_args(argv)
@@ -156,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             runs += plan_grid(config, [strategy], args.seeds, (1.0,), out)
         if not runs:
             continue
-        central_lr = next((r["lr"] for r in runs if r["strategy"] == "fedavg-lora"), lrs.get("fedavg-lora"))
+        central_lr = args.central_lr or next(
+            (r["lr"] for r in runs if r["strategy"] == "fedavg-lora"), lrs.get("fedavg-lora")
+        )
+        if args.central_lr and "lr-scale" in change:
+            central_lr = args.central_lr * float(change["lr-scale"])
         results = run_planned(runs, out, launch, console, target=0.5, centralised_lr=central_lr)
         table[name] = summarise(results)
         console.print(f"{name}: {time.perf_counter() - started:.0f} s", markup=False)

@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["shared", "family-chain"],
         default=None,
         help="each expert from the previous expert of its family (default), or all from one initial "
-        "adapter (the only choice, and the default, with --federated)",
+        "adapter (the default for --kind seq-cls, and the only choice with --federated)",
     )
     experts.add_argument("--threads", type=int, default=1)
     experts.add_argument("--base-model", type=Path, default=None, help="the base model directory (default: embedded)")

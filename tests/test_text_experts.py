@@ -72,7 +72,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 def test_text_experts_carry_the_head_over_the_family_labels(hub: Hub) -> None:
     build = json.loads((hub.root / "experts" / "experts.json").read_text())
-    assert build["config"]["kind"] == "seq-cls"
+    assert build["config"]["kind"] == "seq-cls" and build["config"]["warm_start"] == "shared"
     assert build["config"]["base_model"] == {
         "id": "sentence-transformers/all-MiniLM-L6-v2",
         "sha256": describe_base_model(default_text_model_dir()).sha256,

@@ -50,7 +50,8 @@ def build_experts_command(args: argparse.Namespace, console: Console) -> int:
         checkpoint_every=args.checkpoint_every,
         lr=args.lr,
         seed=args.seed,
-        warm_start=args.warm_start or ("shared" if args.federated else "family-chain"),
+        # text experts start apart: a chain would hand each one its elders' label rows
+        warm_start=args.warm_start or ("shared" if args.federated or args.kind == "seq-cls" else "family-chain"),
     )
     if args.federated and cfg.warm_start != "shared":
         raise ValueError("--federated experts all start from the shared initialisation (--warm-start shared)")

@@ -123,6 +123,11 @@ class ExpertResult:
     checkpoints: list[int]
 
 
+def base_adapter(initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The initial adapter with every LoRA B zero: the base model (and a classifier's initial head)."""
+    return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in initial.items()}
+
+
 class ExpertTrainer:
     """The base model wrapped once; every expert restarts from the same initial adapter."""
 
@@ -163,9 +168,7 @@ class ExpertTrainer:
 
     def load(self, state: dict[str, torch.Tensor] | None) -> None:
         """Put an adapter in the model (None: the base model, LoRA B = 0)."""
-        if state is None:
-            state = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in self.initial.items()}
-        set_adapter_state(self.model, state)
+        set_adapter_state(self.model, base_adapter(self.initial) if state is None else state)
 
     def evaluate(self, state: dict[str, torch.Tensor] | None, task: AnyTask) -> float:
         """Exact match of an adapter (None: the base model) on a task's test split."""
@@ -236,9 +239,7 @@ class ClassifierExpertTrainer:
 
     def load(self, state: dict[str, torch.Tensor] | None) -> None:
         """Put an adapter in the model (None: the base model, LoRA B = 0 and the initial head)."""
-        if state is None:
-            state = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in self.initial.items()}
-        set_adapter_state(self.model, state)
+        set_adapter_state(self.model, base_adapter(self.initial) if state is None else state)
 
     @torch.no_grad()
     def accuracy(self, task: AnyTask) -> float:

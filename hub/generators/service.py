@@ -18,7 +18,7 @@ from typing import Any
 from fedlora.hub.generators.base import Generator
 from fedlora.hub.generators.embedding import load_task_model
 from fedlora.hub.generators.registry import load_generator
-from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model
+from fedlora.hub.sdk.manifest import GENERATOR_FILES, describe_base_model, embedded_text_model_dirs
 from fedlora.hub.sdk.names import Principal
 from fedlora.hub.sdk.request import GenerationRequest
 from fedlora.hub.store import HubError, NotFound, Record, Registry
@@ -120,7 +120,7 @@ class GeneratorService:
         directory given to ``fl-hub serve --base-model`` (a text classifier's encoder among them)."""
         if sha256 not in self._task_models:
             if self._base_dirs is None:  # hashed once per process
-                candidates: list[Path | None] = [None, *_text_model_dirs(), *self.base_model_dirs]
+                candidates: list[Path | None] = [None, *embedded_text_model_dirs(), *self.base_model_dirs]
                 self._base_dirs = {describe_base_model(p).sha256: p for p in candidates}
             if sha256 in self._base_dirs:
                 self._task_models[sha256] = load_task_model(self._base_dirs[sha256], task_type)
@@ -131,17 +131,6 @@ class GeneratorService:
                     409,
                 )
         return self._task_models[sha256]
-
-
-def _text_model_dirs() -> list[Path]:
-    """The text classifiers' embedded encoder, where its optional wheel is installed."""
-    # lazy: the optional wheel is looked up only when a generator reads examples
-    from fedlora.core.embedded import default_text_model_dir
-
-    try:
-        return [default_text_model_dir()]
-    except FileNotFoundError:
-        return []
 
 
 def _provenance(

