@@ -397,7 +397,8 @@ def text_suite(args: argparse.Namespace) -> list[str]:
         oracle_gain = sum(table[n]["oracle"] - table[n]["base"] for n in table)
         para = sum(paraphrased[n][c] - paraphrased[n]["base"] for n in paraphrased)
         para_oracle = sum(paraphrased[n]["oracle"] - paraphrased[n]["base"] for n in paraphrased)
-        recovery[c] = gain / max(oracle_gain, 1e-9)
+        # 0 where the oracle gained nothing (the quick run's sizes): no share of nothing to report
+        recovery[c] = gain / oracle_gain if oracle_gain > 1e-9 else 0.0
         print(
             f"{c:>9}: held-out tasks: {recovery[c]:.3f} of the oracle's accuracy gain; "
             f"paraphrased seen tasks: {para / max(para_oracle, 1e-9):.3f} of the expert's gain"
