@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, cast
 
-from fedlora.core.kinds import DEFAULT_KIND, check_device, check_dtype, check_kind, get_kind
+from fedlora.core.kinds import DEFAULT_KIND, check_device, check_dtype, check_kind, get_kind, run_model_dir
 from fedlora.core.lora_settings import ALL_LINEAR, LoraSettings
 from fedlora.core.partitioners import PartitionSpec
 from fedlora.core.run_dir import RunDir
@@ -522,7 +522,7 @@ class FederationConfig:
 
     def base_model_dir(self) -> Path:
         """The run's base model directory: ``model-dir``, else the kind's shipped default."""
-        return Path(self.model_dir) if self.model_dir else get_kind(self.model.kind).default_model_dir()
+        return run_model_dir({"model-dir": self.model_dir, "model.kind": self.model.kind})
 
     def client_files(self) -> list[Path]:
         """With ``data-path`` a directory: its ``*.jsonl`` files, sorted by name; client p gets file p."""
