@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -161,8 +162,6 @@ def procedural_suite(args: argparse.Namespace) -> list[str]:
             f"{method}: {gen.training['parameters']:,} parameters, trained in {gen.training['seconds']:.1f} s "
             f"(final MSE {gen.training['final_mse']:.3f})"
         )
-    sg = generators["sg-lora"]
-    assert isinstance(sg, SGLoRA)
     uniform = torch.stack([e.mean for e in library.experts]).mean(0)
     columns = ["base", "retrieval", "uniform", "sg-lora", "icm-lora", "oracle"]
     latency: dict[str, list[float]] = {m: [] for m in generators}
@@ -171,18 +170,9 @@ def procedural_suite(args: argparse.Namespace) -> list[str]:
         examples = task.examples(8, args.seed + 7, "train")
         per: dict[str, list[tuple[float, float]]] = {c: [] for c in columns}
         for description in descriptions:
-            nearest, _ = sg.retrieve(description)
-            vectors: dict[str, torch.Tensor | None] = {
-                "base": None,
-                "retrieval": library.get(nearest).checkpoints[-1],
-                "uniform": uniform,
-                "oracle": oracle_vector,
-            }
-            for method, gen in generators.items():
-                with trainer.model.disable_adapter():
-                    start = time.perf_counter()
-                    vectors[method] = gen.generate_vector(description, examples if method == "icm-lora" else ())
-                    latency[method].append(1000 * (time.perf_counter() - start))
+            nearest, vectors = candidates(
+                description, library, uniform, oracle_vector, generators, examples, trainer.model, latency
+            )
             for c in columns:
                 per[c].append(scores(trainer, vectors[c], task, layout))
             print(f"  {task.name}: '{description}' -> nearest expert {nearest}", flush=True)
@@ -246,6 +236,36 @@ def procedural_suite(args: argparse.Namespace) -> list[str]:
     for method, ms in latency.items():
         out.append(f"ratio {method.replace('-', '_')}_ms_over_goal = {statistics.median(ms) / 100:.3f}")
     return out
+
+
+def candidates(
+    description: str,
+    library: ExpertLibrary,
+    uniform: torch.Tensor,
+    oracle: torch.Tensor,
+    generators: dict[str, Generator],
+    examples: Sequence[Any],
+    model: Any,
+    latency: dict[str, list[float]] | None = None,
+) -> tuple[str, dict[str, torch.Tensor | None]]:
+    """The nearest expert's name and every column's flat adapter for one description (None: the
+    base model); ICM-LoRA also reads the examples; generation times go to ``latency``."""
+    sg = generators["sg-lora"]
+    assert isinstance(sg, SGLoRA)
+    nearest, _ = sg.retrieve(description)
+    vectors: dict[str, torch.Tensor | None] = {
+        "base": None,
+        "retrieval": library.get(nearest).checkpoints[-1],
+        "uniform": uniform,
+        "oracle": oracle,
+    }
+    for method, gen in generators.items():
+        with model.disable_adapter():  # the generators read the base model's hidden states
+            start = time.perf_counter()
+            vectors[method] = gen.generate_vector(description, examples if method == "icm-lora" else ())
+            if latency is not None:
+                latency[method].append(1000 * (time.perf_counter() - start))
+    return nearest, vectors
 
 
 def goal_lines(prefix: str, recovery: dict[str, float], methods: Sequence[str]) -> list[str]:
@@ -345,8 +365,6 @@ def text_suite(args: argparse.Namespace) -> list[str]:
             )
         gen = generators[method]
         print(f"{method}: {gen.training['parameters']:,} parameters, trained in {gen.training['seconds']:.1f} s")
-    sg = generators["sg-lora"]
-    assert isinstance(sg, SGLoRA)
     uniform = torch.stack([e.mean for e in library.experts]).mean(0)
     columns = ["base", "retrieval", "uniform", "sg-lora", "icm-lora", "oracle"]
 
@@ -359,16 +377,9 @@ def text_suite(args: argparse.Namespace) -> list[str]:
         )
         per: dict[str, list[float]] = {c: [] for c in columns}
         for description in descriptions:
-            nearest, _ = sg.retrieve(description)
-            vectors: dict[str, torch.Tensor | None] = {
-                "base": None,
-                "retrieval": library.get(nearest).checkpoints[-1],
-                "uniform": uniform,
-                "oracle": oracle_vector,
-            }
-            for method, gen in generators.items():
-                with trainer.model.disable_adapter():
-                    vectors[method] = gen.generate_vector(description, examples if method == "icm-lora" else ())
+            nearest, vectors = candidates(
+                description, library, uniform, oracle_vector, generators, examples, trainer.model
+            )
             for c in columns:
                 per[c].append(accuracy(vectors[c], task))
             print(f"  {task.name}: '{description}' -> nearest expert {nearest}", flush=True)
