@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "client-lr-x2": {"lr-scale": 2.0},
     "steps-x2-rounds-half": {"steps-scale": 2.0},
     "steps-half-rounds-x2": {"steps-scale": 0.5},
+    "steps-fifth-rounds-x5": {"steps-scale": 0.2},
     "server-avgm-0.9": {"server-opt.optimizer": "avgm", "server-opt.beta1": 0.9, "server-opt.lr": 1.0},
     "server-adam-1e-3": {"server-opt.optimizer": "adam", "server-opt.lr": 1e-3},
     "server-lr-2": {"server-opt.optimizer": "none", "server-opt.lr": 2.0},

@@ -115,7 +115,8 @@ def test_the_report_puts_the_papers_number_beside_ours_and_judges_each_claim() -
         ]
     }
     outcomes = judge(cell, rows)
-    assert [o.verdict for _, o in outcomes] == [REPRODUCED, REPRODUCED, REPRODUCED]
+    # the second arm (12 rounds of 5 steps) was not run: its claim says so
+    assert [o.verdict for _, o in outcomes] == [REPRODUCED, REPRODUCED, REPRODUCED, NOT_RUN]
     md = render(CellResult(cell, rows, outcomes, 12.0, quick=False))
     assert "| lora-fair | LoRA-FAIR | 0.003 | 3 | 0.630 ± 0.010 | -0.050 | 77.07% |" in md
     assert "| ffa-lora | FFA-LoRA | 0.003 | 3 | 0.510 ± 0.010 | -0.170 | 72.82% |" in md
