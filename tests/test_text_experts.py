@@ -96,15 +96,17 @@ def test_rows_of_labels_a_task_lacks_keep_their_initial_values(tmp_path: Path) -
     )
     trainer = ClassifierExpertTrainer(cfg)
     task = get_text_task("text-sentiment-product")
-    checkpoints, accuracy = trainer.train(task)
-    assert 0.0 <= accuracy <= 1.0
+    checkpoints, _ = trainer.train(task)
     key = "base_model.model.classifier.weight"
     before, after = trainer.initial[key], checkpoints[-1][1][key]
     mine = torch.tensor([label in task.labels for label in trainer.labels])
     assert torch.equal(after[~mine], before[~mine])
     assert not torch.equal(after[mine], before[mine])
-    # accuracy is read among the task's labels: the initial head scores chance on two labels
-    assert trainer.evaluate(None, task) == pytest.approx(0.5, abs=0.5)
+    # accuracy is read among the task's labels: a head that favours a label outside them
+    # (here "praise", pushed far up) still picks one of the task's two
+    head = {k: v.clone() for k, v in trainer.initial.items()}
+    head[key][trainer.labels.index("praise")] += 100.0
+    assert trainer.evaluate(head, task) >= 0.3
 
 
 def test_an_encoder_task_vector_reads_the_labels() -> None:
